@@ -1,0 +1,177 @@
+//! Connections. A deadpool-redis pool opens and bounds them; ordinary operations share a few
+//! long-lived multiplexed connections ("lanes") taken from it once, so no operation pays the
+//! pool's per-checkout health check (a PING round trip). A lane whose connection broke is put
+//! back empty and refilled from the pool on next use. Blocking reads get a connection of their
+//! own, since a blocked connection would stall everything multiplexed on it.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use deadpool_redis::{Pool, PoolConfig, Runtime, Timeouts};
+use redis::AsyncConnectionConfig;
+use redis::aio::MultiplexedConnection;
+
+use crate::config::StoreConfig;
+use crate::error::{Error, Result};
+
+pub(crate) struct Connections {
+    pool: Pool,
+    lanes: Vec<Mutex<Option<deadpool_redis::Connection>>>,
+    next: AtomicUsize,
+}
+
+/// A connection lent for one operation, with a way to report that it broke.
+pub(crate) struct Lent<'a> {
+    pub(crate) conn: MultiplexedConnection,
+    owner: &'a Connections,
+}
+
+impl Lent<'_> {
+    /// Passes a result through. A broken connection empties every lane: when one breaks the
+    /// usual cause (Redis restarted, a failover, the network) has broken the others too, and
+    /// each would otherwise fail one more caller before being replaced.
+    pub(crate) fn check<T>(&self, r: redis::RedisResult<T>) -> Result<T> {
+        match r {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                if is_broken(&e) {
+                    self.owner.reset_lanes();
+                }
+                Err(Error::Redis(e))
+            }
+        }
+    }
+}
+
+/// Whether an error means the connection itself is unusable.
+pub(crate) fn is_broken(e: &redis::RedisError) -> bool {
+    e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error() || e.is_timeout()
+}
+
+impl Connections {
+    pub(crate) fn new(config: &StoreConfig) -> Result<Connections> {
+        let url = normalise_url(&config.url)?;
+        if url.starts_with("rediss://") {
+            // rustls needs one process-wide crypto provider; an error means one is set already.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
+        let connection_config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(config.connect_timeout))
+            .set_response_timeout(Some(config.response_timeout));
+        let manager = deadpool_redis::Manager::new_with_config(url, connection_config)
+            .map_err(|e| Error::invalid("redis_url", e.to_string()))?;
+        let mut pool_config = PoolConfig::new(config.pool_size.max(config.lanes + 1));
+        pool_config.timeouts = Timeouts {
+            wait: Some(config.wait_timeout),
+            create: Some(config.connect_timeout),
+            recycle: Some(config.response_timeout),
+        };
+        let pool = Pool::builder(manager)
+            .config(pool_config)
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| Error::Pool(e.to_string()))?;
+        let lanes = (0..config.lanes.max(1)).map(|_| Mutex::new(None)).collect();
+        Ok(Connections {
+            pool,
+            lanes,
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    /// A shared multiplexed connection for one non-blocking operation.
+    pub(crate) async fn shared(&self) -> Result<Lent<'_>> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.lanes.len();
+        let lane = &self.lanes[i];
+        if let Some(conn) = lane
+            .lock()
+            .ok()
+            .and_then(|slot| slot.as_ref().map(|c| (**c).clone()))
+        {
+            return Ok(Lent { conn, owner: self });
+        }
+        let fresh = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| Error::Pool(e.to_string()))?;
+        let conn = (*fresh).clone();
+        if let Ok(mut slot) = lane.lock()
+            && slot.is_none()
+        {
+            *slot = Some(fresh);
+        }
+        Ok(Lent { conn, owner: self })
+    }
+
+    fn reset_lanes(&self) {
+        for lane in &self.lanes {
+            if let Ok(mut slot) = lane.lock() {
+                *slot = None;
+            }
+        }
+    }
+
+    /// A connection of its own, for blocking reads; returned to the pool when dropped.
+    pub(crate) async fn dedicated(&self) -> Result<deadpool_redis::Connection> {
+        self.pool
+            .get()
+            .await
+            .map_err(|e| Error::Pool(e.to_string()))
+    }
+}
+
+/// Accepts `unix:///path` as well as the redis crate's own URL forms.
+fn normalise_url(url: &str) -> Result<String> {
+    if url.is_empty() {
+        return Err(Error::invalid("redis_url", "must not be empty"));
+    }
+    let ok = ["redis://", "rediss://", "unix://", "redis+unix://"]
+        .iter()
+        .any(|p| url.starts_with(p));
+    if !ok {
+        return Err(Error::invalid(
+            "redis_url",
+            format!("{url:?} must start with redis://, rediss:// or unix://"),
+        ));
+    }
+    Ok(url.to_string())
+}
+
+impl crate::Store {
+    /// Runs a read-only command. A read is idempotent, so one that hit a broken connection is
+    /// tried once more on a fresh one before the error reaches the caller.
+    pub(crate) async fn read<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T> {
+        let mut last = None;
+        for _ in 0..2 {
+            let mut conn = self.inner.conns.shared().await?;
+            let r = cmd.query_async(&mut conn.conn).await;
+            match conn.check(r) {
+                Err(Error::Redis(e)) if is_broken(&e) => last = Some(e),
+                other => return other,
+            }
+        }
+        Err(last
+            .map(Error::Redis)
+            .unwrap_or_else(|| Error::Pool("no connection".into())))
+    }
+
+    /// Like [`crate::Store::read`], for a pipeline of read-only commands.
+    pub(crate) async fn read_pipe<T: redis::FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+    ) -> Result<T> {
+        let mut last = None;
+        for _ in 0..2 {
+            let mut conn = self.inner.conns.shared().await?;
+            let r = pipe.query_async(&mut conn.conn).await;
+            match conn.check(r) {
+                Err(Error::Redis(e)) if is_broken(&e) => last = Some(e),
+                other => return other,
+            }
+        }
+        Err(last
+            .map(Error::Redis)
+            .unwrap_or_else(|| Error::Pool("no connection".into())))
+    }
+}

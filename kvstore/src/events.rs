@@ -1,0 +1,212 @@
+//! The event stream: every transition appends to one Redis Stream in the same script that
+//! changes the record. Each event carries a gap-free sequence number, so a reader that resumes
+//! (after a reconnect or a restart) knows whether the stream was trimmed past its position, in
+//! which case it gets [`EventBatch::FellBehind`] and must re-read full state.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use redis::streams::{StreamId, StreamRangeReply, StreamReadReply};
+
+use crate::Store;
+use crate::error::{Error, Result};
+
+/// A position in the event stream: the id of the last event consumed and its sequence number.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    /// Stream entry id (`0-0` before the first event).
+    pub id: String,
+    /// Sequence number of that event (0 before the first).
+    pub seq: u64,
+}
+
+impl Position {
+    /// Before every event.
+    pub fn start() -> Position {
+        Position {
+            id: "0-0".into(),
+            seq: 0,
+        }
+    }
+}
+
+/// One event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    /// Stream entry id.
+    pub id: String,
+    /// Gap-free sequence number.
+    pub seq: u64,
+    /// What happened, e.g. `instance.ready`, `worker.lost`, `deployment.created`.
+    pub kind: String,
+    /// The deployment, worker, instance or role it happened to.
+    pub entity: String,
+    /// The other fields (model, worker, version, reason, ...).
+    pub fields: HashMap<String, String>,
+}
+
+impl Event {
+    /// A field other than seq, kind and id.
+    pub fn field(&self, name: &str) -> Option<&str> {
+        self.fields.get(name).map(String::as_str)
+    }
+
+    fn parse(key: &str, entry: &StreamId) -> Result<Event> {
+        let text = |field: &str| -> Result<String> {
+            let v = entry.map.get(field).ok_or_else(|| Error::Malformed {
+                key: format!("{key} {}", entry.id),
+                field: field.into(),
+                reason: "missing".into(),
+            })?;
+            redis::from_redis_value::<String>(v.clone()).map_err(|e| Error::Malformed {
+                key: format!("{key} {}", entry.id),
+                field: field.into(),
+                reason: e.to_string(),
+            })
+        };
+        let seq_text = text("seq")?;
+        let seq = seq_text.parse().map_err(|_| Error::Malformed {
+            key: format!("{key} {}", entry.id),
+            field: "seq".into(),
+            reason: format!("{seq_text:?} is not a number"),
+        })?;
+        let mut fields = HashMap::new();
+        for name in entry.map.keys() {
+            if !matches!(name.as_str(), "seq" | "kind" | "id") {
+                fields.insert(name.clone(), text(name)?);
+            }
+        }
+        Ok(Event {
+            id: entry.id.clone(),
+            seq,
+            kind: text("kind")?,
+            entity: text("id")?,
+            fields,
+        })
+    }
+}
+
+/// What a read returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventBatch {
+    /// The next events, in order, without a gap (possibly none if the wait ran out).
+    Events(Vec<Event>),
+    /// Events the reader had not consumed were trimmed away. The reader now stands at the
+    /// current end of the stream (`resume`): re-read full state, then keep reading.
+    FellBehind {
+        /// Where the reader resumes.
+        resume: Position,
+    },
+}
+
+/// Reads the event stream from a position, on a connection of its own (blocking reads would
+/// stall a shared one). Survives reconnects: a failed read leaves the position unchanged.
+pub struct EventReader {
+    store: Store,
+    pos: Position,
+    conn: Option<deadpool_redis::Connection>,
+}
+
+impl Store {
+    /// The current end of the event stream. A consumer takes this *before* reading full state,
+    /// then reads events from it (re-applying a few is harmless: records carry versions).
+    pub async fn event_position(&self) -> Result<Position> {
+        let key = self.keys().events();
+        let reply: StreamRangeReply = self
+            .read(
+                redis::cmd("XREVRANGE")
+                    .arg(&key)
+                    .arg("+")
+                    .arg("-")
+                    .arg("COUNT")
+                    .arg(1),
+            )
+            .await?;
+        match reply.ids.first() {
+            None => Ok(Position::start()),
+            Some(entry) => {
+                let e = Event::parse(&key, entry)?;
+                Ok(Position {
+                    id: e.id,
+                    seq: e.seq,
+                })
+            }
+        }
+    }
+
+    /// A reader that returns the events after `from`.
+    pub fn event_reader(&self, from: Position) -> EventReader {
+        EventReader {
+            store: self.clone(),
+            pos: from,
+            conn: None,
+        }
+    }
+}
+
+impl EventReader {
+    /// Where the reader stands.
+    pub fn position(&self) -> &Position {
+        &self.pos
+    }
+
+    /// The next events after the reader's position, at most `count`, waiting up to `block` for
+    /// the first one (zero: do not wait).
+    pub async fn next_batch(&mut self, block: Duration, count: usize) -> Result<EventBatch> {
+        let key = self.store.keys().events();
+        let block = clamp_block(&self.store, block);
+        if self.conn.is_none() {
+            self.conn = Some(self.store.inner.conns.dedicated().await?);
+        }
+        let Some(conn) = self.conn.as_mut() else {
+            return Ok(EventBatch::Events(Vec::new()));
+        };
+        let mut cmd = redis::cmd("XREAD");
+        cmd.arg("COUNT").arg(count.max(1));
+        if !block.is_zero() {
+            cmd.arg("BLOCK").arg(block.as_millis() as u64);
+        }
+        cmd.arg("STREAMS").arg(&key).arg(&self.pos.id);
+        let r: redis::RedisResult<Option<StreamReadReply>> = cmd.query_async(&mut **conn).await;
+        let reply = match r {
+            Ok(reply) => reply,
+            Err(e) => {
+                if crate::conn::is_broken(&e) {
+                    self.conn = None;
+                }
+                return Err(Error::Redis(e));
+            }
+        };
+        let entries = reply
+            .and_then(|r| r.keys.into_iter().next())
+            .map(|k| k.ids)
+            .unwrap_or_default();
+        let mut events = Vec::with_capacity(entries.len());
+        for entry in &entries {
+            events.push(Event::parse(&key, entry)?);
+        }
+        if let Some(first) = events.first()
+            && first.seq != self.pos.seq + 1
+        {
+            let resume = self.store.event_position().await?;
+            self.pos = resume.clone();
+            return Ok(EventBatch::FellBehind { resume });
+        }
+        if let Some(last) = events.last() {
+            self.pos = Position {
+                id: last.id.clone(),
+                seq: last.seq,
+            };
+        }
+        Ok(EventBatch::Events(events))
+    }
+}
+
+/// A blocking read must end before the connection's response timeout fires.
+pub(crate) fn clamp_block(store: &Store, block: Duration) -> Duration {
+    let limit = store
+        .config()
+        .response_timeout
+        .saturating_sub(Duration::from_millis(500));
+    block.min(limit.max(Duration::from_millis(1)))
+}

@@ -1,0 +1,102 @@
+//! kvstore: the only code in sllm that talks to Redis.
+//!
+//! Every fact one sllm service needs from another passes through here: typed records of
+//! deployments, workers and instances; state transitions, each one Lua script in `lua/` that
+//! checks its precondition and updates the record, its indexes and the event stream together;
+//! the event stream itself (Redis Streams, gap-detected); per-worker command streams; and leases.
+//!
+//! What it must never do: build a key from input that [`names`] has not validated, run `SCAN` or
+//! `KEYS` on a per-request, per-heartbeat or per-tick path, delete state when it starts, or let a
+//! malformed record reach a caller as anything but [`Error::Malformed`].
+
+pub mod commands;
+pub mod config;
+mod conn;
+pub mod deployment;
+pub mod error;
+pub mod events;
+pub mod instance;
+pub mod invariants;
+pub mod keys;
+pub mod leader;
+pub mod names;
+pub mod record;
+mod scripts;
+pub use scripts::PRELUDE;
+pub mod worker;
+
+use std::sync::Arc;
+
+pub use commands::{CommandEntry, CommandReader};
+pub use config::StoreConfig;
+pub use deployment::{AutoScaling, DeploymentRecord, DeploymentSpec, DeploymentStatus};
+pub use error::{Error, ErrorKind, Refusal, Result};
+pub use events::{Event, EventBatch, EventReader, Position};
+pub use instance::{Actor, InstanceRecord, InstanceStatus, Placement};
+pub use keys::Keys;
+pub use leader::{Acquired, LeaderLease};
+pub use worker::{
+    Bandwidth, Checkpoint, ExpiredLease, GpuInfo, Inventory, Registration, RunningInstance, Tier,
+    WorkerRecord, WorkerStatus,
+};
+
+/// A handle on the shared state. Cheap to clone: clones share one pool and one set of
+/// connections.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    keys: Keys,
+    conns: conn::Connections,
+    scripts: scripts::Scripts,
+    config: StoreConfig,
+}
+
+impl Store {
+    /// Builds the pool and checks that Redis answers. Writes nothing.
+    pub async fn connect(config: StoreConfig) -> Result<Store> {
+        let keys = Keys::new(&config.namespace)?;
+        let conns = conn::Connections::new(&config)?;
+        let store = Store {
+            inner: Arc::new(Inner {
+                keys,
+                conns,
+                scripts: scripts::Scripts::new(),
+                config,
+            }),
+        };
+        store.ping().await?;
+        Ok(store)
+    }
+
+    /// The key builder of this store's namespace.
+    pub fn keys(&self) -> &Keys {
+        &self.inner.keys
+    }
+
+    /// The configuration the store was built with.
+    pub fn config(&self) -> &StoreConfig {
+        &self.inner.config
+    }
+
+    /// One round trip: is Redis there?
+    pub async fn ping(&self) -> Result<()> {
+        self.read::<String>(&redis::cmd("PING")).await?;
+        Ok(())
+    }
+
+    /// A raw `INCR` of a scratch key: the baseline round trip that benchmarks compare
+    /// transitions against.
+    pub async fn raw_incr(&self, counter: &str) -> Result<i64> {
+        names::validate_token("counter", counter)?;
+        let key = self.inner.keys.scratch(counter);
+        let mut conn = self.inner.conns.shared().await?;
+        let r = redis::cmd("INCR")
+            .arg(key)
+            .query_async(&mut conn.conn)
+            .await;
+        conn.check(r)
+    }
+}

@@ -1,0 +1,262 @@
+//! The Lua transitions in `lua/`, each prefixed with `lua/_prelude.lua`, and the one way they are
+//! run: EVALSHA with a fallback to loading the script when Redis answers NOSCRIPT (after a
+//! restart or on a fresh cluster node).
+
+use redis::Script;
+
+use crate::error::{Error, Result};
+use crate::{Store, names};
+
+macro_rules! lua {
+    ($file:literal) => {
+        Script::new(concat!(
+            include_str!("../../lua/_prelude.lua"),
+            include_str!(concat!("../../lua/", $file, ".lua"))
+        ))
+    };
+}
+
+/// The prelude, for tests that check the Lua key builder against [`crate::Keys`].
+pub const PRELUDE: &str = include_str!("../../lua/_prelude.lua");
+
+pub(crate) struct Scripts {
+    pub(crate) deployment_create: Script,
+    pub(crate) deployment_update: Script,
+    pub(crate) deployment_mark_deleting: Script,
+    pub(crate) deployment_remove: Script,
+    pub(crate) deployment_set_desired: Script,
+    pub(crate) worker_register: Script,
+    pub(crate) worker_ready: Script,
+    pub(crate) worker_heartbeat: Script,
+    pub(crate) worker_lost: Script,
+    pub(crate) leases_expired: Script,
+    pub(crate) instance_create: Script,
+    pub(crate) instance_transition: Script,
+    pub(crate) leader_acquire: Script,
+    pub(crate) leader_renew: Script,
+    pub(crate) leader_release: Script,
+    pub(crate) command_send: Script,
+    pub(crate) command_ack: Script,
+}
+
+impl Scripts {
+    pub(crate) fn new() -> Scripts {
+        Scripts {
+            deployment_create: lua!("deployment_create"),
+            deployment_update: lua!("deployment_update"),
+            deployment_mark_deleting: lua!("deployment_mark_deleting"),
+            deployment_remove: lua!("deployment_remove"),
+            deployment_set_desired: lua!("deployment_set_desired"),
+            worker_register: lua!("worker_register"),
+            worker_ready: lua!("worker_ready"),
+            worker_heartbeat: lua!("worker_heartbeat"),
+            worker_lost: lua!("worker_lost"),
+            leases_expired: lua!("leases_expired"),
+            instance_create: lua!("instance_create"),
+            instance_transition: lua!("instance_transition"),
+            leader_acquire: lua!("leader_acquire"),
+            leader_renew: lua!("leader_renew"),
+            leader_release: lua!("leader_release"),
+            command_send: lua!("command_send"),
+            command_ack: lua!("command_ack"),
+        }
+    }
+}
+
+/// A script's reply: its code and the values after it, as text.
+#[derive(Debug)]
+pub(crate) struct Reply {
+    pub(crate) script: &'static str,
+    pub(crate) code: String,
+    pub(crate) values: Vec<String>,
+}
+
+impl Reply {
+    pub(crate) fn is_ok(&self) -> bool {
+        self.code == "ok" || self.code == "noop"
+    }
+
+    /// The value at `i` (0 = first after the code).
+    pub(crate) fn str(&self, i: usize) -> Result<&str> {
+        self.values
+            .get(i)
+            .map(String::as_str)
+            .ok_or_else(|| self.protocol(format!("no value {i}")))
+    }
+
+    pub(crate) fn u64(&self, i: usize) -> Result<u64> {
+        let s = self.str(i)?;
+        s.parse()
+            .map_err(|_| self.protocol(format!("value {i} {s:?} is not a number")))
+    }
+
+    pub(crate) fn protocol(&self, detail: String) -> Error {
+        Error::Protocol {
+            script: self.script,
+            detail: format!("{} ({:?} {:?})", detail, self.code, self.values),
+        }
+    }
+
+    /// Turns a refusal code into [`Error::Refused`]. Codes a script does not document are a
+    /// protocol error.
+    pub(crate) fn refused(self) -> Error {
+        use crate::error::Refusal as R;
+        let num = |i| self.u64(i);
+        let refusal = match self.code.as_str() {
+            "not_found" => Ok(R::NotFound),
+            "already_exists" => Ok(R::AlreadyExists),
+            "wrong_state" => self.str(0).map(|s| R::WrongState {
+                current: s.to_string(),
+            }),
+            "stale_version" => num(0).map(|current| R::StaleVersion { current }),
+            "stale_epoch" => num(0).map(|current| R::StaleEpoch { current }),
+            "not_leader" => Ok(R::NotLeader),
+            "held" => self.str(0).and_then(|h| {
+                Ok(R::Held {
+                    holder: h.to_string(),
+                    token: self.u64(1)?,
+                })
+            }),
+            "unauthenticated" => Ok(R::Unauthenticated),
+            "address_in_use" => self.str(0).map(|h| R::AddressInUse {
+                holder: h.to_string(),
+            }),
+            "wrong_worker" => self.str(0).map(|o| R::WrongWorker {
+                owner: o.to_string(),
+            }),
+            "worker_not_found" => Ok(R::WorkerNotFound),
+            "worker_not_ready" => self.str(0).map(|s| R::WorkerNotReady {
+                state: s.to_string(),
+            }),
+            "worker_lost" | "lost" => Ok(R::WorkerLost),
+            "gpu_busy" => num(0).map(|gpu| R::GpuBusy { gpu: gpu as u32 }),
+            "lease_alive" => num(0).map(|deadline_ms| R::LeaseAlive { deadline_ms }),
+            "has_instances" => num(0).map(|count| R::HasInstances { count }),
+            "not_allowed" | "bad_transition" => Ok(R::NotAllowed),
+            other => Err(self.protocol(format!("unknown code {other:?}"))),
+        };
+        match refusal {
+            Ok(refusal) => Error::Refused {
+                transition: self.script,
+                refusal,
+            },
+            Err(e) => e,
+        }
+    }
+}
+
+fn value_text(v: &redis::Value) -> Option<String> {
+    match v {
+        redis::Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        redis::Value::SimpleString(s) => Some(s.clone()),
+        redis::Value::Int(i) => Some(i.to_string()),
+        redis::Value::Okay => Some("OK".into()),
+        redis::Value::Nil => Some(String::new()),
+        _ => None,
+    }
+}
+
+/// One argument for a script: text or bytes.
+pub(crate) enum Arg<'a> {
+    Str(&'a str),
+    Owned(String),
+    Bytes(&'a [u8]),
+}
+
+impl Store {
+    /// Runs `script` with the common arguments (root, events maxlen, terminal TTL) followed by
+    /// `args`, and parses its reply.
+    pub(crate) async fn run(
+        &self,
+        name: &'static str,
+        script: &Script,
+        args: &[Arg<'_>],
+    ) -> Result<Reply> {
+        let inner = &self.inner;
+        let mut inv = script.prepare_invoke();
+        inv.key(inner.keys.events())
+            .arg(inner.keys.root())
+            .arg(inner.config.events_maxlen)
+            .arg(inner.config.terminal_ttl.as_millis() as u64);
+        for a in args {
+            match a {
+                Arg::Str(s) => inv.arg(*s),
+                Arg::Owned(s) => inv.arg(s.as_str()),
+                Arg::Bytes(b) => inv.arg(*b),
+            };
+        }
+        let mut conn = inner.conns.shared().await?;
+        let r: redis::RedisResult<redis::Value> = inv.invoke_async(&mut conn.conn).await;
+        let value = conn.check(r)?;
+        let items = match value {
+            redis::Value::Array(items) => items,
+            other => {
+                return Err(Error::Protocol {
+                    script: name,
+                    detail: format!("not an array: {other:?}"),
+                });
+            }
+        };
+        let mut texts = Vec::with_capacity(items.len());
+        for item in &items {
+            texts.push(value_text(item).ok_or_else(|| Error::Protocol {
+                script: name,
+                detail: format!("unexpected element {item:?}"),
+            })?);
+        }
+        let mut it = texts.into_iter();
+        let code = it.next().ok_or_else(|| Error::Protocol {
+            script: name,
+            detail: "empty reply".into(),
+        })?;
+        Ok(Reply {
+            script: name,
+            code,
+            values: it.collect(),
+        })
+    }
+
+    /// Like [`Store::run`], but a refusal becomes an error.
+    pub(crate) async fn run_ok(
+        &self,
+        name: &'static str,
+        script: &Script,
+        args: &[Arg<'_>],
+    ) -> Result<Reply> {
+        let reply = self.run(name, script, args).await?;
+        if reply.is_ok() {
+            Ok(reply)
+        } else {
+            Err(reply.refused())
+        }
+    }
+
+    pub(crate) fn scripts(&self) -> &Scripts {
+        &self.inner.scripts
+    }
+}
+
+/// Checks that a GPU list is non-empty and returns it as the scripts' csv form.
+pub(crate) fn gpu_csv(field: &'static str, gpus: &[u32]) -> Result<String> {
+    if gpus.is_empty() {
+        return Err(Error::invalid(field, "at least one GPU is needed"));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for g in gpus {
+        if !seen.insert(g) {
+            return Err(Error::invalid(field, format!("GPU {g} is listed twice")));
+        }
+    }
+    Ok(gpus
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(","))
+}
+
+/// Validates a worker id and returns it (a small convenience for the many transitions that
+/// take one).
+pub(crate) fn worker_id<'a>(field: &'static str, id: &'a str) -> Result<&'a str> {
+    names::validate_id(field, id)?;
+    Ok(id)
+}

@@ -1,0 +1,415 @@
+//! Workers: registration with an epoch (fencing token), readiness after the inventory, the
+//! heartbeat that renews the lease, and loss when the session drops or the lease expires.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::Store;
+use crate::error::{Error, Result};
+use crate::instance::InstanceStatus;
+use crate::names;
+use crate::record::{Fields, status_words};
+use crate::scripts::{Arg, gpu_csv, worker_id};
+
+/// One GPU of a worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct GpuInfo {
+    /// Device index.
+    pub index: u32,
+    /// Product name.
+    pub name: String,
+    /// Device memory in bytes.
+    pub memory_bytes: u64,
+}
+
+/// Storage tiers a checkpoint can be loaded from, fastest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Tier {
+    /// Resident in GPU memory.
+    Gpu,
+    /// Pinned in host memory.
+    HostMemory,
+    /// On local disk.
+    Disk,
+    /// Fetched from remote storage.
+    Remote,
+}
+
+/// A checkpoint a worker holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// The model it belongs to.
+    pub model: String,
+    /// Its size in bytes.
+    pub size_bytes: u64,
+    /// The fastest tier holding it.
+    pub tier: Tier,
+}
+
+/// Measured load bandwidth of a tier.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bandwidth {
+    /// The tier.
+    pub tier: Tier,
+    /// Bytes per second into GPU memory.
+    pub bytes_per_second: u64,
+}
+
+/// An instance a worker says it runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunningInstance {
+    /// Its id.
+    pub instance_id: String,
+    /// Loading, Ready or Draining.
+    pub status: InstanceStatus,
+    /// The GPUs it holds.
+    pub gpus: Vec<u32>,
+}
+
+/// What a worker has.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Inventory {
+    /// Its GPUs.
+    pub gpus: Vec<GpuInfo>,
+    /// Host memory in bytes.
+    pub host_memory_bytes: u64,
+    /// Checkpoints it holds.
+    pub checkpoints: Vec<Checkpoint>,
+    /// Bandwidth per tier.
+    pub bandwidths: Vec<Bandwidth>,
+}
+
+impl Inventory {
+    /// Checks GPU indexes are unique and checkpoint names are valid model names.
+    pub fn validate(&self) -> Result<()> {
+        let mut seen = std::collections::HashSet::new();
+        for g in &self.gpus {
+            if !seen.insert(g.index) {
+                return Err(Error::invalid(
+                    "inventory.gpus",
+                    format!("GPU index {} twice", g.index),
+                ));
+            }
+        }
+        for c in &self.checkpoints {
+            names::validate_model_name("inventory.checkpoints.model", &c.model)?;
+        }
+        Ok(())
+    }
+}
+
+/// Where a worker is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WorkerStatus {
+    /// Registered; inventory not yet complete; nothing is placed on it.
+    Initializing,
+    /// Placeable.
+    Ready,
+    /// Its session dropped or its lease expired.
+    Lost,
+}
+status_words!(WorkerStatus { Initializing => "initializing", Ready => "ready", Lost => "lost" });
+
+/// An accepted registration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registration {
+    /// The new epoch; every later message must carry it.
+    pub epoch: u64,
+    /// When the lease ends unless renewed (ms, Redis clock).
+    pub lease_deadline_ms: u64,
+    /// The record's version.
+    pub version: u64,
+}
+
+/// Why a worker is being declared lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LostMode {
+    /// Its session stream ended.
+    Dropped,
+    /// Its lease expired (refused if it has not).
+    Expired,
+}
+
+/// A worker whose lease has passed, as found in the deadline index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpiredLease {
+    /// The worker.
+    pub worker_id: String,
+    /// Its epoch when found.
+    pub epoch: u64,
+}
+
+/// A stored worker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerRecord {
+    /// Its id (node id).
+    pub worker_id: String,
+    /// Current epoch.
+    pub epoch: u64,
+    /// State.
+    pub status: WorkerStatus,
+    /// Address it registered from.
+    pub address: String,
+    /// What it has.
+    pub inventory: Inventory,
+    /// Agent version.
+    pub agent_version: String,
+    /// When it last registered (ms).
+    pub registered_ms: u64,
+    /// Record version.
+    pub version: u64,
+    /// Unassigned GPUs, ascending.
+    pub free_gpus: Vec<u32>,
+    /// Ids of its live instances, sorted.
+    pub instance_ids: Vec<String>,
+    /// Lease deadline (ms), if it holds one.
+    pub lease_deadline_ms: Option<u64>,
+}
+
+impl Store {
+    /// Registers (or re-registers) a worker. `token_ok` is the caller's verdict on the join
+    /// token; false stores nothing and is refused with Unauthenticated.
+    pub async fn register_worker(
+        &self,
+        worker: &str,
+        token_ok: bool,
+        address: &str,
+        lease: Duration,
+        inventory: &Inventory,
+        agent_version: &str,
+    ) -> Result<Registration> {
+        let worker = worker_id("node_id", worker)?;
+        names::validate_address("address", address)?;
+        inventory.validate()?;
+        let gpus: Vec<String> = inventory.gpus.iter().map(|g| g.index.to_string()).collect();
+        let fields = [
+            ("gpus", json(&inventory.gpus)),
+            ("host_memory_bytes", inventory.host_memory_bytes.to_string()),
+            ("checkpoints", json(&inventory.checkpoints)),
+            ("bandwidths", json(&inventory.bandwidths)),
+            ("agent_version", agent_version.to_string()),
+        ];
+        let mut args = vec![
+            Arg::Str(worker),
+            Arg::Str(if token_ok { "1" } else { "0" }),
+            Arg::Str(address),
+            Arg::Owned(lease_ms(lease)?),
+            Arg::Owned(gpus.join(",")),
+        ];
+        args.extend(fields.iter().flat_map(|(k, v)| [Arg::Str(k), Arg::Str(v)]));
+        let reply = self
+            .run_ok("worker_register", &self.scripts().worker_register, &args)
+            .await?;
+        Ok(Registration {
+            epoch: reply.u64(0)?,
+            lease_deadline_ms: reply.u64(1)?,
+            version: reply.u64(2)?,
+        })
+    }
+
+    /// The worker's inventory is complete: reconcile its instances with what it runs (its
+    /// report wins) and make it placeable. Returns ids it reported that are not placed on it;
+    /// it should stop them.
+    pub async fn worker_ready(
+        &self,
+        worker: &str,
+        epoch: u64,
+        running: &[RunningInstance],
+    ) -> Result<Vec<String>> {
+        let worker = worker_id("worker_id", worker)?;
+        let mut triples = Vec::with_capacity(running.len());
+        for r in running {
+            names::validate_id("running.instance_id", &r.instance_id)?;
+            if !matches!(
+                r.status,
+                InstanceStatus::Loading | InstanceStatus::Ready | InstanceStatus::Draining
+            ) {
+                return Err(Error::invalid(
+                    "running.state",
+                    format!(
+                        "{} is not a running state (loading, ready, draining)",
+                        r.status
+                    ),
+                ));
+            }
+            triples.push((
+                r.instance_id.as_str(),
+                r.status.as_str(),
+                gpu_csv("running.gpus", &r.gpus)?,
+            ));
+        }
+        let mut args = vec![Arg::Str(worker), Arg::Owned(epoch.to_string())];
+        for (id, state, gpus) in &triples {
+            args.extend([Arg::Str(id), Arg::Str(state), Arg::Str(gpus)]);
+        }
+        let reply = self
+            .run_ok("worker_ready", &self.scripts().worker_ready, &args)
+            .await?;
+        Ok(reply.values.iter().skip(1).cloned().collect())
+    }
+
+    /// Renews a worker's lease: one round trip. Returns the new deadline (ms, Redis clock).
+    pub async fn heartbeat(&self, worker: &str, epoch: u64, lease: Duration) -> Result<u64> {
+        let worker = worker_id("worker_id", worker)?;
+        let reply = self
+            .run_ok(
+                "worker_heartbeat",
+                &self.scripts().worker_heartbeat,
+                &[
+                    Arg::Str(worker),
+                    Arg::Owned(epoch.to_string()),
+                    Arg::Owned(lease_ms(lease)?),
+                ],
+            )
+            .await?;
+        reply.u64(0)
+    }
+
+    /// Declares a worker's session `epoch` lost; its live instances become lost. Returns how
+    /// many instances were.
+    pub async fn worker_lost(
+        &self,
+        worker: &str,
+        epoch: u64,
+        mode: LostMode,
+        reason: &str,
+    ) -> Result<u64> {
+        let worker = worker_id("worker_id", worker)?;
+        let mode = match mode {
+            LostMode::Dropped => "dropped",
+            LostMode::Expired => "expired",
+        };
+        let reply = self
+            .run_ok(
+                "worker_lost",
+                &self.scripts().worker_lost,
+                &[
+                    Arg::Str(worker),
+                    Arg::Owned(epoch.to_string()),
+                    Arg::Str(mode),
+                    Arg::Str(reason),
+                ],
+            )
+            .await?;
+        reply.u64(1)
+    }
+
+    /// Workers whose lease deadline has passed, oldest first, at most `limit`. Reads the
+    /// deadline index only (no SCAN).
+    pub async fn expired_leases(&self, limit: usize) -> Result<Vec<ExpiredLease>> {
+        let reply = self
+            .run_ok(
+                "leases_expired",
+                &self.scripts().leases_expired,
+                &[Arg::Owned(limit.max(1).to_string())],
+            )
+            .await?;
+        let mut out = Vec::new();
+        for pair in reply.values.chunks(2) {
+            if let [id, epoch] = pair {
+                let epoch = epoch
+                    .parse()
+                    .map_err(|_| reply.protocol(format!("epoch {epoch:?}")))?;
+                out.push(ExpiredLease {
+                    worker_id: id.clone(),
+                    epoch,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// One worker with its free GPUs, instances and lease deadline, or None.
+    pub async fn get_worker(&self, worker: &str) -> Result<Option<WorkerRecord>> {
+        let worker = worker_id("worker_id", worker)?;
+        let mut all = self.read_workers(&[worker.to_string()]).await?;
+        Ok(all.pop().flatten())
+    }
+
+    /// Every worker, sorted by id.
+    pub async fn list_workers(&self) -> Result<Vec<WorkerRecord>> {
+        let mut ids = self.smembers(self.keys().workers()).await?;
+        ids.sort();
+        Ok(self
+            .read_workers(&ids)
+            .await?
+            .into_iter()
+            .flatten()
+            .collect())
+    }
+
+    async fn read_workers(&self, ids: &[String]) -> Result<Vec<Option<WorkerRecord>>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys = self.keys();
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.cmd("HGETALL").arg(keys.worker(id));
+            pipe.cmd("SMEMBERS").arg(keys.free_gpus(id));
+            pipe.cmd("SMEMBERS").arg(keys.worker_instances(id));
+            pipe.cmd("ZSCORE").arg(keys.lease_deadlines()).arg(id);
+        }
+        type Row = (
+            std::collections::HashMap<String, String>,
+            Vec<u32>,
+            Vec<String>,
+            Option<f64>,
+        );
+        let values: Vec<redis::Value> = self.read_pipe(&pipe).await?;
+        let mut out = Vec::with_capacity(ids.len());
+        for (id, chunk) in ids.iter().zip(values.chunks(4)) {
+            let row: Row =
+                redis::FromRedisValue::from_redis_value(redis::Value::Array(chunk.to_vec()))
+                    .map_err(|e| Error::Malformed {
+                        key: keys.worker(id),
+                        field: "*".into(),
+                        reason: e.to_string(),
+                    })?;
+            let (map, mut free, mut instances, deadline) = row;
+            let f = Fields::new(keys.worker(id), map);
+            if f.is_empty() {
+                out.push(None);
+                continue;
+            }
+            free.sort_unstable();
+            instances.sort();
+            out.push(Some(WorkerRecord {
+                worker_id: f.text("worker_id")?,
+                epoch: f.parse("epoch")?,
+                status: f.parse("status")?,
+                address: f.text("address")?,
+                inventory: Inventory {
+                    gpus: f.json("gpus")?,
+                    host_memory_bytes: f.parse_or("host_memory_bytes", 0)?,
+                    checkpoints: f.json("checkpoints")?,
+                    bandwidths: f.json("bandwidths")?,
+                },
+                agent_version: f.parse_or("agent_version", String::new())?,
+                registered_ms: f.parse("registered_ms")?,
+                version: f.parse("version")?,
+                free_gpus: free,
+                instance_ids: instances,
+                lease_deadline_ms: deadline.map(|d| d as u64),
+            }));
+        }
+        Ok(out)
+    }
+}
+
+fn lease_ms(lease: Duration) -> Result<String> {
+    let ms = lease.as_millis();
+    if !(10..=3_600_000).contains(&ms) {
+        return Err(Error::invalid("lease", "must be between 10 ms and 1 h"));
+    }
+    Ok(ms.to_string())
+}
+
+/// The JSON stored for an inventory list. These types hold only strings, numbers and unit
+/// enums, so serialisation cannot fail; an empty string (read back as an empty list) is stored
+/// if it ever did.
+fn json<T: Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_default()
+}

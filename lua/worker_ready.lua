@@ -1,0 +1,58 @@
+-- worker_ready: the worker has reported its inventory; reconcile its instances with what it
+-- actually runs (its report wins over Redis) and make it placeable.
+-- KEYS:   1 events
+-- ARGV:   4 worker id; 5 epoch; 6.. triples (instance id, state, GPU csv) of running instances,
+--         state one of loading | ready | draining
+-- Writes: worker:<id> (status ready, version + 1), workers:status:*; each of its instances:
+--         a reported one takes the reported state and GPUs, a live one not reported is stopped
+--         (a pending one is kept: its start command may still be on its way); free_gpus:<id>
+-- Events: instance.<state> per changed instance, worker.ready
+-- Reply:  {'ok', version, unknown instance id...} (unknown: reported but not placed here; the
+--         worker should stop them) | {'not_found'} | {'stale_epoch', current}
+--         | {'wrong_state', status}
+local id, epoch = ARGV[4], ARGV[5]
+local key = K.worker(id)
+local w = redis.call('HMGET', key, 'epoch', 'status', 'gpu_indexes')
+if not w[2] then return { 'not_found' } end
+if w[1] ~= epoch then return { 'stale_epoch', w[1] } end
+if w[2] ~= 'initializing' then return { 'wrong_state', w[2] } end
+local now = now_ms()
+local reported, unknown = {}, {}
+for i = 6, #ARGV - 2, 3 do
+  local iid, state, gpus = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local rec = redis.call('HMGET', K.instance(iid), 'status', 'model', 'worker_id')
+  if not rec[1] or rec[3] ~= id or TERMINAL[rec[1]] then
+    unknown[#unknown + 1] = iid
+  else
+    reported[iid] = true
+    redis.call('HSET', K.instance(iid), 'gpus', gpus)
+    if rec[1] ~= state then
+      instance_move(iid, rec[1], rec[2], id, state, 'reported by worker on rejoin', now)
+    end
+  end
+end
+for _, iid in ipairs(redis.call('SMEMBERS', K.worker_instances(id))) do
+  if not reported[iid] then
+    local rec = redis.call('HMGET', K.instance(iid), 'status', 'model')
+    if rec[1] and rec[1] ~= 'pending' then
+      instance_move(iid, rec[1], rec[2], id, 'stopped', 'not running on worker after rejoin', now)
+    end
+  end
+end
+-- Recompute free GPUs from what is now placed here.
+local used = {}
+for _, iid in ipairs(redis.call('SMEMBERS', K.worker_instances(id))) do
+  for _, g in ipairs(split_csv(redis.call('HGET', K.instance(iid), 'gpus'))) do used[g] = true end
+end
+local free = K.free_gpus(id)
+redis.call('DEL', free)
+for _, g in ipairs(split_csv(w[3])) do
+  if not used[g] then redis.call('SADD', free, g) end
+end
+redis.call('SMOVE', K.workers_status('initializing'), K.workers_status('ready'), id)
+redis.call('HSET', key, 'status', 'ready')
+local v = redis.call('HINCRBY', key, 'version', 1)
+emit('worker.ready', id, 'epoch', epoch)
+local reply = { 'ok', v }
+for _, iid in ipairs(unknown) do reply[#reply + 1] = iid end
+return reply

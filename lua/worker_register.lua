@@ -1,0 +1,50 @@
+-- worker_register: a worker joins (or re-joins). The join token is checked by the caller, which
+-- passes the result in, so a refused token stores nothing. Bumps the worker's epoch (its fencing
+-- token): every message of an older session is refused from now on.
+-- KEYS:   1 events
+-- ARGV:   4 worker id; 5 token ok ('1'/'0'); 6 address; 7 lease ms; 8 GPU indexes (csv);
+--         9.. field, value pairs of the inventory (gpus, host_memory_bytes, checkpoints,
+--         bandwidths, agent_version)
+-- Writes: worker:<id> (status initializing, epoch + 1, version + 1), workers,
+--         workers:status:*, address:<addr> (and the old address's key if it pointed here),
+--         lease_deadlines, free_gpus:<id> (all GPUs minus those of the worker's live instances)
+-- Events: worker.registered {epoch}
+-- Reply:  {'ok', epoch, lease deadline ms, version} | {'unauthenticated'}
+--         | {'address_in_use', holder}
+local id, address, lease_ms = ARGV[4], ARGV[6], tonumber(ARGV[7])
+if ARGV[5] ~= '1' then return { 'unauthenticated' } end
+local now = now_ms()
+local holder = redis.call('GET', K.address(address))
+if holder and holder ~= id then
+  local deadline = redis.call('ZSCORE', K.lease_deadlines, holder)
+  if deadline and tonumber(deadline) > now then return { 'address_in_use', holder } end
+end
+local key = K.worker(id)
+local old = redis.call('HMGET', key, 'status', 'address')
+if old[1] then redis.call('SREM', K.workers_status(old[1]), id) end
+if old[2] and old[2] ~= address and redis.call('GET', K.address(old[2])) == id then
+  redis.call('DEL', K.address(old[2]))
+end
+local epoch = redis.call('HINCRBY', key, 'epoch', 1)
+local version = redis.call('HINCRBY', key, 'version', 1)
+local pairs_ = {}
+for i = 9, #ARGV do pairs_[#pairs_ + 1] = ARGV[i] end
+redis.call('HSET', key, 'worker_id', id, 'status', 'initializing', 'address', address,
+  'registered_ms', now, 'gpu_indexes', ARGV[8], unpack(pairs_))
+redis.call('SADD', K.workers, id)
+redis.call('SADD', K.workers_status('initializing'), id)
+redis.call('SET', K.address(address), id)
+local deadline = now + lease_ms
+redis.call('ZADD', K.lease_deadlines, deadline, id)
+-- Free GPUs: all of them, minus those held by instances the control plane still places here.
+local used = {}
+for _, iid in ipairs(redis.call('SMEMBERS', K.worker_instances(id))) do
+  for _, g in ipairs(split_csv(redis.call('HGET', K.instance(iid), 'gpus'))) do used[g] = true end
+end
+local free = K.free_gpus(id)
+redis.call('DEL', free)
+for _, g in ipairs(split_csv(ARGV[8])) do
+  if not used[g] then redis.call('SADD', free, g) end
+end
+emit('worker.registered', id, 'epoch', epoch)
+return { 'ok', epoch, deadline, version }
