@@ -59,10 +59,7 @@ impl RedisServer {
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-        bail!(
-            "redis-server did not listen on {} within {within:?}",
-            self.socket.display()
-        )
+        bail!("redis-server did not listen on {} within {within:?}", self.socket.display())
     }
 
     /// `unix://…` URL of the server.

@@ -78,9 +78,8 @@ impl Store {
     /// The id of the worker's last acknowledged command (`0-0` if none).
     pub async fn command_cursor(&self, worker: &str) -> Result<String> {
         names::validate_id("worker_id", worker)?;
-        let cursor: Option<String> = self
-            .read(redis::cmd("GET").arg(self.keys().commands_acked(worker)))
-            .await?;
+        let cursor: Option<String> =
+            self.read(redis::cmd("GET").arg(self.keys().commands_acked(worker))).await?;
         Ok(cursor.unwrap_or_else(|| "0-0".into()))
     }
 
@@ -104,11 +103,7 @@ impl Store {
                     .arg(count.max(1)),
             )
             .await?;
-        reply
-            .ids
-            .iter()
-            .map(|e| CommandEntry::parse(&key, e))
-            .collect()
+        reply.ids.iter().map(|e| CommandEntry::parse(&key, e)).collect()
     }
 
     /// Records that the worker handled every command up to `stream_id`. Returns false if that
@@ -129,12 +124,7 @@ impl Store {
     /// A blocking reader of the worker's commands, starting after its acknowledged cursor.
     pub async fn command_reader(&self, worker: &str) -> Result<CommandReader> {
         let after = self.command_cursor(worker).await?;
-        Ok(CommandReader {
-            store: self.clone(),
-            worker: worker.to_string(),
-            after,
-            conn: None,
-        })
+        Ok(CommandReader { store: self.clone(), worker: worker.to_string(), after, conn: None })
     }
 }
 
@@ -165,14 +155,10 @@ impl CommandReader {
                 return Err(Error::Redis(e));
             }
         };
-        let entries = reply
-            .and_then(|r| r.keys.into_iter().next())
-            .map(|k| k.ids)
-            .unwrap_or_default();
-        let out: Vec<CommandEntry> = entries
-            .iter()
-            .map(|e| CommandEntry::parse(&key, e))
-            .collect::<Result<_>>()?;
+        let entries =
+            reply.and_then(|r| r.keys.into_iter().next()).map(|k| k.ids).unwrap_or_default();
+        let out: Vec<CommandEntry> =
+            entries.iter().map(|e| CommandEntry::parse(&key, e)).collect::<Result<_>>()?;
         if let Some(last) = out.last() {
             self.after = last.stream_id.clone();
         }

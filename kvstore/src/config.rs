@@ -45,10 +45,7 @@ impl Default for StoreConfig {
 impl StoreConfig {
     /// The defaults, against `url`.
     pub fn new(url: impl Into<String>) -> Self {
-        StoreConfig {
-            url: url.into(),
-            ..Default::default()
-        }
+        StoreConfig { url: url.into(), ..Default::default() }
     }
 
     /// The same settings under another namespace.

@@ -72,29 +72,17 @@ impl Connections {
             .build()
             .map_err(|e| Error::Pool(e.to_string()))?;
         let lanes = (0..config.lanes.max(1)).map(|_| Mutex::new(None)).collect();
-        Ok(Connections {
-            pool,
-            lanes,
-            next: AtomicUsize::new(0),
-        })
+        Ok(Connections { pool, lanes, next: AtomicUsize::new(0) })
     }
 
     /// A shared multiplexed connection for one non-blocking operation.
     pub(crate) async fn shared(&self) -> Result<Lent<'_>> {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.lanes.len();
         let lane = &self.lanes[i];
-        if let Some(conn) = lane
-            .lock()
-            .ok()
-            .and_then(|slot| slot.as_ref().map(|c| (**c).clone()))
-        {
+        if let Some(conn) = lane.lock().ok().and_then(|slot| slot.as_ref().map(|c| (**c).clone())) {
             return Ok(Lent { conn, owner: self });
         }
-        let fresh = self
-            .pool
-            .get()
-            .await
-            .map_err(|e| Error::Pool(e.to_string()))?;
+        let fresh = self.pool.get().await.map_err(|e| Error::Pool(e.to_string()))?;
         let conn = (*fresh).clone();
         if let Ok(mut slot) = lane.lock()
             && slot.is_none()
@@ -114,10 +102,7 @@ impl Connections {
 
     /// A connection of its own, for blocking reads; returned to the pool when dropped.
     pub(crate) async fn dedicated(&self) -> Result<deadpool_redis::Connection> {
-        self.pool
-            .get()
-            .await
-            .map_err(|e| Error::Pool(e.to_string()))
+        self.pool.get().await.map_err(|e| Error::Pool(e.to_string()))
     }
 }
 
@@ -126,9 +111,8 @@ fn normalise_url(url: &str) -> Result<String> {
     if url.is_empty() {
         return Err(Error::invalid("redis_url", "must not be empty"));
     }
-    let ok = ["redis://", "rediss://", "unix://", "redis+unix://"]
-        .iter()
-        .any(|p| url.starts_with(p));
+    let ok =
+        ["redis://", "rediss://", "unix://", "redis+unix://"].iter().any(|p| url.starts_with(p));
     if !ok {
         return Err(Error::invalid(
             "redis_url",
@@ -151,9 +135,7 @@ impl crate::Store {
                 other => return other,
             }
         }
-        Err(last
-            .map(Error::Redis)
-            .unwrap_or_else(|| Error::Pool("no connection".into())))
+        Err(last.map(Error::Redis).unwrap_or_else(|| Error::Pool("no connection".into())))
     }
 
     /// Like [`crate::Store::read`], for a pipeline of read-only commands.
@@ -170,8 +152,6 @@ impl crate::Store {
                 other => return other,
             }
         }
-        Err(last
-            .map(Error::Redis)
-            .unwrap_or_else(|| Error::Pool("no connection".into())))
+        Err(last.map(Error::Redis).unwrap_or_else(|| Error::Pool("no connection".into())))
     }
 }

@@ -45,11 +45,7 @@ impl AutoScaling {
         if !METRICS.contains(&self.metric.as_str()) {
             return Err(Error::invalid(
                 "auto_scaling_config.metric",
-                format!(
-                    "unknown metric {:?} (known: {})",
-                    self.metric,
-                    METRICS.join(", ")
-                ),
+                format!("unknown metric {:?} (known: {})", self.metric, METRICS.join(", ")),
             ));
         }
         if !self.target.is_finite() || self.target <= 0.0 {
@@ -59,10 +55,7 @@ impl AutoScaling {
             ));
         }
         if self.max_instances == 0 {
-            return Err(Error::invalid(
-                "auto_scaling_config.max_instances",
-                "must be at least 1",
-            ));
+            return Err(Error::invalid("auto_scaling_config.max_instances", "must be at least 1"));
         }
         if self.min_instances > self.max_instances {
             return Err(Error::invalid(
@@ -193,9 +186,7 @@ impl DeploymentRecord {
 }
 
 fn pairs<'a>(fields: &'a [(&'static str, String)]) -> impl Iterator<Item = Arg<'a>> {
-    fields
-        .iter()
-        .flat_map(|(k, v)| [Arg::Str(k), Arg::Str(v.as_str())])
+    fields.iter().flat_map(|(k, v)| [Arg::Str(k), Arg::Str(v.as_str())])
 }
 
 impl Store {
@@ -206,13 +197,8 @@ impl Store {
         let fields = spec.fields();
         let mut args = vec![Arg::Str(&spec.model)];
         args.extend(pairs(&fields));
-        let reply = self
-            .run_ok(
-                "deployment_create",
-                &self.scripts().deployment_create,
-                &args,
-            )
-            .await?;
+        let reply =
+            self.run_ok("deployment_create", &self.scripts().deployment_create, &args).await?;
         let now = reply.u64(1)?;
         Ok(DeploymentRecord {
             spec: spec.clone(),
@@ -241,13 +227,8 @@ impl Store {
         let expected = expected_version.to_string();
         let mut args = vec![Arg::Str(model), Arg::Str(&expected)];
         args.extend(pairs(&fields));
-        let reply = self
-            .run_ok(
-                "deployment_update",
-                &self.scripts().deployment_update,
-                &args,
-            )
-            .await?;
+        let reply =
+            self.run_ok("deployment_update", &self.scripts().deployment_update, &args).await?;
         reply.u64(0)
     }
 
@@ -267,12 +248,8 @@ impl Store {
     /// Deletes a deployment that is deleting and has no instances left.
     pub async fn remove_deployment(&self, model: &str) -> Result<()> {
         names::validate_model_name("model", model)?;
-        self.run_ok(
-            "deployment_remove",
-            &self.scripts().deployment_remove,
-            &[Arg::Str(model)],
-        )
-        .await?;
+        self.run_ok("deployment_remove", &self.scripts().deployment_remove, &[Arg::Str(model)])
+            .await?;
         Ok(())
     }
 
@@ -311,11 +288,7 @@ impl Store {
         names::validate_model_name("model", model)?;
         let key = self.keys().deployment(model);
         let f = self.hgetall(key).await?;
-        if f.is_empty() {
-            Ok(None)
-        } else {
-            DeploymentRecord::from_fields(&f).map(Some)
-        }
+        if f.is_empty() { Ok(None) } else { DeploymentRecord::from_fields(&f).map(Some) }
     }
 
     /// Every deployment, sorted by name: one SMEMBERS and one pipelined HGETALL per name.
@@ -349,11 +322,7 @@ impl Store {
             pipe.cmd("HGETALL").arg(k);
         }
         let maps: Vec<HashMap<String, String>> = self.read_pipe(&pipe).await?;
-        Ok(keys
-            .into_iter()
-            .zip(maps)
-            .map(|(k, m)| Fields::new(k, m))
-            .collect())
+        Ok(keys.into_iter().zip(maps).map(|(k, m)| Fields::new(k, m)).collect())
     }
 
     pub(crate) async fn smembers(&self, key: String) -> Result<Vec<String>> {

@@ -140,10 +140,7 @@ impl fmt::Display for Refusal {
             }
             Refusal::Unauthenticated => write!(f, "join token does not prove the node id"),
             Refusal::AddressInUse { holder } => {
-                write!(
-                    f,
-                    "address held by node {holder}, whose lease is still live"
-                )
+                write!(f, "address held by node {holder}, whose lease is still live")
             }
             Refusal::WrongWorker { owner } => write!(f, "instance belongs to worker {owner}"),
             Refusal::WorkerNotFound => write!(f, "worker not found"),
@@ -223,9 +220,6 @@ impl Error {
     }
 
     pub(crate) fn invalid(field: &'static str, reason: impl Into<String>) -> Error {
-        Error::Invalid {
-            field,
-            reason: reason.into(),
-        }
+        Error::Invalid { field, reason: reason.into() }
     }
 }

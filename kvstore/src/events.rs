@@ -23,10 +23,7 @@ pub struct Position {
 impl Position {
     /// Before every event.
     pub fn start() -> Position {
-        Position {
-            id: "0-0".into(),
-            seq: 0,
-        }
+        Position { id: "0-0".into(), seq: 0 }
     }
 }
 
@@ -76,13 +73,7 @@ impl Event {
                 fields.insert(name.clone(), text(name)?);
             }
         }
-        Ok(Event {
-            id: entry.id.clone(),
-            seq,
-            kind: text("kind")?,
-            entity: text("id")?,
-            fields,
-        })
+        Ok(Event { id: entry.id.clone(), seq, kind: text("kind")?, entity: text("id")?, fields })
     }
 }
 
@@ -113,34 +104,20 @@ impl Store {
     pub async fn event_position(&self) -> Result<Position> {
         let key = self.keys().events();
         let reply: StreamRangeReply = self
-            .read(
-                redis::cmd("XREVRANGE")
-                    .arg(&key)
-                    .arg("+")
-                    .arg("-")
-                    .arg("COUNT")
-                    .arg(1),
-            )
+            .read(redis::cmd("XREVRANGE").arg(&key).arg("+").arg("-").arg("COUNT").arg(1))
             .await?;
         match reply.ids.first() {
             None => Ok(Position::start()),
             Some(entry) => {
                 let e = Event::parse(&key, entry)?;
-                Ok(Position {
-                    id: e.id,
-                    seq: e.seq,
-                })
+                Ok(Position { id: e.id, seq: e.seq })
             }
         }
     }
 
     /// A reader that returns the events after `from`.
     pub fn event_reader(&self, from: Position) -> EventReader {
-        EventReader {
-            store: self.clone(),
-            pos: from,
-            conn: None,
-        }
+        EventReader { store: self.clone(), pos: from, conn: None }
     }
 }
 
@@ -177,10 +154,8 @@ impl EventReader {
                 return Err(Error::Redis(e));
             }
         };
-        let entries = reply
-            .and_then(|r| r.keys.into_iter().next())
-            .map(|k| k.ids)
-            .unwrap_or_default();
+        let entries =
+            reply.and_then(|r| r.keys.into_iter().next()).map(|k| k.ids).unwrap_or_default();
         let mut events = Vec::with_capacity(entries.len());
         for entry in &entries {
             events.push(Event::parse(&key, entry)?);
@@ -193,10 +168,7 @@ impl EventReader {
             return Ok(EventBatch::FellBehind { resume });
         }
         if let Some(last) = events.last() {
-            self.pos = Position {
-                id: last.id.clone(),
-                seq: last.seq,
-            };
+            self.pos = Position { id: last.id.clone(), seq: last.seq };
         }
         Ok(EventBatch::Events(events))
     }
@@ -204,9 +176,6 @@ impl EventReader {
 
 /// A blocking read must end before the connection's response timeout fires.
 pub(crate) fn clamp_block(store: &Store, block: Duration) -> Duration {
-    let limit = store
-        .config()
-        .response_timeout
-        .saturating_sub(Duration::from_millis(500));
+    let limit = store.config().response_timeout.saturating_sub(Duration::from_millis(500));
     block.min(limit.max(Duration::from_millis(1)))
 }

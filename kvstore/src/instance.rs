@@ -202,34 +202,25 @@ impl Store {
                 ],
             )
             .await?;
-        Ok(Transitioned {
-            version: reply.u64(0)?,
-            changed: reply.code == "ok",
-        })
+        Ok(Transitioned { version: reply.u64(0)?, changed: reply.code == "ok" })
     }
 
     /// One instance, or None (also once a terminal record has expired).
     pub async fn get_instance(&self, instance_id: &str) -> Result<Option<InstanceRecord>> {
         names::validate_id("instance_id", instance_id)?;
         let f = self.hgetall(self.keys().instance(instance_id)).await?;
-        if f.is_empty() {
-            Ok(None)
-        } else {
-            InstanceRecord::from_fields(&f).map(Some)
-        }
+        if f.is_empty() { Ok(None) } else { InstanceRecord::from_fields(&f).map(Some) }
     }
 
     /// A model's live instances, sorted by id.
     pub async fn model_instances(&self, model: &str) -> Result<Vec<InstanceRecord>> {
         names::validate_model_name("model", model)?;
-        self.read_instances(self.keys().model_instances(model))
-            .await
+        self.read_instances(self.keys().model_instances(model)).await
     }
 
     /// Instances in one (non-terminal) status, sorted by id.
     pub async fn instances_in(&self, status: InstanceStatus) -> Result<Vec<InstanceRecord>> {
-        self.read_instances(self.keys().instances_status(status.as_str()))
-            .await
+        self.read_instances(self.keys().instances_status(status.as_str())).await
     }
 
     async fn read_instances(&self, index: String) -> Result<Vec<InstanceRecord>> {

@@ -19,16 +19,10 @@ impl Store {
         let mut bad = Vec::new();
 
         // Deployments and their status index.
-        let names: BTreeSet<String> = self
-            .smembers(keys.deployments())
-            .await?
-            .into_iter()
-            .collect();
+        let names: BTreeSet<String> =
+            self.smembers(keys.deployments()).await?.into_iter().collect();
         let mut deployments: BTreeMap<String, DeploymentRecord> = BTreeMap::new();
-        for f in self
-            .hgetall_many(names.iter().map(|n| keys.deployment(n)).collect())
-            .await?
-        {
+        for f in self.hgetall_many(names.iter().map(|n| keys.deployment(n)).collect()).await? {
             if f.is_empty() {
                 bad.push(format!("{} is indexed but has no record", f.key()));
                 continue;
@@ -49,20 +43,17 @@ impl Store {
             for m in &members {
                 match deployments.get(m) {
                     Some(d) if d.status == *status => {}
-                    Some(d) => bad.push(format!(
-                        "deployment {m} is {} but indexed as {status}",
-                        d.status
-                    )),
-                    None => bad.push(format!(
-                        "deployment {m} is indexed as {status} but not listed"
-                    )),
+                    Some(d) => {
+                        bad.push(format!("deployment {m} is {} but indexed as {status}", d.status))
+                    }
+                    None => {
+                        bad.push(format!("deployment {m} is indexed as {status} but not listed"))
+                    }
                 }
             }
             for (name, d) in &deployments {
                 if d.status == *status && !members.contains(name) {
-                    bad.push(format!(
-                        "deployment {name} is {status} but missing from that index"
-                    ));
+                    bad.push(format!("deployment {name} is {status} but missing from that index"));
                 }
             }
         }
@@ -74,19 +65,12 @@ impl Store {
             v
         };
         let mut workers = BTreeMap::new();
-        for f in self
-            .hgetall_many(worker_ids.iter().map(|w| keys.worker(w)).collect())
-            .await?
-        {
+        for f in self.hgetall_many(worker_ids.iter().map(|w| keys.worker(w)).collect()).await? {
             if f.is_empty() {
                 bad.push(format!("{} is indexed but has no record", f.key()));
                 continue;
             }
-            match (
-                f.text("worker_id"),
-                f.parse::<WorkerStatus>("status"),
-                f.text("gpu_indexes"),
-            ) {
+            match (f.text("worker_id"), f.parse::<WorkerStatus>("status"), f.text("gpu_indexes")) {
                 (Ok(id), Ok(status), Ok(gpus)) => {
                     workers.insert(id, (status, gpus));
                 }
@@ -98,21 +82,13 @@ impl Store {
             }
         }
         let leased: BTreeSet<String> = self
-            .read::<Vec<String>>(
-                redis::cmd("ZRANGE")
-                    .arg(keys.lease_deadlines())
-                    .arg(0)
-                    .arg(-1),
-            )
+            .read::<Vec<String>>(redis::cmd("ZRANGE").arg(keys.lease_deadlines()).arg(0).arg(-1))
             .await?
             .into_iter()
             .collect();
         for status in WorkerStatus::ALL {
-            let members: BTreeSet<String> = self
-                .smembers(keys.workers_status(status.as_str()))
-                .await?
-                .into_iter()
-                .collect();
+            let members: BTreeSet<String> =
+                self.smembers(keys.workers_status(status.as_str())).await?.into_iter().collect();
             for m in &members {
                 match workers.get(m) {
                     Some((s, _)) if s == status => {}
@@ -122,9 +98,7 @@ impl Store {
             }
             for (id, (s, _)) in &workers {
                 if s == status && !members.contains(id) {
-                    bad.push(format!(
-                        "worker {id} is {status} but missing from that index"
-                    ));
+                    bad.push(format!("worker {id} is {status} but missing from that index"));
                 }
             }
         }
@@ -146,24 +120,16 @@ impl Store {
         // Instances: each live one in exactly one status set, and in its model and worker sets.
         let mut where_indexed: HashMap<String, Vec<InstanceStatus>> = HashMap::new();
         for status in InstanceStatus::ALL {
-            for id in self
-                .smembers(keys.instances_status(status.as_str()))
-                .await?
-            {
+            for id in self.smembers(keys.instances_status(status.as_str())).await? {
                 if status.is_terminal() {
-                    bad.push(format!(
-                        "instance {id} is indexed under terminal status {status}"
-                    ));
+                    bad.push(format!("instance {id} is indexed under terminal status {status}"));
                 }
                 where_indexed.entry(id).or_default().push(*status);
             }
         }
         let ids: Vec<String> = where_indexed.keys().cloned().collect();
         let mut instances: HashMap<String, InstanceRecord> = HashMap::new();
-        for f in self
-            .hgetall_many(ids.iter().map(|i| keys.instance(i)).collect())
-            .await?
-        {
+        for f in self.hgetall_many(ids.iter().map(|i| keys.instance(i)).collect()).await? {
             match InstanceRecord::from_fields(&f) {
                 Ok(r) => {
                     instances.insert(r.instance_id.clone(), r);
@@ -176,27 +142,19 @@ impl Store {
         }
         for (id, statuses) in &where_indexed {
             if statuses.len() > 1 {
-                bad.push(format!(
-                    "instance {id} is indexed under several statuses {statuses:?}"
-                ));
+                bad.push(format!("instance {id} is indexed under several statuses {statuses:?}"));
             }
             if let Some(r) = instances.get(id)
                 && !statuses.contains(&r.status)
             {
-                bad.push(format!(
-                    "instance {id} is {} but indexed as {statuses:?}",
-                    r.status
-                ));
+                bad.push(format!("instance {id} is {} but indexed as {statuses:?}", r.status));
             }
         }
         let mut by_model: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
         let mut by_worker: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
         for r in instances.values() {
             by_model.entry(&r.model).or_default().insert(&r.instance_id);
-            by_worker
-                .entry(&r.worker_id)
-                .or_default()
-                .insert(&r.instance_id);
+            by_worker.entry(&r.worker_id).or_default().insert(&r.instance_id);
             if !deployments.contains_key(&r.model) {
                 bad.push(format!(
                     "instance {} serves {} which is not deployed",
@@ -210,17 +168,11 @@ impl Store {
                 ));
             }
         }
-        let models: BTreeSet<&str> = deployments
-            .keys()
-            .map(String::as_str)
-            .chain(by_model.keys().copied())
-            .collect();
+        let models: BTreeSet<&str> =
+            deployments.keys().map(String::as_str).chain(by_model.keys().copied()).collect();
         for m in models {
-            let stored: BTreeSet<String> = self
-                .smembers(keys.model_instances(m))
-                .await?
-                .into_iter()
-                .collect();
+            let stored: BTreeSet<String> =
+                self.smembers(keys.model_instances(m)).await?.into_iter().collect();
             let expected = by_model.get(m).cloned().unwrap_or_default();
             let stored_ref: BTreeSet<&str> = stored.iter().map(String::as_str).collect();
             if stored_ref != expected {
@@ -232,11 +184,8 @@ impl Store {
 
         // Per worker: instance index, and GPUs neither double-assigned nor both free and used.
         for (id, (_, gpu_csv)) in &workers {
-            let stored: BTreeSet<String> = self
-                .smembers(keys.worker_instances(id))
-                .await?
-                .into_iter()
-                .collect();
+            let stored: BTreeSet<String> =
+                self.smembers(keys.worker_instances(id)).await?.into_iter().collect();
             let expected = by_worker.get(id.as_str()).cloned().unwrap_or_default();
             let stored_ref: BTreeSet<&str> = stored.iter().map(String::as_str).collect();
             if stored_ref != expected {
@@ -255,21 +204,15 @@ impl Store {
                 if let Some(r) = instances.get(*iid) {
                     for g in &r.gpus {
                         if let Some(other) = used.insert(*g, iid) {
-                            bad.push(format!(
-                                "worker {id}: GPU {g} assigned to {other} and {iid}"
-                            ));
+                            bad.push(format!("worker {id}: GPU {g} assigned to {other} and {iid}"));
                         }
                     }
                 }
             }
-            let free: Vec<u32> = self
-                .read(redis::cmd("SMEMBERS").arg(keys.free_gpus(id)))
-                .await?;
+            let free: Vec<u32> = self.read(redis::cmd("SMEMBERS").arg(keys.free_gpus(id))).await?;
             for g in free {
                 if let Some(iid) = used.get(&g) {
-                    bad.push(format!(
-                        "worker {id}: GPU {g} is free but assigned to {iid}"
-                    ));
+                    bad.push(format!("worker {id}: GPU {g} is free but assigned to {iid}"));
                 }
                 if !all.contains(&g) {
                     bad.push(format!("worker {id}: free GPU {g} does not exist"));

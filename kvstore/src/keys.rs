@@ -18,9 +18,7 @@ impl Keys {
     /// Keys under `namespace` (1..=64 characters from `[A-Za-z0-9_-]`).
     pub fn new(namespace: &str) -> Result<Keys> {
         names::validate_token("namespace", namespace)?;
-        Ok(Keys {
-            root: format!("{{{namespace}}}:"),
-        })
+        Ok(Keys { root: format!("{{{namespace}}}:") })
     }
 
     /// The prefix shared by every key, e.g. `{sllm}:`; scripts receive it as ARGV[1].

@@ -119,11 +119,8 @@ impl Store {
             field: "token".into(),
             reason: format!("{token:?} is not a number"),
         })?;
-        let now_ms = time
-            .first()
-            .and_then(|s| s.parse::<u64>().ok())
-            .map(|s| s * 1000)
-            .unwrap_or_default();
+        let now_ms =
+            time.first().and_then(|s| s.parse::<u64>().ok()).map(|s| s * 1000).unwrap_or_default();
         Ok(Some(LeaderLease {
             role: role.to_string(),
             holder,

@@ -60,12 +60,7 @@ impl Store {
         let keys = Keys::new(&config.namespace)?;
         let conns = conn::Connections::new(&config)?;
         let store = Store {
-            inner: Arc::new(Inner {
-                keys,
-                conns,
-                scripts: scripts::Scripts::new(),
-                config,
-            }),
+            inner: Arc::new(Inner { keys, conns, scripts: scripts::Scripts::new(), config }),
         };
         store.ping().await?;
         Ok(store)
@@ -93,10 +88,7 @@ impl Store {
         names::validate_token("counter", counter)?;
         let key = self.inner.keys.scratch(counter);
         let mut conn = self.inner.conns.shared().await?;
-        let r = redis::cmd("INCR")
-            .arg(key)
-            .query_async(&mut conn.conn)
-            .await;
+        let r = redis::cmd("INCR").arg(key).query_async(&mut conn.conn).await;
         conn.check(r)
     }
 }

@@ -23,10 +23,7 @@ fn check(
     }
     let len = value.chars().count();
     if len > max {
-        return Err(Error::invalid(
-            field,
-            format!("must be at most {max} characters, got {len}"),
-        ));
+        return Err(Error::invalid(field, format!("must be at most {max} characters, got {len}")));
     }
     for (i, c) in value.chars().enumerate() {
         if !(c.is_ascii_alphanumeric() || extra.contains(&c)) {
@@ -66,13 +63,7 @@ pub fn validate_model_name(field: &'static str, name: &str) -> Result<()> {
 /// A worker (node), instance or command id: 1..=128 characters from `[A-Za-z0-9._-]`, starting
 /// with a letter or digit.
 pub fn validate_id(field: &'static str, id: &str) -> Result<()> {
-    check(
-        field,
-        id,
-        MAX_ID,
-        &['.', '_', '-'],
-        "letters, digits, '.', '_', '-'",
-    )?;
+    check(field, id, MAX_ID, &['.', '_', '-'], "letters, digits, '.', '_', '-'")?;
     starts_alnum(field, id)
 }
 
@@ -110,10 +101,7 @@ pub fn validate_stream_id(field: &'static str, id: &str) -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(Error::invalid(
-            field,
-            format!("{id:?} is not a stream id <ms>-<seq>"),
-        ))
+        Err(Error::invalid(field, format!("{id:?} is not a stream id <ms>-<seq>")))
     }
 }
 
@@ -123,12 +111,7 @@ mod tests {
 
     #[test]
     fn model_names_from_the_hub_are_accepted() {
-        for ok in [
-            "facebook/opt-1.3b",
-            "Qwen2.5-7B-Instruct",
-            "a",
-            "meta-llama/Llama-3.1-8B",
-        ] {
+        for ok in ["facebook/opt-1.3b", "Qwen2.5-7B-Instruct", "a", "meta-llama/Llama-3.1-8B"] {
             assert!(validate_model_name("model", ok).is_ok(), "{ok}");
         }
     }
@@ -136,17 +119,7 @@ mod tests {
     #[test]
     fn names_that_could_break_a_key_are_refused_naming_the_field() {
         let long = "a".repeat(10 * 1024);
-        for bad in [
-            "",
-            "opt:vllm",
-            "a*",
-            "{sllm}",
-            "a b",
-            "a\nb",
-            "/abs",
-            "-x",
-            long.as_str(),
-        ] {
+        for bad in ["", "opt:vllm", "a*", "{sllm}", "a b", "a\nb", "/abs", "-x", long.as_str()] {
             let err = validate_model_name("spec.model", bad).expect_err(bad);
             assert!(err.to_string().starts_with("invalid spec.model:"), "{err}");
         }

@@ -32,19 +32,12 @@ impl Fields {
     }
 
     fn malformed(&self, field: &str, reason: impl Into<String>) -> Error {
-        Error::Malformed {
-            key: self.key.clone(),
-            field: field.to_string(),
-            reason: reason.into(),
-        }
+        Error::Malformed { key: self.key.clone(), field: field.to_string(), reason: reason.into() }
     }
 
     /// A field that must be present, as text.
     pub fn text(&self, field: &str) -> Result<String> {
-        self.map
-            .get(field)
-            .cloned()
-            .ok_or_else(|| self.malformed(field, "missing"))
+        self.map.get(field).cloned().ok_or_else(|| self.malformed(field, "missing"))
     }
 
     /// A field that must be present and parse as `T`.
@@ -52,12 +45,8 @@ impl Fields {
     where
         T::Err: std::fmt::Display,
     {
-        let raw = self
-            .map
-            .get(field)
-            .ok_or_else(|| self.malformed(field, "missing"))?;
-        raw.parse::<T>()
-            .map_err(|e| self.malformed(field, format!("{raw:?}: {e}")))
+        let raw = self.map.get(field).ok_or_else(|| self.malformed(field, "missing"))?;
+        raw.parse::<T>().map_err(|e| self.malformed(field, format!("{raw:?}: {e}")))
     }
 
     /// A field that may be absent (then `default`), but must parse if present.
@@ -67,9 +56,9 @@ impl Fields {
     {
         match self.map.get(field) {
             None => Ok(default),
-            Some(raw) => raw
-                .parse::<T>()
-                .map_err(|e| self.malformed(field, format!("{raw:?}: {e}"))),
+            Some(raw) => {
+                raw.parse::<T>().map_err(|e| self.malformed(field, format!("{raw:?}: {e}")))
+            }
         }
     }
 
@@ -91,10 +80,7 @@ impl Fields {
         };
         raw.split(',')
             .filter(|s| !s.is_empty())
-            .map(|s| {
-                s.parse::<u32>()
-                    .map_err(|e| self.malformed(field, format!("{raw:?}: {e}")))
-            })
+            .map(|s| s.parse::<u32>().map_err(|e| self.malformed(field, format!("{raw:?}: {e}"))))
             .collect()
     }
 }

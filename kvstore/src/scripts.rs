@@ -78,16 +78,12 @@ impl Reply {
 
     /// The value at `i` (0 = first after the code).
     pub(crate) fn str(&self, i: usize) -> Result<&str> {
-        self.values
-            .get(i)
-            .map(String::as_str)
-            .ok_or_else(|| self.protocol(format!("no value {i}")))
+        self.values.get(i).map(String::as_str).ok_or_else(|| self.protocol(format!("no value {i}")))
     }
 
     pub(crate) fn u64(&self, i: usize) -> Result<u64> {
         let s = self.str(i)?;
-        s.parse()
-            .map_err(|_| self.protocol(format!("value {i} {s:?} is not a number")))
+        s.parse().map_err(|_| self.protocol(format!("value {i} {s:?} is not a number")))
     }
 
     pub(crate) fn protocol(&self, detail: String) -> Error {
@@ -105,29 +101,18 @@ impl Reply {
         let refusal = match self.code.as_str() {
             "not_found" => Ok(R::NotFound),
             "already_exists" => Ok(R::AlreadyExists),
-            "wrong_state" => self.str(0).map(|s| R::WrongState {
-                current: s.to_string(),
-            }),
+            "wrong_state" => self.str(0).map(|s| R::WrongState { current: s.to_string() }),
             "stale_version" => num(0).map(|current| R::StaleVersion { current }),
             "stale_epoch" => num(0).map(|current| R::StaleEpoch { current }),
             "not_leader" => Ok(R::NotLeader),
-            "held" => self.str(0).and_then(|h| {
-                Ok(R::Held {
-                    holder: h.to_string(),
-                    token: self.u64(1)?,
-                })
-            }),
+            "held" => {
+                self.str(0).and_then(|h| Ok(R::Held { holder: h.to_string(), token: self.u64(1)? }))
+            }
             "unauthenticated" => Ok(R::Unauthenticated),
-            "address_in_use" => self.str(0).map(|h| R::AddressInUse {
-                holder: h.to_string(),
-            }),
-            "wrong_worker" => self.str(0).map(|o| R::WrongWorker {
-                owner: o.to_string(),
-            }),
+            "address_in_use" => self.str(0).map(|h| R::AddressInUse { holder: h.to_string() }),
+            "wrong_worker" => self.str(0).map(|o| R::WrongWorker { owner: o.to_string() }),
             "worker_not_found" => Ok(R::WorkerNotFound),
-            "worker_not_ready" => self.str(0).map(|s| R::WorkerNotReady {
-                state: s.to_string(),
-            }),
+            "worker_not_ready" => self.str(0).map(|s| R::WorkerNotReady { state: s.to_string() }),
             "worker_lost" | "lost" => Ok(R::WorkerLost),
             "gpu_busy" => num(0).map(|gpu| R::GpuBusy { gpu: gpu as u32 }),
             "lease_alive" => num(0).map(|deadline_ms| R::LeaseAlive { deadline_ms }),
@@ -136,10 +121,7 @@ impl Reply {
             other => Err(self.protocol(format!("unknown code {other:?}"))),
         };
         match refusal {
-            Ok(refusal) => Error::Refused {
-                transition: self.script,
-                refusal,
-            },
+            Ok(refusal) => Error::Refused { transition: self.script, refusal },
             Err(e) => e,
         }
     }
@@ -205,15 +187,10 @@ impl Store {
             })?);
         }
         let mut it = texts.into_iter();
-        let code = it.next().ok_or_else(|| Error::Protocol {
-            script: name,
-            detail: "empty reply".into(),
-        })?;
-        Ok(Reply {
-            script: name,
-            code,
-            values: it.collect(),
-        })
+        let code = it
+            .next()
+            .ok_or_else(|| Error::Protocol { script: name, detail: "empty reply".into() })?;
+        Ok(Reply { script: name, code, values: it.collect() })
     }
 
     /// Like [`Store::run`], but a refusal becomes an error.
@@ -224,11 +201,7 @@ impl Store {
         args: &[Arg<'_>],
     ) -> Result<Reply> {
         let reply = self.run(name, script, args).await?;
-        if reply.is_ok() {
-            Ok(reply)
-        } else {
-            Err(reply.refused())
-        }
+        if reply.is_ok() { Ok(reply) } else { Err(reply.refused()) }
     }
 
     pub(crate) fn scripts(&self) -> &Scripts {
@@ -247,11 +220,7 @@ pub(crate) fn gpu_csv(field: &'static str, gpus: &[u32]) -> Result<String> {
             return Err(Error::invalid(field, format!("GPU {g} is listed twice")));
         }
     }
-    Ok(gpus
-        .iter()
-        .map(u32::to_string)
-        .collect::<Vec<_>>()
-        .join(","))
+    Ok(gpus.iter().map(u32::to_string).collect::<Vec<_>>().join(","))
 }
 
 /// Validates a worker id and returns it (a small convenience for the many transitions that

@@ -199,9 +199,7 @@ impl Store {
             Arg::Owned(gpus.join(",")),
         ];
         args.extend(fields.iter().flat_map(|(k, v)| [Arg::Str(k), Arg::Str(v)]));
-        let reply = self
-            .run_ok("worker_register", &self.scripts().worker_register, &args)
-            .await?;
+        let reply = self.run_ok("worker_register", &self.scripts().worker_register, &args).await?;
         Ok(Registration {
             epoch: reply.u64(0)?,
             lease_deadline_ms: reply.u64(1)?,
@@ -228,10 +226,7 @@ impl Store {
             ) {
                 return Err(Error::invalid(
                     "running.state",
-                    format!(
-                        "{} is not a running state (loading, ready, draining)",
-                        r.status
-                    ),
+                    format!("{} is not a running state (loading, ready, draining)", r.status),
                 ));
             }
             triples.push((
@@ -244,9 +239,7 @@ impl Store {
         for (id, state, gpus) in &triples {
             args.extend([Arg::Str(id), Arg::Str(state), Arg::Str(gpus)]);
         }
-        let reply = self
-            .run_ok("worker_ready", &self.scripts().worker_ready, &args)
-            .await?;
+        let reply = self.run_ok("worker_ready", &self.scripts().worker_ready, &args).await?;
         Ok(reply.values.iter().skip(1).cloned().collect())
     }
 
@@ -257,11 +250,7 @@ impl Store {
             .run_ok(
                 "worker_heartbeat",
                 &self.scripts().worker_heartbeat,
-                &[
-                    Arg::Str(worker),
-                    Arg::Owned(epoch.to_string()),
-                    Arg::Owned(lease_ms(lease)?),
-                ],
+                &[Arg::Str(worker), Arg::Owned(epoch.to_string()), Arg::Owned(lease_ms(lease)?)],
             )
             .await?;
         reply.u64(0)
@@ -309,13 +298,9 @@ impl Store {
         let mut out = Vec::new();
         for pair in reply.values.chunks(2) {
             if let [id, epoch] = pair {
-                let epoch = epoch
-                    .parse()
-                    .map_err(|_| reply.protocol(format!("epoch {epoch:?}")))?;
-                out.push(ExpiredLease {
-                    worker_id: id.clone(),
-                    epoch,
-                });
+                let epoch =
+                    epoch.parse().map_err(|_| reply.protocol(format!("epoch {epoch:?}")))?;
+                out.push(ExpiredLease { worker_id: id.clone(), epoch });
             }
         }
         Ok(out)
@@ -332,12 +317,7 @@ impl Store {
     pub async fn list_workers(&self) -> Result<Vec<WorkerRecord>> {
         let mut ids = self.smembers(self.keys().workers()).await?;
         ids.sort();
-        Ok(self
-            .read_workers(&ids)
-            .await?
-            .into_iter()
-            .flatten()
-            .collect())
+        Ok(self.read_workers(&ids).await?.into_iter().flatten().collect())
     }
 
     async fn read_workers(&self, ids: &[String]) -> Result<Vec<Option<WorkerRecord>>> {
@@ -352,12 +332,7 @@ impl Store {
             pipe.cmd("SMEMBERS").arg(keys.worker_instances(id));
             pipe.cmd("ZSCORE").arg(keys.lease_deadlines()).arg(id);
         }
-        type Row = (
-            std::collections::HashMap<String, String>,
-            Vec<u32>,
-            Vec<String>,
-            Option<f64>,
-        );
+        type Row = (std::collections::HashMap<String, String>, Vec<u32>, Vec<String>, Option<f64>);
         let values: Vec<redis::Value> = self.read_pipe(&pipe).await?;
         let mut out = Vec::with_capacity(ids.len());
         for (id, chunk) in ids.iter().zip(values.chunks(4)) {

@@ -15,7 +15,6 @@ use anyhow::{Context, Result, bail};
 use futures::future::join_all;
 use kvstore::{
     Acquired, Actor, AutoScaling, DeploymentSpec, GpuInfo, InstanceStatus, Inventory, Placement,
-
 };
 use sllm_integration_tests::RedisServer;
 
@@ -72,7 +71,14 @@ async fn run(ops: usize) -> Result<()> {
     for w in 0..workers {
         let id = format!("w{w}");
         let reg = store
-            .register_worker(&id, true, &format!("10.{}.{}.{}", w >> 16, (w >> 8) & 255, w & 255), LEASE, &inventory, "bench")
+            .register_worker(
+                &id,
+                true,
+                &format!("10.{}.{}.{}", w >> 16, (w >> 8) & 255, w & 255),
+                LEASE,
+                &inventory,
+                "bench",
+            )
             .await?;
         store.worker_ready(&id, reg.epoch, &[]).await?;
         epochs.push(reg.epoch);
@@ -97,9 +103,7 @@ async fn run(ops: usize) -> Result<()> {
     rows.push(
         measure(&mut raw, "raw INCR round trip", ops, |i| {
             let store = store.clone();
-            async move {
-                store.raw_incr(if i % 2 == 0 { "a" } else { "b" }).await.map(|_| ())
-            }
+            async move { store.raw_incr(if i % 2 == 0 { "a" } else { "b" }).await.map(|_| ()) }
         })
         .await?,
     );
@@ -113,13 +117,22 @@ async fn run(ops: usize) -> Result<()> {
         .await?,
     );
     rows.push(
-        measure_split(&mut raw, "instance transition (pending->loading)", seq_half, par_half, |(id, w, epoch)| {
-            let store = store.clone();
-            async move {
-                let actor = Actor::Worker { worker_id: &w, epoch };
-                store.transition_instance(&id, InstanceStatus::Loading, actor, "", None).await.map(|_| ())
-            }
-        })
+        measure_split(
+            &mut raw,
+            "instance transition (pending->loading)",
+            seq_half,
+            par_half,
+            |(id, w, epoch)| {
+                let store = store.clone();
+                async move {
+                    let actor = Actor::Worker { worker_id: &w, epoch };
+                    store
+                        .transition_instance(&id, InstanceStatus::Loading, actor, "", None)
+                        .await
+                        .map(|_| ())
+                }
+            },
+        )
         .await?,
     );
 
@@ -133,7 +146,12 @@ async fn run(ops: usize) -> Result<()> {
 
 /// Runs `op(i)` `n` times one at a time (latency), then `n` times with CONCURRENCY in flight
 /// (throughput).
-async fn measure<F, Fut>(raw: &mut redis::aio::MultiplexedConnection, name: &'static str, n: usize, op: F) -> Result<Row>
+async fn measure<F, Fut>(
+    raw: &mut redis::aio::MultiplexedConnection,
+    name: &'static str,
+    n: usize,
+    op: F,
+) -> Result<Row>
 where
     F: Fn(usize) -> Fut,
     Fut: Future<Output = kvstore::Result<()>>,
@@ -247,6 +265,9 @@ fn print_table(rows: &[Row]) {
     for r in &rows[1..] {
         let ratio = r.p50_us / base;
         let verdict = if ratio <= 2.0 { "meets" } else { "MISSES" };
-        println!("{}: p50 {:.2}x a raw INCR round trip — {verdict} the target (<= 2x)", r.name, ratio);
+        println!(
+            "{}: p50 {:.2}x a raw INCR round trip — {verdict} the target (<= 2x)",
+            r.name, ratio
+        );
     }
 }

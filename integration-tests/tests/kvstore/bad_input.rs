@@ -33,15 +33,9 @@ async fn hostile_names_never_reach_a_key() {
     let lease = lead(&store, "s").await;
     let before = dbsize(&redis).await;
     for name in hostile_names() {
-        assert_invalid(
-            store.create_deployment(&spec(&name)).await.unwrap_err(),
-            "model",
-        );
+        assert_invalid(store.create_deployment(&spec(&name)).await.unwrap_err(), "model");
         assert_invalid(store.get_deployment(&name).await.unwrap_err(), "model");
-        assert_invalid(
-            store.mark_deployment_deleting(&name).await.unwrap_err(),
-            "model",
-        );
+        assert_invalid(store.mark_deployment_deleting(&name).await.unwrap_err(), "model");
         assert_invalid(
             store
                 .register_worker(&name, true, "10.0.0.9", LEASE, &inventory(1), "t")
@@ -49,21 +43,12 @@ async fn hostile_names_never_reach_a_key() {
                 .unwrap_err(),
             "node_id",
         );
+        assert_invalid(store.heartbeat(&name, 1, LEASE).await.unwrap_err(), "worker_id");
         assert_invalid(
-            store.heartbeat(&name, 1, LEASE).await.unwrap_err(),
-            "worker_id",
-        );
-        assert_invalid(
-            store
-                .create_instance(&lease, &placement(&name, "m", "w1", &[0]))
-                .await
-                .unwrap_err(),
+            store.create_instance(&lease, &placement(&name, "m", "w1", &[0])).await.unwrap_err(),
             "instance_id",
         );
-        assert_invalid(
-            store.send_command("w1", &name, b"x").await.unwrap_err(),
-            "command_id",
-        );
+        assert_invalid(store.send_command("w1", &name, b"x").await.unwrap_err(), "command_id");
     }
     for address in ["10.0.0.1 ", "a/b", "*", &"1".repeat(300)] {
         assert_invalid(
@@ -74,24 +59,13 @@ async fn hostile_names_never_reach_a_key() {
             "address",
         );
     }
-    assert_invalid(
-        store.ack_command("w1", "0-0 OR 1").await.unwrap_err(),
-        "stream_id",
-    );
-    assert_invalid(
-        store.read_commands("w1", "+", 1).await.unwrap_err(),
-        "after",
-    );
+    assert_invalid(store.ack_command("w1", "0-0 OR 1").await.unwrap_err(), "stream_id");
+    assert_invalid(store.read_commands("w1", "+", 1).await.unwrap_err(), "after");
     assert_eq!(dbsize(&redis).await, before, "nothing was written");
-    let err = Store::connect(StoreConfig::new(redis.url()).with_namespace("a}b"))
-        .await
-        .err()
-        .unwrap();
+    let err =
+        Store::connect(StoreConfig::new(redis.url()).with_namespace("a}b")).await.err().unwrap();
     assert_invalid(err, "namespace");
-    let err = Store::connect(StoreConfig::new("http://localhost"))
-        .await
-        .err()
-        .unwrap();
+    let err = Store::connect(StoreConfig::new("http://localhost")).await.err().unwrap();
     assert_invalid(err, "redis_url");
 }
 
@@ -105,66 +79,23 @@ async fn deployment_specs_are_checked_field_by_field() {
         s
     };
     let cases = [
-        (
-            policy(|a| a.min_instances = 5),
-            "auto_scaling_config.min_instances",
-        ),
+        (policy(|a| a.min_instances = 5), "auto_scaling_config.min_instances"),
         (policy(|a| a.target = 0.0), "auto_scaling_config.target"),
         (policy(|a| a.target = -1.0), "auto_scaling_config.target"),
-        (
-            policy(|a| a.target = f64::NAN),
-            "auto_scaling_config.target",
-        ),
-        (
-            policy(|a| a.metric = "qps".into()),
-            "auto_scaling_config.metric",
-        ),
-        (
-            policy(|a| a.max_instances = 0),
-            "auto_scaling_config.max_instances",
-        ),
-        (
-            kvstore::DeploymentSpec {
-                num_gpus: 0,
-                ..spec("m")
-            },
-            "num_gpus",
-        ),
-        (
-            kvstore::DeploymentSpec {
-                backend: "v llm".into(),
-                ..spec("m")
-            },
-            "backend",
-        ),
-        (
-            kvstore::DeploymentSpec {
-                backend_config: "[1]".into(),
-                ..spec("m")
-            },
-            "backend_config",
-        ),
-        (
-            kvstore::DeploymentSpec {
-                backend_config: "{oops".into(),
-                ..spec("m")
-            },
-            "backend_config",
-        ),
+        (policy(|a| a.target = f64::NAN), "auto_scaling_config.target"),
+        (policy(|a| a.metric = "qps".into()), "auto_scaling_config.metric"),
+        (policy(|a| a.max_instances = 0), "auto_scaling_config.max_instances"),
+        (kvstore::DeploymentSpec { num_gpus: 0, ..spec("m") }, "num_gpus"),
+        (kvstore::DeploymentSpec { backend: "v llm".into(), ..spec("m") }, "backend"),
+        (kvstore::DeploymentSpec { backend_config: "[1]".into(), ..spec("m") }, "backend_config"),
+        (kvstore::DeploymentSpec { backend_config: "{oops".into(), ..spec("m") }, "backend_config"),
     ];
     for (s, field) in cases {
         assert_invalid(store.create_deployment(&s).await.unwrap_err(), field);
     }
     assert_invalid(
         store
-            .update_autoscaling(
-                "m",
-                &AutoScaling {
-                    target: 0.0,
-                    ..Default::default()
-                },
-                0,
-            )
+            .update_autoscaling("m", &AutoScaling { target: 0.0, ..Default::default() }, 0)
             .await
             .unwrap_err(),
         "auto_scaling_config.target",
@@ -178,10 +109,7 @@ async fn malformed_records_name_the_key_and_field() {
     store.create_deployment(&spec("m")).await.unwrap();
     ready_worker(&store, "w1", 1).await;
     let lease = lead(&store, "s").await;
-    store
-        .create_instance(&lease, &placement("i1", "m", "w1", &[0]))
-        .await
-        .unwrap();
+    store.create_instance(&lease, &placement("i1", "m", "w1", &[0])).await.unwrap();
     let keys = store.keys().clone();
     let mut raw = redis.raw().await.unwrap();
     let mut damage = async |args: &[&str]| {
@@ -192,50 +120,26 @@ async fn malformed_records_name_the_key_and_field() {
         let _: redis::Value = cmd.query_async(&mut raw).await.unwrap();
     };
     let malformed = |err: Error, key: &str, field: &str| match err {
-        Error::Malformed {
-            key: k, field: f, ..
-        } => assert_eq!((k.as_str(), f.as_str()), (key, field)),
+        Error::Malformed { key: k, field: f, .. } => {
+            assert_eq!((k.as_str(), f.as_str()), (key, field))
+        }
         other => panic!("expected Malformed {key} {field}, got {other}"),
     };
 
     damage(&["HSET", &keys.deployment("m"), "version", "seven"]).await;
-    malformed(
-        store.get_deployment("m").await.unwrap_err(),
-        &keys.deployment("m"),
-        "version",
-    );
-    malformed(
-        store.list_deployments().await.unwrap_err(),
-        &keys.deployment("m"),
-        "version",
-    );
+    malformed(store.get_deployment("m").await.unwrap_err(), &keys.deployment("m"), "version");
+    malformed(store.list_deployments().await.unwrap_err(), &keys.deployment("m"), "version");
     damage(&["HSET", &keys.deployment("m"), "version", "7"]).await;
     damage(&["HDEL", &keys.deployment("m"), "backend"]).await;
-    malformed(
-        store.get_deployment("m").await.unwrap_err(),
-        &keys.deployment("m"),
-        "backend",
-    );
+    malformed(store.get_deployment("m").await.unwrap_err(), &keys.deployment("m"), "backend");
 
     damage(&["HSET", &keys.worker("w1"), "gpus", "{not json"]).await;
-    malformed(
-        store.get_worker("w1").await.unwrap_err(),
-        &keys.worker("w1"),
-        "gpus",
-    );
+    malformed(store.get_worker("w1").await.unwrap_err(), &keys.worker("w1"), "gpus");
     damage(&["HSET", &keys.worker("w1"), "gpus", "[]", "status", "READY"]).await;
-    malformed(
-        store.get_worker("w1").await.unwrap_err(),
-        &keys.worker("w1"),
-        "status",
-    );
+    malformed(store.get_worker("w1").await.unwrap_err(), &keys.worker("w1"), "status");
 
     damage(&["HSET", &keys.instance("i1"), "gpus", "0,x"]).await;
-    malformed(
-        store.get_instance("i1").await.unwrap_err(),
-        &keys.instance("i1"),
-        "gpus",
-    );
+    malformed(store.get_instance("i1").await.unwrap_err(), &keys.instance("i1"), "gpus");
 
     // The checker reports damage instead of failing.
     let bad = store.check_invariants().await.unwrap();
@@ -298,8 +202,5 @@ async fn the_lua_prelude_builds_the_same_keys_as_rust() {
     ];
     assert_eq!(lua, rust);
     let tag = format!("{{{}}}", &k.root()[1..k.root().len() - 2]);
-    assert!(
-        rust.iter().all(|key| key.starts_with(&tag)),
-        "every key shares the hash tag {tag}"
-    );
+    assert!(rust.iter().all(|key| key.starts_with(&tag)), "every key shares the hash tag {tag}");
 }

@@ -5,27 +5,15 @@ use crate::*;
 #[tokio::test]
 async fn create_get_list_and_duplicate() {
     let (_redis, store) = setup().await;
-    let rec = store
-        .create_deployment(&spec("facebook/opt-1.3b"))
-        .await
-        .unwrap();
+    let rec = store.create_deployment(&spec("facebook/opt-1.3b")).await.unwrap();
     assert_eq!(rec.version, 1);
     assert_eq!(rec.status, DeploymentStatus::Active);
-    let got = store
-        .get_deployment("facebook/opt-1.3b")
-        .await
-        .unwrap()
-        .unwrap();
+    let got = store.get_deployment("facebook/opt-1.3b").await.unwrap().unwrap();
     assert_eq!(got.spec, spec("facebook/opt-1.3b"));
     assert_eq!(got.created_ms, rec.created_ms);
     store.create_deployment(&spec("a-model")).await.unwrap();
-    let names: Vec<_> = store
-        .list_deployments()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|d| d.spec.model)
-        .collect();
+    let names: Vec<_> =
+        store.list_deployments().await.unwrap().into_iter().map(|d| d.spec.model).collect();
     assert_eq!(names, ["a-model", "facebook/opt-1.3b"]);
 
     let err = store.create_deployment(&spec("a-model")).await.unwrap_err();
@@ -39,24 +27,11 @@ async fn create_get_list_and_duplicate() {
 async fn update_checks_state_and_version() {
     let (_redis, store) = setup().await;
     store.create_deployment(&spec("m")).await.unwrap();
-    let policy = AutoScaling {
-        min_instances: 1,
-        max_instances: 8,
-        target: 4.0,
-        ..AutoScaling::default()
-    };
+    let policy =
+        AutoScaling { min_instances: 1, max_instances: 8, target: 4.0, ..AutoScaling::default() };
     let v = store.update_autoscaling("m", &policy, 1).await.unwrap();
     assert_eq!(v, 2);
-    assert_eq!(
-        store
-            .get_deployment("m")
-            .await
-            .unwrap()
-            .unwrap()
-            .spec
-            .autoscaling,
-        policy
-    );
+    assert_eq!(store.get_deployment("m").await.unwrap().unwrap().spec.autoscaling, policy);
 
     let err = store.update_autoscaling("m", &policy, 1).await.unwrap_err();
     assert_eq!(err.refusal(), Some(&Refusal::StaleVersion { current: 2 }));
@@ -64,20 +39,12 @@ async fn update_checks_state_and_version() {
     // Version 0 means "whatever the version".
     assert_eq!(store.update_autoscaling("m", &policy, 0).await.unwrap(), 3);
 
-    let err = store
-        .update_autoscaling("nope", &policy, 0)
-        .await
-        .unwrap_err();
+    let err = store.update_autoscaling("nope", &policy, 0).await.unwrap_err();
     assert_eq!(err.refusal(), Some(&Refusal::NotFound));
 
     store.mark_deployment_deleting("m").await.unwrap();
     let err = store.update_autoscaling("m", &policy, 0).await.unwrap_err();
-    assert_eq!(
-        err.refusal(),
-        Some(&Refusal::WrongState {
-            current: "deleting".into()
-        })
-    );
+    assert_eq!(err.refusal(), Some(&Refusal::WrongState { current: "deleting".into() }));
 }
 
 #[tokio::test]
@@ -86,39 +53,18 @@ async fn delete_waits_for_instances_then_removes() {
     store.create_deployment(&spec("m")).await.unwrap();
     let epoch = ready_worker(&store, "w1", 2).await;
     let lease = lead(&store, "scaler-a").await;
-    store
-        .create_instance(&lease, &placement("i1", "m", "w1", &[0]))
-        .await
-        .unwrap();
+    store.create_instance(&lease, &placement("i1", "m", "w1", &[0])).await.unwrap();
 
     let err = store.remove_deployment("m").await.unwrap_err();
-    assert_eq!(
-        err.refusal(),
-        Some(&Refusal::WrongState {
-            current: "active".into()
-        })
-    );
+    assert_eq!(err.refusal(), Some(&Refusal::WrongState { current: "active".into() }));
 
     store.mark_deployment_deleting("m").await.unwrap();
     let err = store.mark_deployment_deleting("m").await.unwrap_err();
-    assert_eq!(
-        err.refusal(),
-        Some(&Refusal::WrongState {
-            current: "deleting".into()
-        })
-    );
+    assert_eq!(err.refusal(), Some(&Refusal::WrongState { current: "deleting".into() }));
     assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
     // No new instance for a deleting deployment.
-    let err = store
-        .create_instance(&lease, &placement("i2", "m", "w1", &[1]))
-        .await
-        .unwrap_err();
-    assert_eq!(
-        err.refusal(),
-        Some(&Refusal::WrongState {
-            current: "deleting".into()
-        })
-    );
+    let err = store.create_instance(&lease, &placement("i2", "m", "w1", &[1])).await.unwrap_err();
+    assert_eq!(err.refusal(), Some(&Refusal::WrongState { current: "deleting".into() }));
 
     let err = store.remove_deployment("m").await.unwrap_err();
     assert_eq!(err.refusal(), Some(&Refusal::HasInstances { count: 1 }));
@@ -126,10 +72,7 @@ async fn delete_waits_for_instances_then_removes() {
         .transition_instance(
             "i1",
             kvstore::InstanceStatus::Stopped,
-            kvstore::Actor::Worker {
-                worker_id: "w1",
-                epoch,
-            },
+            kvstore::Actor::Worker { worker_id: "w1", epoch },
             "drained",
             None,
         )
@@ -149,35 +92,17 @@ async fn desired_count_is_fenced_by_the_leader_lease() {
     let (_redis, store) = setup().await;
     store.create_deployment(&spec("m")).await.unwrap();
     let old = lead(&store, "scaler-a").await;
-    assert_eq!(
-        store
-            .set_desired(&old, "m", 2, "scale 0->2", "")
-            .await
-            .unwrap(),
-        0
-    );
+    assert_eq!(store.set_desired(&old, "m", 2, "scale 0->2", "").await.unwrap(), 0);
     store.release_leader(&old).await.unwrap();
     let new = lead(&store, "scaler-b").await;
     assert!(new.token > old.token);
-    let err = store
-        .set_desired(&old, "m", 5, "stale", "")
-        .await
-        .unwrap_err();
+    let err = store.set_desired(&old, "m", 5, "stale", "").await.unwrap_err();
     assert_eq!(err.refusal(), Some(&Refusal::NotLeader));
-    assert_eq!(
-        store
-            .set_desired(&new, "m", 1, "scale 2->1", "")
-            .await
-            .unwrap(),
-        2
-    );
+    assert_eq!(store.set_desired(&new, "m", 1, "scale 2->1", "").await.unwrap(), 2);
     let d = store.get_deployment("m").await.unwrap().unwrap();
     assert_eq!((d.desired, d.last_decision.as_str()), (1, "scale 2->1"));
     // The Scaler's own fields do not bump the user-visible version.
     assert_eq!(d.version, 1);
-    let err = store
-        .set_desired(&new, "gone", 1, "", "")
-        .await
-        .unwrap_err();
+    let err = store.set_desired(&new, "gone", 1, "", "").await.unwrap_err();
     assert_eq!(err.refusal(), Some(&Refusal::NotFound));
 }

@@ -40,8 +40,5 @@ async fn one_holder_at_a_time_with_growing_tokens() {
     store.release_leader(&b).await.unwrap();
     assert!(store.current_leader("scaler").await.unwrap().is_none());
     // Roles are independent.
-    assert!(matches!(
-        store.acquire_leader("other", "b", ttl).await.unwrap(),
-        Acquired::Leader(_)
-    ));
+    assert!(matches!(store.acquire_leader("other", "b", ttl).await.unwrap(), Acquired::Leader(_)));
 }

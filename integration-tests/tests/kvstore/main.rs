@@ -29,10 +29,7 @@ pub fn spec(model: &str) -> DeploymentSpec {
         model: model.to_string(),
         backend: "sim".into(),
         num_gpus: 1,
-        autoscaling: AutoScaling {
-            max_instances: 4,
-            ..AutoScaling::default()
-        },
+        autoscaling: AutoScaling { max_instances: 4, ..AutoScaling::default() },
         backend_config: r#"{"torch_dtype":"float16"}"#.into(),
     }
 }
@@ -40,11 +37,7 @@ pub fn spec(model: &str) -> DeploymentSpec {
 pub fn inventory(gpus: u32) -> Inventory {
     Inventory {
         gpus: (0..gpus)
-            .map(|index| GpuInfo {
-                index,
-                name: "sim".into(),
-                memory_bytes: 80 << 30,
-            })
+            .map(|index| GpuInfo { index, name: "sim".into(), memory_bytes: 80 << 30 })
             .collect(),
         host_memory_bytes: 512 << 30,
         ..Inventory::default()
@@ -57,14 +50,7 @@ pub const LEASE: Duration = Duration::from_secs(3);
 pub async fn ready_worker(store: &Store, id: &str, gpus: u32) -> u64 {
     let address = format!("10.0.0.{}", id.len());
     let reg = store
-        .register_worker(
-            id,
-            true,
-            &format!("{address}-{id}"),
-            LEASE,
-            &inventory(gpus),
-            "test",
-        )
+        .register_worker(id, true, &format!("{address}-{id}"), LEASE, &inventory(gpus), "test")
         .await
         .expect("register");
     store.worker_ready(id, reg.epoch, &[]).await.expect("ready");
@@ -72,11 +58,7 @@ pub async fn ready_worker(store: &Store, id: &str, gpus: u32) -> u64 {
 }
 
 pub async fn lead(store: &Store, holder: &str) -> LeaderLease {
-    match store
-        .acquire_leader("scaler", holder, Duration::from_secs(10))
-        .await
-        .expect("acquire")
-    {
+    match store.acquire_leader("scaler", holder, Duration::from_secs(10)).await.expect("acquire") {
         Acquired::Leader(lease) => lease,
         other => panic!("expected to lead, got {other:?}"),
     }
@@ -94,18 +76,12 @@ pub fn placement(id: &str, model: &str, worker: &str, gpus: &[u32]) -> Placement
 }
 
 pub async fn assert_consistent(store: &Store) {
-    let bad = store
-        .check_invariants()
-        .await
-        .expect("invariant check runs");
+    let bad = store.check_invariants().await.expect("invariant check runs");
     assert!(bad.is_empty(), "invariants broken:\n{}", bad.join("\n"));
 }
 
 /// How many keys the server holds (to prove a refused call wrote nothing).
 pub async fn dbsize(redis: &RedisServer) -> i64 {
     let mut raw = redis.raw().await.expect("raw connection");
-    redis::cmd("DBSIZE")
-        .query_async(&mut raw)
-        .await
-        .expect("DBSIZE")
+    redis::cmd("DBSIZE").query_async(&mut raw).await.expect("DBSIZE")
 }

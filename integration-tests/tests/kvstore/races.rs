@@ -30,24 +30,19 @@ async fn many_placements_on_one_gpu_exactly_one_wins() {
     store.create_deployment(&spec("m")).await.unwrap();
     ready_worker(&store, "w1", 1).await;
     let lease = lead(&store, "s").await;
-    let results = join_all((0..32).map(|i| {
-        let (store, lease) = (store.clone(), lease.clone());
-        async move {
-            store
-                .create_instance(&lease, &placement(&format!("i{i}"), "m", "w1", &[0]))
-                .await
-        }
-    }))
-    .await;
+    let results =
+        join_all((0..32).map(|i| {
+            let (store, lease) = (store.clone(), lease.clone());
+            async move {
+                store.create_instance(&lease, &placement(&format!("i{i}"), "m", "w1", &[0])).await
+            }
+        }))
+        .await;
     assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1);
     for r in results.into_iter().filter_map(Result::err) {
         assert_eq!(r.refusal(), Some(&Refusal::GpuBusy { gpu: 0 }));
     }
-    assert_eq!(
-        store.read_commands("w1", "0-0", 100).await.unwrap().len(),
-        1,
-        "one start command"
-    );
+    assert_eq!(store.read_commands("w1", "0-0", 100).await.unwrap().len(), 1, "one start command");
     assert_consistent(&store).await;
 }
 
@@ -57,10 +52,7 @@ async fn many_candidates_one_leader() {
     let results = join_all((0..16).map(|i| {
         let store = store.clone();
         async move {
-            store
-                .acquire_leader("scaler", &format!("s{i}"), Duration::from_secs(5))
-                .await
-                .unwrap()
+            store.acquire_leader("scaler", &format!("s{i}"), Duration::from_secs(5)).await.unwrap()
         }
     }))
     .await;
@@ -93,10 +85,7 @@ async fn concurrent_deletes_and_one_instances_racing_reports() {
     store.create_deployment(&spec("n")).await.unwrap();
     let epoch = ready_worker(&store, "w1", 1).await;
     let lease = lead(&store, "s").await;
-    store
-        .create_instance(&lease, &placement("i1", "n", "w1", &[0]))
-        .await
-        .unwrap();
+    store.create_instance(&lease, &placement("i1", "n", "w1", &[0])).await.unwrap();
     let targets = [
         InstanceStatus::Ready,
         InstanceStatus::Failed,
@@ -111,10 +100,7 @@ async fn concurrent_deletes_and_one_instances_racing_reports() {
                 .transition_instance(
                     "i1",
                     to,
-                    Actor::Worker {
-                        worker_id: "w1",
-                        epoch,
-                    },
+                    Actor::Worker { worker_id: "w1", epoch },
                     "race",
                     None,
                 )
@@ -129,15 +115,7 @@ async fn concurrent_deletes_and_one_instances_racing_reports() {
         .filter(|(r, to)| to.is_terminal() && matches!(r, Ok(t) if t.changed))
         .count();
     assert_eq!(terminal_wins, 1);
-    assert!(
-        store
-            .get_instance("i1")
-            .await
-            .unwrap()
-            .unwrap()
-            .status
-            .is_terminal()
-    );
+    assert!(store.get_instance("i1").await.unwrap().unwrap().status.is_terminal());
     assert_consistent(&store).await;
 }
 
@@ -160,16 +138,8 @@ async fn a_storm_of_random_transitions_leaves_state_consistent() {
             for step in 0..60 {
                 let w = format!("w{}", rng.random_range(0..3));
                 let i = format!("i{}", rng.random_range(0..12));
-                let epoch = store
-                    .get_worker(&w)
-                    .await
-                    .unwrap()
-                    .map(|r| r.epoch)
-                    .unwrap_or(1);
-                let me = Actor::Worker {
-                    worker_id: &w,
-                    epoch,
-                };
+                let epoch = store.get_worker(&w).await.unwrap().map(|r| r.epoch).unwrap_or(1);
+                let me = Actor::Worker { worker_id: &w, epoch };
                 let result = match rng.random_range(0..10) {
                     0..=2 => {
                         let m = format!("m{}", rng.random_range(0..2));
@@ -201,10 +171,7 @@ async fn a_storm_of_random_transitions_leaves_state_consistent() {
                         .transition_instance(&i, InstanceStatus::Stopped, me, "", None)
                         .await
                         .map(|_| ()),
-                    7 => store
-                        .worker_lost(&w, epoch, LostMode::Dropped, "storm")
-                        .await
-                        .map(|_| ()),
+                    7 => store.worker_lost(&w, epoch, LostMode::Dropped, "storm").await.map(|_| ()),
                     8 => {
                         let address = format!("10.9.{t}.{step}");
                         match store

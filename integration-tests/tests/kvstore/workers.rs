@@ -22,10 +22,8 @@ async fn a_refused_token_stores_nothing() {
 #[tokio::test]
 async fn register_then_ready_then_heartbeat() {
     let (_redis, store) = setup().await;
-    let reg = store
-        .register_worker("w1", true, "10.0.0.1", LEASE, &inventory(4), "1.2.3")
-        .await
-        .unwrap();
+    let reg =
+        store.register_worker("w1", true, "10.0.0.1", LEASE, &inventory(4), "1.2.3").await.unwrap();
     assert_eq!(reg.epoch, 1);
     let w = store.get_worker("w1").await.unwrap().unwrap();
     assert_eq!(w.status, WorkerStatus::Initializing);
@@ -37,50 +35,17 @@ async fn register_then_ready_then_heartbeat() {
     // Nothing may be placed before Ready.
     store.create_deployment(&spec("m")).await.unwrap();
     let lease = lead(&store, "s").await;
-    let err = store
-        .create_instance(&lease, &placement("i1", "m", "w1", &[0]))
-        .await
-        .unwrap_err();
-    assert_eq!(
-        err.refusal(),
-        Some(&Refusal::WorkerNotReady {
-            state: "initializing".into()
-        })
-    );
+    let err = store.create_instance(&lease, &placement("i1", "m", "w1", &[0])).await.unwrap_err();
+    assert_eq!(err.refusal(), Some(&Refusal::WorkerNotReady { state: "initializing".into() }));
 
-    assert!(
-        store
-            .worker_ready("w1", reg.epoch, &[])
-            .await
-            .unwrap()
-            .is_empty()
-    );
-    assert_eq!(
-        store.get_worker("w1").await.unwrap().unwrap().status,
-        WorkerStatus::Ready
-    );
+    assert!(store.worker_ready("w1", reg.epoch, &[]).await.unwrap().is_empty());
+    assert_eq!(store.get_worker("w1").await.unwrap().unwrap().status, WorkerStatus::Ready);
     let err = store.worker_ready("w1", reg.epoch, &[]).await.unwrap_err();
-    assert_eq!(
-        err.refusal(),
-        Some(&Refusal::WrongState {
-            current: "ready".into()
-        })
-    );
+    assert_eq!(err.refusal(), Some(&Refusal::WrongState { current: "ready".into() }));
 
-    let deadline = store
-        .heartbeat("w1", reg.epoch, Duration::from_secs(30))
-        .await
-        .unwrap();
+    let deadline = store.heartbeat("w1", reg.epoch, Duration::from_secs(30)).await.unwrap();
     assert!(deadline >= reg.lease_deadline_ms + 20_000);
-    assert_eq!(
-        store
-            .get_worker("w1")
-            .await
-            .unwrap()
-            .unwrap()
-            .lease_deadline_ms,
-        Some(deadline)
-    );
+    assert_eq!(store.get_worker("w1").await.unwrap().unwrap().lease_deadline_ms, Some(deadline));
     let err = store.heartbeat("nobody", 1, LEASE).await.unwrap_err();
     assert_eq!(err.refusal(), Some(&Refusal::NotFound));
     assert_consistent(&store).await;
@@ -92,39 +57,23 @@ async fn re_registering_fences_the_older_session_everywhere() {
     store.create_deployment(&spec("m")).await.unwrap();
     let old = ready_worker(&store, "w1", 2).await;
     let lease = lead(&store, "s").await;
-    store
-        .create_instance(&lease, &placement("i1", "m", "w1", &[0]))
-        .await
-        .unwrap();
-    let reg = store
-        .register_worker("w1", true, "10.0.0.2-w1", LEASE, &inventory(2), "t")
-        .await
-        .unwrap();
+    store.create_instance(&lease, &placement("i1", "m", "w1", &[0])).await.unwrap();
+    let reg =
+        store.register_worker("w1", true, "10.0.0.2-w1", LEASE, &inventory(2), "t").await.unwrap();
     assert_eq!(reg.epoch, old + 1);
 
     let stale = |e: kvstore::Error| {
-        assert_eq!(
-            e.refusal(),
-            Some(&Refusal::StaleEpoch { current: reg.epoch })
-        )
+        assert_eq!(e.refusal(), Some(&Refusal::StaleEpoch { current: reg.epoch }))
     };
     stale(store.heartbeat("w1", old, LEASE).await.unwrap_err());
     stale(store.worker_ready("w1", old, &[]).await.unwrap_err());
-    stale(
-        store
-            .worker_lost("w1", old, LostMode::Dropped, "old stream closed")
-            .await
-            .unwrap_err(),
-    );
+    stale(store.worker_lost("w1", old, LostMode::Dropped, "old stream closed").await.unwrap_err());
     stale(
         store
             .transition_instance(
                 "i1",
                 InstanceStatus::Loading,
-                Actor::Worker {
-                    worker_id: "w1",
-                    epoch: old,
-                },
+                Actor::Worker { worker_id: "w1", epoch: old },
                 "",
                 None,
             )
@@ -132,10 +81,7 @@ async fn re_registering_fences_the_older_session_everywhere() {
             .unwrap_err(),
     );
     // The current session is unaffected by the old one's refused messages.
-    assert_eq!(
-        store.get_worker("w1").await.unwrap().unwrap().status,
-        WorkerStatus::Initializing
-    );
+    assert_eq!(store.get_worker("w1").await.unwrap().unwrap().status, WorkerStatus::Initializing);
     store.heartbeat("w1", reg.epoch, LEASE).await.unwrap();
     assert_consistent(&store).await;
 }
@@ -144,38 +90,18 @@ async fn re_registering_fences_the_older_session_everywhere() {
 async fn an_address_held_by_a_live_node_is_refused_until_its_lease_ends() {
     let (redis, store) = setup().await;
     let short = Duration::from_millis(200);
-    store
-        .register_worker("w1", true, "10.1.1.1", short, &inventory(1), "t")
-        .await
-        .unwrap();
+    store.register_worker("w1", true, "10.1.1.1", short, &inventory(1), "t").await.unwrap();
     let before = dbsize(&redis).await;
-    let err = store
-        .register_worker("w2", true, "10.1.1.1", LEASE, &inventory(1), "t")
-        .await
-        .unwrap_err();
-    assert_eq!(
-        err.refusal(),
-        Some(&Refusal::AddressInUse {
-            holder: "w1".into()
-        })
-    );
-    assert_eq!(
-        dbsize(&redis).await,
-        before,
-        "a refused registration writes nothing"
-    );
+    let err =
+        store.register_worker("w2", true, "10.1.1.1", LEASE, &inventory(1), "t").await.unwrap_err();
+    assert_eq!(err.refusal(), Some(&Refusal::AddressInUse { holder: "w1".into() }));
+    assert_eq!(dbsize(&redis).await, before, "a refused registration writes nothing");
     assert!(store.get_worker("w2").await.unwrap().is_none());
 
     tokio::time::sleep(Duration::from_millis(300)).await;
-    store
-        .register_worker("w2", true, "10.1.1.1", LEASE, &inventory(1), "t")
-        .await
-        .unwrap();
+    store.register_worker("w2", true, "10.1.1.1", LEASE, &inventory(1), "t").await.unwrap();
     // The same node may always re-register from its own address.
-    store
-        .register_worker("w2", true, "10.1.1.1", LEASE, &inventory(1), "t")
-        .await
-        .unwrap();
+    store.register_worker("w2", true, "10.1.1.1", LEASE, &inventory(1), "t").await.unwrap();
 }
 
 #[tokio::test]
@@ -184,63 +110,31 @@ async fn a_dropped_session_makes_the_worker_and_its_instances_lost() {
     store.create_deployment(&spec("m")).await.unwrap();
     let epoch = ready_worker(&store, "w1", 2).await;
     let lease = lead(&store, "s").await;
-    store
-        .create_instance(&lease, &placement("i1", "m", "w1", &[0]))
-        .await
-        .unwrap();
-    store
-        .create_instance(&lease, &placement("i2", "m", "w1", &[1]))
-        .await
-        .unwrap();
-    let me = Actor::Worker {
-        worker_id: "w1",
-        epoch,
-    };
-    store
-        .transition_instance("i1", InstanceStatus::Ready, me, "", None)
-        .await
-        .unwrap();
+    store.create_instance(&lease, &placement("i1", "m", "w1", &[0])).await.unwrap();
+    store.create_instance(&lease, &placement("i2", "m", "w1", &[1])).await.unwrap();
+    let me = Actor::Worker { worker_id: "w1", epoch };
+    store.transition_instance("i1", InstanceStatus::Ready, me, "", None).await.unwrap();
 
     assert_eq!(
-        store
-            .worker_lost("w1", epoch, LostMode::Dropped, "stream closed")
-            .await
-            .unwrap(),
+        store.worker_lost("w1", epoch, LostMode::Dropped, "stream closed").await.unwrap(),
         2
     );
     let w = store.get_worker("w1").await.unwrap().unwrap();
     assert_eq!(w.status, WorkerStatus::Lost);
     assert_eq!(w.lease_deadline_ms, None);
     for i in ["i1", "i2"] {
-        assert_eq!(
-            store.get_instance(i).await.unwrap().unwrap().status,
-            InstanceStatus::Lost
-        );
+        assert_eq!(store.get_instance(i).await.unwrap().unwrap().status, InstanceStatus::Lost);
     }
     assert!(
-        store
-            .instances_in(InstanceStatus::Ready)
-            .await
-            .unwrap()
-            .is_empty(),
+        store.instances_in(InstanceStatus::Ready).await.unwrap().is_empty(),
         "nothing routable"
     );
-    let err = store
-        .worker_lost("w1", epoch, LostMode::Dropped, "again")
-        .await
-        .unwrap_err();
-    assert_eq!(
-        err.refusal(),
-        Some(&Refusal::WrongState {
-            current: "lost".into()
-        })
-    );
+    let err = store.worker_lost("w1", epoch, LostMode::Dropped, "again").await.unwrap_err();
+    assert_eq!(err.refusal(), Some(&Refusal::WrongState { current: "lost".into() }));
     let err = store.heartbeat("w1", epoch, LEASE).await.unwrap_err();
     assert_eq!(err.refusal(), Some(&Refusal::WorkerLost));
-    let err = store
-        .transition_instance("i1", InstanceStatus::Stopped, me, "", None)
-        .await
-        .unwrap_err();
+    let err =
+        store.transition_instance("i1", InstanceStatus::Stopped, me, "", None).await.unwrap_err();
     assert_eq!(err.refusal(), Some(&Refusal::WorkerLost));
     assert_consistent(&store).await;
 }
@@ -249,42 +143,18 @@ async fn a_dropped_session_makes_the_worker_and_its_instances_lost() {
 async fn an_expired_lease_is_found_without_scan_and_refused_while_alive() {
     let (_redis, store) = setup().await;
     let short = Duration::from_millis(150);
-    let a = store
-        .register_worker("wa", true, "10.0.0.1", short, &inventory(1), "t")
-        .await
-        .unwrap();
-    let b = store
-        .register_worker("wb", true, "10.0.0.2", LEASE, &inventory(1), "t")
-        .await
-        .unwrap();
+    let a = store.register_worker("wa", true, "10.0.0.1", short, &inventory(1), "t").await.unwrap();
+    let b = store.register_worker("wb", true, "10.0.0.2", LEASE, &inventory(1), "t").await.unwrap();
     assert!(store.expired_leases(10).await.unwrap().is_empty());
-    let err = store
-        .worker_lost("wa", a.epoch, LostMode::Expired, "lease")
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(err.refusal(), Some(Refusal::LeaseAlive { .. })),
-        "{err}"
-    );
+    let err = store.worker_lost("wa", a.epoch, LostMode::Expired, "lease").await.unwrap_err();
+    assert!(matches!(err.refusal(), Some(Refusal::LeaseAlive { .. })), "{err}");
 
     tokio::time::sleep(Duration::from_millis(250)).await;
     let expired = store.expired_leases(10).await.unwrap();
-    assert_eq!(
-        expired,
-        [kvstore::ExpiredLease {
-            worker_id: "wa".into(),
-            epoch: a.epoch
-        }]
-    );
-    store
-        .worker_lost("wa", a.epoch, LostMode::Expired, "lease expired")
-        .await
-        .unwrap();
+    assert_eq!(expired, [kvstore::ExpiredLease { worker_id: "wa".into(), epoch: a.epoch }]);
+    store.worker_lost("wa", a.epoch, LostMode::Expired, "lease expired").await.unwrap();
     assert!(store.expired_leases(10).await.unwrap().is_empty());
-    assert_eq!(
-        store.get_worker("wb").await.unwrap().unwrap().epoch,
-        b.epoch
-    );
+    assert_eq!(store.get_worker("wb").await.unwrap().unwrap().epoch, b.epoch);
     assert_consistent(&store).await;
 }
 
@@ -295,40 +165,19 @@ async fn a_returning_workers_report_wins_over_redis() {
     let epoch = ready_worker(&store, "w1", 4).await;
     let lease = lead(&store, "s").await;
     for (i, g) in [("i1", 0), ("i2", 1), ("i3", 2)] {
-        store
-            .create_instance(&lease, &placement(i, "m", "w1", &[g]))
-            .await
-            .unwrap();
+        store.create_instance(&lease, &placement(i, "m", "w1", &[g])).await.unwrap();
     }
-    let me = Actor::Worker {
-        worker_id: "w1",
-        epoch,
-    };
-    store
-        .transition_instance("i1", InstanceStatus::Ready, me, "", None)
-        .await
-        .unwrap();
-    store
-        .transition_instance("i2", InstanceStatus::Loading, me, "", None)
-        .await
-        .unwrap();
-    store
-        .worker_lost("w1", epoch, LostMode::Dropped, "network")
-        .await
-        .unwrap();
+    let me = Actor::Worker { worker_id: "w1", epoch };
+    store.transition_instance("i1", InstanceStatus::Ready, me, "", None).await.unwrap();
+    store.transition_instance("i2", InstanceStatus::Loading, me, "", None).await.unwrap();
+    store.worker_lost("w1", epoch, LostMode::Dropped, "network").await.unwrap();
 
     // It comes back running i1 (ready) and something the control plane never placed; i2 is
     // gone; i3's start command was never delivered (it is lost too, and not reported).
-    let reg = store
-        .register_worker("w1", true, "10.0.0.2-w1", LEASE, &inventory(4), "t")
-        .await
-        .unwrap();
+    let reg =
+        store.register_worker("w1", true, "10.0.0.2-w1", LEASE, &inventory(4), "t").await.unwrap();
     let running = [
-        RunningInstance {
-            instance_id: "i1".into(),
-            status: InstanceStatus::Ready,
-            gpus: vec![0],
-        },
+        RunningInstance { instance_id: "i1".into(), status: InstanceStatus::Ready, gpus: vec![0] },
         RunningInstance {
             instance_id: "ghost".into(),
             status: InstanceStatus::Ready,
