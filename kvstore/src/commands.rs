@@ -128,6 +128,75 @@ impl Store {
     }
 }
 
+/// Reads the stream that says which workers' command streams grew, so one blocking connection
+/// serves every session a registry replica holds.
+pub struct NotifyReader {
+    store: Store,
+    after: String,
+    conn: Option<deadpool_redis::Connection>,
+}
+
+impl Store {
+    /// A reader of command notifications appended from now on.
+    pub async fn command_notify_reader(&self) -> Result<NotifyReader> {
+        let reply: StreamRangeReply = self
+            .read(
+                redis::cmd("XREVRANGE")
+                    .arg(self.keys().commands_notify())
+                    .arg("+")
+                    .arg("-")
+                    .arg("COUNT")
+                    .arg(1),
+            )
+            .await?;
+        let after = reply.ids.first().map(|e| e.id.clone()).unwrap_or_else(|| "0-0".into());
+        Ok(NotifyReader { store: self.clone(), after, conn: None })
+    }
+}
+
+impl NotifyReader {
+    /// Ids of workers with new commands since the last call (each once), waiting up to `block`.
+    pub async fn next(&mut self, block: Duration) -> Result<Vec<String>> {
+        let key = self.store.keys().commands_notify();
+        let block = clamp_block(&self.store, block);
+        if self.conn.is_none() {
+            self.conn = Some(self.store.inner.conns.dedicated().await?);
+        }
+        let Some(conn) = self.conn.as_mut() else { return Ok(Vec::new()) };
+        let mut cmd = redis::cmd("XREAD");
+        cmd.arg("COUNT").arg(1000);
+        if !block.is_zero() {
+            cmd.arg("BLOCK").arg(block.as_millis() as u64);
+        }
+        cmd.arg("STREAMS").arg(&key).arg(&self.after);
+        let r: redis::RedisResult<Option<StreamReadReply>> = cmd.query_async(&mut **conn).await;
+        let reply = match r {
+            Ok(reply) => reply,
+            Err(e) => {
+                if crate::conn::is_broken(&e) {
+                    self.conn = None;
+                }
+                return Err(Error::Redis(e));
+            }
+        };
+        let entries =
+            reply.and_then(|r| r.keys.into_iter().next()).map(|k| k.ids).unwrap_or_default();
+        let mut workers: Vec<String> = Vec::new();
+        for e in &entries {
+            if let Some(Ok(w)) =
+                e.map.get("worker").map(|v| redis::from_redis_value::<String>(v.clone()))
+                && !workers.contains(&w)
+            {
+                workers.push(w);
+            }
+        }
+        if let Some(last) = entries.last() {
+            self.after = last.id.clone();
+        }
+        Ok(workers)
+    }
+}
+
 impl CommandReader {
     /// The next commands not yet returned by this reader, waiting up to `block` for one.
     pub async fn next(&mut self, block: Duration, count: usize) -> Result<Vec<CommandEntry>> {

@@ -27,7 +27,7 @@ pub mod worker;
 
 use std::sync::Arc;
 
-pub use commands::{CommandEntry, CommandReader};
+pub use commands::{CommandEntry, CommandReader, NotifyReader};
 pub use config::StoreConfig;
 pub use deployment::{AutoScaling, DeploymentRecord, DeploymentSpec, DeploymentStatus};
 pub use error::{Error, ErrorKind, Refusal, Result};
@@ -36,8 +36,8 @@ pub use instance::{Actor, InstanceRecord, InstanceStatus, Placement};
 pub use keys::Keys;
 pub use leader::{Acquired, LeaderLease};
 pub use worker::{
-    Bandwidth, Checkpoint, ExpiredLease, GpuInfo, Inventory, Registration, RunningInstance, Tier,
-    WorkerRecord, WorkerStatus,
+    Bandwidth, Checkpoint, ExpiredLease, GpuInfo, Inventory, LostMode, Registration,
+    RunningInstance, Tier, WorkerRecord, WorkerStatus,
 };
 
 /// A handle on the shared state. Cheap to clone: clones share one pool and one set of

@@ -184,13 +184,9 @@ impl Store {
         names::validate_address("address", address)?;
         inventory.validate()?;
         let gpus: Vec<String> = inventory.gpus.iter().map(|g| g.index.to_string()).collect();
-        let fields = [
-            ("gpus", json(&inventory.gpus)),
-            ("host_memory_bytes", inventory.host_memory_bytes.to_string()),
-            ("checkpoints", json(&inventory.checkpoints)),
-            ("bandwidths", json(&inventory.bandwidths)),
-            ("agent_version", agent_version.to_string()),
-        ];
+        let mut fields = holdings(inventory);
+        fields.push(("gpus", json(&inventory.gpus)));
+        fields.push(("agent_version", agent_version.to_string()));
         let mut args = vec![
             Arg::Str(worker),
             Arg::Str(if token_ok { "1" } else { "0" }),
@@ -241,6 +237,24 @@ impl Store {
         }
         let reply = self.run_ok("worker_ready", &self.scripts().worker_ready, &args).await?;
         Ok(reply.values.iter().skip(1).cloned().collect())
+    }
+
+    /// Replaces what the worker holds (checkpoints, host memory, bandwidths); its GPUs are fixed
+    /// per registration. Returns the record's new version.
+    pub async fn update_inventory(
+        &self,
+        worker: &str,
+        epoch: u64,
+        inventory: &Inventory,
+    ) -> Result<u64> {
+        let worker = worker_id("worker_id", worker)?;
+        inventory.validate()?;
+        let fields = holdings(inventory);
+        let mut args = vec![Arg::Str(worker), Arg::Owned(epoch.to_string())];
+        args.extend(fields.iter().flat_map(|(k, v)| [Arg::Str(k), Arg::Str(v)]));
+        let reply =
+            self.run_ok("worker_inventory", &self.scripts().worker_inventory, &args).await?;
+        reply.u64(0)
     }
 
     /// Renews a worker's lease: one round trip. Returns the new deadline (ms, Redis clock).
@@ -372,6 +386,15 @@ impl Store {
         }
         Ok(out)
     }
+}
+
+/// The record fields of what a worker holds (everything in the inventory but its GPUs).
+fn holdings(inventory: &Inventory) -> Vec<(&'static str, String)> {
+    vec![
+        ("host_memory_bytes", inventory.host_memory_bytes.to_string()),
+        ("checkpoints", json(&inventory.checkpoints)),
+        ("bandwidths", json(&inventory.bandwidths)),
+    ]
 }
 
 fn lease_ms(lease: Duration) -> Result<String> {

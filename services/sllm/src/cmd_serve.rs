@@ -1,0 +1,111 @@
+//! `sllm serve`: control-plane services, each on its own listener, sharing one kvstore pool.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::ValueEnum;
+use kvstore::{Store, StoreConfig};
+use service::{JoinSecret, Listener};
+use tokio_util::sync::CancellationToken;
+use worker_registry::{Registry, RegistryConfig};
+
+/// Services `sllm serve` can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ServiceName {
+    /// Holds workers' Session streams (registration, heartbeats, commands).
+    WorkerRegistry,
+}
+
+/// Flags of `sllm serve`.
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    /// Services to run in this process.
+    #[arg(required = true, value_enum)]
+    services: Vec<ServiceName>,
+    /// Redis URL: redis://host:port/db, rediss://… (TLS) or unix:///path/to/redis.sock.
+    #[arg(long, env = "SLLM_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    redis_url: String,
+    /// Namespace of every Redis key (several clusters can share one Redis).
+    #[arg(long, env = "SLLM_NAMESPACE", default_value = "sllm")]
+    namespace: String,
+    /// Redis connections this process may open.
+    #[arg(long, env = "SLLM_REDIS_POOL_SIZE", default_value_t = 32)]
+    redis_pool_size: usize,
+    /// Address the WorkerRegistry listens on (port 0 picks a free one).
+    #[arg(long, env = "SLLM_WORKER_REGISTRY_ADDR", default_value = "127.0.0.1:50052")]
+    worker_registry_addr: String,
+    /// Secret that worker join tokens are checked against (at least 16 bytes).
+    #[arg(long, env = "SLLM_JOIN_SECRET", hide_env_values = true)]
+    join_secret: Option<String>,
+    /// Worker lease in milliseconds: a worker silent for longer is lost.
+    #[arg(long, env = "SLLM_LEASE_MS", default_value_t = 3000)]
+    lease_ms: u64,
+    /// Heartbeat interval told to workers, in milliseconds.
+    #[arg(long, env = "SLLM_HEARTBEAT_MS", default_value_t = 1000)]
+    heartbeat_ms: u64,
+}
+
+pub async fn run(args: ServeArgs) -> Result<()> {
+    let mut config = StoreConfig::new(&args.redis_url).with_namespace(&args.namespace);
+    config.pool_size = args.redis_pool_size;
+    let store = Store::connect(config)
+        .await
+        .with_context(|| format!("cannot use Redis at {}", args.redis_url))?;
+    let shutdown = CancellationToken::new();
+    let mut tasks = tokio::task::JoinSet::new();
+
+    for name in &args.services {
+        match name {
+            ServiceName::WorkerRegistry => {
+                let registry = Registry::new(store.clone(), registry_config(&args)?);
+                let listener = Listener::bind(&args.worker_registry_addr).await?;
+                println!("sllm: worker-registry listening on {}", listener.local_addr());
+                let shutdown = shutdown.clone();
+                tasks.spawn(async move {
+                    registry
+                        .serve(listener, shutdown)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("worker-registry failed: {e}"))
+                });
+            }
+        }
+    }
+
+    tokio::select! {
+        _ = service::shutdown_signal() => tracing::info!("shutting down"),
+        Some(r) = tasks.join_next() => {
+            shutdown.cancel();
+            r.context("a service task panicked")??;
+        }
+    }
+    shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(r) = tasks.join_next().await {
+            if let Ok(Err(e)) = r {
+                tracing::warn!(error = %e, "service ended with an error");
+            }
+        }
+    })
+    .await;
+    Ok(())
+}
+
+fn registry_config(args: &ServeArgs) -> Result<RegistryConfig> {
+    let secret = args
+        .join_secret
+        .clone()
+        .context("--join-secret (or SLLM_JOIN_SECRET) is required by worker-registry")?;
+    let secret = JoinSecret::new(secret).map_err(anyhow::Error::msg)?;
+    if args.heartbeat_ms == 0 || args.lease_ms <= args.heartbeat_ms {
+        anyhow::bail!(
+            "--lease-ms ({}) must be larger than --heartbeat-ms ({})",
+            args.lease_ms,
+            args.heartbeat_ms
+        );
+    }
+    let mut rc = RegistryConfig::new(secret);
+    rc.lease = Duration::from_millis(args.lease_ms);
+    rc.heartbeat_interval = Duration::from_millis(args.heartbeat_ms);
+    rc.reap_interval = (rc.lease / 4).max(Duration::from_millis(20));
+    Ok(rc)
+}

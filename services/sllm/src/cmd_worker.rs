@@ -1,0 +1,165 @@
+//! `sllm worker`: a worker agent with the simulated backend, or a fleet of them in one process.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::ValueEnum;
+use sllm_api::v1::CheckpointTier as Tier;
+use tokio_util::sync::CancellationToken;
+use worker::{Agent, AgentConfig, SimBackend, SimConfig};
+
+/// Backends a worker can run instances with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackendKind {
+    /// The built-in GPU simulator.
+    Sim,
+}
+
+/// Flags of `sllm worker`.
+#[derive(clap::Args, Debug)]
+pub struct WorkerArgs {
+    /// WorkerRegistry endpoint(s), e.g. http://10.0.0.5:50052; tried in turn on reconnect.
+    #[arg(long = "registry", env = "SLLM_REGISTRY", value_delimiter = ',', required = true)]
+    registries: Vec<String>,
+    /// This host's node id (with --count N, the prefix of N ids: ID-0 … ID-(N-1)).
+    #[arg(long, env = "SLLM_NODE_ID")]
+    node_id: String,
+    /// Join token proving the node id (see `sllm join-token`).
+    #[arg(long, env = "SLLM_JOIN_TOKEN", hide_env_values = true)]
+    join_token: Option<String>,
+    /// Join secret to compute tokens from (for simulated fleets; a real host gets a token).
+    #[arg(long, env = "SLLM_JOIN_SECRET", hide_env_values = true)]
+    join_secret: Option<String>,
+    /// Address to register (default: the source address the registry sees).
+    #[arg(long, env = "SLLM_WORKER_ADDRESS", default_value = "")]
+    address: String,
+    /// Backend that runs instances.
+    #[arg(long, value_enum, default_value = "sim")]
+    backend: BackendKind,
+    /// Simulated GPUs per worker.
+    #[arg(long, default_value_t = 4)]
+    gpus: u32,
+    /// Simulated cached checkpoint, MODEL=SIZE@TIER (SIZE like 13GB or 2.5GiB; TIER one of
+    /// gpu, host_memory, disk, remote). Repeatable.
+    #[arg(long = "checkpoint")]
+    checkpoints: Vec<String>,
+    /// Multiply every simulated duration by this (0.01 makes a 10 s load take 100 ms).
+    #[arg(long, default_value_t = 1.0)]
+    time_scale: f64,
+    /// Simulated per-token decode time in milliseconds.
+    #[arg(long, default_value_t = 10.0)]
+    decode_ms: f64,
+    /// Run this many simulated workers in this process.
+    #[arg(long, default_value_t = 1)]
+    count: usize,
+}
+
+pub async fn run(args: WorkerArgs) -> Result<()> {
+    let BackendKind::Sim = args.backend;
+    if args.count == 0 {
+        bail!("--count must be at least 1");
+    }
+    let mut checkpoints = HashMap::new();
+    for c in &args.checkpoints {
+        let (model, size, tier) =
+            parse_checkpoint(c).with_context(|| format!("--checkpoint {c:?}"))?;
+        checkpoints.insert(model, (size, tier));
+    }
+    let secret = match &args.join_secret {
+        Some(s) => Some(service::JoinSecret::new(s.clone()).map_err(anyhow::Error::msg)?),
+        None => None,
+    };
+    let token_for = |node: &str| -> Result<String> {
+        match (&args.join_token, &secret) {
+            (Some(t), _) if args.count == 1 => Ok(t.clone()),
+            (_, Some(s)) => Ok(s.token_for(node)),
+            (Some(_), None) => {
+                bail!("--count > 1 needs --join-secret: one token proves one node id")
+            }
+            (None, None) => bail!("--join-token (or --join-secret) is required"),
+        }
+    };
+    let shutdown = CancellationToken::new();
+    let mut agents = Vec::with_capacity(args.count);
+    for i in 0..args.count {
+        let node =
+            if args.count == 1 { args.node_id.clone() } else { format!("{}-{i}", args.node_id) };
+        let mut config = AgentConfig::new(args.registries.clone(), node.clone(), token_for(&node)?);
+        config.address = if args.count == 1 { args.address.clone() } else { format!("sim-{node}") };
+        let sim = SimConfig {
+            gpus: args.gpus,
+            checkpoints: checkpoints.clone(),
+            time_scale: args.time_scale,
+            decode_per_token: Duration::from_secs_f64(args.decode_ms.max(0.0) / 1000.0),
+            ..SimConfig::default()
+        };
+        let (backend, events) = SimBackend::new(sim);
+        agents.push(Agent::spawn(config, Arc::new(backend), events, None, shutdown.clone()));
+    }
+    println!("sllm: {} simulated worker(s) started", agents.len());
+    service::shutdown_signal().await;
+    shutdown.cancel();
+    // Let sessions close so the registry marks the workers lost at once.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    Ok(())
+}
+
+/// Parses MODEL=SIZE@TIER.
+pub fn parse_checkpoint(s: &str) -> Result<(String, u64, Tier)> {
+    let (model, rest) = s.split_once('=').context("expected MODEL=SIZE@TIER")?;
+    let (size, tier) = rest.split_once('@').context("expected SIZE@TIER after '='")?;
+    let tier = match tier {
+        "gpu" => Tier::Gpu,
+        "host_memory" | "host" | "memory" => Tier::HostMemory,
+        "disk" => Tier::Disk,
+        "remote" => Tier::Remote,
+        other => bail!("unknown tier {other:?} (gpu, host_memory, disk, remote)"),
+    };
+    Ok((model.to_string(), parse_size(size)?, tier))
+}
+
+/// Parses sizes like 4096, 13GB, 2.5GiB, 800MB.
+pub fn parse_size(s: &str) -> Result<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().with_context(|| format!("{s:?} is not a size"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "tb" => 1e12,
+        "kib" | "k" => 1024.0,
+        "mib" | "m" => 1024.0 * 1024.0,
+        "gib" | "g" => 1024.0 * 1024.0 * 1024.0,
+        "tib" | "t" => 1024.0_f64.powi(4),
+        other => bail!("unknown size unit {other:?}"),
+    };
+    if !n.is_finite() || n < 0.0 {
+        bail!("{s:?} is not a size");
+    }
+    Ok((n * mult) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checkpoint_flags() {
+        let (m, size, tier) =
+            parse_checkpoint("facebook/opt-1.3b=2.6GB@host_memory").expect("parses");
+        assert_eq!(
+            (m.as_str(), size, tier),
+            ("facebook/opt-1.3b", 2_600_000_000, Tier::HostMemory)
+        );
+        assert_eq!(parse_size("2GiB").expect("parses"), 2 << 30);
+        assert!(parse_checkpoint("m=1GB@tape").is_err());
+        assert!(parse_checkpoint("m@disk").is_err());
+        assert!(parse_size("-1GB").is_err());
+        assert!(parse_size("lots").is_err());
+    }
+}

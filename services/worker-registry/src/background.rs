@@ -1,0 +1,91 @@
+//! A replica's background work: one blocking reader of command notifications that wakes the
+//! local sessions concerned, and the lease reaper that declares silent workers lost.
+
+use std::time::Duration;
+
+use kvstore::LostMode;
+use tokio_util::sync::CancellationToken;
+
+use crate::Registry;
+
+pub(crate) async fn run(registry: Registry, shutdown: CancellationToken) {
+    tokio::join!(notifications(registry.clone(), shutdown.clone()), reaper(registry, shutdown));
+}
+
+async fn notifications(registry: Registry, shutdown: CancellationToken) {
+    let store = registry.inner.store.clone();
+    let sessions = &registry.inner.sessions;
+    let mut backoff = Duration::from_millis(50);
+    'outer: loop {
+        let mut reader = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = store.command_notify_reader() => match r {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read command notifications; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    continue;
+                }
+            },
+        };
+        // Notifications appended before the reader existed were missed: every session
+        // re-reads its stream from where it stands.
+        sessions.poke_all();
+        backoff = Duration::from_millis(50);
+        loop {
+            let batch = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                b = reader.next(Duration::from_secs(1)) => b,
+            };
+            match batch {
+                Ok(workers) => {
+                    for w in workers {
+                        sessions.poke(&w);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "command notifications interrupted");
+                    continue 'outer;
+                }
+            }
+        }
+    }
+}
+
+async fn reaper(registry: Registry, shutdown: CancellationToken) {
+    let store = &registry.inner.store;
+    let mut tick = tokio::time::interval(registry.inner.config.reap_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let expired = match store.expired_leases(256).await {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read lease deadlines");
+                continue;
+            }
+        };
+        for lease in expired {
+            match store
+                .worker_lost(&lease.worker_id, lease.epoch, LostMode::Expired, "lease expired")
+                .await
+            {
+                Ok(n) => {
+                    tracing::warn!(worker = %lease.worker_id, epoch = lease.epoch, instances = n, "worker lost: lease expired")
+                }
+                // Another replica got there first, or the worker re-registered meanwhile.
+                Err(e) if e.refusal().is_some() => {}
+                Err(e) => {
+                    tracing::warn!(worker = %lease.worker_id, error = %e, "cannot mark worker lost")
+                }
+            }
+        }
+    }
+}

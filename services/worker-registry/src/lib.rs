@@ -1,0 +1,123 @@
+//! WorkerRegistry: holds each GPU worker's `Session` stream. Registration (join token checked,
+//! epoch bumped), inventory and readiness, heartbeats that renew the lease, instance reports up,
+//! commands from the worker's command stream down.
+//!
+//! Any number of replicas may run; they share nothing but Redis. A worker may hold its session
+//! with any of them and move at any time: commands are delivered from the acknowledged cursor in
+//! Redis, so none is lost when a replica dies. It must never call another service.
+
+mod background;
+mod grpc;
+mod session;
+mod sessions;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kvstore::Store;
+use service::JoinSecret;
+use sllm_api::v1::worker_registry_server::WorkerRegistryServer;
+use tokio_util::sync::CancellationToken;
+
+/// Settings of a registry replica.
+#[derive(Debug, Clone)]
+pub struct RegistryConfig {
+    /// Lease length: a worker silent for longer is lost.
+    pub lease: Duration,
+    /// Heartbeat interval told to workers.
+    pub heartbeat_interval: Duration,
+    /// How often this replica looks for expired leases.
+    pub reap_interval: Duration,
+    /// Secret that join tokens are checked against.
+    pub join_secret: JoinSecret,
+    /// Longest wait for a new session's `register` message.
+    pub register_timeout: Duration,
+}
+
+impl RegistryConfig {
+    /// Defaults (1 s heartbeats, 3 s lease) with the given secret.
+    pub fn new(join_secret: JoinSecret) -> RegistryConfig {
+        RegistryConfig {
+            lease: Duration::from_secs(3),
+            heartbeat_interval: Duration::from_secs(1),
+            reap_interval: Duration::from_millis(500),
+            join_secret,
+            register_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A registry replica. Cheap to clone.
+#[derive(Clone)]
+pub struct Registry {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    config: RegistryConfig,
+    sessions: sessions::Sessions,
+}
+
+impl Registry {
+    /// A replica over `store`.
+    pub fn new(store: Store, config: RegistryConfig) -> Registry {
+        Registry {
+            inner: Arc::new(Inner { store, config, sessions: sessions::Sessions::default() }),
+        }
+    }
+
+    /// The gRPC service.
+    pub fn service(&self) -> WorkerRegistryServer<Registry> {
+        WorkerRegistryServer::new(self.clone())
+    }
+
+    /// Runs the replica's background work (command notifications to local sessions, expired
+    /// leases) until `shutdown` is cancelled.
+    pub async fn run_background(&self, shutdown: CancellationToken) {
+        background::run(self.clone(), shutdown).await
+    }
+
+    /// Ends every session this replica holds (for a clean shutdown: workers reconnect to
+    /// another replica at once instead of waiting for a broken connection).
+    pub fn close_all_sessions(&self) {
+        self.inner.sessions.close_all();
+    }
+
+    /// Serves the registry (with gRPC health and reflection) on `listener`, and runs its
+    /// background work, until `shutdown` is cancelled; then closes every session so workers
+    /// move to another replica at once.
+    pub async fn serve(
+        self,
+        listener: service::Listener,
+        shutdown: CancellationToken,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let (reporter, health) = tonic_health::server::health_reporter();
+        reporter.set_serving::<WorkerRegistryServer<Registry>>().await;
+        let router = tonic::transport::Server::builder()
+            .max_concurrent_streams(Some(1 << 20))
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .add_service(health)
+            .add_service(service::reflection_v1()?)
+            .add_service(service::reflection_v1alpha()?)
+            .add_service(self.service());
+        let background = tokio::spawn({
+            let (registry, shutdown) = (self.clone(), shutdown.clone());
+            async move { registry.run_background(shutdown).await }
+        });
+        let registry = self.clone();
+        let result = router
+            .serve_with_incoming_shutdown(listener.incoming(), async move {
+                shutdown.cancelled().await;
+                registry.close_all_sessions();
+            })
+            .await;
+        background.abort();
+        Ok(result?)
+    }
+
+    /// How many sessions this replica holds.
+    pub fn session_count(&self) -> usize {
+        self.inner.sessions.len()
+    }
+}

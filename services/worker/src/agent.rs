@@ -1,0 +1,370 @@
+//! The worker agent: one task per host that keeps a `Session` with any WorkerRegistry replica,
+//! reconnecting with jittered exponential backoff, and turns commands into backend calls and
+//! backend events into instance reports.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sllm_api::v1 as pb;
+use sllm_api::v1::registry_message::Body as Down;
+use sllm_api::v1::worker_message::Body as Up;
+use sllm_api::v1::worker_registry_client::WorkerRegistryClient;
+use tokio::sync::{mpsc, watch};
+use tokio_retry::strategy::{ExponentialBackoff, jitter};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::backend::{Backend, InstanceEvent, StartSpec};
+
+/// How an agent joins.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// WorkerRegistry endpoints (`http://host:port`); tried in turn.
+    pub registries: Vec<String>,
+    /// This host's node id.
+    pub node_id: String,
+    /// Its join token.
+    pub join_token: String,
+    /// The address it registers (empty: the registry uses the connection's source IP).
+    pub address: String,
+    /// First reconnect delay; doubles (with jitter) up to `backoff_max`.
+    pub backoff_base: Duration,
+    /// Longest reconnect delay.
+    pub backoff_max: Duration,
+    /// Longest wait to connect to a registry.
+    pub connect_timeout: Duration,
+    /// Fault injection: end each session after this long (the agent then reconnects).
+    pub drop_session_after: Option<Duration>,
+}
+
+impl AgentConfig {
+    /// Defaults for `node_id` joining `registries` with `join_token`.
+    pub fn new(
+        registries: Vec<String>,
+        node_id: impl Into<String>,
+        join_token: impl Into<String>,
+    ) -> Self {
+        AgentConfig {
+            registries,
+            node_id: node_id.into(),
+            join_token: join_token.into(),
+            address: String::new(),
+            backoff_base: Duration::from_millis(50),
+            backoff_max: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(2),
+            drop_session_after: None,
+        }
+    }
+}
+
+/// Where the agent stands, for callers who wait on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentState {
+    /// Not (yet) in a session.
+    Disconnected {
+        /// Why the last session ended or the last attempt failed.
+        last_error: String,
+    },
+    /// Registered and ready, with this epoch.
+    Ready {
+        /// The session's epoch.
+        epoch: u64,
+        /// The registry it is connected to.
+        registry: String,
+    },
+}
+
+/// A running agent's handle.
+pub struct Agent {
+    state: watch::Receiver<AgentState>,
+}
+
+impl Agent {
+    /// Starts the agent on the current runtime. It runs until `shutdown` is cancelled.
+    /// `channel`, if given, is used instead of dialling `config.registries` (many simulated
+    /// agents can then share one HTTP/2 connection).
+    pub fn spawn(
+        config: AgentConfig,
+        backend: Arc<dyn Backend>,
+        events: mpsc::UnboundedReceiver<InstanceEvent>,
+        channel: Option<Channel>,
+        shutdown: CancellationToken,
+    ) -> Agent {
+        let (tx, rx) = watch::channel(AgentState::Disconnected { last_error: "starting".into() });
+        let runner = Runner {
+            config,
+            backend,
+            events,
+            channel,
+            state: tx,
+            seen_commands: VecDeque::new(),
+            seen_set: HashSet::new(),
+        };
+        tokio::spawn(runner.run(shutdown));
+        Agent { state: rx }
+    }
+
+    /// The current state.
+    pub fn state(&self) -> AgentState {
+        self.state.borrow().clone()
+    }
+
+    /// Waits until the agent is ready with an epoch other than `not_epoch` (0: any), or
+    /// `within` passes.
+    pub async fn wait_ready(&mut self, not_epoch: u64, within: Duration) -> Option<u64> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let AgentState::Ready { epoch, .. } = &*self.state.borrow_and_update()
+                && *epoch != not_epoch
+            {
+                return Some(*epoch);
+            }
+            if tokio::time::timeout_at(deadline, self.state.changed()).await.ok()?.is_err() {
+                return None;
+            }
+        }
+    }
+}
+
+/// How many recent command ids are remembered to recognise a repeated delivery.
+const SEEN_COMMANDS: usize = 4096;
+
+struct Runner {
+    config: AgentConfig,
+    backend: Arc<dyn Backend>,
+    events: mpsc::UnboundedReceiver<InstanceEvent>,
+    channel: Option<Channel>,
+    state: watch::Sender<AgentState>,
+    seen_commands: VecDeque<String>,
+    seen_set: HashSet<String>,
+}
+
+enum SessionEnd {
+    Shutdown,
+    /// The session ended after having been ready: reconnect at once.
+    Lost(String),
+    /// It never got ready: back off.
+    Failed(String),
+}
+
+impl Runner {
+    async fn run(mut self, shutdown: CancellationToken) {
+        let mut next_registry = 0usize;
+        let mut backoff = self.backoff();
+        loop {
+            let endpoint = if self.config.registries.is_empty() {
+                String::new()
+            } else {
+                self.config.registries[next_registry % self.config.registries.len()].clone()
+            };
+            next_registry += 1;
+            let end = tokio::select! {
+                _ = shutdown.cancelled() => SessionEnd::Shutdown,
+                end = self.session(&endpoint) => end,
+            };
+            let delay = match end {
+                SessionEnd::Shutdown => return,
+                SessionEnd::Lost(why) => {
+                    tracing::warn!(node = %self.config.node_id, %endpoint, %why, "session lost; reconnecting");
+                    self.state.send_replace(AgentState::Disconnected { last_error: why });
+                    backoff = self.backoff();
+                    Duration::ZERO
+                }
+                SessionEnd::Failed(why) => {
+                    tracing::debug!(node = %self.config.node_id, %endpoint, %why, "cannot join");
+                    self.state.send_replace(AgentState::Disconnected { last_error: why });
+                    backoff.next().unwrap_or(self.config.backoff_max)
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    fn backoff(&self) -> impl Iterator<Item = Duration> + use<> {
+        let base = self.config.backoff_base.as_millis().max(1) as u64;
+        // tokio-retry's ExponentialBackoff raises `base` to the attempt number: base 2 with a
+        // 25 ms factor gives 50, 100, 200 ms ... for a 50 ms base.
+        ExponentialBackoff::from_millis(2)
+            .factor(base / 2 + 1)
+            .max_delay(self.config.backoff_max)
+            .map(jitter)
+    }
+
+    async fn connect(&self, endpoint: &str) -> Result<Channel, String> {
+        if let Some(ch) = &self.channel {
+            return Ok(ch.clone());
+        }
+        let ep = Endpoint::from_shared(endpoint.to_string())
+            .map_err(|e| format!("bad registry endpoint {endpoint:?}: {e}"))?
+            .connect_timeout(self.config.connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5));
+        ep.connect().await.map_err(|e| format!("cannot connect to {endpoint}: {e}"))
+    }
+
+    async fn session(&mut self, endpoint: &str) -> SessionEnd {
+        let channel = match self.connect(endpoint).await {
+            Ok(c) => c,
+            Err(e) => return SessionEnd::Failed(e),
+        };
+        let mut client = WorkerRegistryClient::new(channel);
+        let (tx, rx) = mpsc::channel::<pb::WorkerMessage>(256);
+        let register = pb::Register {
+            node_id: self.config.node_id.clone(),
+            join_token: self.config.join_token.clone(),
+            address: self.config.address.clone(),
+            inventory: Some(self.backend.inventory()),
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        };
+        // The channel has room: this is its first message.
+        let _ = tx.send(pb::WorkerMessage { epoch: 0, body: Some(Up::Register(register)) }).await;
+        let mut inbound = match client.session(ReceiverStream::new(rx)).await {
+            Ok(r) => r.into_inner(),
+            Err(s) => return SessionEnd::Failed(format!("{:?}: {}", s.code(), s.message())),
+        };
+        let registered = match inbound.message().await {
+            Ok(Some(pb::RegistryMessage { body: Some(Down::Registered(r)) })) => r,
+            Ok(other) => return SessionEnd::Failed(format!("expected Registered, got {other:?}")),
+            Err(s) => return SessionEnd::Failed(format!("{:?}: {}", s.code(), s.message())),
+        };
+        let epoch = registered.epoch;
+        let send = |body: Up| {
+            let tx = tx.clone();
+            async move { tx.send(pb::WorkerMessage { epoch, body: Some(body) }).await.is_ok() }
+        };
+        // Events from before this session are superseded by the inventory just reported.
+        while self.events.try_recv().is_ok() {}
+        if !send(Up::Ready(pb::WorkerReady {})).await {
+            return SessionEnd::Failed("session closed before ready".into());
+        }
+        self.state.send_replace(AgentState::Ready { epoch, registry: endpoint.to_string() });
+        tracing::info!(node = %self.config.node_id, epoch, %endpoint, "joined");
+
+        let interval = Duration::from_millis(registered.heartbeat_interval_ms.max(10));
+        let mut heartbeat =
+            tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut seq = 0u64;
+        let drop_at = self.config.drop_session_after.map(|d| Instant::now() + d);
+        loop {
+            let drop_in = drop_at.map(|t| t.saturating_duration_since(Instant::now()));
+            tokio::select! {
+                _ = heartbeat.tick() => {
+                    seq += 1;
+                    if !send(Up::Heartbeat(pb::Heartbeat { seq })).await {
+                        return SessionEnd::Lost("session closed".into());
+                    }
+                }
+                msg = inbound.message() => match msg {
+                    Ok(Some(pb::RegistryMessage { body: Some(Down::Command(cmd)) })) => {
+                        let (ack, failure) = self.command(cmd);
+                        if let Some(report) = failure
+                            && !send(Up::InstanceReport(report)).await
+                        {
+                            return SessionEnd::Lost("session closed".into());
+                        }
+                        if !send(Up::CommandAck(ack)).await {
+                            return SessionEnd::Lost("session closed".into());
+                        }
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) => return SessionEnd::Lost("registry closed the session".into()),
+                    Err(s) => return SessionEnd::Lost(format!("{:?}: {}", s.code(), s.message())),
+                },
+                Some(event) = self.events.recv() => {
+                    let report = report_for(event);
+                    if !send(Up::InstanceReport(report)).await {
+                        return SessionEnd::Lost("session closed".into());
+                    }
+                    // Loads move checkpoints between tiers: tell the placement what is where.
+                    if !send(Up::Inventory(self.backend.inventory())).await {
+                        return SessionEnd::Lost("session closed".into());
+                    }
+                }
+                _ = sleep_opt(drop_in) => return SessionEnd::Lost("session dropped (fault injection)".into()),
+            }
+        }
+    }
+
+    /// Carries out a command (once per command id) and returns its acknowledgement, plus a
+    /// FAILED report when a start was refused (so the control plane places it elsewhere now).
+    fn command(&mut self, cmd: pb::Command) -> (pb::CommandAck, Option<pb::InstanceReport>) {
+        let id = cmd.command_id.clone();
+        if self.seen_set.contains(&id) {
+            return (pb::CommandAck { command_id: id, ok: true, error: String::new() }, None);
+        }
+        self.seen_set.insert(id.clone());
+        self.seen_commands.push_back(id.clone());
+        if self.seen_commands.len() > SEEN_COMMANDS
+            && let Some(old) = self.seen_commands.pop_front()
+        {
+            self.seen_set.remove(&old);
+        }
+        let result = match cmd.action {
+            Some(pb::command::Action::Start(s)) => {
+                let instance_id = s.instance_id.clone();
+                let spec = StartSpec {
+                    instance_id: s.instance_id,
+                    model: s.model,
+                    backend: s.backend,
+                    gpus: s.gpus,
+                    backend_config: s.backend_config,
+                };
+                self.backend.start(spec).map_err(|e| (instance_id, e.to_string()))
+            }
+            Some(pb::command::Action::Stop(s)) => {
+                self.backend.stop(&s.instance_id);
+                Ok(())
+            }
+            Some(pb::command::Action::Drain(d)) => {
+                self.backend.drain(&d.instance_id, Duration::from_millis(d.grace_ms.max(1)));
+                Ok(())
+            }
+            None => Err((String::new(), "command has no action".to_string())),
+        };
+        match result {
+            Ok(()) => (pb::CommandAck { command_id: id, ok: true, error: String::new() }, None),
+            Err((instance, error)) => {
+                tracing::warn!(node = %self.config.node_id, command = %id, %error, "command refused");
+                let report = (!instance.is_empty()).then(|| pb::InstanceReport {
+                    instance_id: instance,
+                    state: pb::InstanceState::Failed as i32,
+                    reason: error.clone(),
+                    load_ms: 0,
+                });
+                (pb::CommandAck { command_id: id, ok: false, error }, report)
+            }
+        }
+    }
+}
+
+fn report_for(event: InstanceEvent) -> pb::InstanceReport {
+    let (instance_id, state, reason, load_ms) = match event {
+        InstanceEvent::Loading { instance_id } => {
+            (instance_id, pb::InstanceState::Loading, String::new(), 0)
+        }
+        InstanceEvent::Ready { instance_id, load_ms } => {
+            (instance_id, pb::InstanceState::Ready, String::new(), load_ms)
+        }
+        InstanceEvent::Stopped { instance_id, reason } => {
+            (instance_id, pb::InstanceState::Stopped, reason, 0)
+        }
+        InstanceEvent::Failed { instance_id, reason } => {
+            (instance_id, pb::InstanceState::Failed, reason, 0)
+        }
+    };
+    pb::InstanceReport { instance_id, state: state as i32, reason, load_ms }
+}
+
+async fn sleep_opt(d: Option<Duration>) {
+    match d {
+        Some(d) => tokio::time::sleep(d).await,
+        None => std::future::pending().await,
+    }
+}

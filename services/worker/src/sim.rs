@@ -1,0 +1,648 @@
+//! A simulated GPU host. It has GPUs and memory, a cache of checkpoints on tiers (GPU, host
+//! memory, disk, remote) with a bandwidth each, so a load takes size / bandwidth of the best
+//! tier; prefill and per-token decode times that grow with the number of concurrent requests
+//! (a batch-size effect); deterministic token text; and faults on demand: a model that fails to
+//! load, an instance that crashes after N tokens. Thousands fit in one process.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sllm_api::v1 as pb;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::{Backend, BackendError, InstanceEvent, StartSpec};
+
+/// Storage tiers, fastest first (the API's numbering).
+pub type Tier = pb::CheckpointTier;
+
+/// How a simulated host looks and behaves.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    /// Number of GPUs.
+    pub gpus: u32,
+    /// Memory per GPU, bytes.
+    pub gpu_memory_bytes: u64,
+    /// Host memory, bytes.
+    pub host_memory_bytes: u64,
+    /// Cached checkpoints: model -> (size, tier).
+    pub checkpoints: HashMap<String, (u64, Tier)>,
+    /// Size assumed for a model with no cached checkpoint (loaded from remote).
+    pub default_checkpoint_bytes: u64,
+    /// Load bandwidth per tier, bytes/s.
+    pub bandwidths: HashMap<Tier, u64>,
+    /// Prefill time per prompt token.
+    pub prefill_per_token: Duration,
+    /// Decode time per generated token with one request running.
+    pub decode_per_token: Duration,
+    /// Extra decode time per token for each additional concurrent request, as a fraction of
+    /// `decode_per_token` (0.05: 10 concurrent requests decode 1.45x slower each).
+    pub batch_slowdown: f64,
+    /// Every simulated duration is multiplied by this (tests use small values).
+    pub time_scale: f64,
+    /// Models whose load fails.
+    pub fail_load: HashSet<String>,
+    /// An instance crashes after producing this many tokens (across its requests).
+    pub crash_after_tokens: Option<u64>,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            gpus: 4,
+            gpu_memory_bytes: 80 << 30,
+            host_memory_bytes: 512 << 30,
+            checkpoints: HashMap::new(),
+            default_checkpoint_bytes: 4 << 30,
+            bandwidths: HashMap::from([
+                (Tier::Gpu, 1 << 40),
+                (Tier::HostMemory, 24 << 30),
+                (Tier::Disk, 3 << 30),
+                (Tier::Remote, 1 << 30),
+            ]),
+            prefill_per_token: Duration::from_micros(50),
+            decode_per_token: Duration::from_millis(10),
+            batch_slowdown: 0.05,
+            time_scale: 1.0,
+            fail_load: HashSet::new(),
+            crash_after_tokens: None,
+        }
+    }
+}
+
+impl SimConfig {
+    /// The simulated time to load `model`: size / bandwidth of the best tier holding it.
+    pub fn load_time(&self, model: &str) -> Duration {
+        let (size, tier) = self
+            .checkpoints
+            .get(model)
+            .copied()
+            .unwrap_or((self.default_checkpoint_bytes, Tier::Remote));
+        let bw = self.bandwidths.get(&tier).copied().unwrap_or(1 << 30).max(1);
+        self.scaled(Duration::from_secs_f64(size as f64 / bw as f64))
+    }
+
+    fn scaled(&self, d: Duration) -> Duration {
+        d.mul_f64(self.time_scale.max(0.0))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Loading,
+    Ready,
+    Draining,
+}
+
+struct SimInstance {
+    model: String,
+    gpus: Vec<u32>,
+    phase: Phase,
+    in_flight: usize,
+    tokens: u64,
+    cancel: CancellationToken,
+}
+
+struct State {
+    instances: HashMap<String, SimInstance>,
+    busy_gpus: HashSet<u32>,
+    checkpoints: HashMap<String, (u64, Tier)>,
+    running_requests: usize,
+}
+
+/// The simulated backend. Cheap to clone.
+#[derive(Clone)]
+pub struct SimBackend {
+    config: Arc<SimConfig>,
+    state: Arc<Mutex<State>>,
+    events: mpsc::UnboundedSender<InstanceEvent>,
+}
+
+/// One output of a simulated generation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SimOutput {
+    /// One token's text.
+    Token(String),
+    /// The request ended.
+    Done {
+        /// Prompt tokens.
+        prompt_tokens: u32,
+        /// Generated tokens.
+        completion_tokens: u32,
+    },
+    /// The request failed (the instance crashed or is not serving).
+    Error(String),
+}
+
+/// A simulated inference request.
+#[derive(Debug, Clone)]
+pub struct SimRequest {
+    /// Instance to run on.
+    pub instance_id: String,
+    /// The prompt (its whitespace-separated words count as tokens).
+    pub prompt: String,
+    /// Tokens to generate.
+    pub max_tokens: u32,
+    /// Seed of the deterministic text.
+    pub seed: u64,
+}
+
+const WORDS: &[&str] = &[
+    "the",
+    "model",
+    "serves",
+    "tokens",
+    "quickly",
+    "while",
+    "idle",
+    "instances",
+    "cost",
+    "nothing",
+    "and",
+    "scale",
+    "out",
+    "under",
+    "load",
+    "back",
+    "to",
+    "zero",
+    "when",
+    "quiet",
+];
+
+/// The `i`-th token of the deterministic text for `seed` and `prompt`.
+pub fn token_text(seed: u64, prompt: &str, i: u32) -> String {
+    // FNV-1a over the inputs: stable across runs and platforms.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in seed.to_le_bytes().iter().chain(prompt.as_bytes()).chain(&i.to_le_bytes()) {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!(" {}", WORDS[(h % WORDS.len() as u64) as usize])
+}
+
+impl SimBackend {
+    /// A simulated host and the channel its instance events arrive on.
+    pub fn new(config: SimConfig) -> (SimBackend, mpsc::UnboundedReceiver<InstanceEvent>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let state = State {
+            instances: HashMap::new(),
+            busy_gpus: HashSet::new(),
+            checkpoints: config.checkpoints.clone(),
+            running_requests: 0,
+        };
+        (
+            SimBackend { config: Arc::new(config), state: Arc::new(Mutex::new(state)), events: tx },
+            rx,
+        )
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &SimConfig {
+        &self.config
+    }
+
+    fn emit(&self, e: InstanceEvent) {
+        // No receiver means the agent is gone; there is nobody left to tell.
+        let _ = self.events.send(e);
+    }
+
+    fn with_state<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
+        let mut guard = match self.state.lock() {
+            Ok(g) => g,
+            // A panic elsewhere while holding the lock leaves consistent-enough data for a
+            // simulator; keep going rather than cascade the panic.
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        f(&mut guard)
+    }
+
+    /// Removes an instance, frees its GPUs and leaves its checkpoint cached in host memory.
+    fn remove(&self, instance_id: &str) -> Option<SimInstance> {
+        self.with_state(|s| {
+            let inst = s.instances.remove(instance_id)?;
+            for g in &inst.gpus {
+                s.busy_gpus.remove(g);
+            }
+            if let Some(entry) = s.checkpoints.get_mut(&inst.model)
+                && entry.1 == Tier::Gpu
+            {
+                entry.1 = Tier::HostMemory;
+            }
+            inst.cancel.cancel();
+            Some(inst)
+        })
+    }
+
+    /// Runs one request on a ready instance, streaming its tokens. Dropping the receiver
+    /// cancels the request.
+    pub fn generate(&self, req: SimRequest) -> mpsc::Receiver<SimOutput> {
+        let (tx, rx) = mpsc::channel(64);
+        let this = self.clone();
+        tokio::spawn(async move { this.run_request(req, tx).await });
+        rx
+    }
+
+    async fn run_request(&self, req: SimRequest, tx: mpsc::Sender<SimOutput>) {
+        let admitted = self.with_state(|s| {
+            let inst = s.instances.get_mut(&req.instance_id)?;
+            if inst.phase != Phase::Ready {
+                return None;
+            }
+            inst.in_flight += 1;
+            s.running_requests += 1;
+            Some(inst.cancel.clone())
+        });
+        let Some(cancel) = admitted else {
+            let _ = tx
+                .send(SimOutput::Error(format!("instance {} is not serving", req.instance_id)))
+                .await;
+            return;
+        };
+        let prompt_tokens = req.prompt.split_whitespace().count().max(1) as u32;
+        let prefill = self.config.scaled(self.config.prefill_per_token * prompt_tokens);
+        let mut produced = 0u32;
+        let outcome: Result<(), String> = async {
+            sleep_or_cancel(prefill, &cancel).await?;
+            while produced < req.max_tokens {
+                let running = self.with_state(|s| s.running_requests).max(1);
+                let factor = 1.0 + self.config.batch_slowdown * (running - 1) as f64;
+                sleep_or_cancel(
+                    self.config.scaled(self.config.decode_per_token.mul_f64(factor)),
+                    &cancel,
+                )
+                .await?;
+                let crashed = self.with_state(|s| {
+                    let inst = s.instances.get_mut(&req.instance_id)?;
+                    inst.tokens += 1;
+                    Some(self.config.crash_after_tokens.is_some_and(|n| inst.tokens >= n))
+                });
+                match crashed {
+                    None => return Err("instance stopped".to_string()),
+                    Some(true) => return Err("simulated crash".to_string()),
+                    Some(false) => {}
+                }
+                if tx
+                    .send(SimOutput::Token(token_text(req.seed, &req.prompt, produced)))
+                    .await
+                    .is_err()
+                {
+                    return Err("cancelled".to_string());
+                }
+                produced += 1;
+            }
+            Ok(())
+        }
+        .await;
+        self.with_state(|s| {
+            s.running_requests = s.running_requests.saturating_sub(1);
+            if let Some(inst) = s.instances.get_mut(&req.instance_id) {
+                inst.in_flight = inst.in_flight.saturating_sub(1);
+            }
+        });
+        match outcome {
+            Ok(()) => {
+                let _ =
+                    tx.send(SimOutput::Done { prompt_tokens, completion_tokens: produced }).await;
+            }
+            Err(reason) => {
+                if reason == "simulated crash" && self.remove(&req.instance_id).is_some() {
+                    self.emit(InstanceEvent::Failed {
+                        instance_id: req.instance_id.clone(),
+                        reason: format!("crashed after {produced} tokens (simulated)"),
+                    });
+                }
+                let _ = tx.send(SimOutput::Error(reason)).await;
+            }
+        }
+    }
+}
+
+async fn sleep_or_cancel(d: Duration, cancel: &CancellationToken) -> Result<(), String> {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => Ok(()),
+        _ = cancel.cancelled() => Err("instance stopped".to_string()),
+    }
+}
+
+impl Backend for SimBackend {
+    fn inventory(&self) -> pb::Inventory {
+        self.with_state(|s| pb::Inventory {
+            gpus: (0..self.config.gpus)
+                .map(|index| pb::Gpu {
+                    index,
+                    name: "sim".into(),
+                    memory_bytes: self.config.gpu_memory_bytes,
+                })
+                .collect(),
+            host_memory_bytes: self.config.host_memory_bytes,
+            checkpoints: {
+                let mut c: Vec<pb::CachedCheckpoint> = s
+                    .checkpoints
+                    .iter()
+                    .map(|(model, (size, tier))| pb::CachedCheckpoint {
+                        model: model.clone(),
+                        size_bytes: *size,
+                        tier: *tier as i32,
+                    })
+                    .collect();
+                c.sort_by(|a, b| a.model.cmp(&b.model));
+                c
+            },
+            bandwidths: {
+                let mut b: Vec<pb::TierBandwidth> = self
+                    .config
+                    .bandwidths
+                    .iter()
+                    .map(|(tier, bps)| pb::TierBandwidth {
+                        tier: *tier as i32,
+                        bytes_per_second: *bps,
+                    })
+                    .collect();
+                b.sort_by_key(|b| b.tier);
+                b
+            },
+            running: {
+                let mut r: Vec<pb::RunningInstance> = s
+                    .instances
+                    .iter()
+                    .map(|(id, inst)| pb::RunningInstance {
+                        instance_id: id.clone(),
+                        model: inst.model.clone(),
+                        state: match inst.phase {
+                            Phase::Loading => pb::InstanceState::Loading,
+                            Phase::Ready => pb::InstanceState::Ready,
+                            Phase::Draining => pb::InstanceState::Draining,
+                        } as i32,
+                        gpus: inst.gpus.clone(),
+                    })
+                    .collect();
+                r.sort_by(|a, b| a.instance_id.cmp(&b.instance_id));
+                r
+            },
+        })
+    }
+
+    fn start(&self, spec: StartSpec) -> Result<(), BackendError> {
+        let cancel = CancellationToken::new();
+        let started = self.with_state(|s| {
+            if s.instances.contains_key(&spec.instance_id) {
+                return Ok(false);
+            }
+            for g in &spec.gpus {
+                if *g >= self.config.gpus || s.busy_gpus.contains(g) {
+                    return Err(BackendError::GpuUnavailable(*g));
+                }
+            }
+            s.busy_gpus.extend(spec.gpus.iter().copied());
+            s.instances.insert(
+                spec.instance_id.clone(),
+                SimInstance {
+                    model: spec.model.clone(),
+                    gpus: spec.gpus.clone(),
+                    phase: Phase::Loading,
+                    in_flight: 0,
+                    tokens: 0,
+                    cancel: cancel.clone(),
+                },
+            );
+            Ok(true)
+        })?;
+        if !started {
+            return Ok(());
+        }
+        self.emit(InstanceEvent::Loading { instance_id: spec.instance_id.clone() });
+        let load = self.config.load_time(&spec.model);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let t0 = Instant::now();
+            if sleep_or_cancel(load, &cancel).await.is_err() {
+                return;
+            }
+            if this.config.fail_load.contains(&spec.model) {
+                if this.remove(&spec.instance_id).is_some() {
+                    this.emit(InstanceEvent::Failed {
+                        instance_id: spec.instance_id,
+                        reason: format!("loading {} failed (simulated)", spec.model),
+                    });
+                }
+                return;
+            }
+            let became_ready = this.with_state(|s| {
+                let inst = s.instances.get_mut(&spec.instance_id)?;
+                inst.phase = Phase::Ready;
+                let size = s
+                    .checkpoints
+                    .get(&spec.model)
+                    .map(|c| c.0)
+                    .unwrap_or(this.config.default_checkpoint_bytes);
+                s.checkpoints.insert(spec.model.clone(), (size, Tier::Gpu));
+                Some(())
+            });
+            if became_ready.is_some() {
+                this.emit(InstanceEvent::Ready {
+                    instance_id: spec.instance_id,
+                    load_ms: t0.elapsed().as_millis() as u64,
+                });
+            }
+        });
+        Ok(())
+    }
+
+    fn stop(&self, instance_id: &str) {
+        self.remove(instance_id);
+        self.emit(InstanceEvent::Stopped {
+            instance_id: instance_id.to_string(),
+            reason: "stopped".into(),
+        });
+    }
+
+    fn drain(&self, instance_id: &str, grace: Duration) {
+        let known = self.with_state(|s| match s.instances.get_mut(instance_id) {
+            Some(inst) => {
+                inst.phase = Phase::Draining;
+                true
+            }
+            None => false,
+        });
+        if !known {
+            self.stop(instance_id);
+            return;
+        }
+        let this = self.clone();
+        let id = instance_id.to_string();
+        tokio::spawn(async move {
+            let deadline = Instant::now() + grace;
+            while Instant::now() < deadline {
+                let busy = this.with_state(|s| s.instances.get(&id).map(|i| i.in_flight > 0));
+                if busy != Some(true) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            if this.remove(&id).is_some() {
+                this.emit(InstanceEvent::Stopped { instance_id: id, reason: "drained".into() });
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fast() -> SimConfig {
+        SimConfig {
+            time_scale: 0.001,
+            checkpoints: HashMap::from([
+                ("hot".to_string(), (8 << 30, Tier::HostMemory)),
+                ("cold".to_string(), (8 << 30, Tier::Remote)),
+            ]),
+            ..SimConfig::default()
+        }
+    }
+
+    fn spec(id: &str, model: &str, gpus: &[u32]) -> StartSpec {
+        StartSpec {
+            instance_id: id.into(),
+            model: model.into(),
+            backend: "sim".into(),
+            gpus: gpus.to_vec(),
+            backend_config: None,
+        }
+    }
+
+    #[test]
+    fn load_time_follows_the_best_tier() {
+        let c = SimConfig::default();
+        let mut hot = c.clone();
+        hot.checkpoints.insert("m".into(), (24 << 30, Tier::HostMemory));
+        let mut cold = c.clone();
+        cold.checkpoints.insert("m".into(), (24 << 30, Tier::Remote));
+        assert_eq!(hot.load_time("m"), Duration::from_secs(1));
+        assert_eq!(cold.load_time("m"), Duration::from_secs(24));
+        assert!(c.load_time("never-seen") >= Duration::from_secs(4));
+    }
+
+    #[test]
+    fn token_text_is_deterministic() {
+        let a: Vec<String> = (0..8).map(|i| token_text(7, "hello", i)).collect();
+        let b: Vec<String> = (0..8).map(|i| token_text(7, "hello", i)).collect();
+        let c: Vec<String> = (0..8).map(|i| token_text(8, "hello", i)).collect();
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+    }
+
+    #[tokio::test]
+    async fn start_load_generate_stop() {
+        let (sim, mut events) = SimBackend::new(fast());
+        sim.start(spec("i1", "hot", &[0, 1])).expect("starts");
+        assert_eq!(events.recv().await, Some(InstanceEvent::Loading { instance_id: "i1".into() }));
+        assert!(matches!(events.recv().await, Some(InstanceEvent::Ready { .. })));
+        assert_eq!(sim.start(spec("i2", "cold", &[1])), Err(BackendError::GpuUnavailable(1)));
+        assert_eq!(sim.start(spec("i2", "cold", &[9])), Err(BackendError::GpuUnavailable(9)));
+        let inv = sim.inventory();
+        assert_eq!(inv.running.len(), 1);
+        let hot = inv.checkpoints.iter().find(|c| c.model == "hot").expect("listed");
+        assert_eq!(hot.tier, Tier::Gpu as i32, "a loaded checkpoint is resident in GPU memory");
+
+        let req = SimRequest {
+            instance_id: "i1".into(),
+            prompt: "say hi".into(),
+            max_tokens: 5,
+            seed: 1,
+        };
+        let mut out = sim.generate(req.clone());
+        let mut text = String::new();
+        let mut done = None;
+        while let Some(o) = out.recv().await {
+            match o {
+                SimOutput::Token(t) => text.push_str(&t),
+                other => done = Some(other),
+            }
+        }
+        assert_eq!(done, Some(SimOutput::Done { prompt_tokens: 2, completion_tokens: 5 }));
+        let expected: String = (0..5).map(|i| token_text(1, "say hi", i)).collect();
+        assert_eq!(text, expected);
+
+        sim.stop("i1");
+        assert_eq!(
+            events.recv().await,
+            Some(InstanceEvent::Stopped { instance_id: "i1".into(), reason: "stopped".into() })
+        );
+        assert!(sim.inventory().running.is_empty());
+        let mut out = sim.generate(req);
+        assert!(matches!(out.recv().await, Some(SimOutput::Error(_))));
+    }
+
+    #[tokio::test]
+    async fn injected_faults() {
+        let mut config = fast();
+        config.fail_load.insert("cold".into());
+        config.crash_after_tokens = Some(3);
+        let (sim, mut events) = SimBackend::new(config);
+        sim.start(spec("bad", "cold", &[0])).expect("accepted");
+        events.recv().await;
+        match events.recv().await {
+            Some(InstanceEvent::Failed { instance_id, reason }) => {
+                assert_eq!(instance_id, "bad");
+                assert!(reason.contains("simulated"), "{reason}");
+            }
+            other => panic!("expected a failed load, got {other:?}"),
+        }
+        assert!(sim.inventory().running.is_empty(), "its GPU is free again");
+
+        sim.start(spec("i1", "hot", &[0])).expect("starts");
+        events.recv().await;
+        events.recv().await;
+        let mut out = sim.generate(SimRequest {
+            instance_id: "i1".into(),
+            prompt: "p".into(),
+            max_tokens: 10,
+            seed: 0,
+        });
+        let mut tokens = 0;
+        let mut last = None;
+        while let Some(o) = out.recv().await {
+            match o {
+                SimOutput::Token(_) => tokens += 1,
+                other => last = Some(other),
+            }
+        }
+        assert_eq!(tokens, 2, "the third token never arrives");
+        assert_eq!(last, Some(SimOutput::Error("simulated crash".into())));
+        assert!(matches!(events.recv().await, Some(InstanceEvent::Failed { .. })));
+    }
+
+    #[tokio::test]
+    async fn drain_waits_for_in_flight_requests() {
+        let mut config = fast();
+        config.time_scale = 1.0;
+        config.checkpoints.insert("hot".into(), (1, Tier::Gpu));
+        config.decode_per_token = Duration::from_millis(20);
+        let (sim, mut events) = SimBackend::new(config);
+        sim.start(spec("i1", "hot", &[0])).expect("starts");
+        events.recv().await;
+        events.recv().await;
+        let mut out = sim.generate(SimRequest {
+            instance_id: "i1".into(),
+            prompt: "p".into(),
+            max_tokens: 5,
+            seed: 0,
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        sim.drain("i1", Duration::from_secs(5));
+        let mut n = 0;
+        while let Some(o) = out.recv().await {
+            if let SimOutput::Token(_) = o {
+                n += 1;
+            }
+        }
+        assert_eq!(n, 5, "the in-flight request finished");
+        assert_eq!(
+            events.recv().await,
+            Some(InstanceEvent::Stopped { instance_id: "i1".into(), reason: "drained".into() })
+        );
+    }
+}
