@@ -104,3 +104,221 @@ impl Drop for RedisServer {
         let _ = self.child.wait();
     }
 }
+
+/// The join secret every test cluster uses.
+pub const JOIN_SECRET: &str = "test-join-secret-0123456789";
+
+/// A WorkerRegistry replica served in this process on an ephemeral port.
+pub struct RegistryReplica {
+    addr: std::net::SocketAddr,
+    shutdown: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RegistryReplica {
+    /// Starts a replica over `store` with `lease` and `heartbeat` timing.
+    pub async fn start(
+        store: Store,
+        lease: Duration,
+        heartbeat: Duration,
+    ) -> Result<RegistryReplica> {
+        let secret = service::JoinSecret::new(JOIN_SECRET).map_err(anyhow::Error::msg)?;
+        let mut config = worker_registry::RegistryConfig::new(secret);
+        config.lease = lease;
+        config.heartbeat_interval = heartbeat;
+        config.reap_interval = (lease / 4).max(Duration::from_millis(20));
+        let registry = worker_registry::Registry::new(store, config);
+        let listener = service::Listener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr();
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let token = shutdown.clone();
+        let task = tokio::spawn(async move {
+            if let Err(e) = registry.serve(listener, token).await {
+                eprintln!("registry replica failed: {e}");
+            }
+        });
+        Ok(RegistryReplica { addr, shutdown, task })
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A gRPC client of this replica.
+    pub async fn client(
+        &self,
+    ) -> Result<sllm_api::v1::worker_registry_client::WorkerRegistryClient<tonic::transport::Channel>>
+    {
+        Ok(sllm_api::v1::worker_registry_client::WorkerRegistryClient::connect(self.endpoint())
+            .await?)
+    }
+
+    /// Stops it abruptly: its connections break as if the process died.
+    pub fn kill(self) {
+        self.task.abort();
+    }
+
+    /// Stops it cleanly: sessions are closed and workers told to reconnect.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// A simulated worker agent running in this process.
+pub struct SimWorker {
+    /// The agent's handle.
+    pub agent: worker::Agent,
+    /// Its backend (to inspect instances or generate).
+    pub backend: worker::SimBackend,
+    shutdown: tokio_util::sync::CancellationToken,
+}
+
+impl SimWorker {
+    /// Starts an agent for `node` against `registries`, with a token from [`JOIN_SECRET`].
+    pub fn start(registries: Vec<String>, node: &str, sim: worker::SimConfig) -> Result<SimWorker> {
+        Self::start_with(registries, node, sim, None, |_| {})
+    }
+
+    /// Like [`SimWorker::start`], on a shared channel and with the agent config adjusted.
+    pub fn start_with(
+        registries: Vec<String>,
+        node: &str,
+        sim: worker::SimConfig,
+        channel: Option<tonic::transport::Channel>,
+        adjust: impl FnOnce(&mut worker::AgentConfig),
+    ) -> Result<SimWorker> {
+        let secret = service::JoinSecret::new(JOIN_SECRET).map_err(anyhow::Error::msg)?;
+        let mut config = worker::AgentConfig::new(registries, node, secret.token_for(node));
+        config.address = format!("sim-{node}");
+        config.backoff_base = Duration::from_millis(20);
+        config.backoff_max = Duration::from_millis(500);
+        adjust(&mut config);
+        let (backend, events) = worker::SimBackend::new(sim);
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let agent = worker::Agent::spawn(
+            config,
+            std::sync::Arc::new(backend.clone()),
+            events,
+            channel,
+            shutdown.clone(),
+        );
+        Ok(SimWorker { agent, backend, shutdown })
+    }
+
+    /// Waits until it is ready with an epoch other than `not_epoch` (0: any).
+    pub async fn ready(&mut self, not_epoch: u64) -> Result<u64> {
+        self.agent
+            .wait_ready(not_epoch, Duration::from_secs(10))
+            .await
+            .with_context(|| format!("worker not ready: {:?}", self.agent.state()))
+    }
+}
+
+impl Drop for SimWorker {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Polls `f` every 10 ms until it returns Some, or fails after `within`.
+pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return Ok(v);
+        }
+        if start.elapsed() > within {
+            bail!("timed out after {within:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The `sllm` binary built next to the test executable (`cargo nextest run --workspace` and
+/// `cargo test --workspace` build it).
+pub fn sllm_bin() -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    // target/<profile>/deps/<test>-<hash> -> target/<profile>/sllm
+    let dir = exe.parent().and_then(Path::parent).context("no target directory")?;
+    let bin = dir.join("sllm");
+    if !bin.exists() {
+        bail!("{} is missing: build it with `cargo build -p sllm`", bin.display());
+    }
+    Ok(bin)
+}
+
+/// A child process, killed (SIGKILL) when dropped.
+pub struct Proc {
+    child: Child,
+    /// Its stdout lines after the one waited for, collected in the background.
+    pub lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Proc {
+    /// Starts `sllm args…` with `env`, and waits (up to 20 s) for a stdout line containing
+    /// `ready_marker`; returns the process and that line.
+    pub fn sllm(args: &[&str], env: &[(&str, &str)], ready_marker: &str) -> Result<(Proc, String)> {
+        use std::io::BufRead;
+        let mut cmd = Command::new(sllm_bin()?);
+        cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::inherit());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().context("starting sllm")?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        let marker = ready_marker.to_string();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                if !sent && line.contains(&marker) {
+                    let _ = tx.send(line);
+                    sent = true;
+                } else if let Ok(mut l) = sink.lock() {
+                    l.push(line);
+                }
+            }
+        });
+        let proc = Proc { child, lines };
+        let line = rx.recv_timeout(Duration::from_secs(20)).context("sllm did not become ready")?;
+        Ok((proc, line))
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGKILL and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends SIGTERM (a clean stop) and waits up to `within` for it to exit; true if it did.
+    pub fn terminate(&mut self, within: Duration) -> bool {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let start = Instant::now();
+        while start.elapsed() < within {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

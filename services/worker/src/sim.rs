@@ -43,6 +43,8 @@ pub struct SimConfig {
     pub time_scale: f64,
     /// Models whose load fails.
     pub fail_load: HashSet<String>,
+    /// Models whose start is refused at once (as an engine that does not support them would).
+    pub refuse_start: HashSet<String>,
     /// An instance crashes after producing this many tokens (across its requests).
     pub crash_after_tokens: Option<u64>,
 }
@@ -66,6 +68,7 @@ impl Default for SimConfig {
             batch_slowdown: 0.05,
             time_scale: 1.0,
             fail_load: HashSet::new(),
+            refuse_start: HashSet::new(),
             crash_after_tokens: None,
         }
     }
@@ -196,6 +199,11 @@ impl SimBackend {
             SimBackend { config: Arc::new(config), state: Arc::new(Mutex::new(state)), events: tx },
             rx,
         )
+    }
+
+    /// Instances it runs now (loading, ready or draining).
+    pub fn inventory_running(&self) -> Vec<pb::RunningInstance> {
+        self.inventory().running
     }
 
     /// The configuration.
@@ -385,6 +393,9 @@ impl Backend for SimBackend {
     }
 
     fn start(&self, spec: StartSpec) -> Result<(), BackendError> {
+        if self.config.refuse_start.contains(&spec.model) {
+            return Err(BackendError::Unsupported(format!("model {} (simulated)", spec.model)));
+        }
         let cancel = CancellationToken::new();
         let started = self.with_state(|s| {
             if s.instances.contains_key(&spec.instance_id) {
