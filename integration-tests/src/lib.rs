@@ -244,13 +244,12 @@ where
 /// `cargo test --workspace` build it).
 pub fn sllm_bin() -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
-    // target/<profile>/deps/<test>-<hash> -> target/<profile>/sllm
-    let dir = exe.parent().and_then(Path::parent).context("no target directory")?;
-    let bin = dir.join("sllm");
-    if !bin.exists() {
-        bail!("{} is missing: build it with `cargo build -p sllm`", bin.display());
-    }
-    Ok(bin)
+    // A test runs from target/<profile>/deps/, a benchmark binary from target/<profile>/.
+    let dir = exe.parent().context("no target directory")?;
+    let candidates = [dir.join("sllm"), dir.parent().map(|d| d.join("sllm")).unwrap_or_default()];
+    candidates.into_iter().find(|p| p.is_file()).with_context(|| {
+        format!("no sllm binary next to {}: build it with `cargo build -p sllm`", exe.display())
+    })
 }
 
 /// A child process, killed (SIGKILL) when dropped.
