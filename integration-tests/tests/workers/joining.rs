@@ -165,3 +165,85 @@ async fn an_address_held_by_a_live_node_is_refused_naming_it() {
     assert!(err.message().contains("w1"), "{}", err.message());
     assert!(store.get_worker("w2").await.unwrap().is_none());
 }
+
+#[tokio::test]
+async fn health_and_reflection_answer_for_the_registry() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
+
+    let (_redis, _store, replica) = cluster().await;
+    let channel = tonic::transport::Endpoint::from_shared(replica.endpoint())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel.clone());
+    let status = health
+        .check(HealthCheckRequest { service: "sllm.v1.WorkerRegistry".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(status, ServingStatus::Serving as i32);
+    let err =
+        health.check(HealthCheckRequest { service: "sllm.v1.Nope".into() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+
+    // v1alpha is what grpcurl 1.8 speaks.
+    let mut reflection = ServerReflectionClient::new(channel);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut resp =
+        reflection.server_reflection_info(tokio_stream::iter([req])).await.unwrap().into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        resp.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("expected a service list");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for expected in [
+        "sllm.v1.WorkerRegistry",
+        "sllm.v1.ModelRegistry",
+        "sllm.v1.Dispatch",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(names.iter().any(|n| n == expected), "{expected} missing from {names:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_worker_whose_session_drops_rejoins_and_keeps_its_instances() {
+    let (_redis, store, replica) = cluster().await;
+    let mut w = SimWorker::start_with(vec![replica.endpoint()], "w1", fast_sim(), None, |c| {
+        c.drop_session_after = Some(Duration::from_millis(400));
+    })
+    .unwrap();
+    w.ready(0).await.unwrap();
+    deploy(&store, "m").await;
+    let lease = lead(&store).await;
+    place(&store, &lease, "i1", "m", "w1", &[0]).await;
+    eventually(Duration::from_secs(5), "instance ready", || async {
+        (instance_status(&store, "i1").await? == kvstore::InstanceStatus::Ready).then_some(())
+    })
+    .await
+    .unwrap();
+    // The session drops (fault injection) and the worker comes back with a new epoch; what it
+    // reports running wins, so the instance is ready again and never restarted.
+    let epoch = w.ready(1).await.unwrap();
+    assert!(epoch >= 2);
+    eventually(Duration::from_secs(5), "instance ready again", || async {
+        let w = store.get_worker("w1").await.unwrap()?;
+        let ready = instance_status(&store, "i1").await? == kvstore::InstanceStatus::Ready;
+        (ready && w.status == WorkerStatus::Ready && w.epoch >= 2).then_some(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(w.backend.inventory_running().len(), 1);
+    assert_eq!(store.get_instance("i1").await.unwrap().unwrap().gpus, [0]);
+}
