@@ -21,6 +21,7 @@ local K = {
   lease_deadlines = ROOT .. 'lease_deadlines',
   workers = ROOT .. 'workers',
   commands_notify = ROOT .. 'commands_notify',
+  demand_reporters = ROOT .. 'demand_reporters',
   deployment = function(name) return ROOT .. 'deployment:' .. name end,
   deployments_status = function(s) return ROOT .. 'deployments:status:' .. s end,
   model_instances = function(name) return ROOT .. 'instances:model:' .. name end,
@@ -35,6 +36,7 @@ local K = {
   commands_acked = function(id) return ROOT .. 'commands_acked:' .. id end,
   leader = function(role) return ROOT .. 'leader:' .. role end,
   leader_token = function(role) return ROOT .. 'leader_token:' .. role end,
+  demand = function(reporter) return ROOT .. 'demand:' .. reporter end,
 }
 
 -- Milliseconds since the Unix epoch, from the Redis server's clock: every lease in the cluster

@@ -223,6 +223,27 @@ impl Store {
         self.read_instances(self.keys().instances_status(status.as_str())).await
     }
 
+    /// Every live (not stopped or failed) instance, sorted by id: one SMEMBERS per status and
+    /// one pipelined read of the records.
+    pub async fn live_instances(&self) -> Result<Vec<InstanceRecord>> {
+        let mut pipe = redis::pipe();
+        for s in InstanceStatus::ALL.iter().filter(|s| !s.is_terminal()) {
+            pipe.cmd("SMEMBERS").arg(self.keys().instances_status(s.as_str()));
+        }
+        let sets: Vec<Vec<String>> = self.read_pipe(&pipe).await?;
+        let mut ids: Vec<String> = sets.into_iter().flatten().collect();
+        ids.sort();
+        ids.dedup();
+        let keys = ids.iter().map(|i| self.keys().instance(i)).collect();
+        let mut out = Vec::with_capacity(ids.len());
+        for f in self.hgetall_many(keys).await? {
+            if !f.is_empty() {
+                out.push(InstanceRecord::from_fields(&f)?);
+            }
+        }
+        Ok(out)
+    }
+
     async fn read_instances(&self, index: String) -> Result<Vec<InstanceRecord>> {
         let mut ids = self.smembers(index).await?;
         ids.sort();

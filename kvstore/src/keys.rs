@@ -114,6 +114,14 @@ impl Keys {
     pub fn leader_token(&self, role: &str) -> String {
         self.k("leader_token:", role)
     }
+    /// Sorted set: Dispatch replica id -> expiry of its demand report.
+    pub fn demand_reporters(&self) -> String {
+        self.k("demand_reporters", "")
+    }
+    /// One Dispatch replica's demand report (model -> "queued:in_flight").
+    pub fn demand(&self, reporter: &str) -> String {
+        self.k("demand:", reporter)
+    }
     /// A scratch counter (benchmarks only).
     pub fn scratch(&self, name: &str) -> String {
         self.k("scratch:", name)

@@ -12,6 +12,7 @@
 pub mod commands;
 pub mod config;
 mod conn;
+pub mod demand;
 pub mod deployment;
 pub mod error;
 pub mod events;
@@ -29,6 +30,7 @@ use std::sync::Arc;
 
 pub use commands::{CommandEntry, CommandReader, NotifyReader};
 pub use config::StoreConfig;
+pub use demand::Demand;
 pub use deployment::{AutoScaling, DeploymentRecord, DeploymentSpec, DeploymentStatus};
 pub use error::{Error, ErrorKind, Refusal, Result};
 pub use events::{Event, EventBatch, EventReader, Position};

@@ -38,6 +38,9 @@ pub(crate) struct Scripts {
     pub(crate) leader_release: Script,
     pub(crate) command_send: Script,
     pub(crate) command_ack: Script,
+    pub(crate) demand_report: Script,
+    pub(crate) demand_read: Script,
+    pub(crate) demand_event: Script,
 }
 
 impl Scripts {
@@ -61,6 +64,9 @@ impl Scripts {
             leader_release: lua!("leader_release"),
             command_send: lua!("command_send"),
             command_ack: lua!("command_ack"),
+            demand_report: lua!("demand_report"),
+            demand_read: lua!("demand_read"),
+            demand_event: lua!("demand_event"),
         }
     }
 }

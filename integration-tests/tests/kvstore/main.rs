@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod bad_input;
+mod demand;
 mod deployments;
 mod instances;
 mod leader;
