@@ -321,3 +321,62 @@ impl Drop for Proc {
         self.kill();
     }
 }
+
+/// A service served in this process on an ephemeral port.
+pub struct Served {
+    addr: std::net::SocketAddr,
+    shutdown: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+type ServeResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+impl Served {
+    async fn start<F, Fut>(serve: F) -> Result<Served>
+    where
+        F: FnOnce(service::Listener, tokio_util::sync::CancellationToken) -> Fut,
+        Fut: std::future::Future<Output = ServeResult> + Send + 'static,
+    {
+        let listener = service::Listener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr();
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let fut = serve(listener, shutdown.clone());
+        let task = tokio::spawn(async move {
+            if let Err(e) = fut.await {
+                eprintln!("service failed: {e}");
+            }
+        });
+        Ok(Served { addr, shutdown, task })
+    }
+
+    /// A ModelRegistry over `store`.
+    pub async fn model_registry(store: Store) -> Result<Served> {
+        Self::start(|l, s| model_registry::Registry::new(store).serve(l, s)).await
+    }
+
+    /// A Scaler replica over `store`.
+    pub async fn scaler(store: Store, config: scaler::ScalerConfig) -> Result<Served> {
+        Self::start(|l, s| scaler::Scaler::new(store, config).serve(l, s)).await
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A channel to it.
+    pub async fn channel(&self) -> Result<tonic::transport::Channel> {
+        Ok(tonic::transport::Endpoint::from_shared(self.endpoint())?.connect().await?)
+    }
+
+    /// Stops it abruptly, as if its process died: no lease released, no stream closed cleanly.
+    pub fn kill(self) {
+        self.task.abort();
+    }
+
+    /// Stops it cleanly.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = self.task.await;
+    }
+}

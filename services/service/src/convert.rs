@@ -157,3 +157,180 @@ pub fn running_from_pb(
         })
         .collect()
 }
+
+/// A protobuf Struct as a JSON object.
+pub fn struct_to_json(s: &prost_types::Struct) -> serde_json::Value {
+    serde_json::Value::Object(s.fields.iter().map(|(k, v)| (k.clone(), value_to_json(v))).collect())
+}
+
+fn value_to_json(v: &prost_types::Value) -> serde_json::Value {
+    use prost_types::value::Kind;
+    match &v.kind {
+        None | Some(Kind::NullValue(_)) => serde_json::Value::Null,
+        Some(Kind::NumberValue(n)) => {
+            // Whole numbers stay integers so `{"max_model_len": 4096}` round-trips as written.
+            if n.fract() == 0.0 && n.abs() < 9.0e15 {
+                serde_json::Value::from(*n as i64)
+            } else {
+                serde_json::Number::from_f64(*n)
+                    .map(serde_json::Value::Number)
+                    .unwrap_or(serde_json::Value::Null)
+            }
+        }
+        Some(Kind::StringValue(s)) => serde_json::Value::String(s.clone()),
+        Some(Kind::BoolValue(b)) => serde_json::Value::Bool(*b),
+        Some(Kind::StructValue(s)) => struct_to_json(s),
+        Some(Kind::ListValue(l)) => {
+            serde_json::Value::Array(l.values.iter().map(value_to_json).collect())
+        }
+    }
+}
+
+/// A JSON object as a protobuf Struct (anything but an object gives an empty Struct).
+pub fn json_to_struct(v: &serde_json::Value) -> prost_types::Struct {
+    match v {
+        serde_json::Value::Object(map) => prost_types::Struct {
+            fields: map.iter().map(|(k, v)| (k.clone(), json_to_value(v))).collect(),
+        },
+        _ => prost_types::Struct::default(),
+    }
+}
+
+fn json_to_value(v: &serde_json::Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    let kind = match v {
+        serde_json::Value::Null => Kind::NullValue(0),
+        serde_json::Value::Bool(b) => Kind::BoolValue(*b),
+        serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(0.0)),
+        serde_json::Value::String(s) => Kind::StringValue(s.clone()),
+        serde_json::Value::Array(a) => Kind::ListValue(prost_types::ListValue {
+            values: a.iter().map(json_to_value).collect(),
+        }),
+        serde_json::Value::Object(_) => Kind::StructValue(json_to_struct(v)),
+    };
+    prost_types::Value { kind: Some(kind) }
+}
+
+/// A scaling policy from the API, with ServerlessLLM's defaults for what is left out; fields
+/// are named under `prefix` in errors (e.g. `spec.auto_scaling_config`).
+pub fn autoscaling_from_pb(
+    a: Option<&pb::AutoScalingConfig>,
+    prefix: &str,
+) -> Result<kvstore::AutoScaling, tonic::Status> {
+    let Some(a) = a else { return Ok(kvstore::AutoScaling::default()) };
+    let non_negative = |name: &str, v: i32| -> Result<u32, tonic::Status> {
+        u32::try_from(v).map_err(|_| {
+            crate::field_status(
+                &format!("{prefix}.{name}"),
+                format!("must not be negative, got {v}"),
+            )
+        })
+    };
+    Ok(kvstore::AutoScaling {
+        metric: if a.metric.is_empty() { "concurrency".into() } else { a.metric.clone() },
+        target: a.target,
+        min_instances: non_negative("min_instances", a.min_instances)?,
+        max_instances: non_negative("max_instances", a.max_instances)?,
+        keep_alive_s: non_negative("keep_alive", a.keep_alive)?,
+    })
+}
+
+/// A deployment spec from the API, checked field by field (errors name `spec.<field>`).
+pub fn spec_from_pb(
+    spec: Option<&pb::DeploymentSpec>,
+) -> Result<kvstore::DeploymentSpec, tonic::Status> {
+    let spec = spec.ok_or_else(|| crate::field_status("spec", "is required"))?;
+    if spec.backend.is_empty() {
+        return Err(crate::field_status(
+            "spec.backend",
+            "must not be empty (e.g. \"vllm\", \"sim\")",
+        ));
+    }
+    let num_gpus = u32::try_from(spec.num_gpus).map_err(|_| {
+        crate::field_status("spec.num_gpus", format!("must not be negative, got {}", spec.num_gpus))
+    })?;
+    let out = kvstore::DeploymentSpec {
+        model: spec.model.clone(),
+        backend: spec.backend.clone(),
+        num_gpus,
+        autoscaling: autoscaling_from_pb(
+            spec.auto_scaling_config.as_ref(),
+            "spec.auto_scaling_config",
+        )?,
+        backend_config: match &spec.backend_config {
+            Some(s) => struct_to_json(s).to_string(),
+            None => String::new(),
+        },
+    };
+    out.validate().map_err(|e| crate::to_status(e, "spec"))?;
+    Ok(out)
+}
+
+/// The API's scaling policy.
+pub fn autoscaling_to_pb(a: &kvstore::AutoScaling) -> pb::AutoScalingConfig {
+    pb::AutoScalingConfig {
+        metric: a.metric.clone(),
+        target: a.target,
+        min_instances: a.min_instances as i32,
+        max_instances: a.max_instances as i32,
+        keep_alive: a.keep_alive_s as i32,
+    }
+}
+
+/// A stored deployment as the API shows it, with its instances counted by state.
+pub fn deployment_to_pb(
+    d: &kvstore::DeploymentRecord,
+    instances: &[&kvstore::InstanceRecord],
+) -> pb::Deployment {
+    let mut counts = pb::InstanceCounts::default();
+    for i in instances {
+        match i.status {
+            InstanceStatus::Pending => counts.pending += 1,
+            InstanceStatus::Loading => counts.loading += 1,
+            InstanceStatus::Ready => counts.ready += 1,
+            InstanceStatus::Draining => counts.draining += 1,
+            InstanceStatus::Lost => counts.lost += 1,
+            InstanceStatus::Stopped | InstanceStatus::Failed => {}
+        }
+    }
+    let backend_config = if d.spec.backend_config.is_empty() {
+        None
+    } else {
+        serde_json::from_str::<serde_json::Value>(&d.spec.backend_config)
+            .ok()
+            .map(|v| json_to_struct(&v))
+    };
+    pb::Deployment {
+        spec: Some(pb::DeploymentSpec {
+            model: d.spec.model.clone(),
+            backend: d.spec.backend.clone(),
+            num_gpus: d.spec.num_gpus as i32,
+            auto_scaling_config: Some(autoscaling_to_pb(&d.spec.autoscaling)),
+            backend_config,
+        }),
+        state: match d.status {
+            kvstore::DeploymentStatus::Active => pb::DeploymentState::Active,
+            kvstore::DeploymentStatus::Deleting => pb::DeploymentState::Deleting,
+        } as i32,
+        version: d.version,
+        created_unix_ms: d.created_ms,
+        updated_unix_ms: d.updated_ms,
+        desired_instances: d.desired,
+        instances: Some(counts),
+        last_error: d.last_error.clone(),
+    }
+}
+
+/// An instance record as the API shows it.
+pub fn instance_to_pb(i: &kvstore::InstanceRecord) -> pb::Instance {
+    pb::Instance {
+        instance_id: i.instance_id.clone(),
+        model: i.model.clone(),
+        worker_id: i.worker_id.clone(),
+        state: instance_state_to_pb(i.status) as i32,
+        gpus: i.gpus.clone(),
+        reason: i.reason.clone(),
+        version: i.version,
+        updated_unix_ms: i.updated_ms,
+    }
+}

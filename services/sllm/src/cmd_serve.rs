@@ -12,8 +12,12 @@ use worker_registry::{Registry, RegistryConfig};
 /// Services `sllm serve` can run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ServiceName {
+    /// Deploys, updates, deletes and lists models.
+    ModelRegistry,
     /// Holds workers' Session streams (registration, heartbeats, commands).
     WorkerRegistry,
+    /// Sizes models from demand and places instances (one leader among replicas).
+    Scaler,
 }
 
 /// Flags of `sllm serve`.
@@ -31,6 +35,21 @@ pub struct ServeArgs {
     /// Redis connections this process may open.
     #[arg(long, env = "SLLM_REDIS_POOL_SIZE", default_value_t = 32)]
     redis_pool_size: usize,
+    /// Address the ModelRegistry listens on (port 0 picks a free one).
+    #[arg(long, env = "SLLM_MODEL_REGISTRY_ADDR", default_value = "127.0.0.1:50051")]
+    model_registry_addr: String,
+    /// Address the Scaler's status API listens on (port 0 picks a free one).
+    #[arg(long, env = "SLLM_SCALER_ADDR", default_value = "127.0.0.1:50053")]
+    scaler_addr: String,
+    /// This replica's id (leader election, logs); default: host name and process id.
+    #[arg(long, env = "SLLM_REPLICA_ID")]
+    replica_id: Option<String>,
+    /// Scaler safety-net tick, in milliseconds.
+    #[arg(long, env = "SLLM_SCALER_TICK_MS", default_value_t = 1000)]
+    scaler_tick_ms: u64,
+    /// Scaler leader lease, in milliseconds.
+    #[arg(long, env = "SLLM_SCALER_LEASE_MS", default_value_t = 3000)]
+    scaler_lease_ms: u64,
     /// Address the WorkerRegistry listens on (port 0 picks a free one).
     #[arg(long, env = "SLLM_WORKER_REGISTRY_ADDR", default_value = "127.0.0.1:50052")]
     worker_registry_addr: String,
@@ -54,8 +73,36 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     let shutdown = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
 
+    let replica_id = args.replica_id.clone().unwrap_or_else(default_replica_id);
     for name in &args.services {
         match name {
+            ServiceName::ModelRegistry => {
+                let registry = model_registry::Registry::new(store.clone());
+                let listener = Listener::bind(&args.model_registry_addr).await?;
+                println!("sllm: model-registry listening on {}", listener.local_addr());
+                let shutdown = shutdown.clone();
+                tasks.spawn(async move {
+                    registry
+                        .serve(listener, shutdown)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("model-registry failed: {e}"))
+                });
+            }
+            ServiceName::Scaler => {
+                let mut config = scaler::ScalerConfig::new(replica_id.clone());
+                config.tick = Duration::from_millis(args.scaler_tick_ms.max(10));
+                config.lease = Duration::from_millis(args.scaler_lease_ms.max(100));
+                let scaler = scaler::Scaler::new(store.clone(), config);
+                let listener = Listener::bind(&args.scaler_addr).await?;
+                println!("sllm: scaler listening on {}", listener.local_addr());
+                let shutdown = shutdown.clone();
+                tasks.spawn(async move {
+                    scaler
+                        .serve(listener, shutdown)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("scaler failed: {e}"))
+                });
+            }
             ServiceName::WorkerRegistry => {
                 let registry = Registry::new(store.clone(), registry_config(&args)?);
                 let listener = Listener::bind(&args.worker_registry_addr).await?;
@@ -88,6 +135,15 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     })
     .await;
     Ok(())
+}
+
+/// `<host>-<pid>`: unique enough among replicas, and readable in logs.
+fn default_replica_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let host: String =
+        host.trim().chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').collect();
+    let host = if host.is_empty() { "sllm".to_string() } else { host };
+    format!("{host}-{}", std::process::id())
 }
 
 fn registry_config(args: &ServeArgs) -> Result<RegistryConfig> {

@@ -101,18 +101,16 @@ impl Registry {
             .add_service(service::reflection_v1()?)
             .add_service(service::reflection_v1alpha()?)
             .add_service(self.service());
-        let background = tokio::spawn({
-            let (registry, shutdown) = (self.clone(), shutdown.clone());
-            async move { registry.run_background(shutdown).await }
-        });
+        // Both run in this task, so aborting it (a crash, in tests) stops the background too.
         let registry = self.clone();
-        let result = router
-            .serve_with_incoming_shutdown(listener.incoming(), async move {
+        let server = router.serve_with_incoming_shutdown(listener.incoming(), {
+            let shutdown = shutdown.clone();
+            async move {
                 shutdown.cancelled().await;
                 registry.close_all_sessions();
-            })
-            .await;
-        background.abort();
+            }
+        });
+        let (result, ()) = tokio::join!(server, self.run_background(shutdown));
         Ok(result?)
     }
 

@@ -1,0 +1,195 @@
+//! ModelRegistry: deploy, update, delete, get and list model deployments. It validates a
+//! deployment field by field (ServerlessLLM's deploy fields), stores it through kvstore, and
+//! answers with what is stored. Scaling and placement are the Scaler's; deletion here only
+//! marks a deployment deleting, and the Scaler drains its instances and removes it.
+//!
+//! It must never call another service.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use kvstore::{InstanceRecord, Store};
+use service::convert;
+use sllm_api::v1 as pb;
+use sllm_api::v1::model_registry_server::{ModelRegistry, ModelRegistryServer};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+/// The ModelRegistry service. Cheap to clone.
+#[derive(Clone)]
+pub struct Registry {
+    store: Store,
+}
+
+impl Registry {
+    /// A registry over `store`.
+    pub fn new(store: Store) -> Registry {
+        Registry { store }
+    }
+
+    /// Serves it with gRPC health and reflection on `listener` until `shutdown`.
+    pub async fn serve(
+        self,
+        listener: service::Listener,
+        shutdown: CancellationToken,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let (reporter, health) = tonic_health::server::health_reporter();
+        reporter.set_serving::<ModelRegistryServer<Registry>>().await;
+        tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .add_service(health)
+            .add_service(service::reflection_v1()?)
+            .add_service(service::reflection_v1alpha()?)
+            .add_service(ModelRegistryServer::new(self))
+            .serve_with_incoming_shutdown(listener.incoming(), shutdown.cancelled_owned())
+            .await?;
+        Ok(())
+    }
+
+    /// Warnings about a spec that is allowed but probably wrong.
+    async fn warnings(&self, spec: &kvstore::DeploymentSpec) -> Vec<String> {
+        let mut out = Vec::new();
+        match self.store.list_workers().await {
+            Ok(workers) => {
+                let most = workers.iter().map(|w| w.inventory.gpus.len()).max().unwrap_or(0);
+                if workers.is_empty() {
+                    out.push(
+                        "no worker has registered yet: the model starts once one joins".to_string(),
+                    );
+                } else if spec.num_gpus as usize > most {
+                    out.push(format!(
+                        "num_gpus is {} but no registered worker has more than {most} GPUs: the model \
+                         cannot start until such a worker joins",
+                        spec.num_gpus
+                    ));
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot check workers for deploy warnings"),
+        }
+        out
+    }
+
+    async fn deployment(&self, model: &str) -> Result<pb::Deployment, Status> {
+        let d = self
+            .store
+            .get_deployment(model)
+            .await
+            .map_err(|e| service::to_status(e, ""))?
+            .ok_or_else(|| not_found(model))?;
+        let instances =
+            self.store.model_instances(model).await.map_err(|e| service::to_status(e, ""))?;
+        Ok(convert::deployment_to_pb(&d, &instances.iter().collect::<Vec<_>>()))
+    }
+}
+
+fn not_found(model: &str) -> Status {
+    Status::not_found(format!("model {model:?} is not deployed"))
+}
+
+/// Accepts ServerlessLLM's `name:backend` form and returns the name.
+fn model_name(name: &str) -> &str {
+    name.split_once(':').map(|(n, _)| n).unwrap_or(name)
+}
+
+#[tonic::async_trait]
+impl ModelRegistry for Registry {
+    async fn deploy(
+        &self,
+        request: Request<pb::DeployRequest>,
+    ) -> Result<Response<pb::DeployResponse>, Status> {
+        let spec = convert::spec_from_pb(request.get_ref().spec.as_ref())?;
+        let record = self.store.create_deployment(&spec).await.map_err(|e| match e.refusal() {
+            Some(kvstore::Refusal::AlreadyExists) => Status::already_exists(format!(
+                "model {:?} is already deployed; use Update to change its scaling, or Delete it first",
+                spec.model
+            )),
+            _ => service::to_status(e, "spec"),
+        })?;
+        let warnings = self.warnings(&spec).await;
+        tracing::info!(model = %spec.model, backend = %spec.backend, num_gpus = spec.num_gpus, "deployed");
+        Ok(Response::new(pb::DeployResponse {
+            deployment: Some(convert::deployment_to_pb(&record, &[])),
+            warnings,
+        }))
+    }
+
+    async fn update(
+        &self,
+        request: Request<pb::UpdateRequest>,
+    ) -> Result<Response<pb::UpdateResponse>, Status> {
+        let req = request.into_inner();
+        let model = model_name(&req.model);
+        let config = req
+            .auto_scaling_config
+            .as_ref()
+            .ok_or_else(|| service::field_status("auto_scaling_config", "is required"))?;
+        let autoscaling = convert::autoscaling_from_pb(Some(config), "auto_scaling_config")?;
+        self.store.update_autoscaling(model, &autoscaling, req.expected_version).await.map_err(
+            |e| match e.refusal() {
+                Some(kvstore::Refusal::NotFound) => not_found(model),
+                Some(kvstore::Refusal::StaleVersion { current }) => Status::aborted(format!(
+                    "model {model:?} changed meanwhile: expected version {}, it is at {current}",
+                    req.expected_version
+                )),
+                Some(kvstore::Refusal::WrongState { current }) => Status::failed_precondition(
+                    format!("model {model:?} is {current}; it cannot be updated"),
+                ),
+                _ => service::to_status(e, ""),
+            },
+        )?;
+        tracing::info!(%model, ?autoscaling, "updated");
+        Ok(Response::new(pb::UpdateResponse {
+            deployment: Some(self.deployment(model).await?),
+            warnings: vec![],
+        }))
+    }
+
+    async fn delete(
+        &self,
+        request: Request<pb::DeleteRequest>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
+        let name = request.into_inner().model;
+        let model = model_name(&name);
+        self.store.mark_deployment_deleting(model).await.map_err(|e| match e.refusal() {
+            Some(kvstore::Refusal::NotFound) => not_found(model),
+            Some(kvstore::Refusal::WrongState { .. }) => {
+                Status::failed_precondition(format!("model {model:?} is already being deleted"))
+            }
+            _ => service::to_status(e, ""),
+        })?;
+        tracing::info!(%model, "deleting");
+        Ok(Response::new(pb::DeleteResponse { deployment: Some(self.deployment(model).await?) }))
+    }
+
+    async fn get(
+        &self,
+        request: Request<pb::GetRequest>,
+    ) -> Result<Response<pb::Deployment>, Status> {
+        let name = request.into_inner().model;
+        Ok(Response::new(self.deployment(model_name(&name)).await?))
+    }
+
+    async fn list(
+        &self,
+        _request: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ListResponse>, Status> {
+        let deployments =
+            self.store.list_deployments().await.map_err(|e| service::to_status(e, ""))?;
+        let instances = self.store.live_instances().await.map_err(|e| service::to_status(e, ""))?;
+        let mut by_model: HashMap<&str, Vec<&InstanceRecord>> = HashMap::new();
+        for i in &instances {
+            by_model.entry(i.model.as_str()).or_default().push(i);
+        }
+        Ok(Response::new(pb::ListResponse {
+            deployments: deployments
+                .iter()
+                .map(|d| {
+                    convert::deployment_to_pb(
+                        d,
+                        by_model.get(d.spec.model.as_str()).map(Vec::as_slice).unwrap_or(&[]),
+                    )
+                })
+                .collect(),
+        }))
+    }
+}

@@ -1,0 +1,725 @@
+//! The leader: one task that owns the view and every model's scaling state, reacts to events
+//! (a demand event starts a model within milliseconds), and ticks as a safety net that also
+//! reconciles desired against actual. Every write it makes is fenced by its lease; the first
+//! refusal for a stale token makes it step down.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::{Duration, Instant};
+
+use kvstore::{
+    Actor as By, EventBatch, InstanceRecord, InstanceStatus, LeaderLease, Placement, Refusal,
+    Store, WorkerStatus,
+};
+use prost::Message;
+use sllm_api::v1 as pb;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::ScalerConfig;
+use crate::policy;
+use crate::view::View;
+
+/// Why the leader stopped leading.
+pub(crate) enum StepDown {
+    /// Its lease was lost (a write was refused, or renewal failed past the deadline).
+    LostLease,
+    /// Shutting down.
+    Shutdown,
+}
+
+/// What the Scaler remembers of one model between decisions (not stored: a new leader starts
+/// from the desired count in Redis and a clean slate).
+#[derive(Default)]
+struct ModelState {
+    below_since: Option<Instant>,
+    /// Demand announced by demand events: (queued, when), counted for a few seconds until the
+    /// batched reports catch up.
+    event_demand: Option<(u64, Instant)>,
+    failures: u32,
+    retry_at: Option<Instant>,
+    avoid: HashMap<String, Instant>,
+    gave_up: Option<String>,
+    last_version: u64,
+}
+
+/// How long an announced demand counts without a report confirming it.
+const EVENT_DEMAND_TTL: Duration = Duration::from_secs(3);
+
+pub(crate) struct Leader {
+    store: Store,
+    config: ScalerConfig,
+    lease: LeaderLease,
+    view: View,
+    models: HashMap<String, ModelState>,
+    lost_since: HashMap<String, Instant>,
+    draining_since: HashMap<String, Instant>,
+}
+
+enum Input {
+    Events(Vec<kvstore::Event>),
+    Resync,
+}
+
+impl Leader {
+    pub(crate) async fn lead(
+        store: Store,
+        config: ScalerConfig,
+        lease: LeaderLease,
+        shutdown: CancellationToken,
+    ) -> StepDown {
+        tracing::info!(holder = %lease.holder, token = lease.token, "leading");
+        let mut leader = Leader {
+            store: store.clone(),
+            config,
+            lease,
+            view: View::default(),
+            models: HashMap::new(),
+            lost_since: HashMap::new(),
+            draining_since: HashMap::new(),
+        };
+        // Take the stream position before the full read: events after it are applied on top.
+        let position = loop {
+            match store.event_position().await {
+                Ok(p) => break p,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the event position");
+                    if shutdown.is_cancelled() {
+                        return StepDown::Shutdown;
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        };
+        let (tx, mut rx) = mpsc::channel(64);
+        let reader_stop = CancellationToken::new();
+        tokio::spawn(read_events(store.event_reader(position), tx, reader_stop.clone()));
+        let _stop_reader = reader_stop.drop_guard();
+
+        let outcome = leader.run(&mut rx, &shutdown).await;
+        if matches!(outcome, StepDown::Shutdown) {
+            let _ = leader.store.release_leader(&leader.lease).await;
+        }
+        outcome
+    }
+
+    async fn run(
+        &mut self,
+        rx: &mut mpsc::Receiver<Input>,
+        shutdown: &CancellationToken,
+    ) -> StepDown {
+        let mut renew = tokio::time::interval(self.config.lease / 3);
+        let mut tick = tokio::time::interval(self.config.tick);
+        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let result = tokio::select! {
+                _ = shutdown.cancelled() => return StepDown::Shutdown,
+                _ = renew.tick() => self.renew().await,
+                _ = tick.tick() => self.full_pass("tick").await,
+                input = rx.recv() => match input {
+                    Some(Input::Events(events)) => self.apply(events).await,
+                    Some(Input::Resync) | None => self.full_pass("resync").await,
+                },
+            };
+            if let Err(step) = result {
+                return step;
+            }
+        }
+    }
+
+    async fn renew(&mut self) -> Result<(), StepDown> {
+        match self.store.renew_leader(&mut self.lease, self.config.lease).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.refusal().is_some_and(Refusal::is_not_leader) => Err(StepDown::LostLease),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot renew the leader lease");
+                // Without a renewal the lease ends at its deadline; stop acting before then.
+                if now_ms() + 200 >= self.lease.deadline_ms {
+                    Err(StepDown::LostLease)
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    /// Re-reads everything and decides for every model.
+    async fn full_pass(&mut self, trigger: &str) -> Result<(), StepDown> {
+        match View::load(&self.store).await {
+            Ok(v) => self.view = v,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the cluster state; keeping the last view");
+                return Ok(());
+            }
+        }
+        let models: Vec<String> = self.view.deployments.keys().cloned().collect();
+        let view = &self.view;
+        self.models.retain(|m, _| view.deployments.contains_key(m));
+        for m in models {
+            self.decide(&m, trigger).await?;
+        }
+        Ok(())
+    }
+
+    /// Applies events to the view, then decides for the models they touched.
+    async fn apply(&mut self, events: Vec<kvstore::Event>) -> Result<(), StepDown> {
+        let mut dirty: BTreeSet<String> = BTreeSet::new();
+        let mut trigger = "event";
+        let mut worker_changed = false;
+        for e in events {
+            match e.kind.as_str() {
+                "demand" => {
+                    let queued = e.field("queued").and_then(|q| q.parse().ok()).unwrap_or(1);
+                    self.models.entry(e.entity.clone()).or_default().event_demand =
+                        Some((queued, Instant::now()));
+                    trigger = "demand event";
+                    dirty.insert(e.entity);
+                }
+                k if k.starts_with("deployment.") => {
+                    match self.store.get_deployment(&e.entity).await {
+                        Ok(Some(d)) => {
+                            self.view.deployments.insert(e.entity.clone(), d);
+                        }
+                        Ok(None) => {
+                            self.view.deployments.remove(&e.entity);
+                            self.models.remove(&e.entity);
+                        }
+                        Err(err) => {
+                            tracing::warn!(error = %err, "cannot read deployment {}", e.entity)
+                        }
+                    }
+                    dirty.insert(e.entity);
+                }
+                k if k.starts_with("worker.") => {
+                    self.refresh_worker(&e.entity).await;
+                    worker_changed = true;
+                }
+                k if k.starts_with("instance.") => {
+                    let previous = self.view.instances.get(&e.entity).map(|i| i.status);
+                    let rec = match self.store.get_instance(&e.entity).await {
+                        Ok(r) => r,
+                        Err(err) => {
+                            tracing::warn!(error = %err, "cannot read instance {}", e.entity);
+                            continue;
+                        }
+                    };
+                    let model = e.field("model").unwrap_or_default().to_string();
+                    if let Some(r) = &rec {
+                        match r.status {
+                            InstanceStatus::Failed => self.load_failed(&model, r, previous),
+                            InstanceStatus::Ready => {
+                                let state = self.models.entry(model.clone()).or_default();
+                                state.failures = 0;
+                                state.retry_at = None;
+                                if state.gave_up.take().is_some() {
+                                    self.write_desired(&model, None, "").await?;
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                    self.view.set_instance(&e.entity, rec);
+                    if let Some(w) = e.field("worker") {
+                        let w = w.to_string();
+                        self.refresh_worker(&w).await;
+                    }
+                    dirty.insert(model);
+                }
+                _ => {}
+            }
+        }
+        if worker_changed {
+            // New or lost capacity matters to any model short of its desired count.
+            let short: Vec<String> = self
+                .view
+                .deployments
+                .values()
+                .filter(|d| d.desired > self.view.actual(&d.spec.model))
+                .map(|d| d.spec.model.clone())
+                .collect();
+            dirty.extend(short);
+        }
+        for m in dirty {
+            if !m.is_empty() {
+                self.decide(&m, trigger).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn refresh_worker(&mut self, id: &str) {
+        match self.store.get_worker(id).await {
+            Ok(Some(w)) => {
+                self.view.workers.insert(id.to_string(), w);
+            }
+            Ok(None) => {
+                self.view.workers.remove(id);
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read worker {id}"),
+        }
+    }
+
+    fn load_failed(&mut self, model: &str, rec: &InstanceRecord, previous: Option<InstanceStatus>) {
+        // Only a failure to start counts towards giving up; a crash of a serving instance is
+        // simply replaced.
+        if !matches!(previous, Some(InstanceStatus::Pending | InstanceStatus::Loading)) {
+            return;
+        }
+        let max = self.config.max_load_failures;
+        let state = self.models.entry(model.to_string()).or_default();
+        state.failures += 1;
+        state.avoid.insert(rec.worker_id.clone(), Instant::now() + Duration::from_secs(30));
+        let backoff = Duration::from_millis(100 * (1u64 << state.failures.min(6)))
+            .min(Duration::from_secs(5));
+        let jitter = Duration::from_millis(rand::random::<u64>() % 50);
+        state.retry_at = Some(Instant::now() + backoff + jitter);
+        tracing::warn!(%model, instance = %rec.instance_id, worker = %rec.worker_id, failures = state.failures, reason = %rec.reason, "instance failed to start");
+        if state.failures >= max && state.gave_up.is_none() {
+            state.gave_up = Some(format!(
+                "gave up after {} failed starts; last on {}: {}",
+                state.failures, rec.worker_id, rec.reason
+            ));
+        }
+    }
+
+    /// Decides for one model and acts.
+    async fn decide(&mut self, model: &str, trigger: &str) -> Result<(), StepDown> {
+        let Some(d) = self.view.deployments.get(model).cloned() else { return Ok(()) };
+        let now = Instant::now();
+        let state = self.models.entry(model.to_string()).or_default();
+        if state.last_version != d.version {
+            // A user's update gives a model that was given up on a fresh start.
+            if state.last_version != 0 && state.gave_up.is_some() {
+                state.gave_up = None;
+                state.failures = 0;
+                state.retry_at = None;
+            }
+            state.last_version = d.version;
+        }
+        let deleting = d.status == kvstore::DeploymentStatus::Deleting;
+        let reported = self.view.demand.get(model).map(|x| x.total()).unwrap_or(0);
+        let announced = match state.event_demand {
+            Some((q, at)) if now.duration_since(at) < EVENT_DEMAND_TTL => q,
+            _ => 0,
+        };
+        let demand = reported.max(announced);
+        let wanted = if deleting { 0 } else { policy::wanted(demand, &d.spec.autoscaling) };
+        let keep_alive = Duration::from_secs(u64::from(d.spec.autoscaling.keep_alive_s));
+        let committed = if deleting {
+            state.below_since = None;
+            0
+        } else {
+            policy::commit(d.desired, wanted, keep_alive, &mut state.below_since, now)
+        };
+        let gave_up = state.gave_up.clone();
+        let waiting = state.retry_at.is_some_and(|t| t > now);
+
+        let mut reason = String::new();
+        if committed != d.desired {
+            reason = if committed > d.desired {
+                if trigger == "demand event" {
+                    format!("scale {}->{committed}: demand event ({demand} waiting)", d.desired)
+                } else if demand == 0 {
+                    format!(
+                        "scale {}->{committed}: min_instances is {}",
+                        d.desired, d.spec.autoscaling.min_instances
+                    )
+                } else {
+                    format!(
+                        "scale {}->{committed}: demand {demand}, target {} per instance",
+                        d.desired, d.spec.autoscaling.target
+                    )
+                }
+            } else if deleting {
+                format!("scale {}->0: deployment is being deleted", d.desired)
+            } else {
+                format!(
+                    "scale {}->{committed}: demand {demand} stayed below for keep_alive {} s",
+                    d.desired, d.spec.autoscaling.keep_alive_s
+                )
+            };
+        }
+
+        // Place what is missing.
+        let actual = self.view.actual(model);
+        let mut placed = Vec::new();
+        if committed > actual && gave_up.is_none() && !waiting {
+            for _ in actual..committed {
+                match self.place_one(&d).await? {
+                    Some(p) => placed.push(p),
+                    None => break,
+                }
+            }
+            if placed.is_empty() {
+                tracing::debug!(%model, need = d.spec.num_gpus, "no worker can take an instance now");
+            }
+        }
+        if !placed.is_empty() {
+            if reason.is_empty() {
+                reason = format!("replace {} of {committed}: {actual} running", placed.len());
+            }
+            reason = format!("{reason}; {}", placed.join("; "));
+        }
+
+        // Drain what is surplus.
+        if committed < actual {
+            self.drain_surplus(model, actual - committed).await?;
+        }
+        self.settle_lost_and_stuck(model).await?;
+
+        let error = gave_up.unwrap_or_default();
+        if !reason.is_empty() || error != d.last_error {
+            if !reason.is_empty() {
+                tracing::info!(%model, %reason, "scaling decision");
+            }
+            let decision = (!reason.is_empty()).then_some((d.desired, committed, reason));
+            self.write_desired(model, decision, &error).await?;
+            if let Some(view) = self.view.deployments.get_mut(model) {
+                view.desired = committed;
+            }
+        }
+
+        if deleting && self.view.instances_of(model).next().is_none() {
+            match self.store.remove_deployment(model).await {
+                Ok(()) => {
+                    tracing::info!(%model, "deployment removed");
+                    self.view.deployments.remove(model);
+                    self.models.remove(model);
+                }
+                Err(e) if e.refusal().is_some() => {}
+                Err(e) => tracing::warn!(%model, error = %e, "cannot remove deployment"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Records the desired count and the decision (or only the error) in Redis.
+    async fn write_desired(
+        &mut self,
+        model: &str,
+        decision: Option<(u32, u32, String)>,
+        error: &str,
+    ) -> Result<(), StepDown> {
+        let Some(d) = self.view.deployments.get(model) else { return Ok(()) };
+        let (desired, json) = match decision {
+            Some((from, to, reason)) => {
+                let json = serde_json::json!({ "from": from, "to": to, "reason": reason, "at_ms": now_ms() });
+                (to, json.to_string())
+            }
+            None => (d.desired, d.last_decision.clone()),
+        };
+        match self.store.set_desired(&self.lease, model, desired, &json, error).await {
+            Ok(_) => {
+                if let Some(d) = self.view.deployments.get_mut(model) {
+                    d.desired = desired;
+                    d.last_decision = json;
+                    d.last_error = error.to_string();
+                }
+                Ok(())
+            }
+            Err(e) => self.fenced(e, "set desired"),
+        }
+    }
+
+    /// Places one new instance of `d`; returns a description of where, or None if no worker
+    /// can take it.
+    async fn place_one(
+        &mut self,
+        d: &kvstore::DeploymentRecord,
+    ) -> Result<Option<String>, StepDown> {
+        let model = d.spec.model.as_str();
+        let now = Instant::now();
+        let avoid: Vec<String> = self
+            .models
+            .get(model)
+            .map(|s| {
+                s.avoid.iter().filter(|(_, until)| **until > now).map(|(w, _)| w.clone()).collect()
+            })
+            .unwrap_or_default();
+        let fallback = self
+            .view
+            .workers
+            .values()
+            .flat_map(|w| w.inventory.checkpoints.iter())
+            .filter(|c| c.model == model)
+            .map(|c| c.size_bytes)
+            .max()
+            .unwrap_or(self.config.default_checkpoint_bytes);
+        let default_size = self.config.default_checkpoint_bytes;
+        let view = &self.view;
+        let queue = |w: &kvstore::WorkerRecord| -> f64 {
+            view.instances
+                .values()
+                .filter(|i| {
+                    i.worker_id == w.worker_id
+                        && matches!(i.status, InstanceStatus::Pending | InstanceStatus::Loading)
+                })
+                .map(|i| policy::load_estimate(w, &i.model, default_size).0)
+                .sum()
+        };
+        let candidate = policy::place(
+            view.workers
+                .values()
+                .filter(|w| w.status == WorkerStatus::Ready && !avoid.contains(&w.worker_id)),
+            model,
+            d.spec.num_gpus,
+            fallback,
+            |w| w.free_gpus.clone(),
+            queue,
+            |w| view.replicas_on(&w.worker_id, model),
+        );
+        let Some(c) = candidate else { return Ok(None) };
+        let (worker, gpus, estimate, tier) =
+            (c.worker.worker_id.clone(), c.gpus.clone(), c.estimate, c.tier);
+        let instance_id = new_instance_id(model);
+        let command_id = format!("start-{instance_id}");
+        let backend_config = if d.spec.backend_config.is_empty() {
+            None
+        } else {
+            serde_json::from_str::<serde_json::Value>(&d.spec.backend_config)
+                .ok()
+                .map(|v| service::convert::json_to_struct(&v))
+        };
+        let command = pb::Command {
+            command_id: command_id.clone(),
+            action: Some(pb::command::Action::Start(pb::StartInstance {
+                instance_id: instance_id.clone(),
+                model: model.to_string(),
+                backend: d.spec.backend.clone(),
+                gpus: gpus.clone(),
+                backend_config,
+            })),
+        };
+        let placement = Placement {
+            instance_id: instance_id.clone(),
+            model: model.to_string(),
+            worker_id: worker.clone(),
+            gpus: gpus.clone(),
+            command_id,
+            command: command.encode_to_vec(),
+        };
+        match self.store.create_instance(&self.lease, &placement).await {
+            Ok(version) => {
+                if let Some(w) = self.view.workers.get_mut(&worker) {
+                    w.free_gpus.retain(|g| !gpus.contains(g));
+                }
+                let now = now_ms();
+                self.view.instances.insert(
+                    instance_id.clone(),
+                    InstanceRecord {
+                        instance_id: instance_id.clone(),
+                        model: model.to_string(),
+                        worker_id: worker.clone(),
+                        status: InstanceStatus::Pending,
+                        gpus,
+                        reason: String::new(),
+                        version,
+                        created_ms: now,
+                        updated_ms: now,
+                    },
+                );
+                Ok(Some(format!(
+                    "placed {instance_id} on {worker}: {}, est. {estimate:.1} s",
+                    policy::tier_words(tier)
+                )))
+            }
+            Err(e) => match e.refusal() {
+                Some(Refusal::NotLeader) => Err(StepDown::LostLease),
+                Some(_) => {
+                    // The view was stale (GPU taken, worker gone): re-read that worker; the
+                    // next event or tick tries again.
+                    tracing::info!(%model, %worker, error = %e, "placement refused");
+                    self.refresh_worker(&worker).await;
+                    Ok(None)
+                }
+                None => {
+                    tracing::warn!(%model, error = %e, "cannot place an instance");
+                    Ok(None)
+                }
+            },
+        }
+    }
+
+    /// Drains `n` instances of `model`: those not yet serving first, then the newest.
+    async fn drain_surplus(&mut self, model: &str, n: u32) -> Result<(), StepDown> {
+        let mut victims: Vec<InstanceRecord> = self
+            .view
+            .instances_of(model)
+            .filter(|i| {
+                matches!(
+                    i.status,
+                    InstanceStatus::Pending | InstanceStatus::Loading | InstanceStatus::Ready
+                )
+            })
+            .cloned()
+            .collect();
+        victims
+            .sort_by_key(|i| (i.status == InstanceStatus::Ready, std::cmp::Reverse(i.created_ms)));
+        for v in victims.into_iter().take(n as usize) {
+            let command = pb::Command {
+                command_id: format!("drain-{}", v.instance_id),
+                action: Some(pb::command::Action::Drain(pb::DrainInstance {
+                    instance_id: v.instance_id.clone(),
+                    grace_ms: self.config.drain_grace.as_millis() as u64,
+                })),
+            };
+            let body = command.encode_to_vec();
+            let r = self
+                .store
+                .transition_instance(
+                    &v.instance_id,
+                    InstanceStatus::Draining,
+                    By::Leader(&self.lease),
+                    "surplus",
+                    Some((&command.command_id, &body)),
+                )
+                .await;
+            match r {
+                Ok(_) => {
+                    tracing::info!(%model, instance = %v.instance_id, worker = %v.worker_id, "draining");
+                    if let Some(i) = self.view.instances.get_mut(&v.instance_id) {
+                        i.status = InstanceStatus::Draining;
+                    }
+                    self.draining_since.insert(v.instance_id.clone(), Instant::now());
+                }
+                Err(e) => self.fenced(e, "drain")?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Fails instances whose worker stayed lost too long, and stops drains that overran.
+    async fn settle_lost_and_stuck(&mut self, model: &str) -> Result<(), StepDown> {
+        let now = Instant::now();
+        let mut to_fail = Vec::new();
+        let mut to_stop = Vec::new();
+        for i in self.view.instances_of(model) {
+            match i.status {
+                InstanceStatus::Lost => {
+                    let since = *self.lost_since.entry(i.instance_id.clone()).or_insert(now);
+                    if now.duration_since(since) >= self.config.lost_grace {
+                        to_fail.push(i.instance_id.clone());
+                    }
+                }
+                InstanceStatus::Draining => {
+                    let since = *self.draining_since.entry(i.instance_id.clone()).or_insert(now);
+                    if now.duration_since(since) >= self.config.drain_grace * 2 {
+                        to_stop.push(i.instance_id.clone());
+                    }
+                }
+                _ => {
+                    self.lost_since.remove(&i.instance_id);
+                }
+            }
+        }
+        for id in to_fail {
+            let reason =
+                format!("worker lost for more than {} s", self.config.lost_grace.as_secs());
+            let r = self
+                .store
+                .transition_instance(
+                    &id,
+                    InstanceStatus::Failed,
+                    By::Leader(&self.lease),
+                    &reason,
+                    None,
+                )
+                .await;
+            match r {
+                Ok(_) => {
+                    self.view.instances.remove(&id);
+                    self.lost_since.remove(&id);
+                }
+                Err(e) => self.fenced(e, "fail lost instance")?,
+            }
+        }
+        for id in to_stop {
+            let command = pb::Command {
+                command_id: format!("stop-{id}"),
+                action: Some(pb::command::Action::Stop(pb::StopInstance {
+                    instance_id: id.clone(),
+                })),
+            };
+            let body = command.encode_to_vec();
+            let r = self
+                .store
+                .transition_instance(
+                    &id,
+                    InstanceStatus::Stopped,
+                    By::Leader(&self.lease),
+                    "drain overran its grace",
+                    Some((&command.command_id, &body)),
+                )
+                .await;
+            match r {
+                Ok(_) => {
+                    self.view.instances.remove(&id);
+                    self.draining_since.remove(&id);
+                }
+                Err(e) => self.fenced(e, "stop overrunning drain")?,
+            }
+        }
+        Ok(())
+    }
+
+    /// A refused write: a stale token means stepping down; anything else is logged.
+    fn fenced(&self, e: kvstore::Error, what: &str) -> Result<(), StepDown> {
+        match e.refusal() {
+            Some(Refusal::NotLeader) => Err(StepDown::LostLease),
+            Some(_) => {
+                tracing::info!(error = %e, "{what} refused");
+                Ok(())
+            }
+            None => {
+                tracing::warn!(error = %e, "{what} failed");
+                Ok(())
+            }
+        }
+    }
+}
+
+async fn read_events(
+    mut reader: kvstore::EventReader,
+    tx: mpsc::Sender<Input>,
+    stop: CancellationToken,
+) {
+    loop {
+        let batch = tokio::select! {
+            _ = stop.cancelled() => return,
+            b = reader.next_batch(Duration::from_secs(1), 512) => b,
+        };
+        let input = match batch {
+            Ok(EventBatch::Events(e)) if e.is_empty() => continue,
+            Ok(EventBatch::Events(e)) => Input::Events(e),
+            Ok(EventBatch::FellBehind { .. }) => Input::Resync,
+            Err(e) => {
+                tracing::warn!(error = %e, "event stream interrupted");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                Input::Resync
+            }
+        };
+        if tx.send(input).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A new instance id: the model name made id-safe, plus random hex.
+fn new_instance_id(model: &str) -> String {
+    let base: String = model
+        .chars()
+        .map(
+            |c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' { c } else { '.' },
+        )
+        .take(100)
+        .collect();
+    format!("{base}-{:08x}", rand::random::<u32>())
+}
+
+/// Wall-clock milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,126 @@
+//! The Scaler: sizes every model from its demand and places instances where they start fastest.
+//!
+//! Any number of replicas run; one leads, by a Redis lease with a fencing token, and only the
+//! leader writes desired counts and sends commands (a deposed leader's writes are refused by the
+//! scripts). Demand per model is what Dispatch replicas report (queued + in flight); desired is
+//! clamp(ceil(demand / target), min, max), raised at once and lowered only after `keep_alive`.
+//! A demand event from a cold request starts a model within milliseconds; a periodic tick is
+//! the safety net. It must never call another service.
+
+mod actor;
+mod grpc;
+pub mod policy;
+mod view;
+
+use std::time::Duration;
+
+use kvstore::{Acquired, Store};
+use sllm_api::v1::scaler_server::ScalerServer;
+use tokio_util::sync::CancellationToken;
+
+/// The leader lease's role name.
+pub const ROLE: &str = "scaler";
+
+/// Settings of a Scaler replica.
+#[derive(Debug, Clone)]
+pub struct ScalerConfig {
+    /// This replica's id (shown as the lease holder).
+    pub replica_id: String,
+    /// Leader lease length; a new leader takes over at most this long after the old one died.
+    pub lease: Duration,
+    /// Safety-net tick: full re-read and reconcile.
+    pub tick: Duration,
+    /// Failed starts of a model in a row before the Scaler gives up and shows the error.
+    pub max_load_failures: u32,
+    /// How long a drained instance may take to finish its requests.
+    pub drain_grace: Duration,
+    /// How long an instance on a lost worker waits for it before being written off.
+    pub lost_grace: Duration,
+    /// Checkpoint size assumed for a model no worker reports.
+    pub default_checkpoint_bytes: u64,
+}
+
+impl ScalerConfig {
+    /// Defaults for replica `replica_id`.
+    pub fn new(replica_id: impl Into<String>) -> ScalerConfig {
+        ScalerConfig {
+            replica_id: replica_id.into(),
+            lease: Duration::from_secs(3),
+            tick: Duration::from_secs(1),
+            max_load_failures: 3,
+            drain_grace: Duration::from_secs(30),
+            lost_grace: Duration::from_secs(30),
+            default_checkpoint_bytes: 4 << 30,
+        }
+    }
+}
+
+/// A Scaler replica. Cheap to clone.
+#[derive(Clone)]
+pub struct Scaler {
+    store: Store,
+    config: ScalerConfig,
+}
+
+impl Scaler {
+    /// A replica over `store`.
+    pub fn new(store: Store, config: ScalerConfig) -> Scaler {
+        Scaler { store, config }
+    }
+
+    /// Competes for the lead and, while leading, scales; until `shutdown`. On shutdown a leader
+    /// releases its lease so a successor takes over at once.
+    pub async fn run(&self, shutdown: CancellationToken) {
+        loop {
+            if shutdown.is_cancelled() {
+                return;
+            }
+            match self.store.acquire_leader(ROLE, &self.config.replica_id, self.config.lease).await
+            {
+                Ok(Acquired::Leader(lease)) => {
+                    let outcome = actor::Leader::lead(
+                        self.store.clone(),
+                        self.config.clone(),
+                        lease,
+                        shutdown.clone(),
+                    )
+                    .await;
+                    match outcome {
+                        actor::StepDown::Shutdown => return,
+                        actor::StepDown::LostLease => {
+                            tracing::warn!(replica = %self.config.replica_id, "lost the lead");
+                        }
+                    }
+                }
+                Ok(Acquired::Follower { .. }) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot compete for the lead"),
+            }
+            // Followers retry often enough to take over soon after the lease expires.
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(self.config.lease / 6) => {}
+            }
+        }
+    }
+
+    /// Serves the Scaler's status API (with health and reflection) on `listener` and competes
+    /// for the lead, until `shutdown`.
+    pub async fn serve(
+        self,
+        listener: service::Listener,
+        shutdown: CancellationToken,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let (reporter, health) = tonic_health::server::health_reporter();
+        reporter.set_serving::<ScalerServer<Scaler>>().await;
+        // Both run in this task, so aborting it (a crash, in tests) stops the leader too.
+        let leader = self.clone();
+        let server = tonic::transport::Server::builder()
+            .add_service(health)
+            .add_service(service::reflection_v1()?)
+            .add_service(service::reflection_v1alpha()?)
+            .add_service(ScalerServer::new(self))
+            .serve_with_incoming_shutdown(listener.incoming(), shutdown.clone().cancelled_owned());
+        let (result, ()) = tokio::join!(server, leader.run(shutdown));
+        Ok(result?)
+    }
+}

@@ -1,0 +1,240 @@
+//! The Scaler's pure decisions, with no I/O: how many instances a model should have, and which
+//! worker starts a new one fastest.
+
+use std::time::{Duration, Instant};
+
+use kvstore::{AutoScaling, Tier, WorkerRecord};
+
+/// Instances wanted for `demand` under `policy`: clamp(ceil(demand / target), min, max).
+pub fn wanted(demand: u64, policy: &AutoScaling) -> u32 {
+    let raw = if demand == 0 { 0.0 } else { (demand as f64 / policy.target).ceil() };
+    let raw = if raw.is_finite() { raw.min(u32::MAX as f64) as u32 } else { policy.max_instances };
+    raw.clamp(policy.min_instances, policy.max_instances)
+}
+
+/// The committed desired count after a new computation: up at once; down only once the wanted
+/// count has stayed below the committed one for `keep_alive`. `below_since` tracks that.
+pub fn commit(
+    committed: u32,
+    wanted: u32,
+    keep_alive: Duration,
+    below_since: &mut Option<Instant>,
+    now: Instant,
+) -> u32 {
+    if wanted >= committed {
+        *below_since = None;
+        return wanted;
+    }
+    let since = *below_since.get_or_insert(now);
+    if now.duration_since(since) >= keep_alive {
+        *below_since = None;
+        wanted
+    } else {
+        committed
+    }
+}
+
+/// Default load bandwidth of a tier when a worker did not report one (bytes/s).
+fn default_bandwidth(tier: Tier) -> u64 {
+    match tier {
+        Tier::Gpu => 1 << 40,
+        Tier::HostMemory => 16 << 30,
+        Tier::Disk => 2 << 30,
+        Tier::Remote => 500 << 20,
+    }
+}
+
+/// Human word for a tier.
+pub fn tier_words(tier: Tier) -> &'static str {
+    match tier {
+        Tier::Gpu => "checkpoint already in GPU memory",
+        Tier::HostMemory => "checkpoint in host memory",
+        Tier::Disk => "checkpoint on local disk",
+        Tier::Remote => "checkpoint fetched from remote storage",
+    }
+}
+
+/// Estimated seconds to load `model` on `w`: its size over the bandwidth of the best tier holding
+/// it there (remote if the worker does not hold it).
+pub fn load_estimate(w: &WorkerRecord, model: &str, fallback_size: u64) -> (f64, Tier) {
+    let (size, tier) = w
+        .inventory
+        .checkpoints
+        .iter()
+        .filter(|c| c.model == model)
+        .map(|c| (c.size_bytes, c.tier))
+        .min_by_key(|(_, t)| *t)
+        .unwrap_or((fallback_size, Tier::Remote));
+    let bw = w
+        .inventory
+        .bandwidths
+        .iter()
+        .find(|b| b.tier == tier)
+        .map(|b| b.bytes_per_second)
+        .unwrap_or_else(|| default_bandwidth(tier))
+        .max(1);
+    (size as f64 / bw as f64, tier)
+}
+
+/// A candidate worker for a new instance.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Candidate<'a> {
+    /// The worker.
+    pub worker: &'a WorkerRecord,
+    /// GPUs it would get.
+    pub gpus: Vec<u32>,
+    /// Estimated seconds until it is ready: its own load plus the worker's loads in progress.
+    pub estimate: f64,
+    /// Where its checkpoint comes from.
+    pub tier: Tier,
+}
+
+/// Picks the worker where a new instance of `model` needing `num_gpus` GPUs is ready soonest.
+/// `free(w)` gives the GPUs still free on `w`, `queue(w)` its loads in progress (seconds) and
+/// `replicas(w)` how many instances of the model it already has (spread on ties).
+pub fn place<'a>(
+    workers: impl Iterator<Item = &'a WorkerRecord>,
+    model: &str,
+    num_gpus: u32,
+    fallback_size: u64,
+    free: impl Fn(&WorkerRecord) -> Vec<u32>,
+    queue: impl Fn(&WorkerRecord) -> f64,
+    replicas: impl Fn(&WorkerRecord) -> usize,
+) -> Option<Candidate<'a>> {
+    let mut best: Option<(Candidate<'a>, usize)> = None;
+    for w in workers {
+        let mut gpus = free(w);
+        if gpus.len() < num_gpus as usize {
+            continue;
+        }
+        gpus.sort_unstable();
+        gpus.truncate(num_gpus as usize);
+        let (load, tier) = load_estimate(w, model, fallback_size);
+        let estimate = load + queue(w);
+        let spread = replicas(w);
+        let better = match &best {
+            None => true,
+            Some((b, b_spread)) => {
+                // Times within a millisecond count as a tie: then spread, then the id.
+                if (estimate - b.estimate).abs() > 1e-3 {
+                    estimate < b.estimate
+                } else if spread != *b_spread {
+                    spread < *b_spread
+                } else {
+                    w.worker_id < b.worker.worker_id
+                }
+            }
+        };
+        if better {
+            best = Some((Candidate { worker: w, gpus, estimate, tier }, spread));
+        }
+    }
+    best.map(|(c, _)| c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvstore::{Bandwidth, Checkpoint, GpuInfo, Inventory, WorkerStatus};
+
+    fn policy(min: u32, max: u32, target: f64) -> AutoScaling {
+        AutoScaling { min_instances: min, max_instances: max, target, ..AutoScaling::default() }
+    }
+
+    #[test]
+    fn wanted_is_clamped_ceil_of_demand_over_target() {
+        assert_eq!(wanted(0, &policy(0, 4, 1.0)), 0);
+        assert_eq!(wanted(0, &policy(1, 4, 1.0)), 1);
+        assert_eq!(wanted(1, &policy(0, 4, 1.0)), 1);
+        assert_eq!(wanted(9, &policy(0, 10, 4.0)), 3);
+        assert_eq!(wanted(100, &policy(0, 5, 1.0)), 5);
+        assert_eq!(wanted(3, &policy(0, 5, 0.5)), 5);
+    }
+
+    #[test]
+    fn scale_up_at_once_scale_down_after_keep_alive() {
+        let t0 = Instant::now();
+        let ka = Duration::from_secs(10);
+        let mut below = None;
+        assert_eq!(commit(1, 3, ka, &mut below, t0), 3);
+        assert_eq!(commit(3, 1, ka, &mut below, t0), 3);
+        assert_eq!(commit(3, 1, ka, &mut below, t0 + Duration::from_secs(9)), 3);
+        // Demand came back: the clock restarts.
+        assert_eq!(commit(3, 3, ka, &mut below, t0 + Duration::from_secs(9)), 3);
+        assert_eq!(commit(3, 0, ka, &mut below, t0 + Duration::from_secs(12)), 3);
+        assert_eq!(commit(3, 0, ka, &mut below, t0 + Duration::from_secs(22)), 0);
+        assert_eq!(commit(2, 0, Duration::ZERO, &mut None, t0), 0);
+    }
+
+    fn worker(id: &str, gpus: u32, checkpoints: &[(&str, u64, Tier)]) -> WorkerRecord {
+        WorkerRecord {
+            worker_id: id.into(),
+            epoch: 1,
+            status: WorkerStatus::Ready,
+            address: id.into(),
+            inventory: Inventory {
+                gpus: (0..gpus)
+                    .map(|index| GpuInfo { index, name: "sim".into(), memory_bytes: 1 })
+                    .collect(),
+                host_memory_bytes: 0,
+                checkpoints: checkpoints
+                    .iter()
+                    .map(|(m, s, t)| Checkpoint { model: m.to_string(), size_bytes: *s, tier: *t })
+                    .collect(),
+                bandwidths: vec![
+                    Bandwidth { tier: Tier::HostMemory, bytes_per_second: 10 << 30 },
+                    Bandwidth { tier: Tier::Disk, bytes_per_second: 1 << 30 },
+                    Bandwidth { tier: Tier::Remote, bytes_per_second: 100 << 20 },
+                ],
+            },
+            agent_version: String::new(),
+            registered_ms: 0,
+            version: 1,
+            free_gpus: (0..gpus).collect(),
+            instance_ids: vec![],
+            lease_deadline_ms: Some(0),
+        }
+    }
+
+    #[test]
+    fn placement_prefers_the_fastest_tier_then_spreads() {
+        let ws = [
+            worker("w1", 4, &[("m", 10 << 30, Tier::Disk)]),
+            worker("w2", 4, &[("m", 10 << 30, Tier::HostMemory)]),
+            worker("w3", 4, &[]),
+        ];
+        let free = |w: &WorkerRecord| w.free_gpus.clone();
+        let c = place(ws.iter(), "m", 1, 10 << 30, free, |_| 0.0, |_| 0).expect("a worker");
+        assert_eq!((c.worker.worker_id.as_str(), c.tier), ("w2", Tier::HostMemory));
+        assert!((c.estimate - 1.0).abs() < 1e-9);
+        // A queue of loads on w2 makes w1 (disk, 10 s) the better choice.
+        let c = place(
+            ws.iter(),
+            "m",
+            1,
+            10 << 30,
+            free,
+            |w| if w.worker_id == "w2" { 20.0 } else { 0.0 },
+            |_| 0,
+        )
+        .expect("a worker");
+        assert_eq!(c.worker.worker_id, "w1");
+        // Equal times: the worker with fewer replicas of the model wins.
+        let even = [worker("a", 2, &[]), worker("b", 2, &[])];
+        let c = place(even.iter(), "m", 1, 1, free, |_| 0.0, |w| usize::from(w.worker_id == "a"))
+            .expect("one");
+        assert_eq!(c.worker.worker_id, "b");
+    }
+
+    #[test]
+    fn placement_never_overcommits_gpus() {
+        let ws = [worker("w1", 2, &[]), worker("w2", 8, &[])];
+        let c =
+            place(ws.iter(), "m", 4, 1, |w| w.free_gpus.clone(), |_| 0.0, |_| 0).expect("w2 fits");
+        assert_eq!((c.worker.worker_id.as_str(), c.gpus.as_slice()), ("w2", &[0, 1, 2, 3][..]));
+        assert!(place(ws.iter(), "m", 9, 1, |w| w.free_gpus.clone(), |_| 0.0, |_| 0).is_none());
+        let busy =
+            |w: &WorkerRecord| if w.worker_id == "w2" { vec![5] } else { w.free_gpus.clone() };
+        assert!(place(ws.iter(), "m", 4, 1, busy, |_| 0.0, |_| 0).is_none());
+    }
+}
