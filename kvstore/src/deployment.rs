@@ -313,16 +313,35 @@ impl Store {
         Ok(Fields::new(key, map))
     }
 
+    /// HGETALL of many keys, pipelined in chunks spread over the connection lanes (one huge
+    /// reply parses far slower than several moderate ones read in parallel).
     pub(crate) async fn hgetall_many(&self, keys: Vec<String>) -> Result<Vec<Fields>> {
+        const CHUNK: usize = 512;
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipe = redis::pipe();
-        for k in &keys {
-            pipe.cmd("HGETALL").arg(k);
+        let pipes: Vec<redis::Pipeline> = keys
+            .chunks(CHUNK)
+            .map(|chunk| {
+                let mut pipe = redis::pipe();
+                for k in chunk {
+                    pipe.cmd("HGETALL").arg(k);
+                }
+                pipe
+            })
+            .collect();
+        let reads = pipes.iter().map(|pipe| self.read_pipe::<Vec<HashMap<String, String>>>(pipe));
+        let results = futures::future::try_join_all(reads).await?;
+        let mut out = Vec::with_capacity(keys.len());
+        let mut keys = keys.into_iter();
+        for maps in results {
+            for m in maps {
+                if let Some(k) = keys.next() {
+                    out.push(Fields::new(k, m));
+                }
+            }
         }
-        let maps: Vec<HashMap<String, String>> = self.read_pipe(&pipe).await?;
-        Ok(keys.into_iter().zip(maps).map(|(k, m)| Fields::new(k, m)).collect())
+        Ok(out)
     }
 
     pub(crate) async fn smembers(&self, key: String) -> Result<Vec<String>> {

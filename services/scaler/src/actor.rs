@@ -61,6 +61,23 @@ enum Input {
 }
 
 impl Leader {
+    pub(crate) fn new(store: Store, config: ScalerConfig, lease: LeaderLease) -> Leader {
+        Leader {
+            store,
+            config,
+            lease,
+            view: View::default(),
+            models: HashMap::new(),
+            lost_since: HashMap::new(),
+            draining_since: HashMap::new(),
+        }
+    }
+
+    /// The lease this leader holds.
+    pub(crate) fn lease(&self) -> &LeaderLease {
+        &self.lease
+    }
+
     pub(crate) async fn lead(
         store: Store,
         config: ScalerConfig,
@@ -68,15 +85,7 @@ impl Leader {
         shutdown: CancellationToken,
     ) -> StepDown {
         tracing::info!(holder = %lease.holder, token = lease.token, "leading");
-        let mut leader = Leader {
-            store: store.clone(),
-            config,
-            lease,
-            view: View::default(),
-            models: HashMap::new(),
-            lost_since: HashMap::new(),
-            draining_since: HashMap::new(),
-        };
+        let mut leader = Leader::new(store.clone(), config, lease);
         // Take the stream position before the full read: events after it are applied on top.
         let position = loop {
             match store.event_position().await {
@@ -109,13 +118,17 @@ impl Leader {
     ) -> StepDown {
         let mut renew = tokio::time::interval(self.config.lease / 3);
         let mut tick = tokio::time::interval(self.config.tick);
+        let mut resync = tokio::time::interval(self.config.resync);
         renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The first resync fires at once: it is the full read every leader starts with.
         loop {
             let result = tokio::select! {
                 _ = shutdown.cancelled() => return StepDown::Shutdown,
                 _ = renew.tick() => self.renew().await,
-                _ = tick.tick() => self.full_pass("tick").await,
+                _ = resync.tick() => self.full_pass("resync").await,
+                _ = tick.tick() => self.tick().await,
                 input = rx.recv() => match input {
                     Some(Input::Events(events)) => self.apply(events).await,
                     Some(Input::Resync) | None => self.full_pass("resync").await,
@@ -144,7 +157,7 @@ impl Leader {
     }
 
     /// Re-reads everything and decides for every model.
-    async fn full_pass(&mut self, trigger: &str) -> Result<(), StepDown> {
+    pub(crate) async fn full_pass(&mut self, trigger: &str) -> Result<(), StepDown> {
         match View::load(&self.store).await {
             Ok(v) => self.view = v,
             Err(e) => {
@@ -152,6 +165,20 @@ impl Leader {
                 return Ok(());
             }
         }
+        self.decide_all(trigger).await
+    }
+
+    /// The periodic safety net: fresh demand, and a decision for every model (keep_alive
+    /// expiries, retries after backoff, desired against actual) from the event-kept view.
+    pub(crate) async fn tick(&mut self) -> Result<(), StepDown> {
+        match self.store.read_demand().await {
+            Ok(d) => self.view.demand = d,
+            Err(e) => tracing::warn!(error = %e, "cannot read demand; deciding on the last known"),
+        }
+        self.decide_all("tick").await
+    }
+
+    async fn decide_all(&mut self, trigger: &str) -> Result<(), StepDown> {
         let models: Vec<String> = self.view.deployments.keys().cloned().collect();
         let view = &self.view;
         self.models.retain(|m, _| view.deployments.contains_key(m));
@@ -195,7 +222,7 @@ impl Leader {
                     worker_changed = true;
                 }
                 k if k.starts_with("instance.") => {
-                    let previous = self.view.instances.get(&e.entity).map(|i| i.status);
+                    let previous = self.view.instance(&e.entity).map(|i| i.status);
                     let rec = match self.store.get_instance(&e.entity).await {
                         Ok(r) => r,
                         Err(err) => {
@@ -448,12 +475,8 @@ impl Leader {
         let default_size = self.config.default_checkpoint_bytes;
         let view = &self.view;
         let queue = |w: &kvstore::WorkerRecord| -> f64 {
-            view.instances
-                .values()
-                .filter(|i| {
-                    i.worker_id == w.worker_id
-                        && matches!(i.status, InstanceStatus::Pending | InstanceStatus::Loading)
-                })
+            view.instances_on(&w.worker_id)
+                .filter(|i| matches!(i.status, InstanceStatus::Pending | InstanceStatus::Loading))
                 .map(|i| policy::load_estimate(w, &i.model, default_size).0)
                 .sum()
         };
@@ -504,20 +527,17 @@ impl Leader {
                     w.free_gpus.retain(|g| !gpus.contains(g));
                 }
                 let now = now_ms();
-                self.view.instances.insert(
-                    instance_id.clone(),
-                    InstanceRecord {
-                        instance_id: instance_id.clone(),
-                        model: model.to_string(),
-                        worker_id: worker.clone(),
-                        status: InstanceStatus::Pending,
-                        gpus,
-                        reason: String::new(),
-                        version,
-                        created_ms: now,
-                        updated_ms: now,
-                    },
-                );
+                self.view.insert(InstanceRecord {
+                    instance_id: instance_id.clone(),
+                    model: model.to_string(),
+                    worker_id: worker.clone(),
+                    status: InstanceStatus::Pending,
+                    gpus,
+                    reason: String::new(),
+                    version,
+                    created_ms: now,
+                    updated_ms: now,
+                });
                 Ok(Some(format!(
                     "placed {instance_id} on {worker}: {}, est. {estimate:.1} s",
                     policy::tier_words(tier)
@@ -577,9 +597,7 @@ impl Leader {
             match r {
                 Ok(_) => {
                     tracing::info!(%model, instance = %v.instance_id, worker = %v.worker_id, "draining");
-                    if let Some(i) = self.view.instances.get_mut(&v.instance_id) {
-                        i.status = InstanceStatus::Draining;
-                    }
+                    self.view.set_status(&v.instance_id, InstanceStatus::Draining);
                     self.draining_since.insert(v.instance_id.clone(), Instant::now());
                 }
                 Err(e) => self.fenced(e, "drain")?,
@@ -627,7 +645,7 @@ impl Leader {
                 .await;
             match r {
                 Ok(_) => {
-                    self.view.instances.remove(&id);
+                    self.view.remove(&id);
                     self.lost_since.remove(&id);
                 }
                 Err(e) => self.fenced(e, "fail lost instance")?,
@@ -653,7 +671,7 @@ impl Leader {
                 .await;
             match r {
                 Ok(_) => {
-                    self.view.instances.remove(&id);
+                    self.view.remove(&id);
                     self.draining_since.remove(&id);
                 }
                 Err(e) => self.fenced(e, "stop overrunning drain")?,

@@ -28,8 +28,11 @@ pub struct ScalerConfig {
     pub replica_id: String,
     /// Leader lease length; a new leader takes over at most this long after the old one died.
     pub lease: Duration,
-    /// Safety-net tick: full re-read and reconcile.
+    /// Safety-net tick: fresh demand and a decision for every model.
     pub tick: Duration,
+    /// Full re-read of the cluster state (besides on taking the lead and after the event
+    /// stream was trimmed past the leader).
+    pub resync: Duration,
     /// Failed starts of a model in a row before the Scaler gives up and shows the error.
     pub max_load_failures: u32,
     /// How long a drained instance may take to finish its requests.
@@ -47,12 +50,26 @@ impl ScalerConfig {
             replica_id: replica_id.into(),
             lease: Duration::from_secs(3),
             tick: Duration::from_secs(1),
+            resync: Duration::from_secs(30),
             max_load_failures: 3,
             drain_grace: Duration::from_secs(30),
             lost_grace: Duration::from_secs(30),
             default_checkpoint_bytes: 4 << 30,
         }
     }
+}
+
+/// What [`Scaler::time_passes`] measured.
+#[derive(Debug, Clone, Copy)]
+pub struct PassTimes {
+    /// One tick.
+    pub tick: Duration,
+    /// The counter's growth during the tick.
+    pub tick_count: u64,
+    /// One full resync.
+    pub resync: Duration,
+    /// The counter's growth during the resync.
+    pub resync_count: u64,
 }
 
 /// A Scaler replica. Cheap to clone.
@@ -101,6 +118,46 @@ impl Scaler {
                 _ = tokio::time::sleep(self.config.lease / 6) => {}
             }
         }
+    }
+
+    /// Takes the lead, reads the cluster in full, then times one tick and one full resync the
+    /// way the leader runs them, and gives the lead back. For benchmarks and diagnostics; it
+    /// waits for the lease if another replica holds it. `counter` is read before and after
+    /// each pass (e.g. Redis's command count) and the differences are returned.
+    pub async fn time_passes(
+        &self,
+        mut counter: impl AsyncFnMut() -> u64,
+    ) -> Result<PassTimes, String> {
+        let lease = loop {
+            match self.store.acquire_leader(ROLE, &self.config.replica_id, self.config.lease).await
+            {
+                Ok(Acquired::Leader(lease)) => break lease,
+                Ok(Acquired::Follower { .. }) => tokio::time::sleep(self.config.lease / 6).await,
+                Err(e) => return Err(e.to_string()),
+            }
+        };
+        let mut leader = actor::Leader::new(self.store.clone(), self.config.clone(), lease);
+        let outcome = async {
+            leader.full_pass("resync").await?;
+            let c0 = counter().await;
+            let start = std::time::Instant::now();
+            leader.tick().await?;
+            let tick = start.elapsed();
+            let c1 = counter().await;
+            let start = std::time::Instant::now();
+            leader.full_pass("resync").await?;
+            let resync = start.elapsed();
+            let c2 = counter().await;
+            Ok(PassTimes {
+                tick,
+                tick_count: c1.saturating_sub(c0),
+                resync,
+                resync_count: c2.saturating_sub(c1),
+            })
+        }
+        .await;
+        let _ = self.store.release_leader(leader.lease()).await;
+        outcome.map_err(|_: actor::StepDown| "lost the lead during the pass".to_string())
     }
 
     /// Serves the Scaler's status API (with health and reflection) on `listener` and competes

@@ -1,17 +1,20 @@
-//! The leader's picture of the cluster: deployments, live instances, workers and demand, read
-//! in full on taking the lead and at every tick, and kept current in between from the event
-//! stream, so a decision needs no Redis read.
+//! The leader's picture of the cluster: deployments, live instances (indexed by model and by
+//! worker), workers and demand. Read in full on taking the lead, after the event stream was
+//! trimmed past the leader, and every resync interval; kept current in between from the event
+//! stream, so neither a decision nor a tick needs more than the demand from Redis.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use kvstore::{Demand, DeploymentRecord, InstanceRecord, InstanceStatus, Store, WorkerRecord};
 
 #[derive(Default)]
 pub(crate) struct View {
     pub(crate) deployments: BTreeMap<String, DeploymentRecord>,
-    pub(crate) instances: HashMap<String, InstanceRecord>,
     pub(crate) workers: BTreeMap<String, WorkerRecord>,
     pub(crate) demand: BTreeMap<String, Demand>,
+    instances: HashMap<String, InstanceRecord>,
+    by_model: HashMap<String, BTreeSet<String>>,
+    by_worker: HashMap<String, BTreeSet<String>>,
 }
 
 impl View {
@@ -23,20 +26,37 @@ impl View {
             store.list_workers(),
             store.read_demand(),
         )?;
-        Ok(View {
+        let mut view = View {
             deployments: deployments.into_iter().map(|d| (d.spec.model.clone(), d)).collect(),
-            instances: instances.into_iter().map(|i| (i.instance_id.clone(), i)).collect(),
             workers: workers.into_iter().map(|w| (w.worker_id.clone(), w)).collect(),
             demand,
-        })
+            ..View::default()
+        };
+        for i in instances {
+            view.insert(i);
+        }
+        Ok(view)
+    }
+
+    /// One live instance.
+    pub(crate) fn instance(&self, id: &str) -> Option<&InstanceRecord> {
+        self.instances.get(id)
     }
 
     /// Live instances of `model`.
     pub(crate) fn instances_of<'a>(
         &'a self,
-        model: &'a str,
+        model: &str,
     ) -> impl Iterator<Item = &'a InstanceRecord> + 'a {
-        self.instances.values().filter(move |i| i.model == model)
+        self.by_model.get(model).into_iter().flatten().filter_map(|id| self.instances.get(id))
+    }
+
+    /// Live instances on `worker`.
+    pub(crate) fn instances_on<'a>(
+        &'a self,
+        worker: &str,
+    ) -> impl Iterator<Item = &'a InstanceRecord> + 'a {
+        self.by_worker.get(worker).into_iter().flatten().filter_map(|id| self.instances.get(id))
     }
 
     /// Instances that count as capacity: pending, loading or ready.
@@ -51,20 +71,53 @@ impl View {
             .count() as u32
     }
 
-    /// Counts by model of the instances on each worker.
+    /// How many instances of `model` run on `worker`.
     pub(crate) fn replicas_on(&self, worker: &str, model: &str) -> usize {
-        self.instances.values().filter(|i| i.worker_id == worker && i.model == model).count()
+        self.instances_on(worker).filter(|i| i.model == model).count()
     }
 
-    /// Replaces (or, with None, removes) one instance.
+    /// Adds or replaces a live instance.
+    pub(crate) fn insert(&mut self, rec: InstanceRecord) {
+        if rec.status.is_terminal() {
+            self.remove(&rec.instance_id);
+            return;
+        }
+        let id = rec.instance_id.clone();
+        self.by_model.entry(rec.model.clone()).or_default().insert(id.clone());
+        self.by_worker.entry(rec.worker_id.clone()).or_default().insert(id.clone());
+        self.instances.insert(id, rec);
+    }
+
+    /// Forgets an instance.
+    pub(crate) fn remove(&mut self, id: &str) {
+        if let Some(rec) = self.instances.remove(id) {
+            if let Some(set) = self.by_model.get_mut(&rec.model) {
+                set.remove(id);
+                if set.is_empty() {
+                    self.by_model.remove(&rec.model);
+                }
+            }
+            if let Some(set) = self.by_worker.get_mut(&rec.worker_id) {
+                set.remove(id);
+                if set.is_empty() {
+                    self.by_worker.remove(&rec.worker_id);
+                }
+            }
+        }
+    }
+
+    /// Replaces (or, with None or a terminal record, removes) one instance.
     pub(crate) fn set_instance(&mut self, id: &str, rec: Option<InstanceRecord>) {
         match rec {
-            Some(r) if !r.status.is_terminal() => {
-                self.instances.insert(id.to_string(), r);
-            }
-            _ => {
-                self.instances.remove(id);
-            }
+            Some(r) => self.insert(r),
+            None => self.remove(id),
+        }
+    }
+
+    /// Changes the status of a live instance in place.
+    pub(crate) fn set_status(&mut self, id: &str, status: InstanceStatus) {
+        if let Some(i) = self.instances.get_mut(id) {
+            i.status = status;
         }
     }
 }
