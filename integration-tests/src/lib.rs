@@ -380,3 +380,82 @@ impl Served {
         let _ = self.task.await;
     }
 }
+
+/// A Dispatch replica served in this process: gRPC and OpenAI HTTP on ephemeral ports.
+pub struct DispatchReplica {
+    /// gRPC address.
+    pub grpc: std::net::SocketAddr,
+    /// HTTP address.
+    pub http: std::net::SocketAddr,
+    shutdown: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl DispatchReplica {
+    /// Starts a replica `id` over `store`, with `adjust` applied to its configuration.
+    pub async fn start(
+        store: Store,
+        id: &str,
+        adjust: impl FnOnce(&mut dispatch::DispatchConfig),
+    ) -> Result<DispatchReplica> {
+        let secret = service::JoinSecret::new(JOIN_SECRET).map_err(anyhow::Error::msg)?;
+        let mut config = dispatch::DispatchConfig::new(id, secret);
+        config.report_interval = Duration::from_millis(100);
+        adjust(&mut config);
+        let grpc_l = service::Listener::bind("127.0.0.1:0").await?;
+        let http_l = service::Listener::bind("127.0.0.1:0").await?;
+        let (grpc, http) = (grpc_l.local_addr(), http_l.local_addr());
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let token = shutdown.clone();
+        let d = dispatch::Dispatch::new(store, config);
+        let task = tokio::spawn(async move {
+            if let Err(e) = d.serve(grpc_l, http_l, token).await {
+                eprintln!("dispatch failed: {e}");
+            }
+        });
+        Ok(DispatchReplica { grpc, http, shutdown, task })
+    }
+
+    /// `http://127.0.0.1:PORT` of the gRPC API.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+
+    /// Base URL of the OpenAI API, e.g. `http://127.0.0.1:PORT/v1`.
+    pub fn openai_base(&self) -> String {
+        format!("http://{}/v1", self.http)
+    }
+
+    /// A gRPC client.
+    pub async fn client(
+        &self,
+    ) -> Result<sllm_api::v1::dispatch_client::DispatchClient<tonic::transport::Channel>> {
+        let ch = tonic::transport::Endpoint::from_shared(self.endpoint())?
+            .tcp_nodelay(true)
+            .connect()
+            .await?;
+        Ok(sllm_api::v1::dispatch_client::DispatchClient::new(ch))
+    }
+
+    /// Stops it abruptly.
+    pub fn kill(self) {
+        self.task.abort();
+    }
+
+    /// Stops it cleanly.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// The Python interpreter of the project's virtualenv (`.venv`, made by `scripts/install-deps`),
+/// which has the `openai` package, grpcio and grpcurl.
+pub fn python() -> Result<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("no workspace root")?;
+    let py = root.join(".venv/bin/python");
+    if !py.is_file() {
+        bail!("{} is missing: run scripts/install-deps", py.display());
+    }
+    Ok(py)
+}

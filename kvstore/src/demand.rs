@@ -63,6 +63,44 @@ impl Store {
         Ok(out)
     }
 
+    /// Registers (or keeps registered) Dispatch replica `id`, reachable at `endpoint`, for
+    /// `ttl`. Returns the expiry (ms, Redis clock).
+    pub async fn register_dispatcher(
+        &self,
+        id: &str,
+        endpoint: &str,
+        ttl: Duration,
+    ) -> Result<u64> {
+        names::validate_id("dispatch_id", id)?;
+        if endpoint.is_empty()
+            || endpoint.len() > 255
+            || endpoint.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(Error::invalid("endpoint", format!("{endpoint:?} is not an endpoint URL")));
+        }
+        let reply = self
+            .run_ok(
+                "dispatcher_register",
+                &self.scripts().dispatcher_register,
+                &[Arg::Str(id), Arg::Str(endpoint), Arg::Owned(ttl.as_millis().max(1).to_string())],
+            )
+            .await?;
+        reply.u64(0)
+    }
+
+    /// The live Dispatch replicas as (id, endpoint), sorted by id.
+    pub async fn list_dispatchers(&self) -> Result<Vec<(String, String)>> {
+        let reply = self.run_ok("dispatchers_list", &self.scripts().dispatchers_list, &[]).await?;
+        Ok(reply
+            .values
+            .chunks(2)
+            .filter_map(|c| match c {
+                [id, ep] => Some((id.clone(), ep.clone())),
+                _ => None,
+            })
+            .collect())
+    }
+
     /// Appends a `demand` event for `model` (a request found no ready instance).
     pub async fn publish_demand(&self, reporter: &str, model: &str, queued: u64) -> Result<()> {
         names::validate_id("reporter", reporter)?;

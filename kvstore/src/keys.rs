@@ -122,6 +122,14 @@ impl Keys {
     pub fn demand(&self, reporter: &str) -> String {
         self.k("demand:", reporter)
     }
+    /// Sorted set: Dispatch replica id -> expiry of its registration.
+    pub fn dispatchers(&self) -> String {
+        self.k("dispatchers", "")
+    }
+    /// Hash: Dispatch replica id -> its endpoint.
+    pub fn dispatcher_endpoints(&self) -> String {
+        self.k("dispatcher_endpoints", "")
+    }
     /// A scratch counter (benchmarks only).
     pub fn scratch(&self, name: &str) -> String {
         self.k("scratch:", name)

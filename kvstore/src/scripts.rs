@@ -41,6 +41,8 @@ pub(crate) struct Scripts {
     pub(crate) demand_report: Script,
     pub(crate) demand_read: Script,
     pub(crate) demand_event: Script,
+    pub(crate) dispatcher_register: Script,
+    pub(crate) dispatchers_list: Script,
 }
 
 impl Scripts {
@@ -67,6 +69,8 @@ impl Scripts {
             demand_report: lua!("demand_report"),
             demand_read: lua!("demand_read"),
             demand_event: lua!("demand_event"),
+            dispatcher_register: lua!("dispatcher_register"),
+            dispatchers_list: lua!("dispatchers_list"),
         }
     }
 }

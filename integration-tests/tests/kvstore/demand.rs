@@ -61,3 +61,41 @@ async fn a_cold_request_raises_a_demand_event_at_once() {
     assert_eq!(events[0].field("queued"), Some("2"));
     assert_eq!(events[0].field("reporter"), Some("dispatch-a"));
 }
+
+#[tokio::test]
+async fn dispatch_replicas_are_listed_while_they_keep_registering() {
+    let (_redis, store) = setup().await;
+    let mut reader = store.event_reader(store.event_position().await.unwrap());
+    store
+        .register_dispatcher("d1", "http://10.0.0.1:50054", Duration::from_millis(300))
+        .await
+        .unwrap();
+    store
+        .register_dispatcher("d2", "http://10.0.0.2:50054", Duration::from_secs(10))
+        .await
+        .unwrap();
+    store
+        .register_dispatcher("d2", "http://10.0.0.2:50054", Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.list_dispatchers().await.unwrap(),
+        [
+            ("d1".to_string(), "http://10.0.0.1:50054".to_string()),
+            ("d2".into(), "http://10.0.0.2:50054".into())
+        ]
+    );
+    let EventBatch::Events(events) = reader.next_batch(Duration::ZERO, 10).await.unwrap() else {
+        panic!()
+    };
+    let joined: Vec<&str> =
+        events.iter().filter(|e| e.kind == "dispatch.joined").map(|e| e.entity.as_str()).collect();
+    assert_eq!(joined, ["d1", "d2"], "a renewal is not a join");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(store.list_dispatchers().await.unwrap().len(), 1, "d1 lapsed");
+    let err = store
+        .register_dispatcher("d3", "http://bad host", Duration::from_secs(1))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), kvstore::ErrorKind::InvalidArgument);
+}

@@ -287,13 +287,17 @@ impl Leader {
     }
 
     fn load_failed(&mut self, model: &str, rec: &InstanceRecord, previous: Option<InstanceStatus>) {
-        // Only a failure to start counts towards giving up; a crash of a serving instance is
-        // simply replaced.
-        if !matches!(previous, Some(InstanceStatus::Pending | InstanceStatus::Loading)) {
-            return;
-        }
         let max = self.config.max_load_failures;
         let state = self.models.entry(model.to_string()).or_default();
+        // Only a failure to start counts towards giving up; a crashed serving instance is
+        // replaced at once, but not on the worker it crashed on.
+        if !matches!(previous, Some(InstanceStatus::Pending | InstanceStatus::Loading)) {
+            if previous.is_some() && !rec.reason.starts_with("worker lost") {
+                state.avoid.insert(rec.worker_id.clone(), Instant::now() + Duration::from_secs(30));
+                tracing::warn!(%model, instance = %rec.instance_id, worker = %rec.worker_id, reason = %rec.reason, "instance failed while serving");
+            }
+            return;
+        }
         state.failures += 1;
         state.avoid.insert(rec.worker_id.clone(), Instant::now() + Duration::from_secs(30));
         let backoff = Duration::from_millis(100 * (1u64 << state.failures.min(6)))

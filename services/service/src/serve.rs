@@ -32,6 +32,12 @@ impl Listener {
         self.addr
     }
 
+    /// The tokio listener itself (for HTTP servers that accept on their own; set TCP_NODELAY
+    /// on what they accept).
+    pub fn into_tokio(self) -> TcpListener {
+        self.inner
+    }
+
     /// Accepted connections, each with TCP_NODELAY set.
     pub fn incoming(self) -> impl Stream<Item = std::io::Result<TcpStream>> {
         TcpListenerStream::new(self.inner).map(|conn| {

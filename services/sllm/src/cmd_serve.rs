@@ -18,6 +18,8 @@ pub enum ServiceName {
     WorkerRegistry,
     /// Sizes models from demand and places instances (one leader among replicas).
     Scaler,
+    /// Routes inference requests (gRPC Generate and the OpenAI HTTP API); workers attach to it.
+    Dispatch,
 }
 
 /// Flags of `sllm serve`.
@@ -50,6 +52,18 @@ pub struct ServeArgs {
     /// Scaler leader lease, in milliseconds.
     #[arg(long, env = "SLLM_SCALER_LEASE_MS", default_value_t = 3000)]
     scaler_lease_ms: u64,
+    /// Address Dispatch's gRPC API (clients' Generate, workers' Attach) listens on.
+    #[arg(long, env = "SLLM_DISPATCH_ADDR", default_value = "127.0.0.1:50054")]
+    dispatch_addr: String,
+    /// Address the OpenAI-compatible HTTP API listens on.
+    #[arg(long, env = "SLLM_OPENAI_ADDR", default_value = "127.0.0.1:8000")]
+    openai_addr: String,
+    /// Endpoint workers use to attach to this Dispatch (default: http://<dispatch address>).
+    #[arg(long, env = "SLLM_DISPATCH_ADVERTISE")]
+    dispatch_advertise: Option<String>,
+    /// Most requests held per model while it has no ready instance.
+    #[arg(long, env = "SLLM_MAX_QUEUE", default_value_t = 256)]
+    max_queue: usize,
     /// Address the WorkerRegistry listens on (port 0 picks a free one).
     #[arg(long, env = "SLLM_WORKER_REGISTRY_ADDR", default_value = "127.0.0.1:50052")]
     worker_registry_addr: String,
@@ -86,6 +100,27 @@ pub async fn run(args: ServeArgs) -> Result<()> {
                         .serve(listener, shutdown)
                         .await
                         .map_err(|e| anyhow::anyhow!("model-registry failed: {e}"))
+                });
+            }
+            ServiceName::Dispatch => {
+                let secret = args
+                    .join_secret
+                    .clone()
+                    .context("--join-secret (or SLLM_JOIN_SECRET) is required by dispatch (workers attach with it)")?;
+                let secret = JoinSecret::new(secret).map_err(anyhow::Error::msg)?;
+                let mut config = dispatch::DispatchConfig::new(replica_id.clone(), secret);
+                config.max_queue = args.max_queue;
+                config.advertise = args.dispatch_advertise.clone().unwrap_or_default();
+                let grpc = Listener::bind(&args.dispatch_addr).await?;
+                let http = Listener::bind(&args.openai_addr).await?;
+                println!("sllm: dispatch listening on {}", grpc.local_addr());
+                println!("sllm: openai api listening on {}", http.local_addr());
+                let d = dispatch::Dispatch::new(store.clone(), config);
+                let shutdown = shutdown.clone();
+                tasks.spawn(async move {
+                    d.serve(grpc, http, shutdown)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("dispatch failed: {e}"))
                 });
             }
             ServiceName::Scaler => {

@@ -9,7 +9,37 @@ use tokio_util::sync::CancellationToken;
 use crate::Registry;
 
 pub(crate) async fn run(registry: Registry, shutdown: CancellationToken) {
-    tokio::join!(notifications(registry.clone(), shutdown.clone()), reaper(registry, shutdown));
+    tokio::join!(
+        notifications(registry.clone(), shutdown.clone()),
+        reaper(registry.clone(), shutdown.clone()),
+        dispatchers(registry, shutdown),
+    );
+}
+
+/// Keeps the list of live Dispatch replicas current; sessions forward changes to workers.
+async fn dispatchers(registry: Registry, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match registry.inner.store.list_dispatchers().await {
+            Ok(list) => {
+                let endpoints: Vec<String> = list.into_iter().map(|(_, ep)| ep).collect();
+                registry.inner.dispatchers.send_if_modified(|current| {
+                    if *current == endpoints {
+                        false
+                    } else {
+                        *current = endpoints;
+                        true
+                    }
+                });
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot list Dispatch replicas"),
+        }
+    }
 }
 
 async fn notifications(registry: Registry, shutdown: CancellationToken) {

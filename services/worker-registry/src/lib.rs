@@ -57,13 +57,21 @@ struct Inner {
     store: Store,
     config: RegistryConfig,
     sessions: sessions::Sessions,
+    /// Endpoints of the live Dispatch replicas, pushed to every session when they change.
+    dispatchers: tokio::sync::watch::Sender<Vec<String>>,
 }
 
 impl Registry {
     /// A replica over `store`.
     pub fn new(store: Store, config: RegistryConfig) -> Registry {
+        let (dispatchers, _) = tokio::sync::watch::channel(Vec::new());
         Registry {
-            inner: Arc::new(Inner { store, config, sessions: sessions::Sessions::default() }),
+            inner: Arc::new(Inner {
+                store,
+                config,
+                sessions: sessions::Sessions::default(),
+                dispatchers,
+            }),
         }
     }
 

@@ -49,6 +49,8 @@ struct Session {
     delivered: VecDeque<(String, String)>,
     /// Stream id of the last command sent.
     after: String,
+    /// Live Dispatch replicas.
+    dispatchers: tokio::sync::watch::Receiver<Vec<String>>,
 }
 
 pub(crate) async fn run(
@@ -118,12 +120,13 @@ async fn open(
         SessionHandle { epoch: registration.epoch, poke: poke.clone(), close: close.clone() },
     );
     tracing::info!(worker = %worker, epoch = registration.epoch, %address, "worker registered");
+    let mut dispatchers = registry.inner.dispatchers.subscribe();
     let registered = pb::Registered {
         worker_id: worker.clone(),
         epoch: registration.epoch,
         lease_ms: config.lease.as_millis() as u64,
         heartbeat_interval_ms: config.heartbeat_interval.as_millis() as u64,
-        dispatch_endpoints: Vec::new(),
+        dispatch_endpoints: dispatchers.borrow_and_update().clone(),
     };
     let session = Session {
         registry: registry.clone(),
@@ -136,6 +139,7 @@ async fn open(
         running,
         delivered: VecDeque::new(),
         after: String::new(),
+        dispatchers,
     };
     session.send(Down::Registered(registered)).await;
     Ok(session)
@@ -161,6 +165,10 @@ impl Session {
                     Ok(None) => return End::Dropped("session closed by the worker".into()),
                     Err(s) => return End::Dropped(format!("session broken: {}", s.message())),
                 },
+                Ok(()) = self.dispatchers.changed() => {
+                    let endpoints = self.dispatchers.borrow_and_update().clone();
+                    self.send(Down::Dispatchers(pb::Dispatchers { endpoints })).await;
+                }
                 _ = self.poke.notified(), if self.ready => {
                     if let Some(end) = self.deliver().await {
                         return end;
@@ -234,6 +242,7 @@ impl Session {
         };
         self.ready = true;
         tracing::info!(worker = %self.worker, epoch = self.epoch, "worker ready");
+        self.send(Down::Placeable(pb::Placeable { unknown_instances: unknown.clone() })).await;
         for instance in unknown {
             // It runs something the control plane never placed on it: stop it.
             self.stop_directly(&instance, "not placed on this worker").await;

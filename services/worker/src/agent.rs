@@ -93,8 +93,14 @@ impl Agent {
         shutdown: CancellationToken,
     ) -> Agent {
         let (tx, rx) = watch::channel(AgentState::Disconnected { last_error: "starting".into() });
+        let attachments = crate::attach::Attachments::new(
+            config.node_id.clone(),
+            config.join_token.clone(),
+            backend.clone(),
+        );
         let runner = Runner {
             config,
+            attachments,
             backend,
             events,
             channel,
@@ -133,6 +139,7 @@ const SEEN_COMMANDS: usize = 4096;
 
 struct Runner {
     config: AgentConfig,
+    attachments: crate::attach::Attachments,
     backend: Arc<dyn Backend>,
     events: mpsc::UnboundedReceiver<InstanceEvent>,
     channel: Option<Channel>,
@@ -234,6 +241,7 @@ impl Runner {
             Err(s) => return SessionEnd::Failed(format!("{:?}: {}", s.code(), s.message())),
         };
         let epoch = registered.epoch;
+        self.attachments.update(&registered.dispatch_endpoints, epoch);
         let send = |body: Up| {
             let tx = tx.clone();
             async move { tx.send(pb::WorkerMessage { epoch, body: Some(body) }).await.is_ok() }
@@ -243,8 +251,6 @@ impl Runner {
         if !send(Up::Ready(pb::WorkerReady {})).await {
             return SessionEnd::Failed("session closed before ready".into());
         }
-        self.state.send_replace(AgentState::Ready { epoch, registry: endpoint.to_string() });
-        tracing::info!(node = %self.config.node_id, epoch, %endpoint, "joined");
 
         let interval = Duration::from_millis(registered.heartbeat_interval_ms.max(10));
         let mut heartbeat =
@@ -272,6 +278,13 @@ impl Runner {
                         if !send(Up::CommandAck(ack)).await {
                             return SessionEnd::Lost("session closed".into());
                         }
+                    }
+                    Ok(Some(pb::RegistryMessage { body: Some(Down::Placeable(_)) })) => {
+                        self.state.send_replace(AgentState::Ready { epoch, registry: endpoint.to_string() });
+                        tracing::info!(node = %self.config.node_id, epoch, %endpoint, "joined");
+                    }
+                    Ok(Some(pb::RegistryMessage { body: Some(Down::Dispatchers(d)) })) => {
+                        self.attachments.update(&d.endpoints, epoch);
                     }
                     Ok(Some(_)) => {}
                     Ok(None) => return SessionEnd::Lost("registry closed the session".into()),

@@ -62,6 +62,53 @@ pub enum BackendError {
     Unsupported(String),
 }
 
+/// One inference request for an instance.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job {
+    /// Instance to run on.
+    pub instance_id: String,
+    /// The prompt (a chat conversation is given as its rendered text).
+    pub prompt: String,
+    /// Most tokens to generate.
+    pub max_tokens: u32,
+    /// Generation stops before any of these strings.
+    pub stop: Vec<String>,
+    /// Seed of the sampling.
+    pub seed: u64,
+}
+
+/// Why a generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// A stop string or end of sequence.
+    Stop,
+    /// max_tokens reached.
+    Length,
+}
+
+/// One output of a generation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// Text of one or more tokens.
+    Text {
+        /// The text.
+        text: String,
+        /// How many tokens it holds.
+        tokens: u32,
+    },
+    /// The request ended.
+    Done {
+        /// Why.
+        finish: Finish,
+        /// Prompt tokens.
+        prompt_tokens: u32,
+        /// Generated tokens.
+        completion_tokens: u32,
+    },
+    /// The request failed (the instance crashed or is not serving).
+    Error(String),
+}
+
 /// Runs model instances on one host. Methods return at once; progress arrives as
 /// [`InstanceEvent`]s on the channel the backend was created with.
 pub trait Backend: Send + Sync + 'static {
@@ -73,4 +120,6 @@ pub trait Backend: Send + Sync + 'static {
     fn stop(&self, instance_id: &str);
     /// Lets in-flight requests finish (at most `grace`), accepts no new ones, then stops.
     fn drain(&self, instance_id: &str, grace: Duration);
+    /// Runs one request, streaming its output. Dropping the receiver cancels it.
+    fn generate(&self, job: Job) -> tokio::sync::mpsc::Receiver<Output>;
 }

@@ -7,9 +7,10 @@
 //! every message carries the epoch the registry gave it.
 
 pub mod agent;
+mod attach;
 pub mod backend;
 pub mod sim;
 
 pub use agent::{Agent, AgentConfig, AgentState};
-pub use backend::{Backend, BackendError, InstanceEvent, StartSpec};
+pub use backend::{Backend, BackendError, Finish, InstanceEvent, Job, Output, StartSpec};
 pub use sim::{SimBackend, SimConfig};

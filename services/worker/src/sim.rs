@@ -12,7 +12,7 @@ use sllm_api::v1 as pb;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::{Backend, BackendError, InstanceEvent, StartSpec};
+use crate::backend::{Backend, BackendError, Finish, InstanceEvent, Job, Output, StartSpec};
 
 /// Storage tiers, fastest first (the API's numbering).
 pub type Tier = pb::CheckpointTier;
@@ -122,35 +122,6 @@ pub struct SimBackend {
     events: mpsc::UnboundedSender<InstanceEvent>,
 }
 
-/// One output of a simulated generation.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SimOutput {
-    /// One token's text.
-    Token(String),
-    /// The request ended.
-    Done {
-        /// Prompt tokens.
-        prompt_tokens: u32,
-        /// Generated tokens.
-        completion_tokens: u32,
-    },
-    /// The request failed (the instance crashed or is not serving).
-    Error(String),
-}
-
-/// A simulated inference request.
-#[derive(Debug, Clone)]
-pub struct SimRequest {
-    /// Instance to run on.
-    pub instance_id: String,
-    /// The prompt (its whitespace-separated words count as tokens).
-    pub prompt: String,
-    /// Tokens to generate.
-    pub max_tokens: u32,
-    /// Seed of the deterministic text.
-    pub seed: u64,
-}
-
 const WORDS: &[&str] = &[
     "the",
     "model",
@@ -201,6 +172,11 @@ impl SimBackend {
         )
     }
 
+    /// Requests being generated right now, over all instances.
+    pub fn requests_running(&self) -> usize {
+        self.with_state(|s| s.running_requests)
+    }
+
     /// Instances it runs now (loading, ready or draining).
     pub fn inventory_running(&self) -> Vec<pb::RunningInstance> {
         self.inventory().running
@@ -243,16 +219,7 @@ impl SimBackend {
         })
     }
 
-    /// Runs one request on a ready instance, streaming its tokens. Dropping the receiver
-    /// cancels the request.
-    pub fn generate(&self, req: SimRequest) -> mpsc::Receiver<SimOutput> {
-        let (tx, rx) = mpsc::channel(64);
-        let this = self.clone();
-        tokio::spawn(async move { this.run_request(req, tx).await });
-        rx
-    }
-
-    async fn run_request(&self, req: SimRequest, tx: mpsc::Sender<SimOutput>) {
+    async fn run_request(&self, req: Job, tx: mpsc::Sender<Output>) {
         let admitted = self.with_state(|s| {
             let inst = s.instances.get_mut(&req.instance_id)?;
             if inst.phase != Phase::Ready {
@@ -264,14 +231,15 @@ impl SimBackend {
         });
         let Some(cancel) = admitted else {
             let _ = tx
-                .send(SimOutput::Error(format!("instance {} is not serving", req.instance_id)))
+                .send(Output::Error(format!("instance {} is not serving", req.instance_id)))
                 .await;
             return;
         };
         let prompt_tokens = req.prompt.split_whitespace().count().max(1) as u32;
         let prefill = self.config.scaled(self.config.prefill_per_token * prompt_tokens);
         let mut produced = 0u32;
-        let outcome: Result<(), String> = async {
+        let mut text = String::new();
+        let outcome: Result<Finish, String> = async {
             sleep_or_cancel(prefill, &cancel).await?;
             while produced < req.max_tokens {
                 let running = self.with_state(|s| s.running_requests).max(1);
@@ -291,16 +259,17 @@ impl SimBackend {
                     Some(true) => return Err("simulated crash".to_string()),
                     Some(false) => {}
                 }
-                if tx
-                    .send(SimOutput::Token(token_text(req.seed, &req.prompt, produced)))
-                    .await
-                    .is_err()
-                {
+                let token = token_text(req.seed, &req.prompt, produced);
+                text.push_str(&token);
+                if req.stop.iter().any(|s| !s.is_empty() && text.contains(s.as_str())) {
+                    return Ok(Finish::Stop);
+                }
+                if tx.send(Output::Text { text: token, tokens: 1 }).await.is_err() {
                     return Err("cancelled".to_string());
                 }
                 produced += 1;
             }
-            Ok(())
+            Ok(Finish::Length)
         }
         .await;
         self.with_state(|s| {
@@ -310,9 +279,10 @@ impl SimBackend {
             }
         });
         match outcome {
-            Ok(()) => {
-                let _ =
-                    tx.send(SimOutput::Done { prompt_tokens, completion_tokens: produced }).await;
+            Ok(finish) => {
+                let _ = tx
+                    .send(Output::Done { finish, prompt_tokens, completion_tokens: produced })
+                    .await;
             }
             Err(reason) => {
                 if reason == "simulated crash" && self.remove(&req.instance_id).is_some() {
@@ -321,7 +291,7 @@ impl SimBackend {
                         reason: format!("crashed after {produced} tokens (simulated)"),
                     });
                 }
-                let _ = tx.send(SimOutput::Error(reason)).await;
+                let _ = tx.send(Output::Error(reason)).await;
             }
         }
     }
@@ -469,6 +439,13 @@ impl Backend for SimBackend {
         });
     }
 
+    fn generate(&self, job: Job) -> mpsc::Receiver<Output> {
+        let (tx, rx) = mpsc::channel(64);
+        let this = self.clone();
+        tokio::spawn(async move { this.run_request(job, tx).await });
+        rx
+    }
+
     fn drain(&self, instance_id: &str, grace: Duration) {
         let known = self.with_state(|s| match s.instances.get_mut(instance_id) {
             Some(inst) => {
@@ -512,6 +489,10 @@ mod tests {
             ]),
             ..SimConfig::default()
         }
+    }
+
+    fn job(instance: &str, prompt: &str, max_tokens: u32, seed: u64) -> Job {
+        Job { instance_id: instance.into(), prompt: prompt.into(), max_tokens, stop: vec![], seed }
     }
 
     fn spec(id: &str, model: &str, gpus: &[u32]) -> StartSpec {
@@ -558,22 +539,20 @@ mod tests {
         let hot = inv.checkpoints.iter().find(|c| c.model == "hot").expect("listed");
         assert_eq!(hot.tier, Tier::Gpu as i32, "a loaded checkpoint is resident in GPU memory");
 
-        let req = SimRequest {
-            instance_id: "i1".into(),
-            prompt: "say hi".into(),
-            max_tokens: 5,
-            seed: 1,
-        };
+        let req = job("i1", "say hi", 5, 1);
         let mut out = sim.generate(req.clone());
         let mut text = String::new();
         let mut done = None;
         while let Some(o) = out.recv().await {
             match o {
-                SimOutput::Token(t) => text.push_str(&t),
+                Output::Text { text: t, .. } => text.push_str(&t),
                 other => done = Some(other),
             }
         }
-        assert_eq!(done, Some(SimOutput::Done { prompt_tokens: 2, completion_tokens: 5 }));
+        assert_eq!(
+            done,
+            Some(Output::Done { finish: Finish::Length, prompt_tokens: 2, completion_tokens: 5 })
+        );
         let expected: String = (0..5).map(|i| token_text(1, "say hi", i)).collect();
         assert_eq!(text, expected);
 
@@ -584,7 +563,7 @@ mod tests {
         );
         assert!(sim.inventory().running.is_empty());
         let mut out = sim.generate(req);
-        assert!(matches!(out.recv().await, Some(SimOutput::Error(_))));
+        assert!(matches!(out.recv().await, Some(Output::Error(_))));
     }
 
     #[tokio::test]
@@ -607,22 +586,17 @@ mod tests {
         sim.start(spec("i1", "hot", &[0])).expect("starts");
         events.recv().await;
         events.recv().await;
-        let mut out = sim.generate(SimRequest {
-            instance_id: "i1".into(),
-            prompt: "p".into(),
-            max_tokens: 10,
-            seed: 0,
-        });
+        let mut out = sim.generate(job("i1", "p", 10, 0));
         let mut tokens = 0;
         let mut last = None;
         while let Some(o) = out.recv().await {
             match o {
-                SimOutput::Token(_) => tokens += 1,
+                Output::Text { .. } => tokens += 1,
                 other => last = Some(other),
             }
         }
         assert_eq!(tokens, 2, "the third token never arrives");
-        assert_eq!(last, Some(SimOutput::Error("simulated crash".into())));
+        assert_eq!(last, Some(Output::Error("simulated crash".into())));
         assert!(matches!(events.recv().await, Some(InstanceEvent::Failed { .. })));
     }
 
@@ -636,17 +610,12 @@ mod tests {
         sim.start(spec("i1", "hot", &[0])).expect("starts");
         events.recv().await;
         events.recv().await;
-        let mut out = sim.generate(SimRequest {
-            instance_id: "i1".into(),
-            prompt: "p".into(),
-            max_tokens: 5,
-            seed: 0,
-        });
+        let mut out = sim.generate(job("i1", "p", 5, 0));
         tokio::time::sleep(Duration::from_millis(10)).await;
         sim.drain("i1", Duration::from_secs(5));
         let mut n = 0;
         while let Some(o) = out.recv().await {
-            if let SimOutput::Token(_) = o {
+            if let Output::Text { .. } = o {
                 n += 1;
             }
         }

@@ -1,0 +1,85 @@
+"""Drives sllm's OpenAI-compatible API with the official `openai` package.
+
+Usage: openai_compat.py BASE_URL EXPECTED_TEXT
+Exits non-zero (with the failed check) on the first mismatch.
+"""
+import sys
+import threading
+
+import openai
+
+base, expected = sys.argv[1], sys.argv[2]
+client = openai.OpenAI(base_url=base, api_key="unused", max_retries=0, timeout=20)
+
+
+def check(cond, what):
+    if not cond:
+        print(f"FAILED: {what}")
+        sys.exit(1)
+    print(f"ok: {what}")
+
+
+ids = [m.id for m in client.models.list().data]
+check("m" in ids and "cold" in ids, f"models.list shows the deployments ({ids})")
+
+r = client.completions.create(model="m", prompt="Say hi", max_tokens=8, seed=7)
+check(r.choices[0].text == expected, "completion text")
+check(r.choices[0].finish_reason == "length", "completion finish_reason")
+check(r.usage.completion_tokens == 8 and r.usage.prompt_tokens == 2, "completion usage")
+
+parts = list(client.completions.create(model="m", prompt="Say hi", max_tokens=8, seed=7, stream=True))
+check("".join(p.choices[0].text for p in parts if p.choices) == expected, "streamed completion text")
+check(parts[-1].choices[0].finish_reason == "length", "streamed completion ends with finish_reason")
+
+chat = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=5, seed=3)
+check(chat.choices[0].message.role == "assistant", "chat role")
+check(len(chat.choices[0].message.content.split()) == 5, "chat content has 5 tokens")
+check(chat.usage.completion_tokens == 5, "chat usage")
+
+stream = client.chat.completions.create(
+    model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=5, seed=3, stream=True,
+    stream_options={"include_usage": True},
+)
+text, finish, usage = "", None, None
+for chunk in stream:
+    if chunk.usage:
+        usage = chunk.usage
+    for ch in chunk.choices:
+        text += ch.delta.content or ""
+        finish = ch.finish_reason or finish
+check(text == chat.choices[0].message.content, "streamed chat matches the non-streamed one")
+check(finish == "length", "streamed chat finish_reason")
+check(usage is not None and usage.completion_tokens == 5, "streamed chat usage chunk")
+
+# ServerlessLLM's name:backend form names the same deployment.
+r = client.completions.create(model="m:sim", prompt="Say hi", max_tokens=8, seed=7)
+check(r.choices[0].text == expected, "name:backend model id")
+
+try:
+    client.completions.create(model="nope", prompt="x", max_tokens=1)
+    check(False, "unknown model refused")
+except openai.NotFoundError as e:
+    check(e.status_code == 404 and "nope" in str(e), "unknown model gives 404 NotFoundError")
+
+try:
+    client.completions.create(model="m", prompt="x", max_tokens=-5)
+    check(False, "bad max_tokens refused")
+except openai.BadRequestError as e:
+    check(e.status_code == 400 and "max_tokens" in str(e), "bad max_tokens gives 400 naming the field")
+
+# One request waits for "never" (it can never start); the next finds the queue full.
+held = threading.Thread(
+    target=lambda: client.with_options(timeout=3).completions.create(model="never", prompt="x", max_tokens=1),
+    daemon=True,
+)
+held.start()
+import time
+
+time.sleep(0.5)
+try:
+    client.completions.create(model="never", prompt="x", max_tokens=1)
+    check(False, "full queue refused")
+except openai.RateLimitError as e:
+    check(e.status_code == 429 and e.response.headers.get("retry-after"), "full queue gives 429 with Retry-After")
+
+print("all openai checks passed")

@@ -1,0 +1,70 @@
+use std::time::Duration;
+
+use sllm_api::v1 as pb;
+use tonic::Code;
+
+use crate::*;
+
+#[tokio::test]
+async fn a_worker_failing_before_the_first_token_is_retried_invisibly() {
+    let c = Cluster::start().await;
+    let mut bad = fast_sim();
+    bad.crash_after_tokens = Some(1); // dies producing its first token
+    // The only instance is on the bad worker; the good one joins afterwards.
+    let _bad = c.worker("w-bad", bad).await;
+    c.deploy("m", 1, 1).await;
+    c.ready("m", 1).await;
+    let _good = c.worker("w-good", fast_sim()).await;
+    tokio::time::sleep(Duration::from_millis(800)).await; // both attached
+    let out = generate(&c, prompt("m", "retry me", 6)).await.unwrap();
+    assert!(out.error.is_none(), "the client sees a normal answer: {:?}", out.error);
+    assert_eq!(out.text, expected_text(7, "retry me", 6));
+    let usage = out.finished.unwrap().usage.unwrap();
+    let served_by = c.store.get_instance(&usage.instance_id).await.unwrap().unwrap();
+    assert_eq!(served_by.worker_id, "w-good", "served by the replacement on the good worker");
+}
+
+#[tokio::test]
+async fn a_worker_failing_mid_stream_ends_the_stream_with_unavailable() {
+    let c = Cluster::start().await;
+    let mut sim = fast_sim();
+    sim.crash_after_tokens = Some(5);
+    let _w = c.worker("w1", sim).await;
+    c.deploy("m", 1, 1).await;
+    c.ready("m", 1).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let out = generate(&c, prompt("m", "crash", 20)).await.unwrap();
+    assert_eq!(out.tokens, 4);
+    let err = out.error.expect("an error after the tokens");
+    assert_eq!(err.code(), Code::Unavailable);
+    assert!(err.message().contains("4 tokens"), "{}", err.message());
+}
+
+#[tokio::test]
+async fn a_cancelled_request_stops_generating_on_the_worker() {
+    let c = Cluster::start().await;
+    let mut sim = fast_sim();
+    sim.decode_per_token = Duration::from_secs(2); // 20 ms per token after scaling
+    let w = c.worker("w1", sim).await;
+    c.deploy("m", 1, 1).await;
+    c.ready("m", 1).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let mut client = c.dispatch.client().await.unwrap();
+    let mut s = client.generate(prompt("m", "long", 10_000)).await.unwrap().into_inner();
+    for _ in 0..2 {
+        assert!(matches!(
+            s.message().await.unwrap(),
+            Some(pb::GenerateEvent { event: Some(pb::generate_event::Event::Chunk(_)) })
+        ));
+    }
+    assert_eq!(w.backend.requests_running(), 1);
+    drop(s);
+    drop(client);
+    sllm_integration_tests::eventually(
+        Duration::from_secs(3),
+        "generation stopped on the worker",
+        || async { (w.backend.requests_running() == 0).then_some(()) },
+    )
+    .await
+    .unwrap();
+}

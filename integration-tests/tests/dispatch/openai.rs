@@ -1,0 +1,38 @@
+use std::time::Duration;
+
+use crate::*;
+
+/// The official `openai` Python package against /v1: models, completions and chat, streaming
+/// and not, and its error classes for an unknown model and a full queue.
+#[tokio::test]
+async fn the_official_openai_client_works_unchanged() {
+    let c = Cluster::start_with(|d| d.max_queue = 1).await;
+    let _w = c.worker("w1", fast_sim()).await;
+    c.deploy("m", 1, 1).await;
+    c.deploy("cold", 0, 1).await;
+    c.store
+        .create_deployment(&kvstore::DeploymentSpec {
+            model: "never".into(),
+            backend: "sim".into(),
+            num_gpus: 64, // no worker can ever hold it: it stays queued
+            autoscaling: kvstore::AutoScaling::default(),
+            backend_config: String::new(),
+        })
+        .await
+        .unwrap();
+    c.ready("m", 1).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let python = sllm_integration_tests::python().unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/openai_compat.py");
+    let out = tokio::process::Command::new(python)
+        .arg(script)
+        .arg(c.dispatch.openai_base())
+        .arg(expected_text(7, "Say hi", 8))
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "openai client checks failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("all openai checks passed"), "{stdout}");
+}

@@ -1,0 +1,89 @@
+//! The server side of a worker's Attach stream: the worker proves who it is (join token, and an
+//! epoch no older than the one in kvstore), then requests go down and their output comes up,
+//! multiplexed by request id.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use sllm_api::v1 as pb;
+use sllm_api::v1::attach_up::Msg as Up;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Status, Streaming};
+
+use crate::Inner;
+use crate::table::{FromWorker, WorkerLink};
+
+pub(crate) type Down = ReceiverStream<Result<pb::AttachDown, Status>>;
+
+pub(crate) async fn open(
+    inner: Arc<Inner>,
+    mut inbound: Streaming<pb::AttachUp>,
+    peer: Option<SocketAddr>,
+) -> Result<Down, Status> {
+    let hello = match inbound.message().await? {
+        Some(pb::AttachUp { msg: Some(Up::Hello(h)) }) => h,
+        _ => {
+            return Err(Status::invalid_argument(
+                "the first message of an attach stream must be `hello`",
+            ));
+        }
+    };
+    kvstore::names::validate_id("hello.worker_id", &hello.worker_id)
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    if !inner.config.join_secret.verify(&hello.worker_id, &hello.join_token) {
+        return Err(Status::unauthenticated(
+            "hello refused: join token does not prove the worker id",
+        ));
+    }
+    match inner.store.get_worker(&hello.worker_id).await {
+        Ok(Some(w)) if w.epoch > hello.epoch => {
+            return Err(Status::failed_precondition(format!(
+                "hello carries epoch {} but the worker's current epoch is {}",
+                hello.epoch, w.epoch
+            )));
+        }
+        Ok(_) => {}
+        // Redis away: accept on the token alone rather than cut warm traffic.
+        Err(e) => {
+            tracing::warn!(error = %e, worker = %hello.worker_id, "cannot check the attach epoch")
+        }
+    }
+    let (tx, rx) = mpsc::channel(4096);
+    let link = Arc::new(WorkerLink::new(hello.worker_id.clone(), hello.epoch, tx.clone()));
+    if !inner.table.attach(link.clone()) {
+        return Err(Status::failed_precondition("a newer session of this worker is attached"));
+    }
+    let welcome = pb::AttachDown {
+        msg: Some(pb::attach_down::Msg::Welcome(pb::AttachWelcome {
+            dispatch_id: inner.config.replica_id.clone(),
+        })),
+    };
+    let _ = tx.send(Ok(welcome)).await;
+    tracing::info!(worker = %hello.worker_id, epoch = hello.epoch, ?peer, "worker attached");
+    tokio::spawn(async move {
+        loop {
+            let msg = tokio::select! {
+                m = inbound.message() => m,
+                _ = tx.closed() => break,
+            };
+            match msg {
+                Ok(Some(pb::AttachUp { msg: Some(m) })) => match m {
+                    Up::Chunk(c) => link.deliver(
+                        c.request_id,
+                        FromWorker::Chunk { text: c.text, tokens: c.tokens },
+                        false,
+                    ),
+                    Up::Finished(f) => link.deliver(f.request_id, FromWorker::Finished(f), true),
+                    Up::Error(e) => link.deliver(e.request_id, FromWorker::Error(e), true),
+                    Up::Hello(_) => {}
+                },
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => break,
+            }
+        }
+        tracing::info!(worker = %link.worker_id, epoch = link.epoch, "worker detached");
+        inner.table.detach(&link);
+    });
+    Ok(ReceiverStream::new(rx))
+}

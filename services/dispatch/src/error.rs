@@ -1,0 +1,77 @@
+//! Why a request was not served, and how each client protocol says so.
+
+use std::time::Duration;
+
+use tonic::{Code, Status};
+
+/// A request that failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum DispatchError {
+    /// The request itself is wrong.
+    #[error("invalid {field}: {reason}")]
+    Invalid {
+        /// The field, as the client named it.
+        field: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// No such deployment.
+    #[error("model {0:?} is not deployed")]
+    NotFound(String),
+    /// The deployment is being deleted.
+    #[error("model {0:?} is being deleted")]
+    Deleting(String),
+    /// The model's queue is full.
+    #[error("model {model:?} has {queued} requests waiting for an instance; retry in {} ms", retry_after.as_millis())]
+    QueueFull {
+        /// The model.
+        model: String,
+        /// Requests already waiting.
+        queued: usize,
+        /// When to try again.
+        retry_after: Duration,
+    },
+    /// The deadline passed before the request finished.
+    #[error("deadline exceeded {0}")]
+    Deadline(String),
+    /// A retryable failure (worker lost, attempts exhausted).
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl DispatchError {
+    pub(crate) fn invalid(field: &str, reason: impl Into<String>) -> DispatchError {
+        DispatchError::Invalid { field: field.to_string(), reason: reason.into() }
+    }
+
+    /// The gRPC status, with a `retry-after-ms` trailer when the queue was full.
+    pub fn to_status(&self) -> Status {
+        let code = match self {
+            DispatchError::Invalid { .. } => Code::InvalidArgument,
+            DispatchError::NotFound(_) => Code::NotFound,
+            DispatchError::Deleting(_) => Code::FailedPrecondition,
+            DispatchError::QueueFull { .. } => Code::ResourceExhausted,
+            DispatchError::Deadline(_) => Code::DeadlineExceeded,
+            DispatchError::Unavailable(_) => Code::Unavailable,
+        };
+        let mut status = Status::new(code, self.to_string());
+        if let DispatchError::QueueFull { retry_after, .. } = self
+            && let Ok(v) = retry_after.as_millis().to_string().parse()
+        {
+            status.metadata_mut().insert("retry-after-ms", v);
+        }
+        status
+    }
+
+    /// The HTTP status and OpenAI error type.
+    pub fn http(&self) -> (u16, &'static str, Option<&'static str>) {
+        match self {
+            DispatchError::Invalid { .. } => (400, "invalid_request_error", None),
+            DispatchError::NotFound(_) => (404, "invalid_request_error", Some("model_not_found")),
+            DispatchError::Deleting(_) => (409, "invalid_request_error", Some("model_deleting")),
+            DispatchError::QueueFull { .. } => (429, "rate_limit_error", Some("queue_full")),
+            DispatchError::Deadline(_) => (504, "timeout_error", Some("deadline_exceeded")),
+            DispatchError::Unavailable(_) => (503, "server_error", Some("unavailable")),
+        }
+    }
+}

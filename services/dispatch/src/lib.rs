@@ -1,0 +1,178 @@
+//! Dispatch: the request path. It accepts inference requests (gRPC `Generate` and the
+//! OpenAI-compatible HTTP API), routes each to a ready instance from an in-memory table (least
+//! in-flight of two random choices; no Redis round trip), holds a cold model's requests in a
+//! bounded queue while raising a demand event, streams tokens back, and retries elsewhere when a
+//! worker fails before the first token. Workers attach to every replica over `Attach` streams.
+//!
+//! It must never call another service; what it learns of deployments and instances comes from
+//! kvstore's event stream, and what it reports (demand, its own address) goes back there.
+
+mod attach;
+mod error;
+mod grpc;
+pub mod openai;
+mod request;
+mod sync;
+mod table;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use kvstore::Store;
+use service::JoinSecret;
+use sllm_api::v1::dispatch_server::DispatchServer;
+use tokio_util::sync::CancellationToken;
+
+pub use error::DispatchError;
+pub use request::{Event, Events, Input, Job};
+
+/// Settings of a Dispatch replica.
+#[derive(Debug, Clone)]
+pub struct DispatchConfig {
+    /// This replica's id.
+    pub replica_id: String,
+    /// The gRPC endpoint workers attach to (http://host:port); empty: the bound address.
+    pub advertise: String,
+    /// Secret worker join tokens are checked against on Attach.
+    pub join_secret: JoinSecret,
+    /// Most requests held per model while it has no ready instance.
+    pub max_queue: usize,
+    /// Retry hint given with a full queue.
+    pub retry_after: Duration,
+    /// Attempts per request (a worker failing before the first token costs one).
+    pub max_attempts: u32,
+    /// max_tokens when a request leaves it 0.
+    pub default_max_tokens: u32,
+    /// Largest max_tokens accepted.
+    pub max_tokens_limit: u32,
+    /// Largest prompt (or sum of chat contents) accepted, in bytes.
+    pub max_prompt_bytes: usize,
+    /// How often demand is reported to kvstore for the Scaler.
+    pub report_interval: Duration,
+    /// Failures in a row after which a worker is skipped...
+    pub breaker_threshold: u32,
+    /// ...for this long.
+    pub breaker_cooldown: Duration,
+}
+
+impl DispatchConfig {
+    /// Defaults for replica `replica_id`.
+    pub fn new(replica_id: impl Into<String>, join_secret: JoinSecret) -> DispatchConfig {
+        DispatchConfig {
+            replica_id: replica_id.into(),
+            advertise: String::new(),
+            join_secret,
+            max_queue: 256,
+            retry_after: Duration::from_secs(1),
+            max_attempts: 3,
+            default_max_tokens: 256,
+            max_tokens_limit: 32_768,
+            max_prompt_bytes: 1 << 20,
+            report_interval: Duration::from_millis(250),
+            breaker_threshold: 3,
+            breaker_cooldown: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A Dispatch replica. Cheap to clone.
+#[derive(Clone)]
+pub struct Dispatch {
+    inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) store: Store,
+    pub(crate) config: DispatchConfig,
+    pub(crate) table: table::Table,
+    request_ids: AtomicU64,
+}
+
+impl Inner {
+    pub(crate) fn next_request_id(&self) -> u64 {
+        self.request_ids.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Raises a demand event for a model with no ready instance here (at most twice a second
+    /// per model unless `first`; never waits on Redis).
+    pub(crate) fn raise_demand(&self, route: &table::ModelRoute, first: bool) {
+        let every = if first { Duration::from_millis(100) } else { Duration::from_millis(500) };
+        if !route.demand_due(every) {
+            return;
+        }
+        let store = self.store.clone();
+        let reporter = self.config.replica_id.clone();
+        let model = route.name.clone();
+        let queued = route.waiting.load(Ordering::Relaxed).max(1);
+        tokio::spawn(async move {
+            if let Err(e) = store.publish_demand(&reporter, &model, queued).await {
+                tracing::warn!(%model, error = %e, "cannot raise a demand event");
+            }
+        });
+    }
+}
+
+impl Dispatch {
+    /// A replica over `store`. Call [`Dispatch::serve`] to load its table and serve.
+    pub fn new(store: Store, config: DispatchConfig) -> Dispatch {
+        Dispatch {
+            inner: Arc::new(Inner {
+                store,
+                config,
+                table: table::Table::default(),
+                request_ids: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    /// Serves gRPC (Dispatch with health and reflection) on `grpc` and the OpenAI API on
+    /// `http`, after loading the routing table; keeps the table current, reports demand and
+    /// registers the replica, until `shutdown`.
+    pub async fn serve(
+        self,
+        grpc: service::Listener,
+        http: service::Listener,
+        shutdown: CancellationToken,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let advertise = if self.inner.config.advertise.is_empty() {
+            format!("http://{}", grpc.local_addr())
+        } else {
+            self.inner.config.advertise.clone()
+        };
+        let position = sync::load(&self.inner, &shutdown).await;
+        let (reporter, health) = tonic_health::server::health_reporter();
+        reporter.set_serving::<DispatchServer<Dispatch>>().await;
+        let grpc_server = tonic::transport::Server::builder()
+            .max_concurrent_streams(Some(1 << 16))
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .add_service(health)
+            .add_service(service::reflection_v1()?)
+            .add_service(service::reflection_v1alpha()?)
+            .add_service(DispatchServer::new(self.clone()))
+            .serve_with_incoming_shutdown(grpc.incoming(), shutdown.clone().cancelled_owned());
+        let http_server = openai::serve(self.clone(), http, shutdown.clone());
+        let (g, h, ()) = tokio::join!(
+            grpc_server,
+            http_server,
+            sync::run(self.inner.clone(), position, advertise, shutdown.clone())
+        );
+        g?;
+        h?;
+        Ok(())
+    }
+
+    /// Names of the deployments this replica routes (not being deleted), sorted.
+    pub fn models(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .inner
+            .table
+            .models()
+            .into_iter()
+            .filter(|m| !m.deleting.load(Ordering::Relaxed))
+            .map(|m| m.name.clone())
+            .collect();
+        names.sort();
+        names
+    }
+}

@@ -1,0 +1,433 @@
+//! The OpenAI-compatible HTTP API on its own port: `GET /v1/models`, `POST /v1/completions`,
+//! `POST /v1/chat/completions`, with and without `stream: true` (server-sent events ending in
+//! `data: [DONE]`), and errors in OpenAI's JSON shape with the matching HTTP status, so the
+//! official `openai` clients work unchanged.
+
+use std::convert::Infallible;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use sllm_api::v1 as pb;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::Dispatch;
+use crate::error::DispatchError;
+use crate::request::{Event, Events, Input, Job};
+
+/// Serves the API on `listener` until `shutdown`.
+pub(crate) async fn serve(
+    dispatch: Dispatch,
+    listener: service::Listener,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    let listener = listener.into_tokio().tap_io(|tcp| {
+        // Small SSE chunks must not wait for Nagle.
+        let _ = tcp.set_nodelay(true);
+    });
+    axum::serve(listener, router(dispatch)).with_graceful_shutdown(shutdown.cancelled_owned()).await
+}
+
+/// The API's routes.
+pub fn router(dispatch: Dispatch) -> axum::Router {
+    axum::Router::new()
+        .route("/v1/models", get(models))
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/health", get(|| async { "ok" }))
+        .fallback(|| async {
+            error_response(&DispatchError::invalid(
+                "path",
+                "no such endpoint; see /v1/models, /v1/completions, /v1/chat/completions",
+            ))
+            .with_status(404)
+        })
+        .with_state(dispatch)
+}
+
+fn now_s() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+trait WithStatus {
+    fn with_status(self, code: u16) -> Response;
+}
+
+impl WithStatus for Response {
+    fn with_status(mut self, code: u16) -> Response {
+        *self.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_REQUEST);
+        self
+    }
+}
+
+fn error_json(e: &DispatchError) -> Value {
+    let (_, kind, code) = e.http();
+    let param = match e {
+        DispatchError::Invalid { field, .. } => Value::String(field.clone()),
+        DispatchError::NotFound(_) | DispatchError::Deleting(_) => Value::String("model".into()),
+        _ => Value::Null,
+    };
+    json!({ "error": { "message": e.to_string(), "type": kind, "param": param, "code": code } })
+}
+
+fn error_response(e: &DispatchError) -> Response {
+    let (status, _, _) = e.http();
+    let mut resp =
+        (StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST), Json(error_json(e)))
+            .into_response();
+    if let DispatchError::QueueFull { retry_after, .. } = e {
+        let secs = retry_after.as_secs().max(1).to_string();
+        if let Ok(v) = HeaderValue::from_str(&secs) {
+            resp.headers_mut().insert("retry-after", v);
+        }
+        if let Ok(v) = HeaderValue::from_str(&retry_after.as_millis().to_string()) {
+            resp.headers_mut().insert("retry-after-ms", v);
+        }
+    }
+    resp
+}
+
+async fn models(State(d): State<Dispatch>) -> Json<Value> {
+    let data: Vec<Value> = d
+        .models()
+        .into_iter()
+        .map(|m| json!({ "id": m, "object": "model", "created": 0, "owned_by": "sllm" }))
+        .collect();
+    Json(json!({ "object": "list", "data": data }))
+}
+
+/// A string or a list of strings (OpenAI accepts both for `stop` and `prompt`).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct CommonBody {
+    model: Option<String>,
+    max_tokens: Option<i64>,
+    max_completion_tokens: Option<i64>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    stop: Option<OneOrMany>,
+    seed: Option<u64>,
+    n: Option<u32>,
+    #[serde(default)]
+    stream: bool,
+    stream_options: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct ChatMessage {
+    role: String,
+    content: Option<Value>,
+}
+
+/// Reads the fields both endpoints share, naming the offending one on error.
+fn common(body: &Value, traceparent: String) -> Result<(CommonBody, Job), DispatchError> {
+    let c: CommonBody = serde_json::from_value(body.clone())
+        .map_err(|e| DispatchError::invalid("body", e.to_string()))?;
+    let model = c
+        .model
+        .clone()
+        .filter(|m| !m.is_empty())
+        .ok_or_else(|| DispatchError::invalid("model", "is required"))?;
+    if c.n.is_some_and(|n| n != 1) {
+        return Err(DispatchError::invalid("n", "only n = 1 is supported"));
+    }
+    let max = c.max_completion_tokens.or(c.max_tokens).unwrap_or(0);
+    let max_tokens = u32::try_from(max)
+        .map_err(|_| DispatchError::invalid("max_tokens", format!("{max} is not a token count")))?;
+    let params = pb::SamplingParams {
+        max_tokens,
+        temperature: c.temperature,
+        top_p: c.top_p,
+        stop: c
+            .stop
+            .as_ref()
+            .map(|s| match s {
+                OneOrMany::One(s) => vec![s.clone()],
+                OneOrMany::Many(v) => v.clone(),
+            })
+            .unwrap_or_default(),
+        seed: c.seed,
+    };
+    let job = Job {
+        model,
+        input: Input::Prompt(String::new()),
+        params,
+        progress: false,
+        deadline: None,
+        traceparent,
+    };
+    Ok((c, job))
+}
+
+fn traceparent(headers: &HeaderMap) -> String {
+    headers.get("traceparent").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string()
+}
+
+fn body_json(raw: &str) -> Result<Value, DispatchError> {
+    let v: Value = serde_json::from_str(raw)
+        .map_err(|e| DispatchError::invalid("body", format!("not JSON: {e}")))?;
+    if !v.is_object() {
+        return Err(DispatchError::invalid("body", "must be a JSON object"));
+    }
+    Ok(v)
+}
+
+async fn completions(State(d): State<Dispatch>, headers: HeaderMap, raw: String) -> Response {
+    let result = async {
+        let body = body_json(&raw)?;
+        let (c, mut job) = common(&body, traceparent(&headers))?;
+        let prompt = match body.get("prompt") {
+            Some(p) => serde_json::from_value::<OneOrMany>(p.clone())
+                .map_err(|_| {
+                    DispatchError::invalid("prompt", "must be a string or a list of strings")
+                })?
+                .into_vec(),
+            None => return Err(DispatchError::invalid("prompt", "is required")),
+        };
+        if prompt.len() != 1 {
+            return Err(DispatchError::invalid(
+                "prompt",
+                "exactly one prompt per request is supported",
+            ));
+        }
+        job.input = Input::Prompt(prompt.into_iter().next().unwrap_or_default());
+        let model = job.model.clone();
+        let events = d.submit(job).await?;
+        Ok((c, model, events))
+    }
+    .await;
+    match result {
+        Err(e) => error_response(&e),
+        Ok((c, model, events)) => {
+            let id = format!("cmpl-{:016x}", rand::random::<u64>());
+            if c.stream {
+                let include_usage = c
+                    .stream_options
+                    .as_ref()
+                    .and_then(|o| o.get("include_usage"))
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false);
+                sse(events, move |item| completion_chunk(&id, &model, item, include_usage))
+            } else {
+                match collect(events).await {
+                    Ok((text, reason, usage)) => Json(json!({
+                        "id": id,
+                        "object": "text_completion",
+                        "created": now_s(),
+                        "model": model,
+                        "choices": [{ "text": text, "index": 0, "logprobs": null, "finish_reason": finish_word(reason) }],
+                        "usage": usage_json(&usage),
+                    }))
+                    .into_response(),
+                    Err(e) => error_response(&e),
+                }
+            }
+        }
+    }
+}
+
+async fn chat_completions(State(d): State<Dispatch>, headers: HeaderMap, raw: String) -> Response {
+    let result = async {
+        let body = body_json(&raw)?;
+        let (c, mut job) = common(&body, traceparent(&headers))?;
+        let messages: Vec<ChatMessage> = match body.get("messages") {
+            Some(m) => serde_json::from_value(m.clone()).map_err(|e| {
+                DispatchError::invalid(
+                    "messages",
+                    format!("must be a list of {{role, content}}: {e}"),
+                )
+            })?,
+            None => return Err(DispatchError::invalid("messages", "is required")),
+        };
+        let mut chat = pb::ChatMessages::default();
+        for (i, m) in messages.into_iter().enumerate() {
+            let content = match m.content {
+                None | Some(Value::Null) => String::new(),
+                Some(Value::String(s)) => s,
+                // The parts form: [{"type": "text", "text": "..."}]; only text parts count.
+                Some(Value::Array(parts)) => parts
+                    .iter()
+                    .filter_map(|p| p.get("text").and_then(Value::as_str))
+                    .collect::<Vec<_>>()
+                    .join(""),
+                Some(_) => {
+                    return Err(DispatchError::invalid(
+                        &format!("messages[{i}].content"),
+                        "must be a string or a list of text parts",
+                    ));
+                }
+            };
+            chat.messages.push(pb::ChatMessage { role: m.role, content });
+        }
+        job.input = Input::Chat(chat);
+        let model = job.model.clone();
+        let events = d.submit(job).await?;
+        Ok((c, model, events))
+    }
+    .await;
+    match result {
+        Err(e) => error_response(&e),
+        Ok((c, model, events)) => {
+            let id = format!("chatcmpl-{:016x}", rand::random::<u64>());
+            if c.stream {
+                let include_usage = c
+                    .stream_options
+                    .as_ref()
+                    .and_then(|o| o.get("include_usage"))
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false);
+                let mut first = true;
+                sse(events, move |item| {
+                    let out = chat_chunk(&id, &model, item, first, include_usage);
+                    first = false;
+                    out
+                })
+            } else {
+                match collect(events).await {
+                    Ok((text, reason, usage)) => Json(json!({
+                        "id": id,
+                        "object": "chat.completion",
+                        "created": now_s(),
+                        "model": model,
+                        "choices": [{
+                            "index": 0,
+                            "message": { "role": "assistant", "content": text },
+                            "logprobs": null,
+                            "finish_reason": finish_word(reason),
+                        }],
+                        "usage": usage_json(&usage),
+                    }))
+                    .into_response(),
+                    Err(e) => error_response(&e),
+                }
+            }
+        }
+    }
+}
+
+fn finish_word(r: pb::FinishReason) -> &'static str {
+    match r {
+        pb::FinishReason::Length => "length",
+        _ => "stop",
+    }
+}
+
+fn usage_json(u: &pb::Usage) -> Value {
+    json!({
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+    })
+}
+
+/// Waits for the whole answer.
+async fn collect(
+    mut events: Events,
+) -> Result<(String, pb::FinishReason, pb::Usage), DispatchError> {
+    let mut text = String::new();
+    while let Some(item) = events.recv().await {
+        match item? {
+            Event::Chunk { text: t, .. } => text.push_str(&t),
+            Event::Finished { reason, usage } => return Ok((text, reason, usage)),
+            Event::Progress(_) => {}
+        }
+    }
+    Err(DispatchError::Unavailable("the request ended without an answer".into()))
+}
+
+/// Streams events as server-sent events; `render` turns each into zero or more JSON payloads.
+fn sse<F>(events: Events, mut render: F) -> Response
+where
+    F: FnMut(Result<Event, DispatchError>) -> Vec<Value> + Send + 'static,
+{
+    let body = ReceiverStream::new(events)
+        .flat_map(move |item| futures::stream::iter(render(item)))
+        .map(|v| Ok::<_, Infallible>(SseEvent::default().data(v.to_string())))
+        .chain(futures::stream::once(async { Ok(SseEvent::default().data("[DONE]")) }));
+    Sse::new(body)
+        .keep_alive(axum::response::sse::KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response()
+}
+
+fn completion_chunk(
+    id: &str,
+    model: &str,
+    item: Result<Event, DispatchError>,
+    include_usage: bool,
+) -> Vec<Value> {
+    let base = |choices: Value| json!({ "id": id, "object": "text_completion", "created": now_s(), "model": model, "choices": choices });
+    match item {
+        Ok(Event::Chunk { text, .. }) => {
+            vec![base(
+                json!([{ "text": text, "index": 0, "logprobs": null, "finish_reason": null }]),
+            )]
+        }
+        Ok(Event::Finished { reason, usage }) => {
+            let mut out = vec![base(
+                json!([{ "text": "", "index": 0, "logprobs": null, "finish_reason": finish_word(reason) }]),
+            )];
+            if include_usage {
+                let mut u = base(json!([]));
+                u["usage"] = usage_json(&usage);
+                out.push(u);
+            }
+            out
+        }
+        Ok(Event::Progress(_)) => vec![],
+        Err(e) => vec![error_json(&e)],
+    }
+}
+
+fn chat_chunk(
+    id: &str,
+    model: &str,
+    item: Result<Event, DispatchError>,
+    first: bool,
+    include_usage: bool,
+) -> Vec<Value> {
+    let base = |choices: Value| json!({ "id": id, "object": "chat.completion.chunk", "created": now_s(), "model": model, "choices": choices });
+    let mut out = Vec::new();
+    if first && item.is_ok() {
+        out.push(base(json!([{ "index": 0, "delta": { "role": "assistant", "content": "" }, "logprobs": null, "finish_reason": null }])));
+    }
+    match item {
+        Ok(Event::Chunk { text, .. }) => {
+            out.push(base(json!([{ "index": 0, "delta": { "content": text }, "logprobs": null, "finish_reason": null }])));
+        }
+        Ok(Event::Finished { reason, usage }) => {
+            out.push(base(json!([{ "index": 0, "delta": {}, "logprobs": null, "finish_reason": finish_word(reason) }])));
+            if include_usage {
+                let mut u = base(json!([]));
+                u["usage"] = usage_json(&usage);
+                out.push(u);
+            }
+        }
+        Ok(Event::Progress(_)) => {}
+        Err(e) => out.push(error_json(&e)),
+    }
+    out
+}

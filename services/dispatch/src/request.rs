@@ -1,0 +1,456 @@
+//! One request's life: validated, routed (or held until an instance is ready), sent down the
+//! chosen worker's Attach stream, streamed back; retried elsewhere if the worker fails before
+//! the first token; cancelled on the worker when the client goes away.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use sllm_api::v1 as pb;
+use tokio::sync::mpsc;
+
+use crate::error::DispatchError;
+use crate::table::{FromWorker, ModelRoute, Routable, WorkerLink};
+use crate::{Dispatch, Inner};
+
+/// What to generate from.
+#[derive(Debug, Clone)]
+pub enum Input {
+    /// A completion prompt.
+    Prompt(String),
+    /// A chat conversation.
+    Chat(pb::ChatMessages),
+}
+
+/// An inference request as both client protocols hand it over.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// Deployment name (`name:backend` accepted).
+    pub model: String,
+    /// Input.
+    pub input: Input,
+    /// Sampling and limits.
+    pub params: pb::SamplingParams,
+    /// Stream progress events while held.
+    pub progress: bool,
+    /// When to give up.
+    pub deadline: Option<Instant>,
+    /// W3C trace context to pass to the worker.
+    pub traceparent: String,
+}
+
+/// What the client receives.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// Cold-start progress.
+    Progress(pb::Progress),
+    /// Output text.
+    Chunk {
+        /// Text.
+        text: String,
+        /// Tokens in it.
+        tokens: u32,
+    },
+    /// The end.
+    Finished {
+        /// Why.
+        reason: pb::FinishReason,
+        /// Counts and timings.
+        usage: pb::Usage,
+    },
+}
+
+/// The stream of a submitted request.
+pub type Events = mpsc::Receiver<Result<Event, DispatchError>>;
+
+enum Attempt {
+    Done,
+    ClientGone,
+    Deadline,
+    Failed(String),
+}
+
+impl Dispatch {
+    /// Validates and admits a request. Errors that need no waiting (bad input, unknown model,
+    /// full queue) come back here, before any output; the rest arrive on the stream.
+    pub async fn submit(&self, mut job: Job) -> Result<Events, DispatchError> {
+        let inner = &self.inner;
+        if let Some((name, _backend)) = job.model.split_once(':') {
+            job.model = name.to_string();
+        }
+        validate(&mut job, &inner.config)?;
+        let route = match inner.table.model(&job.model) {
+            Some(r) => r,
+            None => self.confirm_deployed(&job.model).await?,
+        };
+        if route.deleting.load(Ordering::Relaxed) {
+            return Err(DispatchError::Deleting(job.model.clone()));
+        }
+        let first = inner.table.pick(&route, &HashSet::new());
+        if first.is_none() {
+            let queued = route.waiting.load(Ordering::Relaxed) as usize;
+            if queued >= inner.config.max_queue {
+                return Err(DispatchError::QueueFull {
+                    model: job.model.clone(),
+                    queued,
+                    retry_after: inner.config.retry_after,
+                });
+            }
+        }
+        let (tx, rx) = mpsc::channel(64);
+        let driver = Driver { inner: inner.clone(), route, job, tx, start: Instant::now() };
+        tokio::spawn(driver.run(first));
+        Ok(rx)
+    }
+}
+
+impl Dispatch {
+    /// A model missing from the table may have been deployed a moment ago (its event not yet
+    /// read): one kvstore read settles it before answering NOT_FOUND. Only this miss path reads.
+    async fn confirm_deployed(&self, model: &str) -> Result<Arc<ModelRoute>, DispatchError> {
+        match self.inner.store.get_deployment(model).await {
+            Ok(Some(d)) => {
+                let deleting = d.status == kvstore::DeploymentStatus::Deleting;
+                self.inner.table.upsert_model(model, deleting);
+                self.inner
+                    .table
+                    .model(model)
+                    .ok_or_else(|| DispatchError::NotFound(model.to_string()))
+            }
+            Ok(None) => Err(DispatchError::NotFound(model.to_string())),
+            Err(e) => {
+                tracing::warn!(%model, error = %e, "cannot confirm an unknown model");
+                Err(DispatchError::NotFound(model.to_string()))
+            }
+        }
+    }
+}
+
+fn validate(job: &mut Job, config: &crate::DispatchConfig) -> Result<(), DispatchError> {
+    kvstore::names::validate_model_name("model", &job.model).map_err(|e| {
+        DispatchError::invalid(
+            "model",
+            e.to_string().trim_start_matches("invalid model: ").to_string(),
+        )
+    })?;
+    let size = match &job.input {
+        Input::Prompt(p) => p.len(),
+        Input::Chat(c) => {
+            if c.messages.is_empty() {
+                return Err(DispatchError::invalid("messages", "must hold at least one message"));
+            }
+            for (i, m) in c.messages.iter().enumerate() {
+                if !matches!(
+                    m.role.as_str(),
+                    "system" | "user" | "assistant" | "tool" | "developer"
+                ) {
+                    return Err(DispatchError::invalid(
+                        &format!("messages[{i}].role"),
+                        format!("{:?} is not one of system, user, assistant, tool", m.role),
+                    ));
+                }
+            }
+            c.messages.iter().map(|m| m.content.len()).sum()
+        }
+    };
+    if size > config.max_prompt_bytes {
+        return Err(DispatchError::invalid(
+            "prompt",
+            format!("{size} bytes is more than the limit of {}", config.max_prompt_bytes),
+        ));
+    }
+    let p = &mut job.params;
+    if p.max_tokens == 0 {
+        p.max_tokens = config.default_max_tokens;
+    }
+    if p.max_tokens > config.max_tokens_limit {
+        return Err(DispatchError::invalid(
+            "max_tokens",
+            format!("{} is more than the limit of {}", p.max_tokens, config.max_tokens_limit),
+        ));
+    }
+    if let Some(t) = p.temperature
+        && !(0.0..=2.0).contains(&t)
+    {
+        return Err(DispatchError::invalid("temperature", format!("{t} is not between 0 and 2")));
+    }
+    if let Some(t) = p.top_p
+        && !(t > 0.0 && t <= 1.0)
+    {
+        return Err(DispatchError::invalid("top_p", format!("{t} is not in (0, 1]")));
+    }
+    if p.stop.len() > 4 {
+        return Err(DispatchError::invalid(
+            "stop",
+            format!("at most 4 stop strings, got {}", p.stop.len()),
+        ));
+    }
+    Ok(())
+}
+
+struct Driver {
+    inner: Arc<Inner>,
+    route: Arc<ModelRoute>,
+    job: Job,
+    tx: mpsc::Sender<Result<Event, DispatchError>>,
+    start: Instant,
+}
+
+impl Driver {
+    async fn run(self, first: Option<(Arc<Routable>, Arc<WorkerLink>)>) {
+        let config = &self.inner.config;
+        let mut exclude = HashSet::new();
+        let mut tokens_sent = 0u32;
+        let mut ttft: Option<Duration> = None;
+        let mut queued = Duration::ZERO;
+        let mut next = first;
+        let mut attempt = 0;
+        loop {
+            let (instance, link) = match next.take() {
+                Some(x) => x,
+                None => {
+                    let t = Instant::now();
+                    let got = self.hold(&exclude).await;
+                    queued += t.elapsed();
+                    match got {
+                        Ok(x) => x,
+                        Err(Some(e)) => {
+                            let _ = self.tx.send(Err(e)).await;
+                            return;
+                        }
+                        Err(None) => return,
+                    }
+                }
+            };
+            attempt += 1;
+            instance.in_flight.fetch_add(1, Ordering::Relaxed);
+            self.route.in_flight.fetch_add(1, Ordering::Relaxed);
+            let outcome = self.attempt(&instance, &link, &mut tokens_sent, &mut ttft, queued).await;
+            instance.in_flight.fetch_sub(1, Ordering::Relaxed);
+            self.route.in_flight.fetch_sub(1, Ordering::Relaxed);
+            match outcome {
+                Attempt::Done => {
+                    link.breaker.success();
+                    return;
+                }
+                Attempt::ClientGone => return,
+                Attempt::Deadline => {
+                    let _ = self.tx.send(Err(DispatchError::Deadline(self.deadline_words()))).await;
+                    return;
+                }
+                Attempt::Failed(why) => {
+                    if link.breaker.failure(config.breaker_threshold, config.breaker_cooldown) {
+                        tracing::warn!(worker = %link.worker_id, "worker skipped for a while after repeated failures");
+                    }
+                    tracing::info!(model = %self.route.name, instance = %instance.instance_id, worker = %link.worker_id, attempt, tokens_sent, %why, "attempt failed");
+                    if tokens_sent > 0 {
+                        let _ = self
+                            .tx
+                            .send(Err(DispatchError::Unavailable(format!(
+                                "the worker failed after {tokens_sent} tokens were delivered: {why}"
+                            ))))
+                            .await;
+                        return;
+                    }
+                    if attempt >= config.max_attempts {
+                        let _ = self
+                            .tx
+                            .send(Err(DispatchError::Unavailable(format!(
+                                "no output after {attempt} attempts; last: {why}"
+                            ))))
+                            .await;
+                        return;
+                    }
+                    exclude.insert(instance.instance_id.clone());
+                    // Jittered backoff before trying elsewhere.
+                    let pause = Duration::from_millis(
+                        5 * (1 << attempt.min(5)) + rand::random::<u64>() % 10,
+                    );
+                    tokio::time::sleep(pause).await;
+                }
+            }
+        }
+    }
+
+    fn deadline_words(&self) -> String {
+        format!("after {} ms", self.start.elapsed().as_millis())
+    }
+
+    async fn send_progress(&self, stage: pb::progress::Stage, p: pb::Progress) -> bool {
+        if !self.job.progress {
+            return true;
+        }
+        let p = pb::Progress { stage: stage as i32, ..p };
+        self.tx.send(Ok(Event::Progress(p))).await.is_ok()
+    }
+
+    /// Waits for a route. Err(None): the client went away.
+    async fn hold(
+        &self,
+        exclude: &HashSet<String>,
+    ) -> Result<(Arc<Routable>, Arc<WorkerLink>), Option<DispatchError>> {
+        let route = &self.route;
+        let table = &self.inner.table;
+        route.waiting.fetch_add(1, Ordering::Relaxed);
+        let _waiting = WaitGuard(route.clone());
+        let mut progress = route.progress.subscribe();
+        self.inner.raise_demand(route, true);
+        if !self
+            .send_progress(
+                pb::progress::Stage::Queued,
+                pb::Progress {
+                    message: format!("waiting for an instance of {}", route.name),
+                    ..Default::default()
+                },
+            )
+            .await
+        {
+            return Err(None);
+        }
+        let mut reannounce = tokio::time::interval(Duration::from_secs(1));
+        reannounce.tick().await;
+        loop {
+            let changed = route.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if route.removed.load(Ordering::Relaxed) {
+                return Err(Some(DispatchError::NotFound(route.name.clone())));
+            }
+            if let Some(found) = table.pick(route, exclude) {
+                let ok = self
+                    .send_progress(
+                        pb::progress::Stage::Routed,
+                        pb::Progress {
+                            worker_id: found.0.worker_id.clone(),
+                            instance_id: found.0.instance_id.clone(),
+                            message: "sent to a ready instance".into(),
+                            ..Default::default()
+                        },
+                    )
+                    .await;
+                return if ok { Ok(found) } else { Err(None) };
+            }
+            let deadline = self.job.deadline;
+            tokio::select! {
+                _ = &mut changed => {}
+                p = progress.recv() => {
+                    if let Ok(p) = p {
+                        let stage = pb::progress::Stage::try_from(p.stage).unwrap_or(pb::progress::Stage::Unspecified);
+                        if !self.send_progress(stage, p).await {
+                            return Err(None);
+                        }
+                    }
+                }
+                _ = reannounce.tick() => self.inner.raise_demand(route, false),
+                _ = sleep_until(deadline) => {
+                    return Err(Some(DispatchError::Deadline(format!("{} while waiting for an instance", self.deadline_words()))));
+                }
+                _ = self.tx.closed() => return Err(None),
+            }
+        }
+    }
+
+    async fn attempt(
+        &self,
+        instance: &Routable,
+        link: &WorkerLink,
+        tokens_sent: &mut u32,
+        ttft: &mut Option<Duration>,
+        queued: Duration,
+    ) -> Attempt {
+        let request_id = self.inner.next_request_id();
+        let (wtx, mut wrx) = mpsc::unbounded_channel();
+        if let Ok(mut pending) = link.pending.lock() {
+            pending.insert(request_id, wtx);
+        }
+        let _cleanup = PendingGuard { link, request_id };
+        let input = match &self.job.input {
+            Input::Prompt(p) => pb::inference_request::Input::Prompt(p.clone()),
+            Input::Chat(c) => pb::inference_request::Input::Chat(c.clone()),
+        };
+        let request = pb::InferenceRequest {
+            request_id,
+            instance_id: instance.instance_id.clone(),
+            model: self.route.name.clone(),
+            input: Some(input),
+            params: Some(self.job.params.clone()),
+            traceparent: self.job.traceparent.clone(),
+        };
+        let down = pb::AttachDown { msg: Some(pb::attach_down::Msg::Request(request)) };
+        if link.tx.send(Ok(down)).await.is_err() {
+            return Attempt::Failed("the worker's attach stream is closed".into());
+        }
+        let cancel = || {
+            let _ = link.tx.try_send(Ok(pb::AttachDown {
+                msg: Some(pb::attach_down::Msg::Cancel(pb::CancelRequest { request_id })),
+            }));
+        };
+        loop {
+            tokio::select! {
+                m = wrx.recv() => match m {
+                    Some(FromWorker::Chunk { text, tokens }) => {
+                        if ttft.is_none() {
+                            *ttft = Some(self.start.elapsed());
+                        }
+                        *tokens_sent += tokens;
+                        if self.tx.send(Ok(Event::Chunk { text, tokens })).await.is_err() {
+                            cancel();
+                            return Attempt::ClientGone;
+                        }
+                    }
+                    Some(FromWorker::Finished(f)) => {
+                        let reason = pb::FinishReason::try_from(f.reason).unwrap_or(pb::FinishReason::Stop);
+                        let usage = pb::Usage {
+                            prompt_tokens: f.prompt_tokens,
+                            completion_tokens: f.completion_tokens,
+                            time_to_first_token_us: ttft.unwrap_or_else(|| self.start.elapsed()).as_micros() as u64,
+                            queue_us: queued.as_micros() as u64,
+                            instance_id: instance.instance_id.clone(),
+                        };
+                        let _ = self.tx.send(Ok(Event::Finished { reason, usage })).await;
+                        return Attempt::Done;
+                    }
+                    Some(FromWorker::Error(e)) => return Attempt::Failed(e.message),
+                    None => return Attempt::Failed("the worker's attach stream ended".into()),
+                },
+                _ = self.tx.closed() => {
+                    cancel();
+                    return Attempt::ClientGone;
+                }
+                _ = sleep_until(self.job.deadline) => {
+                    cancel();
+                    return Attempt::Deadline;
+                }
+            }
+        }
+    }
+}
+
+struct WaitGuard(Arc<ModelRoute>);
+
+impl Drop for WaitGuard {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+struct PendingGuard<'a> {
+    link: &'a WorkerLink,
+    request_id: u64,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut pending) = self.link.pending.lock() {
+            pending.remove(&self.request_id);
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}

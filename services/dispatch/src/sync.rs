@@ -1,0 +1,179 @@
+//! Keeping the routing table current and telling the rest of the mesh about this replica:
+//! the event stream (deployments, instances, workers, cold-start progress), batched demand
+//! reports, and the replica's registration that workers attach by.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use kvstore::{Demand, EventBatch, InstanceStatus, Position};
+use sllm_api::v1 as pb;
+use tokio_util::sync::CancellationToken;
+
+use crate::Inner;
+
+/// Reads deployments and ready instances into the table; retries until Redis answers.
+/// Returns the event position the table is current as of.
+pub(crate) async fn load(inner: &Arc<Inner>, shutdown: &CancellationToken) -> Position {
+    let mut delay = Duration::from_millis(50);
+    loop {
+        match try_load(inner).await {
+            Ok(p) => return p,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot load the routing table; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Position::start(),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+async fn try_load(inner: &Arc<Inner>) -> kvstore::Result<Position> {
+    let position = inner.store.event_position().await?;
+    let deployments = inner.store.list_deployments().await?;
+    let ready = inner.store.instances_in(InstanceStatus::Ready).await?;
+    let deployments: Vec<(String, bool)> = deployments
+        .into_iter()
+        .map(|d| (d.spec.model, d.status == kvstore::DeploymentStatus::Deleting))
+        .collect();
+    let ready: Vec<(String, String, String)> =
+        ready.into_iter().map(|i| (i.model, i.instance_id, i.worker_id)).collect();
+    inner.table.reload(&deployments, &ready);
+    tracing::info!(models = deployments.len(), ready = ready.len(), "routing table loaded");
+    Ok(position)
+}
+
+pub(crate) async fn run(
+    inner: Arc<Inner>,
+    position: Position,
+    advertise: String,
+    shutdown: CancellationToken,
+) {
+    tokio::join!(
+        events(inner.clone(), position, shutdown.clone()),
+        report_demand(inner.clone(), shutdown.clone()),
+        register(inner, advertise, shutdown),
+    );
+}
+
+async fn events(inner: Arc<Inner>, position: Position, shutdown: CancellationToken) {
+    let mut reader = inner.store.event_reader(position);
+    let mut delay = Duration::from_millis(50);
+    loop {
+        let batch = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            b = reader.next_batch(Duration::from_secs(1), 512) => b,
+        };
+        match batch {
+            Ok(EventBatch::Events(events)) => {
+                delay = Duration::from_millis(50);
+                for e in events {
+                    apply(&inner, &e);
+                }
+            }
+            Ok(EventBatch::FellBehind { resume }) => {
+                tracing::warn!(
+                    "event stream trimmed past this replica; reloading the routing table"
+                );
+                if try_load(&inner).await.is_err() {
+                    continue;
+                }
+                reader = inner.store.event_reader(resume);
+            }
+            Err(e) => {
+                // Redis is away: keep routing from memory; resume from the same position.
+                tracing::warn!(error = %e, "event stream interrupted; serving from memory");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+fn apply(inner: &Inner, e: &kvstore::Event) {
+    let table = &inner.table;
+    let model = e.field("model").unwrap_or_default();
+    let worker = e.field("worker").unwrap_or_default();
+    match e.kind.as_str() {
+        "deployment.created" => table.upsert_model(&e.entity, false),
+        "deployment.deleting" => table.upsert_model(&e.entity, true),
+        "deployment.removed" => table.remove_model(&e.entity),
+        "instance.ready" => table.add_instance(model, &e.entity, worker),
+        "instance.draining" | "instance.stopped" | "instance.failed" | "instance.lost" => {
+            table.remove_instance(model, &e.entity)
+        }
+        "instance.pending" | "instance.loading" => {
+            if let Some(route) = table.model(model) {
+                let (stage, message) = if e.kind == "instance.pending" {
+                    (pb::progress::Stage::Starting, format!("starting on worker {worker}"))
+                } else {
+                    (pb::progress::Stage::Loading, format!("loading on worker {worker}"))
+                };
+                // No subscriber (nobody held) is fine.
+                let _ = route.progress.send(pb::Progress {
+                    stage: stage as i32,
+                    worker_id: worker.to_string(),
+                    instance_id: e.entity.clone(),
+                    message,
+                });
+            }
+        }
+        "worker.lost" => table.remove_worker_instances(&e.entity),
+        _ => {}
+    }
+}
+
+/// Reports queued and in-flight requests per model, a few times a second.
+async fn report_demand(inner: Arc<Inner>, shutdown: CancellationToken) {
+    let every = inner.config.report_interval;
+    let ttl = (every * 8).max(Duration::from_secs(2));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let entries: Vec<(String, Demand)> = inner
+            .table
+            .models()
+            .iter()
+            .map(|m| {
+                let d = Demand {
+                    queued: m.waiting.load(Ordering::Relaxed),
+                    in_flight: m.in_flight.load(Ordering::Relaxed),
+                };
+                (m.name.clone(), d)
+            })
+            .filter(|(_, d)| d.total() > 0)
+            .collect();
+        if let Err(e) = inner.store.report_demand(&inner.config.replica_id, &entries, ttl).await {
+            tracing::debug!(error = %e, "cannot report demand");
+        }
+    }
+}
+
+/// Keeps this replica listed so workers attach to it.
+async fn register(inner: Arc<Inner>, advertise: String, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = inner
+            .store
+            .register_dispatcher(&inner.config.replica_id, &advertise, Duration::from_secs(5))
+            .await
+        {
+            tracing::warn!(error = %e, "cannot register this Dispatch replica");
+        }
+    }
+}
