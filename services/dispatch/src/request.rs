@@ -386,42 +386,66 @@ impl Driver {
                 msg: Some(pb::attach_down::Msg::Cancel(pb::CancelRequest { request_id })),
             }));
         };
+        // A message taken while merging chunks that must be handled next.
+        let mut held: Option<FromWorker> = None;
         loop {
-            tokio::select! {
-                m = wrx.recv() => match m {
-                    Some(FromWorker::Chunk { text, tokens }) => {
-                        if ttft.is_none() {
-                            *ttft = Some(self.start.elapsed());
-                        }
-                        *tokens_sent += tokens;
-                        if self.tx.send(Ok(Event::Chunk { text, tokens })).await.is_err() {
-                            cancel();
-                            return Attempt::ClientGone;
-                        }
+            let m = match held.take() {
+                Some(m) => Some(m),
+                None => tokio::select! {
+                    m = wrx.recv() => m,
+                    _ = self.tx.closed() => {
+                        cancel();
+                        return Attempt::ClientGone;
                     }
-                    Some(FromWorker::Finished(f)) => {
-                        let reason = pb::FinishReason::try_from(f.reason).unwrap_or(pb::FinishReason::Stop);
-                        let usage = pb::Usage {
-                            prompt_tokens: f.prompt_tokens,
-                            completion_tokens: f.completion_tokens,
-                            time_to_first_token_us: ttft.unwrap_or_else(|| self.start.elapsed()).as_micros() as u64,
-                            queue_us: queued.as_micros() as u64,
-                            instance_id: instance.instance_id.clone(),
-                        };
-                        let _ = self.tx.send(Ok(Event::Finished { reason, usage })).await;
-                        return Attempt::Done;
+                    _ = sleep_until(self.job.deadline) => {
+                        cancel();
+                        return Attempt::Deadline;
                     }
-                    Some(FromWorker::Error(e)) => return Attempt::Failed(e.message),
-                    None => return Attempt::Failed("the worker's attach stream ended".into()),
                 },
-                _ = self.tx.closed() => {
-                    cancel();
-                    return Attempt::ClientGone;
+            };
+            match m {
+                Some(FromWorker::Chunk { mut text, mut tokens }) => {
+                    // Chunks already waiting go to the client as one: under load it gets fewer,
+                    // larger messages instead of a growing backlog.
+                    while text.len() < 16 * 1024 {
+                        match wrx.try_recv() {
+                            Ok(FromWorker::Chunk { text: t, tokens: n }) => {
+                                text.push_str(&t);
+                                tokens += n;
+                            }
+                            Ok(other) => {
+                                held = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    if ttft.is_none() {
+                        *ttft = Some(self.start.elapsed());
+                    }
+                    *tokens_sent += tokens;
+                    if self.tx.send(Ok(Event::Chunk { text, tokens })).await.is_err() {
+                        cancel();
+                        return Attempt::ClientGone;
+                    }
                 }
-                _ = sleep_until(self.job.deadline) => {
-                    cancel();
-                    return Attempt::Deadline;
+                Some(FromWorker::Finished(f)) => {
+                    let reason =
+                        pb::FinishReason::try_from(f.reason).unwrap_or(pb::FinishReason::Stop);
+                    let usage = pb::Usage {
+                        prompt_tokens: f.prompt_tokens,
+                        completion_tokens: f.completion_tokens,
+                        time_to_first_token_us: ttft
+                            .unwrap_or_else(|| self.start.elapsed())
+                            .as_micros() as u64,
+                        queue_us: queued.as_micros() as u64,
+                        instance_id: instance.instance_id.clone(),
+                    };
+                    let _ = self.tx.send(Ok(Event::Finished { reason, usage })).await;
+                    return Attempt::Done;
                 }
+                Some(FromWorker::Error(e)) => return Attempt::Failed(e.message),
+                None => return Attempt::Failed("the worker's attach stream ended".into()),
             }
         }
     }

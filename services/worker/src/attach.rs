@@ -204,9 +204,33 @@ async fn serve_request(
         seed: params.seed.unwrap_or(id),
     };
     let mut out = backend.generate(job);
-    while let Some(o) = out.recv().await {
+    // An output taken while merging text that must be sent next.
+    let mut held: Option<Output> = None;
+    loop {
+        let o = match held.take() {
+            Some(o) => o,
+            None => match out.recv().await {
+                Some(o) => o,
+                None => break,
+            },
+        };
         let msg = match o {
-            Output::Text { text, tokens } => {
+            Output::Text { mut text, mut tokens } => {
+                // Text already waiting goes up in one message: under load the stream carries
+                // fewer, larger chunks instead of falling behind.
+                while text.len() < 16 * 1024 {
+                    match out.try_recv() {
+                        Ok(Output::Text { text: t, tokens: n }) => {
+                            text.push_str(&t);
+                            tokens += n;
+                        }
+                        Ok(other) => {
+                            held = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
                 Up::Chunk(pb::WorkerChunk { request_id: id, text, tokens })
             }
             Output::Done { finish, prompt_tokens, completion_tokens } => {

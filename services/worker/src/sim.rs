@@ -298,6 +298,10 @@ impl SimBackend {
 }
 
 async fn sleep_or_cancel(d: Duration, cancel: &CancellationToken) -> Result<(), String> {
+    if d.is_zero() {
+        // A zero-delay simulator must not pay the timer wheel's millisecond per token.
+        return if cancel.is_cancelled() { Err("instance stopped".to_string()) } else { Ok(()) };
+    }
     tokio::select! {
         _ = tokio::time::sleep(d) => Ok(()),
         _ = cancel.cancelled() => Err("instance stopped".to_string()),

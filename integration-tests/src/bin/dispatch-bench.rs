@@ -1,0 +1,337 @@
+//! Dispatch benchmark, one run, one table:
+//!
+//! 1. Added latency: the same zero-delay simulated worker called directly (a gRPC server that
+//!    runs the simulator in place of Dispatch) vs. through Dispatch and the worker's Attach
+//!    stream; p50 / p99 at a fixed 1,000 requests/s. Target: added p50 <= 150 µs, p99 <= 1 ms.
+//! 2. Most requests/s through one Dispatch replica with one-token completions. Target >= 20,000.
+//! 3. Tokens/s forwarded with long completions. Target >= 500,000.
+//! 4. Cold start overhead: first-token time minus the simulated load time. Target <= 20 ms.
+//!
+//!     cargo run --release -p sllm-integration-tests --bin dispatch-bench
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use sllm_api::v1 as pb;
+use sllm_api::v1::dispatch_client::DispatchClient;
+use sllm_integration_tests::{
+    DispatchReplica, RedisServer, RegistryReplica, Served, SimWorker, eventually,
+};
+use tokio_stream::{Stream, StreamExt};
+use tonic::transport::{Channel, Endpoint};
+use worker::{Backend, Job, Output};
+
+fn main() -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(run())
+}
+
+fn zero_delay() -> worker::SimConfig {
+    worker::SimConfig {
+        prefill_per_token: Duration::ZERO,
+        decode_per_token: Duration::ZERO,
+        time_scale: 1.0,
+        checkpoints: [("bench".to_string(), (1, pb::CheckpointTier::Gpu))].into(),
+        ..worker::SimConfig::default()
+    }
+}
+
+fn request(model: &str, max_tokens: u32) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        model: model.into(),
+        input: Some(pb::generate_request::Input::Prompt("ping".into())),
+        params: Some(pb::SamplingParams { max_tokens, ..Default::default() }),
+        progress: false,
+        timeout_ms: 0,
+    }
+}
+
+/// Runs one request to completion; returns the tokens received.
+async fn one(client: &mut DispatchClient<Channel>, req: pb::GenerateRequest) -> Result<u32> {
+    let mut s = client.generate(req).await?.into_inner();
+    let mut tokens = 0;
+    while let Some(e) = s.message().await? {
+        if let Some(pb::generate_event::Event::Chunk(c)) = e.event {
+            tokens += c.tokens;
+        }
+    }
+    Ok(tokens)
+}
+
+/// The worker called directly: a Dispatch-shaped server that runs the simulator in place.
+#[derive(Clone)]
+struct Direct {
+    sim: worker::SimBackend,
+    instance: String,
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateEvent, tonic::Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::dispatch_server::Dispatch for Direct {
+    type GenerateStream = EventStream;
+    type AttachStream = EventStreamAttach;
+
+    async fn generate(
+        &self,
+        r: tonic::Request<pb::GenerateRequest>,
+    ) -> Result<tonic::Response<EventStream>, tonic::Status> {
+        let r = r.into_inner();
+        let params = r.params.unwrap_or_default();
+        let out = self.sim.generate(Job {
+            instance_id: self.instance.clone(),
+            prompt: "ping".into(),
+            max_tokens: params.max_tokens,
+            stop: vec![],
+            seed: 1,
+        });
+        let stream = tokio_stream::wrappers::ReceiverStream::new(out).map(|o| {
+            let event = match o {
+                Output::Text { text, tokens } => {
+                    pb::generate_event::Event::Chunk(pb::Chunk { text, tokens })
+                }
+                Output::Done { .. } => pb::generate_event::Event::Finished(pb::Finished::default()),
+                Output::Error(e) => return Err(tonic::Status::unavailable(e)),
+            };
+            Ok(pb::GenerateEvent { event: Some(event) })
+        });
+        Ok(tonic::Response::new(Box::pin(stream)))
+    }
+
+    async fn attach(
+        &self,
+        _r: tonic::Request<tonic::Streaming<pb::AttachUp>>,
+    ) -> Result<tonic::Response<EventStreamAttach>, tonic::Status> {
+        Err(tonic::Status::unimplemented("direct server"))
+    }
+}
+
+type EventStreamAttach = Pin<Box<dyn Stream<Item = Result<pb::AttachDown, tonic::Status>> + Send>>;
+
+async fn connect(endpoint: String) -> Result<DispatchClient<Channel>> {
+    Ok(DispatchClient::new(Endpoint::from_shared(endpoint)?.tcp_nodelay(true).connect().await?))
+}
+
+/// Latency percentiles (µs) of `n` requests issued at `rate` per second.
+async fn fixed_rate(
+    client: &DispatchClient<Channel>,
+    model: &str,
+    rate: u64,
+    n: usize,
+) -> Result<(f64, f64)> {
+    let mut tick = tokio::time::interval(Duration::from_nanos(1_000_000_000 / rate));
+    let mut tasks = Vec::with_capacity(n);
+    for _ in 0..n {
+        tick.tick().await;
+        let mut c = client.clone();
+        let req = request(model, 1);
+        tasks.push(tokio::spawn(async move {
+            let t = Instant::now();
+            one(&mut c, req).await.map(|_| t.elapsed().as_micros() as u64)
+        }));
+    }
+    let mut lat = Vec::with_capacity(n);
+    for t in tasks {
+        lat.push(t.await??);
+    }
+    lat.sort_unstable();
+    Ok((lat[lat.len() / 2] as f64, lat[lat.len() * 99 / 100] as f64))
+}
+
+/// Requests and tokens completed per second by `concurrency` closed loops for `for_`.
+async fn saturate(
+    endpoint: &str,
+    model: &str,
+    max_tokens: u32,
+    concurrency: usize,
+    for_: Duration,
+) -> Result<(f64, f64)> {
+    let channels = 4;
+    let mut clients = Vec::new();
+    for _ in 0..channels {
+        clients.push(connect(endpoint.to_string()).await?);
+    }
+    let requests = Arc::new(AtomicU64::new(0));
+    let tokens = Arc::new(AtomicU64::new(0));
+    let stop = Instant::now() + for_;
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..concurrency {
+        let mut c = clients[i % channels].clone();
+        let (requests, tokens, model) = (requests.clone(), tokens.clone(), model.to_string());
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < stop {
+                match one(&mut c, request(&model, max_tokens)).await {
+                    Ok(n) => {
+                        requests.fetch_add(1, Ordering::Relaxed);
+                        tokens.fetch_add(u64::from(n), Ordering::Relaxed);
+                    }
+                    Err(e) => eprintln!("request failed: {e}"),
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await?;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    Ok((
+        requests.load(Ordering::Relaxed) as f64 / secs,
+        tokens.load(Ordering::Relaxed) as f64 / secs,
+    ))
+}
+
+async fn run() -> Result<()> {
+    // Direct: the simulator behind a bare gRPC server.
+    let (sim, mut events) = worker::SimBackend::new(zero_delay());
+    sim.start(worker::StartSpec {
+        instance_id: "direct".into(),
+        model: "bench".into(),
+        backend: "sim".into(),
+        gpus: vec![0],
+        backend_config: None,
+    })?;
+    while let Some(e) = events.recv().await {
+        if matches!(e, worker::InstanceEvent::Ready { .. }) {
+            break;
+        }
+    }
+    let listener = service::Listener::bind("127.0.0.1:0").await?;
+    let direct_ep = format!("http://{}", listener.local_addr());
+    let direct = Direct { sim: sim.clone(), instance: "direct".into() };
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(pb::dispatch_server::DispatchServer::new(direct))
+            .serve_with_incoming(listener.incoming()),
+    );
+
+    // Through Dispatch: the full mesh with the same simulator on a worker.
+    let redis = RedisServer::start()?;
+    let store = redis.store().await?;
+    let registry =
+        RegistryReplica::start(store.clone(), Duration::from_secs(10), Duration::from_secs(3))
+            .await?;
+    let _scaler = Served::scaler(store.clone(), scaler::ScalerConfig::new("bench")).await?;
+    let dispatch =
+        DispatchReplica::start(store.clone(), "bench", |c| c.max_queue = 100_000).await?;
+    let mut w = SimWorker::start(vec![registry.endpoint()], "w1", zero_delay())?;
+    w.ready(0).await?;
+    store
+        .create_deployment(&kvstore::DeploymentSpec {
+            model: "bench".into(),
+            backend: "sim".into(),
+            num_gpus: 1,
+            autoscaling: kvstore::AutoScaling {
+                min_instances: 1,
+                max_instances: 1,
+                ..Default::default()
+            },
+            backend_config: String::new(),
+        })
+        .await?;
+    let mut via = connect(dispatch.endpoint()).await?;
+    eventually(Duration::from_secs(20), "the model served through Dispatch", || {
+        let mut c = via.clone();
+        async move { one(&mut c, request("bench", 1)).await.ok() }
+    })
+    .await?;
+    let mut direct_client = connect(direct_ep.clone()).await?;
+    for _ in 0..500 {
+        one(&mut direct_client, request("bench", 1)).await?;
+        one(&mut via, request("bench", 1)).await?;
+    }
+
+    eprintln!("1/4 added latency at 1,000 req/s ...");
+    let (d50, d99) = fixed_rate(&direct_client, "bench", 1000, 3000).await?;
+    let (v50, v99) = fixed_rate(&via, "bench", 1000, 3000).await?;
+    eprintln!("2/4 requests/s ...");
+    let (direct_rps, _) = saturate(&direct_ep, "bench", 1, 64, Duration::from_secs(5)).await?;
+    let (rps, _) = saturate(&dispatch.endpoint(), "bench", 1, 64, Duration::from_secs(5)).await?;
+    eprintln!("3/4 tokens/s ...");
+    let (_, direct_tps) = saturate(&direct_ep, "bench", 2000, 16, Duration::from_secs(5)).await?;
+    let (_, tps) =
+        saturate(&dispatch.endpoint(), "bench", 2000, 16, Duration::from_secs(5)).await?;
+
+    eprintln!("4/4 cold start ...");
+    let mut overheads = Vec::new();
+    let cold = worker::SimConfig {
+        checkpoints: (0..5)
+            .map(|i| (format!("cold-{i}"), (6 << 30, pb::CheckpointTier::HostMemory)))
+            .collect(),
+        ..zero_delay()
+    };
+    let mut w2 = SimWorker::start(vec![registry.endpoint()], "w2", cold.clone())?;
+    w2.ready(0).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await; // attached
+    for i in 0..5 {
+        let model = format!("cold-{i}");
+        store
+            .create_deployment(&kvstore::DeploymentSpec {
+                model: model.clone(),
+                backend: "sim".into(),
+                num_gpus: 1,
+                autoscaling: kvstore::AutoScaling {
+                    min_instances: 0,
+                    max_instances: 1,
+                    keep_alive_s: 600,
+                    ..Default::default()
+                },
+                backend_config: String::new(),
+            })
+            .await?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let t = Instant::now();
+        let mut s = via.generate(request(&model, 1)).await?.into_inner();
+        let mut first = None;
+        while let Some(e) = s.message().await? {
+            if first.is_none() && matches!(e.event, Some(pb::generate_event::Event::Chunk(_))) {
+                first = Some(t.elapsed());
+            }
+        }
+        let Some(first) = first else { bail!("no token from {model}") };
+        // w2 holds the checkpoint in host memory; w1 does not, so the Scaler picks w2.
+        let load = cold.load_time(&model);
+        overheads.push(first.as_secs_f64() * 1000.0 - load.as_secs_f64() * 1000.0);
+    }
+    overheads.sort_by(f64::total_cmp);
+    let cold_ms = overheads[overheads.len() / 2];
+
+    println!();
+    println!("{:<48} {:>12} {:>12} {:>14}", "measure", "direct", "via Dispatch", "target");
+    println!(
+        "{:<48} {:>10.0}µs {:>10.0}µs {:>14}",
+        "latency p50 at 1,000 req/s (1 token)", d50, v50, ""
+    );
+    println!("{:<48} {:>10.0}µs {:>10.0}µs {:>14}", "latency p99 at 1,000 req/s", d99, v99, "");
+    println!("{:<48} {:>12} {:>10.0}µs {:>14}", "  added p50", "", v50 - d50, "<= 150µs");
+    println!("{:<48} {:>12} {:>10.0}µs {:>14}", "  added p99", "", v99 - d99, "<= 1000µs");
+    println!(
+        "{:<48} {:>12.0} {:>12.0} {:>14}",
+        "requests/s, 1-token completions, 64 clients", direct_rps, rps, ">= 20,000"
+    );
+    println!(
+        "{:<48} {:>12.0} {:>12.0} {:>14}",
+        "tokens/s, 2,000-token completions, 16 clients", direct_tps, tps, ">= 500,000"
+    );
+    println!(
+        "{:<48} {:>12} {:>10.1}ms {:>14}",
+        "cold start: first token - simulated load (p50)", "", cold_ms, "<= 20ms"
+    );
+    println!();
+    let verdict = |ok: bool| if ok { "meets" } else { "MISSES" };
+    println!(
+        "added latency p50 {:.0} µs — {}; p99 {:.0} µs — {}",
+        v50 - d50,
+        verdict(v50 - d50 <= 150.0),
+        v99 - d99,
+        verdict(v99 - d99 <= 1000.0)
+    );
+    println!("requests/s {rps:.0} — {}", verdict(rps >= 20_000.0));
+    println!("tokens/s {tps:.0} — {}", verdict(tps >= 500_000.0));
+    println!("cold-start overhead {cold_ms:.1} ms — {}", verdict(cold_ms <= 20.0));
+    drop((w, w2));
+    Ok(())
+}
