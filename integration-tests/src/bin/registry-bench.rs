@@ -57,7 +57,7 @@ async fn run(max: usize, window: Duration) -> Result<()> {
             "worker-registry",
             "--redis-url",
             &url,
-            "--worker-registry-addr",
+            "--grpc-addr",
             "127.0.0.1:0",
             "--lease-ms",
             "3000",
@@ -65,7 +65,7 @@ async fn run(max: usize, window: Duration) -> Result<()> {
             "1000",
         ],
         &[("SLLM_JOIN_SECRET", JOIN_SECRET), ("RUST_LOG", "warn")],
-        "listening on",
+        "serving gRPC on",
     )?;
     let endpoint = format!("http://{}", line.rsplit(' ').next().context("no address")?);
     let mut raw = redis.raw().await?;

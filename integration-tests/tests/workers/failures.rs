@@ -40,7 +40,7 @@ async fn a_killed_worker_process_is_lost_and_its_instances_become_unroutable() {
             "worker-registry",
             "--redis-url",
             &url,
-            "--worker-registry-addr",
+            "--grpc-addr",
             "127.0.0.1:0",
             "--lease-ms",
             "2000",
@@ -48,7 +48,7 @@ async fn a_killed_worker_process_is_lost_and_its_instances_become_unroutable() {
             "200",
         ],
         &[("SLLM_JOIN_SECRET", JOIN_SECRET)],
-        "listening on",
+        "serving gRPC on",
     )
     .unwrap();
     let endpoint = format!("http://{}", line.rsplit(' ').next().unwrap());
@@ -109,7 +109,7 @@ async fn a_killed_registry_replica_loses_no_command() {
                 "worker-registry",
                 "--redis-url",
                 &url,
-                "--worker-registry-addr",
+                "--grpc-addr",
                 "127.0.0.1:0",
                 "--lease-ms",
                 "1500",
@@ -117,7 +117,7 @@ async fn a_killed_registry_replica_loses_no_command() {
                 "300",
             ],
             &[("SLLM_JOIN_SECRET", JOIN_SECRET)],
-            "listening on",
+            "serving gRPC on",
         )
         .unwrap()
     };

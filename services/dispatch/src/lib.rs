@@ -162,6 +162,39 @@ impl Dispatch {
         Ok(())
     }
 
+    /// The gRPC service (Generate, Attach), to mount on a shared server after
+    /// [`Dispatch::load`], with [`Dispatch::run_background`] and [`Dispatch::serve_openai`]
+    /// beside it.
+    pub fn service(&self) -> DispatchServer<Dispatch> {
+        DispatchServer::new(self.clone())
+    }
+
+    /// Loads the routing table (retrying until Redis answers); returns the event position to
+    /// keep it current from.
+    pub async fn load(&self, shutdown: &CancellationToken) -> kvstore::Position {
+        sync::load(&self.inner, shutdown).await
+    }
+
+    /// Keeps the table current, reports demand and keeps the replica registered under
+    /// `advertise` (the endpoint workers attach to), until `shutdown`.
+    pub async fn run_background(
+        &self,
+        position: kvstore::Position,
+        advertise: String,
+        shutdown: CancellationToken,
+    ) {
+        sync::run(self.inner.clone(), position, advertise, shutdown).await
+    }
+
+    /// Serves the OpenAI-compatible HTTP API on `listener` until `shutdown`.
+    pub async fn serve_openai(
+        &self,
+        listener: service::Listener,
+        shutdown: CancellationToken,
+    ) -> std::io::Result<()> {
+        openai::serve(self.clone(), listener, shutdown).await
+    }
+
     /// Names of the deployments this replica routes (not being deleted), sorted.
     pub fn models(&self) -> Vec<String> {
         let mut names: Vec<String> = self

@@ -27,6 +27,11 @@ impl Registry {
         Registry { store }
     }
 
+    /// The gRPC service, to mount on a shared server.
+    pub fn service(&self) -> ModelRegistryServer<Registry> {
+        ModelRegistryServer::new(self.clone())
+    }
+
     /// Serves it with gRPC health and reflection on `listener` until `shutdown`.
     pub async fn serve(
         self,

@@ -160,6 +160,12 @@ impl Scaler {
         outcome.map_err(|_: actor::StepDown| "lost the lead during the pass".to_string())
     }
 
+    /// The status API as a gRPC service, to mount on a shared server (run [`Scaler::run`]
+    /// beside it).
+    pub fn service(&self) -> ScalerServer<Scaler> {
+        ScalerServer::new(self.clone())
+    }
+
     /// Serves the Scaler's status API (with health and reflection) on `listener` and competes
     /// for the lead, until `shutdown`.
     pub async fn serve(
