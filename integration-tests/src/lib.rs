@@ -255,7 +255,7 @@ pub fn sllm_bin() -> Result<PathBuf> {
 /// A child process, killed (SIGKILL) when dropped.
 pub struct Proc {
     child: Child,
-    /// Its stdout lines after the one waited for, collected in the background.
+    /// Its stdout lines so far, collected in the background.
     pub lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
@@ -278,17 +278,23 @@ impl Proc {
         std::thread::spawn(move || {
             let mut sent = false;
             for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(mut l) = sink.lock() {
+                    l.push(line.clone());
+                }
                 if !sent && line.contains(&marker) {
                     let _ = tx.send(line);
                     sent = true;
-                } else if let Ok(mut l) = sink.lock() {
-                    l.push(line);
                 }
             }
         });
         let proc = Proc { child, lines };
         let line = rx.recv_timeout(Duration::from_secs(20)).context("sllm did not become ready")?;
         Ok((proc, line))
+    }
+
+    /// The stdout lines so far, joined.
+    pub fn output(&self) -> String {
+        self.lines.lock().map(|l| l.join("\n")).unwrap_or_default()
     }
 
     /// The process id.
@@ -304,7 +310,22 @@ impl Proc {
 
     /// Sends SIGTERM (a clean stop) and waits up to `within` for it to exit; true if it did.
     pub fn terminate(&mut self, within: Duration) -> bool {
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        self.signal("TERM", within)
+    }
+
+    /// Sends SIGINT (Ctrl-C) and waits up to `within` for it to exit; true if it did.
+    pub fn interrupt(&mut self, within: Duration) -> bool {
+        self.signal("INT", within)
+    }
+
+    /// Its exit status, once it has exited.
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    fn signal(&mut self, sig: &str, within: Duration) -> bool {
+        let _ =
+            Command::new("kill").arg(format!("-{sig}")).arg(self.child.id().to_string()).status();
         let start = Instant::now();
         while start.elapsed() < within {
             if let Ok(Some(_)) = self.child.try_wait() {

@@ -15,7 +15,12 @@ pub use status::{field_status, to_status};
 
 /// Sets up structured logs filtered by `RUST_LOG` (default `info`). Safe to call more than once.
 pub fn init_logging() {
+    init_logging_with("info");
+}
+
+/// Like [`init_logging`], with another default filter when `RUST_LOG` is unset.
+pub fn init_logging_with(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).try_init();
 }

@@ -1,9 +1,13 @@
-//! `sllm`: one binary for every part of the system. `sllm serve <service>…` runs control-plane
-//! services, `sllm worker` runs a worker agent (or a fleet of simulated ones), `sllm join-token`
-//! prints the token that lets a node join.
+//! `sllm`: one binary for every part of the system. `sllm up` runs a whole local cluster;
+//! `sllm serve <service>…` runs control-plane services; `sllm worker` runs a worker agent (or a
+//! fleet of simulated ones); `deploy`, `update`, `delete`, `models`, `workers`, `status` and
+//! `generate` are the client commands; `sllm join-token` prints a node's join token.
 
+mod cmd_client;
 mod cmd_serve;
+mod cmd_up;
 mod cmd_worker;
+mod deploy_config;
 
 use clap::{Parser, Subcommand};
 
@@ -17,10 +21,26 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run a whole local cluster: Redis, all services, simulated GPU workers and a demo model.
+    Up(cmd_up::UpArgs),
     /// Run one or more control-plane services in this process.
     Serve(cmd_serve::ServeArgs),
     /// Run a worker agent on this host (or a fleet of simulated ones).
     Worker(cmd_worker::WorkerArgs),
+    /// Deploy a model (flags, or a ServerlessLLM deploy JSON with --config).
+    Deploy(cmd_client::DeployArgs),
+    /// Change a model's scaling policy without disturbing its running instances.
+    Update(cmd_client::UpdateArgs),
+    /// Delete a model: its instances drain, then it is removed.
+    Delete(cmd_client::DeleteArgs),
+    /// List deployed models with their instances.
+    Models(cmd_client::ListArgs),
+    /// List GPU workers.
+    Workers(cmd_client::ListArgs),
+    /// Show desired vs. actual instances and the Scaler's last decision.
+    Status(cmd_client::StatusArgs),
+    /// Generate text, streaming tokens as they come.
+    Generate(cmd_client::GenerateArgs),
     /// Print the join token that proves a node id under the cluster's join secret.
     JoinToken(JoinTokenArgs),
 }
@@ -37,7 +57,15 @@ struct JoinTokenArgs {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    service::init_logging();
+    // Client commands print results, not logs; services log at info.
+    if matches!(cli.command, Command::Up(_) | Command::Serve(_) | Command::Worker(_)) {
+        if matches!(cli.command, Command::Up(_)) {
+            // `sllm up` prints its own story; only warnings are logged unless RUST_LOG asks.
+            service::init_logging_with("warn");
+        } else {
+            service::init_logging();
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -47,12 +75,19 @@ fn main() -> std::process::ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Serve(args) => cmd_serve::run(args).await,
-            Command::Worker(args) => cmd_worker::run(args).await,
-            Command::JoinToken(args) => {
-                let secret =
-                    service::JoinSecret::new(args.join_secret).map_err(anyhow::Error::msg)?;
-                println!("{}", secret.token_for(&args.node_id));
+            Command::Up(a) => cmd_up::run(a).await,
+            Command::Serve(a) => cmd_serve::run(a).await,
+            Command::Worker(a) => cmd_worker::run(a).await,
+            Command::Deploy(a) => cmd_client::deploy(a).await,
+            Command::Update(a) => cmd_client::update(a).await,
+            Command::Delete(a) => cmd_client::delete(a).await,
+            Command::Models(a) => cmd_client::models(a).await,
+            Command::Workers(a) => cmd_client::workers(a).await,
+            Command::Status(a) => cmd_client::status(a).await,
+            Command::Generate(a) => cmd_client::generate(a).await,
+            Command::JoinToken(a) => {
+                let secret = service::JoinSecret::new(a.join_secret).map_err(anyhow::Error::msg)?;
+                println!("{}", secret.token_for(&a.node_id));
                 Ok(())
             }
         }
@@ -60,7 +95,7 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("sllm: {e:#}");
+            eprintln!("sllm: error: {e:#}");
             std::process::ExitCode::FAILURE
         }
     }

@@ -1,0 +1,599 @@
+//! The client commands: deploy, update, delete, models, workers, status, generate. Each talks to
+//! one endpoint (every service of an `sllm serve` or `sllm up` answers there), prints a table or
+//! JSON, and exits non-zero with the server's message on failure.
+
+use std::io::{IsTerminal, Write};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::ValueEnum;
+use serde_json::json;
+use sllm_api::v1 as pb;
+use tonic::transport::Channel;
+
+use crate::deploy_config;
+
+/// How results are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// Human-readable columns.
+    Table,
+    /// One JSON document.
+    Json,
+}
+
+/// Where to reach sllm and how to print.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Conn {
+    /// sllm's gRPC endpoint.
+    #[arg(long, env = "SLLM_ENDPOINT", default_value = "http://127.0.0.1:50051")]
+    pub endpoint: String,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    pub output: Output,
+}
+
+impl Conn {
+    async fn channel(&self) -> Result<Channel> {
+        let endpoint = if self.endpoint.contains("://") {
+            self.endpoint.clone()
+        } else {
+            format!("http://{}", self.endpoint)
+        };
+        tonic::transport::Endpoint::from_shared(endpoint.clone())
+            .with_context(|| format!("bad endpoint {endpoint:?}"))?
+            .connect_timeout(Duration::from_secs(3))
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot reach sllm at {endpoint}: {e} (is `sllm up` running? set --endpoint or SLLM_ENDPOINT)"))
+    }
+}
+
+/// A server refusal, as the user sees it.
+fn server(e: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", e.code(), e.message())
+}
+
+fn print_json(v: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+fn state_word(s: i32) -> &'static str {
+    match pb::DeploymentState::try_from(s).unwrap_or(pb::DeploymentState::Unspecified) {
+        pb::DeploymentState::Active => "active",
+        pb::DeploymentState::Deleting => "deleting",
+        pb::DeploymentState::Unspecified => "-",
+    }
+}
+
+fn deployment_json(d: &pb::Deployment) -> serde_json::Value {
+    let spec = d.spec.clone().unwrap_or_default();
+    let a = spec.auto_scaling_config.clone().unwrap_or_default();
+    let c = d.instances.unwrap_or_default();
+    json!({
+        "model": spec.model,
+        "backend": spec.backend,
+        "num_gpus": spec.num_gpus,
+        "state": state_word(d.state),
+        "version": d.version,
+        "desired": d.desired_instances,
+        "instances": { "pending": c.pending, "loading": c.loading, "ready": c.ready, "draining": c.draining, "lost": c.lost },
+        "auto_scaling_config": { "metric": a.metric, "target": a.target, "min_instances": a.min_instances, "max_instances": a.max_instances, "keep_alive": a.keep_alive },
+        "backend_config": spec.backend_config.as_ref().map(service::convert::struct_to_json),
+        "last_error": d.last_error,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// Flags of `sllm deploy`.
+#[derive(clap::Args, Debug)]
+pub struct DeployArgs {
+    /// Model (deployment) name, e.g. facebook/opt-1.3b; overrides the config file's.
+    model: Option<String>,
+    /// A ServerlessLLM deploy JSON file; flags given as well override its values.
+    #[arg(long)]
+    config: Option<std::path::PathBuf>,
+    /// Refuse unknown fields in the config file instead of warning.
+    #[arg(long)]
+    strict: bool,
+    /// Backend that runs it (vllm, sglang, llamacpp, transformers, sim).
+    #[arg(long)]
+    backend: Option<String>,
+    /// GPUs per instance.
+    #[arg(long)]
+    num_gpus: Option<i32>,
+    /// Instances kept with no demand (0: scale to zero).
+    #[arg(long = "min")]
+    min_instances: Option<i32>,
+    /// Most instances.
+    #[arg(long = "max")]
+    max_instances: Option<i32>,
+    /// Requests (queued + in flight) one instance absorbs.
+    #[arg(long)]
+    target: Option<f64>,
+    /// Seconds below demand before scaling down.
+    #[arg(long)]
+    keep_alive: Option<i32>,
+    /// Backend settings as a JSON object.
+    #[arg(long)]
+    backend_config: Option<String>,
+    /// Wait until min_instances instances are ready (with a spinner).
+    #[arg(long)]
+    wait: bool,
+    /// Longest wait with --wait, in seconds.
+    #[arg(long, default_value_t = 300)]
+    timeout: u64,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+pub async fn deploy(a: DeployArgs) -> Result<()> {
+    let mut spec = match &a.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            let parsed = deploy_config::parse(&text, a.strict)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            for w in parsed.warnings {
+                eprintln!("warning: {}: {w}", path.display());
+            }
+            parsed.spec
+        }
+        None => pb::DeploymentSpec { backend: "sim".into(), num_gpus: 1, ..Default::default() },
+    };
+    if let Some(m) = &a.model {
+        spec.model = m.clone();
+    }
+    if spec.model.is_empty() {
+        bail!("no model name: give it as an argument or in the config file's \"model\"");
+    }
+    if let Some(b) = &a.backend {
+        spec.backend = b.clone();
+    }
+    if let Some(n) = a.num_gpus {
+        spec.num_gpus = n;
+    }
+    let mut scaling = spec.auto_scaling_config.clone().unwrap_or(pb::AutoScalingConfig {
+        metric: "concurrency".into(),
+        target: 1.0,
+        min_instances: 0,
+        max_instances: 1,
+        keep_alive: 0,
+    });
+    scaling.min_instances = a.min_instances.unwrap_or(scaling.min_instances);
+    scaling.max_instances = a.max_instances.unwrap_or(scaling.max_instances);
+    scaling.target = a.target.unwrap_or(scaling.target);
+    scaling.keep_alive = a.keep_alive.unwrap_or(scaling.keep_alive);
+    spec.auto_scaling_config = Some(scaling.clone());
+    if let Some(bc) = &a.backend_config {
+        let v: serde_json::Value =
+            serde_json::from_str(bc).context("--backend-config is not JSON")?;
+        if !v.is_object() {
+            bail!("--backend-config must be a JSON object");
+        }
+        spec.backend_config = Some(service::convert::json_to_struct(&v));
+    }
+    let channel = a.conn.channel().await?;
+    let mut client = pb::model_registry_client::ModelRegistryClient::new(channel);
+    let resp = client
+        .deploy(pb::DeployRequest { spec: Some(spec.clone()) })
+        .await
+        .map_err(server)?
+        .into_inner();
+    for w in &resp.warnings {
+        eprintln!("warning: {w}");
+    }
+    let d = resp.deployment.unwrap_or_default();
+    if a.wait && scaling.min_instances > 0 {
+        wait_ready(
+            &mut client,
+            &spec.model,
+            scaling.min_instances as u32,
+            Duration::from_secs(a.timeout),
+        )
+        .await?;
+    }
+    match a.conn.output {
+        Output::Json => print_json(&deployment_json(&d)),
+        Output::Table => {
+            println!(
+                "deployed {} (backend {}, {} GPU per instance, {}..{} instances)",
+                spec.model,
+                spec.backend,
+                spec.num_gpus,
+                scaling.min_instances,
+                scaling.max_instances
+            );
+            if scaling.min_instances == 0 {
+                println!("scaled to zero: the first request starts an instance");
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn wait_ready(
+    client: &mut pb::model_registry_client::ModelRegistryClient<Channel>,
+    model: &str,
+    want: u32,
+    timeout: Duration,
+) -> Result<()> {
+    let frames = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
+    let tty = std::io::stderr().is_terminal();
+    let start = Instant::now();
+    let mut i = 0;
+    loop {
+        let d = client
+            .get(pb::GetRequest { model: model.to_string() })
+            .await
+            .map_err(server)?
+            .into_inner();
+        let c = d.instances.unwrap_or_default();
+        if c.ready >= want {
+            if tty {
+                eprint!("\r\x1b[2K");
+            }
+            eprintln!("{model}: {} ready", c.ready);
+            return Ok(());
+        }
+        if !d.last_error.is_empty() {
+            bail!("{model} cannot start: {}", d.last_error);
+        }
+        if start.elapsed() > timeout {
+            bail!(
+                "{model}: {} of {want} ready after {} s (pending {}, loading {})",
+                c.ready,
+                timeout.as_secs(),
+                c.pending,
+                c.loading
+            );
+        }
+        if tty {
+            eprint!(
+                "\r\x1b[2K{} {model}: ready {}/{want}, loading {}, pending {} ({:.0} s)",
+                frames[i % frames.len()],
+                c.ready,
+                c.loading,
+                c.pending,
+                start.elapsed().as_secs_f64()
+            );
+            let _ = std::io::stderr().flush();
+        }
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Flags of `sllm update`.
+#[derive(clap::Args, Debug)]
+pub struct UpdateArgs {
+    /// Model name.
+    model: String,
+    /// New min_instances.
+    #[arg(long = "min")]
+    min_instances: Option<i32>,
+    /// New max_instances.
+    #[arg(long = "max")]
+    max_instances: Option<i32>,
+    /// New target.
+    #[arg(long)]
+    target: Option<f64>,
+    /// New keep_alive (seconds).
+    #[arg(long)]
+    keep_alive: Option<i32>,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+pub async fn update(a: UpdateArgs) -> Result<()> {
+    let mut client = pb::model_registry_client::ModelRegistryClient::new(a.conn.channel().await?);
+    let current =
+        client.get(pb::GetRequest { model: a.model.clone() }).await.map_err(server)?.into_inner();
+    let mut s = current.spec.unwrap_or_default().auto_scaling_config.unwrap_or_default();
+    s.min_instances = a.min_instances.unwrap_or(s.min_instances);
+    s.max_instances = a.max_instances.unwrap_or(s.max_instances);
+    s.target = a.target.unwrap_or(s.target);
+    s.keep_alive = a.keep_alive.unwrap_or(s.keep_alive);
+    let resp = client
+        .update(pb::UpdateRequest {
+            model: a.model.clone(),
+            auto_scaling_config: Some(s),
+            expected_version: current.version,
+        })
+        .await
+        .map_err(server)?
+        .into_inner();
+    let d = resp.deployment.unwrap_or_default();
+    match a.conn.output {
+        Output::Json => print_json(&deployment_json(&d)),
+        Output::Table => println!("updated {} (version {})", a.model, d.version),
+    }
+    Ok(())
+}
+
+/// Flags of `sllm delete`.
+#[derive(clap::Args, Debug)]
+pub struct DeleteArgs {
+    /// Model name.
+    model: String,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+pub async fn delete(a: DeleteArgs) -> Result<()> {
+    let mut client = pb::model_registry_client::ModelRegistryClient::new(a.conn.channel().await?);
+    let d = client
+        .delete(pb::DeleteRequest { model: a.model.clone() })
+        .await
+        .map_err(server)?
+        .into_inner();
+    match a.conn.output {
+        Output::Json => print_json(&deployment_json(&d.deployment.unwrap_or_default())),
+        Output::Table => println!("deleting {}: its instances drain, then it is removed", a.model),
+    }
+    Ok(())
+}
+
+/// Flags of `sllm models`.
+#[derive(clap::Args, Debug)]
+pub struct ListArgs {
+    #[command(flatten)]
+    conn: Conn,
+}
+
+pub async fn models(a: ListArgs) -> Result<()> {
+    let mut client = pb::model_registry_client::ModelRegistryClient::new(a.conn.channel().await?);
+    let list = client.list(pb::ListRequest {}).await.map_err(server)?.into_inner().deployments;
+    match a.conn.output {
+        Output::Json => print_json(&json!(list.iter().map(deployment_json).collect::<Vec<_>>())),
+        Output::Table => {
+            println!(
+                "{:<40} {:<9} {:<8} {:>7} {:>5} {:>7} {:>7} {:>7}  LAST ERROR",
+                "MODEL", "STATE", "BACKEND", "DESIRED", "READY", "LOADING", "PENDING", "VERSION"
+            );
+            for d in &list {
+                let spec = d.spec.clone().unwrap_or_default();
+                let c = d.instances.unwrap_or_default();
+                println!(
+                    "{:<40} {:<9} {:<8} {:>7} {:>5} {:>7} {:>7} {:>7}  {}",
+                    spec.model,
+                    state_word(d.state),
+                    spec.backend,
+                    d.desired_instances,
+                    c.ready,
+                    c.loading,
+                    c.pending,
+                    d.version,
+                    d.last_error
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn workers(a: ListArgs) -> Result<()> {
+    let mut client = pb::worker_registry_client::WorkerRegistryClient::new(a.conn.channel().await?);
+    let list =
+        client.list_workers(pb::ListWorkersRequest {}).await.map_err(server)?.into_inner().workers;
+    let state = |s: i32| match pb::WorkerState::try_from(s).unwrap_or(pb::WorkerState::Unspecified)
+    {
+        pb::WorkerState::Initializing => "initializing",
+        pb::WorkerState::Ready => "ready",
+        pb::WorkerState::Lost => "lost",
+        pb::WorkerState::Unspecified => "-",
+    };
+    match a.conn.output {
+        Output::Json => print_json(&json!(list
+            .iter()
+            .map(|w| json!({
+                "worker_id": w.worker_id, "state": state(w.state), "epoch": w.epoch, "address": w.address,
+                "gpus": w.gpus.len(), "free_gpus": w.free_gpus, "instances": w.instance_ids,
+                "checkpoints": w.checkpoints.iter().map(|c| json!({"model": c.model, "size_bytes": c.size_bytes, "tier": pb::CheckpointTier::try_from(c.tier).map(|t| t.as_str_name()).unwrap_or("?")})).collect::<Vec<_>>(),
+            }))
+            .collect::<Vec<_>>())),
+        Output::Table => {
+            println!("{:<20} {:<13} {:>5} {:>5} {:>9} {:>6}  ADDRESS", "WORKER", "STATE", "GPUS", "FREE", "INSTANCES", "EPOCH");
+            for w in &list {
+                println!("{:<20} {:<13} {:>5} {:>5} {:>9} {:>6}  {}", w.worker_id, state(w.state), w.gpus.len(), w.free_gpus.len(), w.instance_ids.len(), w.epoch, w.address);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Flags of `sllm status`.
+#[derive(clap::Args, Debug)]
+pub struct StatusArgs {
+    /// One model (default: all).
+    model: Option<String>,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+pub async fn status(a: StatusArgs) -> Result<()> {
+    let channel = a.conn.channel().await?;
+    let mut client = pb::scaler_client::ScalerClient::new(channel);
+    let list = match &a.model {
+        Some(m) => vec![
+            client
+                .get_scale_status(pb::GetScaleStatusRequest { model: m.clone() })
+                .await
+                .map_err(server)?
+                .into_inner(),
+        ],
+        None => {
+            client
+                .list_scale_status(pb::ListScaleStatusRequest {})
+                .await
+                .map_err(server)?
+                .into_inner()
+                .models
+        }
+    };
+    let leader = client.get_leader(pb::GetLeaderRequest {}).await.map_err(server)?.into_inner();
+    match a.conn.output {
+        Output::Json => print_json(&json!({
+            "leader": { "holder": leader.holder, "fencing_token": leader.fencing_token },
+            "models": list.iter().map(|s| {
+                let c = s.actual.unwrap_or_default();
+                json!({
+                    "model": s.model, "desired": s.desired, "demand": s.demand,
+                    "actual": { "pending": c.pending, "loading": c.loading, "ready": c.ready, "draining": c.draining, "lost": c.lost },
+                    "last_decision": s.last_decision.as_ref().map(|d| json!({"from": d.from, "to": d.to, "reason": d.reason, "at_unix_ms": d.at_unix_ms})),
+                    "instances": s.instances.iter().map(|i| json!({"instance_id": i.instance_id, "worker_id": i.worker_id, "state": pb::InstanceState::try_from(i.state).map(|x| x.as_str_name()).unwrap_or("?"), "gpus": i.gpus})).collect::<Vec<_>>(),
+                })
+            }).collect::<Vec<_>>(),
+        })),
+        Output::Table => {
+            println!(
+                "scaler leader: {} (token {})",
+                if leader.holder.is_empty() { "none" } else { &leader.holder },
+                leader.fencing_token
+            );
+            for s in &list {
+                let c = s.actual.unwrap_or_default();
+                println!();
+                println!(
+                    "{}: desired {}, demand {}; ready {}, loading {}, pending {}, draining {}, lost {}",
+                    s.model, s.desired, s.demand, c.ready, c.loading, c.pending, c.draining, c.lost
+                );
+                if let Some(d) = &s.last_decision {
+                    println!("  last decision: {}", d.reason);
+                }
+                for i in &s.instances {
+                    let st = pb::InstanceState::try_from(i.state)
+                        .map(|x| {
+                            x.as_str_name().trim_start_matches("INSTANCE_STATE_").to_lowercase()
+                        })
+                        .unwrap_or_default();
+                    println!(
+                        "  {:<36} {:<9} on {} (GPUs {:?})",
+                        i.instance_id, st, i.worker_id, i.gpus
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Flags of `sllm generate`.
+#[derive(clap::Args, Debug)]
+pub struct GenerateArgs {
+    /// Model name.
+    model: String,
+    /// The prompt.
+    prompt: String,
+    /// Send the prompt as a chat user message instead of a plain completion.
+    #[arg(long)]
+    chat: bool,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 64)]
+    max_tokens: u32,
+    /// Sampling temperature.
+    #[arg(long)]
+    temperature: Option<f32>,
+    /// Seed for reproducible output.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Show cold-start progress (queued, starting, loading) on stderr.
+    #[arg(long)]
+    progress: bool,
+    /// Give up after this many seconds.
+    #[arg(long)]
+    timeout: Option<u64>,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+pub async fn generate(a: GenerateArgs) -> Result<()> {
+    let mut client = pb::dispatch_client::DispatchClient::new(a.conn.channel().await?);
+    let input = if a.chat {
+        pb::generate_request::Input::Chat(pb::ChatMessages {
+            messages: vec![pb::ChatMessage { role: "user".into(), content: a.prompt.clone() }],
+        })
+    } else {
+        pb::generate_request::Input::Prompt(a.prompt.clone())
+    };
+    let req = pb::GenerateRequest {
+        model: a.model.clone(),
+        input: Some(input),
+        params: Some(pb::SamplingParams {
+            max_tokens: a.max_tokens,
+            temperature: a.temperature,
+            seed: a.seed,
+            ..Default::default()
+        }),
+        progress: a.progress,
+        timeout_ms: a.timeout.map(|t| t * 1000).unwrap_or(0),
+    };
+    let mut stream = client.generate(req).await.map_err(server)?.into_inner();
+    let mut text = String::new();
+    let mut out = std::io::stdout();
+    let start = Instant::now();
+    loop {
+        match stream.message().await {
+            Ok(Some(pb::GenerateEvent { event: Some(e) })) => match e {
+                pb::generate_event::Event::Progress(p) => {
+                    if a.conn.output == Output::Table {
+                        eprintln!(
+                            "[{:>6.2}s] {}",
+                            start.elapsed().as_secs_f64(),
+                            if p.message.is_empty() {
+                                format!("stage {}", p.stage)
+                            } else {
+                                p.message
+                            }
+                        );
+                    }
+                }
+                pb::generate_event::Event::Chunk(c) => {
+                    text.push_str(&c.text);
+                    if a.conn.output == Output::Table {
+                        print!("{}", c.text);
+                        let _ = out.flush();
+                    }
+                }
+                pb::generate_event::Event::Finished(f) => {
+                    let u = f.usage.unwrap_or_default();
+                    match a.conn.output {
+                        Output::Table => {
+                            println!();
+                            eprintln!(
+                                "[{} prompt + {} generated tokens; first token after {:.0} ms{}]",
+                                u.prompt_tokens,
+                                u.completion_tokens,
+                                u.time_to_first_token_us as f64 / 1000.0,
+                                if u.queue_us > 0 {
+                                    format!(
+                                        ", {:.0} ms of it starting the model",
+                                        u.queue_us as f64 / 1000.0
+                                    )
+                                } else {
+                                    String::new()
+                                }
+                            );
+                        }
+                        Output::Json => print_json(&json!({
+                            "model": a.model, "text": text,
+                            "finish_reason": pb::FinishReason::try_from(f.reason).map(|r| r.as_str_name()).unwrap_or("?"),
+                            "usage": { "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "time_to_first_token_us": u.time_to_first_token_us, "queue_us": u.queue_us, "instance_id": u.instance_id },
+                        })),
+                    }
+                    return Ok(());
+                }
+            },
+            Ok(Some(_)) => {}
+            Ok(None) => bail!("the stream ended without an answer"),
+            Err(e) => {
+                if !text.is_empty() && a.conn.output == Output::Table {
+                    println!();
+                }
+                return Err(server(e));
+            }
+        }
+    }
+}
