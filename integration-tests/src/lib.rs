@@ -217,8 +217,10 @@ impl SimWorker {
 }
 
 impl Drop for SimWorker {
+    /// Dropping a simulated worker is its host dying: agent and instances go at once.
     fn drop(&mut self) {
         self.shutdown.cancel();
+        self.backend.crash();
     }
 }
 
@@ -263,13 +265,26 @@ impl Proc {
     /// Starts `sllm args…` with `env`, and waits (up to 20 s) for a stdout line containing
     /// `ready_marker`; returns the process and that line.
     pub fn sllm(args: &[&str], env: &[(&str, &str)], ready_marker: &str) -> Result<(Proc, String)> {
-        use std::io::BufRead;
         let mut cmd = Command::new(sllm_bin()?);
-        cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::inherit());
+        cmd.args(args);
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let mut child = cmd.spawn().context("starting sllm")?;
+        let proc = Proc::spawn(&mut cmd, ready_marker, Duration::from_secs(20))?;
+        let line = proc
+            .lines
+            .lock()
+            .ok()
+            .and_then(|l| l.iter().find(|l| l.contains(ready_marker)).cloned())
+            .unwrap_or_default();
+        Ok((proc, line))
+    }
+
+    /// Starts `cmd` and waits up to `within` for a stdout line containing `ready_marker`.
+    pub fn spawn(cmd: &mut Command, ready_marker: &str, within: Duration) -> Result<Proc> {
+        use std::io::BufRead;
+        cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
+        let mut child = cmd.spawn().context("starting a process")?;
         let stdout = child.stdout.take().context("no stdout")?;
         let (tx, rx) = std::sync::mpsc::channel();
         let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -288,8 +303,9 @@ impl Proc {
             }
         });
         let proc = Proc { child, lines };
-        let line = rx.recv_timeout(Duration::from_secs(20)).context("sllm did not become ready")?;
-        Ok((proc, line))
+        rx.recv_timeout(within)
+            .with_context(|| format!("no {ready_marker:?} within {within:?}"))?;
+        Ok(proc)
     }
 
     /// The stdout lines so far, joined.

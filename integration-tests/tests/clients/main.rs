@@ -34,6 +34,27 @@ impl Up {
         ];
         args.extend_from_slice(extra);
         let (proc, _) = Proc::sllm(&args, &[], "Press Ctrl-C to stop.").unwrap();
+        Self::from(proc)
+    }
+
+    /// The README's own command, `scripts/up` (with free ports, so it can run beside anything).
+    pub fn readme() -> Up {
+        let script = root().join("scripts/up");
+        let proc = Proc::spawn(
+            std::process::Command::new(script).args([
+                "--grpc-addr",
+                "127.0.0.1:0",
+                "--openai-addr",
+                "127.0.0.1:0",
+            ]),
+            "Press Ctrl-C to stop.",
+            Duration::from_secs(300),
+        )
+        .unwrap();
+        Self::from(proc)
+    }
+
+    fn from(proc: Proc) -> Up {
         let out = proc.output();
         let grpc = out
             .lines()

@@ -6,7 +6,7 @@ use crate::*;
 /// then the three examples it prints work when pasted, and Ctrl-C leaves nothing behind.
 #[tokio::test]
 async fn sllm_up_runs_a_cluster_and_its_printed_examples_work() {
-    let mut up = Up::start(&[]);
+    let mut up = Up::readme();
     let out = up.proc.output();
     assert!(out.contains("3 simulated GPU workers joined"), "{out}");
     assert!(out.contains("deployed facebook/opt-1.3b (scaled to zero)"), "{out}");

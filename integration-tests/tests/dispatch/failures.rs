@@ -68,3 +68,56 @@ async fn a_cancelled_request_stops_generating_on_the_worker() {
     .await
     .unwrap();
 }
+
+#[tokio::test]
+async fn a_worker_killed_before_the_first_token_is_retried_elsewhere() {
+    let c = Cluster::start().await;
+    let mut slow = fast_sim();
+    slow.prefill_per_token = Duration::from_secs(10); // 100 ms per prompt token after scaling
+    let doomed = c.worker("w-doomed", slow).await;
+    c.deploy("m", 1, 1).await;
+    c.ready("m", 1).await;
+    let _spare = c.worker("w-spare", fast_sim()).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let mut client = c.dispatch.client().await.unwrap();
+    let stream =
+        client.generate(prompt("m", "one two three four five", 4)).await.unwrap().into_inner();
+    // The request is in prefill on the doomed worker when its agent dies.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(doomed.backend.requests_running(), 1, "the request went to the doomed worker");
+    drop(doomed);
+    let out = drain(stream).await;
+    assert!(out.error.is_none(), "the client sees a normal answer: {:?}", out.error);
+    assert_eq!(out.text, expected_text(7, "one two three four five", 4));
+    let usage = out.finished.unwrap().usage.unwrap();
+    assert_eq!(
+        c.store.get_instance(&usage.instance_id).await.unwrap().unwrap().worker_id,
+        "w-spare"
+    );
+}
+
+#[tokio::test]
+async fn a_worker_killed_mid_stream_ends_the_stream_with_unavailable() {
+    let c = Cluster::start().await;
+    let mut sim = fast_sim();
+    sim.decode_per_token = Duration::from_secs(2); // 20 ms per token after scaling
+    let w = c.worker("w1", sim).await;
+    c.deploy("m", 1, 1).await;
+    c.ready("m", 1).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let mut client = c.dispatch.client().await.unwrap();
+    let mut s = client.generate(prompt("m", "long", 1000)).await.unwrap().into_inner();
+    let mut got = 0;
+    while got < 3 {
+        if let Some(pb::GenerateEvent { event: Some(pb::generate_event::Event::Chunk(ch)) }) =
+            s.message().await.unwrap()
+        {
+            got += ch.tokens;
+        }
+    }
+    drop(w);
+    let rest = drain(s).await;
+    let err = rest.error.expect("the stream ends with an error");
+    assert_eq!(err.code(), Code::Unavailable);
+    assert!(err.message().contains("tokens were delivered"), "{}", err.message());
+}

@@ -136,21 +136,22 @@ impl Link {
             Err(s) => return Err(format!("{:?}: {}", s.code(), s.message())),
         }
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<u64>();
-        let mut running: HashMap<u64, tokio::task::AbortHandle> = HashMap::new();
+        // Requests in progress; aborted when the stream ends, so none outlives its link.
+        let mut running = Running::default();
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
                 Some(id) = done_rx.recv() => {
-                    running.remove(&id);
+                    running.0.remove(&id);
                 }
                 msg = inbound.message() => match msg {
                     Ok(Some(pb::AttachDown { msg: Some(Down::Request(r)) })) => {
                         let id = r.request_id;
                         let task = tokio::spawn(serve_request(self.backend.clone(), r, tx.clone(), done_tx.clone()));
-                        running.insert(id, task.abort_handle());
+                        running.0.insert(id, task.abort_handle());
                     }
                     Ok(Some(pb::AttachDown { msg: Some(Down::Cancel(c)) })) => {
-                        if let Some(task) = running.remove(&c.request_id) {
+                        if let Some(task) = running.0.remove(&c.request_id) {
                             // Dropping the generation's receiver stops the backend.
                             task.abort();
                             let finished = pb::WorkerFinished {
@@ -166,6 +167,17 @@ impl Link {
                     Err(s) => return Err(format!("{:?}: {}", s.code(), s.message())),
                 },
             }
+        }
+    }
+}
+
+#[derive(Default)]
+struct Running(HashMap<u64, tokio::task::AbortHandle>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        for (_, task) in self.0.drain() {
+            task.abort();
         }
     }
 }

@@ -172,6 +172,17 @@ impl SimBackend {
         )
     }
 
+    /// Simulates the host dying: every instance vanishes at once, with no event and no
+    /// goodbye (their requests end, their GPUs are free).
+    pub fn crash(&self) {
+        self.with_state(|s| {
+            for (_, inst) in s.instances.drain() {
+                inst.cancel.cancel();
+            }
+            s.busy_gpus.clear();
+        });
+    }
+
     /// Requests being generated right now, over all instances.
     pub fn requests_running(&self) -> usize {
         self.with_state(|s| s.running_requests)
