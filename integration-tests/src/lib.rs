@@ -496,3 +496,114 @@ pub fn python() -> Result<PathBuf> {
     }
     Ok(py)
 }
+
+/// A span as an OTLP receiver got it.
+#[derive(Debug, Clone)]
+pub struct ReceivedSpan {
+    /// Hex trace id.
+    pub trace_id: String,
+    /// Hex span id.
+    pub span_id: String,
+    /// Hex parent span id ("" for a root).
+    pub parent_span_id: String,
+    /// Span name.
+    pub name: String,
+    /// The exporting service's `service.name`.
+    pub service: String,
+    /// String forms of its attributes.
+    pub attributes: std::collections::HashMap<String, String>,
+}
+
+/// An OTLP/gRPC trace receiver (what Jaeger or a collector would be), keeping every span.
+pub struct OtlpReceiver {
+    /// Its endpoint, for OTEL_EXPORTER_OTLP_ENDPOINT.
+    pub endpoint: String,
+    spans: std::sync::Arc<std::sync::Mutex<Vec<ReceivedSpan>>>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Clone)]
+struct Collector(std::sync::Arc<std::sync::Mutex<Vec<ReceivedSpan>>>);
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService
+    for Collector
+{
+    async fn export(
+        &self,
+        request: tonic::Request<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
+        >,
+    ) -> Result<
+        tonic::Response<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse,
+        >,
+        tonic::Status,
+    > {
+        use opentelemetry_proto::tonic::common::v1::any_value::Value;
+        let text = |v: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>| match v
+            .as_ref()
+            .and_then(|v| v.value.as_ref())
+        {
+            Some(Value::StringValue(s)) => s.clone(),
+            Some(Value::IntValue(i)) => i.to_string(),
+            Some(Value::DoubleValue(d)) => d.to_string(),
+            Some(Value::BoolValue(b)) => b.to_string(),
+            other => format!("{other:?}"),
+        };
+        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        let mut out = Vec::new();
+        for rs in request.into_inner().resource_spans {
+            let service = rs
+                .resource
+                .as_ref()
+                .and_then(|r| r.attributes.iter().find(|a| a.key == "service.name"))
+                .map(|a| text(&a.value))
+                .unwrap_or_default();
+            for ss in rs.scope_spans {
+                for s in ss.spans {
+                    out.push(ReceivedSpan {
+                        trace_id: hex(&s.trace_id),
+                        span_id: hex(&s.span_id),
+                        parent_span_id: hex(&s.parent_span_id),
+                        name: s.name.clone(),
+                        service: service.clone(),
+                        attributes: s
+                            .attributes
+                            .iter()
+                            .map(|a| (a.key.clone(), text(&a.value)))
+                            .collect(),
+                    });
+                }
+            }
+        }
+        if let Ok(mut spans) = self.0.lock() {
+            spans.extend(out);
+        }
+        Ok(tonic::Response::new(Default::default()))
+    }
+}
+
+impl OtlpReceiver {
+    /// Starts a receiver on a free port.
+    pub async fn start() -> Result<OtlpReceiver> {
+        let listener = service::Listener::bind("127.0.0.1:0").await?;
+        let endpoint = format!("http://{}", listener.local_addr());
+        let spans = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let svc = opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer::new(
+            Collector(spans.clone()),
+        );
+        let task = tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming(listener.incoming())
+                .await;
+        });
+        Ok(OtlpReceiver { endpoint, spans, _task: task })
+    }
+
+    /// Every span received so far.
+    pub fn spans(&self) -> Vec<ReceivedSpan> {
+        self.spans.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+}

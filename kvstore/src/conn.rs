@@ -83,6 +83,7 @@ impl Connections {
             return Ok(Lent { conn, owner: self });
         }
         let fresh = self.pool.get().await.map_err(|e| Error::Pool(e.to_string()))?;
+        self.report_pool();
         let conn = (*fresh).clone();
         if let Ok(mut slot) = lane.lock()
             && slot.is_none()
@@ -102,7 +103,17 @@ impl Connections {
 
     /// A connection of its own, for blocking reads; returned to the pool when dropped.
     pub(crate) async fn dedicated(&self) -> Result<deadpool_redis::Connection> {
-        self.pool.get().await.map_err(|e| Error::Pool(e.to_string()))
+        let conn = self.pool.get().await.map_err(|e| Error::Pool(e.to_string()));
+        self.report_pool();
+        conn
+    }
+
+    /// Publishes the pool's use as a metric (when connections are taken, not per call).
+    fn report_pool(&self) {
+        let s = self.pool.status();
+        let pool = &telemetry::metrics::REDIS.pool;
+        pool.with_label_values(&["in_use"]).set((s.size - s.available) as i64);
+        pool.with_label_values(&["idle"]).set(s.available as i64);
     }
 }
 
@@ -126,6 +137,7 @@ impl crate::Store {
     /// Runs a read-only command. A read is idempotent, so one that hit a broken connection is
     /// tried once more on a fresh one before the error reaches the caller.
     pub(crate) async fn read<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T> {
+        let _timer = telemetry::metrics::REDIS.duration.with_label_values(&["read"]).start_timer();
         let mut last = None;
         for _ in 0..2 {
             let mut conn = self.inner.conns.shared().await?;
@@ -143,6 +155,8 @@ impl crate::Store {
         &self,
         pipe: &redis::Pipeline,
     ) -> Result<T> {
+        let _timer =
+            telemetry::metrics::REDIS.duration.with_label_values(&["read_pipeline"]).start_timer();
         let mut last = None;
         for _ in 0..2 {
             let mut conn = self.inner.conns.shared().await?;

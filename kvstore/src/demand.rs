@@ -103,12 +103,33 @@ impl Store {
 
     /// Appends a `demand` event for `model` (a request found no ready instance).
     pub async fn publish_demand(&self, reporter: &str, model: &str, queued: u64) -> Result<()> {
+        self.publish_demand_traced(reporter, model, queued, "").await
+    }
+
+    /// Like [`Store::publish_demand`], carrying the waiting request's W3C `traceparent`.
+    pub async fn publish_demand_traced(
+        &self,
+        reporter: &str,
+        model: &str,
+        queued: u64,
+        traceparent: &str,
+    ) -> Result<()> {
         names::validate_id("reporter", reporter)?;
         names::validate_model_name("model", model)?;
+        if traceparent.len() > 128
+            || !traceparent.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
+        {
+            return Err(Error::invalid("traceparent", "is not a W3C traceparent"));
+        }
         self.run_ok(
             "demand_event",
             &self.scripts().demand_event,
-            &[Arg::Str(model), Arg::Owned(queued.to_string()), Arg::Str(reporter)],
+            &[
+                Arg::Str(model),
+                Arg::Owned(queued.to_string()),
+                Arg::Str(reporter),
+                Arg::Str(traceparent),
+            ],
         )
         .await?;
         Ok(())

@@ -180,7 +180,21 @@ impl Store {
             };
         }
         let mut conn = inner.conns.shared().await?;
-        let r: redis::RedisResult<redis::Value> = inv.invoke_async(&mut conn.conn).await;
+        let span = tracing::debug_span!(
+            "redis",
+            otel.name = %format_args!("EVALSHA {name}"),
+            otel.kind = "client",
+            db.system = "redis",
+            db.operation.name = name,
+        );
+        let start = std::time::Instant::now();
+        let r: redis::RedisResult<redis::Value> =
+            tracing::Instrument::instrument(inv.invoke_async(&mut conn.conn), span).await;
+        let metrics = &*telemetry::metrics::REDIS;
+        metrics.duration.with_label_values(&[name]).observe(start.elapsed().as_secs_f64());
+        if r.is_err() {
+            metrics.errors.with_label_values(&[name]).inc();
+        }
         let value = conn.check(r)?;
         let items = match value {
             redis::Value::Array(items) => items,

@@ -193,6 +193,7 @@ async fn run() -> Result<()> {
         backend: "sim".into(),
         gpus: vec![0],
         backend_config: None,
+        traceparent: String::new(),
     })?;
     while let Some(e) = events.recv().await {
         if matches!(e, worker::InstanceEvent::Ready { .. }) {

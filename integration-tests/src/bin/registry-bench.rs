@@ -57,6 +57,8 @@ async fn run(max: usize, window: Duration) -> Result<()> {
             "worker-registry",
             "--redis-url",
             &url,
+            "--metrics-addr",
+            "off",
             "--grpc-addr",
             "127.0.0.1:0",
             "--lease-ms",

@@ -29,6 +29,8 @@ impl Up {
             "127.0.0.1:0",
             "--openai-addr",
             "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
             "--time-scale",
             "0.05",
         ];
@@ -45,6 +47,8 @@ impl Up {
                 "--grpc-addr",
                 "127.0.0.1:0",
                 "--openai-addr",
+                "127.0.0.1:0",
+                "--metrics-addr",
                 "127.0.0.1:0",
             ]),
             "Press Ctrl-C to stop.",

@@ -38,7 +38,16 @@ async fn sllm_up_runs_a_cluster_and_its_printed_examples_work() {
     }
 
     // A second `sllm up` on the same ports refuses clearly.
-    let second = sllm(&["up", "--grpc-addr", &up.grpc, "--openai-addr", "127.0.0.1:0"]).await;
+    let second = sllm(&[
+        "up",
+        "--grpc-addr",
+        &up.grpc,
+        "--openai-addr",
+        "127.0.0.1:0",
+        "--metrics-addr",
+        "127.0.0.1:0",
+    ])
+    .await;
     let (_, stderr) = text(&second);
     assert!(!second.status.success());
     assert!(stderr.contains("already in use") && stderr.contains("another `sllm up`"), "{stderr}");
@@ -61,7 +70,15 @@ async fn sllm_up_runs_a_cluster_and_its_printed_examples_work() {
 async fn sllm_up_explains_a_missing_redis_server() {
     let bin = sllm_integration_tests::sllm_bin().unwrap();
     let o = tokio::process::Command::new(bin)
-        .args(["up", "--grpc-addr", "127.0.0.1:0", "--openai-addr", "127.0.0.1:0"])
+        .args([
+            "up",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--openai-addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
         .env("PATH", "/nonexistent")
         .output()
         .await

@@ -116,6 +116,7 @@ async fn an_instance_the_control_plane_never_placed_is_stopped() {
             backend: "sim".into(),
             gpus: vec![3],
             backend_config: None,
+            traceparent: String::new(),
         })
         .unwrap();
     eventually(Duration::from_secs(5), "stray instance stopped", || async {

@@ -146,6 +146,7 @@ pub async fn place(
             backend: "sim".into(),
             gpus: gpus.to_vec(),
             backend_config: None,
+            traceparent: String::new(),
         })),
     };
     store

@@ -79,6 +79,7 @@ impl dispatch_server::Dispatch for Dispatch {
             progress: req.progress,
             deadline,
             traceparent,
+            entry: "sllm.v1.Dispatch/Generate",
         };
         let events = self.submit(job).await.map_err(|e| e.to_status())?;
         let stream = ReceiverStream::new(events).map(|r| r.map(to_pb).map_err(|e| e.to_status()));

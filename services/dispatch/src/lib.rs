@@ -96,7 +96,7 @@ impl Inner {
 
     /// Raises a demand event for a model with no ready instance here (at most twice a second
     /// per model unless `first`; never waits on Redis).
-    pub(crate) fn raise_demand(&self, route: &table::ModelRoute, first: bool) {
+    pub(crate) fn raise_demand(&self, route: &table::ModelRoute, first: bool, traceparent: &str) {
         let every = if first { Duration::from_millis(100) } else { Duration::from_millis(500) };
         if !route.demand_due(every) {
             return;
@@ -105,8 +105,11 @@ impl Inner {
         let reporter = self.config.replica_id.clone();
         let model = route.name.clone();
         let queued = route.waiting.load(Ordering::Relaxed).max(1);
+        let traceparent = traceparent.to_string();
         tokio::spawn(async move {
-            if let Err(e) = store.publish_demand(&reporter, &model, queued).await {
+            if let Err(e) =
+                store.publish_demand_traced(&reporter, &model, queued, &traceparent).await
+            {
                 tracing::warn!(%model, error = %e, "cannot raise a demand event");
             }
         });

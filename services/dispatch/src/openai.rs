@@ -144,7 +144,11 @@ struct ChatMessage {
 }
 
 /// Reads the fields both endpoints share, naming the offending one on error.
-fn common(body: &Value, traceparent: String) -> Result<(CommonBody, Job), DispatchError> {
+fn common(
+    body: &Value,
+    traceparent: String,
+    entry: &'static str,
+) -> Result<(CommonBody, Job), DispatchError> {
     let c: CommonBody = serde_json::from_value(body.clone())
         .map_err(|e| DispatchError::invalid("body", e.to_string()))?;
     let model = c
@@ -179,6 +183,7 @@ fn common(body: &Value, traceparent: String) -> Result<(CommonBody, Job), Dispat
         progress: false,
         deadline: None,
         traceparent,
+        entry,
     };
     Ok((c, job))
 }
@@ -199,7 +204,7 @@ fn body_json(raw: &str) -> Result<Value, DispatchError> {
 async fn completions(State(d): State<Dispatch>, headers: HeaderMap, raw: String) -> Response {
     let result = async {
         let body = body_json(&raw)?;
-        let (c, mut job) = common(&body, traceparent(&headers))?;
+        let (c, mut job) = common(&body, traceparent(&headers), "POST /v1/completions")?;
         let prompt = match body.get("prompt") {
             Some(p) => serde_json::from_value::<OneOrMany>(p.clone())
                 .map_err(|_| {
@@ -253,7 +258,7 @@ async fn completions(State(d): State<Dispatch>, headers: HeaderMap, raw: String)
 async fn chat_completions(State(d): State<Dispatch>, headers: HeaderMap, raw: String) -> Response {
     let result = async {
         let body = body_json(&raw)?;
-        let (c, mut job) = common(&body, traceparent(&headers))?;
+        let (c, mut job) = common(&body, traceparent(&headers), "POST /v1/chat/completions")?;
         let messages: Vec<ChatMessage> = match body.get("messages") {
             Some(m) => serde_json::from_value(m.clone()).map_err(|e| {
                 DispatchError::invalid(

@@ -36,8 +36,11 @@ pub struct Job {
     pub progress: bool,
     /// When to give up.
     pub deadline: Option<Instant>,
-    /// W3C trace context to pass to the worker.
+    /// The caller's W3C trace context (gRPC metadata or HTTP header); the request's spans join
+    /// its trace.
     pub traceparent: String,
+    /// Name of the entry point, for the request's span (e.g. `sllm.v1.Dispatch/Generate`).
+    pub entry: &'static str,
 }
 
 /// What the client receives.
@@ -75,10 +78,43 @@ impl Dispatch {
     /// Validates and admits a request. Errors that need no waiting (bad input, unknown model,
     /// full queue) come back here, before any output; the rest arrive on the stream.
     pub async fn submit(&self, mut job: Job) -> Result<Events, DispatchError> {
-        let inner = &self.inner;
         if let Some((name, _backend)) = job.model.split_once(':') {
             job.model = name.to_string();
         }
+        let operation =
+            if matches!(job.input, Input::Chat(_)) { "chat" } else { "text_completion" };
+        let span = tracing::info_span!(
+            "request",
+            otel.name = job.entry,
+            otel.kind = "server",
+            rpc.system = if job.entry.starts_with("sllm.") { "grpc" } else { "http" },
+            gen_ai.operation.name = operation,
+            gen_ai.request.model = %job.model,
+            gen_ai.request.max_tokens = job.params.max_tokens,
+            gen_ai.usage.input_tokens = tracing::field::Empty,
+            gen_ai.usage.output_tokens = tracing::field::Empty,
+            sllm.outcome = tracing::field::Empty,
+            sllm.instance = tracing::field::Empty,
+            sllm.attempts = tracing::field::Empty,
+        );
+        telemetry::propagation::set_parent(&span, &job.traceparent);
+        let model = job.model.clone();
+        let result = self.admit(job, span.clone()).await;
+        if let Err(e) = &result {
+            let outcome = outcome_of(e);
+            span.record("sllm.outcome", outcome);
+            let label = if matches!(e, DispatchError::NotFound(_) | DispatchError::Invalid { .. }) {
+                "-"
+            } else {
+                model.as_str()
+            };
+            telemetry::metrics::DISPATCH.requests.with_label_values(&[label, outcome]).inc();
+        }
+        result
+    }
+
+    async fn admit(&self, mut job: Job, span: tracing::Span) -> Result<Events, DispatchError> {
+        let inner = &self.inner;
         validate(&mut job, &inner.config)?;
         let route = match inner.table.model(&job.model) {
             Some(r) => r,
@@ -100,7 +136,7 @@ impl Dispatch {
         }
         let (tx, rx) = mpsc::channel(64);
         let driver = Driver { inner: inner.clone(), route, job, tx, start: Instant::now() };
-        tokio::spawn(driver.run(first));
+        tokio::spawn(tracing::Instrument::instrument(driver.run(first), span));
         Ok(rx)
     }
 }
@@ -124,6 +160,18 @@ impl Dispatch {
                 Err(DispatchError::NotFound(model.to_string()))
             }
         }
+    }
+}
+
+/// The outcome label of a failed request.
+fn outcome_of(e: &DispatchError) -> &'static str {
+    match e {
+        DispatchError::Invalid { .. } => "invalid",
+        DispatchError::NotFound(_) => "not_found",
+        DispatchError::Deleting(_) => "deleting",
+        DispatchError::QueueFull { .. } => "queue_full",
+        DispatchError::Deadline(_) => "deadline",
+        DispatchError::Unavailable(_) => "unavailable",
     }
 }
 
@@ -199,6 +247,21 @@ struct Driver {
 
 impl Driver {
     async fn run(self, first: Option<(Arc<Routable>, Arc<WorkerLink>)>) {
+        let metrics = &*telemetry::metrics::DISPATCH;
+        let model = self.route.name.clone();
+        let start = self.start;
+        let outcome = self.serve(first).await;
+        let span = tracing::Span::current();
+        span.record("sllm.outcome", outcome);
+        metrics.requests.with_label_values(&[&model, outcome]).inc();
+        metrics
+            .duration
+            .with_label_values(&[&model, outcome])
+            .observe(start.elapsed().as_secs_f64());
+    }
+
+    /// Serves the request; returns its outcome label.
+    async fn serve(self, first: Option<(Arc<Routable>, Arc<WorkerLink>)>) -> &'static str {
         let config = &self.inner.config;
         let mut exclude = HashSet::new();
         let mut tokens_sent = 0u32;
@@ -216,28 +279,49 @@ impl Driver {
                     match got {
                         Ok(x) => x,
                         Err(Some(e)) => {
+                            let outcome = outcome_of(&e);
                             let _ = self.tx.send(Err(e)).await;
-                            return;
+                            return outcome;
                         }
-                        Err(None) => return,
+                        Err(None) => return "cancelled",
                     }
                 }
             };
             attempt += 1;
+            tracing::Span::current().record("sllm.attempts", attempt);
+            let metrics = &*telemetry::metrics::DISPATCH;
+            let in_flight = metrics.in_flight.with_label_values(&[&self.route.name]);
             instance.in_flight.fetch_add(1, Ordering::Relaxed);
             self.route.in_flight.fetch_add(1, Ordering::Relaxed);
-            let outcome = self.attempt(&instance, &link, &mut tokens_sent, &mut ttft, queued).await;
+            in_flight.inc();
+            let span = tracing::info_span!(
+                "attempt",
+                otel.name = "generate on an instance",
+                sllm.attempt = attempt,
+                sllm.instance = %instance.instance_id,
+                sllm.worker = %link.worker_id,
+                gen_ai.usage.output_tokens = tracing::field::Empty,
+                sllm.ttft_ms = tracing::field::Empty,
+                error.type = tracing::field::Empty,
+            );
+            let outcome = tracing::Instrument::instrument(
+                self.attempt(&instance, &link, &mut tokens_sent, &mut ttft, queued),
+                span,
+            )
+            .await;
+            in_flight.dec();
             instance.in_flight.fetch_sub(1, Ordering::Relaxed);
             self.route.in_flight.fetch_sub(1, Ordering::Relaxed);
             match outcome {
                 Attempt::Done => {
                     link.breaker.success();
-                    return;
+                    tracing::Span::current().record("sllm.instance", instance.instance_id.as_str());
+                    return "ok";
                 }
-                Attempt::ClientGone => return,
+                Attempt::ClientGone => return "cancelled",
                 Attempt::Deadline => {
                     let _ = self.tx.send(Err(DispatchError::Deadline(self.deadline_words()))).await;
-                    return;
+                    return "deadline";
                 }
                 Attempt::Failed(why) => {
                     if link.breaker.failure(config.breaker_threshold, config.breaker_cooldown) {
@@ -251,7 +335,7 @@ impl Driver {
                                 "the worker failed after {tokens_sent} tokens were delivered: {why}"
                             ))))
                             .await;
-                        return;
+                        return "unavailable";
                     }
                     if attempt >= config.max_attempts {
                         let _ = self
@@ -260,8 +344,12 @@ impl Driver {
                                 "no output after {attempt} attempts; last: {why}"
                             ))))
                             .await;
-                        return;
+                        return "unavailable";
                     }
+                    telemetry::metrics::DISPATCH
+                        .retries
+                        .with_label_values(&[&self.route.name])
+                        .inc();
                     exclude.insert(instance.instance_id.clone());
                     // Jittered backoff before trying elsewhere.
                     let pause = Duration::from_millis(
@@ -285,8 +373,28 @@ impl Driver {
         self.tx.send(Ok(Event::Progress(p))).await.is_ok()
     }
 
-    /// Waits for a route. Err(None): the client went away.
+    /// Waits for a route, in a `queue wait` span. Err(None): the client went away.
     async fn hold(
+        &self,
+        exclude: &HashSet<String>,
+    ) -> Result<(Arc<Routable>, Arc<WorkerLink>), Option<DispatchError>> {
+        let span = tracing::info_span!("queue wait", gen_ai.request.model = %self.route.name);
+        let metrics = &*telemetry::metrics::DISPATCH;
+        let depth = metrics.queue_depth.with_label_values(&[&self.route.name]);
+        depth.inc();
+        let start = Instant::now();
+        let result = tracing::Instrument::instrument(self.hold_inner(exclude), span).await;
+        depth.dec();
+        if result.is_ok() {
+            metrics
+                .queue_wait
+                .with_label_values(&[&self.route.name])
+                .observe(start.elapsed().as_secs_f64());
+        }
+        result
+    }
+
+    async fn hold_inner(
         &self,
         exclude: &HashSet<String>,
     ) -> Result<(Arc<Routable>, Arc<WorkerLink>), Option<DispatchError>> {
@@ -295,7 +403,8 @@ impl Driver {
         route.waiting.fetch_add(1, Ordering::Relaxed);
         let _waiting = WaitGuard(route.clone());
         let mut progress = route.progress.subscribe();
-        self.inner.raise_demand(route, true);
+        let traceparent = telemetry::propagation::traceparent(&tracing::Span::current());
+        self.inner.raise_demand(route, true, &traceparent);
         if !self
             .send_progress(
                 pb::progress::Stage::Queued,
@@ -342,7 +451,7 @@ impl Driver {
                         }
                     }
                 }
-                _ = reannounce.tick() => self.inner.raise_demand(route, false),
+                _ = reannounce.tick() => self.inner.raise_demand(route, false, &traceparent),
                 _ = sleep_until(deadline) => {
                     return Err(Some(DispatchError::Deadline(format!("{} while waiting for an instance", self.deadline_words()))));
                 }
@@ -375,7 +484,7 @@ impl Driver {
             model: self.route.name.clone(),
             input: Some(input),
             params: Some(self.job.params.clone()),
-            traceparent: self.job.traceparent.clone(),
+            traceparent: telemetry::propagation::traceparent(&tracing::Span::current()),
         };
         let down = pb::AttachDown { msg: Some(pb::attach_down::Msg::Request(request)) };
         if link.tx.send(Ok(down)).await.is_err() {
@@ -421,9 +530,20 @@ impl Driver {
                         }
                     }
                     if ttft.is_none() {
-                        *ttft = Some(self.start.elapsed());
+                        let first = self.start.elapsed();
+                        *ttft = Some(first);
+                        tracing::Span::current()
+                            .record("sllm.ttft_ms", first.as_secs_f64() * 1000.0);
+                        telemetry::metrics::DISPATCH
+                            .ttft
+                            .with_label_values(&[&self.route.name])
+                            .observe(first.as_secs_f64());
                     }
                     *tokens_sent += tokens;
+                    telemetry::metrics::DISPATCH
+                        .tokens
+                        .with_label_values(&[&self.route.name])
+                        .inc_by(u64::from(tokens));
                     if self.tx.send(Ok(Event::Chunk { text, tokens })).await.is_err() {
                         cancel();
                         return Attempt::ClientGone;
@@ -441,10 +561,15 @@ impl Driver {
                         queue_us: queued.as_micros() as u64,
                         instance_id: instance.instance_id.clone(),
                     };
+                    tracing::Span::current()
+                        .record("gen_ai.usage.output_tokens", usage.completion_tokens);
                     let _ = self.tx.send(Ok(Event::Finished { reason, usage })).await;
                     return Attempt::Done;
                 }
-                Some(FromWorker::Error(e)) => return Attempt::Failed(e.message),
+                Some(FromWorker::Error(e)) => {
+                    tracing::Span::current().record("error.type", "worker_error");
+                    return Attempt::Failed(e.message);
+                }
                 None => return Attempt::Failed("the worker's attach stream ended".into()),
             }
         }

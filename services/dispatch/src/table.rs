@@ -285,7 +285,9 @@ impl Table {
             {
                 return false;
             }
-            workers.insert(link.worker_id.clone(), link)
+            let old = workers.insert(link.worker_id.clone(), link);
+            telemetry::metrics::DISPATCH.attached.set(workers.len() as i64);
+            old
         };
         if let Some(old) = old {
             old.fail_all();
@@ -302,6 +304,7 @@ impl Table {
             && workers.get(&link.worker_id).is_some_and(|l| Arc::ptr_eq(l, link))
         {
             workers.remove(&link.worker_id);
+            telemetry::metrics::DISPATCH.attached.set(workers.len() as i64);
         }
         link.fail_all();
     }

@@ -104,7 +104,10 @@ impl Leader {
         tokio::spawn(read_events(store.event_reader(position), tx, reader_stop.clone()));
         let _stop_reader = reader_stop.drop_guard();
 
+        let leading = telemetry::metrics::SCALER.leader.with_label_values(&[] as &[&str]);
+        leading.set(1);
         let outcome = leader.run(&mut rx, &shutdown).await;
+        leading.set(0);
         if matches!(outcome, StepDown::Shutdown) {
             let _ = leader.store.release_leader(&leader.lease).await;
         }
@@ -175,7 +178,26 @@ impl Leader {
             Ok(d) => self.view.demand = d,
             Err(e) => tracing::warn!(error = %e, "cannot read demand; deciding on the last known"),
         }
-        self.decide_all("tick").await
+        self.decide_all("tick").await?;
+        self.publish_gauges();
+        Ok(())
+    }
+
+    /// Instances by model and state, desired counts and workers by state, as metrics.
+    fn publish_gauges(&self) {
+        let m = &*telemetry::metrics::SCALER;
+        m.instances.reset();
+        m.desired.reset();
+        m.workers.reset();
+        for d in self.view.deployments.values() {
+            m.desired.with_label_values(&[&d.spec.model]).set(i64::from(d.desired));
+            for i in self.view.instances_of(&d.spec.model) {
+                m.instances.with_label_values(&[&d.spec.model, i.status.as_str()]).inc();
+            }
+        }
+        for w in self.view.workers.values() {
+            m.workers.with_label_values(&[w.status.as_str()]).inc();
+        }
     }
 
     async fn decide_all(&mut self, trigger: &str) -> Result<(), StepDown> {
@@ -191,6 +213,7 @@ impl Leader {
     /// Applies events to the view, then decides for the models they touched.
     async fn apply(&mut self, events: Vec<kvstore::Event>) -> Result<(), StepDown> {
         let mut dirty: BTreeSet<String> = BTreeSet::new();
+        let mut traces: HashMap<String, String> = HashMap::new();
         let mut trigger = "event";
         let mut worker_changed = false;
         for e in events {
@@ -200,6 +223,9 @@ impl Leader {
                     self.models.entry(e.entity.clone()).or_default().event_demand =
                         Some((queued, Instant::now()));
                     trigger = "demand event";
+                    if let Some(tp) = e.field("traceparent").filter(|t| !t.is_empty()) {
+                        traces.insert(e.entity.clone(), tp.to_string());
+                    }
                     dirty.insert(e.entity);
                 }
                 k if k.starts_with("deployment.") => {
@@ -267,8 +293,17 @@ impl Leader {
             dirty.extend(short);
         }
         for m in dirty {
-            if !m.is_empty() {
-                self.decide(&m, trigger).await?;
+            if m.is_empty() {
+                continue;
+            }
+            match traces.get(&m) {
+                // A cold request's demand: the decision joins the request's trace.
+                Some(tp) => {
+                    let span = tracing::info_span!("scaler decision", gen_ai.request.model = %m, sllm.trigger = trigger);
+                    telemetry::propagation::set_parent(&span, tp);
+                    tracing::Instrument::instrument(self.decide(&m, trigger), span).await?;
+                }
+                None => self.decide(&m, trigger).await?,
             }
         }
         Ok(())
@@ -347,6 +382,19 @@ impl Leader {
 
         let mut reason = String::new();
         if committed != d.desired {
+            let direction = if committed > d.desired { "up" } else { "down" };
+            let why = if deleting {
+                "deleting"
+            } else if committed < d.desired {
+                "keep_alive"
+            } else if trigger == "demand event" {
+                "demand_event"
+            } else if demand == 0 {
+                "min_instances"
+            } else {
+                "demand"
+            };
+            telemetry::metrics::SCALER.decisions.with_label_values(&[direction, why]).inc();
             reason = if committed > d.desired {
                 if trigger == "demand event" {
                     format!("scale {}->{committed}: demand event ({demand} waiting)", d.desired)
@@ -499,6 +547,15 @@ impl Leader {
         let (worker, gpus, estimate, tier) =
             (c.worker.worker_id.clone(), c.gpus.clone(), c.estimate, c.tier);
         let instance_id = new_instance_id(model);
+        let span = tracing::info_span!(
+            "place instance",
+            gen_ai.request.model = %model,
+            sllm.instance = %instance_id,
+            sllm.worker = %worker,
+            sllm.checkpoint_tier = ?tier,
+            sllm.estimate_s = estimate,
+        );
+        let traceparent = telemetry::propagation::traceparent(&span);
         let command_id = format!("start-{instance_id}");
         let backend_config = if d.spec.backend_config.is_empty() {
             None
@@ -515,6 +572,7 @@ impl Leader {
                 backend: d.spec.backend.clone(),
                 gpus: gpus.clone(),
                 backend_config,
+                traceparent,
             })),
         };
         let placement = Placement {
@@ -525,7 +583,12 @@ impl Leader {
             command_id,
             command: command.encode_to_vec(),
         };
-        match self.store.create_instance(&self.lease, &placement).await {
+        let created = tracing::Instrument::instrument(
+            self.store.create_instance(&self.lease, &placement),
+            span,
+        )
+        .await;
+        match created {
             Ok(version) => {
                 if let Some(w) = self.view.workers.get_mut(&worker) {
                     w.free_gpus.retain(|g| !gpus.contains(g));

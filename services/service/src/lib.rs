@@ -10,7 +10,7 @@ pub mod serve;
 pub mod status;
 
 pub use join_token::JoinSecret;
-pub use serve::{Listener, reflection_v1, reflection_v1alpha, shutdown_signal};
+pub use serve::{Listener, reflection_v1, reflection_v1alpha, serve_metrics, shutdown_signal};
 pub use status::{field_status, to_status};
 
 /// Sets up structured logs filtered by `RUST_LOG` (default `info`). Safe to call more than once.

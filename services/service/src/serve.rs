@@ -89,3 +89,20 @@ pub async fn shutdown_signal() {
         _ = term => {}
     }
 }
+
+/// Serves Prometheus text (every metric of this process) on `GET /metrics` until `shutdown`.
+pub async fn serve_metrics(
+    listener: Listener,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> std::io::Result<()> {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(|| async {
+            (
+                [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                telemetry::metrics::gather(),
+            )
+        }),
+    );
+    axum::serve(listener.into_tokio(), app).with_graceful_shutdown(shutdown.cancelled_owned()).await
+}

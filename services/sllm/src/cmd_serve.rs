@@ -45,6 +45,9 @@ pub struct ServeArgs {
     /// Address Dispatch's OpenAI-compatible HTTP API listens on.
     #[arg(long, env = "SLLM_OPENAI_ADDR", default_value = "127.0.0.1:8000")]
     pub openai_addr: String,
+    /// Address Prometheus scrapes `/metrics` on ("off" for none).
+    #[arg(long, env = "SLLM_METRICS_ADDR", default_value = "127.0.0.1:9464")]
+    pub metrics_addr: String,
     /// Endpoint workers use to attach to this Dispatch (default: http://<grpc address>).
     #[arg(long, env = "SLLM_DISPATCH_ADVERTISE")]
     pub dispatch_advertise: Option<String>,
@@ -75,6 +78,7 @@ pub struct ServeArgs {
 pub struct Bound {
     pub grpc: std::net::SocketAddr,
     pub openai: Option<std::net::SocketAddr>,
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 pub async fn run(args: ServeArgs) -> Result<()> {
@@ -83,6 +87,9 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     println!("sllm: serving gRPC on {}", bound.grpc);
     if let Some(http) = bound.openai {
         println!("sllm: openai api listening on {http}");
+    }
+    if let Some(m) = bound.metrics {
+        println!("sllm: metrics on http://{m}/metrics");
     }
     tokio::pin!(task);
     tokio::select! {
@@ -130,6 +137,15 @@ pub async fn start(
         std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send>>,
     > = Vec::new();
     let mut openai = None;
+    let mut metrics = None;
+    if args.metrics_addr != "off" {
+        let l = Listener::bind(&args.metrics_addr).await?;
+        metrics = Some(l.local_addr());
+        let s = shutdown.clone();
+        background.push(Box::pin(async move {
+            service::serve_metrics(l, s).await.context("the metrics endpoint failed")
+        }));
+    }
 
     if wants(ServiceName::ModelRegistry) {
         let r = model_registry::Registry::new(store.clone());
@@ -200,7 +216,7 @@ pub async fn start(
         let (a, b) = tokio::join!(server, futures_all(background));
         a.and(b)
     };
-    Ok((Bound { grpc: grpc_addr, openai }, task))
+    Ok((Bound { grpc: grpc_addr, openai, metrics }, task))
 }
 
 async fn futures_all(

@@ -30,6 +30,9 @@ pub struct UpArgs {
     /// Address of the OpenAI-compatible HTTP API.
     #[arg(long, default_value = "127.0.0.1:8000")]
     openai_addr: String,
+    /// Address Prometheus scrapes `/metrics` on.
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    metrics_addr: String,
     /// Simulated GPU workers to start.
     #[arg(long, default_value_t = 3)]
     workers: usize,
@@ -152,6 +155,7 @@ fn fleet(n: usize, demo: &str, time_scale: f64) -> Vec<(String, SimConfig)> {
 pub async fn run(args: UpArgs) -> Result<()> {
     check_free(&args.grpc_addr, "--grpc-addr")?;
     check_free(&args.openai_addr, "--openai-addr")?;
+    check_free(&args.metrics_addr, "--metrics-addr")?;
     let redis = match &args.redis_url {
         Some(_) => None,
         None => Some(PrivateRedis::start()?),
@@ -170,6 +174,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
         redis_pool_size: 64,
         grpc_addr: args.grpc_addr.clone(),
         openai_addr: args.openai_addr.clone(),
+        metrics_addr: args.metrics_addr.clone(),
         dispatch_advertise: None,
         max_queue: 256,
         join_secret: Some(secret.clone()),
@@ -208,6 +213,9 @@ pub async fn run(args: UpArgs) -> Result<()> {
         println!("  gRPC (every service):  {}", bound.grpc);
         println!("  OpenAI API:            {openai}");
         println!("  Redis:                 {redis_url}");
+        if let Some(m) = bound.metrics {
+            println!("  Prometheus metrics:    http://{m}/metrics");
+        }
         println!();
         println!("Try:");
         let m = &args.demo_model;

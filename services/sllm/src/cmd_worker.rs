@@ -51,6 +51,9 @@ pub struct WorkerArgs {
     /// Simulated per-token decode time in milliseconds.
     #[arg(long, default_value_t = 10.0)]
     decode_ms: f64,
+    /// Address Prometheus scrapes `/metrics` on (none by default).
+    #[arg(long, env = "SLLM_METRICS_ADDR")]
+    metrics_addr: Option<String>,
     /// Run this many simulated workers in this process.
     #[arg(long, default_value_t = 1)]
     count: usize,
@@ -82,6 +85,11 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
         }
     };
     let shutdown = CancellationToken::new();
+    if let Some(addr) = &args.metrics_addr {
+        let l = service::Listener::bind(addr).await?;
+        println!("sllm: metrics on http://{}/metrics", l.local_addr());
+        tokio::spawn(service::serve_metrics(l, shutdown.clone()));
+    }
     let mut agents = Vec::with_capacity(args.count);
     for i in 0..args.count {
         let node =

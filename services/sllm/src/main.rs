@@ -57,15 +57,6 @@ struct JoinTokenArgs {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    // Client commands print results, not logs; services log at info.
-    if matches!(cli.command, Command::Up(_) | Command::Serve(_) | Command::Worker(_)) {
-        if matches!(cli.command, Command::Up(_)) {
-            // `sllm up` prints its own story; only warnings are logged unless RUST_LOG asks.
-            service::init_logging_with("warn");
-        } else {
-            service::init_logging();
-        }
-    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -74,7 +65,16 @@ fn main() -> std::process::ExitCode {
         }
     };
     let result = runtime.block_on(async move {
-        match cli.command {
+        // Client commands print results, not logs; services log at info (`sllm up` prints its
+        // own story, so only warnings unless RUST_LOG asks), and export traces when
+        // OTEL_EXPORTER_OTLP_ENDPOINT is set. The guard flushes pending spans at exit.
+        let telemetry_guard = match &cli.command {
+            Command::Up(_) => Some(telemetry::init("sllm", "warn")),
+            Command::Serve(_) => Some(telemetry::init("sllm-control-plane", "info")),
+            Command::Worker(_) => Some(telemetry::init("sllm-worker", "info")),
+            _ => None,
+        };
+        let result = match cli.command {
             Command::Up(a) => cmd_up::run(a).await,
             Command::Serve(a) => cmd_serve::run(a).await,
             Command::Worker(a) => cmd_worker::run(a).await,
@@ -90,7 +90,10 @@ fn main() -> std::process::ExitCode {
                 println!("{}", secret.token_for(&a.node_id));
                 Ok(())
             }
-        }
+        };
+        // Flush pending spans while the runtime still runs the exporter's connection.
+        drop(telemetry_guard);
+        result
     });
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -108,6 +108,7 @@ async fn reaper(registry: Registry, shutdown: CancellationToken) {
                 .await
             {
                 Ok(n) => {
+                    telemetry::metrics::WORKER_REGISTRY.lost.with_label_values(&["expired"]).inc();
                     tracing::warn!(worker = %lease.worker_id, epoch = lease.epoch, instances = n, "worker lost: lease expired")
                 }
                 // Another replica got there first, or the worker re-registered meanwhile.

@@ -51,6 +51,8 @@ struct Session {
     after: String,
     /// Live Dispatch replicas.
     dispatchers: tokio::sync::watch::Receiver<Vec<String>>,
+    /// When the last heartbeat arrived.
+    last_heartbeat: std::time::Instant,
 }
 
 pub(crate) async fn run(
@@ -140,6 +142,7 @@ async fn open(
         delivered: VecDeque::new(),
         after: String::new(),
         dispatchers,
+        last_heartbeat: std::time::Instant::now(),
     };
     session.send(Down::Registered(registered)).await;
     Ok(session)
@@ -192,6 +195,12 @@ impl Session {
                 "register is only allowed as the first message of a session",
             ))),
             Some(Up::Heartbeat(hb)) => {
+                let m = &*telemetry::metrics::WORKER_REGISTRY;
+                m.heartbeats.with_label_values(&[] as &[&str]).inc();
+                m.heartbeat_gap
+                    .with_label_values(&[] as &[&str])
+                    .observe(self.last_heartbeat.elapsed().as_secs_f64());
+                self.last_heartbeat = std::time::Instant::now();
                 match store
                     .heartbeat(&self.worker, self.epoch, self.registry.inner.config.lease)
                     .await
@@ -405,6 +414,10 @@ impl Session {
                 match store.worker_lost(&self.worker, self.epoch, LostMode::Dropped, &reason).await
                 {
                     Ok(n) => {
+                        telemetry::metrics::WORKER_REGISTRY
+                            .lost
+                            .with_label_values(&["dropped"])
+                            .inc();
                         tracing::warn!(worker = %self.worker, epoch = self.epoch, instances = n, %reason, "worker lost")
                     }
                     Err(e) if e.refusal().is_some() => {}

@@ -25,7 +25,14 @@ pub(crate) struct Sessions {
 impl Sessions {
     /// Records a new session of `worker`, closing the older one this replica held, if any.
     pub(crate) fn insert(&self, worker: &str, handle: SessionHandle) {
-        let old = self.map.lock().ok().and_then(|mut m| m.insert(worker.to_string(), handle));
+        let old = self.map.lock().ok().and_then(|mut m| {
+            let old = m.insert(worker.to_string(), handle);
+            telemetry::metrics::WORKER_REGISTRY
+                .sessions
+                .with_label_values(&[] as &[&str])
+                .set(m.len() as i64);
+            old
+        });
         if let Some(old) = old {
             old.close.cancel();
         }
@@ -37,6 +44,10 @@ impl Sessions {
             && m.get(worker).is_some_and(|h| h.epoch == epoch)
         {
             m.remove(worker);
+            telemetry::metrics::WORKER_REGISTRY
+                .sessions
+                .with_label_values(&[] as &[&str])
+                .set(m.len() as i64);
         }
     }
 

@@ -241,6 +241,7 @@ impl Runner {
             Err(s) => return SessionEnd::Failed(format!("{:?}: {}", s.code(), s.message())),
         };
         let epoch = registered.epoch;
+        telemetry::metrics::WORKER.sessions.with_label_values(&[] as &[&str]).inc();
         self.attachments.update(&registered.dispatch_endpoints, epoch);
         let send = |body: Up| {
             let tx = tx.clone();
@@ -328,6 +329,7 @@ impl Runner {
                     backend: s.backend,
                     gpus: s.gpus,
                     backend_config: s.backend_config,
+                    traceparent: s.traceparent,
                 };
                 self.backend.start(spec).map_err(|e| (instance_id, e.to_string()))
             }

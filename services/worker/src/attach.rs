@@ -147,7 +147,17 @@ impl Link {
                 msg = inbound.message() => match msg {
                     Ok(Some(pb::AttachDown { msg: Some(Down::Request(r)) })) => {
                         let id = r.request_id;
-                        let task = tokio::spawn(serve_request(self.backend.clone(), r, tx.clone(), done_tx.clone()));
+                        let span = tracing::info_span!(
+                            "worker generate",
+                            otel.kind = "server",
+                            sllm.worker = %self.node,
+                            sllm.instance = %r.instance_id,
+                            gen_ai.request.model = %r.model,
+                            gen_ai.usage.output_tokens = tracing::field::Empty,
+                        );
+                        telemetry::propagation::set_parent(&span, &r.traceparent);
+                        let fut = serve_request(self.backend.clone(), r, tx.clone(), done_tx.clone());
+                        let task = tokio::spawn(tracing::Instrument::instrument(fut, span));
                         running.0.insert(id, task.abort_handle());
                     }
                     Ok(Some(pb::AttachDown { msg: Some(Down::Cancel(c)) })) => {
@@ -243,9 +253,15 @@ async fn serve_request(
                         Err(_) => break,
                     }
                 }
+                telemetry::metrics::WORKER
+                    .tokens
+                    .with_label_values(&[] as &[&str])
+                    .inc_by(u64::from(tokens));
                 Up::Chunk(pb::WorkerChunk { request_id: id, text, tokens })
             }
             Output::Done { finish, prompt_tokens, completion_tokens } => {
+                tracing::Span::current().record("gen_ai.usage.output_tokens", completion_tokens);
+                telemetry::metrics::WORKER.requests.with_label_values(&["done"]).inc();
                 Up::Finished(pb::WorkerFinished {
                     request_id: id,
                     reason: match finish {
@@ -256,11 +272,14 @@ async fn serve_request(
                     completion_tokens,
                 })
             }
-            Output::Error(message) => Up::Error(pb::WorkerError {
-                request_id: id,
-                code: tonic::Code::Unavailable as i32,
-                message,
-            }),
+            Output::Error(message) => {
+                telemetry::metrics::WORKER.requests.with_label_values(&["error"]).inc();
+                Up::Error(pb::WorkerError {
+                    request_id: id,
+                    code: tonic::Code::Unavailable as i32,
+                    message,
+                })
+            }
         };
         if tx.send(pb::AttachUp { msg: Some(msg) }).await.is_err() {
             break;

@@ -18,6 +18,8 @@ pub struct StartSpec {
     pub gpus: Vec<u32>,
     /// The deployment's backend_config.
     pub backend_config: Option<prost_types::Struct>,
+    /// W3C trace context of the decision that started it ('' if none).
+    pub traceparent: String,
 }
 
 /// Something that happened to an instance, reported up by the agent.

@@ -411,7 +411,14 @@ impl Backend for SimBackend {
         self.emit(InstanceEvent::Loading { instance_id: spec.instance_id.clone() });
         let load = self.config.load_time(&spec.model);
         let this = self.clone();
-        tokio::spawn(async move {
+        let span = tracing::info_span!(
+            "load instance",
+            sllm.instance = %spec.instance_id,
+            gen_ai.request.model = %spec.model,
+            sllm.load_ms = load.as_millis() as u64,
+        );
+        telemetry::propagation::set_parent(&span, &spec.traceparent);
+        let task = async move {
             let t0 = Instant::now();
             if sleep_or_cancel(load, &cancel).await.is_err() {
                 return;
@@ -442,7 +449,8 @@ impl Backend for SimBackend {
                     load_ms: t0.elapsed().as_millis() as u64,
                 });
             }
-        });
+        };
+        tokio::spawn(tracing::Instrument::instrument(task, span));
         Ok(())
     }
 
@@ -517,6 +525,7 @@ mod tests {
             backend: "sim".into(),
             gpus: gpus.to_vec(),
             backend_config: None,
+            traceparent: String::new(),
         }
     }
 

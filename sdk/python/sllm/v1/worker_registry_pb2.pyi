@@ -159,18 +159,20 @@ class Command(_message.Message):
     def __init__(self, command_id: _Optional[str] = ..., start: _Optional[_Union[StartInstance, _Mapping]] = ..., stop: _Optional[_Union[StopInstance, _Mapping]] = ..., drain: _Optional[_Union[DrainInstance, _Mapping]] = ...) -> None: ...
 
 class StartInstance(_message.Message):
-    __slots__ = ("instance_id", "model", "backend", "gpus", "backend_config")
+    __slots__ = ("instance_id", "model", "backend", "gpus", "backend_config", "traceparent")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     GPUS_FIELD_NUMBER: _ClassVar[int]
     BACKEND_CONFIG_FIELD_NUMBER: _ClassVar[int]
+    TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     model: str
     backend: str
     gpus: _containers.RepeatedScalarFieldContainer[int]
     backend_config: _struct_pb2.Struct
-    def __init__(self, instance_id: _Optional[str] = ..., model: _Optional[str] = ..., backend: _Optional[str] = ..., gpus: _Optional[_Iterable[int]] = ..., backend_config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+    traceparent: str
+    def __init__(self, instance_id: _Optional[str] = ..., model: _Optional[str] = ..., backend: _Optional[str] = ..., gpus: _Optional[_Iterable[int]] = ..., backend_config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., traceparent: _Optional[str] = ...) -> None: ...
 
 class StopInstance(_message.Message):
     __slots__ = ("instance_id",)

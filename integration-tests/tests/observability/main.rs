@@ -1,0 +1,276 @@
+//! One trace per request across the mesh, exported over OTLP by real `sllm` processes to a
+//! receiver in the test; and Prometheus text on every `/metrics` that moves with traffic.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use sllm_api::v1 as pb;
+use sllm_integration_tests::{
+    JOIN_SECRET, OtlpReceiver, Proc, ReceivedSpan, RedisServer, eventually,
+};
+
+struct Mesh {
+    _redis: RedisServer,
+    _control: Proc,
+    _worker: Proc,
+    grpc: String,
+    control_metrics: String,
+    worker_metrics: String,
+}
+
+async fn mesh(otlp: &OtlpReceiver) -> Mesh {
+    let redis = RedisServer::start().unwrap();
+    let url = redis.url();
+    let env = [
+        ("SLLM_JOIN_SECRET", JOIN_SECRET),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.endpoint.as_str()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+    ];
+    let (control, _) = Proc::sllm(
+        &[
+            "serve",
+            "all",
+            "--redis-url",
+            &url,
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--openai-addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ],
+        &env,
+        "metrics on",
+    )
+    .unwrap();
+    let out = control.output();
+    let find = |prefix: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|| panic!("{prefix} in {out}"))
+    };
+    let grpc = find("sllm: serving gRPC on");
+    let control_metrics = find("sllm: metrics on");
+    let (worker, _) = Proc::sllm(
+        &[
+            "worker",
+            "--registry",
+            &format!("http://{grpc}"),
+            "--node-id",
+            "w1",
+            "--address",
+            "10.0.0.1",
+            "--time-scale",
+            "0.02",
+            "--decode-ms",
+            "2",
+            "--checkpoint",
+            "m=12GB@disk",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ],
+        &env,
+        "metrics on",
+    )
+    .unwrap();
+    let worker_metrics = worker
+        .output()
+        .lines()
+        .find_map(|l| l.strip_prefix("sllm: metrics on"))
+        .unwrap()
+        .trim()
+        .to_string();
+    Mesh {
+        _redis: redis,
+        _control: control,
+        _worker: worker,
+        grpc,
+        control_metrics,
+        worker_metrics,
+    }
+}
+
+async fn generate(grpc: &str, traceparent: &str) -> pb::Usage {
+    let mut client =
+        pb::dispatch_client::DispatchClient::connect(format!("http://{grpc}")).await.unwrap();
+    let mut req = tonic::Request::new(pb::GenerateRequest {
+        model: "m".into(),
+        input: Some(pb::generate_request::Input::Prompt("trace me".into())),
+        params: Some(pb::SamplingParams { max_tokens: 4, ..Default::default() }),
+        progress: true,
+        timeout_ms: 20_000,
+    });
+    req.metadata_mut().insert("traceparent", traceparent.parse().unwrap());
+    let mut s = client.generate(req).await.unwrap().into_inner();
+    while let Some(e) = s.message().await.unwrap() {
+        if let Some(pb::generate_event::Event::Finished(f)) = e.event {
+            return f.usage.unwrap();
+        }
+    }
+    panic!("no finish");
+}
+
+fn by_name<'a>(spans: &'a [ReceivedSpan], name: &str) -> Vec<&'a ReceivedSpan> {
+    spans.iter().filter(|s| s.name == name).collect()
+}
+
+fn one<'a>(spans: &'a [ReceivedSpan], name: &str) -> &'a ReceivedSpan {
+    let found = by_name(spans, name);
+    assert!(
+        !found.is_empty(),
+        "no span {name:?} among {:?}",
+        spans.iter().map(|s| &s.name).collect::<Vec<_>>()
+    );
+    found[0]
+}
+
+/// Parses Prometheus text: (name with labels) -> value. Fails on any malformed line.
+fn parse_prometheus(text: &str) -> HashMap<String, f64> {
+    let mut out = HashMap::new();
+    for line in text.lines().filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        let (series, value) =
+            line.rsplit_once(' ').unwrap_or_else(|| panic!("malformed line {line:?}"));
+        let value: f64 = value.parse().unwrap_or_else(|_| panic!("bad value in {line:?}"));
+        let name = series.split('{').next().unwrap();
+        assert!(
+            name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "bad name in {line:?}"
+        );
+        if series.contains('{') {
+            assert!(series.ends_with('}'), "bad labels in {line:?}");
+        }
+        out.insert(series.to_string(), value);
+    }
+    out
+}
+
+async fn scrape(addr: &str) -> HashMap<String, f64> {
+    let body = tokio::process::Command::new("curl").arg("-sf").arg(addr).output().await.unwrap();
+    assert!(body.status.success(), "scrape of {addr} failed");
+    parse_prometheus(&String::from_utf8(body.stdout).unwrap())
+}
+
+#[tokio::test]
+async fn one_trace_per_request_across_dispatch_scaler_and_worker() {
+    let otlp = OtlpReceiver::start().await.unwrap();
+    let m = mesh(&otlp).await;
+    let mut models =
+        pb::model_registry_client::ModelRegistryClient::connect(format!("http://{}", m.grpc))
+            .await
+            .unwrap();
+    let spec = pb::DeploymentSpec {
+        model: "m".into(),
+        backend: "sim".into(),
+        num_gpus: 1,
+        auto_scaling_config: Some(pb::AutoScalingConfig {
+            target: 1.0,
+            max_instances: 1,
+            keep_alive: 60,
+            ..Default::default()
+        }),
+        backend_config: None,
+    };
+    models.deploy(pb::DeployRequest { spec: Some(spec) }).await.unwrap();
+    // Let the worker attach to Dispatch before the first request.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let cold_trace = "0af7651916cd43dd8448eb211c80319c";
+    let client_span = "b7ad6b7169203331";
+    let usage = generate(&m.grpc, &format!("00-{cold_trace}-{client_span}-01")).await;
+    assert!(usage.queue_us > 0, "the first request waited for the cold start");
+    let warm_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    generate(&m.grpc, &format!("00-{warm_trace}-00f067aa0ba902b7-01")).await;
+
+    let cold: Vec<ReceivedSpan> =
+        eventually(Duration::from_secs(10), "the cold trace's spans", || async {
+            let spans: Vec<ReceivedSpan> =
+                otlp.spans().into_iter().filter(|s| s.trace_id == cold_trace).collect();
+            let names: Vec<&str> = spans.iter().map(|s| s.name.as_str()).collect();
+            [
+                "sllm.v1.Dispatch/Generate",
+                "queue wait",
+                "scaler decision",
+                "place instance",
+                "load instance",
+                "generate on an instance",
+                "worker generate",
+            ]
+            .iter()
+            .all(|n| names.contains(n))
+            .then_some(spans)
+        })
+        .await
+        .unwrap();
+    let request = one(&cold, "sllm.v1.Dispatch/Generate");
+    assert_eq!(request.parent_span_id, client_span, "the request continues the client's trace");
+    assert_eq!(request.attributes.get("gen_ai.request.model").map(String::as_str), Some("m"));
+    assert_eq!(request.attributes.get("sllm.outcome").map(String::as_str), Some("ok"));
+    let queue = one(&cold, "queue wait");
+    assert_eq!(queue.parent_span_id, request.span_id);
+    let decision = one(&cold, "scaler decision");
+    assert_eq!(
+        decision.parent_span_id, queue.span_id,
+        "the demand event carries the waiting request's context"
+    );
+    let place = one(&cold, "place instance");
+    assert_eq!(place.parent_span_id, decision.span_id);
+    assert_eq!(place.attributes.get("sllm.worker").map(String::as_str), Some("w1"));
+    let load = one(&cold, "load instance");
+    assert_eq!(
+        load.parent_span_id, place.span_id,
+        "the start command carries the decision's context"
+    );
+    assert_eq!(load.service, "sllm-worker");
+    let attempt = one(&cold, "generate on an instance");
+    assert_eq!(attempt.parent_span_id, request.span_id);
+    let on_worker = one(&cold, "worker generate");
+    assert_eq!(
+        on_worker.parent_span_id, attempt.span_id,
+        "the Attach stream carries the attempt's context"
+    );
+    assert_eq!(on_worker.service, "sllm-worker");
+    assert_eq!(
+        on_worker.attributes.get("gen_ai.usage.output_tokens").map(String::as_str),
+        Some("4")
+    );
+    assert!(
+        cold.iter().any(|s| s.name.starts_with("EVALSHA")
+            && s.attributes.get("db.system").map(String::as_str) == Some("redis")),
+        "the kvstore calls on the way are in the trace"
+    );
+
+    let warm: Vec<ReceivedSpan> =
+        eventually(Duration::from_secs(10), "the warm trace's spans", || async {
+            let spans: Vec<ReceivedSpan> =
+                otlp.spans().into_iter().filter(|s| s.trace_id == warm_trace).collect();
+            spans.iter().any(|s| s.name == "worker generate").then_some(spans)
+        })
+        .await
+        .unwrap();
+    assert!(by_name(&warm, "queue wait").is_empty(), "a warm request is not held");
+    assert!(by_name(&warm, "load instance").is_empty());
+
+    // Metrics: valid Prometheus text that moved with the traffic.
+    let control = scrape(&m.control_metrics).await;
+    assert_eq!(
+        control.get("sllm_dispatch_requests_total{model=\"m\",outcome=\"ok\"}"),
+        Some(&2.0),
+        "{control:?}"
+    );
+    assert!(control["sllm_dispatch_time_to_first_token_seconds_count{model=\"m\"}"] >= 2.0);
+    assert_eq!(control.get("sllm_dispatch_queue_wait_seconds_count{model=\"m\"}"), Some(&1.0));
+    assert!(control["sllm_registry_heartbeats_total"] >= 1.0);
+    assert!(control["sllm_dispatch_tokens_total{model=\"m\"}"] >= 8.0);
+    assert_eq!(control.get("sllm_scaler_leader"), Some(&1.0));
+    assert!(
+        control.keys().any(|k| k
+            .starts_with("sllm_scaler_decisions_total{direction=\"up\",reason=\"demand_event\"}")),
+        "{control:?}"
+    );
+    assert!(control.keys().any(|k| k.starts_with("sllm_redis_command_duration_seconds_count")));
+    let worker = scrape(&m.worker_metrics).await;
+    assert!(!worker.is_empty());
+}
