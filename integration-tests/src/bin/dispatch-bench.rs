@@ -7,6 +7,10 @@
 //! 3. Tokens/s forwarded with long completions. Target >= 500,000.
 //! 4. Cold start overhead: first-token time minus the simulated load time. Target <= 20 ms.
 //!
+//! It runs twice, as two child processes: with OpenTelemetry trace export off, and on (to an
+//! OTLP receiver in the parent), and prints the figures side by side. Target: export on costs
+//! at most 10% throughput.
+//!
 //!     cargo run --release -p sllm-integration-tests --bin dispatch-bench
 
 use std::pin::Pin;
@@ -14,7 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use sllm_api::v1 as pb;
 use sllm_api::v1::dispatch_client::DispatchClient;
 use sllm_integration_tests::{
@@ -26,7 +30,123 @@ use worker::{Backend, Job, Output};
 
 fn main() -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    rt.block_on(run())
+    let mut args = std::env::args().skip(1);
+    if args.next().as_deref() == Some("--child") {
+        return rt.block_on(async {
+            let _telemetry = telemetry::init("sllm-bench", "warn");
+            let r = run().await?;
+            println!("RESULT {}", r.iter().map(f64::to_string).collect::<Vec<_>>().join(" "));
+            Ok(())
+        });
+    }
+    rt.block_on(parent())
+}
+
+/// Runs the benchmark in a child process, with trace export on (to `endpoint`, sampling
+/// `ratio` of the traces) or off; returns its figures.
+async fn child(tracing_on: Option<(&str, f64)>) -> Result<Vec<f64>> {
+    let mut cmd = tokio::process::Command::new(std::env::current_exe()?);
+    cmd.arg("--child").stderr(std::process::Stdio::inherit());
+    cmd.env_remove("OTEL_EXPORTER_OTLP_ENDPOINT");
+    if let Some((endpoint, ratio)) = tracing_on {
+        cmd.env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+            .env("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
+            .env("OTEL_TRACES_SAMPLER_ARG", ratio.to_string());
+    }
+    let out = cmd.output().await?;
+    if !out.status.success() {
+        bail!("benchmark child failed: {}", String::from_utf8_lossy(&out.stdout));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().find_map(|l| l.strip_prefix("RESULT ")).context("no RESULT line")?;
+    Ok(line.split_whitespace().filter_map(|v| v.parse().ok()).collect())
+}
+
+async fn parent() -> Result<()> {
+    eprintln!("== trace export off");
+    let off = child(None).await?;
+    eprintln!("== trace export on, every trace sampled (OTLP to a receiver in this process)");
+    let receiver = sllm_integration_tests::OtlpReceiver::start().await?;
+    let on = child(Some((&receiver.endpoint, 1.0))).await?;
+    let spans = receiver.spans().len();
+    eprintln!("== trace export on, 10% of traces sampled");
+    let sampled = child(Some((&receiver.endpoint, 0.1))).await?;
+    let sampled_spans = receiver.spans().len() - spans;
+    let [d50, d99, v50, v99, direct_rps, rps, direct_tps, tps, cold_ms] = off[..] else {
+        bail!("bad figures")
+    };
+    let [_, _, t50, t99, _, trps, _, ttps, tcold] = on[..] else { bail!("bad figures") };
+    let [_, _, s50, s99, _, srps, _, stps, scold] = sampled[..] else { bail!("bad figures") };
+    println!();
+    println!(
+        "{:<46} {:>9} {:>13} {:>13} {:>13} {:>11}",
+        "measure", "direct", "via Dispatch", "traced, 100%", "traced, 10%", "target"
+    );
+    println!(
+        "{:<46} {:>7.0}µs {:>11.0}µs {:>11.0}µs {:>11.0}µs {:>11}",
+        "latency p50 at 1,000 req/s (1 token)", d50, v50, t50, s50, ""
+    );
+    println!(
+        "{:<46} {:>7.0}µs {:>11.0}µs {:>11.0}µs {:>11.0}µs {:>11}",
+        "latency p99 at 1,000 req/s", d99, v99, t99, s99, ""
+    );
+    println!(
+        "{:<46} {:>9} {:>11.0}µs {:>11.0}µs {:>11.0}µs {:>11}",
+        "  added p50",
+        "",
+        v50 - d50,
+        t50 - d50,
+        s50 - d50,
+        "<= 150µs"
+    );
+    println!(
+        "{:<46} {:>9} {:>11.0}µs {:>11.0}µs {:>11.0}µs {:>11}",
+        "  added p99",
+        "",
+        v99 - d99,
+        t99 - d99,
+        s99 - d99,
+        "<= 1000µs"
+    );
+    println!(
+        "{:<46} {:>9.0} {:>13.0} {:>13.0} {:>13.0} {:>11}",
+        "requests/s, 1-token completions, 64 clients", direct_rps, rps, trps, srps, ">= 20,000"
+    );
+    println!(
+        "{:<46} {:>9.0} {:>13.0} {:>13.0} {:>13.0} {:>11}",
+        "tokens/s, 2,000-token completions, 16 clients", direct_tps, tps, ttps, stps, ">= 500,000"
+    );
+    println!(
+        "{:<46} {:>9} {:>11.1}ms {:>11.1}ms {:>11.1}ms {:>11}",
+        "cold start: first token - simulated load", "", cold_ms, tcold, scold, "<= 20ms"
+    );
+    println!("{:<46} {:>9} {:>13} {:>13} {:>13}", "spans received", "", "", spans, sampled_spans);
+    println!();
+    let verdict = |ok: bool| if ok { "meets" } else { "MISSES" };
+    println!(
+        "added latency p50 {:.0} µs — {}; p99 {:.0} µs — {}",
+        v50 - d50,
+        verdict(v50 - d50 <= 150.0),
+        v99 - d99,
+        verdict(v99 - d99 <= 1000.0)
+    );
+    println!("requests/s {rps:.0} — {}", verdict(rps >= 20_000.0));
+    println!("tokens/s {tps:.0} — {}", verdict(tps >= 500_000.0));
+    println!("cold-start overhead {cold_ms:.1} ms — {}", verdict(cold_ms <= 20.0));
+    let cost = 1.0 - trps / rps;
+    let sampled_cost = 1.0 - srps / rps;
+    println!(
+        "trace export, every trace: costs {:.1}% of requests/s — {} the target (<= 10%)",
+        cost * 100.0,
+        verdict(cost <= 0.10)
+    );
+    println!(
+        "trace export, 10% sampled: costs {:.1}% of requests/s — {} the target (<= 10%)",
+        sampled_cost * 100.0,
+        verdict(sampled_cost <= 0.10)
+    );
+    println!("(the receiver decodes every span on the same two cores as the benchmark)");
+    Ok(())
 }
 
 fn zero_delay() -> worker::SimConfig {
@@ -184,7 +304,9 @@ async fn saturate(
     ))
 }
 
-async fn run() -> Result<()> {
+/// Measures everything; returns [direct p50, direct p99, via p50, via p99, direct rps, rps,
+/// direct tokens/s, tokens/s, cold-start overhead ms].
+async fn run() -> Result<Vec<f64>> {
     // Direct: the simulator behind a bare gRPC server.
     let (sim, mut events) = worker::SimBackend::new(zero_delay());
     sim.start(worker::StartSpec {
@@ -300,39 +422,6 @@ async fn run() -> Result<()> {
     overheads.sort_by(f64::total_cmp);
     let cold_ms = overheads[overheads.len() / 2];
 
-    println!();
-    println!("{:<48} {:>12} {:>12} {:>14}", "measure", "direct", "via Dispatch", "target");
-    println!(
-        "{:<48} {:>10.0}µs {:>10.0}µs {:>14}",
-        "latency p50 at 1,000 req/s (1 token)", d50, v50, ""
-    );
-    println!("{:<48} {:>10.0}µs {:>10.0}µs {:>14}", "latency p99 at 1,000 req/s", d99, v99, "");
-    println!("{:<48} {:>12} {:>10.0}µs {:>14}", "  added p50", "", v50 - d50, "<= 150µs");
-    println!("{:<48} {:>12} {:>10.0}µs {:>14}", "  added p99", "", v99 - d99, "<= 1000µs");
-    println!(
-        "{:<48} {:>12.0} {:>12.0} {:>14}",
-        "requests/s, 1-token completions, 64 clients", direct_rps, rps, ">= 20,000"
-    );
-    println!(
-        "{:<48} {:>12.0} {:>12.0} {:>14}",
-        "tokens/s, 2,000-token completions, 16 clients", direct_tps, tps, ">= 500,000"
-    );
-    println!(
-        "{:<48} {:>12} {:>10.1}ms {:>14}",
-        "cold start: first token - simulated load (p50)", "", cold_ms, "<= 20ms"
-    );
-    println!();
-    let verdict = |ok: bool| if ok { "meets" } else { "MISSES" };
-    println!(
-        "added latency p50 {:.0} µs — {}; p99 {:.0} µs — {}",
-        v50 - d50,
-        verdict(v50 - d50 <= 150.0),
-        v99 - d99,
-        verdict(v99 - d99 <= 1000.0)
-    );
-    println!("requests/s {rps:.0} — {}", verdict(rps >= 20_000.0));
-    println!("tokens/s {tps:.0} — {}", verdict(tps >= 500_000.0));
-    println!("cold-start overhead {cold_ms:.1} ms — {}", verdict(cold_ms <= 20.0));
     drop((w, w2));
-    Ok(())
+    Ok(vec![d50, d99, v50, v99, direct_rps, rps, direct_tps, tps, cold_ms])
 }
