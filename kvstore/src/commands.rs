@@ -6,11 +6,11 @@
 
 use std::time::Duration;
 
-use redis::streams::{StreamId, StreamRangeReply, StreamReadReply};
+use redis::streams::{StreamId, StreamRangeReply};
 
 use crate::Store;
 use crate::error::{Error, Result};
-use crate::events::clamp_block;
+use crate::events::BlockingReader;
 use crate::names;
 use crate::scripts::Arg;
 
@@ -52,7 +52,7 @@ pub struct CommandReader {
     store: Store,
     worker: String,
     after: String,
-    conn: Option<deadpool_redis::Connection>,
+    reader: BlockingReader,
 }
 
 impl Store {
@@ -124,7 +124,12 @@ impl Store {
     /// A blocking reader of the worker's commands, starting after its acknowledged cursor.
     pub async fn command_reader(&self, worker: &str) -> Result<CommandReader> {
         let after = self.command_cursor(worker).await?;
-        Ok(CommandReader { store: self.clone(), worker: worker.to_string(), after, conn: None })
+        Ok(CommandReader {
+            store: self.clone(),
+            worker: worker.to_string(),
+            after,
+            reader: BlockingReader::default(),
+        })
     }
 }
 
@@ -133,7 +138,7 @@ impl Store {
 pub struct NotifyReader {
     store: Store,
     after: String,
-    conn: Option<deadpool_redis::Connection>,
+    reader: BlockingReader,
 }
 
 impl Store {
@@ -150,7 +155,7 @@ impl Store {
             )
             .await?;
         let after = reply.ids.first().map(|e| e.id.clone()).unwrap_or_else(|| "0-0".into());
-        Ok(NotifyReader { store: self.clone(), after, conn: None })
+        Ok(NotifyReader { store: self.clone(), after, reader: BlockingReader::default() })
     }
 }
 
@@ -158,29 +163,7 @@ impl NotifyReader {
     /// Ids of workers with new commands since the last call (each once), waiting up to `block`.
     pub async fn next(&mut self, block: Duration) -> Result<Vec<String>> {
         let key = self.store.keys().commands_notify();
-        let block = clamp_block(&self.store, block);
-        if self.conn.is_none() {
-            self.conn = Some(self.store.inner.conns.dedicated().await?);
-        }
-        let Some(conn) = self.conn.as_mut() else { return Ok(Vec::new()) };
-        let mut cmd = redis::cmd("XREAD");
-        cmd.arg("COUNT").arg(1000);
-        if !block.is_zero() {
-            cmd.arg("BLOCK").arg(block.as_millis() as u64);
-        }
-        cmd.arg("STREAMS").arg(&key).arg(&self.after);
-        let r: redis::RedisResult<Option<StreamReadReply>> = cmd.query_async(&mut **conn).await;
-        let reply = match r {
-            Ok(reply) => reply,
-            Err(e) => {
-                if crate::conn::is_broken(&e) {
-                    self.conn = None;
-                }
-                return Err(Error::Redis(e));
-            }
-        };
-        let entries =
-            reply.and_then(|r| r.keys.into_iter().next()).map(|k| k.ids).unwrap_or_default();
+        let entries = self.reader.read(&self.store, &key, &self.after, 1000, block).await?;
         let mut workers: Vec<String> = Vec::new();
         for e in &entries {
             if let Some(Ok(w)) =
@@ -201,31 +184,7 @@ impl CommandReader {
     /// The next commands not yet returned by this reader, waiting up to `block` for one.
     pub async fn next(&mut self, block: Duration, count: usize) -> Result<Vec<CommandEntry>> {
         let key = self.store.keys().commands(&self.worker);
-        let block = clamp_block(&self.store, block);
-        if self.conn.is_none() {
-            self.conn = Some(self.store.inner.conns.dedicated().await?);
-        }
-        let Some(conn) = self.conn.as_mut() else {
-            return Ok(Vec::new());
-        };
-        let mut cmd = redis::cmd("XREAD");
-        cmd.arg("COUNT").arg(count.max(1));
-        if !block.is_zero() {
-            cmd.arg("BLOCK").arg(block.as_millis() as u64);
-        }
-        cmd.arg("STREAMS").arg(&key).arg(&self.after);
-        let r: redis::RedisResult<Option<StreamReadReply>> = cmd.query_async(&mut **conn).await;
-        let reply = match r {
-            Ok(reply) => reply,
-            Err(e) => {
-                if crate::conn::is_broken(&e) {
-                    self.conn = None;
-                }
-                return Err(Error::Redis(e));
-            }
-        };
-        let entries =
-            reply.and_then(|r| r.keys.into_iter().next()).map(|k| k.ids).unwrap_or_default();
+        let entries = self.reader.read(&self.store, &key, &self.after, count, block).await?;
         let out: Vec<CommandEntry> =
             entries.iter().map(|e| CommandEntry::parse(&key, e)).collect::<Result<_>>()?;
         if let Some(last) = out.last() {

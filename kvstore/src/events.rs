@@ -95,7 +95,7 @@ pub enum EventBatch {
 pub struct EventReader {
     store: Store,
     pos: Position,
-    conn: Option<deadpool_redis::Connection>,
+    reader: BlockingReader,
 }
 
 impl Store {
@@ -117,7 +117,7 @@ impl Store {
 
     /// A reader that returns the events after `from`.
     pub fn event_reader(&self, from: Position) -> EventReader {
-        EventReader { store: self.clone(), pos: from, conn: None }
+        EventReader { store: self.clone(), pos: from, reader: BlockingReader::default() }
     }
 }
 
@@ -131,31 +131,7 @@ impl EventReader {
     /// the first one (zero: do not wait).
     pub async fn next_batch(&mut self, block: Duration, count: usize) -> Result<EventBatch> {
         let key = self.store.keys().events();
-        let block = clamp_block(&self.store, block);
-        if self.conn.is_none() {
-            self.conn = Some(self.store.inner.conns.dedicated().await?);
-        }
-        let Some(conn) = self.conn.as_mut() else {
-            return Ok(EventBatch::Events(Vec::new()));
-        };
-        let mut cmd = redis::cmd("XREAD");
-        cmd.arg("COUNT").arg(count.max(1));
-        if !block.is_zero() {
-            cmd.arg("BLOCK").arg(block.as_millis() as u64);
-        }
-        cmd.arg("STREAMS").arg(&key).arg(&self.pos.id);
-        let r: redis::RedisResult<Option<StreamReadReply>> = cmd.query_async(&mut **conn).await;
-        let reply = match r {
-            Ok(reply) => reply,
-            Err(e) => {
-                if crate::conn::is_broken(&e) {
-                    self.conn = None;
-                }
-                return Err(Error::Redis(e));
-            }
-        };
-        let entries =
-            reply.and_then(|r| r.keys.into_iter().next()).map(|k| k.ids).unwrap_or_default();
+        let entries = self.reader.read(&self.store, &key, &self.pos.id, count, block).await?;
         let mut events = Vec::with_capacity(entries.len());
         for entry in &entries {
             events.push(Event::parse(&key, entry)?);
@@ -175,7 +151,52 @@ impl EventReader {
 }
 
 /// A blocking read must end before the connection's response timeout fires.
-pub(crate) fn clamp_block(store: &Store, block: Duration) -> Duration {
+fn clamp_block(store: &Store, block: Duration) -> Duration {
     let limit = store.config().response_timeout.saturating_sub(Duration::from_millis(500));
     block.min(limit.max(Duration::from_millis(1)))
+}
+
+/// A connection of its own for blocking `XREAD`s of one stream (a blocked connection would
+/// stall everything multiplexed on a shared one). Taken from the pool on first use, and again
+/// after it broke.
+#[derive(Default)]
+pub(crate) struct BlockingReader {
+    conn: Option<deadpool_redis::Connection>,
+}
+
+impl BlockingReader {
+    /// Up to `count` entries of `key` after id `after`, waiting up to `block` for the first
+    /// (zero: do not wait).
+    pub(crate) async fn read(
+        &mut self,
+        store: &Store,
+        key: &str,
+        after: &str,
+        count: usize,
+        block: Duration,
+    ) -> Result<Vec<redis::streams::StreamId>> {
+        let block = clamp_block(store, block);
+        if self.conn.is_none() {
+            self.conn = Some(store.inner.conns.dedicated().await?);
+        }
+        let Some(conn) = self.conn.as_mut() else { return Ok(Vec::new()) };
+        let mut cmd = redis::cmd("XREAD");
+        cmd.arg("COUNT").arg(count.max(1));
+        if !block.is_zero() {
+            cmd.arg("BLOCK").arg(block.as_millis() as u64);
+        }
+        cmd.arg("STREAMS").arg(key).arg(after);
+        let r: redis::RedisResult<Option<StreamReadReply>> = cmd.query_async(&mut **conn).await;
+        match r {
+            Ok(reply) => {
+                Ok(reply.and_then(|r| r.keys.into_iter().next()).map(|k| k.ids).unwrap_or_default())
+            }
+            Err(e) => {
+                if crate::conn::is_broken(&e) {
+                    self.conn = None;
+                }
+                Err(Error::Redis(e))
+            }
+        }
+    }
 }
