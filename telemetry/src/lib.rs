@@ -8,6 +8,40 @@
 pub mod metrics;
 pub mod propagation;
 
+use std::sync::LazyLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+static EXPORTING: AtomicBool = AtomicBool::new(false);
+
+/// The share of new traces to record, from `OTEL_TRACES_SAMPLER` / `OTEL_TRACES_SAMPLER_ARG`
+/// (`always_on`/unset: all, `always_off`: none, `traceidratio` or `parentbased_traceidratio`:
+/// the ratio).
+static RATIO: LazyLock<f64> = LazyLock::new(|| {
+    let arg = std::env::var("OTEL_TRACES_SAMPLER_ARG").ok().and_then(|a| a.parse::<f64>().ok());
+    match std::env::var("OTEL_TRACES_SAMPLER").as_deref() {
+        Ok("always_off" | "parentbased_always_off") => 0.0,
+        Ok("traceidratio" | "parentbased_traceidratio") => arg.unwrap_or(1.0).clamp(0.0, 1.0),
+        _ => 1.0,
+    }
+});
+
+/// Whether a request arriving with `traceparent` (may be empty) should be traced: never when
+/// no exporter is set up; as its caller decided when it carries a trace context; otherwise for
+/// the configured share of requests. Deciding before any span exists keeps untraced requests
+/// free of tracing cost.
+pub fn sample(traceparent: &str) -> bool {
+    if !EXPORTING.load(Ordering::Relaxed) {
+        return false;
+    }
+    match propagation::sampled_flag(traceparent) {
+        Some(sampled) => sampled,
+        None => {
+            let ratio = *RATIO;
+            ratio >= 1.0 || (ratio > 0.0 && rand::random::<f64>() < ratio)
+        }
+    }
+}
+
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_subscriber::layer::SubscriberExt;
@@ -72,5 +106,6 @@ pub fn init(service: &str, default_filter: &str) -> Guard {
         .with_tracer(tracer)
         .with_filter(EnvFilter::new(trace_filter));
     let _ = tracing_subscriber::registry().with(logs).with(traces).try_init();
+    EXPORTING.store(true, Ordering::Relaxed);
     Guard { provider: Some(provider) }
 }

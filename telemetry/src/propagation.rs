@@ -25,6 +25,17 @@ pub fn set_parent(span: &tracing::Span, traceparent: &str) {
     let _ = span.set_parent(cx);
 }
 
+/// The sampled flag of a well-formed `traceparent`, if it is one.
+pub fn sampled_flag(traceparent: &str) -> Option<bool> {
+    let parts: Vec<&str> = traceparent.split('-').collect();
+    match parts.as_slice() {
+        [_, id, span, flags] if id.len() == 32 && span.len() == 16 && flags.len() == 2 => {
+            u8::from_str_radix(flags, 16).ok().map(|f| f & 1 == 1)
+        }
+        _ => None,
+    }
+}
+
 /// The trace id in a `traceparent` (for logs), if it is well formed.
 pub fn trace_id(traceparent: &str) -> Option<&str> {
     let mut parts = traceparent.split('-');

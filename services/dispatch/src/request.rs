@@ -83,20 +83,26 @@ impl Dispatch {
         }
         let operation =
             if matches!(job.input, Input::Chat(_)) { "chat" } else { "text_completion" };
-        let span = tracing::info_span!(
-            "request",
-            otel.name = job.entry,
-            otel.kind = "server",
-            rpc.system = if job.entry.starts_with("sllm.") { "grpc" } else { "http" },
-            gen_ai.operation.name = operation,
-            gen_ai.request.model = %job.model,
-            gen_ai.request.max_tokens = job.params.max_tokens,
-            gen_ai.usage.input_tokens = tracing::field::Empty,
-            gen_ai.usage.output_tokens = tracing::field::Empty,
-            sllm.outcome = tracing::field::Empty,
-            sllm.instance = tracing::field::Empty,
-            sllm.attempts = tracing::field::Empty,
-        );
+        // Sampled out (or no exporter): no span at all, and none below it.
+        let traced = telemetry::sample(&job.traceparent);
+        let span = if !traced {
+            tracing::Span::none()
+        } else {
+            tracing::info_span!(
+                "request",
+                otel.name = job.entry,
+                otel.kind = "server",
+                rpc.system = if job.entry.starts_with("sllm.") { "grpc" } else { "http" },
+                gen_ai.operation.name = operation,
+                gen_ai.request.model = %job.model,
+                gen_ai.request.max_tokens = job.params.max_tokens,
+                gen_ai.usage.input_tokens = tracing::field::Empty,
+                gen_ai.usage.output_tokens = tracing::field::Empty,
+                sllm.outcome = tracing::field::Empty,
+                sllm.instance = tracing::field::Empty,
+                sllm.attempts = tracing::field::Empty,
+            )
+        };
         telemetry::propagation::set_parent(&span, &job.traceparent);
         let model = job.model.clone();
         let result = self.admit(job, span.clone()).await;
@@ -161,6 +167,11 @@ impl Dispatch {
             }
         }
     }
+}
+
+/// A span under the current one, or none when the request is not traced.
+fn child(make: impl FnOnce() -> tracing::Span) -> tracing::Span {
+    if tracing::Span::current().is_disabled() { tracing::Span::none() } else { make() }
 }
 
 /// The outcome label of a failed request.
@@ -294,16 +305,18 @@ impl Driver {
             instance.in_flight.fetch_add(1, Ordering::Relaxed);
             self.route.in_flight.fetch_add(1, Ordering::Relaxed);
             in_flight.inc();
-            let span = tracing::info_span!(
-                "attempt",
-                otel.name = "generate on an instance",
-                sllm.attempt = attempt,
-                sllm.instance = %instance.instance_id,
-                sllm.worker = %link.worker_id,
-                gen_ai.usage.output_tokens = tracing::field::Empty,
-                sllm.ttft_ms = tracing::field::Empty,
-                error.type = tracing::field::Empty,
-            );
+            let span = child(|| {
+                tracing::info_span!(
+                    "attempt",
+                    otel.name = "generate on an instance",
+                    sllm.attempt = attempt,
+                    sllm.instance = %instance.instance_id,
+                    sllm.worker = %link.worker_id,
+                    gen_ai.usage.output_tokens = tracing::field::Empty,
+                    sllm.ttft_ms = tracing::field::Empty,
+                    error.type = tracing::field::Empty,
+                )
+            });
             let outcome = tracing::Instrument::instrument(
                 self.attempt(&instance, &link, &mut tokens_sent, &mut ttft, queued),
                 span,
@@ -378,7 +391,8 @@ impl Driver {
         &self,
         exclude: &HashSet<String>,
     ) -> Result<(Arc<Routable>, Arc<WorkerLink>), Option<DispatchError>> {
-        let span = tracing::info_span!("queue wait", gen_ai.request.model = %self.route.name);
+        let span =
+            child(|| tracing::info_span!("queue wait", gen_ai.request.model = %self.route.name));
         let metrics = &*telemetry::metrics::DISPATCH;
         let depth = metrics.queue_depth.with_label_values(&[&self.route.name]);
         depth.inc();

@@ -147,14 +147,15 @@ impl Link {
                 msg = inbound.message() => match msg {
                     Ok(Some(pb::AttachDown { msg: Some(Down::Request(r)) })) => {
                         let id = r.request_id;
-                        let span = tracing::info_span!(
+                        // Traced only as part of a traced request (Dispatch sends a context).
+                        let span = if r.traceparent.is_empty() { tracing::Span::none() } else { tracing::info_span!(
                             "worker generate",
                             otel.kind = "server",
                             sllm.worker = %self.node,
                             sllm.instance = %r.instance_id,
                             gen_ai.request.model = %r.model,
                             gen_ai.usage.output_tokens = tracing::field::Empty,
-                        );
+                        ) };
                         telemetry::propagation::set_parent(&span, &r.traceparent);
                         let fut = serve_request(self.backend.clone(), r, tx.clone(), done_tx.clone());
                         let task = tokio::spawn(tracing::Instrument::instrument(fut, span));
