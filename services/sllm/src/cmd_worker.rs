@@ -15,6 +15,21 @@ use worker::{Agent, AgentConfig, SimBackend, SimConfig};
 pub enum BackendKind {
     /// The built-in GPU simulator.
     Sim,
+    /// Real inference engines (one process per instance; see --engine).
+    Engine,
+}
+
+/// Engines the engine backend can start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EngineName {
+    /// vLLM (`vllm serve`).
+    Vllm,
+    /// SGLang (`python3 -m sglang.launch_server`).
+    Sglang,
+    /// llama.cpp server (`llama-server`).
+    Llamacpp,
+    /// The command given with --engine-command.
+    Custom,
 }
 
 /// Flags of `sllm worker`.
@@ -38,7 +53,23 @@ pub struct WorkerArgs {
     /// Backend that runs instances.
     #[arg(long, value_enum, default_value = "sim")]
     backend: BackendKind,
-    /// Simulated GPUs per worker.
+    /// With --backend engine: which engine.
+    #[arg(long, value_enum, default_value = "vllm")]
+    engine: EngineName,
+    /// With --engine custom: the launch command; {model}, {port}, {num_gpus} and {args} are
+    /// filled in (e.g. "my-server --model {model} --port {port} {args}").
+    #[arg(long, default_value = "")]
+    engine_command: String,
+    /// Directory of model checkpoints (reported to the Scaler with their sizes).
+    #[arg(long)]
+    model_dir: Option<std::path::PathBuf>,
+    /// Longest wait for an engine's health endpoint, in seconds.
+    #[arg(long, default_value_t = 600)]
+    ready_timeout_s: u64,
+    /// Seconds between SIGTERM and SIGKILL when stopping an engine.
+    #[arg(long, default_value_t = 10)]
+    stop_grace_s: u64,
+    /// Simulated GPUs per worker (with --backend engine: the host's GPUs).
     #[arg(long, default_value_t = 4)]
     gpus: u32,
     /// Simulated cached checkpoint, MODEL=SIZE@TIER (SIZE like 13GB or 2.5GiB; TIER one of
@@ -60,7 +91,6 @@ pub struct WorkerArgs {
 }
 
 pub async fn run(args: WorkerArgs) -> Result<()> {
-    let BackendKind::Sim = args.backend;
     if args.count == 0 {
         bail!("--count must be at least 1");
     }
@@ -96,17 +126,52 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
             if args.count == 1 { args.node_id.clone() } else { format!("{}-{i}", args.node_id) };
         let mut config = AgentConfig::new(args.registries.clone(), node.clone(), token_for(&node)?);
         config.address = if args.count == 1 { args.address.clone() } else { format!("sim-{node}") };
-        let sim = SimConfig {
-            gpus: args.gpus,
-            checkpoints: checkpoints.clone(),
-            time_scale: args.time_scale,
-            decode_per_token: Duration::from_secs_f64(args.decode_ms.max(0.0) / 1000.0),
-            ..SimConfig::default()
-        };
-        let (backend, events) = SimBackend::new(sim);
-        agents.push(Agent::spawn(config, Arc::new(backend), events, None, shutdown.clone()));
+        match args.backend {
+            BackendKind::Sim => {
+                let sim = SimConfig {
+                    gpus: args.gpus,
+                    checkpoints: checkpoints.clone(),
+                    time_scale: args.time_scale,
+                    decode_per_token: Duration::from_secs_f64(args.decode_ms.max(0.0) / 1000.0),
+                    ..SimConfig::default()
+                };
+                let (backend, events) = SimBackend::new(sim);
+                agents.push(Agent::spawn(
+                    config,
+                    Arc::new(backend),
+                    events,
+                    None,
+                    shutdown.clone(),
+                ));
+            }
+            BackendKind::Engine => {
+                let kind = match args.engine {
+                    EngineName::Vllm => worker::engine::EngineKind::Vllm,
+                    EngineName::Sglang => worker::engine::EngineKind::Sglang,
+                    EngineName::Llamacpp => worker::engine::EngineKind::Llamacpp,
+                    EngineName::Custom => worker::engine::EngineKind::Custom,
+                };
+                if kind == worker::engine::EngineKind::Custom && args.engine_command.is_empty() {
+                    bail!("--engine custom needs --engine-command");
+                }
+                let mut ec = worker::engine::EngineConfig::new(kind);
+                ec.command = args.engine_command.clone();
+                ec.gpus = args.gpus;
+                ec.model_dir = args.model_dir.clone();
+                ec.ready_timeout = Duration::from_secs(args.ready_timeout_s.max(1));
+                ec.stop_grace = Duration::from_secs(args.stop_grace_s);
+                let (backend, events) = worker::engine::EngineBackend::new(ec);
+                agents.push(Agent::spawn(
+                    config,
+                    Arc::new(backend),
+                    events,
+                    None,
+                    shutdown.clone(),
+                ));
+            }
+        }
     }
-    println!("sllm: {} simulated worker(s) started", agents.len());
+    println!("sllm: {} worker(s) started", agents.len());
     service::shutdown_signal().await;
     shutdown.cancel();
     // Let sessions close so the registry marks the workers lost at once.

@@ -5,6 +5,7 @@
 
 mod cmd_client;
 mod cmd_serve;
+mod cmd_sim_engine;
 mod cmd_up;
 mod cmd_worker;
 mod deploy_config;
@@ -43,6 +44,8 @@ enum Command {
     Generate(cmd_client::GenerateArgs),
     /// Print the join token that proves a node id under the cluster's join secret.
     JoinToken(JoinTokenArgs),
+    /// Serve the GPU simulator as an OpenAI-compatible HTTP engine (for the engine backend).
+    SimEngine(cmd_sim_engine::SimEngineArgs),
 }
 
 #[derive(clap::Args)]
@@ -85,6 +88,7 @@ fn main() -> std::process::ExitCode {
             Command::Workers(a) => cmd_client::workers(a).await,
             Command::Status(a) => cmd_client::status(a).await,
             Command::Generate(a) => cmd_client::generate(a).await,
+            Command::SimEngine(a) => cmd_sim_engine::run(a).await,
             Command::JoinToken(a) => {
                 let secret = service::JoinSecret::new(a.join_secret).map_err(anyhow::Error::msg)?;
                 println!("{}", secret.token_for(&a.node_id));

@@ -9,6 +9,7 @@
 pub mod agent;
 mod attach;
 pub mod backend;
+pub mod engine;
 pub mod sim;
 
 pub use agent::{Agent, AgentConfig, AgentState};

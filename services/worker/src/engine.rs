@@ -1,0 +1,708 @@
+//! A backend that runs real inference engines: one engine process per instance (vLLM, SGLang,
+//! llama.cpp server, or any command), started from a template with the model, a free port and
+//! `CUDA_VISIBLE_DEVICES`, watched until its health endpoint answers, and driven through its
+//! OpenAI-compatible HTTP API with server-sent events.
+//!
+//! Every engine runs in a process group of its own under a small shell watchdog: stop and drain
+//! end the whole group (SIGTERM, then SIGKILL after a grace period), and if the agent itself dies
+//! the watchdog ends the group, so no engine outlives its agent.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use sllm_api::v1 as pb;
+use tokio::io::AsyncBufReadExt;
+use tokio::sync::mpsc;
+
+use crate::backend::{Backend, BackendError, Finish, InstanceEvent, Job, Output, StartSpec};
+
+/// Known engines and their launch templates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineKind {
+    /// `vllm serve`.
+    Vllm,
+    /// `python -m sglang.launch_server`.
+    Sglang,
+    /// llama.cpp's `llama-server`.
+    Llamacpp,
+    /// A command given in the configuration.
+    Custom,
+}
+
+impl EngineKind {
+    /// The launch template. Placeholders: `{model}`, `{port}`, `{num_gpus}`, `{args}` (the
+    /// deployment's backend_config as flags).
+    pub fn template(self) -> &'static str {
+        match self {
+            EngineKind::Vllm => {
+                "vllm serve {model} --host 127.0.0.1 --port {port} --tensor-parallel-size {num_gpus} {args}"
+            }
+            EngineKind::Sglang => {
+                "python3 -m sglang.launch_server --model-path {model} --host 127.0.0.1 --port {port} --tp {num_gpus} {args}"
+            }
+            EngineKind::Llamacpp => "llama-server -m {model} --host 127.0.0.1 --port {port} {args}",
+            EngineKind::Custom => "",
+        }
+    }
+}
+
+/// How the engine backend runs engines.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Which engine.
+    pub kind: EngineKind,
+    /// The launch command for `Custom` (same placeholders as the templates).
+    pub command: String,
+    /// GPUs on this host.
+    pub gpus: u32,
+    /// Where checkpoints live (one directory or file per model, named like the model with `/`
+    /// kept as subdirectories); reported as cached checkpoints with their sizes.
+    pub model_dir: Option<PathBuf>,
+    /// Longest wait for an engine's health endpoint.
+    pub ready_timeout: Duration,
+    /// Between SIGTERM and SIGKILL when stopping an engine.
+    pub stop_grace: Duration,
+    /// Health path polled until it answers 200.
+    pub health_path: String,
+}
+
+impl EngineConfig {
+    /// Defaults for `kind`.
+    pub fn new(kind: EngineKind) -> EngineConfig {
+        EngineConfig {
+            kind,
+            command: String::new(),
+            gpus: 1,
+            model_dir: None,
+            ready_timeout: Duration::from_secs(600),
+            stop_grace: Duration::from_secs(10),
+            health_path: "/health".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Loading,
+    Ready,
+    Draining,
+    Stopping,
+}
+
+struct EngineInstance {
+    model: String,
+    gpus: Vec<u32>,
+    port: u16,
+    pgid: u32,
+    phase: Phase,
+    in_flight: usize,
+}
+
+struct State {
+    instances: HashMap<String, EngineInstance>,
+    busy_gpus: HashSet<u32>,
+}
+
+/// The engine backend. Cheap to clone.
+#[derive(Clone)]
+pub struct EngineBackend {
+    config: Arc<EngineConfig>,
+    state: Arc<Mutex<State>>,
+    events: mpsc::UnboundedSender<InstanceEvent>,
+    http: Client<HttpConnector, Full<Bytes>>,
+}
+
+/// Maps backend_config entries to engine flags: known ServerlessLLM / vLLM keys by name,
+/// anything else as `--key-with-dashes value` (booleans as bare flags when true).
+pub fn engine_args(kind: EngineKind, config: &serde_json::Value) -> (Option<String>, Vec<String>) {
+    let mut model = None;
+    let mut args = Vec::new();
+    let Some(map) = config.as_object() else { return (None, args) };
+    let mut keys: Vec<&String> = map.keys().collect();
+    keys.sort();
+    for k in keys {
+        let v = &map[k];
+        let value = match v {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Null => continue,
+            other => other.to_string(),
+        };
+        let flag = match (kind, k.as_str()) {
+            (_, "pretrained_model_name_or_path") => {
+                model = Some(value);
+                continue;
+            }
+            // Transformers-only settings no server engine takes.
+            (_, "device_map" | "hf_model_class") => continue,
+            (EngineKind::Vllm | EngineKind::Sglang, "torch_dtype") => "--dtype".to_string(),
+            (EngineKind::Llamacpp, "max_model_len" | "context_length") => "--ctx-size".to_string(),
+            (_, key) => format!("--{}", key.replace('_', "-")),
+        };
+        match v {
+            serde_json::Value::Bool(true) => args.push(flag),
+            serde_json::Value::Bool(false) => {}
+            _ => {
+                args.push(flag);
+                args.push(value);
+            }
+        }
+    }
+    (model, args)
+}
+
+/// Quotes a word for `sh`.
+fn shell_quote(s: &str) -> String {
+    if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./:=@,".contains(c)) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn dir_size(p: &Path) -> u64 {
+    match std::fs::metadata(p) {
+        Ok(m) if m.is_file() => m.len(),
+        Ok(m) if m.is_dir() => std::fs::read_dir(p)
+            .map(|rd| rd.flatten().map(|e| dir_size(&e.path())).sum())
+            .unwrap_or(0),
+        _ => 0,
+    }
+}
+
+impl EngineBackend {
+    /// An engine backend and the channel its instance events arrive on.
+    pub fn new(config: EngineConfig) -> (EngineBackend, mpsc::UnboundedReceiver<InstanceEvent>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let http = Client::builder(TokioExecutor::new()).build_http();
+        let state = State { instances: HashMap::new(), busy_gpus: HashSet::new() };
+        (
+            EngineBackend {
+                config: Arc::new(config),
+                state: Arc::new(Mutex::new(state)),
+                events: tx,
+                http,
+            },
+            rx,
+        )
+    }
+
+    /// The HTTP endpoint of an instance's engine (e.g. `http://127.0.0.1:41234`), while it runs.
+    pub fn endpoint(&self, instance_id: &str) -> Option<String> {
+        self.with_state(|s| {
+            s.instances.get(instance_id).map(|i| format!("http://127.0.0.1:{}", i.port))
+        })
+    }
+
+    fn with_state<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
+        let mut guard = match self.state.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        f(&mut guard)
+    }
+
+    fn emit(&self, e: InstanceEvent) {
+        let _ = self.events.send(e);
+    }
+
+    /// The shell command line that starts `spec`'s engine on `port`.
+    fn command_line(&self, spec: &StartSpec, port: u16) -> Result<String, BackendError> {
+        let template = if self.config.kind == EngineKind::Custom {
+            self.config.command.as_str()
+        } else {
+            self.config.kind.template()
+        };
+        if template.is_empty() {
+            return Err(BackendError::Unsupported(
+                "no engine command configured (--engine-command)".into(),
+            ));
+        }
+        let config =
+            spec.backend_config.as_ref().map(struct_json).unwrap_or(serde_json::Value::Null);
+        let (model_override, args) = engine_args(self.config.kind, &config);
+        let name = model_override.unwrap_or_else(|| spec.model.clone());
+        let model = match &self.config.model_dir {
+            Some(dir) if dir.join(&name).exists() => dir.join(&name).display().to_string(),
+            _ => name,
+        };
+        Ok(template
+            .replace("{model}", &shell_quote(&model))
+            .replace("{port}", &port.to_string())
+            .replace("{num_gpus}", &spec.gpus.len().max(1).to_string())
+            .replace("{args}", &args.iter().map(|a| shell_quote(a)).collect::<Vec<_>>().join(" ")))
+    }
+
+    async fn healthy(&self, port: u16) -> bool {
+        let uri = format!("http://127.0.0.1:{port}{}", self.config.health_path);
+        let Ok(req) = hyper::Request::get(uri).body(Full::new(Bytes::new())) else { return false };
+        matches!(tokio::time::timeout(Duration::from_secs(2), self.http.request(req)).await, Ok(Ok(r)) if r.status().is_success())
+    }
+
+    /// Ends an engine's whole process group: SIGTERM, then SIGKILL after the grace period.
+    async fn kill_group(&self, pgid: u32) {
+        let group = format!("-{pgid}");
+        let _ = tokio::process::Command::new("kill").args(["-TERM", "--", &group]).status().await;
+        let deadline = Instant::now() + self.config.stop_grace;
+        while Instant::now() < deadline {
+            let alive = tokio::process::Command::new("kill")
+                .args(["-0", "--", &group])
+                .stderr(Stdio::null())
+                .status()
+                .await;
+            if !matches!(alive, Ok(s) if s.success()) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = tokio::process::Command::new("kill").args(["-KILL", "--", &group]).status().await;
+    }
+
+    async fn stop_instance(&self, id: &str, reason: &str) {
+        let found = self.with_state(|s| {
+            let inst = s.instances.get_mut(id)?;
+            inst.phase = Phase::Stopping;
+            Some(inst.pgid)
+        });
+        if let Some(pgid) = found {
+            self.kill_group(pgid).await;
+        }
+        self.with_state(|s| {
+            if let Some(inst) = s.instances.remove(id) {
+                for g in &inst.gpus {
+                    s.busy_gpus.remove(g);
+                }
+            }
+        });
+        self.emit(InstanceEvent::Stopped {
+            instance_id: id.to_string(),
+            reason: reason.to_string(),
+        });
+    }
+
+    async fn run_request(&self, job: Job, tx: mpsc::Sender<Output>) {
+        let admitted = self.with_state(|s| {
+            let inst = s.instances.get_mut(&job.instance_id)?;
+            if inst.phase != Phase::Ready {
+                return None;
+            }
+            inst.in_flight += 1;
+            Some((inst.port, inst.model.clone()))
+        });
+        let Some((port, model)) = admitted else {
+            let _ = tx
+                .send(Output::Error(format!("instance {} is not serving", job.instance_id)))
+                .await;
+            return;
+        };
+        let result = self.stream_completion(port, &model, &job, &tx).await;
+        self.with_state(|s| {
+            if let Some(inst) = s.instances.get_mut(&job.instance_id) {
+                inst.in_flight = inst.in_flight.saturating_sub(1);
+            }
+        });
+        if let Err(e) = result {
+            let _ = tx.send(Output::Error(e)).await;
+        }
+    }
+
+    /// POSTs a streaming completion and turns its server-sent events into outputs.
+    async fn stream_completion(
+        &self,
+        port: u16,
+        model: &str,
+        job: &Job,
+        tx: &mpsc::Sender<Output>,
+    ) -> Result<(), String> {
+        let body = serde_json::json!({
+            "model": model,
+            "prompt": job.prompt,
+            "max_tokens": job.max_tokens,
+            "stop": job.stop,
+            "seed": job.seed,
+            "stream": true,
+            "stream_options": { "include_usage": true },
+        });
+        let req = hyper::Request::post(format!("http://127.0.0.1:{port}/v1/completions"))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .map_err(|e| e.to_string())?;
+        let resp = self.http.request(req).await.map_err(|e| format!("engine unreachable: {e}"))?;
+        if !resp.status().is_success() {
+            let status = resp.status();
+            let text = resp
+                .into_body()
+                .collect()
+                .await
+                .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+                .unwrap_or_default();
+            return Err(format!("engine answered {status}: {text}"));
+        }
+        let mut body = resp.into_body();
+        let mut buf = String::new();
+        let (mut tokens, mut prompt_tokens, mut finish) = (0u32, 0u32, None);
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| format!("engine stream broke: {e}"))?;
+            let Some(data) = frame.data_ref() else { continue };
+            buf.push_str(&String::from_utf8_lossy(data));
+            while let Some(end) = buf.find("\n\n") {
+                let event: String = buf.drain(..end + 2).collect();
+                for line in event.lines() {
+                    let Some(payload) = line.strip_prefix("data:").map(str::trim) else { continue };
+                    if payload == "[DONE]" {
+                        let finish = finish.unwrap_or(Finish::Length);
+                        let _ = tx
+                            .send(Output::Done { finish, prompt_tokens, completion_tokens: tokens })
+                            .await;
+                        return Ok(());
+                    }
+                    let v: serde_json::Value = serde_json::from_str(payload)
+                        .map_err(|e| format!("bad event from engine: {e}"))?;
+                    if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
+                        prompt_tokens = u["prompt_tokens"].as_u64().unwrap_or(0) as u32;
+                        tokens =
+                            u["completion_tokens"].as_u64().map(|t| t as u32).unwrap_or(tokens);
+                    }
+                    let Some(choice) = v["choices"].get(0) else { continue };
+                    if let Some(text) = choice["text"].as_str().filter(|t| !t.is_empty()) {
+                        tokens += 1;
+                        if tx
+                            .send(Output::Text { text: text.to_string(), tokens: 1 })
+                            .await
+                            .is_err()
+                        {
+                            // The request was cancelled: dropping the body closes the HTTP request.
+                            return Ok(());
+                        }
+                    }
+                    match choice["finish_reason"].as_str() {
+                        Some("stop") => finish = Some(Finish::Stop),
+                        Some(_) => finish = Some(Finish::Length),
+                        None => {}
+                    }
+                }
+            }
+        }
+        Err(format!("the engine ended the stream after {tokens} tokens without finishing"))
+    }
+}
+
+/// A protobuf Struct as JSON (the deployment's backend_config).
+fn struct_json(s: &prost_types::Struct) -> serde_json::Value {
+    use prost_types::value::Kind;
+    fn value(v: &prost_types::Value) -> serde_json::Value {
+        match &v.kind {
+            Some(Kind::NumberValue(n)) if n.fract() == 0.0 && n.abs() < 9.0e15 => {
+                serde_json::Value::from(*n as i64)
+            }
+            Some(Kind::NumberValue(n)) => serde_json::json!(n),
+            Some(Kind::StringValue(s)) => serde_json::Value::String(s.clone()),
+            Some(Kind::BoolValue(b)) => serde_json::Value::Bool(*b),
+            Some(Kind::StructValue(s)) => struct_json(s),
+            Some(Kind::ListValue(l)) => {
+                serde_json::Value::Array(l.values.iter().map(value).collect())
+            }
+            Some(Kind::NullValue(_)) | None => serde_json::Value::Null,
+        }
+    }
+    serde_json::Value::Object(s.fields.iter().map(|(k, v)| (k.clone(), value(v))).collect())
+}
+
+impl Backend for EngineBackend {
+    fn inventory(&self) -> pb::Inventory {
+        let mut checkpoints = Vec::new();
+        if let Some(dir) = &self.config.model_dir {
+            // Models are directories (or files) under the model dir, at depth 1 or 2
+            // (`org/name`). Those under /dev/shm are in host memory.
+            let tier = if dir.starts_with("/dev/shm") {
+                pb::CheckpointTier::HostMemory
+            } else {
+                pb::CheckpointTier::Disk
+            };
+            for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                let p = e.path();
+                let name = e.file_name().to_string_lossy().into_owned();
+                let nested: Vec<PathBuf> = if p.is_dir() {
+                    std::fs::read_dir(&p)
+                        .into_iter()
+                        .flatten()
+                        .flatten()
+                        .map(|x| x.path())
+                        .filter(|x| x.is_dir())
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                let has_weights = |d: &Path| {
+                    std::fs::read_dir(d).into_iter().flatten().flatten().any(|f| f.path().is_file())
+                };
+                if p.is_dir() && !has_weights(&p) && !nested.is_empty() {
+                    for n in nested {
+                        let model = format!(
+                            "{name}/{}",
+                            n.file_name()
+                                .map(|f| f.to_string_lossy().into_owned())
+                                .unwrap_or_default()
+                        );
+                        checkpoints.push(pb::CachedCheckpoint {
+                            model,
+                            size_bytes: dir_size(&n),
+                            tier: tier as i32,
+                        });
+                    }
+                } else {
+                    checkpoints.push(pb::CachedCheckpoint {
+                        model: name,
+                        size_bytes: dir_size(&p),
+                        tier: tier as i32,
+                    });
+                }
+            }
+            checkpoints.sort_by(|a, b| a.model.cmp(&b.model));
+        }
+        self.with_state(|s| pb::Inventory {
+            gpus: (0..self.config.gpus)
+                .map(|index| pb::Gpu { index, name: "gpu".into(), memory_bytes: 0 })
+                .collect(),
+            host_memory_bytes: 0,
+            checkpoints,
+            bandwidths: Vec::new(),
+            running: s
+                .instances
+                .iter()
+                .filter(|(_, i)| i.phase != Phase::Stopping)
+                .map(|(id, i)| pb::RunningInstance {
+                    instance_id: id.clone(),
+                    model: i.model.clone(),
+                    state: match i.phase {
+                        Phase::Loading => pb::InstanceState::Loading,
+                        Phase::Ready => pb::InstanceState::Ready,
+                        Phase::Draining | Phase::Stopping => pb::InstanceState::Draining,
+                    } as i32,
+                    gpus: i.gpus.clone(),
+                })
+                .collect(),
+        })
+    }
+
+    fn start(&self, spec: StartSpec) -> Result<(), BackendError> {
+        if self.with_state(|s| s.instances.contains_key(&spec.instance_id)) {
+            return Ok(());
+        }
+        let port =
+            free_port().map_err(|e| BackendError::Unsupported(format!("no free port: {e}")))?;
+        let line = self.command_line(&spec, port)?;
+        self.with_state(|s| {
+            for g in &spec.gpus {
+                if *g >= self.config.gpus || s.busy_gpus.contains(g) {
+                    return Err(BackendError::GpuUnavailable(*g));
+                }
+            }
+            Ok(())
+        })?;
+        // The watchdog: runs the engine in this process group, ends the group if the agent
+        // (our pid) disappears, and exits with the engine's status otherwise.
+        let agent = std::process::id();
+        let grace = self.config.stop_grace.as_secs().max(1);
+        let script = format!(
+            "{line} &\nchild=$!\nwhile kill -0 $child 2>/dev/null; do\n  if ! kill -0 {agent} 2>/dev/null; then kill -TERM -$$; sleep {grace}; kill -KILL -$$; fi\n  sleep 0.2\ndone\nwait $child"
+        );
+        let gpus: Vec<String> = spec.gpus.iter().map(u32::to_string).collect();
+        let mut child = tokio::process::Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .env("CUDA_VISIBLE_DEVICES", gpus.join(","))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(false)
+            .spawn()
+            .map_err(|e| BackendError::Unsupported(format!("cannot start the engine: {e}")))?;
+        let pgid = child.id().unwrap_or(0);
+        self.with_state(|s| {
+            s.busy_gpus.extend(spec.gpus.iter().copied());
+            s.instances.insert(
+                spec.instance_id.clone(),
+                EngineInstance {
+                    model: spec.model.clone(),
+                    gpus: spec.gpus.clone(),
+                    port,
+                    pgid,
+                    phase: Phase::Loading,
+                    in_flight: 0,
+                },
+            );
+        });
+        tracing::info!(instance = %spec.instance_id, %port, command = %line, "engine started");
+        self.emit(InstanceEvent::Loading { instance_id: spec.instance_id.clone() });
+
+        // Keep the last lines of the engine's stderr for the failure report.
+        let tail = Arc::new(Mutex::new(VecDeque::<String>::new()));
+        if let Some(err) = child.stderr.take() {
+            let tail = tail.clone();
+            tokio::spawn(async move {
+                let mut lines = tokio::io::BufReader::new(err).lines();
+                while let Ok(Some(l)) = lines.next_line().await {
+                    if let Ok(mut t) = tail.lock() {
+                        if t.len() == 20 {
+                            t.pop_front();
+                        }
+                        t.push_back(l);
+                    }
+                }
+            });
+        }
+        let this = self.clone();
+        let id = spec.instance_id.clone();
+        tokio::spawn(async move {
+            let t0 = Instant::now();
+            let deadline = t0 + this.config.ready_timeout;
+            let failed = loop {
+                if let Ok(Some(status)) = child.try_wait() {
+                    break Some(format!("the engine exited during start ({status})"));
+                }
+                if this.healthy(port).await {
+                    break None;
+                }
+                if Instant::now() > deadline {
+                    this.kill_group(pgid).await;
+                    break Some(format!(
+                        "the engine did not become healthy within {} s",
+                        this.config.ready_timeout.as_secs()
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            };
+            if let Some(why) = failed {
+                let last = tail
+                    .lock()
+                    .map(|t| t.iter().cloned().collect::<Vec<_>>().join("\n"))
+                    .unwrap_or_default();
+                this.with_state(|s| {
+                    if let Some(inst) = s.instances.remove(&id) {
+                        for g in &inst.gpus {
+                            s.busy_gpus.remove(g);
+                        }
+                    }
+                });
+                let reason =
+                    if last.is_empty() { why } else { format!("{why}; last stderr:\n{last}") };
+                this.emit(InstanceEvent::Failed { instance_id: id, reason });
+                return;
+            }
+            let ready = this.with_state(|s| match s.instances.get_mut(&id) {
+                Some(inst) if inst.phase == Phase::Loading => {
+                    inst.phase = Phase::Ready;
+                    true
+                }
+                _ => false,
+            });
+            if ready {
+                this.emit(InstanceEvent::Ready {
+                    instance_id: id.clone(),
+                    load_ms: t0.elapsed().as_millis() as u64,
+                });
+            }
+            // Watch for an engine that exits on its own.
+            let status = child.wait().await;
+            let stopping =
+                this.with_state(|s| s.instances.get(&id).map(|i| i.phase == Phase::Stopping));
+            if stopping == Some(false) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let last = tail
+                    .lock()
+                    .map(|t| t.iter().cloned().collect::<Vec<_>>().join("\n"))
+                    .unwrap_or_default();
+                this.with_state(|s| {
+                    if let Some(inst) = s.instances.remove(&id) {
+                        for g in &inst.gpus {
+                            s.busy_gpus.remove(g);
+                        }
+                    }
+                });
+                let code = status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+                this.emit(InstanceEvent::Failed {
+                    instance_id: id,
+                    reason: format!("the engine exited ({code}); last stderr:\n{last}"),
+                });
+            }
+        });
+        Ok(())
+    }
+
+    fn stop(&self, instance_id: &str) {
+        let this = self.clone();
+        let id = instance_id.to_string();
+        tokio::spawn(async move { this.stop_instance(&id, "stopped").await });
+    }
+
+    fn drain(&self, instance_id: &str, grace: Duration) {
+        let known = self.with_state(|s| match s.instances.get_mut(instance_id) {
+            Some(i) => {
+                i.phase = Phase::Draining;
+                true
+            }
+            None => false,
+        });
+        let this = self.clone();
+        let id = instance_id.to_string();
+        tokio::spawn(async move {
+            if known {
+                let deadline = Instant::now() + grace;
+                while Instant::now() < deadline {
+                    let busy = this
+                        .with_state(|s| s.instances.get(&id).map(|i| i.in_flight > 0))
+                        .unwrap_or(false);
+                    if !busy {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            this.stop_instance(&id, "drained").await;
+        });
+    }
+
+    fn generate(&self, job: Job) -> mpsc::Receiver<Output> {
+        let (tx, rx) = mpsc::channel(64);
+        let this = self.clone();
+        tokio::spawn(async move { this.run_request(job, tx).await });
+        rx
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_config_becomes_engine_flags() {
+        let cfg = serde_json::json!({
+            "pretrained_model_name_or_path": "facebook/opt-1.3b",
+            "torch_dtype": "float16",
+            "device_map": "auto",
+            "max_model_len": 4096,
+            "enforce_eager": true,
+            "trust_remote_code": false,
+        });
+        let (model, args) = engine_args(EngineKind::Vllm, &cfg);
+        assert_eq!(model.as_deref(), Some("facebook/opt-1.3b"));
+        assert_eq!(args, ["--enforce-eager", "--max-model-len", "4096", "--dtype", "float16"]);
+        let (_, args) =
+            engine_args(EngineKind::Llamacpp, &serde_json::json!({"max_model_len": 2048}));
+        assert_eq!(args, ["--ctx-size", "2048"]);
+        assert_eq!(shell_quote("a b'c"), "'a b'\\''c'");
+    }
+}
