@@ -688,6 +688,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn checkpoints_under_the_model_dir_are_reported_with_their_sizes() {
+        let dir = std::env::temp_dir().join(format!("sllm-models-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("facebook/opt-1.3b")).expect("mkdir");
+        std::fs::write(dir.join("facebook/opt-1.3b/model.safetensors"), vec![0u8; 3000])
+            .expect("write");
+        std::fs::write(dir.join("facebook/opt-1.3b/config.json"), vec![0u8; 100]).expect("write");
+        std::fs::write(dir.join("tiny.gguf"), vec![0u8; 500]).expect("write");
+        let mut config = EngineConfig::new(EngineKind::Llamacpp);
+        config.model_dir = Some(dir.clone());
+        config.gpus = 2;
+        let (backend, _events) = EngineBackend::new(config);
+        let inv = backend.inventory();
+        let got: Vec<(String, u64, i32)> =
+            inv.checkpoints.iter().map(|c| (c.model.clone(), c.size_bytes, c.tier)).collect();
+        let disk = pb::CheckpointTier::Disk as i32;
+        assert_eq!(
+            got,
+            [("facebook/opt-1.3b".to_string(), 3100, disk), ("tiny.gguf".to_string(), 500, disk)]
+        );
+        assert_eq!(inv.gpus.len(), 2);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn backend_config_becomes_engine_flags() {
         let cfg = serde_json::json!({
             "pretrained_model_name_or_path": "facebook/opt-1.3b",
