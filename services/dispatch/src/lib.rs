@@ -50,6 +50,8 @@ pub struct DispatchConfig {
     pub max_prompt_bytes: usize,
     /// How often demand is reported to kvstore for the Scaler.
     pub report_interval: Duration,
+    /// API keys the OpenAI API checks (the gRPC server checks its own).
+    pub api_keys: service::auth::ApiKeys,
     /// Failures in a row after which a worker is skipped...
     pub breaker_threshold: u32,
     /// ...for this long.
@@ -72,6 +74,7 @@ impl DispatchConfig {
             report_interval: Duration::from_millis(250),
             breaker_threshold: 3,
             breaker_cooldown: Duration::from_secs(5),
+            api_keys: service::auth::ApiKeys::default(),
         }
     }
 }

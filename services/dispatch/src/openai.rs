@@ -79,6 +79,26 @@ fn error_json(e: &DispatchError) -> Value {
     json!({ "error": { "message": e.to_string(), "type": kind, "param": param, "code": code } })
 }
 
+/// Checks the request's API key; returns the refusal in OpenAI's shape (401 or 403), if any.
+fn refusal(d: &Dispatch, headers: &HeaderMap, needed: service::auth::Needed) -> Option<Response> {
+    let header = headers.get("authorization").and_then(|v| v.to_str().ok());
+    match d.inner.config.api_keys.check(header, needed) {
+        Ok(()) => None,
+        Err(r) => {
+            let (status, kind, message) = match r {
+                service::auth::Refused::Unauthenticated(m) => {
+                    (StatusCode::UNAUTHORIZED, "invalid_api_key", m)
+                }
+                service::auth::Refused::PermissionDenied(m) => {
+                    (StatusCode::FORBIDDEN, "permission_denied", m)
+                }
+            };
+            let body = json!({ "error": { "message": message, "type": "invalid_request_error", "param": null, "code": kind } });
+            Some((status, Json(body)).into_response())
+        }
+    }
+}
+
 fn error_response(e: &DispatchError) -> Response {
     let (status, _, _) = e.http();
     let mut resp =
@@ -96,13 +116,16 @@ fn error_response(e: &DispatchError) -> Response {
     resp
 }
 
-async fn models(State(d): State<Dispatch>) -> Json<Value> {
+async fn models(State(d): State<Dispatch>, headers: HeaderMap) -> Response {
+    if let Some(r) = refusal(&d, &headers, service::auth::Needed::Read) {
+        return r;
+    }
     let data: Vec<Value> = d
         .models()
         .into_iter()
         .map(|m| json!({ "id": m, "object": "model", "created": 0, "owned_by": "sllm" }))
         .collect();
-    Json(json!({ "object": "list", "data": data }))
+    Json(json!({ "object": "list", "data": data })).into_response()
 }
 
 /// A string or a list of strings (OpenAI accepts both for `stop` and `prompt`).
@@ -202,6 +225,9 @@ fn body_json(raw: &str) -> Result<Value, DispatchError> {
 }
 
 async fn completions(State(d): State<Dispatch>, headers: HeaderMap, raw: String) -> Response {
+    if let Some(r) = refusal(&d, &headers, service::auth::Needed::Inference) {
+        return r;
+    }
     let result = async {
         let body = body_json(&raw)?;
         let (c, mut job) = common(&body, traceparent(&headers), "POST /v1/completions")?;
@@ -256,6 +282,9 @@ async fn completions(State(d): State<Dispatch>, headers: HeaderMap, raw: String)
 }
 
 async fn chat_completions(State(d): State<Dispatch>, headers: HeaderMap, raw: String) -> Response {
+    if let Some(r) = refusal(&d, &headers, service::auth::Needed::Inference) {
+        return r;
+    }
     let result = async {
         let body = body_json(&raw)?;
         let (c, mut job) = common(&body, traceparent(&headers), "POST /v1/chat/completions")?;

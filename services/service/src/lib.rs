@@ -4,6 +4,7 @@
 //!
 //! It holds no service logic and must never call another service.
 
+pub mod auth;
 pub mod convert;
 pub mod join_token;
 pub mod serve;

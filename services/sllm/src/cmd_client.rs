@@ -31,9 +31,23 @@ pub struct Conn {
     /// Output format.
     #[arg(long, value_enum, default_value = "table")]
     pub output: Output,
+    /// API key, if the cluster checks them.
+    #[arg(long, env = "SLLM_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
 }
 
 impl Conn {
+    /// A request carrying the API key, if any.
+    fn req<T>(&self, message: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(message);
+        if let Some(key) = &self.api_key
+            && let Ok(v) = format!("Bearer {key}").parse()
+        {
+            r.metadata_mut().insert("authorization", v);
+        }
+        r
+    }
+
     async fn channel(&self) -> Result<Channel> {
         let endpoint = if self.endpoint.contains("://") {
             self.endpoint.clone()
@@ -178,7 +192,7 @@ pub async fn deploy(a: DeployArgs) -> Result<()> {
     let channel = a.conn.channel().await?;
     let mut client = pb::model_registry_client::ModelRegistryClient::new(channel);
     let resp = client
-        .deploy(pb::DeployRequest { spec: Some(spec.clone()) })
+        .deploy(a.conn.req(pb::DeployRequest { spec: Some(spec.clone()) }))
         .await
         .map_err(server)?
         .into_inner();
@@ -189,6 +203,7 @@ pub async fn deploy(a: DeployArgs) -> Result<()> {
     if a.wait && scaling.min_instances > 0 {
         wait_ready(
             &mut client,
+            &a.conn,
             &spec.model,
             scaling.min_instances as u32,
             Duration::from_secs(a.timeout),
@@ -216,6 +231,7 @@ pub async fn deploy(a: DeployArgs) -> Result<()> {
 
 async fn wait_ready(
     client: &mut pb::model_registry_client::ModelRegistryClient<Channel>,
+    conn: &Conn,
     model: &str,
     want: u32,
     timeout: Duration,
@@ -226,7 +242,7 @@ async fn wait_ready(
     let mut i = 0;
     loop {
         let d = client
-            .get(pb::GetRequest { model: model.to_string() })
+            .get(conn.req(pb::GetRequest { model: model.to_string() }))
             .await
             .map_err(server)?
             .into_inner();
@@ -289,19 +305,22 @@ pub struct UpdateArgs {
 
 pub async fn update(a: UpdateArgs) -> Result<()> {
     let mut client = pb::model_registry_client::ModelRegistryClient::new(a.conn.channel().await?);
-    let current =
-        client.get(pb::GetRequest { model: a.model.clone() }).await.map_err(server)?.into_inner();
+    let current = client
+        .get(a.conn.req(pb::GetRequest { model: a.model.clone() }))
+        .await
+        .map_err(server)?
+        .into_inner();
     let mut s = current.spec.unwrap_or_default().auto_scaling_config.unwrap_or_default();
     s.min_instances = a.min_instances.unwrap_or(s.min_instances);
     s.max_instances = a.max_instances.unwrap_or(s.max_instances);
     s.target = a.target.unwrap_or(s.target);
     s.keep_alive = a.keep_alive.unwrap_or(s.keep_alive);
     let resp = client
-        .update(pb::UpdateRequest {
+        .update(a.conn.req(pb::UpdateRequest {
             model: a.model.clone(),
             auto_scaling_config: Some(s),
             expected_version: current.version,
-        })
+        }))
         .await
         .map_err(server)?
         .into_inner();
@@ -325,7 +344,7 @@ pub struct DeleteArgs {
 pub async fn delete(a: DeleteArgs) -> Result<()> {
     let mut client = pb::model_registry_client::ModelRegistryClient::new(a.conn.channel().await?);
     let d = client
-        .delete(pb::DeleteRequest { model: a.model.clone() })
+        .delete(a.conn.req(pb::DeleteRequest { model: a.model.clone() }))
         .await
         .map_err(server)?
         .into_inner();
@@ -345,7 +364,8 @@ pub struct ListArgs {
 
 pub async fn models(a: ListArgs) -> Result<()> {
     let mut client = pb::model_registry_client::ModelRegistryClient::new(a.conn.channel().await?);
-    let list = client.list(pb::ListRequest {}).await.map_err(server)?.into_inner().deployments;
+    let list =
+        client.list(a.conn.req(pb::ListRequest {})).await.map_err(server)?.into_inner().deployments;
     match a.conn.output {
         Output::Json => print_json(&json!(list.iter().map(deployment_json).collect::<Vec<_>>())),
         Output::Table => {
@@ -376,8 +396,12 @@ pub async fn models(a: ListArgs) -> Result<()> {
 
 pub async fn workers(a: ListArgs) -> Result<()> {
     let mut client = pb::worker_registry_client::WorkerRegistryClient::new(a.conn.channel().await?);
-    let list =
-        client.list_workers(pb::ListWorkersRequest {}).await.map_err(server)?.into_inner().workers;
+    let list = client
+        .list_workers(a.conn.req(pb::ListWorkersRequest {}))
+        .await
+        .map_err(server)?
+        .into_inner()
+        .workers;
     let state = |s: i32| match pb::WorkerState::try_from(s).unwrap_or(pb::WorkerState::Unspecified)
     {
         pb::WorkerState::Initializing => "initializing",
@@ -419,21 +443,22 @@ pub async fn status(a: StatusArgs) -> Result<()> {
     let list = match &a.model {
         Some(m) => vec![
             client
-                .get_scale_status(pb::GetScaleStatusRequest { model: m.clone() })
+                .get_scale_status(a.conn.req(pb::GetScaleStatusRequest { model: m.clone() }))
                 .await
                 .map_err(server)?
                 .into_inner(),
         ],
         None => {
             client
-                .list_scale_status(pb::ListScaleStatusRequest {})
+                .list_scale_status(a.conn.req(pb::ListScaleStatusRequest {}))
                 .await
                 .map_err(server)?
                 .into_inner()
                 .models
         }
     };
-    let leader = client.get_leader(pb::GetLeaderRequest {}).await.map_err(server)?.into_inner();
+    let leader =
+        client.get_leader(a.conn.req(pb::GetLeaderRequest {})).await.map_err(server)?.into_inner();
     match a.conn.output {
         Output::Json => print_json(&json!({
             "leader": { "holder": leader.holder, "fencing_token": leader.fencing_token },
@@ -530,7 +555,7 @@ pub async fn generate(a: GenerateArgs) -> Result<()> {
         progress: a.progress,
         timeout_ms: a.timeout.map(|t| t * 1000).unwrap_or(0),
     };
-    let mut stream = client.generate(req).await.map_err(server)?.into_inner();
+    let mut stream = client.generate(a.conn.req(req)).await.map_err(server)?.into_inner();
     let mut text = String::new();
     let mut out = std::io::stdout();
     let start = Instant::now();

@@ -54,6 +54,10 @@ pub struct ServeArgs {
     /// Most requests held per model while it has no ready instance.
     #[arg(long, env = "SLLM_MAX_QUEUE", default_value_t = 256)]
     pub max_queue: usize,
+    /// API keys clients must send (`authorization: Bearer <key>`), as `key:scope,...` with
+    /// scope `inference` or `admin`; unset: no keys are checked.
+    #[arg(long, env = "SLLM_API_KEYS", hide_env_values = true, default_value = "")]
+    pub api_keys: String,
     /// Secret that worker join tokens are checked against (at least 16 bytes).
     #[arg(long, env = "SLLM_JOIN_SECRET", hide_env_values = true)]
     pub join_secret: Option<String>,
@@ -126,8 +130,10 @@ pub async fn start(
         JoinSecret::new(s).map_err(anyhow::Error::msg)
     };
 
+    let keys = service::auth::ApiKeys::parse(&args.api_keys).map_err(anyhow::Error::msg)?;
     let (reporter, health) = tonic_health::server::health_reporter();
     let mut router = tonic::transport::Server::builder()
+        .layer(service::auth::AuthLayer(keys.clone()))
         .max_concurrent_streams(Some(1 << 20))
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .add_service(health)
@@ -184,6 +190,7 @@ pub async fn start(
     if wants(ServiceName::Dispatch) {
         let mut config = dispatch::DispatchConfig::new(replica_id.clone(), secret()?);
         config.max_queue = args.max_queue;
+        config.api_keys = keys.clone();
         let d = dispatch::Dispatch::new(store.clone(), config);
         let http = Listener::bind(&args.openai_addr).await?;
         openai = Some(http.local_addr());

@@ -1,0 +1,130 @@
+//! API keys on every gRPC and HTTP surface, with the real binary, CLI and curl.
+
+#![allow(clippy::unwrap_used)]
+
+use sllm_api::v1 as pb;
+use sllm_integration_tests::{JOIN_SECRET, Proc, RedisServer};
+use tonic::Code;
+
+const ADMIN: &str = "admin-key-0123456789";
+const INFER: &str = "infer-key-0123456789";
+
+fn with_key<T>(msg: T, key: Option<&str>) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    if let Some(k) = key {
+        r.metadata_mut().insert("authorization", format!("Bearer {k}").parse().unwrap());
+    }
+    r
+}
+
+async fn run(cmd: &str, args: &[&str]) -> (bool, String, String) {
+    let o = tokio::process::Command::new(cmd).args(args).output().await.unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn api_keys_guard_grpc_http_and_the_cli_by_scope() {
+    let redis = RedisServer::start().unwrap();
+    let url = redis.url();
+    let keys = format!("{ADMIN}:admin,{INFER}:inference");
+    let (proc, _) = Proc::sllm(
+        &[
+            "serve",
+            "all",
+            "--redis-url",
+            &url,
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--openai-addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "off",
+        ],
+        &[("SLLM_JOIN_SECRET", JOIN_SECRET), ("SLLM_API_KEYS", &keys)],
+        "openai api listening on",
+    )
+    .unwrap();
+    let out = proc.output();
+    let find = |p: &str| out.lines().find_map(|l| l.strip_prefix(p)).unwrap().trim().to_string();
+    let grpc = format!("http://{}", find("sllm: serving gRPC on"));
+    let http = format!("http://{}", find("sllm: openai api listening on"));
+
+    let mut models =
+        pb::model_registry_client::ModelRegistryClient::connect(grpc.clone()).await.unwrap();
+    let err = models.list(with_key(pb::ListRequest {}, None)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(err.message().contains("authorization: Bearer"), "{}", err.message());
+    let err =
+        models.list(with_key(pb::ListRequest {}, Some("not-a-key-at-all-000"))).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(!err.message().contains("not-a-key"), "the key is not echoed");
+    models.list(with_key(pb::ListRequest {}, Some(INFER))).await.unwrap();
+
+    let spec = pb::DeploymentSpec {
+        model: "m".into(),
+        backend: "sim".into(),
+        num_gpus: 1,
+        ..Default::default()
+    };
+    let err = models
+        .deploy(with_key(pb::DeployRequest { spec: Some(spec.clone()) }, Some(INFER)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.message().contains("admin"), "{}", err.message());
+    models.deploy(with_key(pb::DeployRequest { spec: Some(spec) }, Some(ADMIN))).await.unwrap();
+
+    // Health answers without a key (load balancers probe it).
+    let mut health = tonic_health::pb::health_client::HealthClient::new(
+        tonic::transport::Endpoint::from_shared(grpc.clone()).unwrap().connect().await.unwrap(),
+    );
+    health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.unwrap();
+
+    // The CLI sends --api-key (or SLLM_API_KEY).
+    let sllm = sllm_integration_tests::sllm_bin().unwrap();
+    let sllm = sllm.to_str().unwrap();
+    let (ok, _, err) = run(sllm, &["models", "--endpoint", &grpc]).await;
+    assert!(!ok && err.contains("Unauthenticated"), "{err}");
+    let (ok, out, err) = run(sllm, &["models", "--endpoint", &grpc, "--api-key", INFER]).await;
+    assert!(ok && out.contains("m "), "{out}{err}");
+    let (ok, _, err) = run(sllm, &["deploy", "n", "--endpoint", &grpc, "--api-key", INFER]).await;
+    assert!(!ok && err.contains("PermissionDenied"), "{err}");
+
+    // The OpenAI API: 401 without a valid key, in OpenAI's error shape.
+    let (_, body, _) =
+        run("curl", &["-s", "-w", "\n%{http_code}", &format!("{http}/v1/models")]).await;
+    assert!(body.ends_with("401") && body.contains("invalid_api_key"), "{body}");
+    let (_, body, _) = run(
+        "curl",
+        &[
+            "-s",
+            "-w",
+            "\n%{http_code}",
+            "-H",
+            &format!("Authorization: Bearer {INFER}"),
+            &format!("{http}/v1/models"),
+        ],
+    )
+    .await;
+    assert!(body.ends_with("200") && body.contains("\"m\""), "{body}");
+    let (_, body, _) = run(
+        "curl",
+        &[
+            "-s",
+            "-w",
+            "\n%{http_code}",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            r#"{"model":"m","prompt":"x"}"#,
+            &format!("{http}/v1/completions"),
+        ],
+    )
+    .await;
+    assert!(body.ends_with("401"), "{body}");
+    drop(proc);
+}
