@@ -62,6 +62,16 @@ impl RedisServer {
         bail!("redis-server did not listen on {} within {within:?}", self.socket.display())
     }
 
+    /// Freezes the server (SIGSTOP): connections stay open, nothing answers — an outage.
+    pub fn pause(&self) {
+        let _ = Command::new("kill").arg("-STOP").arg(self.child.id().to_string()).status();
+    }
+
+    /// Ends a [`RedisServer::pause`].
+    pub fn resume(&self) {
+        let _ = Command::new("kill").arg("-CONT").arg(self.child.id().to_string()).status();
+    }
+
     /// `unix://…` URL of the server.
     pub fn url(&self) -> String {
         format!("unix://{}", self.socket.display())

@@ -121,3 +121,44 @@ async fn a_worker_killed_mid_stream_ends_the_stream_with_unavailable() {
     assert_eq!(err.code(), Code::Unavailable);
     assert!(err.message().contains("tokens were delivered"), "{}", err.message());
 }
+
+/// Redis goes away for three seconds: warm requests keep flowing from Dispatch's memory, the
+/// worker is not declared lost when it returns, and the control plane works again after.
+#[tokio::test]
+async fn warm_requests_flow_through_a_redis_outage_and_nothing_is_lost() {
+    let c = Cluster::start().await;
+    let _w = c.worker("w1", fast_sim()).await;
+    c.deploy("m", 1, 1).await;
+    c.ready("m", 1).await;
+    sllm_integration_tests::eventually(Duration::from_secs(10), "served", || async {
+        generate(&c, prompt("m", "before", 2)).await.ok().filter(|o| o.finished.is_some())
+    })
+    .await
+    .unwrap();
+
+    c.redis.pause();
+    let start = std::time::Instant::now();
+    let mut served = 0;
+    while start.elapsed() < Duration::from_secs(3) {
+        let out = generate(&c, prompt("m", "during", 3)).await.unwrap();
+        assert!(out.error.is_none(), "a warm request failed during the outage: {:?}", out.error);
+        assert_eq!(out.tokens, 3);
+        served += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    c.redis.resume();
+    assert!(served >= 10, "{served}");
+
+    // Two leases later the worker is still the same ready worker (not lost and re-joined).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let w = c.store.get_worker("w1").await.unwrap().unwrap();
+    assert_eq!(
+        (w.status, w.epoch),
+        (kvstore::WorkerStatus::Ready, 1),
+        "the outage cost the worker nothing"
+    );
+    // And the control plane acts again: a new model scales from zero.
+    c.deploy("after", 0, 1).await;
+    let out = generate(&c, prompt("after", "x", 2)).await.unwrap();
+    assert!(out.error.is_none() && out.tokens == 2, "{out:?}");
+}

@@ -88,8 +88,13 @@ async fn notifications(registry: Registry, shutdown: CancellationToken) {
 
 async fn reaper(registry: Registry, shutdown: CancellationToken) {
     let store = &registry.inner.store;
+    let lease = registry.inner.config.lease;
     let mut tick = tokio::time::interval(registry.inner.config.reap_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // While Redis was away no heartbeat could be recorded, so every lease looks expired when it
+    // returns. Workers get one full lease after the outage to renew before any is reaped.
+    let mut in_outage = false;
+    let mut hold_until: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -99,9 +104,18 @@ async fn reaper(registry: Registry, shutdown: CancellationToken) {
             Ok(e) => e,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read lease deadlines");
+                in_outage = true;
                 continue;
             }
         };
+        if in_outage {
+            in_outage = false;
+            hold_until = Some(tokio::time::Instant::now() + lease);
+            tracing::info!("Redis is back: leases get one full term to renew before any is reaped");
+        }
+        if hold_until.is_some_and(|t| tokio::time::Instant::now() < t) {
+            continue;
+        }
         for lease in expired {
             match store
                 .worker_lost(&lease.worker_id, lease.epoch, LostMode::Expired, "lease expired")
