@@ -94,6 +94,24 @@ async fn api_keys_guard_grpc_http_and_the_cli_by_scope() {
     let (ok, _, err) = run(sllm, &["deploy", "n", "--endpoint", &grpc, "--api-key", INFER]).await;
     assert!(!ok && err.contains("PermissionDenied"), "{err}");
 
+    // The Python SDK sends api_key.
+    let python = sllm_integration_tests::python().unwrap();
+    let sdk = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().join("sdk/python");
+    let script = format!(
+        "import grpc, sllm\n\
+         print(len(sllm.Client('{grpc}', api_key='{INFER}').models()))\n\
+         try:\n    sllm.Client('{grpc}').models()\nexcept sllm.SllmError as e:\n    print(e.code.name)\n"
+    );
+    let o = tokio::process::Command::new(python)
+        .arg("-c")
+        .arg(script)
+        .env("PYTHONPATH", sdk)
+        .output()
+        .await
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(out.trim(), "1\nUNAUTHENTICATED", "{out}{}", String::from_utf8_lossy(&o.stderr));
+
     // The OpenAI API: 401 without a valid key, in OpenAI's error shape.
     let (_, body, _) =
         run("curl", &["-s", "-w", "\n%{http_code}", &format!("{http}/v1/models")]).await;

@@ -187,11 +187,41 @@ def to_dict(message: Any) -> dict:
     return json_format.MessageToDict(message, preserving_proto_field_name=True)
 
 
-class Client:
-    """A blocking client. Every service of an `sllm serve` or `sllm up` answers at one endpoint."""
+class _ApiKey(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds `authorization: Bearer <key>` to every call."""
 
-    def __init__(self, endpoint: str = "127.0.0.1:50051", *, timeout: Optional[float] = 30.0):
+    def __init__(self, key: str):
+        self._header = ("authorization", f"Bearer {key}")
+
+    def _with_key(self, details):
+        metadata = list(details.metadata or []) + [self._header]
+        return details._replace(metadata=metadata) if hasattr(details, "_replace") else _Details(details, metadata)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._with_key(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._with_key(details), request)
+
+
+class _Details(grpc.ClientCallDetails):
+    def __init__(self, d, metadata):
+        self.method = d.method
+        self.timeout = d.timeout
+        self.metadata = metadata
+        self.credentials = d.credentials
+        self.wait_for_ready = getattr(d, "wait_for_ready", None)
+        self.compression = getattr(d, "compression", None)
+
+
+class Client:
+    """A blocking client. Every service of an `sllm serve` or `sllm up` answers at one endpoint.
+    Pass `api_key` when the cluster checks API keys."""
+
+    def __init__(self, endpoint: str = "127.0.0.1:50051", *, api_key: Optional[str] = None, timeout: Optional[float] = 30.0):
         self._channel = grpc.insecure_channel(_target(endpoint))
+        if api_key:
+            self._channel = grpc.intercept_channel(self._channel, _ApiKey(api_key))
         self._timeout = timeout
         self._models = model_registry_pb2_grpc.ModelRegistryStub(self._channel)
         self._workers = worker_registry_pb2_grpc.WorkerRegistryStub(self._channel)
