@@ -51,6 +51,9 @@ pub struct ServeArgs {
     /// Endpoint workers use to attach to this Dispatch (default: http://<grpc address>).
     #[arg(long, env = "SLLM_DISPATCH_ADVERTISE")]
     pub dispatch_advertise: Option<String>,
+    /// Largest gRPC message accepted, in bytes (larger ones get RESOURCE_EXHAUSTED).
+    #[arg(long, env = "SLLM_MAX_MESSAGE_BYTES", default_value_t = 4 << 20)]
+    pub max_message_bytes: usize,
     /// Most requests held per model while it has no ready instance.
     #[arg(long, env = "SLLM_MAX_QUEUE", default_value_t = 256)]
     pub max_queue: usize,
@@ -156,12 +159,12 @@ pub async fn start(
     if wants(ServiceName::ModelRegistry) {
         let r = model_registry::Registry::new(store.clone());
         reporter.set_serving::<sllm_api::v1::model_registry_server::ModelRegistryServer<model_registry::Registry>>().await;
-        router = router.add_service(r.service());
+        router = router.add_service(r.service().max_decoding_message_size(args.max_message_bytes));
     }
     if wants(ServiceName::WorkerRegistry) {
         let r = worker_registry::Registry::new(store.clone(), registry_config(&args, secret()?)?);
         reporter.set_serving::<sllm_api::v1::worker_registry_server::WorkerRegistryServer<worker_registry::Registry>>().await;
-        router = router.add_service(r.service());
+        router = router.add_service(r.service().max_decoding_message_size(args.max_message_bytes));
         let (r2, s) = (r.clone(), shutdown.clone());
         background.push(Box::pin(async move {
             r2.run_background(s.clone()).await;
@@ -180,7 +183,7 @@ pub async fn start(
         config.lease = Duration::from_millis(args.scaler_lease_ms.max(100));
         let sc = scaler::Scaler::new(store.clone(), config);
         reporter.set_serving::<sllm_api::v1::scaler_server::ScalerServer<scaler::Scaler>>().await;
-        router = router.add_service(sc.service());
+        router = router.add_service(sc.service().max_decoding_message_size(args.max_message_bytes));
         let s = shutdown.clone();
         background.push(Box::pin(async move {
             sc.run(s).await;
@@ -198,7 +201,7 @@ pub async fn start(
         reporter
             .set_serving::<sllm_api::v1::dispatch_server::DispatchServer<dispatch::Dispatch>>()
             .await;
-        router = router.add_service(d.service());
+        router = router.add_service(d.service().max_decoding_message_size(args.max_message_bytes));
         let advertise =
             args.dispatch_advertise.clone().unwrap_or_else(|| format!("http://{grpc_addr}"));
         let (d2, s) = (d.clone(), shutdown.clone());

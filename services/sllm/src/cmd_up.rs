@@ -177,6 +177,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
         metrics_addr: args.metrics_addr.clone(),
         dispatch_advertise: None,
         max_queue: 256,
+        max_message_bytes: 4 << 20,
         api_keys: String::new(),
         join_secret: Some(secret.clone()),
         lease_ms: 3000,
