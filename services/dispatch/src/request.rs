@@ -300,8 +300,7 @@ impl Driver {
             };
             attempt += 1;
             tracing::Span::current().record("sllm.attempts", attempt);
-            let metrics = &*telemetry::metrics::DISPATCH;
-            let in_flight = metrics.in_flight.with_label_values(&[&self.route.name]);
+            let in_flight = &self.route.metrics.in_flight;
             instance.in_flight.fetch_add(1, Ordering::Relaxed);
             self.route.in_flight.fetch_add(1, Ordering::Relaxed);
             in_flight.inc();
@@ -359,10 +358,7 @@ impl Driver {
                             .await;
                         return "unavailable";
                     }
-                    telemetry::metrics::DISPATCH
-                        .retries
-                        .with_label_values(&[&self.route.name])
-                        .inc();
+                    self.route.metrics.retries.inc();
                     exclude.insert(instance.instance_id.clone());
                     // Jittered backoff before trying elsewhere.
                     let pause = Duration::from_millis(
@@ -393,17 +389,13 @@ impl Driver {
     ) -> Result<(Arc<Routable>, Arc<WorkerLink>), Option<DispatchError>> {
         let span =
             child(|| tracing::info_span!("queue wait", gen_ai.request.model = %self.route.name));
-        let metrics = &*telemetry::metrics::DISPATCH;
-        let depth = metrics.queue_depth.with_label_values(&[&self.route.name]);
+        let depth = &self.route.metrics.queue_depth;
         depth.inc();
         let start = Instant::now();
         let result = tracing::Instrument::instrument(self.hold_inner(exclude), span).await;
         depth.dec();
         if result.is_ok() {
-            metrics
-                .queue_wait
-                .with_label_values(&[&self.route.name])
-                .observe(start.elapsed().as_secs_f64());
+            self.route.metrics.queue_wait.observe(start.elapsed().as_secs_f64());
         }
         result
     }
@@ -548,16 +540,10 @@ impl Driver {
                         *ttft = Some(first);
                         tracing::Span::current()
                             .record("sllm.ttft_ms", first.as_secs_f64() * 1000.0);
-                        telemetry::metrics::DISPATCH
-                            .ttft
-                            .with_label_values(&[&self.route.name])
-                            .observe(first.as_secs_f64());
+                        self.route.metrics.ttft.observe(first.as_secs_f64());
                     }
                     *tokens_sent += tokens;
-                    telemetry::metrics::DISPATCH
-                        .tokens
-                        .with_label_values(&[&self.route.name])
-                        .inc_by(u64::from(tokens));
+                    self.route.metrics.tokens.inc_by(u64::from(tokens));
                     if self.tx.send(Ok(Event::Chunk { text, tokens })).await.is_err() {
                         cancel();
                         return Attempt::ClientGone;

@@ -25,8 +25,35 @@ pub(crate) struct Routable {
     pub(crate) in_flight: AtomicU32,
 }
 
+/// A model's metric series, looked up once when the model is added, so the request path never
+/// pays a label lookup (a hash and a lock) per request or per chunk.
+pub(crate) struct RouteMetrics {
+    pub(crate) in_flight: prometheus::IntGauge,
+    pub(crate) ttft: prometheus::Histogram,
+    pub(crate) tokens: prometheus::IntCounter,
+    pub(crate) queue_depth: prometheus::IntGauge,
+    pub(crate) queue_wait: prometheus::Histogram,
+    pub(crate) retries: prometheus::IntCounter,
+}
+
+impl RouteMetrics {
+    fn new(model: &str) -> RouteMetrics {
+        let m = &*telemetry::metrics::DISPATCH;
+        let l = &[model];
+        RouteMetrics {
+            in_flight: m.in_flight.with_label_values(l),
+            ttft: m.ttft.with_label_values(l),
+            tokens: m.tokens.with_label_values(l),
+            queue_depth: m.queue_depth.with_label_values(l),
+            queue_wait: m.queue_wait.with_label_values(l),
+            retries: m.retries.with_label_values(l),
+        }
+    }
+}
+
 /// One model's routes and waiting room.
 pub(crate) struct ModelRoute {
+    pub(crate) metrics: RouteMetrics,
     pub(crate) name: String,
     pub(crate) deleting: AtomicBool,
     pub(crate) removed: AtomicBool,
@@ -46,6 +73,7 @@ pub(crate) struct ModelRoute {
 impl ModelRoute {
     fn new(name: &str) -> ModelRoute {
         ModelRoute {
+            metrics: RouteMetrics::new(name),
             name: name.to_string(),
             deleting: AtomicBool::new(false),
             removed: AtomicBool::new(false),
