@@ -12,6 +12,8 @@ pub mod v1 {
     tonic::include_proto!("sllm.v1");
 }
 
+pub mod json;
+
 /// Encoded `FileDescriptorSet` of every sllm proto, comments included, for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/sllm_descriptor.bin"));

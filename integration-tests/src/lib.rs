@@ -617,3 +617,21 @@ impl OtlpReceiver {
         self.spans.lock().map(|s| s.clone()).unwrap_or_default()
     }
 }
+
+/// Calls per command name since the server started, from `INFO commandstats` (benchmarks count
+/// round trips and server-side commands with it).
+pub async fn commandstats(
+    raw: &mut redis::aio::MultiplexedConnection,
+) -> Result<std::collections::HashMap<String, u64>> {
+    let info: String = redis::cmd("INFO").arg("commandstats").query_async(raw).await?;
+    let mut out = std::collections::HashMap::new();
+    for line in info.lines() {
+        if let Some(rest) = line.strip_prefix("cmdstat_")
+            && let Some((name, stats)) = rest.split_once(':')
+            && let Some(calls) = stats.split(',').find_map(|kv| kv.strip_prefix("calls="))
+        {
+            out.insert(name.to_string(), calls.parse().unwrap_or(0));
+        }
+    }
+    Ok(out)
+}

@@ -176,14 +176,14 @@ where
     for item in sequential.iter().take(100) {
         let _ = op(item.clone()).await;
     }
-    let before = commandstats(raw).await?;
+    let before = sllm_integration_tests::commandstats(raw).await?;
     let mut lat = Vec::with_capacity(sequential.len());
     for item in sequential.iter().skip(100) {
         let t = Instant::now();
         op(item.clone()).await?;
         lat.push(t.elapsed().as_nanos() as u64);
     }
-    let after = commandstats(raw).await?;
+    let after = sllm_integration_tests::commandstats(raw).await?;
     let calls = lat.len() as f64;
     let (round_trips, commands) = diff(&before, &after, name.starts_with("raw INCR"));
 
@@ -204,21 +204,6 @@ where
         round_trips: round_trips / calls,
         commands: commands / calls,
     })
-}
-
-/// Calls per command name, from INFO commandstats.
-async fn commandstats(raw: &mut redis::aio::MultiplexedConnection) -> Result<HashMap<String, u64>> {
-    let info: String = redis::cmd("INFO").arg("commandstats").query_async(raw).await?;
-    let mut out = HashMap::new();
-    for line in info.lines() {
-        if let Some(rest) = line.strip_prefix("cmdstat_")
-            && let Some((name, stats)) = rest.split_once(':')
-            && let Some(calls) = stats.split(',').find_map(|kv| kv.strip_prefix("calls="))
-        {
-            out.insert(name.to_string(), calls.parse().unwrap_or(0));
-        }
-    }
-    Ok(out)
 }
 
 /// (round trips, commands run) between two snapshots: EVALSHA/EVAL and plain commands are round

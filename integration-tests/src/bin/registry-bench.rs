@@ -9,7 +9,6 @@
 //!
 //!     cargo run --release -p sllm-integration-tests --bin registry-bench [-- --max 10000 --window 10]
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -105,12 +104,12 @@ async fn run(max: usize, window: Duration) -> Result<()> {
             l.clear();
         }
         let cpu0 = cpu_seconds(registry.pid())?;
-        let stats0 = commandstats(&mut raw).await?;
+        let stats0 = sllm_integration_tests::commandstats(&mut raw).await?;
         let t0 = Instant::now();
         tokio::time::sleep(window).await;
         let elapsed = t0.elapsed().as_secs_f64();
         let cpu = (cpu_seconds(registry.pid())? - cpu0) / elapsed;
-        let stats1 = commandstats(&mut raw).await?;
+        let stats1 = sllm_integration_tests::commandstats(&mut raw).await?;
         let mut lat = latencies.lock().map(|l| l.clone()).unwrap_or_default();
         lat.sort_unstable();
         let heartbeats = lat.len() as f64;
@@ -251,18 +250,4 @@ fn cpu_seconds(pid: u32) -> Result<f64> {
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
     Ok(ticks / 100.0)
-}
-
-async fn commandstats(raw: &mut redis::aio::MultiplexedConnection) -> Result<HashMap<String, u64>> {
-    let info: String = redis::cmd("INFO").arg("commandstats").query_async(raw).await?;
-    let mut out = HashMap::new();
-    for line in info.lines() {
-        if let Some(rest) = line.strip_prefix("cmdstat_")
-            && let Some((name, stats)) = rest.split_once(':')
-            && let Some(calls) = stats.split(',').find_map(|kv| kv.strip_prefix("calls="))
-        {
-            out.insert(name.to_string(), calls.parse().unwrap_or(0));
-        }
-    }
-    Ok(out)
 }

@@ -8,7 +8,6 @@
 //!
 //!     cargo run --release -p sllm-integration-tests --bin scaler-bench [-- --events 300]
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -222,15 +221,6 @@ async fn tick(deployments: usize, workers: usize) -> Result<Passes> {
 
 /// Commands Redis has executed (all kinds, including those run inside scripts), less INFO.
 async fn total_calls(raw: &mut redis::aio::MultiplexedConnection) -> Result<u64> {
-    let info: String = redis::cmd("INFO").arg("commandstats").query_async(raw).await?;
-    let mut calls: HashMap<String, u64> = HashMap::new();
-    for line in info.lines() {
-        if let Some(rest) = line.strip_prefix("cmdstat_")
-            && let Some((name, stats)) = rest.split_once(':')
-            && let Some(c) = stats.split(',').find_map(|kv| kv.strip_prefix("calls="))
-        {
-            calls.insert(name.to_string(), c.parse().unwrap_or(0));
-        }
-    }
+    let calls = sllm_integration_tests::commandstats(raw).await?;
     Ok(calls.iter().filter(|(k, _)| k.as_str() != "info").map(|(_, v)| v).sum())
 }

@@ -160,6 +160,17 @@ struct CommonBody {
     stream_options: Option<Value>,
 }
 
+impl CommonBody {
+    /// Whether a streamed answer ends with a usage chunk (`stream_options.include_usage`).
+    fn include_usage(&self) -> bool {
+        self.stream_options
+            .as_ref()
+            .and_then(|o| o.get("include_usage"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false)
+    }
+}
+
 #[derive(Deserialize)]
 struct ChatMessage {
     role: String,
@@ -256,12 +267,7 @@ async fn completions(State(d): State<Dispatch>, headers: HeaderMap, raw: String)
         Ok((c, model, events)) => {
             let id = format!("cmpl-{:016x}", rand::random::<u64>());
             if c.stream {
-                let include_usage = c
-                    .stream_options
-                    .as_ref()
-                    .and_then(|o| o.get("include_usage"))
-                    .and_then(Value::as_bool)
-                    .unwrap_or(false);
+                let include_usage = c.include_usage();
                 sse(events, move |item| completion_chunk(&id, &model, item, include_usage))
             } else {
                 match collect(events).await {
@@ -328,12 +334,7 @@ async fn chat_completions(State(d): State<Dispatch>, headers: HeaderMap, raw: St
         Ok((c, model, events)) => {
             let id = format!("chatcmpl-{:016x}", rand::random::<u64>());
             if c.stream {
-                let include_usage = c
-                    .stream_options
-                    .as_ref()
-                    .and_then(|o| o.get("include_usage"))
-                    .and_then(Value::as_bool)
-                    .unwrap_or(false);
+                let include_usage = c.include_usage();
                 let mut first = true;
                 sse(events, move |item| {
                     let out = chat_chunk(&id, &model, item, first, include_usage);

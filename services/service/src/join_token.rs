@@ -26,10 +26,9 @@ impl JoinSecret {
     }
 
     fn mac(&self, node_id: &str) -> Hmac<Sha256> {
-        // HMAC takes keys of any length, so this cannot fail; a fresh MAC over an empty key
-        // would only be reached if it somehow did, and it would prove nothing.
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.0)
-            .unwrap_or_else(|_| <Hmac<Sha256> as Mac>::new(&Default::default()));
+        // HMAC accepts keys of any length, so building the MAC cannot fail.
+        let mut mac =
+            <Hmac<Sha256> as Mac>::new_from_slice(&self.0).expect("HMAC takes keys of any length");
         mac.update(node_id.as_bytes());
         mac
     }

@@ -198,6 +198,17 @@ impl EngineBackend {
         )
     }
 
+    /// Drops an instance and frees its GPUs.
+    fn forget(&self, id: &str) {
+        self.with_state(|s| {
+            if let Some(inst) = s.instances.remove(id) {
+                for g in &inst.gpus {
+                    s.busy_gpus.remove(g);
+                }
+            }
+        });
+    }
+
     /// The HTTP endpoint of an instance's engine (e.g. `http://127.0.0.1:41234`), while it runs.
     pub fn endpoint(&self, instance_id: &str) -> Option<String> {
         self.with_state(|s| {
@@ -229,8 +240,11 @@ impl EngineBackend {
                 "no engine command configured (--engine-command)".into(),
             ));
         }
-        let config =
-            spec.backend_config.as_ref().map(struct_json).unwrap_or(serde_json::Value::Null);
+        let config = spec
+            .backend_config
+            .as_ref()
+            .map(sllm_api::json::struct_to_json)
+            .unwrap_or(serde_json::Value::Null);
         let (model_override, args) = engine_args(self.config.kind, &config);
         let name = model_override.unwrap_or_else(|| spec.model.clone());
         let model = match &self.config.model_dir {
@@ -278,13 +292,7 @@ impl EngineBackend {
         if let Some(pgid) = found {
             self.kill_group(pgid).await;
         }
-        self.with_state(|s| {
-            if let Some(inst) = s.instances.remove(id) {
-                for g in &inst.gpus {
-                    s.busy_gpus.remove(g);
-                }
-            }
-        });
+        self.forget(id);
         self.emit(InstanceEvent::Stopped {
             instance_id: id.to_string(),
             reason: reason.to_string(),
@@ -396,27 +404,6 @@ impl EngineBackend {
         }
         Err(format!("the engine ended the stream after {tokens} tokens without finishing"))
     }
-}
-
-/// A protobuf Struct as JSON (the deployment's backend_config).
-fn struct_json(s: &prost_types::Struct) -> serde_json::Value {
-    use prost_types::value::Kind;
-    fn value(v: &prost_types::Value) -> serde_json::Value {
-        match &v.kind {
-            Some(Kind::NumberValue(n)) if n.fract() == 0.0 && n.abs() < 9.0e15 => {
-                serde_json::Value::from(*n as i64)
-            }
-            Some(Kind::NumberValue(n)) => serde_json::json!(n),
-            Some(Kind::StringValue(s)) => serde_json::Value::String(s.clone()),
-            Some(Kind::BoolValue(b)) => serde_json::Value::Bool(*b),
-            Some(Kind::StructValue(s)) => struct_json(s),
-            Some(Kind::ListValue(l)) => {
-                serde_json::Value::Array(l.values.iter().map(value).collect())
-            }
-            Some(Kind::NullValue(_)) | None => serde_json::Value::Null,
-        }
-    }
-    serde_json::Value::Object(s.fields.iter().map(|(k, v)| (k.clone(), value(v))).collect())
 }
 
 impl Backend for EngineBackend {
@@ -590,13 +577,7 @@ impl Backend for EngineBackend {
                     .lock()
                     .map(|t| t.iter().cloned().collect::<Vec<_>>().join("\n"))
                     .unwrap_or_default();
-                this.with_state(|s| {
-                    if let Some(inst) = s.instances.remove(&id) {
-                        for g in &inst.gpus {
-                            s.busy_gpus.remove(g);
-                        }
-                    }
-                });
+                this.forget(&id);
                 let reason =
                     if last.is_empty() { why } else { format!("{why}; last stderr:\n{last}") };
                 this.emit(InstanceEvent::Failed { instance_id: id, reason });
@@ -625,13 +606,7 @@ impl Backend for EngineBackend {
                     .lock()
                     .map(|t| t.iter().cloned().collect::<Vec<_>>().join("\n"))
                     .unwrap_or_default();
-                this.with_state(|s| {
-                    if let Some(inst) = s.instances.remove(&id) {
-                        for g in &inst.gpus {
-                            s.busy_gpus.remove(g);
-                        }
-                    }
-                });
+                this.forget(&id);
                 let code = status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
                 this.emit(InstanceEvent::Failed {
                     instance_id: id,
