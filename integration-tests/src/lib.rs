@@ -16,6 +16,7 @@ pub struct RedisServer {
     child: Child,
     dir: tempfile::TempDir,
     socket: PathBuf,
+    extra: Vec<String>,
 }
 
 impl RedisServer {
@@ -28,11 +29,25 @@ impl RedisServer {
     pub fn start_with(extra: &[&str]) -> Result<RedisServer> {
         let dir = tempfile::Builder::new().prefix("sllm-redis-").tempdir()?;
         let socket = dir.path().join("r.sock");
-        let child = Command::new("redis-server")
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let child = Self::spawn(dir.path(), &socket, &extra)?;
+        let server = RedisServer { child, dir, socket, extra };
+        server.wait_ready(Duration::from_secs(10))?;
+        Ok(server)
+    }
+
+    /// A server that writes every change to its append-only file before answering
+    /// (`appendfsync always`), so a crash loses nothing it acknowledged.
+    pub fn start_persistent() -> Result<RedisServer> {
+        Self::start_with(&["--appendonly", "yes", "--appendfsync", "always"])
+    }
+
+    fn spawn(dir: &Path, socket: &Path, extra: &[String]) -> Result<Child> {
+        Command::new("redis-server")
             .arg("--port")
             .arg("0")
             .arg("--unixsocket")
-            .arg(&socket)
+            .arg(socket)
             .arg("--unixsocketperm")
             .arg("700")
             .arg("--save")
@@ -40,15 +55,27 @@ impl RedisServer {
             .arg("--appendonly")
             .arg("no")
             .arg("--dir")
-            .arg(dir.path())
+            .arg(dir)
             .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .context("starting redis-server (install it: apt-get install redis-server)")?;
-        let server = RedisServer { child, dir, socket };
-        server.wait_ready(Duration::from_secs(10))?;
-        Ok(server)
+            .context("starting redis-server (install it: apt-get install redis-server)")
+    }
+
+    /// Kills the server (SIGKILL: a crash, nothing flushed that was not already) and leaves it
+    /// down until [`RedisServer::start_again`].
+    pub fn crash(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+
+    /// Starts the server again after [`RedisServer::crash`], same socket, directory and
+    /// options: with an append-only file it reloads it; without one it starts empty.
+    pub fn start_again(&mut self) -> Result<()> {
+        self.child = Self::spawn(self.dir.path(), &self.socket, &self.extra)?;
+        self.wait_ready(Duration::from_secs(10))
     }
 
     fn wait_ready(&self, within: Duration) -> Result<()> {

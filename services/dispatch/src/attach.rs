@@ -50,7 +50,12 @@ pub(crate) async fn open(
         }
     }
     let (tx, rx) = mpsc::channel(4096);
-    let link = Arc::new(WorkerLink::new(hello.worker_id.clone(), hello.epoch, tx.clone()));
+    let link = Arc::new(WorkerLink::new(
+        hello.worker_id.clone(),
+        hello.epoch,
+        hello.run_id.clone(),
+        tx.clone(),
+    ));
     if !inner.table.attach(link.clone()) {
         return Err(Status::failed_precondition("a newer session of this worker is attached"));
     }

@@ -136,6 +136,8 @@ impl Breaker {
 pub(crate) struct WorkerLink {
     pub(crate) worker_id: String,
     pub(crate) epoch: u64,
+    /// The agent process run (see `AttachHello.run_id`).
+    pub(crate) run_id: String,
     pub(crate) tx: mpsc::Sender<Result<pb::AttachDown, tonic::Status>>,
     pub(crate) pending: Mutex<HashMap<u64, mpsc::UnboundedSender<FromWorker>>>,
     pub(crate) breaker: Breaker,
@@ -145,11 +147,13 @@ impl WorkerLink {
     pub(crate) fn new(
         worker_id: String,
         epoch: u64,
+        run_id: String,
         tx: mpsc::Sender<Result<pb::AttachDown, tonic::Status>>,
     ) -> WorkerLink {
         WorkerLink {
             worker_id,
             epoch,
+            run_id,
             tx,
             pending: Mutex::new(HashMap::new()),
             breaker: Breaker::new(),
@@ -304,8 +308,11 @@ impl Table {
     }
 
     /// Attaches a worker (replacing an older link of an older or equal epoch). Returns false
-    /// if a newer epoch is attached already.
+    /// if a newer epoch is attached already. New requests go to the new link; requests in
+    /// flight on the old one finish there if both come from the same agent run (the worker
+    /// only moved its registry session), and fail at once (to be retried) if not.
     pub(crate) fn attach(&self, link: Arc<WorkerLink>) -> bool {
+        let link_run_id = link.run_id.clone();
         let old = {
             let Ok(mut workers) = self.workers.write() else { return false };
             if let Some(existing) = workers.get(&link.worker_id)
@@ -317,7 +324,9 @@ impl Table {
             telemetry::metrics::DISPATCH.attached.set(workers.len() as i64);
             old
         };
-        if let Some(old) = old {
+        if let Some(old) = old
+            && (old.run_id.is_empty() || old.run_id != link_run_id)
+        {
             old.fail_all();
         }
         for route in self.models() {

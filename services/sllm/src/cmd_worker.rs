@@ -82,6 +82,9 @@ pub struct WorkerArgs {
     /// Simulated per-token decode time in milliseconds.
     #[arg(long, default_value_t = 10.0)]
     decode_ms: f64,
+    /// Simulated per-prompt-token prefill time in milliseconds (before the first token).
+    #[arg(long)]
+    prefill_ms: Option<f64>,
     /// Address Prometheus scrapes `/metrics` on (none by default).
     #[arg(long, env = "SLLM_METRICS_ADDR")]
     metrics_addr: Option<String>,
@@ -134,6 +137,13 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
                     time_scale: args.time_scale,
                     decode_per_token: Duration::from_secs_f64(args.decode_ms.max(0.0) / 1000.0),
                     ..SimConfig::default()
+                };
+                let sim = match args.prefill_ms {
+                    Some(ms) => SimConfig {
+                        prefill_per_token: Duration::from_secs_f64(ms.max(0.0) / 1000.0),
+                        ..sim
+                    },
+                    None => sim,
                 };
                 let (backend, events) = SimBackend::new(sim);
                 agents.push(Agent::spawn(

@@ -18,30 +18,56 @@ use tonic::transport::Endpoint;
 
 use crate::backend::{Backend, Finish, Job, Output};
 
+/// Longest a retired stream (one of an older epoch) stays open for the requests it carries.
+const RETIRE_GRACE: Duration = Duration::from_secs(300);
+
 /// The set of Attach streams, one per Dispatch endpoint, for the current epoch.
 pub(crate) struct Attachments {
     node: String,
     token: String,
     backend: Arc<dyn Backend>,
     epoch: u64,
-    live: HashMap<String, CancellationToken>,
+    /// Random id of this agent run, sent in every hello.
+    run_id: String,
+    live: HashMap<String, LinkHandle>,
+    /// Streams of older epochs finishing the requests they carry; cancelled on drop.
+    retired: Vec<CancellationToken>,
+}
+
+struct LinkHandle {
+    cancel: CancellationToken,
+    retire: CancellationToken,
 }
 
 impl Attachments {
     pub(crate) fn new(node: String, token: String, backend: Arc<dyn Backend>) -> Attachments {
-        Attachments { node, token, backend, epoch: 0, live: HashMap::new() }
+        Attachments {
+            node,
+            token,
+            backend,
+            epoch: 0,
+            run_id: format!("{:016x}", rand::random::<u64>()),
+            live: HashMap::new(),
+            retired: Vec::new(),
+        }
     }
 
-    /// Attaches to exactly `endpoints` with `epoch` (a new epoch re-attaches everywhere).
+    /// Attaches to exactly `endpoints` with `epoch`. A new epoch (the session moved or was
+    /// renewed) attaches everywhere again; the older streams stop taking part once Dispatch
+    /// has the new one, but finish the requests they carry, so a client never notices.
     pub(crate) fn update(&mut self, endpoints: &[String], epoch: u64) {
         if epoch != self.epoch {
-            self.close_all();
+            self.retired.retain(|c| !c.is_cancelled());
+            for (_, h) in self.live.drain() {
+                h.retire.cancel();
+                self.retired.push(h.cancel);
+            }
             self.epoch = epoch;
         }
-        self.live.retain(|ep, cancel| {
+        self.live.retain(|ep, h| {
             let keep = endpoints.contains(ep);
             if !keep {
-                cancel.cancel();
+                h.cancel.cancel();
             }
             keep
         });
@@ -49,21 +75,26 @@ impl Attachments {
             if self.live.contains_key(ep) {
                 continue;
             }
-            let cancel = CancellationToken::new();
-            self.live.insert(ep.clone(), cancel.clone());
+            let handle =
+                LinkHandle { cancel: CancellationToken::new(), retire: CancellationToken::new() };
             let link = Link {
                 endpoint: ep.clone(),
                 node: self.node.clone(),
                 token: self.token.clone(),
                 epoch,
+                run_id: self.run_id.clone(),
                 backend: self.backend.clone(),
             };
-            tokio::spawn(link.run(cancel));
+            tokio::spawn(link.run(handle.cancel.clone(), handle.retire.clone()));
+            self.live.insert(ep.clone(), handle);
         }
     }
 
     fn close_all(&mut self) {
-        for (_, c) in self.live.drain() {
+        for (_, h) in self.live.drain() {
+            h.cancel.cancel();
+        }
+        for c in self.retired.drain(..) {
             c.cancel();
         }
     }
@@ -80,16 +111,20 @@ struct Link {
     node: String,
     token: String,
     epoch: u64,
+    run_id: String,
     backend: Arc<dyn Backend>,
 }
 
 impl Link {
-    async fn run(self, cancel: CancellationToken) {
+    async fn run(self, cancel: CancellationToken, retire: CancellationToken) {
         let mut delay = Duration::from_millis(20);
         loop {
+            if retire.is_cancelled() {
+                return;
+            }
             let result = tokio::select! {
                 _ = cancel.cancelled() => return,
-                r = self.attach(&cancel) => r,
+                r = self.attach(&cancel, &retire) => r,
             };
             match result {
                 Ok(()) => delay = Duration::from_millis(20),
@@ -106,7 +141,11 @@ impl Link {
         }
     }
 
-    async fn attach(&self, cancel: &CancellationToken) -> Result<(), String> {
+    async fn attach(
+        &self,
+        cancel: &CancellationToken,
+        retire: &CancellationToken,
+    ) -> Result<(), String> {
         let channel = Endpoint::from_shared(self.endpoint.clone())
             .map_err(|e| e.to_string())?
             .connect_timeout(Duration::from_secs(2))
@@ -121,6 +160,7 @@ impl Link {
             worker_id: self.node.clone(),
             epoch: self.epoch,
             join_token: self.token.clone(),
+            run_id: self.run_id.clone(),
         };
         tx.send(pb::AttachUp { msg: Some(Up::Hello(hello)) }).await.map_err(|e| e.to_string())?;
         let mut inbound = DispatchClient::new(channel)
@@ -138,11 +178,29 @@ impl Link {
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<u64>();
         // Requests in progress; aborted when the stream ends, so none outlives its link.
         let mut running = Running::default();
+        // Once retired: the requests in flight finish, then the stream closes.
+        let mut retiring = false;
+        let grace = tokio::time::sleep(RETIRE_GRACE);
+        tokio::pin!(grace);
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
+                _ = retire.cancelled(), if !retiring => {
+                    retiring = true;
+                    grace.as_mut().reset(tokio::time::Instant::now() + RETIRE_GRACE);
+                    if running.0.is_empty() {
+                        break;
+                    }
+                }
+                _ = &mut grace, if retiring => {
+                    tracing::warn!(node = %self.node, left = running.0.len(), "retired attach stream closed with requests in flight");
+                    break;
+                }
                 Some(id) = done_rx.recv() => {
                     running.0.remove(&id);
+                    if retiring && running.0.is_empty() {
+                        break;
+                    }
                 }
                 msg = inbound.message() => match msg {
                     Ok(Some(pb::AttachDown { msg: Some(Down::Request(r)) })) => {
@@ -179,6 +237,15 @@ impl Link {
                 },
             }
         }
+        // Retired: close our half so everything sent so far is read, and let Dispatch end
+        // the stream (dropping it here would reset it and could discard the last messages).
+        drop(running);
+        drop(tx);
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            while let Ok(Some(_)) = inbound.message().await {}
+        })
+        .await;
+        Ok(())
     }
 }
 

@@ -139,14 +139,16 @@ class AttachUp(_message.Message):
     def __init__(self, hello: _Optional[_Union[AttachHello, _Mapping]] = ..., chunk: _Optional[_Union[WorkerChunk, _Mapping]] = ..., finished: _Optional[_Union[WorkerFinished, _Mapping]] = ..., error: _Optional[_Union[WorkerError, _Mapping]] = ...) -> None: ...
 
 class AttachHello(_message.Message):
-    __slots__ = ("worker_id", "epoch", "join_token")
+    __slots__ = ("worker_id", "epoch", "join_token", "run_id")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     JOIN_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     epoch: int
     join_token: str
-    def __init__(self, worker_id: _Optional[str] = ..., epoch: _Optional[int] = ..., join_token: _Optional[str] = ...) -> None: ...
+    run_id: str
+    def __init__(self, worker_id: _Optional[str] = ..., epoch: _Optional[int] = ..., join_token: _Optional[str] = ..., run_id: _Optional[str] = ...) -> None: ...
 
 class WorkerChunk(_message.Message):
     __slots__ = ("request_id", "text", "tokens")
