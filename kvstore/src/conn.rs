@@ -3,9 +3,18 @@
 //! pool's per-checkout health check (a PING round trip). A lane whose connection broke is put
 //! back empty and refilled from the pool on next use. Blocking reads get a connection of their
 //! own, since a blocked connection would stall everything multiplexed on it.
+//!
+//! A lane can also die while idle (Redis restarted). A write that fails on a broken connection
+//! cannot be retried blindly (it may have run), so a lane idle for longer than
+//! [`IDLE_CHECK`] is checked with a PING before it is lent: after a restart the first write
+//! gets a live connection, and busy lanes pay nothing.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// A lane unused for this long is checked before use.
+const IDLE_CHECK: Duration = Duration::from_secs(1);
 
 use deadpool_redis::{Pool, PoolConfig, Runtime, Timeouts};
 use redis::AsyncConnectionConfig;
@@ -17,6 +26,9 @@ use crate::error::{Error, Result};
 pub(crate) struct Connections {
     pool: Pool,
     lanes: Vec<Mutex<Option<deadpool_redis::Connection>>>,
+    /// When each lane was last lent, in ms since `epoch`.
+    last_used: Vec<AtomicU64>,
+    epoch: Instant,
     next: AtomicUsize,
 }
 
@@ -72,15 +84,28 @@ impl Connections {
             .build()
             .map_err(|e| Error::Pool(e.to_string()))?;
         let lanes = (0..config.lanes.max(1)).map(|_| Mutex::new(None)).collect();
-        Ok(Connections { pool, lanes, next: AtomicUsize::new(0) })
+        let last_used = (0..config.lanes.max(1)).map(|_| AtomicU64::new(0)).collect();
+        Ok(Connections { pool, lanes, last_used, epoch: Instant::now(), next: AtomicUsize::new(0) })
     }
 
     /// A shared multiplexed connection for one non-blocking operation.
     pub(crate) async fn shared(&self) -> Result<Lent<'_>> {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.lanes.len();
         let lane = &self.lanes[i];
-        if let Some(conn) = lane.lock().ok().and_then(|slot| slot.as_ref().map(|c| (**c).clone())) {
-            return Ok(Lent { conn, owner: self });
+        let now = self.epoch.elapsed().as_millis() as u64;
+        let idle = now.saturating_sub(self.last_used[i].swap(now, Ordering::Relaxed));
+        if let Some(mut conn) =
+            lane.lock().ok().and_then(|slot| slot.as_ref().map(|c| (**c).clone()))
+        {
+            if idle < IDLE_CHECK.as_millis() as u64 {
+                return Ok(Lent { conn, owner: self });
+            }
+            let pong: redis::RedisResult<()> = redis::cmd("PING").query_async(&mut conn).await;
+            match pong {
+                Ok(()) => return Ok(Lent { conn, owner: self }),
+                Err(e) if is_broken(&e) => self.reset_lanes(),
+                Err(_) => return Ok(Lent { conn, owner: self }),
+            }
         }
         let fresh = self.pool.get().await.map_err(|e| Error::Pool(e.to_string()))?;
         self.report_pool();

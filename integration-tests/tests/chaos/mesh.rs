@@ -21,6 +21,19 @@ pub struct Mesh {
     workers: Vec<String>,
 }
 
+impl Drop for Mesh {
+    /// A failed test shows what every process said.
+    fn drop(&mut self) {
+        if std::thread::panicking() || std::env::var_os("SLLM_CHAOS_LOGS").is_some() {
+            for (name, p) in &self.procs {
+                for line in p.output().lines() {
+                    eprintln!("[{name}] {line}");
+                }
+            }
+        }
+    }
+}
+
 impl Mesh {
     /// Model registry, two of each other service, `workers` simulated workers (2 GPUs each).
     pub async fn start(redis: RedisServer, workers: usize) -> Mesh {

@@ -432,7 +432,12 @@ impl Driver {
             if route.removed.load(Ordering::Relaxed) {
                 return Err(Some(DispatchError::NotFound(route.name.clone())));
             }
-            if let Some(found) = table.pick(route, exclude) {
+            // Another instance than the ones that failed this request if there is one; else
+            // the same again (it may have been a passing fault; its breaker judges).
+            let found = table.pick(route, exclude).or_else(|| {
+                if exclude.is_empty() { None } else { table.pick(route, &HashSet::new()) }
+            });
+            if let Some(found) = found {
                 let ok = self
                     .send_progress(
                         pb::progress::Stage::Routed,

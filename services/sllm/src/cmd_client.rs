@@ -77,6 +77,7 @@ fn state_word(s: i32) -> &'static str {
     match pb::DeploymentState::try_from(s).unwrap_or(pb::DeploymentState::Unspecified) {
         pb::DeploymentState::Active => "active",
         pb::DeploymentState::Deleting => "deleting",
+        pb::DeploymentState::Missing => "MISSING",
         pb::DeploymentState::Unspecified => "-",
     }
 }

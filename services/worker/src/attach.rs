@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use sllm_api::v1 as pb;
@@ -37,6 +38,10 @@ pub(crate) struct Attachments {
 struct LinkHandle {
     cancel: CancellationToken,
     retire: CancellationToken,
+    /// The endpoint left the Dispatch list: keep the stream while it lives, do not redial.
+    orphan: Arc<AtomicBool>,
+    /// The link's task has ended.
+    done: Arc<AtomicBool>,
 }
 
 impl Attachments {
@@ -52,9 +57,12 @@ impl Attachments {
         }
     }
 
-    /// Attaches to exactly `endpoints` with `epoch`. A new epoch (the session moved or was
-    /// renewed) attaches everywhere again; the older streams stop taking part once Dispatch
-    /// has the new one, but finish the requests they carry, so a client never notices.
+    /// Attaches to `endpoints` with `epoch`. A new epoch (the session moved or was renewed)
+    /// attaches everywhere again; the older streams stop taking part once Dispatch has the new
+    /// one, but finish the requests they carry, so a client never notices. An endpoint that
+    /// left the list keeps its stream while the stream lives (the list says where to dial, not
+    /// what to cut: a replica whose registration lapsed during a Redis outage is still serving)
+    /// and is not dialled again once it ends.
     pub(crate) fn update(&mut self, endpoints: &[String], epoch: u64) {
         if epoch != self.epoch {
             self.retired.retain(|c| !c.is_cancelled());
@@ -65,18 +73,20 @@ impl Attachments {
             self.epoch = epoch;
         }
         self.live.retain(|ep, h| {
-            let keep = endpoints.contains(ep);
-            if !keep {
-                h.cancel.cancel();
-            }
-            keep
+            let listed = endpoints.contains(ep);
+            h.orphan.store(!listed, Ordering::Relaxed);
+            !h.done.load(Ordering::Relaxed)
         });
         for ep in endpoints {
             if self.live.contains_key(ep) {
                 continue;
             }
-            let handle =
-                LinkHandle { cancel: CancellationToken::new(), retire: CancellationToken::new() };
+            let handle = LinkHandle {
+                cancel: CancellationToken::new(),
+                retire: CancellationToken::new(),
+                orphan: Arc::new(AtomicBool::new(false)),
+                done: Arc::new(AtomicBool::new(false)),
+            };
             let link = Link {
                 endpoint: ep.clone(),
                 node: self.node.clone(),
@@ -85,7 +95,16 @@ impl Attachments {
                 run_id: self.run_id.clone(),
                 backend: self.backend.clone(),
             };
-            tokio::spawn(link.run(handle.cancel.clone(), handle.retire.clone()));
+            let (cancel, retire, orphan, done) = (
+                handle.cancel.clone(),
+                handle.retire.clone(),
+                handle.orphan.clone(),
+                handle.done.clone(),
+            );
+            tokio::spawn(async move {
+                link.run(cancel, retire, orphan).await;
+                done.store(true, Ordering::Relaxed);
+            });
             self.live.insert(ep.clone(), handle);
         }
     }
@@ -116,10 +135,15 @@ struct Link {
 }
 
 impl Link {
-    async fn run(self, cancel: CancellationToken, retire: CancellationToken) {
+    async fn run(
+        self,
+        cancel: CancellationToken,
+        retire: CancellationToken,
+        orphan: Arc<AtomicBool>,
+    ) {
         let mut delay = Duration::from_millis(20);
         loop {
-            if retire.is_cancelled() {
+            if retire.is_cancelled() || orphan.load(Ordering::Relaxed) {
                 return;
             }
             let result = tokio::select! {

@@ -13,6 +13,7 @@ class DeploymentState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DEPLOYMENT_STATE_UNSPECIFIED: _ClassVar[DeploymentState]
     DEPLOYMENT_STATE_ACTIVE: _ClassVar[DeploymentState]
     DEPLOYMENT_STATE_DELETING: _ClassVar[DeploymentState]
+    DEPLOYMENT_STATE_MISSING: _ClassVar[DeploymentState]
 
 class InstanceState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -42,6 +43,7 @@ class WorkerState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 DEPLOYMENT_STATE_UNSPECIFIED: DeploymentState
 DEPLOYMENT_STATE_ACTIVE: DeploymentState
 DEPLOYMENT_STATE_DELETING: DeploymentState
+DEPLOYMENT_STATE_MISSING: DeploymentState
 INSTANCE_STATE_UNSPECIFIED: InstanceState
 INSTANCE_STATE_PENDING: InstanceState
 INSTANCE_STATE_LOADING: InstanceState
