@@ -1,14 +1,16 @@
 -- worker_ready: the worker has reported its inventory; reconcile its instances with what it
 -- actually runs (its report wins over Redis) and make it placeable.
 -- KEYS:   1 events
--- ARGV:   4 worker id; 5 epoch; 6.. triples (instance id, state, GPU csv) of running instances,
---         state one of loading | ready | draining
+-- ARGV:   4 worker id; 5 epoch; 6.. quadruples (instance id, model, state, GPU csv) of running
+--         instances, state one of loading | ready | draining
 -- Writes: worker:<id> (status ready, version + 1), workers:status:*; each of its instances:
 --         a reported one takes the reported state and GPUs, a live one not reported is stopped
---         (a pending one is kept: its start command may still be on its way); free_gpus:<id>
--- Events: instance.<state> per changed instance, worker.ready
--- Reply:  {'ok', version, unknown instance id...} (unknown: reported but not placed here; the
---         worker should stop them) | {'not_found'} | {'stale_epoch', current}
+--         (a pending one is kept: its start command may still be on its way); a reported one
+--         with no record at all (the store lost its state: Redis restarted without
+--         persistence) is adopted: its record is rebuilt from the report; free_gpus:<id>
+-- Events: instance.<state> per changed or adopted instance, worker.ready
+-- Reply:  {'ok', version, unknown instance id...} (unknown: reported but placed elsewhere or
+--         already ended; the worker should stop them) | {'not_found'} | {'stale_epoch', current}
 --         | {'wrong_state', status}
 local id, epoch = ARGV[4], ARGV[5]
 local key = K.worker(id)
@@ -18,10 +20,21 @@ if w[1] ~= epoch then return { 'stale_epoch', w[1] } end
 if w[2] ~= 'initializing' then return { 'wrong_state', w[2] } end
 local now = now_ms()
 local reported, unknown = {}, {}
-for i = 6, #ARGV - 2, 3 do
-  local iid, state, gpus = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-  local rec = redis.call('HMGET', K.instance(iid), 'status', 'model', 'worker_id')
-  if not rec[1] or rec[3] ~= id or TERMINAL[rec[1]] then
+for i = 6, #ARGV - 3, 4 do
+  local iid, model, state, gpus = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local ikey = K.instance(iid)
+  local rec = redis.call('HMGET', ikey, 'status', 'model', 'worker_id')
+  if not rec[1] and redis.call('EXISTS', ikey) == 0 then
+    reported[iid] = true
+    redis.call('HSET', ikey, 'instance_id', iid, 'model', model, 'worker_id', id,
+      'status', state, 'gpus', gpus, 'reason', 'rebuilt from the worker\'s report', 'version', 1,
+      'created_ms', now, 'updated_ms', now)
+    redis.call('SADD', K.instances_status(state), iid)
+    redis.call('SADD', K.model_instances(model), iid)
+    redis.call('SADD', K.worker_instances(id), iid)
+    emit('instance.' .. state, iid, 'model', model, 'worker', id, 'version', 1,
+      'reason', 'rebuilt from the worker\'s report')
+  elseif not rec[1] or rec[3] ~= id or TERMINAL[rec[1]] then
     unknown[#unknown + 1] = iid
   else
     reported[iid] = true

@@ -62,6 +62,8 @@ pub struct Bandwidth {
 pub struct RunningInstance {
     /// Its id.
     pub instance_id: String,
+    /// The model it serves (rebuilds its record if the store lost it).
+    pub model: String,
     /// Loading, Ready or Draining.
     pub status: InstanceStatus,
     /// The GPUs it holds.
@@ -213,9 +215,10 @@ impl Store {
         running: &[RunningInstance],
     ) -> Result<Vec<String>> {
         let worker = worker_id("worker_id", worker)?;
-        let mut triples = Vec::with_capacity(running.len());
+        let mut quads = Vec::with_capacity(running.len());
         for r in running {
             names::validate_id("running.instance_id", &r.instance_id)?;
+            names::validate_model_name("running.model", &r.model)?;
             if !matches!(
                 r.status,
                 InstanceStatus::Loading | InstanceStatus::Ready | InstanceStatus::Draining
@@ -225,15 +228,16 @@ impl Store {
                     format!("{} is not a running state (loading, ready, draining)", r.status),
                 ));
             }
-            triples.push((
+            quads.push((
                 r.instance_id.as_str(),
+                r.model.as_str(),
                 r.status.as_str(),
                 gpu_csv("running.gpus", &r.gpus)?,
             ));
         }
         let mut args = vec![Arg::Str(worker), Arg::Owned(epoch.to_string())];
-        for (id, state, gpus) in &triples {
-            args.extend([Arg::Str(id), Arg::Str(state), Arg::Str(gpus)]);
+        for (id, model, state, gpus) in &quads {
+            args.extend([Arg::Str(id), Arg::Str(model), Arg::Str(state), Arg::Str(gpus)]);
         }
         let reply = self.run_ok("worker_ready", &self.scripts().worker_ready, &args).await?;
         Ok(reply.values.iter().skip(1).cloned().collect())

@@ -172,8 +172,6 @@ async fn redis_restart_without_persistence_rebuilds_from_workers() {
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let ledger = load.stop().await;
-    let ledger = ledger.lock().unwrap();
-    println!("{}", ledger.render("Redis down 5 s, restarted empty", 0));
     let now: BTreeMap<String, String> = mesh
         .store
         .live_instances()
@@ -182,6 +180,8 @@ async fn redis_restart_without_persistence_rebuilds_from_workers() {
         .into_iter()
         .map(|i| (i.instance_id, i.model))
         .collect();
+    let ledger = ledger.lock().unwrap();
+    println!("{}", ledger.render("Redis down 5 s, restarted empty", 0));
     assert_eq!(now, running, "instances adopted, none started or stopped");
     assert!(ledger.lost().is_empty(), "lost: {:?}", ledger.lost());
     assert!(ledger.corrupt().is_empty(), "corrupt: {:?}", ledger.corrupt());

@@ -172,20 +172,24 @@ async fn a_returning_workers_report_wins_over_redis() {
     store.transition_instance("i2", InstanceStatus::Loading, me, "", None).await.unwrap();
     store.worker_lost("w1", epoch, LostMode::Dropped, "network").await.unwrap();
 
-    // It comes back running i1 (ready) and something the control plane never placed; i2 is
+    // Another worker runs i4.
+    let other = ready_worker(&store, "w2", 1).await;
+    store.create_instance(&lease, &placement("i4", "m", "w2", &[0])).await.unwrap();
+    let _ = other;
+
+    // It comes back running i1 (ready) and i4, which the control plane placed elsewhere; i2 is
     // gone; i3's start command was never delivered (it is lost too, and not reported).
     let reg =
         store.register_worker("w1", true, "10.0.0.2-w1", LEASE, &inventory(4), "t").await.unwrap();
-    let running = [
-        RunningInstance { instance_id: "i1".into(), status: InstanceStatus::Ready, gpus: vec![0] },
-        RunningInstance {
-            instance_id: "ghost".into(),
-            status: InstanceStatus::Ready,
-            gpus: vec![3],
-        },
-    ];
+    let run = |id: &str, g: u32| RunningInstance {
+        instance_id: id.into(),
+        model: "m".into(),
+        status: InstanceStatus::Ready,
+        gpus: vec![g],
+    };
+    let running = [run("i1", 0), run("i4", 3)];
     let unknown = store.worker_ready("w1", reg.epoch, &running).await.unwrap();
-    assert_eq!(unknown, ["ghost"]);
+    assert_eq!(unknown, ["i4"]);
     let status = |i: &'static str| {
         let store = store.clone();
         async move { store.get_instance(i).await.unwrap().unwrap().status }
@@ -197,4 +201,50 @@ async fn a_returning_workers_report_wins_over_redis() {
     assert_eq!(w.free_gpus, [1, 2, 3]);
     assert_eq!(w.instance_ids, ["i1"]);
     assert_consistent(&store).await;
+}
+
+#[tokio::test]
+async fn instances_the_store_lost_are_rebuilt_from_the_workers_report() {
+    let (_redis, store) = setup().await;
+    // No deployment, no instance records: the store restarted empty.
+    let reg =
+        store.register_worker("w1", true, "10.0.0.2-w1", LEASE, &inventory(4), "t").await.unwrap();
+    let running = [
+        RunningInstance {
+            instance_id: "m-1".into(),
+            model: "m".into(),
+            status: InstanceStatus::Ready,
+            gpus: vec![1],
+        },
+        RunningInstance {
+            instance_id: "n-1".into(),
+            model: "n".into(),
+            status: InstanceStatus::Loading,
+            gpus: vec![2, 3],
+        },
+    ];
+    assert!(store.worker_ready("w1", reg.epoch, &running).await.unwrap().is_empty());
+    let m = store.get_instance("m-1").await.unwrap().unwrap();
+    assert_eq!(
+        (m.model.as_str(), m.worker_id.as_str(), m.status),
+        ("m", "w1", InstanceStatus::Ready)
+    );
+    assert_eq!(m.gpus, [1]);
+    assert!(m.reason.contains("rebuilt"), "{}", m.reason);
+    assert_eq!(store.get_instance("n-1").await.unwrap().unwrap().status, InstanceStatus::Loading);
+    let w = store.get_worker("w1").await.unwrap().unwrap();
+    assert_eq!(w.free_gpus, [0]);
+    assert_eq!(store.model_instances("m").await.unwrap().len(), 1);
+
+    // A bad report is refused whole, naming the field.
+    let reg =
+        store.register_worker("w1", true, "10.0.0.2-w1", LEASE, &inventory(4), "t").await.unwrap();
+    let bad = [RunningInstance {
+        instance_id: "x".into(),
+        model: "no spaces allowed".into(),
+        status: InstanceStatus::Ready,
+        gpus: vec![0],
+    }];
+    let err = store.worker_ready("w1", reg.epoch, &bad).await.unwrap_err();
+    assert!(err.to_string().contains("running.model"), "{err}");
 }

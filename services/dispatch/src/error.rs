@@ -18,6 +18,9 @@ pub enum DispatchError {
     /// No such deployment.
     #[error("model {0:?} is not deployed")]
     NotFound(String),
+    /// No deployment record, but instances of the model run: the store lost its state.
+    #[error("{}", service::convert::missing_deployment_words(.0, *.1))]
+    Missing(String, usize),
     /// The deployment is being deleted.
     #[error("model {0:?} is being deleted")]
     Deleting(String),
@@ -48,7 +51,7 @@ impl DispatchError {
     pub fn to_status(&self) -> Status {
         let code = match self {
             DispatchError::Invalid { .. } => Code::InvalidArgument,
-            DispatchError::NotFound(_) => Code::NotFound,
+            DispatchError::NotFound(_) | DispatchError::Missing(..) => Code::NotFound,
             DispatchError::Deleting(_) => Code::FailedPrecondition,
             DispatchError::QueueFull { .. } => Code::ResourceExhausted,
             DispatchError::Deadline(_) => Code::DeadlineExceeded,
@@ -67,7 +70,9 @@ impl DispatchError {
     pub fn http(&self) -> (u16, &'static str, Option<&'static str>) {
         match self {
             DispatchError::Invalid { .. } => (400, "invalid_request_error", None),
-            DispatchError::NotFound(_) => (404, "invalid_request_error", Some("model_not_found")),
+            DispatchError::NotFound(_) | DispatchError::Missing(..) => {
+                (404, "invalid_request_error", Some("model_not_found"))
+            }
             DispatchError::Deleting(_) => (409, "invalid_request_error", Some("model_deleting")),
             DispatchError::QueueFull { .. } => (429, "rate_limit_error", Some("queue_full")),
             DispatchError::Deadline(_) => (504, "timeout_error", Some("deadline_exceeded")),

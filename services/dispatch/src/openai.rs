@@ -73,7 +73,9 @@ fn error_json(e: &DispatchError) -> Value {
     let (_, kind, code) = e.http();
     let param = match e {
         DispatchError::Invalid { field, .. } => Value::String(field.clone()),
-        DispatchError::NotFound(_) | DispatchError::Deleting(_) => Value::String("model".into()),
+        DispatchError::NotFound(_) | DispatchError::Missing(..) | DispatchError::Deleting(_) => {
+            Value::String("model".into())
+        }
         _ => Value::Null,
     };
     json!({ "error": { "message": e.to_string(), "type": kind, "param": param, "code": code } })

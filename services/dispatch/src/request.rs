@@ -109,7 +109,12 @@ impl Dispatch {
         if let Err(e) = &result {
             let outcome = outcome_of(e);
             span.record("sllm.outcome", outcome);
-            let label = if matches!(e, DispatchError::NotFound(_) | DispatchError::Invalid { .. }) {
+            let label = if matches!(
+                e,
+                DispatchError::NotFound(_)
+                    | DispatchError::Missing(..)
+                    | DispatchError::Invalid { .. }
+            ) {
                 "-"
             } else {
                 model.as_str()
@@ -160,7 +165,12 @@ impl Dispatch {
                     .model(model)
                     .ok_or_else(|| DispatchError::NotFound(model.to_string()))
             }
-            Ok(None) => Err(DispatchError::NotFound(model.to_string())),
+            Ok(None) => match self.inner.store.model_instances(model).await {
+                Ok(running) if !running.is_empty() => {
+                    Err(DispatchError::Missing(model.to_string(), running.len()))
+                }
+                _ => Err(DispatchError::NotFound(model.to_string())),
+            },
             Err(e) => {
                 tracing::warn!(%model, error = %e, "cannot confirm an unknown model");
                 Err(DispatchError::NotFound(model.to_string()))
@@ -178,7 +188,7 @@ fn child(make: impl FnOnce() -> tracing::Span) -> tracing::Span {
 fn outcome_of(e: &DispatchError) -> &'static str {
     match e {
         DispatchError::Invalid { .. } => "invalid",
-        DispatchError::NotFound(_) => "not_found",
+        DispatchError::NotFound(_) | DispatchError::Missing(..) => "not_found",
         DispatchError::Deleting(_) => "deleting",
         DispatchError::QueueFull { .. } => "queue_full",
         DispatchError::Deadline(_) => "deadline",

@@ -72,6 +72,9 @@ async fn events(inner: Arc<Inner>, position: Position, shutdown: CancellationTok
                 delay = Duration::from_millis(50);
                 for e in events {
                     apply(&inner, &e);
+                    if e.kind == "deployment.created" {
+                        adopt_ready(&inner, &e.entity).await;
+                    }
                 }
             }
             Ok(EventBatch::FellBehind { resume }) => {
@@ -93,6 +96,19 @@ async fn events(inner: Arc<Inner>, position: Position, shutdown: CancellationTok
                 delay = (delay * 2).min(Duration::from_secs(2));
             }
         }
+    }
+}
+
+/// A model deployed again after its record was lost may already have ready instances (rebuilt
+/// from the workers' reports, their events read while the model had no route): route to them.
+async fn adopt_ready(inner: &Inner, model: &str) {
+    match inner.store.model_instances(model).await {
+        Ok(instances) => {
+            for i in instances.iter().filter(|i| i.status == InstanceStatus::Ready) {
+                inner.table.add_instance(model, &i.instance_id, &i.worker_id);
+            }
+        }
+        Err(e) => tracing::warn!(%model, error = %e, "cannot read the instances of a new model"),
     }
 }
 

@@ -75,15 +75,41 @@ impl Registry {
     }
 
     async fn deployment(&self, model: &str) -> Result<pb::Deployment, Status> {
-        let d = self
-            .store
-            .get_deployment(model)
-            .await
-            .map_err(|e| service::to_status(e, ""))?
-            .ok_or_else(|| not_found(model))?;
+        let d = self.store.get_deployment(model).await.map_err(|e| service::to_status(e, ""))?;
         let instances =
             self.store.model_instances(model).await.map_err(|e| service::to_status(e, ""))?;
-        Ok(convert::deployment_to_pb(&d, &instances.iter().collect::<Vec<_>>()))
+        match d {
+            Some(d) => Ok(convert::deployment_to_pb(&d, &instances.iter().collect::<Vec<_>>())),
+            None if !instances.is_empty() => {
+                Err(Status::not_found(convert::missing_deployment_words(model, instances.len())))
+            }
+            None => Err(not_found(model)),
+        }
+    }
+
+    /// Deletes a model whose record was lost but whose instances still run: a record in the
+    /// deleting state is written for it, and the Scaler drains and stops them as for any delete.
+    async fn delete_missing(&self, model: &str) -> Result<bool, Status> {
+        let instances =
+            self.store.model_instances(model).await.map_err(|e| service::to_status(e, ""))?;
+        if instances.is_empty() {
+            return Ok(false);
+        }
+        let spec = kvstore::DeploymentSpec {
+            model: model.to_string(),
+            backend: "unknown".into(),
+            num_gpus: instances.iter().map(|i| i.gpus.len() as u32).max().unwrap_or(1).max(1),
+            autoscaling: kvstore::AutoScaling::default(),
+            backend_config: String::new(),
+        };
+        match self.store.create_deployment(&spec).await {
+            Ok(_) => {}
+            Err(e) if matches!(e.refusal(), Some(kvstore::Refusal::AlreadyExists)) => {}
+            Err(e) => return Err(service::to_status(e, "")),
+        }
+        self.store.mark_deployment_deleting(model).await.map_err(|e| service::to_status(e, ""))?;
+        tracing::warn!(%model, instances = instances.len(), "deleting a model whose deployment record was lost");
+        Ok(true)
     }
 }
 
@@ -155,13 +181,22 @@ impl ModelRegistry for Registry {
     ) -> Result<Response<pb::DeleteResponse>, Status> {
         let name = request.into_inner().model;
         let model = model_name(&name);
-        self.store.mark_deployment_deleting(model).await.map_err(|e| match e.refusal() {
-            Some(kvstore::Refusal::NotFound) => not_found(model),
-            Some(kvstore::Refusal::WrongState { .. }) => {
-                Status::failed_precondition(format!("model {model:?} is already being deleted"))
-            }
-            _ => service::to_status(e, ""),
-        })?;
+        match self.store.mark_deployment_deleting(model).await {
+            Ok(_) => {}
+            Err(e) => match e.refusal() {
+                Some(kvstore::Refusal::NotFound) => {
+                    if !self.delete_missing(model).await? {
+                        return Err(not_found(model));
+                    }
+                }
+                Some(kvstore::Refusal::WrongState { .. }) => {
+                    return Err(Status::failed_precondition(format!(
+                        "model {model:?} is already being deleted"
+                    )));
+                }
+                _ => return Err(service::to_status(e, "")),
+            },
+        }
         tracing::info!(%model, "deleting");
         Ok(Response::new(pb::DeleteResponse { deployment: Some(self.deployment(model).await?) }))
     }
@@ -185,16 +220,25 @@ impl ModelRegistry for Registry {
         for i in &instances {
             by_model.entry(i.model.as_str()).or_default().push(i);
         }
-        Ok(Response::new(pb::ListResponse {
-            deployments: deployments
-                .iter()
-                .map(|d| {
-                    convert::deployment_to_pb(
-                        d,
-                        by_model.get(d.spec.model.as_str()).map(Vec::as_slice).unwrap_or(&[]),
-                    )
-                })
-                .collect(),
-        }))
+        let mut out: Vec<pb::Deployment> = deployments
+            .iter()
+            .map(|d| {
+                convert::deployment_to_pb(
+                    d,
+                    by_model.get(d.spec.model.as_str()).map(Vec::as_slice).unwrap_or(&[]),
+                )
+            })
+            .collect();
+        // Models that run without a record: the store lost it. Listed, never left out.
+        let mut missing: Vec<(&str, &Vec<&InstanceRecord>)> = by_model
+            .iter()
+            .filter(|(m, _)| !deployments.iter().any(|d| d.spec.model == **m))
+            .map(|(m, i)| (*m, i))
+            .collect();
+        missing.sort_by_key(|(m, _)| *m);
+        for (model, instances) in missing {
+            out.push(convert::missing_deployment_to_pb(model, instances));
+        }
+        Ok(Response::new(pb::ListResponse { deployments: out }))
     }
 }

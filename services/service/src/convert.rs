@@ -151,6 +151,7 @@ pub fn running_from_pb(
                 })?;
             Ok(kvstore::RunningInstance {
                 instance_id: r.instance_id.clone(),
+                model: r.model.clone(),
                 status,
                 gpus: r.gpus.clone(),
             })
@@ -226,11 +227,31 @@ pub fn autoscaling_to_pb(a: &kvstore::AutoScaling) -> pb::AutoScalingConfig {
     }
 }
 
-/// A stored deployment as the API shows it, with its instances counted by state.
-pub fn deployment_to_pb(
-    d: &kvstore::DeploymentRecord,
+/// What to tell a user about a model whose deployment record is gone while `instances` of it
+/// still run on workers.
+pub fn missing_deployment_words(model: &str, instances: usize) -> String {
+    format!(
+        "model {model:?} has no deployment record, but {instances} instance(s) of it run on \
+         workers: the store lost its state (e.g. Redis restarted without persistence); deploy \
+         it again to adopt them, or delete it to stop them"
+    )
+}
+
+/// A model with live instances and no deployment record, as the API lists it.
+pub fn missing_deployment_to_pb(
+    model: &str,
     instances: &[&kvstore::InstanceRecord],
 ) -> pb::Deployment {
+    pb::Deployment {
+        spec: Some(pb::DeploymentSpec { model: model.to_string(), ..Default::default() }),
+        state: pb::DeploymentState::Missing as i32,
+        instances: Some(instance_counts(instances)),
+        last_error: missing_deployment_words(model, instances.len()),
+        ..Default::default()
+    }
+}
+
+fn instance_counts(instances: &[&kvstore::InstanceRecord]) -> pb::InstanceCounts {
     let mut counts = pb::InstanceCounts::default();
     for i in instances {
         match i.status {
@@ -242,6 +263,15 @@ pub fn deployment_to_pb(
             InstanceStatus::Stopped | InstanceStatus::Failed => {}
         }
     }
+    counts
+}
+
+/// A stored deployment as the API shows it, with its instances counted by state.
+pub fn deployment_to_pb(
+    d: &kvstore::DeploymentRecord,
+    instances: &[&kvstore::InstanceRecord],
+) -> pb::Deployment {
+    let counts = instance_counts(instances);
     let backend_config = if d.spec.backend_config.is_empty() {
         None
     } else {
