@@ -662,3 +662,162 @@ pub async fn commandstats(
     }
     Ok(out)
 }
+
+/// A three-primary Redis Cluster on loopback ports, created with `redis-cli --cluster create`.
+///
+/// Creating one takes seconds (redis-cli waits for the nodes to agree), so the test processes
+/// of one run share it: the first to ask starts it under a lock, the others find it ready. Each
+/// node runs under a watchdog that stops it once the test runner (the parent of every test
+/// process) has exited, so nothing outlives the run. Tests keep apart by namespace: each store
+/// gets its own hash tag, which also spreads them over the three primaries.
+pub struct RedisCluster {
+    nodes: Vec<String>,
+}
+
+impl RedisCluster {
+    /// The run's shared cluster, started if this is the first test to ask.
+    pub fn start() -> Result<RedisCluster> {
+        let runner = std::os::unix::process::parent_id();
+        let run = std::env::var("NEXTEST_RUN_ID").unwrap_or_else(|_| runner.to_string());
+        let dir = std::env::temp_dir().join(format!("sllm-cluster-{run}"));
+        std::fs::create_dir_all(&dir)?;
+        let ready = dir.join("nodes");
+        let lock = dir.join("lock");
+        let start = Instant::now();
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&ready) {
+                let nodes: Vec<String> = text.lines().map(str::to_string).collect();
+                return Ok(RedisCluster { nodes });
+            }
+            if std::fs::OpenOptions::new().write(true).create_new(true).open(&lock).is_ok() {
+                let nodes = Self::create(&dir, runner)?;
+                let tmp = dir.join("nodes.tmp");
+                std::fs::write(&tmp, nodes.join("\n"))?;
+                std::fs::rename(&tmp, &ready)?;
+                return Ok(RedisCluster { nodes });
+            }
+            if start.elapsed() > Duration::from_secs(60) {
+                bail!("the shared Redis Cluster in {} never became ready", dir.display());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Like [`RedisCluster::start`], then `CONFIG SET` of `--name value` pairs on every node
+    /// (the cluster is shared, so only options harmless to other tests belong here).
+    pub fn start_with(extra: &[&str]) -> Result<RedisCluster> {
+        let cluster = Self::start()?;
+        for pair in extra.chunks(2) {
+            let [name, value] = pair else { bail!("options come in --name value pairs") };
+            for node in &cluster.nodes {
+                let (host, port) = node.rsplit_once(':').context("node address")?;
+                let ok = Command::new("redis-cli")
+                    .args(["-h", host, "-p", port, "CONFIG", "SET"])
+                    .arg(name.trim_start_matches("--"))
+                    .arg(value)
+                    .stdout(Stdio::null())
+                    .status()?
+                    .success();
+                if !ok {
+                    bail!("CONFIG SET {name} {value} failed on {node}");
+                }
+            }
+        }
+        Ok(cluster)
+    }
+
+    fn create(dir: &Path, runner: u32) -> Result<Vec<String>> {
+        let mut nodes = Vec::new();
+        for i in 0..3 {
+            // Two free ports: the client port and the cluster bus port.
+            let (port, bus) = {
+                let a = std::net::TcpListener::bind("127.0.0.1:0")?;
+                let b = std::net::TcpListener::bind("127.0.0.1:0")?;
+                (a.local_addr()?.port(), b.local_addr()?.port())
+            };
+            let node_dir = dir.join(format!("node{i}"));
+            std::fs::create_dir_all(&node_dir)?;
+            // The watchdog: the node lives as long as the test runner does.
+            let script = format!(
+                "redis-server --bind 127.0.0.1 --port {port} --cluster-port {bus} \
+                 --cluster-enabled yes --cluster-config-file nodes.conf --save '' \
+                 --appendonly no --dir {dir} >/dev/null 2>&1 & node=$!; \
+                 while kill -0 {runner} 2>/dev/null && kill -0 $node 2>/dev/null; do sleep 0.5; done; \
+                 kill $node 2>/dev/null; wait",
+                dir = node_dir.display()
+            );
+            Command::new("sh")
+                .arg("-c")
+                .arg(script)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting redis-server for the cluster")?;
+            nodes.push(format!("127.0.0.1:{port}"));
+        }
+        for node in &nodes {
+            let start = Instant::now();
+            while std::net::TcpStream::connect(node).is_err() {
+                if start.elapsed() > Duration::from_secs(10) {
+                    bail!("cluster node {node} did not listen");
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&nodes)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .context("running redis-cli --cluster create")?;
+        if !out.status.success() {
+            bail!("redis-cli --cluster create failed: {}", String::from_utf8_lossy(&out.stdout));
+        }
+        // Every node must agree the cluster is up before clients use it.
+        for node in &nodes {
+            let (host, port) = node.rsplit_once(':').context("node address")?;
+            let start = Instant::now();
+            loop {
+                let info = Command::new("redis-cli")
+                    .args(["-h", host, "-p", port, "CLUSTER", "INFO"])
+                    .output()?;
+                if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
+                    break;
+                }
+                if start.elapsed() > Duration::from_secs(20) {
+                    bail!("cluster node {node} never reported cluster_state:ok");
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(nodes)
+    }
+
+    /// `redis+cluster://127.0.0.1:P1,127.0.0.1:P2,127.0.0.1:P3`.
+    pub fn url(&self) -> String {
+        format!("redis+cluster://{}", self.nodes.join(","))
+    }
+
+    /// A store on the cluster under a namespace no other store of the run uses.
+    pub async fn store(&self) -> Result<Store> {
+        self.store_with(|_| {}).await
+    }
+
+    /// Like [`RedisCluster::store`], after `adjust` changed the configuration.
+    pub async fn store_with(&self, adjust: impl FnOnce(&mut StoreConfig)) -> Result<Store> {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let ns = format!("t{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+        let mut config = StoreConfig::new(self.url()).with_namespace(ns);
+        adjust(&mut config);
+        Ok(Store::connect(config).await?)
+    }
+
+    /// A cluster connection, for tests that inspect or damage state by hand.
+    pub async fn raw(&self) -> Result<redis::cluster_async::ClusterConnection> {
+        let nodes: Vec<String> = self.nodes.iter().map(|n| format!("redis://{n}")).collect();
+        let client = redis::cluster::ClusterClient::new(nodes)?;
+        Ok(client.get_async_connection().await?)
+    }
+}

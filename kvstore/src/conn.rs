@@ -19,11 +19,27 @@ const IDLE_CHECK: Duration = Duration::from_secs(1);
 use deadpool_redis::{Pool, PoolConfig, Runtime, Timeouts};
 use redis::AsyncConnectionConfig;
 use redis::aio::MultiplexedConnection;
+use redis::cluster_async::ClusterConnection;
 
 use crate::config::StoreConfig;
 use crate::error::{Error, Result};
 
 pub(crate) struct Connections {
+    backend: Backend,
+}
+
+enum Backend {
+    /// One server (or a proxy): a deadpool pool and lanes taken from it.
+    Pooled(Pooled),
+    /// A Redis Cluster: one cluster connection shared by all ordinary operations (it is
+    /// multiplexed, follows MOVED/ASK and reconnects by itself), one more per blocking reader.
+    Cluster {
+        client: redis::cluster::ClusterClient,
+        shared: tokio::sync::Mutex<Option<ClusterConnection>>,
+    },
+}
+
+struct Pooled {
     pool: Pool,
     lanes: Vec<Mutex<Option<deadpool_redis::Connection>>>,
     /// When each lane was last lent, in ms since `epoch`.
@@ -32,9 +48,50 @@ pub(crate) struct Connections {
     next: AtomicUsize,
 }
 
+/// A connection of any backend.
+pub(crate) enum Conn {
+    Shared(MultiplexedConnection),
+    Pooled(deadpool_redis::Connection),
+    Cluster(ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Conn::Shared(c) => c.req_packed_command(cmd),
+            Conn::Pooled(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Conn::Shared(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Pooled(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Shared(c) => c.get_db(),
+            Conn::Pooled(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
 /// A connection lent for one operation, with a way to report that it broke.
 pub(crate) struct Lent<'a> {
-    pub(crate) conn: MultiplexedConnection,
+    pub(crate) conn: Conn,
     owner: &'a Connections,
 }
 
@@ -63,9 +120,19 @@ pub(crate) fn is_broken(e: &redis::RedisError) -> bool {
 impl Connections {
     pub(crate) fn new(config: &StoreConfig) -> Result<Connections> {
         let url = normalise_url(&config.url)?;
-        if url.starts_with("rediss://") {
+        if url.starts_with("rediss") {
             // rustls needs one process-wide crypto provider; an error means one is set already.
             let _ = rustls::crypto::ring::default_provider().install_default();
+        }
+        if let Some(nodes) = cluster_nodes(&url) {
+            let client = redis::cluster::ClusterClientBuilder::new(nodes)
+                .connection_timeout(config.connect_timeout)
+                .response_timeout(config.response_timeout)
+                .build()
+                .map_err(|e| Error::invalid("redis_url", e.to_string()))?;
+            return Ok(Connections {
+                backend: Backend::Cluster { client, shared: tokio::sync::Mutex::new(None) },
+            });
         }
         let connection_config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(config.connect_timeout))
@@ -85,54 +152,89 @@ impl Connections {
             .map_err(|e| Error::Pool(e.to_string()))?;
         let lanes = (0..config.lanes.max(1)).map(|_| Mutex::new(None)).collect();
         let last_used = (0..config.lanes.max(1)).map(|_| AtomicU64::new(0)).collect();
-        Ok(Connections { pool, lanes, last_used, epoch: Instant::now(), next: AtomicUsize::new(0) })
+        Ok(Connections {
+            backend: Backend::Pooled(Pooled {
+                pool,
+                lanes,
+                last_used,
+                epoch: Instant::now(),
+                next: AtomicUsize::new(0),
+            }),
+        })
     }
 
     /// A shared multiplexed connection for one non-blocking operation.
     pub(crate) async fn shared(&self) -> Result<Lent<'_>> {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.lanes.len();
-        let lane = &self.lanes[i];
-        let now = self.epoch.elapsed().as_millis() as u64;
-        let idle = now.saturating_sub(self.last_used[i].swap(now, Ordering::Relaxed));
+        let p = match &self.backend {
+            Backend::Pooled(p) => p,
+            Backend::Cluster { client, shared } => {
+                let mut slot = shared.lock().await;
+                if let Some(c) = slot.as_ref() {
+                    return Ok(Lent { conn: Conn::Cluster(c.clone()), owner: self });
+                }
+                let c = client.get_async_connection().await.map_err(Error::Redis)?;
+                *slot = Some(c.clone());
+                return Ok(Lent { conn: Conn::Cluster(c), owner: self });
+            }
+        };
+        let i = p.next.fetch_add(1, Ordering::Relaxed) % p.lanes.len();
+        let lane = &p.lanes[i];
+        let now = p.epoch.elapsed().as_millis() as u64;
+        let idle = now.saturating_sub(p.last_used[i].swap(now, Ordering::Relaxed));
         if let Some(mut conn) =
             lane.lock().ok().and_then(|slot| slot.as_ref().map(|c| (**c).clone()))
         {
             if idle < IDLE_CHECK.as_millis() as u64 {
-                return Ok(Lent { conn, owner: self });
+                return Ok(Lent { conn: Conn::Shared(conn), owner: self });
             }
             let pong: redis::RedisResult<()> = redis::cmd("PING").query_async(&mut conn).await;
             match pong {
-                Ok(()) => return Ok(Lent { conn, owner: self }),
+                Ok(()) => return Ok(Lent { conn: Conn::Shared(conn), owner: self }),
                 Err(e) if is_broken(&e) => self.reset_lanes(),
-                Err(_) => return Ok(Lent { conn, owner: self }),
+                Err(_) => return Ok(Lent { conn: Conn::Shared(conn), owner: self }),
             }
         }
-        let fresh = self.pool.get().await.map_err(|e| Error::Pool(e.to_string()))?;
-        self.report_pool();
+        let fresh = p.pool.get().await.map_err(|e| Error::Pool(e.to_string()))?;
+        p.report_pool();
         let conn = (*fresh).clone();
         if let Ok(mut slot) = lane.lock()
             && slot.is_none()
         {
             *slot = Some(fresh);
         }
-        Ok(Lent { conn, owner: self })
+        Ok(Lent { conn: Conn::Shared(conn), owner: self })
     }
 
     fn reset_lanes(&self) {
-        for lane in &self.lanes {
-            if let Ok(mut slot) = lane.lock() {
-                *slot = None;
+        match &self.backend {
+            Backend::Pooled(p) => {
+                for lane in &p.lanes {
+                    if let Ok(mut slot) = lane.lock() {
+                        *slot = None;
+                    }
+                }
             }
+            // The cluster connection reconnects to the nodes itself.
+            Backend::Cluster { .. } => {}
         }
     }
 
-    /// A connection of its own, for blocking reads; returned to the pool when dropped.
-    pub(crate) async fn dedicated(&self) -> Result<deadpool_redis::Connection> {
-        let conn = self.pool.get().await.map_err(|e| Error::Pool(e.to_string()));
-        self.report_pool();
-        conn
+    /// A connection of its own, for blocking reads; a pooled one goes back when dropped.
+    pub(crate) async fn dedicated(&self) -> Result<Conn> {
+        match &self.backend {
+            Backend::Pooled(p) => {
+                let conn = p.pool.get().await.map_err(|e| Error::Pool(e.to_string()));
+                p.report_pool();
+                conn.map(Conn::Pooled)
+            }
+            Backend::Cluster { client, .. } => {
+                client.get_async_connection().await.map(Conn::Cluster).map_err(Error::Redis)
+            }
+        }
     }
+}
 
+impl Pooled {
     /// Publishes the pool's use as a metric (when connections are taken, not per call).
     fn report_pool(&self) {
         let s = self.pool.status();
@@ -142,18 +244,54 @@ impl Connections {
     }
 }
 
+/// The node URLs of a `redis+cluster://a:1,b:2` (or `rediss+cluster://`) URL; None for any
+/// other form. Credentials given once apply to every node.
+fn cluster_nodes(url: &str) -> Option<Vec<String>> {
+    let (scheme, rest) = if let Some(r) = url.strip_prefix("redis+cluster://") {
+        ("redis", r)
+    } else {
+        ("rediss", url.strip_prefix("rediss+cluster://")?)
+    };
+    let (auth, hosts) = match rest.rsplit_once('@') {
+        Some((a, h)) => (format!("{a}@"), h),
+        None => (String::new(), rest),
+    };
+    let hosts = hosts.trim_end_matches('/');
+    Some(
+        hosts
+            .split(',')
+            .filter(|h| !h.is_empty())
+            .map(|h| format!("{scheme}://{auth}{h}"))
+            .collect(),
+    )
+}
+
 /// Accepts `unix:///path` as well as the redis crate's own URL forms.
 fn normalise_url(url: &str) -> Result<String> {
     if url.is_empty() {
         return Err(Error::invalid("redis_url", "must not be empty"));
     }
-    let ok =
-        ["redis://", "rediss://", "unix://", "redis+unix://"].iter().any(|p| url.starts_with(p));
+    let ok = [
+        "redis://",
+        "rediss://",
+        "unix://",
+        "redis+unix://",
+        "redis+cluster://",
+        "rediss+cluster://",
+    ]
+    .iter()
+    .any(|p| url.starts_with(p));
     if !ok {
         return Err(Error::invalid(
             "redis_url",
-            format!("{url:?} must start with redis://, rediss:// or unix://"),
+            format!(
+                "{url:?} must start with redis://, rediss://, unix://, or redis+cluster:// \
+                 (rediss+cluster://) for a Redis Cluster"
+            ),
         ));
+    }
+    if cluster_nodes(url).is_some_and(|n| n.is_empty()) {
+        return Err(Error::invalid("redis_url", "a cluster URL must name at least one node"));
     }
     Ok(url.to_string())
 }

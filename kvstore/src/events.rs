@@ -161,7 +161,7 @@ fn clamp_block(store: &Store, block: Duration) -> Duration {
 /// after it broke.
 #[derive(Default)]
 pub(crate) struct BlockingReader {
-    conn: Option<deadpool_redis::Connection>,
+    conn: Option<crate::conn::Conn>,
 }
 
 impl BlockingReader {
@@ -186,7 +186,7 @@ impl BlockingReader {
             cmd.arg("BLOCK").arg(block.as_millis() as u64);
         }
         cmd.arg("STREAMS").arg(key).arg(after);
-        let r: redis::RedisResult<Option<StreamReadReply>> = cmd.query_async(&mut **conn).await;
+        let r: redis::RedisResult<Option<StreamReadReply>> = cmd.query_async(conn).await;
         match r {
             Ok(reply) => {
                 Ok(reply.and_then(|r| r.keys.into_iter().next()).map(|k| k.ids).unwrap_or_default())

@@ -109,4 +109,19 @@ async fn every_client_command_and_its_failures() {
     }
     let out = ok(&sllm(&["deploy", "--help"]).await, "deploy help");
     assert!(out.contains("ServerlessLLM deploy JSON") && out.contains("--wait"), "{out}");
+
+    // Even killed outright, `sllm up` leaves no redis-server behind.
+    let mut up = up;
+    let pid = up.proc.pid();
+    up.proc.kill();
+    let mut left = String::new();
+    for _ in 0..30 {
+        let o = shell(&format!("pgrep -f '[s]llm-up-{pid}/redis.sock' || true")).await;
+        left = text(&o).0.trim().to_string();
+        if left.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(left.is_empty(), "redis-server outlived a killed `sllm up`: {left}");
 }

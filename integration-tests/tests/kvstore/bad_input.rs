@@ -31,7 +31,7 @@ async fn hostile_names_never_reach_a_key() {
     store.create_deployment(&spec("m")).await.unwrap();
     ready_worker(&store, "w1", 1).await;
     let lease = lead(&store, "s").await;
-    let before = dbsize(&redis).await;
+    let before = dbsize(&redis, &store).await;
     for name in hostile_names() {
         assert_invalid(store.create_deployment(&spec(&name)).await.unwrap_err(), "model");
         assert_invalid(store.get_deployment(&name).await.unwrap_err(), "model");
@@ -61,7 +61,7 @@ async fn hostile_names_never_reach_a_key() {
     }
     assert_invalid(store.ack_command("w1", "0-0 OR 1").await.unwrap_err(), "stream_id");
     assert_invalid(store.read_commands("w1", "+", 1).await.unwrap_err(), "after");
-    assert_eq!(dbsize(&redis).await, before, "nothing was written");
+    assert_eq!(dbsize(&redis, &store).await, before, "nothing was written");
     let err =
         Store::connect(StoreConfig::new(redis.url()).with_namespace("a}b")).await.err().unwrap();
     assert_invalid(err, "namespace");
@@ -72,7 +72,7 @@ async fn hostile_names_never_reach_a_key() {
 #[tokio::test]
 async fn deployment_specs_are_checked_field_by_field() {
     let (redis, store) = setup().await;
-    let before = dbsize(&redis).await;
+    let before = dbsize(&redis, &store).await;
     let policy = |f: fn(&mut AutoScaling)| {
         let mut s = spec("m");
         f(&mut s.autoscaling);
@@ -100,7 +100,7 @@ async fn deployment_specs_are_checked_field_by_field() {
             .unwrap_err(),
         "auto_scaling_config.target",
     );
-    assert_eq!(dbsize(&redis).await, before);
+    assert_eq!(dbsize(&redis, &store).await, before);
 }
 
 #[tokio::test]

@@ -69,7 +69,7 @@ async fn placement_refusals() {
     ready_worker(&store, "w1", 2).await;
     let lease = lead(&store, "s").await;
     store.create_instance(&lease, &placement("i1", "m", "w1", &[0])).await.unwrap();
-    let before = dbsize(&redis).await;
+    let before = dbsize(&redis, &store).await;
 
     let cases: Vec<(kvstore::Placement, Refusal)> = vec![
         (placement("i1", "m", "w1", &[1]), Refusal::AlreadyExists),
@@ -92,7 +92,7 @@ async fn placement_refusals() {
     let err =
         store.create_instance(&lease, &placement("i2", "m", "w1", &[1, 1])).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidArgument);
-    assert_eq!(dbsize(&redis).await, before, "refusals write nothing");
+    assert_eq!(dbsize(&redis, &store).await, before, "refusals write nothing");
     assert_eq!(store.read_commands("w1", "0-0", 10).await.unwrap().len(), 1, "no command sent");
     assert_consistent(&store).await;
 }

@@ -1,7 +1,6 @@
 use std::time::Duration;
 
 use kvstore::{EventBatch, Position, Store};
-use sllm_integration_tests::RedisServer;
 
 use crate::*;
 
@@ -122,7 +121,7 @@ async fn a_blocked_reader_wakes_on_the_next_event_and_survives_a_dropped_connect
 
 #[tokio::test]
 async fn a_reader_behind_the_trim_is_told_to_resync() {
-    let redis = RedisServer::start_with(&["--stream-node-max-entries", "2"]).unwrap();
+    let redis = Redis::start_with(&["--stream-node-max-entries", "2"]).unwrap();
     let store: Store = redis.store_with(|c| c.events_maxlen = 4).await.unwrap();
     store.create_deployment(&spec("m0")).await.unwrap();
     let mut reader = store.event_reader(store.event_position().await.unwrap());

@@ -8,14 +8,14 @@ use crate::*;
 #[tokio::test]
 async fn a_refused_token_stores_nothing() {
     let (redis, store) = setup().await;
-    let before = dbsize(&redis).await;
+    let before = dbsize(&redis, &store).await;
     let err = store
         .register_worker("w1", false, "10.0.0.1", LEASE, &inventory(1), "test")
         .await
         .unwrap_err();
     assert_eq!(err.refusal(), Some(&Refusal::Unauthenticated));
     assert_eq!(err.kind(), ErrorKind::Unauthenticated);
-    assert_eq!(dbsize(&redis).await, before);
+    assert_eq!(dbsize(&redis, &store).await, before);
     assert!(store.get_worker("w1").await.unwrap().is_none());
 }
 
@@ -91,11 +91,11 @@ async fn an_address_held_by_a_live_node_is_refused_until_its_lease_ends() {
     let (redis, store) = setup().await;
     let short = Duration::from_millis(200);
     store.register_worker("w1", true, "10.1.1.1", short, &inventory(1), "t").await.unwrap();
-    let before = dbsize(&redis).await;
+    let before = dbsize(&redis, &store).await;
     let err =
         store.register_worker("w2", true, "10.1.1.1", LEASE, &inventory(1), "t").await.unwrap_err();
     assert_eq!(err.refusal(), Some(&Refusal::AddressInUse { holder: "w1".into() }));
-    assert_eq!(dbsize(&redis).await, before, "a refused registration writes nothing");
+    assert_eq!(dbsize(&redis, &store).await, before, "a refused registration writes nothing");
     assert!(store.get_worker("w2").await.unwrap().is_none());
 
     tokio::time::sleep(Duration::from_millis(300)).await;

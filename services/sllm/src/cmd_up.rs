@@ -47,7 +47,9 @@ pub struct UpArgs {
     time_scale: f64,
 }
 
-/// A private redis-server, stopped (and its directory removed) when dropped.
+/// A private redis-server, stopped (and its directory removed) when dropped. It runs under a
+/// small shell watchdog that stops it if `sllm up` dies without cleaning up (SIGKILL, a crash),
+/// so no redis-server outlives it.
 struct PrivateRedis {
     child: Child,
     dir: PathBuf,
@@ -69,11 +71,26 @@ impl PrivateRedis {
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create {}", dir.display()))?;
         let socket = dir.join("redis.sock");
-        let child = Command::new("redis-server")
-            .args(["--port", "0", "--unixsocket"])
-            .arg(&socket)
-            .args(["--unixsocketperm", "700", "--save", "", "--appendonly", "no", "--dir"])
-            .arg(&dir)
+        let quote =
+            |p: &std::path::Path| format!("'{}'", p.display().to_string().replace('\'', "'\\''"));
+        let script = format!(
+            "redis-server --port 0 --unixsocket {socket} --unixsocketperm 700 --save '' \
+             --appendonly no --dir {dir} &\n\
+             r=$!\n\
+             trap 'kill -TERM $r 2>/dev/null; wait $r; exit 0' TERM INT\n\
+             while kill -0 $r 2>/dev/null; do\n\
+             \x20 if ! kill -0 {parent} 2>/dev/null; then kill -TERM $r; wait $r; rm -rf {dir}; exit 0; fi\n\
+             \x20 sleep 0.2\n\
+             done\n\
+             wait $r",
+            socket = quote(&socket),
+            dir = quote(&dir),
+            parent = std::process::id(),
+        );
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
