@@ -33,10 +33,12 @@ enum Backend {
     Pooled(Pooled),
     /// A Redis Cluster: one cluster connection shared by all ordinary operations (it is
     /// multiplexed, follows MOVED/ASK and reconnects by itself), one more per blocking reader.
-    Cluster {
-        client: redis::cluster::ClusterClient,
-        shared: tokio::sync::Mutex<Option<ClusterConnection>>,
-    },
+    Cluster(Box<Clustered>),
+}
+
+struct Clustered {
+    client: redis::cluster::ClusterClient,
+    shared: tokio::sync::Mutex<Option<ClusterConnection>>,
 }
 
 struct Pooled {
@@ -131,7 +133,10 @@ impl Connections {
                 .build()
                 .map_err(|e| Error::invalid("redis_url", e.to_string()))?;
             return Ok(Connections {
-                backend: Backend::Cluster { client, shared: tokio::sync::Mutex::new(None) },
+                backend: Backend::Cluster(Box::new(Clustered {
+                    client,
+                    shared: tokio::sync::Mutex::new(None),
+                })),
             });
         }
         let connection_config = AsyncConnectionConfig::new()
@@ -167,14 +172,14 @@ impl Connections {
     pub(crate) async fn shared(&self) -> Result<Lent<'_>> {
         let p = match &self.backend {
             Backend::Pooled(p) => p,
-            Backend::Cluster { client, shared } => {
-                let mut slot = shared.lock().await;
+            Backend::Cluster(c) => {
+                let mut slot = c.shared.lock().await;
                 if let Some(c) = slot.as_ref() {
                     return Ok(Lent { conn: Conn::Cluster(c.clone()), owner: self });
                 }
-                let c = client.get_async_connection().await.map_err(Error::Redis)?;
-                *slot = Some(c.clone());
-                return Ok(Lent { conn: Conn::Cluster(c), owner: self });
+                let conn = c.client.get_async_connection().await.map_err(Error::Redis)?;
+                *slot = Some(conn.clone());
+                return Ok(Lent { conn: Conn::Cluster(conn), owner: self });
             }
         };
         let i = p.next.fetch_add(1, Ordering::Relaxed) % p.lanes.len();
@@ -215,7 +220,7 @@ impl Connections {
                 }
             }
             // The cluster connection reconnects to the nodes itself.
-            Backend::Cluster { .. } => {}
+            Backend::Cluster(_) => {}
         }
     }
 
@@ -227,8 +232,8 @@ impl Connections {
                 p.report_pool();
                 conn.map(Conn::Pooled)
             }
-            Backend::Cluster { client, .. } => {
-                client.get_async_connection().await.map(Conn::Cluster).map_err(Error::Redis)
+            Backend::Cluster(c) => {
+                c.client.get_async_connection().await.map(Conn::Cluster).map_err(Error::Redis)
             }
         }
     }
