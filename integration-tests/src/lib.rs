@@ -821,3 +821,44 @@ impl RedisCluster {
         Ok(client.get_async_connection().await?)
     }
 }
+
+/// A private certificate authority and PEM files signed by it, in a temporary directory: a
+/// server certificate for `localhost` and `127.0.0.1`, and a client certificate.
+pub struct TestPki {
+    dir: tempfile::TempDir,
+}
+
+impl TestPki {
+    /// Generates the CA, the server and the client certificates.
+    pub fn generate() -> Result<TestPki> {
+        use rcgen::{
+            BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
+            IsCa, KeyPair, KeyUsagePurpose,
+        };
+        let dir = tempfile::Builder::new().prefix("sllm-pki-").tempdir()?;
+        let mut ca = CertificateParams::new(Vec::<String>::new())?;
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name.push(DnType::CommonName, "sllm test CA");
+        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate()?)?;
+        std::fs::write(dir.path().join("ca.pem"), ca.pem())?;
+        for (name, purpose) in [
+            ("server", ExtendedKeyUsagePurpose::ServerAuth),
+            ("client", ExtendedKeyUsagePurpose::ClientAuth),
+        ] {
+            let mut p = CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])?;
+            p.distinguished_name.push(DnType::CommonName, format!("sllm test {name}"));
+            p.extended_key_usages = vec![purpose];
+            let key = KeyPair::generate()?;
+            let cert = p.signed_by(&key, &ca)?;
+            std::fs::write(dir.path().join(format!("{name}.pem")), cert.pem())?;
+            std::fs::write(dir.path().join(format!("{name}.key")), key.serialize_pem())?;
+        }
+        Ok(TestPki { dir })
+    }
+
+    /// A file of the PKI: `ca.pem`, `server.pem`, `server.key`, `client.pem`, `client.key`.
+    pub fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+}

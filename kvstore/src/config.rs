@@ -24,6 +24,12 @@ pub struct StoreConfig {
     pub events_maxlen: u64,
     /// How long a stopped or failed instance's record stays readable.
     pub terminal_ttl: Duration,
+    /// For `rediss://`: PEM CA bundle the server's certificate must chain to (none: the
+    /// bundled web roots).
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// For `rediss://`: PEM client certificate and key, for servers that verify clients
+    /// (Redis does by default: `tls-auth-clients yes`).
+    pub tls_client: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 impl Default for StoreConfig {
@@ -38,6 +44,8 @@ impl Default for StoreConfig {
             wait_timeout: Duration::from_secs(2),
             events_maxlen: 100_000,
             terminal_ttl: Duration::from_secs(3600),
+            tls_ca: None,
+            tls_client: None,
         }
     }
 }

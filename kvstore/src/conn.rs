@@ -126,12 +126,21 @@ impl Connections {
             // rustls needs one process-wide crypto provider; an error means one is set already.
             let _ = rustls::crypto::ring::default_provider().install_default();
         }
+        let certs = tls_certificates(config)?;
+        if certs.is_some() && !url.starts_with("rediss") {
+            return Err(Error::invalid(
+                "redis_url",
+                "TLS files were given, so the URL must be rediss:// (or rediss+cluster://)",
+            ));
+        }
         if let Some(nodes) = cluster_nodes(&url) {
-            let client = redis::cluster::ClusterClientBuilder::new(nodes)
+            let mut builder = redis::cluster::ClusterClientBuilder::new(nodes)
                 .connection_timeout(config.connect_timeout)
-                .response_timeout(config.response_timeout)
-                .build()
-                .map_err(|e| Error::invalid("redis_url", e.to_string()))?;
+                .response_timeout(config.response_timeout);
+            if let Some(certs) = certs {
+                builder = builder.certs(certs);
+            }
+            let client = builder.build().map_err(|e| Error::invalid("redis_url", e.to_string()))?;
             return Ok(Connections {
                 backend: Backend::Cluster(Box::new(Clustered {
                     client,
@@ -142,8 +151,18 @@ impl Connections {
         let connection_config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(config.connect_timeout))
             .set_response_timeout(Some(config.response_timeout));
-        let manager = deadpool_redis::Manager::new_with_config(url, connection_config)
-            .map_err(|e| Error::invalid("redis_url", e.to_string()))?;
+        let manager = match certs {
+            Some(certs) => {
+                let client = redis::Client::build_with_tls(url, certs)
+                    .map_err(|e| Error::invalid("redis_url", e.to_string()))?;
+                deadpool_redis::Manager::new_with_config(
+                    client.get_connection_info().clone(),
+                    connection_config,
+                )
+            }
+            None => deadpool_redis::Manager::new_with_config(url, connection_config),
+        }
+        .map_err(|e| Error::invalid("redis_url", e.to_string()))?;
         let mut pool_config = PoolConfig::new(config.pool_size.max(config.lanes + 1));
         pool_config.timeouts = Timeouts {
             wait: Some(config.wait_timeout),
@@ -247,6 +266,28 @@ impl Pooled {
         pool.with_label_values(&["in_use"]).set((s.size - s.available) as i64);
         pool.with_label_values(&["idle"]).set(s.available as i64);
     }
+}
+
+/// The CA and client identity for `rediss://`, read from the configured PEM files.
+fn tls_certificates(config: &StoreConfig) -> Result<Option<redis::TlsCertificates>> {
+    let read = |field: &'static str, p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| Error::invalid(field, format!("{}: {e}", p.display())))
+    };
+    let root_cert = match &config.tls_ca {
+        Some(p) => Some(read("redis_tls_ca", p)?),
+        None => None,
+    };
+    let client_tls = match &config.tls_client {
+        Some((c, k)) => Some(redis::ClientTlsConfig {
+            client_cert: read("redis_tls_cert", c)?,
+            client_key: read("redis_tls_key", k)?,
+        }),
+        None => None,
+    };
+    if root_cert.is_none() && client_tls.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(redis::TlsCertificates { client_tls, root_cert }))
 }
 
 /// The node URLs of a `redis+cluster://a:1,b:2` (or `rediss+cluster://`) URL; None for any

@@ -1,6 +1,9 @@
-//! API keys on every gRPC and HTTP surface, with the real binary, CLI and curl.
+//! API keys on every gRPC and HTTP surface, and TLS on every listener, from workers and to
+//! Redis, with the real binary, CLI and curl.
 
 #![allow(clippy::unwrap_used)]
+
+mod tls;
 
 use sllm_api::v1 as pb;
 use sllm_integration_tests::{JOIN_SECRET, Proc, RedisServer};
@@ -17,7 +20,7 @@ fn with_key<T>(msg: T, key: Option<&str>) -> tonic::Request<T> {
     r
 }
 
-async fn run(cmd: &str, args: &[&str]) -> (bool, String, String) {
+pub async fn run(cmd: &str, args: &[&str]) -> (bool, String, String) {
     let o = tokio::process::Command::new(cmd).args(args).output().await.unwrap();
     (
         o.status.success(),

@@ -29,12 +29,7 @@ pub(crate) async fn serve(
     listener: service::Listener,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-    let listener = listener.into_tokio().tap_io(|tcp| {
-        // Small SSE chunks must not wait for Nagle.
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(listener, router(dispatch)).with_graceful_shutdown(shutdown.cancelled_owned()).await
+    service::serve::serve_http(listener, router(dispatch), shutdown).await
 }
 
 /// The API's routes.

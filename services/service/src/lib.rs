@@ -9,7 +9,10 @@ pub mod convert;
 pub mod join_token;
 pub mod serve;
 pub mod status;
+pub mod tls;
 
 pub use join_token::JoinSecret;
-pub use serve::{Listener, reflection_v1, reflection_v1alpha, serve_metrics, shutdown_signal};
+pub use serve::{
+    Listener, reflection_v1, reflection_v1alpha, serve_http, serve_metrics, shutdown_signal,
+};
 pub use status::{field_status, to_status};

@@ -11,10 +11,11 @@ use tokio_stream::Stream;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
 
-/// A bound TCP listener.
+/// A bound TCP listener, with TLS for the HTTP servers on it if configured.
 pub struct Listener {
     inner: TcpListener,
     addr: SocketAddr,
+    tls: Option<std::sync::Arc<rustls::ServerConfig>>,
 }
 
 impl Listener {
@@ -24,7 +25,14 @@ impl Listener {
             .await
             .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
         let addr = inner.local_addr()?;
-        Ok(Listener { inner, addr })
+        Ok(Listener { inner, addr, tls: None })
+    }
+
+    /// HTTP served with [`serve_http`] on this listener speaks TLS. (gRPC servers take their
+    /// TLS from tonic's `Server::tls_config`.)
+    pub fn with_tls(mut self, config: std::sync::Arc<rustls::ServerConfig>) -> Listener {
+        self.tls = Some(config);
+        self
     }
 
     /// The address actually bound.
@@ -45,6 +53,98 @@ impl Listener {
             conn.set_nodelay(true)?;
             Ok(conn)
         })
+    }
+}
+
+/// Serves `app` over HTTP/1.1 and HTTP/2 on `listener` until `shutdown`: TCP_NODELAY on every
+/// connection (small SSE chunks must not wait for Nagle), TLS if the listener has it.
+pub async fn serve_http(
+    listener: Listener,
+    app: axum::Router,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    match listener.tls {
+        None => {
+            let l = listener.inner.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
+            axum::serve(l, app).with_graceful_shutdown(shutdown.cancelled_owned()).await
+        }
+        Some(config) => {
+            let l = TlsListener::new(listener.inner, listener.addr, config);
+            axum::serve(l, app).with_graceful_shutdown(shutdown.cancelled_owned()).await
+        }
+    }
+}
+
+/// Accepts TCP connections and completes TLS handshakes in tasks of their own (a slow or
+/// hostile client cannot hold up the others), handing over the finished ones.
+struct TlsListener {
+    ready: tokio::sync::mpsc::Receiver<(tokio_rustls::server::TlsStream<TcpStream>, SocketAddr)>,
+    addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TlsListener {
+    fn new(
+        inner: TcpListener,
+        addr: SocketAddr,
+        config: std::sync::Arc<rustls::ServerConfig>,
+    ) -> TlsListener {
+        let (tx, ready) = tokio::sync::mpsc::channel(64);
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        let task = tokio::spawn(async move {
+            loop {
+                let (tcp, peer) = match inner.accept().await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                        continue;
+                    }
+                };
+                let _ = tcp.set_nodelay(true);
+                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let handshake = tokio::time::timeout(
+                        std::time::Duration::from_secs(10),
+                        acceptor.accept(tcp),
+                    );
+                    match handshake.await {
+                        Ok(Ok(tls)) => {
+                            let _ = tx.send((tls, peer)).await;
+                        }
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                });
+            }
+        });
+        TlsListener { ready, addr, task }
+    }
+}
+
+impl Drop for TlsListener {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.ready.recv().await {
+            Some(c) => c,
+            // The accept task ended (only when dropped): nothing will come.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        Ok(self.addr)
     }
 }
 
@@ -104,5 +204,5 @@ pub async fn serve_metrics(
             )
         }),
     );
-    axum::serve(listener.into_tokio(), app).with_graceful_shutdown(shutdown.cancelled_owned()).await
+    serve_http(listener, app, shutdown).await
 }

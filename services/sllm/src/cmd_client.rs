@@ -34,6 +34,16 @@ pub struct Conn {
     /// API key, if the cluster checks them.
     #[arg(long, env = "SLLM_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    /// PEM CA bundle an https:// endpoint's certificate must chain to (default: the bundled
+    /// web roots).
+    #[arg(long, env = "SLLM_TLS_CA")]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// PEM client certificate, for a cluster that verifies clients (mutual TLS).
+    #[arg(long, env = "SLLM_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// PEM key of --tls-cert.
+    #[arg(long, env = "SLLM_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
 }
 
 impl Conn {
@@ -54,10 +64,17 @@ impl Conn {
         } else {
             format!("http://{}", self.endpoint)
         };
-        tonic::transport::Endpoint::from_shared(endpoint.clone())
+        let ep = tonic::transport::Endpoint::from_shared(endpoint.clone())
             .with_context(|| format!("bad endpoint {endpoint:?}"))?
             .connect_timeout(Duration::from_secs(3))
-            .tcp_nodelay(true)
+            .tcp_nodelay(true);
+        let tls = service::tls::ClientTls {
+            ca: self.tls_ca.clone(),
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+        };
+        tls.apply(ep)
+            .map_err(anyhow::Error::msg)?
             .connect()
             .await
             .map_err(|e| anyhow::anyhow!("cannot reach sllm at {endpoint}: {e} (is `sllm up` running? set --endpoint or SLLM_ENDPOINT)"))

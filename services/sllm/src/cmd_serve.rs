@@ -79,6 +79,24 @@ pub struct ServeArgs {
     /// Scaler leader lease, in milliseconds.
     #[arg(long, env = "SLLM_SCALER_LEASE_MS", default_value_t = 3000)]
     pub scaler_lease_ms: u64,
+    /// PEM certificate chain: serve gRPC, the OpenAI API and /metrics over TLS (with --tls-key).
+    #[arg(long, env = "SLLM_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "SLLM_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// PEM CA bundle: require client certificates that chain to it (mutual TLS).
+    #[arg(long, env = "SLLM_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<std::path::PathBuf>,
+    /// PEM CA bundle the Redis server's certificate must chain to (with rediss://).
+    #[arg(long, env = "SLLM_REDIS_CA")]
+    pub redis_ca: Option<std::path::PathBuf>,
+    /// PEM client certificate for Redis (with rediss://, when Redis verifies clients).
+    #[arg(long, env = "SLLM_REDIS_CERT", requires = "redis_key")]
+    pub redis_cert: Option<std::path::PathBuf>,
+    /// PEM key of --redis-cert.
+    #[arg(long, env = "SLLM_REDIS_KEY", requires = "redis_cert")]
+    pub redis_key: Option<std::path::PathBuf>,
 }
 
 /// What a running `serve` listens on.
@@ -120,6 +138,20 @@ pub async fn start(
     let wants = |s: ServiceName| all || args.services.contains(&s);
     let mut config = StoreConfig::new(&args.redis_url).with_namespace(&args.namespace);
     config.pool_size = args.redis_pool_size;
+    config.tls_ca = args.redis_ca.clone();
+    config.tls_client = args.redis_cert.clone().zip(args.redis_key.clone());
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(
+            service::tls::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: args.tls_client_ca.clone(),
+            }
+            .load()
+            .map_err(anyhow::Error::msg)?,
+        ),
+        _ => None,
+    };
     let store = Store::connect(config)
         .await
         .with_context(|| format!("cannot use Redis at {}", args.redis_url))?;
@@ -135,7 +167,11 @@ pub async fn start(
 
     let keys = service::auth::ApiKeys::parse(&args.api_keys).map_err(anyhow::Error::msg)?;
     let (reporter, health) = tonic_health::server::health_reporter();
-    let mut router = tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = &tls {
+        server = server.tls_config(tls.grpc.clone()).context("TLS for gRPC")?;
+    }
+    let mut router = server
         .layer(service::auth::AuthLayer(keys.clone()))
         .max_concurrent_streams(Some(1 << 20))
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
@@ -148,7 +184,10 @@ pub async fn start(
     let mut openai = None;
     let mut metrics = None;
     if args.metrics_addr != "off" {
-        let l = Listener::bind(&args.metrics_addr).await?;
+        let mut l = Listener::bind(&args.metrics_addr).await?;
+        if let Some(tls) = &tls {
+            l = l.with_tls(tls.http.clone());
+        }
         metrics = Some(l.local_addr());
         let s = shutdown.clone();
         background.push(Box::pin(async move {
@@ -195,15 +234,19 @@ pub async fn start(
         config.max_queue = args.max_queue;
         config.api_keys = keys.clone();
         let d = dispatch::Dispatch::new(store.clone(), config);
-        let http = Listener::bind(&args.openai_addr).await?;
+        let mut http = Listener::bind(&args.openai_addr).await?;
+        if let Some(tls) = &tls {
+            http = http.with_tls(tls.http.clone());
+        }
         openai = Some(http.local_addr());
         let position = d.load(&shutdown).await;
         reporter
             .set_serving::<sllm_api::v1::dispatch_server::DispatchServer<dispatch::Dispatch>>()
             .await;
         router = router.add_service(d.service().max_decoding_message_size(args.max_message_bytes));
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let advertise =
-            args.dispatch_advertise.clone().unwrap_or_else(|| format!("http://{grpc_addr}"));
+            args.dispatch_advertise.clone().unwrap_or_else(|| format!("{scheme}://{grpc_addr}"));
         let (d2, s) = (d.clone(), shutdown.clone());
         background.push(Box::pin(async move {
             d2.run_background(position, advertise, s).await;

@@ -202,6 +202,13 @@ pub async fn run(args: UpArgs) -> Result<()> {
         replica_id: Some("up".into()),
         scaler_tick_ms: 1000,
         scaler_lease_ms: 3000,
+        // A local demo cluster on loopback: plain text.
+        tls_cert: None,
+        tls_key: None,
+        tls_client_ca: None,
+        redis_ca: None,
+        redis_cert: None,
+        redis_key: None,
     };
     let (bound, services) = cmd_serve::start(serve, shutdown.clone()).await?;
     let services = tokio::spawn(services);

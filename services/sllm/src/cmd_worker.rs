@@ -91,6 +91,16 @@ pub struct WorkerArgs {
     /// Run this many simulated workers in this process.
     #[arg(long, default_value_t = 1)]
     count: usize,
+    /// PEM CA bundle that https:// registries' and Dispatch replicas' certificates must chain
+    /// to (default: the bundled web roots).
+    #[arg(long, env = "SLLM_TLS_CA")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// PEM client certificate, for a control plane that verifies workers (mutual TLS).
+    #[arg(long, env = "SLLM_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// PEM key of --tls-cert.
+    #[arg(long, env = "SLLM_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
 }
 
 pub async fn run(args: WorkerArgs) -> Result<()> {
@@ -117,6 +127,13 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
             (None, None) => bail!("--join-token (or --join-secret) is required"),
         }
     };
+    let tls = service::tls::ClientTls {
+        ca: args.tls_ca.clone(),
+        cert: args.tls_cert.clone(),
+        key: args.tls_key.clone(),
+    }
+    .tonic()
+    .map_err(anyhow::Error::msg)?;
     let shutdown = CancellationToken::new();
     if let Some(addr) = &args.metrics_addr {
         let l = service::Listener::bind(addr).await?;
@@ -129,6 +146,7 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
             if args.count == 1 { args.node_id.clone() } else { format!("{}-{i}", args.node_id) };
         let mut config = AgentConfig::new(args.registries.clone(), node.clone(), token_for(&node)?);
         config.address = if args.count == 1 { args.address.clone() } else { format!("sim-{node}") };
+        config.tls = Some(tls.clone());
         match args.backend {
             BackendKind::Sim => {
                 let sim = SimConfig {

@@ -37,6 +37,21 @@ pub struct AgentConfig {
     pub connect_timeout: Duration,
     /// Fault injection: end each session after this long (the agent then reconnects).
     pub drop_session_after: Option<Duration>,
+    /// TLS for `https://` registries and Dispatch replicas.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
+}
+
+/// `endpoint` with `tls` applied when its scheme is `https`.
+pub(crate) fn secure(
+    endpoint: Endpoint,
+    tls: &Option<tonic::transport::ClientTlsConfig>,
+) -> Result<Endpoint, String> {
+    if endpoint.uri().scheme_str() != Some("https") {
+        return Ok(endpoint);
+    }
+    let tls =
+        tls.clone().unwrap_or_else(|| tonic::transport::ClientTlsConfig::new().with_webpki_roots());
+    endpoint.tls_config(tls).map_err(|e| format!("TLS: {e}"))
 }
 
 impl AgentConfig {
@@ -55,6 +70,7 @@ impl AgentConfig {
             backoff_max: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(2),
             drop_session_after: None,
+            tls: None,
         }
     }
 }
@@ -97,6 +113,7 @@ impl Agent {
             config.node_id.clone(),
             config.join_token.clone(),
             backend.clone(),
+            config.tls.clone(),
         );
         let runner = Runner {
             config,
@@ -212,6 +229,7 @@ impl Runner {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5));
+        let ep = secure(ep, &self.config.tls)?;
         ep.connect().await.map_err(|e| format!("cannot connect to {endpoint}: {e}"))
     }
 

@@ -27,6 +27,7 @@ pub(crate) struct Attachments {
     node: String,
     token: String,
     backend: Arc<dyn Backend>,
+    tls: Option<tonic::transport::ClientTlsConfig>,
     epoch: u64,
     /// Random id of this agent run, sent in every hello.
     run_id: String,
@@ -45,11 +46,17 @@ struct LinkHandle {
 }
 
 impl Attachments {
-    pub(crate) fn new(node: String, token: String, backend: Arc<dyn Backend>) -> Attachments {
+    pub(crate) fn new(
+        node: String,
+        token: String,
+        backend: Arc<dyn Backend>,
+        tls: Option<tonic::transport::ClientTlsConfig>,
+    ) -> Attachments {
         Attachments {
             node,
             token,
             backend,
+            tls,
             epoch: 0,
             run_id: format!("{:016x}", rand::random::<u64>()),
             live: HashMap::new(),
@@ -94,6 +101,7 @@ impl Attachments {
                 epoch,
                 run_id: self.run_id.clone(),
                 backend: self.backend.clone(),
+                tls: self.tls.clone(),
             };
             let (cancel, retire, orphan, done) = (
                 handle.cancel.clone(),
@@ -132,6 +140,7 @@ struct Link {
     epoch: u64,
     run_id: String,
     backend: Arc<dyn Backend>,
+    tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl Link {
@@ -170,12 +179,13 @@ impl Link {
         cancel: &CancellationToken,
         retire: &CancellationToken,
     ) -> Result<(), String> {
-        let channel = Endpoint::from_shared(self.endpoint.clone())
+        let endpoint = Endpoint::from_shared(self.endpoint.clone())
             .map_err(|e| e.to_string())?
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5));
+        let channel = crate::agent::secure(endpoint, &self.tls)?
             .connect()
             .await
             .map_err(|e| e.to_string())?;
