@@ -39,6 +39,7 @@ local K = {
   leader = function(role) return ROOT .. 'leader:' .. role end,
   leader_token = function(role) return ROOT .. 'leader_token:' .. role end,
   demand = function(reporter) return ROOT .. 'demand:' .. reporter end,
+  ratelimit = function(bucket) return ROOT .. 'ratelimit:' .. bucket end,
 }
 
 -- Milliseconds since the Unix epoch, from the Redis server's clock: every lease in the cluster

@@ -130,6 +130,10 @@ impl Keys {
     pub fn dispatcher_endpoints(&self) -> String {
         self.k("dispatcher_endpoints", "")
     }
+    /// A caller's rate-limit token bucket.
+    pub fn ratelimit(&self, bucket: &str) -> String {
+        self.k("ratelimit:", bucket)
+    }
     /// A scratch counter (benchmarks only).
     pub fn scratch(&self, name: &str) -> String {
         self.k("scratch:", name)

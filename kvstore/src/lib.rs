@@ -21,6 +21,7 @@ pub mod invariants;
 pub mod keys;
 pub mod leader;
 pub mod names;
+pub mod ratelimit;
 pub mod record;
 mod scripts;
 pub use scripts::PRELUDE;

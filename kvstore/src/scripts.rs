@@ -43,6 +43,7 @@ pub(crate) struct Scripts {
     pub(crate) demand_event: Script,
     pub(crate) dispatcher_register: Script,
     pub(crate) dispatchers_list: Script,
+    pub(crate) rate_limit: Script,
 }
 
 impl Scripts {
@@ -69,6 +70,7 @@ impl Scripts {
             demand_report: lua!("demand_report"),
             demand_read: lua!("demand_read"),
             demand_event: lua!("demand_event"),
+            rate_limit: lua!("rate_limit"),
             dispatcher_register: lua!("dispatcher_register"),
             dispatchers_list: lua!("dispatchers_list"),
         }

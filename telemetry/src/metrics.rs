@@ -7,8 +7,8 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 // Dispatch.
@@ -29,6 +29,8 @@ pub const DISPATCH_IN_FLIGHT: &str = "sllm_dispatch_in_flight";
 pub const DISPATCH_RETRIES_TOTAL: &str = "sllm_dispatch_retries_total";
 /// Tokens streamed to clients, by model.
 pub const DISPATCH_TOKENS_TOTAL: &str = "sllm_dispatch_tokens_total";
+/// Requests refused by a caller's rate limit.
+pub const DISPATCH_RATE_LIMITED_TOTAL: &str = "sllm_dispatch_rate_limited_total";
 /// Workers attached to this replica.
 pub const DISPATCH_ATTACHED_WORKERS: &str = "sllm_dispatch_attached_workers";
 
@@ -117,6 +119,7 @@ pub struct Dispatch {
     pub retries: IntCounterVec,
     pub tokens: IntCounterVec,
     pub attached: IntGauge,
+    pub rate_limited: IntCounter,
 }
 
 /// The Scaler's metrics.
@@ -184,6 +187,8 @@ pub static DISPATCH: LazyLock<Dispatch> = LazyLock::new(|| Dispatch {
     ),
     tokens: counter(DISPATCH_TOKENS_TOTAL, "Tokens streamed to clients.", &["model"]),
     attached: gauge(DISPATCH_ATTACHED_WORKERS, "Workers attached to this replica.", &[])
+        .with_label_values(&[] as &[&str]),
+    rate_limited: counter(DISPATCH_RATE_LIMITED_TOTAL, "Requests refused by a rate limit.", &[])
         .with_label_values(&[] as &[&str]),
 });
 

@@ -5,6 +5,7 @@
 
 mod cold;
 mod failures;
+mod limits;
 mod openai;
 mod warm;
 

@@ -23,6 +23,8 @@ mod instances;
 mod leader;
 #[path = "../kvstore/races.rs"]
 mod races;
+#[path = "../kvstore/ratelimit.rs"]
+mod ratelimit;
 #[path = "../kvstore/streams.rs"]
 mod streams;
 #[path = "../kvstore/workers.rs"]

@@ -165,7 +165,8 @@ async fn the_lua_prelude_builds_the_same_keys_as_rust() {
          K.deployment('a/b'), K.deployments_status('active'), K.model_instances('a/b'), K.worker('w'), \
          K.workers_status('ready'), K.worker_instances('w'), K.free_gpus('w'), K.address('1.2.3.4'), \
          K.instance('i'), K.instances_status('ready'), K.commands('w'), K.commands_acked('w'), \
-         K.leader('r'), K.leader_token('r'), K.demand_reporters, K.demand('d'), K.dispatchers, K.dispatcher_endpoints}}",
+         K.leader('r'), K.leader_token('r'), K.demand_reporters, K.demand('d'), K.dispatchers, K.dispatcher_endpoints, \
+         K.ratelimit('b')}}",
         kvstore::PRELUDE
     );
     let mut raw = redis.raw().await.unwrap();
@@ -203,6 +204,7 @@ async fn the_lua_prelude_builds_the_same_keys_as_rust() {
         k.demand("d"),
         k.dispatchers(),
         k.dispatcher_endpoints(),
+        k.ratelimit("b"),
     ];
     assert_eq!(lua, rust);
     let tag = format!("{{{}}}", &k.root()[1..k.root().len() - 2]);

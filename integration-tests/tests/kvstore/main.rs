@@ -15,5 +15,6 @@ mod deployments;
 mod instances;
 mod leader;
 mod races;
+mod ratelimit;
 mod streams;
 mod workers;

@@ -34,6 +34,14 @@ pub enum DispatchError {
         /// When to try again.
         retry_after: Duration,
     },
+    /// The caller used up its rate limit.
+    #[error("rate limit of {} requests per second (burst {}) reached; retry in {} ms", limit.per_second, limit.burst, retry_after.as_millis())]
+    RateLimited {
+        /// When a request will be allowed again.
+        retry_after: Duration,
+        /// The limit.
+        limit: kvstore::ratelimit::RateLimit,
+    },
     /// The deadline passed before the request finished.
     #[error("deadline exceeded {0}")]
     Deadline(String),
@@ -53,17 +61,28 @@ impl DispatchError {
             DispatchError::Invalid { .. } => Code::InvalidArgument,
             DispatchError::NotFound(_) | DispatchError::Missing(..) => Code::NotFound,
             DispatchError::Deleting(_) => Code::FailedPrecondition,
-            DispatchError::QueueFull { .. } => Code::ResourceExhausted,
+            DispatchError::QueueFull { .. } | DispatchError::RateLimited { .. } => {
+                Code::ResourceExhausted
+            }
             DispatchError::Deadline(_) => Code::DeadlineExceeded,
             DispatchError::Unavailable(_) => Code::Unavailable,
         };
         let mut status = Status::new(code, self.to_string());
-        if let DispatchError::QueueFull { retry_after, .. } = self
+        if let Some(retry_after) = self.retry_after()
             && let Ok(v) = retry_after.as_millis().to_string().parse()
         {
             status.metadata_mut().insert("retry-after-ms", v);
         }
         status
+    }
+
+    /// When to try again, for refusals that say.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            DispatchError::QueueFull { retry_after, .. }
+            | DispatchError::RateLimited { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        }
     }
 
     /// The HTTP status and OpenAI error type.
@@ -75,6 +94,9 @@ impl DispatchError {
             }
             DispatchError::Deleting(_) => (409, "invalid_request_error", Some("model_deleting")),
             DispatchError::QueueFull { .. } => (429, "rate_limit_error", Some("queue_full")),
+            DispatchError::RateLimited { .. } => {
+                (429, "rate_limit_error", Some("rate_limit_exceeded"))
+            }
             DispatchError::Deadline(_) => (504, "timeout_error", Some("deadline_exceeded")),
             DispatchError::Unavailable(_) => (503, "server_error", Some("unavailable")),
         }

@@ -53,6 +53,11 @@ impl dispatch_server::Dispatch for Dispatch {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<EventStream>, Status> {
+        let authorization = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
+        self.inner
+            .admit(authorization, request.remote_addr().map(|a| a.ip()))
+            .await
+            .map_err(|e| e.to_status())?;
         let header_deadline = grpc_deadline(&request);
         let traceparent = request
             .metadata()

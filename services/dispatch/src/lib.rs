@@ -56,6 +56,9 @@ pub struct DispatchConfig {
     pub breaker_threshold: u32,
     /// ...for this long.
     pub breaker_cooldown: Duration,
+    /// Requests each caller (API key, or IP address without one) may make, shared by every
+    /// replica through a token bucket in Redis; None: unlimited.
+    pub rate_limit: Option<kvstore::ratelimit::RateLimit>,
 }
 
 impl DispatchConfig {
@@ -75,6 +78,7 @@ impl DispatchConfig {
             breaker_threshold: 3,
             breaker_cooldown: Duration::from_secs(5),
             api_keys: service::auth::ApiKeys::default(),
+            rate_limit: None,
         }
     }
 }
@@ -93,6 +97,31 @@ pub(crate) struct Inner {
 }
 
 impl Inner {
+    /// Takes a token from the caller's bucket when a rate limit is set. Redis away: the request
+    /// is let through (warm traffic keeps flowing during an outage), with a warning.
+    pub(crate) async fn admit(
+        &self,
+        authorization: Option<&str>,
+        peer: Option<std::net::IpAddr>,
+    ) -> Result<(), error::DispatchError> {
+        let Some(limit) = self.config.rate_limit else { return Ok(()) };
+        // Unchecked keys prove nothing (a caller could send a new one each time): without API
+        // keys, callers are told apart by address.
+        let authorization = authorization.filter(|_| self.config.api_keys.enabled());
+        let caller = service::auth::caller_id(authorization, peer);
+        match self.store.take_token(&caller, limit).await {
+            Ok(kvstore::ratelimit::Taken::Allowed { .. }) => Ok(()),
+            Ok(kvstore::ratelimit::Taken::Limited { retry_after }) => {
+                telemetry::metrics::DISPATCH.rate_limited.inc();
+                Err(error::DispatchError::RateLimited { retry_after, limit })
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot check the rate limit; letting the request through");
+                Ok(())
+            }
+        }
+    }
+
     pub(crate) fn next_request_id(&self) -> u64 {
         self.request_ids.fetch_add(1, Ordering::Relaxed)
     }

@@ -4,10 +4,12 @@
 //! official `openai` clients work unchanged.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use axum::Extension;
 use axum::Json;
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
@@ -96,12 +98,22 @@ fn refusal(d: &Dispatch, headers: &HeaderMap, needed: service::auth::Needed) -> 
     }
 }
 
+/// The caller's rate limit, if one is set.
+async fn admit(
+    d: &Dispatch,
+    headers: &HeaderMap,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+) -> Result<(), DispatchError> {
+    let authorization = headers.get("authorization").and_then(|v| v.to_str().ok());
+    d.inner.admit(authorization, peer.map(|Extension(ConnectInfo(a))| a.ip())).await
+}
+
 fn error_response(e: &DispatchError) -> Response {
     let (status, _, _) = e.http();
     let mut resp =
         (StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST), Json(error_json(e)))
             .into_response();
-    if let DispatchError::QueueFull { retry_after, .. } = e {
+    if let Some(retry_after) = e.retry_after() {
         let secs = retry_after.as_secs().max(1).to_string();
         if let Ok(v) = HeaderValue::from_str(&secs) {
             resp.headers_mut().insert("retry-after", v);
@@ -232,9 +244,17 @@ fn body_json(raw: &str) -> Result<Value, DispatchError> {
     Ok(v)
 }
 
-async fn completions(State(d): State<Dispatch>, headers: HeaderMap, raw: String) -> Response {
+async fn completions(
+    State(d): State<Dispatch>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    headers: HeaderMap,
+    raw: String,
+) -> Response {
     if let Some(r) = refusal(&d, &headers, service::auth::Needed::Inference) {
         return r;
+    }
+    if let Err(e) = admit(&d, &headers, peer).await {
+        return error_response(&e);
     }
     let result = async {
         let body = body_json(&raw)?;
@@ -284,9 +304,17 @@ async fn completions(State(d): State<Dispatch>, headers: HeaderMap, raw: String)
     }
 }
 
-async fn chat_completions(State(d): State<Dispatch>, headers: HeaderMap, raw: String) -> Response {
+async fn chat_completions(
+    State(d): State<Dispatch>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    headers: HeaderMap,
+    raw: String,
+) -> Response {
     if let Some(r) = refusal(&d, &headers, service::auth::Needed::Inference) {
         return r;
+    }
+    if let Err(e) = admit(&d, &headers, peer).await {
+        return error_response(&e);
     }
     let result = async {
         let body = body_json(&raw)?;

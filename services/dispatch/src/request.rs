@@ -191,6 +191,7 @@ fn outcome_of(e: &DispatchError) -> &'static str {
         DispatchError::NotFound(_) | DispatchError::Missing(..) => "not_found",
         DispatchError::Deleting(_) => "deleting",
         DispatchError::QueueFull { .. } => "queue_full",
+        DispatchError::RateLimited { .. } => "rate_limited",
         DispatchError::Deadline(_) => "deadline",
         DispatchError::Unavailable(_) => "unavailable",
     }

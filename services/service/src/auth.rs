@@ -113,6 +113,23 @@ impl ApiKeys {
     }
 }
 
+/// The caller a request's rate limit applies to: a digest of its API key (the key itself is
+/// never stored or logged), or its IP address when it sent none.
+pub fn caller_id(authorization: Option<&str>, peer: Option<std::net::IpAddr>) -> String {
+    use sha2::Digest;
+    let key = authorization
+        .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
+        .map(str::trim)
+        .filter(|k| !k.is_empty());
+    match (key, peer) {
+        (Some(k), _) => format!("key-{}", &hex::encode(sha2::Sha256::digest(k.as_bytes()))[..16]),
+        (None, Some(ip)) => {
+            format!("ip-{}", ip.to_string().replace([':', '.'], "-"))
+        }
+        (None, None) => "anonymous".to_string(),
+    }
+}
+
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;

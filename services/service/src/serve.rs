@@ -57,7 +57,8 @@ impl Listener {
 }
 
 /// Serves `app` over HTTP/1.1 and HTTP/2 on `listener` until `shutdown`: TCP_NODELAY on every
-/// connection (small SSE chunks must not wait for Nagle), TLS if the listener has it.
+/// connection (small SSE chunks must not wait for Nagle), TLS if the listener has it. Handlers
+/// find the peer's address as `ConnectInfo<SocketAddr>`.
 pub async fn serve_http(
     listener: Listener,
     app: axum::Router,
@@ -69,11 +70,16 @@ pub async fn serve_http(
             let l = listener.inner.tap_io(|tcp| {
                 let _ = tcp.set_nodelay(true);
             });
-            axum::serve(l, app).with_graceful_shutdown(shutdown.cancelled_owned()).await
+            axum::serve(l, app.into_make_service_with_connect_info::<SocketAddr>())
+                .with_graceful_shutdown(shutdown.cancelled_owned())
+                .await
         }
         Some(config) => {
-            let l = TlsListener::new(listener.inner, listener.addr, config);
-            axum::serve(l, app).with_graceful_shutdown(shutdown.cancelled_owned()).await
+            // Wrapped (with nothing to do) so axum hands handlers the peer address.
+            let l = TlsListener::new(listener.inner, listener.addr, config).tap_io(|_| {});
+            axum::serve(l, app.into_make_service_with_connect_info::<SocketAddr>())
+                .with_graceful_shutdown(shutdown.cancelled_owned())
+                .await
         }
     }
 }

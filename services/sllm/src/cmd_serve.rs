@@ -57,6 +57,14 @@ pub struct ServeArgs {
     /// Most requests held per model while it has no ready instance.
     #[arg(long, env = "SLLM_MAX_QUEUE", default_value_t = 256)]
     pub max_queue: usize,
+    /// Inference requests per second allowed to each caller (API key, or IP address without
+    /// one), shared by every Dispatch replica through Redis; 0: unlimited.
+    #[arg(long, env = "SLLM_RATE_LIMIT", default_value_t = 0.0)]
+    pub rate_limit: f64,
+    /// Requests a caller may make at once before --rate-limit applies (default: one second's
+    /// worth, at least 1).
+    #[arg(long, env = "SLLM_RATE_LIMIT_BURST")]
+    pub rate_limit_burst: Option<u32>,
     /// API keys clients must send (`authorization: Bearer <key>`), as `key:scope,...` with
     /// scope `inference` or `admin`; unset: no keys are checked.
     #[arg(long, env = "SLLM_API_KEYS", hide_env_values = true, default_value = "")]
@@ -232,6 +240,16 @@ pub async fn start(
     if wants(ServiceName::Dispatch) {
         let mut config = dispatch::DispatchConfig::new(replica_id.clone(), secret()?);
         config.max_queue = args.max_queue;
+        if args.rate_limit > 0.0 {
+            let limit = kvstore::ratelimit::RateLimit {
+                per_second: args.rate_limit,
+                burst: args.rate_limit_burst.unwrap_or(args.rate_limit.ceil() as u32).max(1),
+            };
+            limit.validate().map_err(|e| anyhow::anyhow!("--rate-limit: {e}"))?;
+            config.rate_limit = Some(limit);
+        } else if args.rate_limit < 0.0 || !args.rate_limit.is_finite() {
+            anyhow::bail!("--rate-limit must be a number of requests per second, 0 for none");
+        }
         config.api_keys = keys.clone();
         let d = dispatch::Dispatch::new(store.clone(), config);
         let mut http = Listener::bind(&args.openai_addr).await?;

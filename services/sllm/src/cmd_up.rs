@@ -194,6 +194,8 @@ pub async fn run(args: UpArgs) -> Result<()> {
         metrics_addr: args.metrics_addr.clone(),
         dispatch_advertise: None,
         max_queue: 256,
+        rate_limit: 0.0,
+        rate_limit_burst: None,
         max_message_bytes: 4 << 20,
         api_keys: String::new(),
         join_secret: Some(secret.clone()),
