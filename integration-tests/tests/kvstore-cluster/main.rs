@@ -21,6 +21,8 @@ mod deployments;
 mod instances;
 #[path = "../kvstore/leader.rs"]
 mod leader;
+#[path = "../kvstore/model.rs"]
+mod model;
 #[path = "../kvstore/races.rs"]
 mod races;
 #[path = "../kvstore/ratelimit.rs"]

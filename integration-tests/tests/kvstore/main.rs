@@ -14,6 +14,7 @@ mod demand;
 mod deployments;
 mod instances;
 mod leader;
+mod model;
 mod races;
 mod ratelimit;
 mod streams;

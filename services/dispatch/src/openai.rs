@@ -192,8 +192,19 @@ fn common(
     traceparent: String,
     entry: &'static str,
 ) -> Result<(CommonBody, Job), DispatchError> {
-    let c: CommonBody = serde_json::from_value(body.clone())
-        .map_err(|e| DispatchError::invalid("body", e.to_string()))?;
+    let c: CommonBody = serde_json::from_value(body.clone()).map_err(|e| {
+        // Name the field: the first one that fails on its own.
+        let field = body.as_object().and_then(|o| {
+            o.iter().find_map(|(k, v)| {
+                let alone = Value::Object([(k.clone(), v.clone())].into_iter().collect());
+                serde_json::from_value::<CommonBody>(alone).is_err().then(|| k.clone())
+            })
+        });
+        match field {
+            Some(f) => DispatchError::invalid(&f, e.to_string()),
+            None => DispatchError::invalid("body", e.to_string()),
+        }
+    })?;
     let model = c
         .model
         .clone()
@@ -231,6 +242,73 @@ fn common(
     Ok((c, job))
 }
 
+/// A `/v1/completions` body as a job.
+fn parse_completion(raw: &str, traceparent: String) -> Result<(CommonBody, Job), DispatchError> {
+    let body = body_json(raw)?;
+    let (c, mut job) = common(&body, traceparent, "POST /v1/completions")?;
+    let prompt = match body.get("prompt") {
+        Some(p) => serde_json::from_value::<OneOrMany>(p.clone())
+            .map_err(|_| DispatchError::invalid("prompt", "must be a string or a list of strings"))?
+            .into_vec(),
+        None => return Err(DispatchError::invalid("prompt", "is required")),
+    };
+    if prompt.len() != 1 {
+        return Err(DispatchError::invalid(
+            "prompt",
+            "exactly one prompt per request is supported",
+        ));
+    }
+    job.input = Input::Prompt(prompt.into_iter().next().unwrap_or_default());
+    Ok((c, job))
+}
+
+/// A `/v1/chat/completions` body as a job.
+fn parse_chat(raw: &str, traceparent: String) -> Result<(CommonBody, Job), DispatchError> {
+    let body = body_json(raw)?;
+    let (c, mut job) = common(&body, traceparent, "POST /v1/chat/completions")?;
+    let messages: Vec<ChatMessage> = match body.get("messages") {
+        Some(m) => serde_json::from_value(m.clone()).map_err(|e| {
+            DispatchError::invalid("messages", format!("must be a list of {{role, content}}: {e}"))
+        })?,
+        None => return Err(DispatchError::invalid("messages", "is required")),
+    };
+    let mut chat = pb::ChatMessages::default();
+    for (i, m) in messages.into_iter().enumerate() {
+        let content = match m.content {
+            None | Some(Value::Null) => String::new(),
+            Some(Value::String(s)) => s,
+            // The parts form: [{"type": "text", "text": "..."}]; only text parts count.
+            Some(Value::Array(parts)) => parts
+                .iter()
+                .filter_map(|p| p.get("text").and_then(Value::as_str))
+                .collect::<Vec<_>>()
+                .join(""),
+            Some(_) => {
+                return Err(DispatchError::invalid(
+                    &format!("messages[{i}].content"),
+                    "must be a string or a list of text parts",
+                ));
+            }
+        };
+        chat.messages.push(pb::ChatMessage { role: m.role, content });
+    }
+    job.input = Input::Chat(chat);
+    Ok((c, job))
+}
+
+/// Checks an OpenAI request body as the API would (`chat`: a chat completion, else a
+/// completion) under `config`'s limits, without serving it: for property tests and fuzzing.
+/// A refusal names the offending field.
+pub fn check_body(
+    chat: bool,
+    raw: &str,
+    config: &crate::DispatchConfig,
+) -> Result<(), DispatchError> {
+    let (_, mut job) =
+        if chat { parse_chat(raw, String::new())? } else { parse_completion(raw, String::new())? };
+    crate::request::validate(&mut job, config)
+}
+
 fn traceparent(headers: &HeaderMap) -> String {
     headers.get("traceparent").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string()
 }
@@ -257,23 +335,7 @@ async fn completions(
         return error_response(&e);
     }
     let result = async {
-        let body = body_json(&raw)?;
-        let (c, mut job) = common(&body, traceparent(&headers), "POST /v1/completions")?;
-        let prompt = match body.get("prompt") {
-            Some(p) => serde_json::from_value::<OneOrMany>(p.clone())
-                .map_err(|_| {
-                    DispatchError::invalid("prompt", "must be a string or a list of strings")
-                })?
-                .into_vec(),
-            None => return Err(DispatchError::invalid("prompt", "is required")),
-        };
-        if prompt.len() != 1 {
-            return Err(DispatchError::invalid(
-                "prompt",
-                "exactly one prompt per request is supported",
-            ));
-        }
-        job.input = Input::Prompt(prompt.into_iter().next().unwrap_or_default());
+        let (c, job) = parse_completion(&raw, traceparent(&headers))?;
         let model = job.model.clone();
         let events = d.submit(job).await?;
         Ok((c, model, events))
@@ -317,38 +379,7 @@ async fn chat_completions(
         return error_response(&e);
     }
     let result = async {
-        let body = body_json(&raw)?;
-        let (c, mut job) = common(&body, traceparent(&headers), "POST /v1/chat/completions")?;
-        let messages: Vec<ChatMessage> = match body.get("messages") {
-            Some(m) => serde_json::from_value(m.clone()).map_err(|e| {
-                DispatchError::invalid(
-                    "messages",
-                    format!("must be a list of {{role, content}}: {e}"),
-                )
-            })?,
-            None => return Err(DispatchError::invalid("messages", "is required")),
-        };
-        let mut chat = pb::ChatMessages::default();
-        for (i, m) in messages.into_iter().enumerate() {
-            let content = match m.content {
-                None | Some(Value::Null) => String::new(),
-                Some(Value::String(s)) => s,
-                // The parts form: [{"type": "text", "text": "..."}]; only text parts count.
-                Some(Value::Array(parts)) => parts
-                    .iter()
-                    .filter_map(|p| p.get("text").and_then(Value::as_str))
-                    .collect::<Vec<_>>()
-                    .join(""),
-                Some(_) => {
-                    return Err(DispatchError::invalid(
-                        &format!("messages[{i}].content"),
-                        "must be a string or a list of text parts",
-                    ));
-                }
-            };
-            chat.messages.push(pb::ChatMessage { role: m.role, content });
-        }
-        job.input = Input::Chat(chat);
+        let (c, job) = parse_chat(&raw, traceparent(&headers))?;
         let model = job.model.clone();
         let events = d.submit(job).await?;
         Ok((c, model, events))

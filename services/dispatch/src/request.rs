@@ -197,7 +197,7 @@ fn outcome_of(e: &DispatchError) -> &'static str {
     }
 }
 
-fn validate(job: &mut Job, config: &crate::DispatchConfig) -> Result<(), DispatchError> {
+pub(crate) fn validate(job: &mut Job, config: &crate::DispatchConfig) -> Result<(), DispatchError> {
     kvstore::names::validate_model_name("model", &job.model).map_err(|e| {
         DispatchError::invalid(
             "model",

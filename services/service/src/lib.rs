@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod convert;
+pub mod deploy_config;
 pub mod join_token;
 pub mod serve;
 pub mod status;

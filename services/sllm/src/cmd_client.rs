@@ -11,7 +11,7 @@ use serde_json::json;
 use sllm_api::v1 as pb;
 use tonic::transport::Channel;
 
-use crate::deploy_config;
+use service::deploy_config;
 
 /// How results are printed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

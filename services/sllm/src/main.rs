@@ -8,7 +8,6 @@ mod cmd_serve;
 mod cmd_sim_engine;
 mod cmd_up;
 mod cmd_worker;
-mod deploy_config;
 
 use clap::{Parser, Subcommand};
 

@@ -95,7 +95,7 @@ pub fn parse(text: &str, strict: bool) -> Result<Parsed, String> {
         if !v.is_object() {
             return Err(format!("backend_config: expected an object, got {v}"));
         }
-        spec.backend_config = Some(service::convert::json_to_struct(v));
+        spec.backend_config = Some(crate::convert::json_to_struct(v));
     }
     Ok(Parsed { spec, warnings })
 }
@@ -132,7 +132,7 @@ mod tests {
         assert_eq!(p.spec.backend, "transformers");
         let a = p.spec.auto_scaling_config.expect("present");
         assert_eq!((a.max_instances, a.target), (10, 1.0));
-        let bc = service::convert::struct_to_json(&p.spec.backend_config.expect("present"));
+        let bc = crate::convert::struct_to_json(&p.spec.backend_config.expect("present"));
         assert_eq!(bc["torch_dtype"], "float16");
     }
 

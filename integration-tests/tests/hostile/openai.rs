@@ -1,0 +1,83 @@
+use dispatch::{DispatchConfig, DispatchError};
+use proptest::prelude::*;
+use serde_json::{Value, json};
+
+use crate::object_with;
+
+const FIELDS: &[&str] = &[
+    "model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p",
+    "stop", "seed", "n", "stream", "stream_options", "user",
+];
+
+fn config() -> DispatchConfig {
+    DispatchConfig::new("d", service::JoinSecret::new("secret-0123456789abcdef").unwrap())
+}
+
+/// Fields a refusal may name: the body itself, or one of the request's fields.
+fn named_field(e: &DispatchError) -> Option<String> {
+    match e {
+        DispatchError::Invalid { field, .. } => Some(field.clone()),
+        _ => None,
+    }
+}
+
+fn known(field: &str) -> bool {
+    field == "body"
+        || field == "input"
+        || FIELDS.contains(&field)
+        || field.starts_with("messages[")
+}
+
+proptest! {
+    /// Any body — arbitrary text, or an object built from the API's fields with values of
+    /// any type — is refused naming a field, or accepted; never a panic.
+    #[test]
+    fn any_body_is_accepted_or_refused_naming_a_field(
+        body in prop_oneof![any::<String>(), object_with(FIELDS).prop_map(|v| v.to_string())],
+        chat in any::<bool>(),
+    ) {
+        if let Err(e) = dispatch::openai::check_body(chat, &body, &config()) {
+            let field = named_field(&e);
+            prop_assert!(field.as_deref().is_some_and(known), "{:?} from {}", e, body);
+        }
+    }
+
+    /// Well-formed requests are accepted.
+    #[test]
+    fn well_formed_requests_are_accepted(
+        model in "[a-z][a-z0-9./-]{0,40}",
+        text in any::<String>(),
+        max_tokens in 1..4096u32,
+        temperature in 0.0..=2.0f32,
+        top_p in 0.01..=1.0f32,
+        stop in prop::collection::vec("[a-z]{1,5}", 0..4),
+    ) {
+        let c = config();
+        let common = json!({ "model": model, "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "stop": stop });
+        let mut completion = common.clone();
+        completion["prompt"] = Value::String(text.clone());
+        prop_assert!(dispatch::openai::check_body(false, &completion.to_string(), &c).is_ok());
+        let mut chat = common;
+        chat["messages"] = json!([{ "role": "user", "content": text }]);
+        prop_assert!(dispatch::openai::check_body(true, &chat.to_string(), &c).is_ok());
+    }
+
+    /// Out-of-range sampling parameters are refused by name.
+    #[test]
+    fn out_of_range_parameters_are_named(
+        (field, value) in prop_oneof![
+            (Just("temperature"), prop_oneof![-100.0..-0.001f64, 2.001..100.0f64]),
+            (Just("top_p"), prop_oneof![-10.0..=0.0f64, 1.001..10.0f64]),
+            (Just("max_tokens"), (100_000..10_000_000u32).prop_map(f64::from)),
+            (Just("max_tokens"), (-1000.0..1000.0f64).prop_filter("not whole", |f| f.fract() != 0.0)),
+            (Just("seed"), -1000.0..-1.0f64),
+        ],
+    ) {
+        let mut body = json!({ "model": "m", "prompt": "hi" });
+        // Whole numbers as JSON integers, the rest as floats.
+        body[field] = if value.fract() == 0.0 { json!(value as i64) } else { json!(value) };
+        let e = dispatch::openai::check_body(false, &body.to_string(), &config()).unwrap_err();
+        let named = named_field(&e);
+        prop_assert_eq!(named.as_deref(), Some(field), "{:?}", e);
+    }
+}
