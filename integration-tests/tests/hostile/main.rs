@@ -6,6 +6,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod corpus;
 mod deploy_json;
 mod names;
 mod openai;
@@ -20,7 +21,8 @@ pub fn json() -> impl Strategy<Value = Value> {
         Just(Value::Null),
         any::<bool>().prop_map(Value::Bool),
         any::<i64>().prop_map(Value::from),
-        any::<f64>().prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+        any::<f64>()
+            .prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
         any::<String>().prop_map(Value::String),
         "[a-z_]{0,12}".prop_map(Value::String),
     ];

@@ -5,8 +5,19 @@ use serde_json::{Value, json};
 use crate::object_with;
 
 const FIELDS: &[&str] = &[
-    "model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p",
-    "stop", "seed", "n", "stream", "stream_options", "user",
+    "model",
+    "prompt",
+    "messages",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "stop",
+    "seed",
+    "n",
+    "stream",
+    "stream_options",
+    "user",
 ];
 
 fn config() -> DispatchConfig {
@@ -22,10 +33,7 @@ fn named_field(e: &DispatchError) -> Option<String> {
 }
 
 fn known(field: &str) -> bool {
-    field == "body"
-        || field == "input"
-        || FIELDS.contains(&field)
-        || field.starts_with("messages[")
+    field == "body" || field == "input" || FIELDS.contains(&field) || field.starts_with("messages[")
 }
 
 proptest! {

@@ -1,5 +1,5 @@
-use prost::Message;
 use proptest::prelude::*;
+use prost::Message;
 use sllm_api::v1 as pb;
 
 fn spec() -> impl Strategy<Value = pb::DeploymentSpec> {

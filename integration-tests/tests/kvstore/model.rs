@@ -24,15 +24,30 @@ enum Op {
     Deploy(usize),
     MarkDeleting(usize),
     Remove(usize),
-    Place { i: usize, m: usize, w: usize, g: u32 },
+    Place {
+        i: usize,
+        m: usize,
+        w: usize,
+        g: u32,
+    },
     /// The worker `w` reports instance `i` in state `to`, with its current epoch.
-    Report { i: usize, w: usize, to: InstanceStatus },
+    Report {
+        i: usize,
+        w: usize,
+        to: InstanceStatus,
+    },
     /// The leader moves instance `i`.
-    Leader { i: usize, to: InstanceStatus },
+    Leader {
+        i: usize,
+        to: InstanceStatus,
+    },
     Lost(usize),
     /// The worker registers again and reports running the instances of `keep` (indexes into
     /// its live instances, by id order) as ready.
-    Rejoin { w: usize, keep: Vec<usize> },
+    Rejoin {
+        w: usize,
+        keep: Vec<usize>,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -164,8 +179,12 @@ impl Model {
                 if !self.free_gpus(worker).contains(g) {
                     return refused(Refusal::GpuBusy { gpu: 0 });
                 }
-                let inst =
-                    Inst { model: model.into(), worker: worker.into(), status: S::Pending, gpu: *g };
+                let inst = Inst {
+                    model: model.into(),
+                    worker: worker.into(),
+                    status: S::Pending,
+                    gpu: *g,
+                };
                 self.instances.insert(id, inst);
             }
             Op::Report { i, w, to } => {
@@ -327,7 +346,11 @@ async fn assert_same(store: &Store, model: &Model, step: usize, op: &Op) {
             status: r.status,
             gpu: r.gpus.first().copied().unwrap_or(u32::MAX),
         });
-        assert_eq!(got.as_ref(), model.instances.get(&id), "instance {id} after step {step} {op:?}");
+        assert_eq!(
+            got.as_ref(),
+            model.instances.get(&id),
+            "instance {id} after step {step} {op:?}"
+        );
     }
     assert_consistent(store).await;
 }

@@ -1,0 +1,9 @@
+//! cargo-fuzz target: see `targets::deploy_json`.
+#![no_main]
+
+// Each target uses one of the shared functions.
+#[allow(dead_code)]
+#[path = "../targets.rs"]
+mod targets;
+
+libfuzzer_sys::fuzz_target!(|s: &str| targets::deploy_json(s));

@@ -1,0 +1,81 @@
+//! The bodies of the fuzz targets, shared by the cargo-fuzz binaries (`fuzz_targets/`) and the
+//! test suite, which replays every input of `fuzz/corpus/<target>` through them on each run.
+//! Each one panics only if a rule is broken: a validator accepting what it must not, a parser
+//! panicking, a refusal without its field.
+
+use prost::Message;
+use sllm_api::v1 as pb;
+
+/// Text that may become part of a Redis key.
+pub fn names(s: &str) {
+    use kvstore::names::{validate_address, validate_id, validate_model_name, validate_token};
+    for (check, extra) in [
+        (validate_model_name as fn(&'static str, &str) -> kvstore::Result<()>, "._-/"),
+        (validate_id, "._-"),
+        (validate_token, "_-"),
+        (validate_address, ".:[]_-"),
+    ] {
+        match check("f", s) {
+            Ok(()) => assert!(
+                !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || extra.contains(c)),
+                "accepted {s:?}"
+            ),
+            Err(kvstore::Error::Invalid { field, .. }) => assert_eq!(field, "f"),
+            Err(e) => panic!("not an invalid-argument error: {e}"),
+        }
+    }
+    if let Ok(keys) = kvstore::Keys::new(s) {
+        assert_eq!(keys.root(), format!("{{{s}}}:"));
+    }
+}
+
+/// A ServerlessLLM deploy JSON file, strict and lenient, and the spec it gives.
+pub fn deploy_json(s: &str) {
+    for strict in [true, false] {
+        match service::deploy_config::parse(s, strict) {
+            Ok(p) => {
+                if let Err(status) = service::convert::spec_from_pb(Some(&p.spec)) {
+                    assert!(status.message().starts_with("invalid spec"), "{}", status.message());
+                }
+            }
+            Err(e) => assert!(!e.is_empty()),
+        }
+    }
+}
+
+/// An OpenAI completion or chat body, parsed and checked as the API does.
+pub fn openai_body(s: &str) {
+    let secret = service::JoinSecret::new("fuzz-secret-0123456789").expect("a long enough secret");
+    let config = dispatch::DispatchConfig::new("fuzz", secret);
+    for chat in [false, true] {
+        match dispatch::openai::check_body(chat, s, &config) {
+            Ok(()) => {}
+            Err(dispatch::DispatchError::Invalid { field, reason }) => {
+                assert!(!field.is_empty() && !reason.is_empty());
+            }
+            Err(e) => panic!("a body check gave {e:?}"),
+        }
+    }
+}
+
+/// Protobuf messages off the wire, and their conversion into what kvstore stores.
+pub fn proto(bytes: &[u8]) {
+    let _ = pb::GenerateRequest::decode(bytes);
+    let _ = pb::AttachUp::decode(bytes);
+    if let Ok(d) = pb::DeployRequest::decode(bytes)
+        && let Ok(spec) = service::convert::spec_from_pb(d.spec.as_ref())
+    {
+        assert!(spec.validate().is_ok());
+    }
+    if let Ok(m) = pb::WorkerMessage::decode(bytes)
+        && let Some(pb::worker_message::Body::Register(r)) = m.body
+        && let Some(inv) = r.inventory
+    {
+        if let Err(s) = service::convert::inventory_from_pb(&inv) {
+            assert!(s.message().contains("inventory."), "{}", s.message());
+        }
+        if let Err(s) = service::convert::running_from_pb(&inv.running) {
+            assert!(s.message().contains("inventory.running["), "{}", s.message());
+        }
+    }
+}
