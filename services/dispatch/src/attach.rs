@@ -56,15 +56,17 @@ pub(crate) async fn open(
         hello.run_id.clone(),
         tx.clone(),
     ));
-    if !inner.table.attach(link.clone()) {
-        return Err(Status::failed_precondition("a newer session of this worker is attached"));
-    }
+    // Welcome goes first: once the link is in the table, held requests are sent down it at
+    // once, and the worker must not see one before it knows it is attached.
     let welcome = pb::AttachDown {
         msg: Some(pb::attach_down::Msg::Welcome(pb::AttachWelcome {
             dispatch_id: inner.config.replica_id.clone(),
         })),
     };
     let _ = tx.send(Ok(welcome)).await;
+    if !inner.table.attach(link.clone()) {
+        return Err(Status::failed_precondition("a newer session of this worker is attached"));
+    }
     tracing::info!(worker = %hello.worker_id, epoch = hello.epoch, ?peer, "worker attached");
     tokio::spawn(async move {
         loop {
