@@ -7,9 +7,10 @@
 //! 3. Tokens/s forwarded with long completions. Target >= 500,000.
 //! 4. Cold start overhead: first-token time minus the simulated load time. Target <= 20 ms.
 //!
-//! It runs twice, as two child processes: with OpenTelemetry trace export off, and on (to an
-//! OTLP receiver in the parent), and prints the figures side by side. Target: export on costs
-//! at most 10% throughput.
+//! It runs three times, as child processes: with OpenTelemetry trace export off, and on for
+//! every request and for 10% of them (to an OTLP sink in the parent that accepts and discards,
+//! standing in for a collector on another host), and prints the figures side by side. Target:
+//! export on costs at most 10% throughput.
 //!
 //!     cargo run --release -p sllm-integration-tests --bin dispatch-bench
 
@@ -65,13 +66,14 @@ async fn child(tracing_on: Option<(&str, f64)>) -> Result<Vec<f64>> {
 async fn parent() -> Result<()> {
     eprintln!("== trace export off");
     let off = child(None).await?;
-    eprintln!("== trace export on, every trace sampled (OTLP to a receiver in this process)");
-    let receiver = sllm_integration_tests::OtlpReceiver::start().await?;
-    let on = child(Some((&receiver.endpoint, 1.0))).await?;
-    let spans = receiver.spans().len();
+    eprintln!("== trace export on, every trace sampled (OTLP to a sink in this process)");
+    let sink = sllm_integration_tests::OtlpSink::start().await?;
+    let on = child(Some((&sink.endpoint, 1.0))).await?;
+    let (exports, bytes) = sink.received();
     eprintln!("== trace export on, 10% of traces sampled");
-    let sampled = child(Some((&receiver.endpoint, 0.1))).await?;
-    let sampled_spans = receiver.spans().len() - spans;
+    let sampled = child(Some((&sink.endpoint, 0.1))).await?;
+    let (all_exports, all_bytes) = sink.received();
+    let received = |calls: u64, bytes: u64| format!("{calls}/{:.1}MB", bytes as f64 / 1e6);
     let [d50, d99, v50, v99, direct_rps, rps, direct_tps, tps, cold_ms] = off[..] else {
         bail!("bad figures")
     };
@@ -120,7 +122,14 @@ async fn parent() -> Result<()> {
         "{:<46} {:>9} {:>11.1}ms {:>11.1}ms {:>11.1}ms {:>11}",
         "cold start: first token - simulated load", "", cold_ms, tcold, scold, "<= 20ms"
     );
-    println!("{:<46} {:>9} {:>13} {:>13} {:>13}", "spans received", "", "", spans, sampled_spans);
+    println!(
+        "{:<46} {:>9} {:>13} {:>13} {:>13}",
+        "OTLP exports / bytes received",
+        "",
+        "",
+        received(exports, bytes),
+        received(all_exports - exports, all_bytes - bytes)
+    );
     println!();
     let verdict = |ok: bool| if ok { "meets" } else { "MISSES" };
     println!(
@@ -145,7 +154,10 @@ async fn parent() -> Result<()> {
         sampled_cost * 100.0,
         verdict(sampled_cost <= 0.10)
     );
-    println!("(the receiver decodes every span on the same two cores as the benchmark)");
+    println!(
+        "(spans go to an OTLP sink that reads nothing, as a collector on another host would cost \
+         these two cores nothing; the observability test checks what the spans say)"
+    );
     Ok(())
 }
 
@@ -419,6 +431,7 @@ async fn run() -> Result<Vec<f64>> {
         let load = cold.load_time(&model);
         overheads.push(first.as_secs_f64() * 1000.0 - load.as_secs_f64() * 1000.0);
     }
+    eprintln!("    cold-start overheads (ms): {overheads:.1?}");
     overheads.sort_by(f64::total_cmp);
     let cold_ms = overheads[overheads.len() / 2];
 

@@ -67,10 +67,31 @@ Messages = Sequence[dict]
 
 
 def _target(endpoint: str) -> str:
-    for prefix in ("http://", "grpc://"):
+    for prefix in ("http://", "https://", "grpc://"):
         if endpoint.startswith(prefix):
             return endpoint[len(prefix) :]
     return endpoint
+
+
+def _read(path: Optional[str]) -> Optional[bytes]:
+    if path is None:
+        return None
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _credentials(
+    endpoint: str, ca: Optional[str], cert: Optional[str], key: Optional[str]
+) -> Optional[grpc.ChannelCredentials]:
+    """TLS credentials for an https:// endpoint (or when any TLS file is given); None for plain
+    text. `ca` defaults to the system roots; `cert` and `key` are for mutual TLS."""
+    if not endpoint.startswith("https://") and ca is None and cert is None:
+        return None
+    if (cert is None) != (key is None):
+        raise ValueError("a client certificate needs its key, and a key its certificate")
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read(ca), private_key=_read(key), certificate_chain=_read(cert)
+    )
 
 
 def _spec(
@@ -216,10 +237,24 @@ class _Details(grpc.ClientCallDetails):
 
 class Client:
     """A blocking client. Every service of an `sllm serve` or `sllm up` answers at one endpoint.
-    Pass `api_key` when the cluster checks API keys."""
+    Pass `api_key` when the cluster checks API keys; for an https:// endpoint, `tls_ca` (PEM
+    CA bundle; default: the system roots) and, for mutual TLS, `tls_cert` and `tls_key`."""
 
-    def __init__(self, endpoint: str = "127.0.0.1:50051", *, api_key: Optional[str] = None, timeout: Optional[float] = 30.0):
-        self._channel = grpc.insecure_channel(_target(endpoint))
+    def __init__(
+        self,
+        endpoint: str = "127.0.0.1:50051",
+        *,
+        api_key: Optional[str] = None,
+        timeout: Optional[float] = 30.0,
+        tls_ca: Optional[str] = None,
+        tls_cert: Optional[str] = None,
+        tls_key: Optional[str] = None,
+    ):
+        creds = _credentials(endpoint, tls_ca, tls_cert, tls_key)
+        if creds is None:
+            self._channel = grpc.insecure_channel(_target(endpoint))
+        else:
+            self._channel = grpc.secure_channel(_target(endpoint), creds)
         if api_key:
             self._channel = grpc.intercept_channel(self._channel, _ApiKey(api_key))
         self._timeout = timeout
@@ -356,8 +391,20 @@ class Client:
 class AsyncClient:
     """The asyncio client (grpc.aio); the same calls as Client, awaited."""
 
-    def __init__(self, endpoint: str = "127.0.0.1:50051", *, timeout: Optional[float] = 30.0):
-        self._channel = grpc.aio.insecure_channel(_target(endpoint))
+    def __init__(
+        self,
+        endpoint: str = "127.0.0.1:50051",
+        *,
+        timeout: Optional[float] = 30.0,
+        tls_ca: Optional[str] = None,
+        tls_cert: Optional[str] = None,
+        tls_key: Optional[str] = None,
+    ):
+        creds = _credentials(endpoint, tls_ca, tls_cert, tls_key)
+        if creds is None:
+            self._channel = grpc.aio.insecure_channel(_target(endpoint))
+        else:
+            self._channel = grpc.aio.secure_channel(_target(endpoint), creds)
         self._timeout = timeout
         self._models = model_registry_pb2_grpc.ModelRegistryStub(self._channel)
         self._dispatch = dispatch_pb2_grpc.DispatchStub(self._channel)
