@@ -146,8 +146,10 @@ impl Dispatch {
             }
         }
         let (tx, rx) = mpsc::channel(64);
-        let driver = Driver { inner: inner.clone(), route, job, tx, start: Instant::now() };
-        tokio::spawn(tracing::Instrument::instrument(driver.run(first), span));
+        // The request's spans are parents by hand, not entered at every poll: entering and
+        // leaving a span costs more than the rest of a warm request's tracing together.
+        let driver = Driver { inner: inner.clone(), route, job, tx, start: Instant::now(), span };
+        tokio::spawn(driver.run(first));
         Ok(rx)
     }
 }
@@ -177,11 +179,6 @@ impl Dispatch {
             }
         }
     }
-}
-
-/// A span under the current one, or none when the request is not traced.
-fn child(make: impl FnOnce() -> tracing::Span) -> tracing::Span {
-    if tracing::Span::current().is_disabled() { tracing::Span::none() } else { make() }
 }
 
 /// The outcome label of a failed request.
@@ -265,6 +262,8 @@ struct Driver {
     job: Job,
     tx: mpsc::Sender<Result<Event, DispatchError>>,
     start: Instant,
+    /// The request's span (disabled when the request is not traced).
+    span: tracing::Span,
 }
 
 impl Driver {
@@ -272,8 +271,8 @@ impl Driver {
         let metrics = &*telemetry::metrics::DISPATCH;
         let model = self.route.name.clone();
         let start = self.start;
+        let span = self.span.clone();
         let outcome = self.serve(first).await;
-        let span = tracing::Span::current();
         span.record("sllm.outcome", outcome);
         metrics.requests.with_label_values(&[&model, outcome]).inc();
         metrics
@@ -310,13 +309,14 @@ impl Driver {
                 }
             };
             attempt += 1;
-            tracing::Span::current().record("sllm.attempts", attempt);
+            self.span.record("sllm.attempts", attempt);
             let in_flight = &self.route.metrics.in_flight;
             instance.in_flight.fetch_add(1, Ordering::Relaxed);
             self.route.in_flight.fetch_add(1, Ordering::Relaxed);
             in_flight.inc();
-            let span = child(|| {
+            let span = self.child(|| {
                 tracing::info_span!(
+                    parent: &self.span,
                     "attempt",
                     otel.name = "generate on an instance",
                     sllm.attempt = attempt,
@@ -327,18 +327,15 @@ impl Driver {
                     error.type = tracing::field::Empty,
                 )
             });
-            let outcome = tracing::Instrument::instrument(
-                self.attempt(&instance, &link, &mut tokens_sent, &mut ttft, queued),
-                span,
-            )
-            .await;
+            let outcome =
+                self.attempt(&instance, &link, &mut tokens_sent, &mut ttft, queued, &span).await;
             in_flight.dec();
             instance.in_flight.fetch_sub(1, Ordering::Relaxed);
             self.route.in_flight.fetch_sub(1, Ordering::Relaxed);
             match outcome {
                 Attempt::Done => {
                     link.breaker.success();
-                    tracing::Span::current().record("sllm.instance", instance.instance_id.as_str());
+                    self.span.record("sllm.instance", instance.instance_id.as_str());
                     return "ok";
                 }
                 Attempt::ClientGone => return "cancelled",
@@ -347,10 +344,12 @@ impl Driver {
                     return "deadline";
                 }
                 Attempt::Failed(why) => {
+                    let _in_span = span.enter();
                     if link.breaker.failure(config.breaker_threshold, config.breaker_cooldown) {
                         tracing::warn!(worker = %link.worker_id, "worker skipped for a while after repeated failures");
                     }
                     tracing::info!(model = %self.route.name, instance = %instance.instance_id, worker = %link.worker_id, attempt, tokens_sent, %why, "attempt failed");
+                    drop(_in_span);
                     if tokens_sent > 0 {
                         let _ = self
                             .tx
@@ -381,6 +380,11 @@ impl Driver {
         }
     }
 
+    /// A child span of the request's, or none when the request is not traced.
+    fn child(&self, make: impl FnOnce() -> tracing::Span) -> tracing::Span {
+        if self.span.is_disabled() { tracing::Span::none() } else { make() }
+    }
+
     fn deadline_words(&self) -> String {
         format!("after {} ms", self.start.elapsed().as_millis())
     }
@@ -398,8 +402,9 @@ impl Driver {
         &self,
         exclude: &HashSet<String>,
     ) -> Result<(Arc<Routable>, Arc<WorkerLink>), Option<DispatchError>> {
-        let span =
-            child(|| tracing::info_span!("queue wait", gen_ai.request.model = %self.route.name));
+        let span = self.child(|| {
+            tracing::info_span!(parent: &self.span, "queue wait", gen_ai.request.model = %self.route.name)
+        });
         let depth = &self.route.metrics.queue_depth;
         depth.inc();
         let start = Instant::now();
@@ -489,6 +494,7 @@ impl Driver {
         tokens_sent: &mut u32,
         ttft: &mut Option<Duration>,
         queued: Duration,
+        span: &tracing::Span,
     ) -> Attempt {
         let request_id = self.inner.next_request_id();
         let (wtx, mut wrx) = mpsc::unbounded_channel();
@@ -506,7 +512,7 @@ impl Driver {
             model: self.route.name.clone(),
             input: Some(input),
             params: Some(self.job.params.clone()),
-            traceparent: telemetry::propagation::traceparent(&tracing::Span::current()),
+            traceparent: telemetry::propagation::traceparent(span),
         };
         let down = pb::AttachDown { msg: Some(pb::attach_down::Msg::Request(request)) };
         if link.tx.send(Ok(down)).await.is_err() {
@@ -554,8 +560,7 @@ impl Driver {
                     if ttft.is_none() {
                         let first = self.start.elapsed();
                         *ttft = Some(first);
-                        tracing::Span::current()
-                            .record("sllm.ttft_ms", first.as_secs_f64() * 1000.0);
+                        span.record("sllm.ttft_ms", first.as_secs_f64() * 1000.0);
                         self.route.metrics.ttft.observe(first.as_secs_f64());
                     }
                     *tokens_sent += tokens;
@@ -577,13 +582,12 @@ impl Driver {
                         queue_us: queued.as_micros() as u64,
                         instance_id: instance.instance_id.clone(),
                     };
-                    tracing::Span::current()
-                        .record("gen_ai.usage.output_tokens", usage.completion_tokens);
+                    span.record("gen_ai.usage.output_tokens", usage.completion_tokens);
                     let _ = self.tx.send(Ok(Event::Finished { reason, usage })).await;
                     return Attempt::Done;
                 }
                 Some(FromWorker::Error(e)) => {
-                    tracing::Span::current().record("error.type", "worker_error");
+                    span.record("error.type", "worker_error");
                     return Attempt::Failed(e.message);
                 }
                 None => return Attempt::Failed("the worker's attach stream ended".into()),

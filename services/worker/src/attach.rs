@@ -249,8 +249,11 @@ impl Link {
                             gen_ai.usage.output_tokens = tracing::field::Empty,
                         ) };
                         telemetry::propagation::set_parent(&span, &r.traceparent);
-                        let fut = serve_request(self.backend.clone(), r, tx.clone(), done_tx.clone());
-                        let task = tokio::spawn(tracing::Instrument::instrument(fut, span));
+                        // The span is the parent of what the backend starts, and ends with the
+                        // request; it is not entered at every poll (that would cost more than
+                        // the rest of the request's tracing).
+                        let fut = serve_request(self.backend.clone(), r, tx.clone(), done_tx.clone(), span);
+                        let task = tokio::spawn(fut);
                         running.0.insert(id, task.abort_handle());
                     }
                     Ok(Some(pb::AttachDown { msg: Some(Down::Cancel(c)) })) => {
@@ -312,6 +315,7 @@ async fn serve_request(
     r: pb::InferenceRequest,
     tx: mpsc::Sender<pb::AttachUp>,
     done: mpsc::UnboundedSender<u64>,
+    span: tracing::Span,
 ) {
     let id = r.request_id;
     let params = r.params.unwrap_or_default();
@@ -327,7 +331,7 @@ async fn serve_request(
         stop: params.stop,
         seed: params.seed.unwrap_or(id),
     };
-    let mut out = backend.generate(job);
+    let mut out = span.in_scope(|| backend.generate(job));
     // An output taken while merging text that must be sent next.
     let mut held: Option<Output> = None;
     loop {
@@ -362,7 +366,7 @@ async fn serve_request(
                 Up::Chunk(pb::WorkerChunk { request_id: id, text, tokens })
             }
             Output::Done { finish, prompt_tokens, completion_tokens } => {
-                tracing::Span::current().record("gen_ai.usage.output_tokens", completion_tokens);
+                span.record("gen_ai.usage.output_tokens", completion_tokens);
                 telemetry::metrics::WORKER.requests.with_label_values(&["done"]).inc();
                 Up::Finished(pb::WorkerFinished {
                     request_id: id,
