@@ -322,27 +322,39 @@ fn body_json(raw: &str) -> Result<Value, DispatchError> {
     Ok(v)
 }
 
+/// A request body's parser: [`parse_completion`] or [`parse_chat`].
+type ParseBody = fn(&str, String) -> Result<(CommonBody, Job), DispatchError>;
+
+/// What both generation endpoints do first: the API key, the caller's rate limit, the body
+/// (parsed by `parse`), and the submission. Err: the response to send instead.
+async fn accept(
+    d: &Dispatch,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    headers: &HeaderMap,
+    raw: &str,
+    parse: ParseBody,
+) -> Result<(CommonBody, String, Events), Response> {
+    if let Some(r) = refusal(d, headers, service::auth::Needed::Inference) {
+        return Err(r);
+    }
+    let result = async {
+        admit(d, headers, peer).await?;
+        let (c, job) = parse(raw, traceparent(headers))?;
+        let model = job.model.clone();
+        let events = d.submit(job).await?;
+        Ok((c, model, events))
+    };
+    result.await.map_err(|e| error_response(&e))
+}
+
 async fn completions(
     State(d): State<Dispatch>,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
     raw: String,
 ) -> Response {
-    if let Some(r) = refusal(&d, &headers, service::auth::Needed::Inference) {
-        return r;
-    }
-    if let Err(e) = admit(&d, &headers, peer).await {
-        return error_response(&e);
-    }
-    let result = async {
-        let (c, job) = parse_completion(&raw, traceparent(&headers))?;
-        let model = job.model.clone();
-        let events = d.submit(job).await?;
-        Ok((c, model, events))
-    }
-    .await;
-    match result {
-        Err(e) => error_response(&e),
+    match accept(&d, peer, &headers, &raw, parse_completion).await {
+        Err(r) => r,
         Ok((c, model, events)) => {
             let id = format!("cmpl-{:016x}", rand::random::<u64>());
             if c.stream {
@@ -372,21 +384,8 @@ async fn chat_completions(
     headers: HeaderMap,
     raw: String,
 ) -> Response {
-    if let Some(r) = refusal(&d, &headers, service::auth::Needed::Inference) {
-        return r;
-    }
-    if let Err(e) = admit(&d, &headers, peer).await {
-        return error_response(&e);
-    }
-    let result = async {
-        let (c, job) = parse_chat(&raw, traceparent(&headers))?;
-        let model = job.model.clone();
-        let events = d.submit(job).await?;
-        Ok((c, model, events))
-    }
-    .await;
-    match result {
-        Err(e) => error_response(&e),
+    match accept(&d, peer, &headers, &raw, parse_chat).await {
+        Err(r) => r,
         Ok((c, model, events)) => {
             let id = format!("chatcmpl-{:016x}", rand::random::<u64>());
             if c.stream {

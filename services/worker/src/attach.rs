@@ -33,7 +33,7 @@ pub(crate) struct Attachments {
     run_id: String,
     live: HashMap<String, LinkHandle>,
     /// Streams of older epochs finishing the requests they carry; cancelled on drop.
-    retired: Vec<CancellationToken>,
+    retired: Vec<LinkHandle>,
 }
 
 struct LinkHandle {
@@ -72,10 +72,10 @@ impl Attachments {
     /// and is not dialled again once it ends.
     pub(crate) fn update(&mut self, endpoints: &[String], epoch: u64) {
         if epoch != self.epoch {
-            self.retired.retain(|c| !c.is_cancelled());
+            self.retired.retain(|h| !h.done.load(Ordering::Relaxed));
             for (_, h) in self.live.drain() {
                 h.retire.cancel();
-                self.retired.push(h.cancel);
+                self.retired.push(h);
             }
             self.epoch = epoch;
         }
@@ -121,8 +121,8 @@ impl Attachments {
         for (_, h) in self.live.drain() {
             h.cancel.cancel();
         }
-        for c in self.retired.drain(..) {
-            c.cancel();
+        for h in self.retired.drain(..) {
+            h.cancel.cancel();
         }
     }
 }
