@@ -147,30 +147,20 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
         let mut config = AgentConfig::new(args.registries.clone(), node.clone(), token_for(&node)?);
         config.address = if args.count == 1 { args.address.clone() } else { format!("sim-{node}") };
         config.tls = Some(tls.clone());
-        match args.backend {
+        let (backend, events): (Arc<dyn worker::Backend>, _) = match args.backend {
             BackendKind::Sim => {
+                let defaults = SimConfig::default();
+                let ms = |ms: f64| Duration::from_secs_f64(ms.max(0.0) / 1000.0);
                 let sim = SimConfig {
                     gpus: args.gpus,
                     checkpoints: checkpoints.clone(),
                     time_scale: args.time_scale,
-                    decode_per_token: Duration::from_secs_f64(args.decode_ms.max(0.0) / 1000.0),
-                    ..SimConfig::default()
-                };
-                let sim = match args.prefill_ms {
-                    Some(ms) => SimConfig {
-                        prefill_per_token: Duration::from_secs_f64(ms.max(0.0) / 1000.0),
-                        ..sim
-                    },
-                    None => sim,
+                    decode_per_token: ms(args.decode_ms),
+                    prefill_per_token: args.prefill_ms.map_or(defaults.prefill_per_token, ms),
+                    ..defaults
                 };
                 let (backend, events) = SimBackend::new(sim);
-                agents.push(Agent::spawn(
-                    config,
-                    Arc::new(backend),
-                    events,
-                    None,
-                    shutdown.clone(),
-                ));
+                (Arc::new(backend), events)
             }
             BackendKind::Engine => {
                 let kind = match args.engine {
@@ -189,15 +179,10 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
                 ec.ready_timeout = Duration::from_secs(args.ready_timeout_s.max(1));
                 ec.stop_grace = Duration::from_secs(args.stop_grace_s);
                 let (backend, events) = worker::engine::EngineBackend::new(ec);
-                agents.push(Agent::spawn(
-                    config,
-                    Arc::new(backend),
-                    events,
-                    None,
-                    shutdown.clone(),
-                ));
+                (Arc::new(backend), events)
             }
-        }
+        };
+        agents.push(Agent::spawn(config, backend, events, None, shutdown.clone()));
     }
     println!("sllm: {} worker(s) started", agents.len());
     service::shutdown_signal().await;
