@@ -182,13 +182,19 @@ impl Store {
             };
         }
         let mut conn = inner.conns.shared().await?;
-        let span = tracing::debug_span!(
-            "redis",
-            otel.name = %format_args!("EVALSHA {name}"),
-            otel.kind = "client",
-            db.system = "redis",
-            db.operation.name = name,
-        );
+        // A span only as part of a traced operation: heartbeats and other background calls
+        // would otherwise each start a trace of their own.
+        let span = if tracing::Span::current().is_none() {
+            tracing::Span::none()
+        } else {
+            tracing::debug_span!(
+                "redis",
+                otel.name = %format_args!("EVALSHA {name}"),
+                otel.kind = "client",
+                db.system = "redis",
+                db.operation.name = name,
+            )
+        };
         let start = std::time::Instant::now();
         let r: redis::RedisResult<redis::Value> =
             tracing::Instrument::instrument(inv.invoke_async(&mut conn.conn), span).await;

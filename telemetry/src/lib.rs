@@ -6,24 +6,46 @@
 //! It must never block a request on exporting: spans go to a batch processor on its own thread.
 
 pub mod metrics;
+mod otlp;
 pub mod propagation;
+pub mod trace;
 
-use std::sync::LazyLock;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 static EXPORTING: AtomicBool = AtomicBool::new(false);
 
-/// The share of new traces to record, from `OTEL_TRACES_SAMPLER` / `OTEL_TRACES_SAMPLER_ARG`
-/// (`always_on`/unset: all, `always_off`: none, `traceidratio` or `parentbased_traceidratio`:
-/// the ratio).
-static RATIO: LazyLock<f64> = LazyLock::new(|| {
+/// The share of new traces to record, as `f64` bits: from `OTEL_TRACES_SAMPLER` /
+/// `OTEL_TRACES_SAMPLER_ARG` at start-up (`always_on`/unset: all, `always_off`: none,
+/// `traceidratio` or `parentbased_traceidratio`: the ratio), changed by [`set_sampling_ratio`].
+static RATIO: AtomicU64 = AtomicU64::new(UNSET);
+const UNSET: u64 = u64::MAX;
+
+fn ratio_from_env() -> f64 {
     let arg = std::env::var("OTEL_TRACES_SAMPLER_ARG").ok().and_then(|a| a.parse::<f64>().ok());
     match std::env::var("OTEL_TRACES_SAMPLER").as_deref() {
         Ok("always_off" | "parentbased_always_off") => 0.0,
         Ok("traceidratio" | "parentbased_traceidratio") => arg.unwrap_or(1.0).clamp(0.0, 1.0),
         _ => 1.0,
     }
-});
+}
+
+fn ratio() -> f64 {
+    match RATIO.load(Ordering::Relaxed) {
+        UNSET => {
+            let r = ratio_from_env();
+            RATIO.store(r.to_bits(), Ordering::Relaxed);
+            r
+        }
+        bits => f64::from_bits(bits),
+    }
+}
+
+/// Changes the share of new traces recorded from now on (clamped to 0..=1). Requests that
+/// arrive with a trace context still follow their caller's decision.
+pub fn set_sampling_ratio(ratio: f64) {
+    let r = if ratio.is_nan() { 0.0 } else { ratio.clamp(0.0, 1.0) };
+    RATIO.store(r.to_bits(), Ordering::Relaxed);
+}
 
 /// Whether a request arriving with `traceparent` (may be empty) should be traced: never when
 /// no exporter is set up; as its caller decided when it carries a trace context; otherwise for
@@ -36,81 +58,69 @@ pub fn sample(traceparent: &str) -> bool {
     match propagation::sampled_flag(traceparent) {
         Some(sampled) => sampled,
         None => {
-            let ratio = *RATIO;
+            let ratio = ratio();
             ratio >= 1.0 || (ratio > 0.0 && rand::random::<f64>() < ratio)
         }
     }
 }
 
-use opentelemetry::trace::TracerProvider as _;
-use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
-/// Keeps the trace exporter alive; flushes pending spans when dropped.
+/// Keeps the trace exporter alive; exports pending spans when dropped.
 pub struct Guard {
-    provider: Option<SdkTracerProvider>,
+    exporter: Option<trace::Exporter>,
 }
 
 impl Guard {
     /// Whether spans are exported.
     pub fn exporting(&self) -> bool {
-        self.provider.is_some()
+        self.exporter.is_some()
     }
 }
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        if let Some(p) = self.provider.take() {
-            let _ = p.shutdown();
+        if let Some(mut e) = self.exporter.take() {
+            EXPORTING.store(false, Ordering::Relaxed);
+            e.shutdown();
         }
     }
 }
 
 /// Sets up logs (`RUST_LOG`, default `default_filter`) and, when `OTEL_EXPORTER_OTLP_ENDPOINT`
-/// is set, OTLP trace export for `service` (`OTEL_SERVICE_NAME` wins; the other standard
-/// `OTEL_*` variables apply). Safe to call more than once: only the first call installs.
+/// (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set, OTLP trace export for `service`
+/// (`OTEL_SERVICE_NAME` wins; the other standard `OTEL_*` variables apply, see
+/// docs/observability.md). Safe to call more than once: only the first call installs.
 pub fn init(service: &str, default_filter: &str) -> Guard {
     let logs = tracing_subscriber::fmt::layer().with_target(false).with_filter(
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter)),
     );
-    let endpoint_set = std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").is_some()
-        || std::env::var_os("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_some();
-    if !endpoint_set {
-        let _ = tracing_subscriber::registry().with(logs).try_init();
-        return Guard { provider: None };
-    }
-    opentelemetry::global::set_text_map_propagator(
-        opentelemetry_sdk::propagation::TraceContextPropagator::new(),
-    );
-    let exporter = match opentelemetry_otlp::SpanExporter::builder().with_tonic().build() {
-        Ok(e) => e,
-        Err(e) => {
-            let _ = tracing_subscriber::registry().with(logs).try_init();
-            tracing::warn!(error = %e, "cannot set up OTLP trace export; traces are off");
-            return Guard { provider: None };
-        }
+    let (config, warnings) = trace::ExportConfig::from_env(service);
+    let started = config.map(trace::Exporter::start);
+    let (exporter, layer, failed) = match started {
+        None => (None, None, None),
+        Some(Ok((exporter, layer))) => (Some(exporter), Some(layer), None),
+        Some(Err(e)) => (None, None, Some(e)),
     };
-    let name = std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| service.to_string());
-    let provider = SdkTracerProvider::builder()
-        .with_batch_exporter(exporter)
-        .with_resource(opentelemetry_sdk::Resource::builder().with_service_name(name).build())
-        .build();
-    let tracer = provider.tracer("sllm");
     // Spans of sllm's own crates, kvstore's per-command spans included; `SLLM_TRACE_FILTER`
     // overrides.
     let trace_filter =
         std::env::var("SLLM_TRACE_FILTER").unwrap_or_else(|_| "info,kvstore=debug".into());
-    // No busy/idle timing and no OpenTelemetry context activation: both run at every enter and
-    // exit of a span, which halved the cost of entering one; sllm reads span contexts directly
-    // (`propagation`), so nothing needs the active context.
-    let traces = tracing_opentelemetry::layer()
-        .with_tracer(tracer)
-        .with_tracked_inactivity(false)
-        .with_context_activation(false)
-        .with_filter(EnvFilter::new(trace_filter));
-    let _ = tracing_subscriber::registry().with(logs).with(traces).try_init();
-    EXPORTING.store(true, Ordering::Relaxed);
-    Guard { provider: Some(provider) }
+    let traces = layer.map(|l| l.with_filter(EnvFilter::new(trace_filter)));
+    let installed = tracing_subscriber::registry().with(logs).with(traces).try_init().is_ok();
+    for w in warnings {
+        tracing::warn!("{w}");
+    }
+    if let Some(e) = failed {
+        tracing::warn!(error = %e, "cannot set up OTLP trace export; traces are off");
+    }
+    // A second call does not replace the first one's subscriber: its exporter would get no
+    // spans, so it is not kept.
+    let exporter = exporter.filter(|_| installed);
+    if exporter.is_some() {
+        EXPORTING.store(true, Ordering::Relaxed);
+    }
+    Guard { exporter }
 }

@@ -73,6 +73,14 @@ pub const REDIS_ERRORS_TOTAL: &str = "sllm_redis_errors_total";
 /// Pooled Redis connections, by state (in_use, idle).
 pub const REDIS_POOL_CONNECTIONS: &str = "sllm_redis_pool_connections";
 
+// Trace export (every binary).
+/// Spans delivered to the OTLP endpoint.
+pub const TRACE_SPANS_EXPORTED_TOTAL: &str = "sllm_trace_spans_exported_total";
+/// Spans lost: the export queue was full, or the endpoint refused or did not answer.
+pub const TRACE_SPANS_DROPPED_TOTAL: &str = "sllm_trace_spans_dropped_total";
+/// Export calls that failed.
+pub const TRACE_EXPORT_FAILURES_TOTAL: &str = "sllm_trace_export_failures_total";
+
 /// The process's metrics registry.
 pub static REGISTRY: LazyLock<Registry> = LazyLock::new(Registry::new);
 
@@ -152,6 +160,27 @@ pub struct Redis {
     pub errors: IntCounterVec,
     pub pool: IntGaugeVec,
 }
+
+/// Trace export's metrics.
+pub struct Traces {
+    pub exported: IntCounter,
+    pub dropped: IntCounter,
+    pub export_failures: IntCounter,
+}
+
+/// Trace export's metrics, registered on first use.
+pub static TRACES: LazyLock<Traces> = LazyLock::new(|| Traces {
+    exported: counter(TRACE_SPANS_EXPORTED_TOTAL, "Spans delivered to the OTLP endpoint.", &[])
+        .with_label_values(&[] as &[&str]),
+    dropped: counter(
+        TRACE_SPANS_DROPPED_TOTAL,
+        "Spans lost to a full queue or a failed export.",
+        &[],
+    )
+    .with_label_values(&[] as &[&str]),
+    export_failures: counter(TRACE_EXPORT_FAILURES_TOTAL, "Trace export calls that failed.", &[])
+        .with_label_values(&[] as &[&str]),
+});
 
 /// Dispatch's metrics, registered on first use.
 pub static DISPATCH: LazyLock<Dispatch> = LazyLock::new(|| Dispatch {
@@ -251,6 +280,7 @@ mod tests {
         SCALER.leader.with_label_values(&[] as &[&str]).set(1);
         WORKER_REGISTRY.heartbeats.with_label_values(&[] as &[&str]).inc();
         REDIS.duration.with_label_values(&["ping"]).observe(0.001);
+        TRACES.dropped.inc();
         let text = gather();
         for name in [
             DISPATCH_REQUESTS_TOTAL,
@@ -258,6 +288,7 @@ mod tests {
             SCALER_LEADER,
             REGISTRY_HEARTBEATS_TOTAL,
             REDIS_COMMAND_DURATION_SECONDS,
+            TRACE_SPANS_DROPPED_TOTAL,
         ] {
             assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing");
         }

@@ -1,39 +1,27 @@
 //! W3C trace context across processes: a span's `traceparent` to send along, and a span made a
-//! child of a received one. Without an exporter both are no-ops that cost a few lookups.
+//! child of a received one. Without an exporter both are no-ops that cost a lookup.
 
-use std::collections::HashMap;
+use crate::trace::{self, SpanContext};
 
-use opentelemetry::propagation::TextMapPropagator;
-use opentelemetry_sdk::propagation::TraceContextPropagator;
-use tracing_opentelemetry::OpenTelemetrySpanExt;
-
-/// The `traceparent` of `span` (empty when it is not sampled or no exporter is set up).
+/// The `traceparent` of `span` (empty when it is not recorded or no exporter is set up).
 pub fn traceparent(span: &tracing::Span) -> String {
-    let mut carrier: HashMap<String, String> = HashMap::new();
-    TraceContextPropagator::new().inject_context(&span.context(), &mut carrier);
-    carrier.remove("traceparent").unwrap_or_default()
+    trace::context(span).map(|cx| cx.traceparent()).unwrap_or_default()
 }
 
-/// Makes `span` a child of the remote span `traceparent` (ignored when empty or malformed).
+/// Makes `span` a child of the remote span `traceparent` (ignored when empty or malformed; a
+/// context the caller did not sample stops `span` from being recorded).
 pub fn set_parent(span: &tracing::Span, traceparent: &str) {
-    if traceparent.is_empty() {
+    if traceparent.is_empty() || span.is_disabled() {
         return;
     }
-    let carrier: HashMap<String, String> =
-        HashMap::from([("traceparent".to_string(), traceparent.to_string())]);
-    let cx = TraceContextPropagator::new().extract(&carrier);
-    let _ = span.set_parent(cx);
+    if let Some((cx, sampled)) = SpanContext::parse(traceparent) {
+        trace::set_remote_parent(span, cx, sampled);
+    }
 }
 
 /// The sampled flag of a well-formed `traceparent`, if it is one.
 pub fn sampled_flag(traceparent: &str) -> Option<bool> {
-    let parts: Vec<&str> = traceparent.split('-').collect();
-    match parts.as_slice() {
-        [_, id, span, flags] if id.len() == 32 && span.len() == 16 && flags.len() == 2 => {
-            u8::from_str_radix(flags, 16).ok().map(|f| f & 1 == 1)
-        }
-        _ => None,
-    }
+    SpanContext::parse(traceparent).map(|(_, sampled)| sampled)
 }
 
 /// The trace id in a `traceparent` (for logs), if it is well formed.

@@ -210,6 +210,10 @@ async fn one_trace_per_request_across_dispatch_scaler_and_worker() {
     assert_eq!(request.attributes.get("sllm.outcome").map(String::as_str), Some("ok"));
     let queue = one(&cold, "queue wait");
     assert_eq!(queue.parent_span_id, request.span_id);
+    assert!(
+        cold.iter().any(|s| s.name == "EVALSHA demand_event" && s.parent_span_id == queue.span_id),
+        "the demand event's Redis call is under the held request"
+    );
     let decision = one(&cold, "scaler decision");
     assert_eq!(
         decision.parent_span_id, queue.span_id,

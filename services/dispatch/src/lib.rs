@@ -138,13 +138,15 @@ impl Inner {
         let model = route.name.clone();
         let queued = route.waiting.load(Ordering::Relaxed).max(1);
         let traceparent = traceparent.to_string();
-        tokio::spawn(async move {
+        // In the caller's span (a held request's `queue wait`), so the Redis call is in its
+        // trace.
+        tokio::spawn(tracing::Instrument::in_current_span(async move {
             if let Err(e) =
                 store.publish_demand_traced(&reporter, &model, queued, &traceparent).await
             {
                 tracing::warn!(%model, error = %e, "cannot raise a demand event");
             }
-        });
+        }));
     }
 }
 

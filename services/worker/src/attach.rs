@@ -12,6 +12,7 @@ use sllm_api::v1 as pb;
 use sllm_api::v1::attach_down::Msg as Down;
 use sllm_api::v1::attach_up::Msg as Up;
 use sllm_api::v1::dispatch_client::DispatchClient;
+use telemetry::trace::{Kind, Span};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -240,18 +241,14 @@ impl Link {
                     Ok(Some(pb::AttachDown { msg: Some(Down::Request(r)) })) => {
                         let id = r.request_id;
                         // Traced only as part of a traced request (Dispatch sends a context).
-                        let span = if r.traceparent.is_empty() { tracing::Span::none() } else { tracing::info_span!(
-                            "worker generate",
-                            otel.kind = "server",
-                            sllm.worker = %self.node,
-                            sllm.instance = %r.instance_id,
-                            gen_ai.request.model = %r.model,
-                            gen_ai.usage.output_tokens = tracing::field::Empty,
-                        ) };
-                        telemetry::propagation::set_parent(&span, &r.traceparent);
-                        // The span is the parent of what the backend starts, and ends with the
-                        // request; it is not entered at every poll (that would cost more than
-                        // the rest of the request's tracing).
+                        // Traced only as part of a traced request (Dispatch sends a context);
+                        // recorded directly, not through `tracing`: the request path's cost.
+                        let span = Span::remote_child("worker generate", Kind::Server, &r.traceparent);
+                        if span.is_recording() {
+                            span.set("sllm.worker", self.node.clone());
+                            span.set("sllm.instance", r.instance_id.clone());
+                            span.set("gen_ai.request.model", r.model.clone());
+                        }
                         let fut = serve_request(self.backend.clone(), r, tx.clone(), done_tx.clone(), span);
                         let task = tokio::spawn(fut);
                         running.0.insert(id, task.abort_handle());
@@ -315,7 +312,7 @@ async fn serve_request(
     r: pb::InferenceRequest,
     tx: mpsc::Sender<pb::AttachUp>,
     done: mpsc::UnboundedSender<u64>,
-    span: tracing::Span,
+    span: Span,
 ) {
     let id = r.request_id;
     let params = r.params.unwrap_or_default();
@@ -331,7 +328,7 @@ async fn serve_request(
         stop: params.stop,
         seed: params.seed.unwrap_or(id),
     };
-    let mut out = span.in_scope(|| backend.generate(job));
+    let mut out = backend.generate(job);
     // An output taken while merging text that must be sent next.
     let mut held: Option<Output> = None;
     loop {
@@ -366,7 +363,7 @@ async fn serve_request(
                 Up::Chunk(pb::WorkerChunk { request_id: id, text, tokens })
             }
             Output::Done { finish, prompt_tokens, completion_tokens } => {
-                span.record("gen_ai.usage.output_tokens", completion_tokens);
+                span.set("gen_ai.usage.output_tokens", completion_tokens);
                 telemetry::metrics::WORKER.requests.with_label_values(&["done"]).inc();
                 Up::Finished(pb::WorkerFinished {
                     request_id: id,
@@ -380,6 +377,8 @@ async fn serve_request(
             }
             Output::Error(message) => {
                 telemetry::metrics::WORKER.requests.with_label_values(&["error"]).inc();
+                span.set("error.type", "backend_error");
+                span.fail(message.as_str());
                 Up::Error(pb::WorkerError {
                     request_id: id,
                     code: tonic::Code::Unavailable as i32,

@@ -1,0 +1,931 @@
+//! sllm's span pipeline: `tracing` spans recorded by a small layer of our own and exported over
+//! OTLP/gRPC in batches by one background thread.
+//!
+//! It does what a general OpenTelemetry SDK does for sllm, at a fraction of the cost per span,
+//! which is what lets every request be traced at full load: a span's record is one allocation
+//! filled as the span's fields are recorded; finishing it takes one uncontended lock to push
+//! the record on a queue; nothing wakes the exporter until a batch is full or the schedule
+//! delay has passed. There is no per-span sampler call, no context object, no timing at enter
+//! and exit. Sampling is decided once per request, before any span exists ([`crate::sample`]).
+//!
+//! Which spans are recorded: a span whose parent is recorded, a span made the child of a sampled
+//! remote context ([`set_remote_parent`]), and a span with no parent at all (callers decide
+//! whether to create those). A span under an unrecorded parent is not recorded.
+
+use std::borrow::Cow;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use opentelemetry_proto::tonic::trace::v1 as otlp;
+use tracing::field::{Field, Visit};
+use tracing::span;
+use tracing_subscriber::layer::Context;
+use tracing_subscriber::registry::LookupSpan;
+
+/// A span's identity in its trace, as W3C trace context carries it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SpanContext {
+    /// The trace's id (never 0).
+    pub trace_id: u128,
+    /// The span's id (never 0).
+    pub span_id: u64,
+}
+
+impl SpanContext {
+    /// The `traceparent` header value naming this span as a sampled parent.
+    pub fn traceparent(&self) -> String {
+        format!("00-{:032x}-{:016x}-01", self.trace_id, self.span_id)
+    }
+
+    /// Parses a W3C `traceparent` (version 00, or a later version read as 00): the context and
+    /// its sampled flag; None when malformed or when an id is all zeros.
+    pub fn parse(traceparent: &str) -> Option<(SpanContext, bool)> {
+        // Fixed layout: vv-<32 hex>-<16 hex>-ff, then more fields only after version 00.
+        let b = traceparent.trim().as_bytes();
+        if b.len() < 55 || b[2] != b'-' || b[35] != b'-' || b[52] != b'-' {
+            return None;
+        }
+        let version = hex(&b[0..2])?;
+        if version == 0xff || (version == 0 && b.len() != 55) || (b.len() > 55 && b[55] != b'-') {
+            return None;
+        }
+        let trace_id = hex(&b[3..35])?;
+        let span_id = hex(&b[36..52])? as u64;
+        let flags = hex(&b[53..55])?;
+        (trace_id != 0 && span_id != 0)
+            .then_some((SpanContext { trace_id, span_id }, flags & 1 == 1))
+    }
+}
+
+/// Hex digits (at most 32) as a number; None when any is not one.
+fn hex(digits: &[u8]) -> Option<u128> {
+    digits.iter().try_fold(0u128, |acc, &d| {
+        let v = match d {
+            b'0'..=b'9' => d - b'0',
+            b'a'..=b'f' => d - b'a' + 10,
+            b'A'..=b'F' => d - b'A' + 10,
+            _ => return None,
+        };
+        Some((acc << 4) | u128::from(v))
+    })
+}
+
+fn new_trace_id() -> u128 {
+    loop {
+        let id = rand::random::<u128>();
+        if id != 0 {
+            return id;
+        }
+    }
+}
+
+fn new_span_id() -> u64 {
+    loop {
+        let id = rand::random::<u64>();
+        if id != 0 {
+            return id;
+        }
+    }
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+}
+
+/// An attribute's value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    /// Text (a literal is not copied).
+    Str(Cow<'static, str>),
+    /// A whole number.
+    Int(i64),
+    /// A floating-point number.
+    Float(f64),
+    /// A flag.
+    Bool(bool),
+}
+
+impl From<&'static str> for Value {
+    fn from(v: &'static str) -> Self {
+        Value::Str(Cow::Borrowed(v))
+    }
+}
+impl From<String> for Value {
+    fn from(v: String) -> Self {
+        Value::Str(Cow::Owned(v))
+    }
+}
+impl From<i64> for Value {
+    fn from(v: i64) -> Self {
+        Value::Int(v)
+    }
+}
+impl From<u64> for Value {
+    fn from(v: u64) -> Self {
+        Value::Int(v.min(i64::MAX as u64) as i64)
+    }
+}
+impl From<u32> for Value {
+    fn from(v: u32) -> Self {
+        Value::Int(i64::from(v))
+    }
+}
+impl From<usize> for Value {
+    fn from(v: usize) -> Self {
+        Value::from(v as u64)
+    }
+}
+impl From<f64> for Value {
+    fn from(v: f64) -> Self {
+        Value::Float(v)
+    }
+}
+impl From<bool> for Value {
+    fn from(v: bool) -> Self {
+        Value::Bool(v)
+    }
+}
+
+type Attributes = Vec<(&'static str, Value)>;
+
+fn set_attr(attrs: &mut Attributes, key: &'static str, value: Value) {
+    match attrs.iter_mut().find(|(k, _)| *k == key) {
+        Some(slot) => slot.1 = value,
+        None => attrs.push((key, value)),
+    }
+}
+
+pub(crate) struct Event {
+    pub time: u64,
+    pub name: String,
+    pub attrs: Attributes,
+}
+
+/// A recorded span, kept in the span's registry extensions until it closes.
+pub(crate) struct Record {
+    pub cx: SpanContext,
+    /// The parent's span id; 0 for a root.
+    pub parent: u64,
+    pub name: Cow<'static, str>,
+    pub kind: otlp::span::SpanKind,
+    pub start: u64,
+    pub end: u64,
+    pub attrs: Attributes,
+    pub events: Vec<Event>,
+    /// Set when the span failed: its status is then an error with this message.
+    pub error: Option<String>,
+}
+
+/// Fills a record from a span's fields. `otel.name`, `otel.kind` and `otel.status_message`
+/// set the span's name, kind and error status instead of becoming attributes; `error.type`
+/// is kept as an attribute and marks the span failed.
+struct Fields<'a>(&'a mut Record);
+
+impl Fields<'_> {
+    fn string(&mut self, field: &Field, value: String) {
+        let r = &mut *self.0;
+        match field.name() {
+            "otel.name" => r.name = Cow::Owned(value),
+            "otel.kind" => r.kind = kind(&value),
+            "otel.status_message" => r.error = Some(value),
+            "otel.status_code" => {
+                if value.eq_ignore_ascii_case("error") && r.error.is_none() {
+                    r.error = Some(String::new());
+                }
+            }
+            key => {
+                if key == "error.type" && r.error.is_none() {
+                    r.error = Some(value.clone());
+                }
+                set_attr(&mut r.attrs, key, Value::Str(Cow::Owned(value)));
+            }
+        }
+    }
+}
+
+fn kind(s: &str) -> otlp::span::SpanKind {
+    use otlp::span::SpanKind as K;
+    match s {
+        "server" => K::Server,
+        "client" => K::Client,
+        "producer" => K::Producer,
+        "consumer" => K::Consumer,
+        _ => K::Internal,
+    }
+}
+
+impl Visit for Fields<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.string(field, value.to_string());
+    }
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        self.string(field, format!("{value:?}"));
+    }
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        set_attr(&mut self.0.attrs, field.name(), Value::Int(value));
+    }
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        set_attr(&mut self.0.attrs, field.name(), Value::Int(value.min(i64::MAX as u64) as i64));
+    }
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        set_attr(&mut self.0.attrs, field.name(), Value::Float(value));
+    }
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        set_attr(&mut self.0.attrs, field.name(), Value::Bool(value));
+    }
+}
+
+/// A log event inside a recorded span becomes one of its events: named by its message, with
+/// its other fields and its level as attributes.
+struct EventFields {
+    message: Option<String>,
+    attrs: Attributes,
+}
+
+impl Visit for EventFields {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            self.message = Some(value.to_string());
+        } else {
+            set_attr(&mut self.attrs, field.name(), Value::Str(Cow::Owned(value.to_string())));
+        }
+    }
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            self.message = Some(format!("{value:?}"));
+        } else {
+            set_attr(&mut self.attrs, field.name(), Value::Str(Cow::Owned(format!("{value:?}"))));
+        }
+    }
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        set_attr(&mut self.attrs, field.name(), Value::Int(value));
+    }
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        set_attr(&mut self.attrs, field.name(), Value::Int(value.min(i64::MAX as u64) as i64));
+    }
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        set_attr(&mut self.attrs, field.name(), Value::Float(value));
+    }
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        set_attr(&mut self.attrs, field.name(), Value::Bool(value));
+    }
+}
+
+/// Records spans (see the module's words on which) and queues them for export when they close.
+pub(crate) struct SpanLayer {
+    queue: Arc<Queue>,
+}
+
+impl<S> tracing_subscriber::Layer<S> for SpanLayer
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn on_new_span(&self, attrs: &span::Attributes<'_>, id: &span::Id, ctx: Context<'_, S>) {
+        let Some(span) = ctx.span(id) else { return };
+        let (trace_id, parent) = match span.parent() {
+            Some(p) => match p.extensions().get::<Record>() {
+                Some(r) => (r.cx.trace_id, r.cx.span_id),
+                None => return,
+            },
+            None => (new_trace_id(), 0),
+        };
+        let mut record = Record {
+            cx: SpanContext { trace_id, span_id: new_span_id() },
+            parent,
+            name: Cow::Borrowed(attrs.metadata().name()),
+            kind: otlp::span::SpanKind::Internal,
+            start: now_ns(),
+            end: 0,
+            attrs: Vec::with_capacity(attrs.metadata().fields().len()),
+            events: Vec::new(),
+            error: None,
+        };
+        attrs.record(&mut Fields(&mut record));
+        span.extensions_mut().insert(record);
+    }
+
+    fn on_record(&self, id: &span::Id, values: &span::Record<'_>, ctx: Context<'_, S>) {
+        let Some(span) = ctx.span(id) else { return };
+        if let Some(r) = span.extensions_mut().get_mut::<Record>() {
+            values.record(&mut Fields(r));
+        }
+    }
+
+    fn on_event(&self, event: &tracing::Event<'_>, ctx: Context<'_, S>) {
+        let Some(span) = ctx.event_span(event) else { return };
+        let mut ext = span.extensions_mut();
+        let Some(r) = ext.get_mut::<Record>() else { return };
+        let mut fields = EventFields { message: None, attrs: Vec::new() };
+        event.record(&mut fields);
+        let level = *event.metadata().level();
+        set_attr(&mut fields.attrs, "level", Value::Str(Cow::Borrowed(level.as_str())));
+        let name = fields.message.unwrap_or_else(|| event.metadata().name().to_string());
+        if level == tracing::Level::ERROR && r.error.is_none() {
+            r.error = Some(name.clone());
+        }
+        r.events.push(Event { time: now_ns(), name, attrs: fields.attrs });
+    }
+
+    fn on_close(&self, id: span::Id, ctx: Context<'_, S>) {
+        let Some(span) = ctx.span(&id) else { return };
+        let record = span.extensions_mut().remove::<Record>();
+        if let Some(mut r) = record {
+            r.end = now_ns();
+            self.queue.push(r);
+        }
+    }
+}
+
+fn with_record<T>(span: &tracing::Span, f: impl FnOnce(&mut Record) -> T) -> Option<T> {
+    span.with_subscriber(|(id, dispatch)| {
+        let registry = dispatch.downcast_ref::<tracing_subscriber::Registry>()?;
+        let data = registry.span(id)?;
+        let mut ext = data.extensions_mut();
+        ext.get_mut::<Record>().map(f)
+    })
+    .flatten()
+}
+
+/// The context of `span` if it is recorded.
+pub fn context(span: &tracing::Span) -> Option<SpanContext> {
+    with_record(span, |r| r.cx)
+}
+
+/// Makes recorded `span` the child of the remote span `cx`, in its trace; when the remote side
+/// did not sample its trace, `span` is no longer recorded. Call it before `span` has children.
+pub fn set_remote_parent(span: &tracing::Span, cx: SpanContext, sampled: bool) {
+    if sampled {
+        with_record(span, |r| {
+            r.cx.trace_id = cx.trace_id;
+            r.parent = cx.span_id;
+        });
+    } else {
+        span.with_subscriber(|(id, dispatch)| {
+            let registry = dispatch.downcast_ref::<tracing_subscriber::Registry>()?;
+            registry.span(id)?.extensions_mut().remove::<Record>();
+            Some(())
+        });
+    }
+}
+
+/// The running exporter's queue, for spans recorded without `tracing`.
+static QUEUE: std::sync::OnceLock<Arc<Queue>> = std::sync::OnceLock::new();
+
+/// How a [`Span`] relates to the other side of a call (OpenTelemetry's span kind).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Work inside one process.
+    Internal,
+    /// Handling a call from a client.
+    Server,
+    /// A call to a server.
+    Client,
+}
+
+impl Kind {
+    fn proto(self) -> otlp::span::SpanKind {
+        match self {
+            Kind::Internal => otlp::span::SpanKind::Internal,
+            Kind::Server => otlp::span::SpanKind::Server,
+            Kind::Client => otlp::span::SpanKind::Client,
+        }
+    }
+}
+
+/// A span recorded directly, without `tracing`: for the request path, where the bookkeeping of
+/// a `tracing` span (registry slot, extensions, per-layer filters, field visitors) costs more
+/// than the rest of a warm request's tracing. Ends when dropped. A span that is not recording
+/// ([`Span::none`], or anything started while no exporter runs or the trace is not sampled)
+/// costs nothing and ignores everything.
+#[derive(Default)]
+pub struct Span(Option<Box<Mutex<Record>>>);
+
+impl Span {
+    /// A span that records nothing.
+    pub fn none() -> Span {
+        Span(None)
+    }
+
+    /// The span of a request arriving with `traceparent` (may be empty): recording when
+    /// [`crate::sample`] says this request is traced; the child of the caller's span when the
+    /// caller sent a valid context, else the root of a new trace.
+    pub fn request(name: &'static str, kind: Kind, traceparent: &str) -> Span {
+        if !crate::sample(traceparent) {
+            return Span::none();
+        }
+        match SpanContext::parse(traceparent) {
+            Some((cx, _)) => Span::start(name, kind, cx.trace_id, cx.span_id),
+            None => Span::start(name, kind, new_trace_id(), 0),
+        }
+    }
+
+    /// A span that continues the sampled remote context `traceparent`; not recording when the
+    /// context is missing, malformed or not sampled, or no exporter runs.
+    pub fn remote_child(name: &'static str, kind: Kind, traceparent: &str) -> Span {
+        if !crate::EXPORTING.load(Ordering::Relaxed) {
+            return Span::none();
+        }
+        match SpanContext::parse(traceparent) {
+            Some((cx, true)) => Span::start(name, kind, cx.trace_id, cx.span_id),
+            _ => Span::none(),
+        }
+    }
+
+    /// A child of this span (not recording when this one is not).
+    pub fn child(&self, name: &'static str, kind: Kind) -> Span {
+        match self.context() {
+            Some(cx) => Span::start(name, kind, cx.trace_id, cx.span_id),
+            None => Span::none(),
+        }
+    }
+
+    fn start(name: &'static str, kind: Kind, trace_id: u128, parent: u64) -> Span {
+        Span(Some(Box::new(Mutex::new(Record {
+            cx: SpanContext { trace_id, span_id: new_span_id() },
+            parent,
+            name: Cow::Borrowed(name),
+            kind: kind.proto(),
+            start: now_ns(),
+            end: 0,
+            attrs: Vec::with_capacity(8),
+            events: Vec::new(),
+            error: None,
+        }))))
+    }
+
+    fn with(&self, f: impl FnOnce(&mut Record)) {
+        if let Some(r) = &self.0 {
+            f(&mut r.lock().unwrap_or_else(PoisonError::into_inner));
+        }
+    }
+
+    /// Whether this span records anything.
+    pub fn is_recording(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// This span's context, when it is recording.
+    pub fn context(&self) -> Option<SpanContext> {
+        self.0.as_ref().map(|r| r.lock().unwrap_or_else(PoisonError::into_inner).cx)
+    }
+
+    /// The `traceparent` naming this span (empty when it is not recording).
+    pub fn traceparent(&self) -> String {
+        self.context().map(|cx| cx.traceparent()).unwrap_or_default()
+    }
+
+    /// Sets attribute `key` (replacing an earlier value).
+    pub fn set(&self, key: &'static str, value: impl Into<Value>) {
+        self.with(|r| set_attr(&mut r.attrs, key, value.into()));
+    }
+
+    /// Renames the span.
+    pub fn rename(&self, name: impl Into<Cow<'static, str>>) {
+        self.with(|r| r.name = name.into());
+    }
+
+    /// Marks the span failed, with why.
+    pub fn fail(&self, message: impl Into<String>) {
+        self.with(|r| r.error = Some(message.into()));
+    }
+
+    /// Adds a timestamped event, e.g. what a log line says.
+    pub fn event(&self, name: impl Into<String>, attrs: Vec<(&'static str, Value)>) {
+        self.with(|r| r.events.push(Event { time: now_ns(), name: name.into(), attrs }));
+    }
+
+    /// Makes `span` (a `tracing` span) a child of this one, so that what runs inside it joins
+    /// this trace. Call it before `span` has children.
+    pub fn adopt(&self, span: &tracing::Span) {
+        if let Some(cx) = self.context() {
+            set_remote_parent(span, cx, true);
+        }
+    }
+}
+
+impl Drop for Span {
+    fn drop(&mut self) {
+        if let Some(r) = self.0.take() {
+            let mut r = r.into_inner().unwrap_or_else(PoisonError::into_inner);
+            r.end = now_ns();
+            if let Some(q) = QUEUE.get() {
+                q.push(r);
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for Span {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.context() {
+            Some(cx) => write!(f, "Span({})", cx.traceparent()),
+            None => f.write_str("Span(none)"),
+        }
+    }
+}
+
+/// Finished spans waiting for the exporter.
+pub(crate) struct Queue {
+    state: Mutex<State>,
+    wake: Condvar,
+    max_queue: usize,
+    batch: usize,
+    dropped: AtomicU64,
+}
+
+#[derive(Default)]
+struct State {
+    spans: Vec<Record>,
+    shutdown: bool,
+}
+
+impl Queue {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn push(&self, record: Record) {
+        let mut s = self.lock();
+        if s.spans.len() >= self.max_queue {
+            drop(s);
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::TRACES.dropped.inc();
+            return;
+        }
+        s.spans.push(record);
+        // One wake-up per batch, not per span.
+        if s.spans.len() == self.batch {
+            self.wake.notify_one();
+        }
+    }
+}
+
+/// Where and how spans are exported: the standard `OTEL_*` variables.
+#[derive(Debug, Clone)]
+pub(crate) struct ExportConfig {
+    pub endpoint: String,
+    pub headers: Vec<(String, String)>,
+    pub timeout: Duration,
+    pub gzip: bool,
+    pub ca: Option<String>,
+    pub client_cert: Option<(String, String)>,
+    pub schedule_delay: Duration,
+    pub max_queue: usize,
+    pub batch: usize,
+    pub resource: Vec<(String, String)>,
+}
+
+fn var(specific: &str, general: &str) -> Option<String> {
+    std::env::var(specific)
+        .ok()
+        .or_else(|| std::env::var(general).ok())
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+}
+
+fn millis(name: &str, default: u64) -> Duration {
+    Duration::from_millis(
+        std::env::var(name).ok().and_then(|v| v.trim().parse().ok()).unwrap_or(default),
+    )
+}
+
+fn count(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .filter(|n: &usize| *n > 0)
+        .unwrap_or(default)
+}
+
+/// `k=v,k2=v2` with percent-encoded values (the OTel list format).
+fn pairs(list: &str) -> Vec<(String, String)> {
+    list.split(',')
+        .filter_map(|p| {
+            let (k, v) = p.split_once('=')?;
+            let (k, v) = (k.trim(), v.trim());
+            (!k.is_empty()).then(|| (k.to_string(), percent_decode(v)))
+        })
+        .collect()
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+        match (bytes[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+impl ExportConfig {
+    /// The configuration from the environment, for `service`; None when traces are not to be
+    /// exported (no endpoint, `OTEL_SDK_DISABLED=true` or `OTEL_TRACES_EXPORTER=none`); the
+    /// warnings to log once logging is up.
+    pub fn from_env(service: &str) -> (Option<ExportConfig>, Vec<String>) {
+        let mut warnings = Vec::new();
+        let disabled = std::env::var("OTEL_SDK_DISABLED")
+            .map(|v| v.trim().eq_ignore_ascii_case("true"))
+            .unwrap_or(false);
+        let exporter = std::env::var("OTEL_TRACES_EXPORTER").unwrap_or_default();
+        let exporter = exporter.trim();
+        if disabled || exporter == "none" {
+            return (None, warnings);
+        }
+        if !exporter.is_empty() && exporter != "otlp" {
+            warnings.push(format!("OTEL_TRACES_EXPORTER={exporter} is not supported; using otlp"));
+        }
+        let endpoint = match std::env::var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            .ok()
+            .or_else(|| std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok())
+        {
+            Some(e) if !e.trim().is_empty() => e.trim().to_string(),
+            _ => return (None, warnings),
+        };
+        if let Some(p) = var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
+            && p != "grpc"
+        {
+            warnings.push(format!(
+                "OTLP protocol {p} is not supported; exporting over grpc (Jaeger and the \
+                 OpenTelemetry Collector take it on port 4317)"
+            ));
+        }
+        let headers = var("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS")
+            .map(|h| pairs(&h))
+            .unwrap_or_default();
+        let timeout = var("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT")
+            .and_then(|t| t.parse().ok())
+            .map(Duration::from_millis)
+            .unwrap_or(Duration::from_secs(10))
+            .min(millis("OTEL_BSP_EXPORT_TIMEOUT", 30_000));
+        let gzip =
+            match var("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "OTEL_EXPORTER_OTLP_COMPRESSION")
+                .as_deref()
+            {
+                Some("gzip") => true,
+                None | Some("none") => false,
+                Some(other) => {
+                    warnings
+                        .push(format!("OTLP compression {other} is not supported; sending plain"));
+                    false
+                }
+            };
+        let ca = var("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", "OTEL_EXPORTER_OTLP_CERTIFICATE");
+        let client_cert = match (
+            var(
+                "OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE",
+                "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+            ),
+            var("OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY", "OTEL_EXPORTER_OTLP_CLIENT_KEY"),
+        ) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            _ => {
+                warnings.push(
+                    "OTLP client certificate and key must be given together; sending neither"
+                        .into(),
+                );
+                None
+            }
+        };
+        let max_queue = count("OTEL_BSP_MAX_QUEUE_SIZE", 2048);
+        let batch = count("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512).min(max_queue);
+        let mut resource =
+            std::env::var("OTEL_RESOURCE_ATTRIBUTES").map(|r| pairs(&r)).unwrap_or_default();
+        let name = var("OTEL_SERVICE_NAME", "OTEL_SERVICE_NAME")
+            .or_else(|| resource.iter().find(|(k, _)| k == "service.name").map(|(_, v)| v.clone()))
+            .unwrap_or_else(|| service.to_string());
+        resource.retain(|(k, _)| k != "service.name");
+        resource.push(("service.name".into(), name));
+        if !resource.iter().any(|(k, _)| k == "service.version") {
+            resource.push(("service.version".into(), env!("CARGO_PKG_VERSION").into()));
+        }
+        resource.push(("telemetry.sdk.name".into(), "sllm".into()));
+        resource.push(("telemetry.sdk.language".into(), "rust".into()));
+        resource.push(("telemetry.sdk.version".into(), env!("CARGO_PKG_VERSION").into()));
+        let config = ExportConfig {
+            endpoint,
+            headers,
+            timeout,
+            gzip,
+            ca,
+            client_cert,
+            schedule_delay: millis("OTEL_BSP_SCHEDULE_DELAY", 5_000),
+            max_queue,
+            batch,
+            resource,
+        };
+        (Some(config), warnings)
+    }
+
+    fn channel(&self) -> Result<tonic::transport::Channel, String> {
+        use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+        let mut endpoint = Endpoint::from_shared(self.endpoint.clone())
+            .map_err(|e| format!("OTLP endpoint {}: {e}", self.endpoint))?
+            .tcp_nodelay(true)
+            .timeout(self.timeout)
+            .connect_timeout(self.timeout);
+        if self.endpoint.starts_with("https://") {
+            let read =
+                |path: &str| std::fs::read(path).map_err(|e| format!("OTLP TLS file {path}: {e}"));
+            let mut tls = ClientTlsConfig::new();
+            tls = match &self.ca {
+                Some(ca) => tls.ca_certificate(Certificate::from_pem(read(ca)?)),
+                None => tls.with_webpki_roots(),
+            };
+            if let Some((cert, key)) = &self.client_cert {
+                tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+            }
+            endpoint = endpoint.tls_config(tls).map_err(|e| format!("OTLP TLS: {e}"))?;
+        }
+        Ok(endpoint.connect_lazy())
+    }
+}
+
+/// The running exporter: its queue and thread.
+pub(crate) struct Exporter {
+    queue: Arc<Queue>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Exporter {
+    /// Starts the export thread; the layer that feeds it.
+    pub fn start(config: ExportConfig) -> Result<(Exporter, SpanLayer), String> {
+        let queue = Arc::new(Queue {
+            state: Mutex::new(State { spans: Vec::with_capacity(config.batch), shutdown: false }),
+            wake: Condvar::new(),
+            max_queue: config.max_queue,
+            batch: config.batch,
+            dropped: AtomicU64::new(0),
+        });
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("OTLP export runtime: {e}"))?;
+        let channel = {
+            let _in_rt = rt.enter();
+            config.channel()?
+        };
+        let q = queue.clone();
+        // One exporter per process: the first one started takes spans recorded directly.
+        let _ = QUEUE.set(queue.clone());
+        let thread = std::thread::Builder::new()
+            .name("sllm-otlp-export".into())
+            .spawn(move || export_loop(&q, &config, &rt, channel))
+            .map_err(|e| format!("OTLP export thread: {e}"))?;
+        Ok((Exporter { queue: queue.clone(), thread: Some(thread) }, SpanLayer { queue }))
+    }
+
+    /// Exports what is queued and stops the thread (bounded by the export timeout).
+    pub fn shutdown(&mut self) {
+        self.queue.lock().shutdown = true;
+        self.queue.wake.notify_one();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Exporter {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn export_loop(
+    queue: &Queue,
+    config: &ExportConfig,
+    rt: &tokio::runtime::Runtime,
+    channel: tonic::transport::Channel,
+) {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    if config.gzip {
+        grpc = grpc.send_compressed(tonic::codec::CompressionEncoding::Gzip);
+    }
+    let preamble = crate::otlp::Preamble::new(&config.resource);
+    let headers: Vec<(tonic::metadata::AsciiMetadataKey, tonic::metadata::AsciiMetadataValue)> =
+        config
+            .headers
+            .iter()
+            .filter_map(|(k, v)| Some((k.to_ascii_lowercase().parse().ok()?, v.parse().ok()?)))
+            .collect();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(crate::otlp::EXPORT_PATH);
+    let metrics = &*crate::metrics::TRACES;
+    let mut taken: Vec<Record> = Vec::with_capacity(config.batch);
+    let mut body = Vec::new();
+    let mut lens = Vec::new();
+    let mut failing_since: Option<Instant> = None;
+    loop {
+        let stop = {
+            let deadline = Instant::now() + config.schedule_delay;
+            let mut s = queue.lock();
+            while s.spans.len() < config.batch && !s.shutdown {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                s = queue.wake.wait_timeout(s, left).unwrap_or_else(PoisonError::into_inner).0;
+            }
+            std::mem::swap(&mut s.spans, &mut taken);
+            s.shutdown
+        };
+        for chunk in taken.chunks(config.batch) {
+            preamble.encode(chunk, &mut body, &mut lens);
+            let mut request = tonic::Request::new(bytes::Bytes::copy_from_slice(&body));
+            request.set_timeout(config.timeout);
+            for (k, v) in &headers {
+                request.metadata_mut().insert(k.clone(), v.clone());
+            }
+            let call = async {
+                grpc.ready().await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+                grpc.unary(request, path.clone(), crate::otlp::RawCodec).await
+            };
+            let result = rt.block_on(async { tokio::time::timeout(config.timeout, call).await });
+            match result {
+                Ok(Ok(_)) => {
+                    metrics.exported.inc_by(chunk.len() as u64);
+                    if failing_since.take().is_some() {
+                        tracing::info!(endpoint = %config.endpoint, "trace export works again");
+                    }
+                }
+                failed => {
+                    metrics.export_failures.inc();
+                    metrics.dropped.inc_by(chunk.len() as u64);
+                    let why = match failed {
+                        Ok(Err(status)) => format!("{:?}: {}", status.code(), status.message()),
+                        _ => format!("no answer within {:?}", config.timeout),
+                    };
+                    // Once per outage, not once per batch.
+                    if failing_since.is_none() {
+                        failing_since = Some(Instant::now());
+                        tracing::warn!(endpoint = %config.endpoint, error = %why, "trace export failed; spans are dropped until it works");
+                    }
+                }
+            }
+        }
+        taken.clear();
+        if stop {
+            let dropped = queue.dropped.load(Ordering::Relaxed);
+            if dropped > 0 {
+                tracing::info!(dropped, "spans dropped because the export queue was full");
+            }
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_round_trips_and_rejects_malformed_values() {
+        let cx = SpanContext {
+            trace_id: 0x0af7651916cd43dd8448eb211c80319c,
+            span_id: 0xb7ad6b7169203331,
+        };
+        assert_eq!(cx.traceparent(), "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
+        assert_eq!(SpanContext::parse(&cx.traceparent()), Some((cx, true)));
+        assert_eq!(
+            SpanContext::parse("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"),
+            Some((cx, false))
+        );
+        for bad in [
+            "",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331",
+            "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
+            "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-extra",
+            "00-0af7651916cd43dd8448eb211c8031zz-b7ad6b7169203331-01",
+            "00-+af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        ] {
+            assert_eq!(SpanContext::parse(bad), None, "{bad:?}");
+        }
+        // A later version may add fields; its first four are read as version 00's.
+        assert_eq!(
+            SpanContext::parse("01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-later"),
+            Some((cx, true))
+        );
+    }
+
+    #[test]
+    fn otel_lists_are_split_and_percent_decoded() {
+        assert_eq!(
+            pairs("api-key=a%20b, x = y ,=novalue,broken"),
+            vec![("api-key".to_string(), "a b".to_string()), ("x".into(), "y".into())]
+        );
+        assert_eq!(percent_decode("100%"), "100%");
+    }
+}
