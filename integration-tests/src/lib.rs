@@ -534,6 +534,17 @@ pub fn python() -> Result<PathBuf> {
     Ok(py)
 }
 
+/// Runs `script` with the project's Python and the SDK from `sdk/python` importable.
+pub async fn python_sdk(script: &str) -> Result<std::process::Output> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("no workspace root")?;
+    Ok(tokio::process::Command::new(python()?)
+        .arg("-c")
+        .arg(script)
+        .env("PYTHONPATH", root.join("sdk/python"))
+        .output()
+        .await?)
+}
+
 /// A span as an OTLP receiver got it.
 #[derive(Debug, Clone)]
 pub struct ReceivedSpan {

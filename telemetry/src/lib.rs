@@ -10,6 +10,7 @@ mod otlp;
 pub mod propagation;
 pub mod trace;
 
+use std::sync::LazyLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 static EXPORTING: AtomicBool = AtomicBool::new(false);
@@ -17,28 +18,15 @@ static EXPORTING: AtomicBool = AtomicBool::new(false);
 /// The share of new traces to record, as `f64` bits: from `OTEL_TRACES_SAMPLER` /
 /// `OTEL_TRACES_SAMPLER_ARG` at start-up (`always_on`/unset: all, `always_off`: none,
 /// `traceidratio` or `parentbased_traceidratio`: the ratio), changed by [`set_sampling_ratio`].
-static RATIO: AtomicU64 = AtomicU64::new(UNSET);
-const UNSET: u64 = u64::MAX;
-
-fn ratio_from_env() -> f64 {
+static RATIO: LazyLock<AtomicU64> = LazyLock::new(|| {
     let arg = std::env::var("OTEL_TRACES_SAMPLER_ARG").ok().and_then(|a| a.parse::<f64>().ok());
-    match std::env::var("OTEL_TRACES_SAMPLER").as_deref() {
+    let ratio = match std::env::var("OTEL_TRACES_SAMPLER").as_deref() {
         Ok("always_off" | "parentbased_always_off") => 0.0,
         Ok("traceidratio" | "parentbased_traceidratio") => arg.unwrap_or(1.0).clamp(0.0, 1.0),
         _ => 1.0,
-    }
-}
-
-fn ratio() -> f64 {
-    match RATIO.load(Ordering::Relaxed) {
-        UNSET => {
-            let r = ratio_from_env();
-            RATIO.store(r.to_bits(), Ordering::Relaxed);
-            r
-        }
-        bits => f64::from_bits(bits),
-    }
-}
+    };
+    AtomicU64::new(f64::to_bits(ratio))
+});
 
 /// Changes the share of new traces recorded from now on (clamped to 0..=1). Requests that
 /// arrive with a trace context still follow their caller's decision.
@@ -47,18 +35,18 @@ pub fn set_sampling_ratio(ratio: f64) {
     RATIO.store(r.to_bits(), Ordering::Relaxed);
 }
 
-/// Whether a request arriving with `traceparent` (may be empty) should be traced: never when
-/// no exporter is set up; as its caller decided when it carries a trace context; otherwise for
-/// the configured share of requests. Deciding before any span exists keeps untraced requests
-/// free of tracing cost.
-pub fn sample(traceparent: &str) -> bool {
+/// Whether a request should be traced, given the sampled flag of the trace context it arrived
+/// with (None: no valid context): never when no exporter is set up; as its caller decided when
+/// it carries a context; otherwise for the configured share of requests. Deciding before any
+/// span exists keeps untraced requests free of tracing cost.
+fn sample(caller_sampled: Option<bool>) -> bool {
     if !EXPORTING.load(Ordering::Relaxed) {
         return false;
     }
-    match propagation::sampled_flag(traceparent) {
+    match caller_sampled {
         Some(sampled) => sampled,
         None => {
-            let ratio = ratio();
+            let ratio = f64::from_bits(RATIO.load(Ordering::Relaxed));
             ratio >= 1.0 || (ratio > 0.0 && rand::random::<f64>() < ratio)
         }
     }

@@ -18,15 +18,3 @@ pub fn set_parent(span: &tracing::Span, traceparent: &str) {
         trace::set_remote_parent(span, cx, sampled);
     }
 }
-
-/// The sampled flag of a well-formed `traceparent`, if it is one.
-pub fn sampled_flag(traceparent: &str) -> Option<bool> {
-    SpanContext::parse(traceparent).map(|(_, sampled)| sampled)
-}
-
-/// The trace id in a `traceparent` (for logs), if it is well formed.
-pub fn trace_id(traceparent: &str) -> Option<&str> {
-    let mut parts = traceparent.split('-');
-    let (_version, id) = (parts.next()?, parts.next()?);
-    (id.len() == 32).then_some(id)
-}

@@ -1,4 +1,5 @@
-//! sllm's span pipeline: `tracing` spans recorded by a small layer of our own and exported over
+//! sllm's span pipeline: request-path spans recorded directly ([`Span`]), other `tracing` spans
+//! turned into the same records by a small layer ([`SpanLayer`]), and both exported over
 //! OTLP/gRPC in batches by one background thread.
 //!
 //! It does what a general OpenTelemetry SDK does for sllm, at a fraction of the cost per span,
@@ -6,7 +7,7 @@
 //! filled as the span's fields are recorded; finishing it takes one uncontended lock to push
 //! the record on a queue; nothing wakes the exporter until a batch is full or the schedule
 //! delay has passed. There is no per-span sampler call, no context object, no timing at enter
-//! and exit. Sampling is decided once per request, before any span exists ([`crate::sample`]).
+//! and exit. Sampling is decided once per request, before any span exists ([`Span::request`]).
 //!
 //! Which spans are recorded: a span whose parent is recorded, a span made the child of a sampled
 //! remote context ([`set_remote_parent`]), and a span with no parent at all (callers decide
@@ -177,29 +178,45 @@ pub(crate) struct Record {
     pub error: Option<String>,
 }
 
-/// Fills a record from a span's fields. `otel.name`, `otel.kind` and `otel.status_message`
-/// set the span's name, kind and error status instead of becoming attributes; `error.type`
-/// is kept as an attribute and marks the span failed.
-struct Fields<'a>(&'a mut Record);
+/// Where a visitor puts the fields it is shown.
+enum Target<'a> {
+    /// A span's own fields. `otel.name`, `otel.kind` and `otel.status_message` set the span's
+    /// name, kind and error status instead of becoming attributes; `error.type` is kept as an
+    /// attribute and marks the span failed.
+    Span(&'a mut Record),
+    /// A log event's fields: `message` names the event, the rest are its attributes.
+    Event { message: &'a mut Option<String>, attrs: &'a mut Attributes },
+}
+
+struct Fields<'a>(Target<'a>);
 
 impl Fields<'_> {
-    fn string(&mut self, field: &Field, value: String) {
-        let r = &mut *self.0;
-        match field.name() {
-            "otel.name" => r.name = Cow::Owned(value),
-            "otel.kind" => r.kind = kind(&value),
-            "otel.status_message" => r.error = Some(value),
-            "otel.status_code" => {
+    fn attr(&mut self, field: &Field, value: Value) {
+        let attrs = match &mut self.0 {
+            Target::Span(r) => &mut r.attrs,
+            Target::Event { attrs, .. } => &mut **attrs,
+        };
+        set_attr(attrs, field.name(), value);
+    }
+
+    fn text(&mut self, field: &Field, value: String) {
+        match (&mut self.0, field.name()) {
+            (Target::Span(r), "otel.name") => r.name = Cow::Owned(value),
+            (Target::Span(r), "otel.kind") => r.kind = kind(&value),
+            (Target::Span(r), "otel.status_message") => r.error = Some(value),
+            (Target::Span(r), "otel.status_code") => {
                 if value.eq_ignore_ascii_case("error") && r.error.is_none() {
                     r.error = Some(String::new());
                 }
             }
-            key => {
-                if key == "error.type" && r.error.is_none() {
+            (Target::Span(r), "error.type") => {
+                if r.error.is_none() {
                     r.error = Some(value.clone());
                 }
-                set_attr(&mut r.attrs, key, Value::Str(Cow::Owned(value)));
+                set_attr(&mut r.attrs, "error.type", value.into());
             }
+            (Target::Event { message, .. }, "message") => **message = Some(value),
+            _ => self.attr(field, value.into()),
         }
     }
 }
@@ -217,58 +234,22 @@ fn kind(s: &str) -> otlp::span::SpanKind {
 
 impl Visit for Fields<'_> {
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.string(field, value.to_string());
+        self.text(field, value.to_string());
     }
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        self.string(field, format!("{value:?}"));
+        self.text(field, format!("{value:?}"));
     }
     fn record_i64(&mut self, field: &Field, value: i64) {
-        set_attr(&mut self.0.attrs, field.name(), Value::Int(value));
+        self.attr(field, value.into());
     }
     fn record_u64(&mut self, field: &Field, value: u64) {
-        set_attr(&mut self.0.attrs, field.name(), Value::Int(value.min(i64::MAX as u64) as i64));
+        self.attr(field, value.into());
     }
     fn record_f64(&mut self, field: &Field, value: f64) {
-        set_attr(&mut self.0.attrs, field.name(), Value::Float(value));
+        self.attr(field, value.into());
     }
     fn record_bool(&mut self, field: &Field, value: bool) {
-        set_attr(&mut self.0.attrs, field.name(), Value::Bool(value));
-    }
-}
-
-/// A log event inside a recorded span becomes one of its events: named by its message, with
-/// its other fields and its level as attributes.
-struct EventFields {
-    message: Option<String>,
-    attrs: Attributes,
-}
-
-impl Visit for EventFields {
-    fn record_str(&mut self, field: &Field, value: &str) {
-        if field.name() == "message" {
-            self.message = Some(value.to_string());
-        } else {
-            set_attr(&mut self.attrs, field.name(), Value::Str(Cow::Owned(value.to_string())));
-        }
-    }
-    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        if field.name() == "message" {
-            self.message = Some(format!("{value:?}"));
-        } else {
-            set_attr(&mut self.attrs, field.name(), Value::Str(Cow::Owned(format!("{value:?}"))));
-        }
-    }
-    fn record_i64(&mut self, field: &Field, value: i64) {
-        set_attr(&mut self.attrs, field.name(), Value::Int(value));
-    }
-    fn record_u64(&mut self, field: &Field, value: u64) {
-        set_attr(&mut self.attrs, field.name(), Value::Int(value.min(i64::MAX as u64) as i64));
-    }
-    fn record_f64(&mut self, field: &Field, value: f64) {
-        set_attr(&mut self.attrs, field.name(), Value::Float(value));
-    }
-    fn record_bool(&mut self, field: &Field, value: bool) {
-        set_attr(&mut self.attrs, field.name(), Value::Bool(value));
+        self.attr(field, value.into());
     }
 }
 
@@ -301,14 +282,14 @@ where
             events: Vec::new(),
             error: None,
         };
-        attrs.record(&mut Fields(&mut record));
+        attrs.record(&mut Fields(Target::Span(&mut record)));
         span.extensions_mut().insert(record);
     }
 
     fn on_record(&self, id: &span::Id, values: &span::Record<'_>, ctx: Context<'_, S>) {
         let Some(span) = ctx.span(id) else { return };
         if let Some(r) = span.extensions_mut().get_mut::<Record>() {
-            values.record(&mut Fields(r));
+            values.record(&mut Fields(Target::Span(r)));
         }
     }
 
@@ -316,15 +297,15 @@ where
         let Some(span) = ctx.event_span(event) else { return };
         let mut ext = span.extensions_mut();
         let Some(r) = ext.get_mut::<Record>() else { return };
-        let mut fields = EventFields { message: None, attrs: Vec::new() };
-        event.record(&mut fields);
+        let (mut message, mut attrs) = (None, Vec::new());
+        event.record(&mut Fields(Target::Event { message: &mut message, attrs: &mut attrs }));
         let level = *event.metadata().level();
-        set_attr(&mut fields.attrs, "level", Value::Str(Cow::Borrowed(level.as_str())));
-        let name = fields.message.unwrap_or_else(|| event.metadata().name().to_string());
+        set_attr(&mut attrs, "level", level.as_str().into());
+        let name = message.unwrap_or_else(|| event.metadata().name().to_string());
         if level == tracing::Level::ERROR && r.error.is_none() {
             r.error = Some(name.clone());
         }
-        r.events.push(Event { time: now_ns(), name, attrs: fields.attrs });
+        r.events.push(Event { time: now_ns(), name, attrs });
     }
 
     fn on_close(&self, id: span::Id, ctx: Context<'_, S>) {
@@ -337,14 +318,21 @@ where
     }
 }
 
-fn with_record<T>(span: &tracing::Span, f: impl FnOnce(&mut Record) -> T) -> Option<T> {
+/// Runs `f` on the registry extensions of `span` (None when it has none: disabled, or not in
+/// sllm's subscriber).
+fn with_extensions<T>(
+    span: &tracing::Span,
+    f: impl FnOnce(&mut tracing_subscriber::registry::ExtensionsMut<'_>) -> Option<T>,
+) -> Option<T> {
     span.with_subscriber(|(id, dispatch)| {
         let registry = dispatch.downcast_ref::<tracing_subscriber::Registry>()?;
-        let data = registry.span(id)?;
-        let mut ext = data.extensions_mut();
-        ext.get_mut::<Record>().map(f)
+        f(&mut registry.span(id)?.extensions_mut())
     })
     .flatten()
+}
+
+fn with_record<T>(span: &tracing::Span, f: impl FnOnce(&mut Record) -> T) -> Option<T> {
+    with_extensions(span, |ext| ext.get_mut::<Record>().map(f))
 }
 
 /// The context of `span` if it is recorded.
@@ -361,11 +349,7 @@ pub fn set_remote_parent(span: &tracing::Span, cx: SpanContext, sampled: bool) {
             r.parent = cx.span_id;
         });
     } else {
-        span.with_subscriber(|(id, dispatch)| {
-            let registry = dispatch.downcast_ref::<tracing_subscriber::Registry>()?;
-            registry.span(id)?.extensions_mut().remove::<Record>();
-            Some(())
-        });
+        with_extensions(span, |ext| ext.remove::<Record>());
     }
 }
 
@@ -407,14 +391,16 @@ impl Span {
         Span(None)
     }
 
-    /// The span of a request arriving with `traceparent` (may be empty): recording when
-    /// [`crate::sample`] says this request is traced; the child of the caller's span when the
-    /// caller sent a valid context, else the root of a new trace.
+    /// The span of a request arriving with `traceparent` (may be empty): recording when an
+    /// exporter runs and the caller sampled its trace, or, with no context from the caller, for
+    /// the configured share of requests (`OTEL_TRACES_SAMPLER`); the child of the caller's span
+    /// when the caller sent a valid context, else the root of a new trace.
     pub fn request(name: &'static str, kind: Kind, traceparent: &str) -> Span {
-        if !crate::sample(traceparent) {
+        let caller = SpanContext::parse(traceparent);
+        if !crate::sample(caller.map(|(_, sampled)| sampled)) {
             return Span::none();
         }
-        match SpanContext::parse(traceparent) {
+        match caller {
             Some((cx, _)) => Span::start(name, kind, cx.trace_id, cx.span_id),
             None => Span::start(name, kind, new_trace_id(), 0),
         }
@@ -478,11 +464,6 @@ impl Span {
     /// Sets attribute `key` (replacing an earlier value).
     pub fn set(&self, key: &'static str, value: impl Into<Value>) {
         self.with(|r| set_attr(&mut r.attrs, key, value.into()));
-    }
-
-    /// Renames the span.
-    pub fn rename(&self, name: impl Into<Cow<'static, str>>) {
-        self.with(|r| r.name = name.into());
     }
 
     /// Marks the span failed, with why.
@@ -646,12 +627,10 @@ impl ExportConfig {
         if !exporter.is_empty() && exporter != "otlp" {
             warnings.push(format!("OTEL_TRACES_EXPORTER={exporter} is not supported; using otlp"));
         }
-        let endpoint = match std::env::var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-            .ok()
-            .or_else(|| std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok())
-        {
-            Some(e) if !e.trim().is_empty() => e.trim().to_string(),
-            _ => return (None, warnings),
+        let Some(endpoint) =
+            var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+        else {
+            return (None, warnings);
         };
         if let Some(p) = var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
             && p != "grpc"
@@ -703,7 +682,10 @@ impl ExportConfig {
         let batch = count("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512).min(max_queue);
         let mut resource =
             std::env::var("OTEL_RESOURCE_ATTRIBUTES").map(|r| pairs(&r)).unwrap_or_default();
-        let name = var("OTEL_SERVICE_NAME", "OTEL_SERVICE_NAME")
+        let name = std::env::var("OTEL_SERVICE_NAME")
+            .ok()
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
             .or_else(|| resource.iter().find(|(k, _)| k == "service.name").map(|(_, v)| v.clone()))
             .unwrap_or_else(|| service.to_string());
         resource.retain(|(k, _)| k != "service.name");
@@ -825,7 +807,7 @@ fn export_loop(
     let mut taken: Vec<Record> = Vec::with_capacity(config.batch);
     let mut body = Vec::new();
     let mut lens = Vec::new();
-    let mut failing_since: Option<Instant> = None;
+    let mut failing = false;
     loop {
         let stop = {
             let deadline = Instant::now() + config.schedule_delay;
@@ -855,7 +837,7 @@ fn export_loop(
             match result {
                 Ok(Ok(_)) => {
                     metrics.exported.inc_by(chunk.len() as u64);
-                    if failing_since.take().is_some() {
+                    if std::mem::take(&mut failing) {
                         tracing::info!(endpoint = %config.endpoint, "trace export works again");
                     }
                 }
@@ -867,8 +849,8 @@ fn export_loop(
                         _ => format!("no answer within {:?}", config.timeout),
                     };
                     // Once per outage, not once per batch.
-                    if failing_since.is_none() {
-                        failing_since = Some(Instant::now());
+                    if !failing {
+                        failing = true;
                         tracing::warn!(endpoint = %config.endpoint, error = %why, "trace export failed; spans are dropped until it works");
                     }
                 }

@@ -98,20 +98,12 @@ async fn api_keys_guard_grpc_http_and_the_cli_by_scope() {
     assert!(!ok && err.contains("PermissionDenied"), "{err}");
 
     // The Python SDK sends api_key.
-    let python = sllm_integration_tests::python().unwrap();
-    let sdk = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().join("sdk/python");
     let script = format!(
         "import grpc, sllm\n\
          print(len(sllm.Client('{grpc}', api_key='{INFER}').models()))\n\
          try:\n    sllm.Client('{grpc}').models()\nexcept sllm.SllmError as e:\n    print(e.code.name)\n"
     );
-    let o = tokio::process::Command::new(python)
-        .arg("-c")
-        .arg(script)
-        .env("PYTHONPATH", sdk)
-        .output()
-        .await
-        .unwrap();
+    let o = sllm_integration_tests::python_sdk(&script).await.unwrap();
     let out = String::from_utf8_lossy(&o.stdout);
     assert_eq!(out.trim(), "1\nUNAUTHENTICATED", "{out}{}", String::from_utf8_lossy(&o.stderr));
 

@@ -110,20 +110,12 @@ async fn tls_on_every_listener_from_workers_and_to_redis() {
     assert!(ok && out.split_whitespace().count() >= 8, "generate over TLS: {out}{err}");
 
     // The Python SDK over mutual TLS.
-    let python = sllm_integration_tests::python().unwrap();
-    let sdk = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().join("sdk/python");
     let script = format!(
         "import sllm\n\
          c = sllm.Client('{endpoint}', tls_ca='{ca}', tls_cert='{cert}', tls_key='{key}')\n\
          print(c.complete('m', 'hello', max_tokens=4))\n"
     );
-    let o = tokio::process::Command::new(python)
-        .arg("-c")
-        .arg(script)
-        .env("PYTHONPATH", sdk)
-        .output()
-        .await
-        .unwrap();
+    let o = sllm_integration_tests::python_sdk(&script).await.unwrap();
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(
         o.status.success() && out.split_whitespace().count() >= 4,

@@ -240,7 +240,6 @@ impl Link {
                 msg = inbound.message() => match msg {
                     Ok(Some(pb::AttachDown { msg: Some(Down::Request(r)) })) => {
                         let id = r.request_id;
-                        // Traced only as part of a traced request (Dispatch sends a context).
                         // Traced only as part of a traced request (Dispatch sends a context);
                         // recorded directly, not through `tracing`: the request path's cost.
                         let span = Span::remote_child("worker generate", Kind::Server, &r.traceparent);
