@@ -71,25 +71,25 @@ fn put_fixed64(out: &mut Vec<u8>, tag: u32, v: u64) {
 }
 
 // AnyValue: a oneof, so written even when zero.
-fn any_len(v: &Value) -> usize {
+fn any_len(v: Value<'_>) -> usize {
     match v {
         Value::Str(s) => len_field(1, s.len()),
         Value::Bool(_) => key_len(2) + 1,
-        Value::Int(i) => key_len(3) + varint_len(*i as u64),
+        Value::Int(i) => key_len(3) + varint_len(i as u64),
         Value::Float(_) => key_len(4) + 8,
     }
 }
 
-fn put_any(out: &mut Vec<u8>, v: &Value) {
+fn put_any(out: &mut Vec<u8>, v: Value<'_>) {
     match v {
         Value::Str(s) => put_bytes(out, 1, s.as_bytes()),
         Value::Bool(b) => {
             key(out, 2, VARINT);
-            out.push(u8::from(*b));
+            out.push(u8::from(b));
         }
         Value::Int(i) => {
             key(out, 3, VARINT);
-            put_varint(out, *i as u64);
+            put_varint(out, i as u64);
         }
         Value::Float(f) => {
             key(out, 4, I64);
@@ -98,24 +98,79 @@ fn put_any(out: &mut Vec<u8>, v: &Value) {
     }
 }
 
-fn kv_len(k: &str, v: &Value) -> usize {
-    str_len(1, k) + len_field(2, any_len(v))
-}
+/// `Span.attributes`.
+const SPAN_ATTRIBUTE: u32 = 9;
+/// `Span.events`.
+const SPAN_EVENT: u32 = 11;
+/// `Span.Event.attributes`.
+pub(crate) const EVENT_ATTRIBUTE: u32 = 3;
 
-fn put_kv(out: &mut Vec<u8>, tag: u32, k: &str, v: &Value) {
-    put_len(out, tag, kv_len(k, v));
+/// A `KeyValue` as field `tag` of its message.
+pub(crate) fn put_kv(out: &mut Vec<u8>, tag: u32, k: &str, v: Value<'_>) {
+    let any = any_len(v);
+    put_len(out, tag, str_len(1, k) + len_field(2, any));
     put_str(out, 1, k);
-    put_len(out, 2, any_len(v));
+    put_len(out, 2, any);
     put_any(out, v);
 }
 
-fn attrs_len(tag: u32, attrs: &[(&'static str, Value)]) -> usize {
-    attrs.iter().map(|(k, v)| len_field(tag, kv_len(k, v))).sum()
+/// A span attribute, appended to a record's encoded fields.
+pub(crate) fn put_attr(fields: &mut Vec<u8>, k: &str, v: Value<'_>) {
+    put_kv(fields, SPAN_ATTRIBUTE, k, v);
 }
 
-fn put_attrs(out: &mut Vec<u8>, tag: u32, attrs: &[(&'static str, Value)]) {
-    for (k, v) in attrs {
-        put_kv(out, tag, k, v);
+/// A span event (its attributes already encoded in `attrs`), appended to a record's fields.
+pub(crate) fn put_event(fields: &mut Vec<u8>, time: u64, name: &str, attrs: &[u8]) {
+    put_len(fields, SPAN_EVENT, fixed64_len(1, time) + str_len(2, name) + attrs.len());
+    put_fixed64(fields, 1, time);
+    put_str(fields, 2, name);
+    fields.extend_from_slice(attrs);
+}
+
+fn get_varint(b: &[u8], at: &mut usize) -> Option<u64> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let byte = *b.get(*at)?;
+        *at += 1;
+        v |= u64::from(byte & 0x7f) << shift;
+        if byte < 0x80 {
+            return Some(v);
+        }
+    }
+    None
+}
+
+/// Removes attribute `k` from a record's encoded fields, if it is there. The fields were all
+/// written by this module: length-delimited entries whose attributes start with their key.
+pub(crate) fn remove_attr(fields: &mut Vec<u8>, k: &str) {
+    let mut at = 0;
+    while at < fields.len() {
+        let start = at;
+        let (Some(tag), Some(len)) = (get_varint(fields, &mut at), get_varint(fields, &mut at))
+        else {
+            return;
+        };
+        let body = at;
+        let end = body + len as usize;
+        if tag == u64::from((SPAN_ATTRIBUTE << 3) | LEN) {
+            let mut kat = body;
+            // Proto3 leaves an empty key out: the value comes first.
+            let same = if k.is_empty() {
+                fields.get(kat) == Some(&((2 << 3) | LEN as u8))
+            } else {
+                fields.get(kat) == Some(&((1 << 3) | LEN as u8))
+                    && {
+                        kat += 1;
+                        get_varint(fields, &mut kat) == Some(k.len() as u64)
+                    }
+                    && fields.get(kat..kat + k.len()) == Some(k.as_bytes())
+            };
+            if same {
+                fields.drain(start..end.min(fields.len()));
+                return;
+            }
+        }
+        at = end;
     }
 }
 
@@ -139,16 +194,13 @@ fn span_len(r: &Record) -> usize {
         + varint_len(r.kind as u64)
         + fixed64_len(7, r.start)
         + fixed64_len(8, r.end)
-        + attrs_len(9, &r.attrs)
-        + r.events.iter().map(|e| len_field(11, event_len(e))).sum::<usize>()
+        + r.fields.len()
         + len_field(15, status_len(r))
 }
 
-fn event_len(e: &crate::trace::Event) -> usize {
-    fixed64_len(1, e.time) + str_len(2, &e.name) + attrs_len(3, &e.attrs)
-}
-
-fn put_span(out: &mut Vec<u8>, r: &Record) {
+/// Appends `r` as a `ScopeSpans.spans` entry.
+pub(crate) fn put_span(out: &mut Vec<u8>, r: &Record) {
+    put_len(out, 2, span_len(r));
     put_bytes(out, 1, &r.cx.trace_id.to_be_bytes());
     put_bytes(out, 2, &r.cx.span_id.to_be_bytes());
     if r.parent != 0 {
@@ -162,13 +214,7 @@ fn put_span(out: &mut Vec<u8>, r: &Record) {
     put_varint(out, r.kind as u64);
     put_fixed64(out, 7, r.start);
     put_fixed64(out, 8, r.end);
-    put_attrs(out, 9, &r.attrs);
-    for e in &r.events {
-        put_len(out, 11, event_len(e));
-        put_fixed64(out, 1, e.time);
-        put_str(out, 2, &e.name);
-        put_attrs(out, 3, &e.attrs);
-    }
+    out.extend_from_slice(&r.fields);
     put_len(out, 15, status_len(r));
     if let Some(m) = &r.error {
         put_str(out, 2, m);
@@ -188,11 +234,7 @@ impl Preamble {
     pub fn new(resource: &[(String, String)]) -> Preamble {
         let mut r = Vec::new();
         for (k, v) in resource {
-            let v = Value::Str(v.clone().into());
-            put_len(&mut r, 1, kv_len(k, &v));
-            put_str(&mut r, 1, k);
-            put_len(&mut r, 2, any_len(&v));
-            put_any(&mut r, &v);
+            put_kv(&mut r, 1, k, Value::Str(v));
         }
         let mut scope = Vec::new();
         put_str(&mut scope, 1, "sllm");
@@ -200,24 +242,18 @@ impl Preamble {
         Preamble { resource: r, scope }
     }
 
-    /// An `ExportTraceServiceRequest` carrying `spans`, encoded into `out` (cleared first);
-    /// `lens` is scratch space.
-    pub fn encode(&self, spans: &[Record], out: &mut Vec<u8>, lens: &mut Vec<usize>) {
-        out.clear();
-        lens.clear();
-        lens.extend(spans.iter().map(span_len));
-        let spans_len: usize = lens.iter().map(|l| len_field(2, *l)).sum();
-        let scope_spans = len_field(1, self.scope.len()) + spans_len;
+    /// An `ExportTraceServiceRequest` carrying `spans` (encoded `ScopeSpans.spans` entries,
+    /// as [`put_span`] writes them).
+    pub fn encode(&self, spans: &[u8]) -> Vec<u8> {
+        let scope_spans = len_field(1, self.scope.len()) + spans.len();
         let resource_spans = len_field(1, self.resource.len()) + len_field(2, scope_spans);
-        out.reserve(len_field(1, resource_spans));
-        put_len(out, 1, resource_spans);
-        put_bytes(out, 1, &self.resource);
-        put_len(out, 2, scope_spans);
-        put_bytes(out, 1, &self.scope);
-        for (s, len) in spans.iter().zip(lens.iter()) {
-            put_len(out, 2, *len);
-            put_span(out, s);
-        }
+        let mut out = Vec::with_capacity(len_field(1, resource_spans));
+        put_len(&mut out, 1, resource_spans);
+        put_bytes(&mut out, 1, &self.resource);
+        put_len(&mut out, 2, scope_spans);
+        put_bytes(&mut out, 1, &self.scope);
+        out.extend_from_slice(spans);
+        out
     }
 }
 
@@ -267,109 +303,121 @@ pub(crate) const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.Tr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::trace::{Event, SpanContext};
+    use crate::trace::SpanContext;
     use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
     use opentelemetry_proto::tonic::common::v1 as common;
     use opentelemetry_proto::tonic::trace::v1 as otlp;
     use prost::Message;
 
-    fn any(v: &Value) -> common::AnyValue {
+    fn any(v: Value<'_>) -> common::AnyValue {
         use common::any_value::Value as V;
         common::AnyValue {
             value: Some(match v {
                 Value::Str(s) => V::StringValue(s.to_string()),
-                Value::Int(i) => V::IntValue(*i),
-                Value::Float(f) => V::DoubleValue(*f),
-                Value::Bool(b) => V::BoolValue(*b),
+                Value::Int(i) => V::IntValue(i),
+                Value::Float(f) => V::DoubleValue(f),
+                Value::Bool(b) => V::BoolValue(b),
             }),
         }
     }
 
-    fn kvs(attrs: &[(&'static str, Value)]) -> Vec<common::KeyValue> {
+    fn kvs(attrs: &[(&str, Value<'_>)]) -> Vec<common::KeyValue> {
         attrs
             .iter()
             .map(|(k, v)| common::KeyValue {
                 key: (*k).to_string(),
-                value: Some(any(v)),
+                value: Some(any(*v)),
                 ..Default::default()
             })
             .collect()
     }
 
-    /// The same span built with the generated types: what the hand encoder must agree with.
-    fn reference(r: &Record) -> otlp::Span {
-        otlp::Span {
-            trace_id: r.cx.trace_id.to_be_bytes().to_vec(),
-            span_id: r.cx.span_id.to_be_bytes().to_vec(),
-            parent_span_id: if r.parent == 0 { vec![] } else { r.parent.to_be_bytes().to_vec() },
+    const EVENT: (&str, u64, &[(&str, Value<'_>)]) =
+        ("attempt failed", 1_700_000_000_000_100_000, &[("level", Value::Str("INFO"))]);
+
+    /// A record made through its methods, and the same span built with the generated types:
+    /// what the hand encoder must agree with.
+    fn span(
+        parent: u64,
+        error: Option<&str>,
+        attrs: &[(&str, Value<'_>)],
+        event: bool,
+    ) -> (Record, otlp::Span) {
+        let cx = SpanContext { trace_id: u128::MAX - 7, span_id: 0x0102030405060708 };
+        let mut r =
+            Record::new("sllm.v1.Dispatch/Generate", otlp::span::SpanKind::Server, cx, parent);
+        r.start = 1_700_000_000_000_000_000;
+        r.end = 1_700_000_000_000_250_000;
+        for (k, v) in attrs {
+            r.set(k, *v);
+        }
+        if event {
+            r.event(EVENT.1, EVENT.0, EVENT.2);
+        }
+        if let Some(e) = error {
+            r.fail(e);
+        }
+        let reference = otlp::Span {
+            trace_id: cx.trace_id.to_be_bytes().to_vec(),
+            span_id: cx.span_id.to_be_bytes().to_vec(),
+            parent_span_id: if parent == 0 { vec![] } else { parent.to_be_bytes().to_vec() },
             flags: 1,
-            name: r.name.to_string(),
-            kind: r.kind as i32,
+            name: "sllm.v1.Dispatch/Generate".into(),
+            kind: otlp::span::SpanKind::Server as i32,
             start_time_unix_nano: r.start,
             end_time_unix_nano: r.end,
-            attributes: kvs(&r.attrs),
-            events: r
-                .events
-                .iter()
-                .map(|e| otlp::span::Event {
-                    time_unix_nano: e.time,
-                    name: e.name.clone(),
-                    attributes: kvs(&e.attrs),
+            attributes: kvs(attrs),
+            events: if event {
+                vec![otlp::span::Event {
+                    time_unix_nano: EVENT.1,
+                    name: EVENT.0.into(),
+                    attributes: kvs(EVENT.2),
                     dropped_attributes_count: 0,
-                })
-                .collect(),
-            status: Some(match &r.error {
-                Some(m) => otlp::Status {
-                    message: m.clone(),
-                    code: otlp::status::StatusCode::Error as i32,
-                },
+                }]
+            } else {
+                vec![]
+            },
+            status: Some(match error {
+                Some(m) => {
+                    otlp::Status { message: m.into(), code: otlp::status::StatusCode::Error as i32 }
+                }
                 None => otlp::Status::default(),
             }),
             ..Default::default()
-        }
-    }
-
-    fn record(parent: u64, error: Option<&str>, attrs: Vec<(&'static str, Value)>) -> Record {
-        Record {
-            cx: SpanContext { trace_id: u128::MAX - 7, span_id: 0x0102030405060708 },
-            parent,
-            name: "sllm.v1.Dispatch/Generate".into(),
-            kind: otlp::span::SpanKind::Server,
-            start: 1_700_000_000_000_000_000,
-            end: 1_700_000_000_000_250_000,
-            attrs,
-            events: vec![Event {
-                time: 1_700_000_000_000_100_000,
-                name: "attempt failed".into(),
-                attrs: vec![("level", Value::Str("INFO".into()))],
-            }],
-            error: error.map(String::from),
-        }
+        };
+        (r, reference)
     }
 
     #[test]
     fn hand_encoded_requests_decode_to_the_same_spans_as_the_generated_types() {
         let long = "x".repeat(300); // a length that takes a two-byte varint
-        let spans = vec![
-            record(
+        let (spans, expected): (Vec<Record>, Vec<otlp::Span>) = [
+            span(
                 0,
                 None,
-                vec![
-                    ("gen_ai.request.model", Value::Str("m".into())),
+                &[
+                    ("gen_ai.request.model", Value::Str("m")),
                     ("gen_ai.request.max_tokens", Value::Int(0)),
                     ("sllm.attempts", Value::Int(-3)),
                     ("sllm.ttft_ms", Value::Float(0.25)),
                     ("sllm.retried", Value::Bool(false)),
-                    ("empty", Value::Str("".into())),
+                    ("empty", Value::Str("")),
+                    ("", Value::Int(1)),
                 ],
+                true,
             ),
-            record(42, Some("worker_error"), vec![("long", Value::Str(long.into()))]),
-            record(7, Some(""), vec![]),
-            Record { events: vec![], name: "".into(), ..record(1, None, vec![]) },
-        ];
+            span(42, Some("worker_error"), &[("long", Value::Str(&long))], true),
+            span(7, Some(""), &[], false),
+            span(1, None, &[], false),
+        ]
+        .into_iter()
+        .unzip();
         let resource = vec![("service.name".to_string(), "sllm-dispatch".to_string())];
-        let mut bytes = Vec::new();
-        Preamble::new(&resource).encode(&spans, &mut bytes, &mut Vec::new());
+        let mut encoded = Vec::new();
+        for r in &spans {
+            put_span(&mut encoded, r);
+        }
+        let bytes = Preamble::new(&resource).encode(&encoded);
         let decoded = ExportTraceServiceRequest::decode(bytes.as_slice()).expect("valid protobuf");
         let [rs] = decoded.resource_spans.as_slice() else { panic!("one resource") };
         let attrs = &rs.resource.as_ref().expect("resource").attributes;
@@ -377,10 +425,44 @@ mod tests {
         assert_eq!(attrs[0].key, "service.name");
         let [ss] = rs.scope_spans.as_slice() else { panic!("one scope") };
         assert_eq!(ss.scope.as_ref().map(|s| s.name.as_str()), Some("sllm"));
-        let expected: Vec<otlp::Span> = spans.iter().map(reference).collect();
         assert_eq!(ss.spans, expected);
         // And byte for byte the length prost computes.
         assert_eq!(bytes.len(), decoded.encoded_len());
+    }
+
+    #[test]
+    fn setting_an_attribute_again_replaces_it_and_keeps_the_others() {
+        let (mut r, _) = span(
+            0,
+            None,
+            &[
+                ("a", Value::Int(1)),
+                ("", Value::Int(2)),
+                ("ab", Value::Str("x")),
+                ("b", Value::Int(3)),
+            ],
+            true,
+        );
+        r.set("ab", Value::Str("a longer value than before"));
+        r.set("a", Value::Bool(true));
+        r.set("", Value::Int(5));
+        r.set("c", Value::Float(1.5));
+        let mut encoded = Vec::new();
+        put_span(&mut encoded, &r);
+        let bytes = Preamble::new(&[]).encode(&encoded);
+        let decoded = ExportTraceServiceRequest::decode(bytes.as_slice()).expect("valid protobuf");
+        let got = &decoded.resource_spans[0].scope_spans[0].spans[0];
+        assert_eq!(
+            got.attributes,
+            kvs(&[
+                ("b", Value::Int(3)),
+                ("ab", Value::Str("a longer value than before")),
+                ("a", Value::Bool(true)),
+                ("", Value::Int(5)),
+                ("c", Value::Float(1.5)),
+            ])
+        );
+        assert_eq!(got.events.len(), 1, "the event is kept");
     }
 
     #[test]

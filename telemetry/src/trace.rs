@@ -3,11 +3,13 @@
 //! OTLP/gRPC in batches by one background thread.
 //!
 //! It does what a general OpenTelemetry SDK does for sllm, at a fraction of the cost per span,
-//! which is what lets every request be traced at full load: a span's record is one allocation
-//! filled as the span's fields are recorded; finishing it takes one uncontended lock to push
-//! the record on a queue; nothing wakes the exporter until a batch is full or the schedule
-//! delay has passed. There is no per-span sampler call, no context object, no timing at enter
-//! and exit. Sampling is decided once per request, before any span exists ([`Span::request`]).
+//! which is what lets every request be traced at full load: a span's record is one buffer its
+//! attributes and events are written into as OTLP protobuf when they are set; the thread that
+//! ends the span appends it, encoded, to the export queue under one short lock; nothing wakes
+//! the exporter until a batch is full or the schedule delay has passed, and the exporter only
+//! wraps and sends what it takes. There is no per-span sampler call, no context object, no
+//! timing at enter and exit. Sampling is decided once per request, before any span exists
+//! ([`Span::request`]).
 //!
 //! Which spans are recorded: a span whose parent is recorded, a span made the child of a sampled
 //! remote context ([`set_remote_parent`]), and a span with no parent at all (callers decide
@@ -36,7 +38,12 @@ pub struct SpanContext {
 impl SpanContext {
     /// The `traceparent` header value naming this span as a sampled parent.
     pub fn traceparent(&self) -> String {
-        format!("00-{:032x}-{:016x}-01", self.trace_id, self.span_id)
+        let mut b = *b"00-00000000000000000000000000000000-0000000000000000-01";
+        put_hex(&mut b[3..19], (self.trace_id >> 64) as u64);
+        put_hex(&mut b[19..35], self.trace_id as u64);
+        put_hex(&mut b[36..52], self.span_id);
+        // Only ASCII hex digits and dashes were written.
+        String::from_utf8(b.to_vec()).unwrap_or_default()
     }
 
     /// Parses a W3C `traceparent` (version 00, or a later version read as 00): the context and
@@ -51,25 +58,51 @@ impl SpanContext {
         if version == 0xff || (version == 0 && b.len() != 55) || (b.len() > 55 && b[55] != b'-') {
             return None;
         }
-        let trace_id = hex(&b[3..35])?;
-        let span_id = hex(&b[36..52])? as u64;
+        let trace_id = (u128::from(hex(&b[3..19])?) << 64) | u128::from(hex(&b[19..35])?);
+        let span_id = hex(&b[36..52])?;
         let flags = hex(&b[53..55])?;
         (trace_id != 0 && span_id != 0)
             .then_some((SpanContext { trace_id, span_id }, flags & 1 == 1))
     }
 }
 
-/// Hex digits (at most 32) as a number; None when any is not one.
-fn hex(digits: &[u8]) -> Option<u128> {
-    digits.iter().try_fold(0u128, |acc, &d| {
-        let v = match d {
-            b'0'..=b'9' => d - b'0',
-            b'a'..=b'f' => d - b'a' + 10,
-            b'A'..=b'F' => d - b'A' + 10,
-            _ => return None,
-        };
-        Some((acc << 4) | u128::from(v))
-    })
+/// Each byte's value as a hex digit; 0xff when it is not one.
+const HEX_VALUE: [u8; 256] = {
+    let mut t = [0xffu8; 256];
+    let mut i = 0;
+    while i < 10 {
+        t[b'0' as usize + i] = i as u8;
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 6 {
+        t[b'a' as usize + i] = 10 + i as u8;
+        t[b'A' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    t
+};
+
+/// Hex digits (at most 16) as a number; None when any is not one.
+fn hex(digits: &[u8]) -> Option<u64> {
+    let mut acc = 0u64;
+    let mut bad = 0u8;
+    for &d in digits {
+        let v = HEX_VALUE[usize::from(d)];
+        bad |= v;
+        acc = (acc << 4) | u64::from(v & 0xf);
+    }
+    // A non-digit is 0xff, whose high bit no digit has.
+    (bad & 0x80 == 0).then_some(acc)
+}
+
+/// Writes `v` as lower-case hex digits filling `out` (16 of them for a whole u64).
+fn put_hex(out: &mut [u8], mut v: u64) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for d in out.iter_mut().rev() {
+        *d = DIGITS[(v & 0xf) as usize];
+        v >>= 4;
+    }
 }
 
 fn new_trace_id() -> u128 {
@@ -95,10 +128,10 @@ fn now_ns() -> u64 {
 }
 
 /// An attribute's value.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Value {
-    /// Text (a literal is not copied).
-    Str(Cow<'static, str>),
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Value<'a> {
+    /// Text.
+    Str(&'a str),
     /// A whole number.
     Int(i64),
     /// A floating-point number.
@@ -107,63 +140,52 @@ pub enum Value {
     Bool(bool),
 }
 
-impl From<&'static str> for Value {
-    fn from(v: &'static str) -> Self {
-        Value::Str(Cow::Borrowed(v))
+impl<'a> From<&'a str> for Value<'a> {
+    fn from(v: &'a str) -> Self {
+        Value::Str(v)
     }
 }
-impl From<String> for Value {
-    fn from(v: String) -> Self {
-        Value::Str(Cow::Owned(v))
+impl<'a> From<&'a String> for Value<'a> {
+    fn from(v: &'a String) -> Self {
+        Value::Str(v)
     }
 }
-impl From<i64> for Value {
+impl From<i64> for Value<'_> {
     fn from(v: i64) -> Self {
         Value::Int(v)
     }
 }
-impl From<u64> for Value {
+impl From<u64> for Value<'_> {
     fn from(v: u64) -> Self {
         Value::Int(v.min(i64::MAX as u64) as i64)
     }
 }
-impl From<u32> for Value {
+impl From<u32> for Value<'_> {
     fn from(v: u32) -> Self {
         Value::Int(i64::from(v))
     }
 }
-impl From<usize> for Value {
+impl From<usize> for Value<'_> {
     fn from(v: usize) -> Self {
         Value::from(v as u64)
     }
 }
-impl From<f64> for Value {
+impl From<f64> for Value<'_> {
     fn from(v: f64) -> Self {
         Value::Float(v)
     }
 }
-impl From<bool> for Value {
+impl From<bool> for Value<'_> {
     fn from(v: bool) -> Self {
         Value::Bool(v)
     }
 }
 
-type Attributes = Vec<(&'static str, Value)>;
-
-fn set_attr(attrs: &mut Attributes, key: &'static str, value: Value) {
-    match attrs.iter_mut().find(|(k, _)| *k == key) {
-        Some(slot) => slot.1 = value,
-        None => attrs.push((key, value)),
-    }
-}
-
-pub(crate) struct Event {
-    pub time: u64,
-    pub name: String,
-    pub attrs: Attributes,
-}
-
-/// A recorded span, kept in the span's registry extensions until it closes.
+/// A recorded span: in a [`Span`], or in a `tracing` span's registry extensions, until it ends.
+///
+/// Attributes and events are written as OTLP protobuf the moment they are set, into one buffer
+/// the exporter copies as it is: a span costs one allocation however many attributes it has,
+/// and nothing is encoded twice.
 pub(crate) struct Record {
     pub cx: SpanContext,
     /// The parent's span id; 0 for a root.
@@ -172,52 +194,97 @@ pub(crate) struct Record {
     pub kind: otlp::span::SpanKind,
     pub start: u64,
     pub end: u64,
-    pub attrs: Attributes,
-    pub events: Vec<Event>,
+    /// The span's attributes and events, as the OTLP `Span` fields that carry them.
+    pub fields: Vec<u8>,
     /// Set when the span failed: its status is then an error with this message.
     pub error: Option<String>,
 }
 
-/// Where a visitor puts the fields it is shown.
-enum Target<'a> {
-    /// A span's own fields. `otel.name`, `otel.kind` and `otel.status_message` set the span's
-    /// name, kind and error status instead of becoming attributes; `error.type` is kept as an
-    /// attribute and marks the span failed.
-    Span(&'a mut Record),
-    /// A log event's fields: `message` names the event, the rest are its attributes.
-    Event { message: &'a mut Option<String>, attrs: &'a mut Attributes },
-}
-
-struct Fields<'a>(Target<'a>);
-
-impl Fields<'_> {
-    fn attr(&mut self, field: &Field, value: Value) {
-        let attrs = match &mut self.0 {
-            Target::Span(r) => &mut r.attrs,
-            Target::Event { attrs, .. } => &mut **attrs,
-        };
-        set_attr(attrs, field.name(), value);
+impl Record {
+    pub(crate) fn new(
+        name: &'static str,
+        kind: otlp::span::SpanKind,
+        cx: SpanContext,
+        parent: u64,
+    ) -> Record {
+        Record {
+            cx,
+            parent,
+            name: Cow::Borrowed(name),
+            kind,
+            start: now_ns(),
+            end: 0,
+            fields: Vec::with_capacity(256),
+            error: None,
+        }
     }
 
-    fn text(&mut self, field: &Field, value: String) {
-        match (&mut self.0, field.name()) {
-            (Target::Span(r), "otel.name") => r.name = Cow::Owned(value),
-            (Target::Span(r), "otel.kind") => r.kind = kind(&value),
-            (Target::Span(r), "otel.status_message") => r.error = Some(value),
-            (Target::Span(r), "otel.status_code") => {
-                if value.eq_ignore_ascii_case("error") && r.error.is_none() {
-                    r.error = Some(String::new());
-                }
-            }
-            (Target::Span(r), "error.type") => {
-                if r.error.is_none() {
-                    r.error = Some(value.clone());
-                }
-                set_attr(&mut r.attrs, "error.type", value.into());
-            }
-            (Target::Event { message, .. }, "message") => **message = Some(value),
-            _ => self.attr(field, value.into()),
+    /// Sets attribute `key`, replacing an earlier value.
+    pub(crate) fn set(&mut self, key: &str, value: Value<'_>) {
+        otlp_enc::remove_attr(&mut self.fields, key);
+        otlp_enc::put_attr(&mut self.fields, key, value);
+    }
+
+    pub(crate) fn fail(&mut self, message: &str) {
+        self.error = Some(message.to_string());
+    }
+
+    pub(crate) fn event(&mut self, time: u64, name: &str, attrs: &[(&str, Value<'_>)]) {
+        let mut body = Vec::new();
+        for (k, v) in attrs {
+            otlp_enc::put_kv(&mut body, otlp_enc::EVENT_ATTRIBUTE, k, *v);
         }
+        otlp_enc::put_event(&mut self.fields, time, name, &body);
+    }
+
+    /// Records a field of a `tracing` span. `otel.name`, `otel.kind`, `otel.status_message`
+    /// and `otel.status_code` set the span's name, kind and error status instead of becoming
+    /// attributes; `error.type` is kept as an attribute and marks the span failed.
+    fn field(&mut self, key: &str, value: Value<'_>) {
+        match (key, value) {
+            ("otel.name", Value::Str(s)) => self.name = Cow::Owned(s.to_string()),
+            ("otel.kind", Value::Str(s)) => self.kind = kind(s),
+            ("otel.status_message", Value::Str(s)) => self.error = Some(s.to_string()),
+            ("otel.status_code", Value::Str(s)) => {
+                if s.eq_ignore_ascii_case("error") && self.error.is_none() {
+                    self.error = Some(String::new());
+                }
+            }
+            _ => {
+                if let ("error.type", Value::Str(s)) = (key, value)
+                    && self.error.is_none()
+                {
+                    self.error = Some(s.to_string());
+                }
+                self.set(key, value);
+            }
+        }
+    }
+}
+
+use crate::otlp as otlp_enc;
+
+/// Hands the fields of a `tracing` span or event to `f` as values.
+struct Fields<F: FnMut(&str, Value<'_>)>(F);
+
+impl<F: FnMut(&str, Value<'_>)> Visit for Fields<F> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        (self.0)(field.name(), Value::Str(value));
+    }
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        (self.0)(field.name(), Value::Str(&format!("{value:?}")));
+    }
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        (self.0)(field.name(), value.into());
+    }
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        (self.0)(field.name(), value.into());
+    }
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        (self.0)(field.name(), value.into());
+    }
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        (self.0)(field.name(), value.into());
     }
 }
 
@@ -229,27 +296,6 @@ fn kind(s: &str) -> otlp::span::SpanKind {
         "producer" => K::Producer,
         "consumer" => K::Consumer,
         _ => K::Internal,
-    }
-}
-
-impl Visit for Fields<'_> {
-    fn record_str(&mut self, field: &Field, value: &str) {
-        self.text(field, value.to_string());
-    }
-    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        self.text(field, format!("{value:?}"));
-    }
-    fn record_i64(&mut self, field: &Field, value: i64) {
-        self.attr(field, value.into());
-    }
-    fn record_u64(&mut self, field: &Field, value: u64) {
-        self.attr(field, value.into());
-    }
-    fn record_f64(&mut self, field: &Field, value: f64) {
-        self.attr(field, value.into());
-    }
-    fn record_bool(&mut self, field: &Field, value: bool) {
-        self.attr(field, value.into());
     }
 }
 
@@ -271,25 +317,17 @@ where
             },
             None => (new_trace_id(), 0),
         };
-        let mut record = Record {
-            cx: SpanContext { trace_id, span_id: new_span_id() },
-            parent,
-            name: Cow::Borrowed(attrs.metadata().name()),
-            kind: otlp::span::SpanKind::Internal,
-            start: now_ns(),
-            end: 0,
-            attrs: Vec::with_capacity(attrs.metadata().fields().len()),
-            events: Vec::new(),
-            error: None,
-        };
-        attrs.record(&mut Fields(Target::Span(&mut record)));
+        let cx = SpanContext { trace_id, span_id: new_span_id() };
+        let mut record =
+            Record::new(attrs.metadata().name(), otlp::span::SpanKind::Internal, cx, parent);
+        attrs.record(&mut Fields(|k, v| record.field(k, v)));
         span.extensions_mut().insert(record);
     }
 
     fn on_record(&self, id: &span::Id, values: &span::Record<'_>, ctx: Context<'_, S>) {
         let Some(span) = ctx.span(id) else { return };
         if let Some(r) = span.extensions_mut().get_mut::<Record>() {
-            values.record(&mut Fields(Target::Span(r)));
+            values.record(&mut Fields(|k, v| r.field(k, v)));
         }
     }
 
@@ -297,15 +335,18 @@ where
         let Some(span) = ctx.event_span(event) else { return };
         let mut ext = span.extensions_mut();
         let Some(r) = ext.get_mut::<Record>() else { return };
-        let (mut message, mut attrs) = (None, Vec::new());
-        event.record(&mut Fields(Target::Event { message: &mut message, attrs: &mut attrs }));
+        let (mut message, mut body) = (None, Vec::new());
+        event.record(&mut Fields(|k, v| match (k, v) {
+            ("message", Value::Str(m)) => message = Some(m.to_string()),
+            _ => otlp_enc::put_kv(&mut body, otlp_enc::EVENT_ATTRIBUTE, k, v),
+        }));
         let level = *event.metadata().level();
-        set_attr(&mut attrs, "level", level.as_str().into());
+        otlp_enc::put_kv(&mut body, otlp_enc::EVENT_ATTRIBUTE, "level", level.as_str().into());
         let name = message.unwrap_or_else(|| event.metadata().name().to_string());
+        otlp_enc::put_event(&mut r.fields, now_ns(), &name, &body);
         if level == tracing::Level::ERROR && r.error.is_none() {
-            r.error = Some(name.clone());
+            r.error = Some(name);
         }
-        r.events.push(Event { time: now_ns(), name, attrs });
     }
 
     fn on_close(&self, id: span::Id, ctx: Context<'_, S>) {
@@ -313,7 +354,7 @@ where
         let record = span.extensions_mut().remove::<Record>();
         if let Some(mut r) = record {
             r.end = now_ns();
-            self.queue.push(r);
+            self.queue.push(&r);
         }
     }
 }
@@ -379,11 +420,11 @@ impl Kind {
 
 /// A span recorded directly, without `tracing`: for the request path, where the bookkeeping of
 /// a `tracing` span (registry slot, extensions, per-layer filters, field visitors) costs more
-/// than the rest of a warm request's tracing. Ends when dropped. A span that is not recording
-/// ([`Span::none`], or anything started while no exporter runs or the trace is not sampled)
-/// costs nothing and ignores everything.
+/// than the rest of a warm request's tracing. Its owner changes it (no lock); it ends when
+/// dropped. A span that is not recording ([`Span::none`], or anything started while no
+/// exporter runs or the trace is not sampled) costs nothing and ignores everything.
 #[derive(Default)]
-pub struct Span(Option<Box<Mutex<Record>>>);
+pub struct Span(Option<Record>);
 
 impl Span {
     /// A span that records nothing.
@@ -427,23 +468,8 @@ impl Span {
     }
 
     fn start(name: &'static str, kind: Kind, trace_id: u128, parent: u64) -> Span {
-        Span(Some(Box::new(Mutex::new(Record {
-            cx: SpanContext { trace_id, span_id: new_span_id() },
-            parent,
-            name: Cow::Borrowed(name),
-            kind: kind.proto(),
-            start: now_ns(),
-            end: 0,
-            attrs: Vec::with_capacity(8),
-            events: Vec::new(),
-            error: None,
-        }))))
-    }
-
-    fn with(&self, f: impl FnOnce(&mut Record)) {
-        if let Some(r) = &self.0 {
-            f(&mut r.lock().unwrap_or_else(PoisonError::into_inner));
-        }
+        let cx = SpanContext { trace_id, span_id: new_span_id() };
+        Span(Some(Record::new(name, kind.proto(), cx, parent)))
     }
 
     /// Whether this span records anything.
@@ -453,7 +479,7 @@ impl Span {
 
     /// This span's context, when it is recording.
     pub fn context(&self) -> Option<SpanContext> {
-        self.0.as_ref().map(|r| r.lock().unwrap_or_else(PoisonError::into_inner).cx)
+        self.0.as_ref().map(|r| r.cx)
     }
 
     /// The `traceparent` naming this span (empty when it is not recording).
@@ -462,18 +488,24 @@ impl Span {
     }
 
     /// Sets attribute `key` (replacing an earlier value).
-    pub fn set(&self, key: &'static str, value: impl Into<Value>) {
-        self.with(|r| set_attr(&mut r.attrs, key, value.into()));
+    pub fn set<'a>(&mut self, key: &str, value: impl Into<Value<'a>>) {
+        if let Some(r) = &mut self.0 {
+            r.set(key, value.into());
+        }
     }
 
     /// Marks the span failed, with why.
-    pub fn fail(&self, message: impl Into<String>) {
-        self.with(|r| r.error = Some(message.into()));
+    pub fn fail(&mut self, message: &str) {
+        if let Some(r) = &mut self.0 {
+            r.fail(message);
+        }
     }
 
     /// Adds a timestamped event, e.g. what a log line says.
-    pub fn event(&self, name: impl Into<String>, attrs: Vec<(&'static str, Value)>) {
-        self.with(|r| r.events.push(Event { time: now_ns(), name: name.into(), attrs }));
+    pub fn event(&mut self, name: &str, attrs: &[(&str, Value<'_>)]) {
+        if let Some(r) = &mut self.0 {
+            r.event(now_ns(), name, attrs);
+        }
     }
 
     /// Makes `span` (a `tracing` span) a child of this one, so that what runs inside it joins
@@ -487,11 +519,10 @@ impl Span {
 
 impl Drop for Span {
     fn drop(&mut self) {
-        if let Some(r) = self.0.take() {
-            let mut r = r.into_inner().unwrap_or_else(PoisonError::into_inner);
+        if let Some(mut r) = self.0.take() {
             r.end = now_ns();
             if let Some(q) = QUEUE.get() {
-                q.push(r);
+                q.push(&r);
             }
         }
     }
@@ -506,7 +537,9 @@ impl std::fmt::Debug for Span {
     }
 }
 
-/// Finished spans waiting for the exporter.
+/// Finished spans waiting for the exporter, already encoded: the thread that ends a span
+/// writes it (a few hundred bytes, under the lock) where the exporter will send it from, so the
+/// exporter never reads another thread's records and no record is freed across threads.
 pub(crate) struct Queue {
     state: Mutex<State>,
     wake: Condvar,
@@ -516,8 +549,11 @@ pub(crate) struct Queue {
 }
 
 #[derive(Default)]
-struct State {
-    spans: Vec<Record>,
+pub(crate) struct State {
+    /// The spans, each an encoded `ScopeSpans.spans` entry.
+    pub spans: Vec<u8>,
+    /// Where each span ends in `spans`.
+    pub ends: Vec<usize>,
     shutdown: bool,
 }
 
@@ -526,17 +562,19 @@ impl Queue {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn push(&self, record: Record) {
+    fn push(&self, record: &Record) {
         let mut s = self.lock();
-        if s.spans.len() >= self.max_queue {
+        if s.ends.len() >= self.max_queue {
             drop(s);
             self.dropped.fetch_add(1, Ordering::Relaxed);
             crate::metrics::TRACES.dropped.inc();
             return;
         }
-        s.spans.push(record);
+        crate::otlp::put_span(&mut s.spans, record);
+        let end = s.spans.len();
+        s.ends.push(end);
         // One wake-up per batch, not per span.
-        if s.spans.len() == self.batch {
+        if s.ends.len() == self.batch {
             self.wake.notify_one();
         }
     }
@@ -745,7 +783,7 @@ impl Exporter {
     /// Starts the export thread; the layer that feeds it.
     pub fn start(config: ExportConfig) -> Result<(Exporter, SpanLayer), String> {
         let queue = Arc::new(Queue {
-            state: Mutex::new(State { spans: Vec::with_capacity(config.batch), shutdown: false }),
+            state: Mutex::new(State::default()),
             wake: Condvar::new(),
             max_queue: config.max_queue,
             batch: config.batch,
@@ -804,27 +842,30 @@ fn export_loop(
             .collect();
     let path = tonic::codegen::http::uri::PathAndQuery::from_static(crate::otlp::EXPORT_PATH);
     let metrics = &*crate::metrics::TRACES;
-    let mut taken: Vec<Record> = Vec::with_capacity(config.batch);
-    let mut body = Vec::new();
-    let mut lens = Vec::new();
+    let mut taken = State::default();
     let mut failing = false;
     loop {
         let stop = {
             let deadline = Instant::now() + config.schedule_delay;
             let mut s = queue.lock();
-            while s.spans.len() < config.batch && !s.shutdown {
+            while s.ends.len() < config.batch && !s.shutdown {
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {
                     break;
                 }
                 s = queue.wake.wait_timeout(s, left).unwrap_or_else(PoisonError::into_inner).0;
             }
-            std::mem::swap(&mut s.spans, &mut taken);
+            std::mem::swap(&mut s.spans, &mut taken.spans);
+            std::mem::swap(&mut s.ends, &mut taken.ends);
             s.shutdown
         };
-        for chunk in taken.chunks(config.batch) {
-            preamble.encode(chunk, &mut body, &mut lens);
-            let mut request = tonic::Request::new(bytes::Bytes::copy_from_slice(&body));
+        let mut from = 0;
+        for ends in taken.ends.chunks(config.batch) {
+            let to = ends.last().copied().unwrap_or(from);
+            let body = preamble.encode(&taken.spans[from..to]);
+            let spans = ends.len();
+            from = to;
+            let mut request = tonic::Request::new(bytes::Bytes::from(body));
             request.set_timeout(config.timeout);
             for (k, v) in &headers {
                 request.metadata_mut().insert(k.clone(), v.clone());
@@ -836,14 +877,14 @@ fn export_loop(
             let result = rt.block_on(async { tokio::time::timeout(config.timeout, call).await });
             match result {
                 Ok(Ok(_)) => {
-                    metrics.exported.inc_by(chunk.len() as u64);
+                    metrics.exported.inc_by(spans as u64);
                     if std::mem::take(&mut failing) {
                         tracing::info!(endpoint = %config.endpoint, "trace export works again");
                     }
                 }
                 failed => {
                     metrics.export_failures.inc();
-                    metrics.dropped.inc_by(chunk.len() as u64);
+                    metrics.dropped.inc_by(spans as u64);
                     let why = match failed {
                         Ok(Err(status)) => format!("{:?}: {}", status.code(), status.message()),
                         _ => format!("no answer within {:?}", config.timeout),
@@ -856,7 +897,8 @@ fn export_loop(
                 }
             }
         }
-        taken.clear();
+        taken.spans.clear();
+        taken.ends.clear();
         if stop {
             let dropped = queue.dropped.load(Ordering::Relaxed);
             if dropped > 0 {
@@ -900,6 +942,85 @@ mod tests {
             SpanContext::parse("01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-later"),
             Some((cx, true))
         );
+    }
+
+    #[test]
+    fn tracing_spans_become_records_with_their_fields_events_and_status() {
+        use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+        use opentelemetry_proto::tonic::common::v1::any_value::Value as V;
+        use prost::Message;
+        use tracing_subscriber::layer::SubscriberExt;
+
+        let queue = Arc::new(Queue {
+            state: Mutex::new(State::default()),
+            wake: Condvar::new(),
+            max_queue: 100,
+            batch: 100,
+            dropped: AtomicU64::new(0),
+        });
+        let subscriber = tracing_subscriber::registry().with(SpanLayer { queue: queue.clone() });
+        tracing::subscriber::with_default(subscriber, || {
+            let outer = tracing::info_span!(
+                "outer",
+                otel.name = "EVALSHA demand_event",
+                otel.kind = "client",
+                db.system = "redis",
+                sllm.rows = 3u64,
+                later = tracing::field::Empty,
+            );
+            outer.record("later", 1.5);
+            outer.record("later", 2.5);
+            outer.in_scope(|| {
+                let inner = tracing::info_span!("inner", error.type = "timeout");
+                inner.in_scope(|| tracing::error!(attempt = 2, "gave up on {}", "redis"));
+            });
+        });
+        let s = queue.lock();
+        let bytes = crate::otlp::Preamble::new(&[]).encode(&s.spans);
+        let decoded = ExportTraceServiceRequest::decode(bytes.as_slice()).expect("valid protobuf");
+        let spans = &decoded.resource_spans[0].scope_spans[0].spans;
+        let attrs = |i: usize| -> Vec<(String, Option<V>)> {
+            spans[i]
+                .attributes
+                .iter()
+                .map(|kv| (kv.key.clone(), kv.value.clone().and_then(|v| v.value)))
+                .collect()
+        };
+        // Closed innermost first.
+        let (inner, outer) = (&spans[0], &spans[1]);
+        assert_eq!(outer.name, "EVALSHA demand_event");
+        assert_eq!(outer.kind, otlp::span::SpanKind::Client as i32);
+        assert_eq!(
+            attrs(1),
+            vec![
+                ("db.system".into(), Some(V::StringValue("redis".into()))),
+                ("sllm.rows".into(), Some(V::IntValue(3))),
+                ("later".into(), Some(V::DoubleValue(2.5))),
+            ],
+            "otel.* fields are not attributes; a field recorded again keeps its last value"
+        );
+        assert_eq!(inner.name, "inner");
+        assert_eq!(inner.parent_span_id, outer.span_id);
+        assert_eq!(inner.trace_id, outer.trace_id);
+        assert_eq!(attrs(0), vec![("error.type".into(), Some(V::StringValue("timeout".into())))]);
+        let status = inner.status.as_ref().expect("a status");
+        assert_eq!(status.code, otlp::status::StatusCode::Error as i32);
+        assert_eq!(status.message, "timeout", "error.type marks the span failed");
+        let [event] = inner.events.as_slice() else { panic!("one event") };
+        assert_eq!(event.name, "gave up on redis");
+        let event_attrs: Vec<(&str, Option<&V>)> = event
+            .attributes
+            .iter()
+            .map(|kv| (kv.key.as_str(), kv.value.as_ref().and_then(|v| v.value.as_ref())))
+            .collect();
+        assert_eq!(
+            event_attrs,
+            vec![
+                ("attempt", Some(&V::IntValue(2))),
+                ("level", Some(&V::StringValue("ERROR".into())))
+            ]
+        );
+        assert_eq!(outer.status.as_ref().map(|s| s.code), Some(0), "the outer span did not fail");
     }
 
     #[test]

@@ -86,18 +86,22 @@ async fn parent() -> Result<()> {
     let off = child(None).await?;
     eprintln!("== trace export on (OTLP to a sink in this process), 0%, 100% and 10% sampled");
     let sink = sllm_integration_tests::OtlpSink::start().await?;
+    let sink_cpu = process_cpu_secs();
     let on = child(Some(&sink.endpoint)).await?;
+    // The parent does nothing else meanwhile: its CPU is the sink's.
+    let sink_cpu = process_cpu_secs() - sink_cpu;
     let (exports, bytes) = sink.received();
-    let figures = |v: &[f64]| -> Result<[f64; 11]> {
+    let figures = |v: &[f64]| -> Result<[f64; 12]> {
         v.try_into().map_err(|_| anyhow::anyhow!("bad figures: {v:?}"))
     };
-    let [d50, d99, v50, v99, direct_rps, rps, direct_tps, tps, cold_ms, _, _] = figures(&off[0])?;
+    let [d50, d99, v50, v99, direct_rps, rps, direct_tps, tps, cold_ms, _, _, _] =
+        figures(&off[0])?;
     let (Some(zero), Some(all), Some(tenth)) = (on.first(), on.get(1), on.get(2)) else {
         bail!("the traced run measured {} ratios, not 3", on.len())
     };
-    let [_, _, z50, z99, _, z5, _, ztps, zcold, zrps, zcpu] = figures(zero)?;
-    let [_, _, t50, t99, _, t5, _, ttps, tcold, trps, tcpu] = figures(all)?;
-    let [_, _, s50, s99, _, s5, _, stps, scold, srps, scpu] = figures(tenth)?;
+    let [_, _, z50, z99, _, z5, _, ztps, zcold, zrps, zcpu, zexp] = figures(zero)?;
+    let [_, _, t50, t99, _, t5, _, ttps, tcold, trps, tcpu, texp] = figures(all)?;
+    let [_, _, s50, s99, _, s5, _, stps, scold, srps, scpu, sexp] = figures(tenth)?;
     println!();
     println!(
         "{:<46} {:>9} {:>13} {:>13} {:>13} {:>13} {:>11}",
@@ -156,6 +160,15 @@ async fn parent() -> Result<()> {
         "µs",
         "",
     );
+    let tenths = |v: [f64; 4]| -> String {
+        v.iter().map(|x| format!("{:>11.1}µs", x)).collect::<Vec<_>>().join(" ")
+    };
+    println!(
+        "{:<46} {:>9} {}",
+        "  of which the export thread",
+        "",
+        tenths([f64::NAN, zexp, texp, sexp])
+    );
     row(
         "tokens/s, 2,000-token completions, 16 clients",
         format!("{direct_tps:.0}"),
@@ -176,6 +189,13 @@ async fn parent() -> Result<()> {
         "",
         "",
         format!("{exports}/{:.1}MB", bytes as f64 / 1e6)
+    );
+    println!(
+        "{:<46} {:>9} {:>13} {:>13}",
+        "  CPU the sink took from these cores",
+        "",
+        "",
+        format!("{sink_cpu:.2}s")
     );
     println!();
     let verdict = |ok: bool| if ok { "meets" } else { "MISSES" };
@@ -376,7 +396,7 @@ async fn saturate(
 
 /// Measures everything; returns, for each sampling ratio, [direct p50, direct p99, via p50,
 /// via p99, direct rps, rps, direct tokens/s, tokens/s, cold-start overhead ms, median rps of
-/// the interleaved windows, median CPU µs per request in them].
+/// the interleaved windows, median CPU µs per request in them, and the export thread's share].
 async fn run(ratios: &[f64]) -> Result<Vec<Vec<f64>>> {
     // Direct: the simulator behind a bare gRPC server.
     let (sim, mut events) = worker::SimBackend::new(zero_delay());
@@ -460,12 +480,15 @@ async fn run(ratios: &[f64]) -> Result<Vec<Vec<f64>>> {
     for _ in 0..ROUNDS {
         for (ratio, w) in ratios.iter().zip(&mut windows) {
             telemetry::set_sampling_ratio(*ratio);
-            let (cpu, t) = (process_cpu_secs(), Instant::now());
+            let (cpu, export, t) = (process_cpu_secs(), exporter_cpu_secs(), Instant::now());
             let (rps, _) =
                 saturate(&dispatch.endpoint(), "bench", 1, 64, Duration::from_secs(1)).await?;
-            // CPU of the whole process (client, Dispatch, worker, exporter) per request.
-            let per_request = (process_cpu_secs() - cpu) / (rps * t.elapsed().as_secs_f64()) * 1e6;
-            w.push((rps, per_request));
+            // CPU of the whole process (client, Dispatch, worker, exporter) per request, and
+            // the export thread's share of it.
+            let requests = rps * t.elapsed().as_secs_f64();
+            let per_request = (process_cpu_secs() - cpu) / requests * 1e6;
+            let export_per_request = (exporter_cpu_secs() - export) / requests * 1e6;
+            w.push((rps, per_request, export_per_request));
         }
     }
     eprintln!("3/4 tokens/s ...");
@@ -527,9 +550,12 @@ async fn run(ratios: &[f64]) -> Result<Vec<Vec<f64>>> {
     eprintln!("    cold-start overheads (ms): {overheads:.1?}");
     for ((f, mut o), w) in figures.iter_mut().zip(overheads).zip(windows) {
         f.push(median(&mut o));
-        let (mut rps, mut cpu): (Vec<f64>, Vec<f64>) = w.into_iter().unzip();
+        let mut rps: Vec<f64> = w.iter().map(|x| x.0).collect();
+        let mut cpu: Vec<f64> = w.iter().map(|x| x.1).collect();
+        let mut export: Vec<f64> = w.iter().map(|x| x.2).collect();
         f.push(median(&mut rps));
         f.push(median(&mut cpu));
+        f.push(median(&mut export));
     }
     drop((w, w2));
     Ok(figures)
@@ -551,4 +577,23 @@ fn process_cpu_secs() -> f64 {
         (Some(user), Some(system)) => (user + system) / 100.0,
         _ => f64::NAN,
     }
+}
+
+/// CPU seconds the trace export thread has used (0 without one).
+fn exporter_cpu_secs() -> f64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return 0.0 };
+    for task in tasks.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        // "sllm-otlp-export" as the kernel keeps it: the first 15 bytes.
+        if comm.trim() == "sllm-otlp-expor" {
+            let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+            let fields: Vec<&str> =
+                stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+            let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
+            if let (Some(user), Some(system)) = (ticks(11), ticks(12)) {
+                return (user + system) / 100.0;
+            }
+        }
+    }
+    0.0
 }

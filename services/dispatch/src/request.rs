@@ -86,15 +86,16 @@ impl Dispatch {
             if matches!(job.input, Input::Chat(_)) { "chat" } else { "text_completion" };
         // Sampled out (or no exporter): no span at all, and none below it. The request path's
         // spans are recorded directly, not through `tracing`: a fifth of the cost.
-        let span = Arc::new(Span::request(job.entry, Kind::Server, &job.traceparent));
+        let mut span = Span::request(job.entry, Kind::Server, &job.traceparent);
         if span.is_recording() {
             span.set("rpc.system", if job.entry.starts_with("sllm.") { "grpc" } else { "http" });
             span.set("gen_ai.operation.name", operation);
-            span.set("gen_ai.request.model", job.model.clone());
+            span.set("gen_ai.request.model", &job.model);
             span.set("gen_ai.request.max_tokens", job.params.max_tokens);
         }
         let model = job.model.clone();
-        let result = self.admit(job, span.clone()).await;
+        // On success the request's driver takes the span; on error it is still here.
+        let result = self.admit(job, &mut span).await;
         if let Err(e) = &result {
             let outcome = outcome_of(e);
             span.set("sllm.outcome", outcome);
@@ -113,7 +114,7 @@ impl Dispatch {
         result
     }
 
-    async fn admit(&self, mut job: Job, span: Arc<Span>) -> Result<Events, DispatchError> {
+    async fn admit(&self, mut job: Job, span: &mut Span) -> Result<Events, DispatchError> {
         let inner = &self.inner;
         validate(&mut job, &inner.config)?;
         let route = match inner.table.model(&job.model) {
@@ -137,6 +138,7 @@ impl Dispatch {
         let (tx, rx) = mpsc::channel(64);
         // The request's spans are parents by hand, not entered at every poll: entering and
         // leaving a span costs more than the rest of a warm request's tracing together.
+        let span = std::mem::take(span);
         let driver = Driver { inner: inner.clone(), route, job, tx, start: Instant::now(), span };
         tokio::spawn(driver.run(first));
         Ok(rx)
@@ -252,17 +254,16 @@ struct Driver {
     tx: mpsc::Sender<Result<Event, DispatchError>>,
     start: Instant,
     /// The request's span (not recording when the request is not traced).
-    span: Arc<Span>,
+    span: Span,
 }
 
 impl Driver {
-    async fn run(self, first: Option<(Arc<Routable>, Arc<WorkerLink>)>) {
+    async fn run(mut self, first: Option<(Arc<Routable>, Arc<WorkerLink>)>) {
         let metrics = &*telemetry::metrics::DISPATCH;
         let model = self.route.name.clone();
         let start = self.start;
-        let span = self.span.clone();
         let outcome = self.serve(first).await;
-        span.set("sllm.outcome", outcome);
+        self.span.set("sllm.outcome", outcome);
         metrics.requests.with_label_values(&[&model, outcome]).inc();
         metrics
             .duration
@@ -271,7 +272,7 @@ impl Driver {
     }
 
     /// Serves the request; returns its outcome label.
-    async fn serve(self, first: Option<(Arc<Routable>, Arc<WorkerLink>)>) -> &'static str {
+    async fn serve(&mut self, first: Option<(Arc<Routable>, Arc<WorkerLink>)>) -> &'static str {
         let config = &self.inner.config;
         let mut exclude = HashSet::new();
         let mut tokens_sent = 0u32;
@@ -298,26 +299,29 @@ impl Driver {
                 }
             };
             attempt += 1;
-            self.span.set("sllm.attempts", attempt);
+            // Only a retried request says how many attempts it took: the usual answer is one.
+            if attempt > 1 {
+                self.span.set("sllm.attempts", attempt);
+            }
             let in_flight = &self.route.metrics.in_flight;
             instance.in_flight.fetch_add(1, Ordering::Relaxed);
             self.route.in_flight.fetch_add(1, Ordering::Relaxed);
             in_flight.inc();
-            let span = self.span.child("generate on an instance", Kind::Internal);
+            let mut span = self.span.child("generate on an instance", Kind::Internal);
             if span.is_recording() {
                 span.set("sllm.attempt", attempt);
-                span.set("sllm.instance", instance.instance_id.clone());
-                span.set("sllm.worker", link.worker_id.clone());
+                span.set("sllm.instance", &instance.instance_id);
+                span.set("sllm.worker", &link.worker_id);
             }
-            let outcome =
-                self.attempt(&instance, &link, &mut tokens_sent, &mut ttft, queued, &span).await;
+            let outcome = self
+                .attempt(&instance, &link, &mut tokens_sent, &mut ttft, queued, &mut span)
+                .await;
             in_flight.dec();
             instance.in_flight.fetch_sub(1, Ordering::Relaxed);
             self.route.in_flight.fetch_sub(1, Ordering::Relaxed);
             match outcome {
                 Attempt::Done => {
                     link.breaker.success();
-                    self.span.set("sllm.instance", instance.instance_id.clone());
                     return "ok";
                 }
                 Attempt::ClientGone => return "cancelled",
@@ -333,7 +337,7 @@ impl Driver {
                     // The log line names the trace; the trace records the failure on the attempt.
                     let trace_id = span.context().map(|cx| format!("{:032x}", cx.trace_id));
                     tracing::info!(model = %self.route.name, instance = %instance.instance_id, worker = %link.worker_id, attempt, tokens_sent, %why, trace_id = trace_id.as_deref().unwrap_or("-"), "attempt failed");
-                    span.event("attempt failed", vec![("tokens_sent", tokens_sent.into())]);
+                    span.event("attempt failed", &[("tokens_sent", tokens_sent.into())]);
                     if tokens_sent > 0 {
                         let _ = self
                             .tx
@@ -479,7 +483,7 @@ impl Driver {
         tokens_sent: &mut u32,
         ttft: &mut Option<Duration>,
         queued: Duration,
-        span: &Span,
+        span: &mut Span,
     ) -> Attempt {
         let request_id = self.inner.next_request_id();
         let (wtx, mut wrx) = mpsc::unbounded_channel();

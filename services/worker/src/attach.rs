@@ -242,11 +242,10 @@ impl Link {
                         let id = r.request_id;
                         // Traced only as part of a traced request (Dispatch sends a context);
                         // recorded directly, not through `tracing`: the request path's cost.
-                        let span = Span::remote_child("worker generate", Kind::Server, &r.traceparent);
+                        let mut span = Span::remote_child("worker generate", Kind::Server, &r.traceparent);
                         if span.is_recording() {
-                            span.set("sllm.worker", self.node.clone());
-                            span.set("sllm.instance", r.instance_id.clone());
-                            span.set("gen_ai.request.model", r.model.clone());
+                            span.set("sllm.worker", &self.node);
+                            span.set("sllm.instance", &r.instance_id);
                         }
                         let fut = serve_request(self.backend.clone(), r, tx.clone(), done_tx.clone(), span);
                         let task = tokio::spawn(fut);
@@ -311,7 +310,7 @@ async fn serve_request(
     r: pb::InferenceRequest,
     tx: mpsc::Sender<pb::AttachUp>,
     done: mpsc::UnboundedSender<u64>,
-    span: Span,
+    mut span: Span,
 ) {
     let id = r.request_id;
     let params = r.params.unwrap_or_default();
