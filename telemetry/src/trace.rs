@@ -26,6 +26,8 @@ use tracing::span;
 use tracing_subscriber::layer::Context;
 use tracing_subscriber::registry::LookupSpan;
 
+use crate::otlp as encode;
+
 /// A span's identity in its trace, as W3C trace context carries it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SpanContext {
@@ -221,8 +223,8 @@ impl Record {
 
     /// Sets attribute `key`, replacing an earlier value.
     pub(crate) fn set(&mut self, key: &str, value: Value<'_>) {
-        otlp_enc::remove_attr(&mut self.fields, key);
-        otlp_enc::put_attr(&mut self.fields, key, value);
+        encode::remove_attr(&mut self.fields, key);
+        encode::put_attr(&mut self.fields, key, value);
     }
 
     pub(crate) fn fail(&mut self, message: &str) {
@@ -232,9 +234,9 @@ impl Record {
     pub(crate) fn event(&mut self, time: u64, name: &str, attrs: &[(&str, Value<'_>)]) {
         let mut body = Vec::new();
         for (k, v) in attrs {
-            otlp_enc::put_kv(&mut body, otlp_enc::EVENT_ATTRIBUTE, k, *v);
+            encode::put_kv(&mut body, encode::EVENT_ATTRIBUTE, k, *v);
         }
-        otlp_enc::put_event(&mut self.fields, time, name, &body);
+        encode::put_event(&mut self.fields, time, name, &body);
     }
 
     /// Records a field of a `tracing` span. `otel.name`, `otel.kind`, `otel.status_message`
@@ -261,8 +263,6 @@ impl Record {
         }
     }
 }
-
-use crate::otlp as otlp_enc;
 
 /// Hands the fields of a `tracing` span or event to `f` as values.
 struct Fields<F: FnMut(&str, Value<'_>)>(F);
@@ -338,12 +338,12 @@ where
         let (mut message, mut body) = (None, Vec::new());
         event.record(&mut Fields(|k, v| match (k, v) {
             ("message", Value::Str(m)) => message = Some(m.to_string()),
-            _ => otlp_enc::put_kv(&mut body, otlp_enc::EVENT_ATTRIBUTE, k, v),
+            _ => encode::put_kv(&mut body, encode::EVENT_ATTRIBUTE, k, v),
         }));
         let level = *event.metadata().level();
-        otlp_enc::put_kv(&mut body, otlp_enc::EVENT_ATTRIBUTE, "level", level.as_str().into());
+        encode::put_kv(&mut body, encode::EVENT_ATTRIBUTE, "level", level.as_str().into());
         let name = message.unwrap_or_else(|| event.metadata().name().to_string());
-        otlp_enc::put_event(&mut r.fields, now_ns(), &name, &body);
+        encode::put_event(&mut r.fields, now_ns(), &name, &body);
         if level == tracing::Level::ERROR && r.error.is_none() {
             r.error = Some(name);
         }
