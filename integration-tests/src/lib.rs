@@ -896,14 +896,15 @@ impl OtlpSink {
     pub async fn start() -> Result<OtlpSink> {
         use std::sync::Arc;
         use std::sync::atomic::{AtomicU64, Ordering};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let endpoint = format!("http://{}", listener.local_addr()?);
+        use tokio_stream::StreamExt;
+        let listener = service::Listener::bind("127.0.0.1:0").await?;
+        let endpoint = format!("http://{}", listener.local_addr());
         let exports = Arc::new(AtomicU64::new(0));
         let bytes = Arc::new(AtomicU64::new(0));
         let (e, b) = (exports.clone(), bytes.clone());
         let task = tokio::spawn(async move {
-            while let Ok((socket, _)) = listener.accept().await {
-                let _ = socket.set_nodelay(true);
+            let mut incoming = std::pin::pin!(listener.incoming());
+            while let Some(Ok(socket)) = incoming.next().await {
                 let (e, b) = (e.clone(), b.clone());
                 tokio::spawn(async move {
                     let Ok(mut conn) = h2::server::Builder::new()

@@ -1,7 +1,8 @@
-//! The OTLP/gRPC trace export call, with the request's protobuf written straight from span
-//! records: building the generated message types first (a few allocations per attribute, then
-//! an encoding pass, then freeing it all) cost more CPU than recording the spans. A test decodes
-//! the bytes with the generated types and compares them with the same spans built that way.
+//! OTLP protobuf written by hand: a span's attributes and events as they are set, the span
+//! when it ends, the export request around a batch, and the gRPC call that sends it. Building
+//! the generated message types instead (a few allocations per attribute, then an encoding pass,
+//! then freeing it all) cost more CPU than recording the spans. Tests decode the bytes with the
+//! generated types and compare them with the same spans built that way.
 
 use bytes::{Buf, BufMut};
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};

@@ -352,9 +352,8 @@ where
     fn on_close(&self, id: span::Id, ctx: Context<'_, S>) {
         let Some(span) = ctx.span(&id) else { return };
         let record = span.extensions_mut().remove::<Record>();
-        if let Some(mut r) = record {
-            r.end = now_ns();
-            self.queue.push(&r);
+        if let Some(r) = record {
+            self.queue.end(r);
         }
     }
 }
@@ -519,11 +518,8 @@ impl Span {
 
 impl Drop for Span {
     fn drop(&mut self) {
-        if let Some(mut r) = self.0.take() {
-            r.end = now_ns();
-            if let Some(q) = QUEUE.get() {
-                q.push(&r);
-            }
+        if let (Some(r), Some(q)) = (self.0.take(), QUEUE.get()) {
+            q.end(r);
         }
     }
 }
@@ -562,7 +558,9 @@ impl Queue {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn push(&self, record: &Record) {
+    /// Ends `record` now and queues it.
+    fn end(&self, mut record: Record) {
+        record.end = now_ns();
         let mut s = self.lock();
         if s.ends.len() >= self.max_queue {
             drop(s);
@@ -570,7 +568,7 @@ impl Queue {
             crate::metrics::TRACES.dropped.inc();
             return;
         }
-        crate::otlp::put_span(&mut s.spans, record);
+        encode::put_span(&mut s.spans, &record);
         let end = s.spans.len();
         s.ends.push(end);
         // One wake-up per batch, not per span.

@@ -569,31 +569,28 @@ fn median(v: &mut [f64]) -> f64 {
 /// CPU time this process has used (user and system), in seconds; NaN where /proc is missing.
 /// /proc/self/stat counts in USER_HZ ticks, which Linux fixes at 100 per second.
 fn process_cpu_secs() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the command name (which may hold spaces) in parentheses.
-    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
-    match (ticks(11), ticks(12)) {
-        (Some(user), Some(system)) => (user + system) / 100.0,
-        _ => f64::NAN,
-    }
+    cpu_secs(std::path::Path::new("/proc/self/stat")).unwrap_or(f64::NAN)
 }
 
 /// CPU seconds the trace export thread has used (0 without one).
 fn exporter_cpu_secs() -> f64 {
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return 0.0 };
-    for task in tasks.flatten() {
-        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-        // "sllm-otlp-export" as the kernel keeps it: the first 15 bytes.
-        if comm.trim() == "sllm-otlp-expor" {
-            let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
-            let fields: Vec<&str> =
-                stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-            let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
-            if let (Some(user), Some(system)) = (ticks(11), ticks(12)) {
-                return (user + system) / 100.0;
-            }
-        }
-    }
-    0.0
+    tasks
+        .flatten()
+        .find(|task| {
+            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            // "sllm-otlp-export" as the kernel keeps it: the first 15 bytes.
+            comm.trim() == "sllm-otlp-expor"
+        })
+        .and_then(|task| cpu_secs(&task.path().join("stat")))
+        .unwrap_or(0.0)
+}
+
+/// User plus system CPU seconds from a `/proc` `stat` file (a process's or a thread's).
+fn cpu_secs(stat: &std::path::Path) -> Option<f64> {
+    let stat = std::fs::read_to_string(stat).ok()?;
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let fields: Vec<&str> = stat.rsplit(')').next()?.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
+    Some((ticks(11)? + ticks(12)?) / 100.0)
 }
