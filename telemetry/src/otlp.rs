@@ -243,17 +243,20 @@ impl Preamble {
         Preamble { resource: r, scope }
     }
 
-    /// An `ExportTraceServiceRequest` carrying `spans` (encoded `ScopeSpans.spans` entries,
-    /// as [`put_span`] writes them).
-    pub fn encode(&self, spans: &[u8]) -> Vec<u8> {
-        let scope_spans = len_field(1, self.scope.len()) + spans.len();
+    /// An `ExportTraceServiceRequest` carrying `spans`, one after another (encoded
+    /// `ScopeSpans.spans` entries, as [`put_span`] writes them).
+    pub fn encode(&self, spans: &[&[u8]]) -> Vec<u8> {
+        let size: usize = spans.iter().map(|s| s.len()).sum();
+        let scope_spans = len_field(1, self.scope.len()) + size;
         let resource_spans = len_field(1, self.resource.len()) + len_field(2, scope_spans);
         let mut out = Vec::with_capacity(len_field(1, resource_spans));
         put_len(&mut out, 1, resource_spans);
         put_bytes(&mut out, 1, &self.resource);
         put_len(&mut out, 2, scope_spans);
         put_bytes(&mut out, 1, &self.scope);
-        out.extend_from_slice(spans);
+        for s in spans {
+            out.extend_from_slice(s);
+        }
         out
     }
 }
@@ -418,7 +421,7 @@ mod tests {
         for r in &spans {
             put_span(&mut encoded, r);
         }
-        let bytes = Preamble::new(&resource).encode(&encoded);
+        let bytes = Preamble::new(&resource).encode(&[&encoded]);
         let decoded = ExportTraceServiceRequest::decode(bytes.as_slice()).expect("valid protobuf");
         let [rs] = decoded.resource_spans.as_slice() else { panic!("one resource") };
         let attrs = &rs.resource.as_ref().expect("resource").attributes;
@@ -450,7 +453,7 @@ mod tests {
         r.set("c", Value::Float(1.5));
         let mut encoded = Vec::new();
         put_span(&mut encoded, &r);
-        let bytes = Preamble::new(&[]).encode(&encoded);
+        let bytes = Preamble::new(&[]).encode(&[&encoded]);
         let decoded = ExportTraceServiceRequest::decode(bytes.as_slice()).expect("valid protobuf");
         let got = &decoded.resource_spans[0].scope_spans[0].spans[0];
         assert_eq!(

@@ -5,9 +5,9 @@
 //! It does what a general OpenTelemetry SDK does for sllm, at a fraction of the cost per span,
 //! which is what lets every request be traced at full load: a span's record is one buffer its
 //! attributes and events are written into as OTLP protobuf when they are set; the thread that
-//! ends the span appends it, encoded, to the export queue under one short lock; nothing wakes
-//! the exporter until a batch is full or the schedule delay has passed, and the exporter only
-//! wraps and sends what it takes. There is no per-span sampler call, no context object, no
+//! ends the span appends it, encoded, to that thread's own part of the export queue, whose lock
+//! only the exporter also takes, once per batch; nothing wakes the exporter until a batch is
+//! full or the schedule delay has passed, and the exporter only wraps and sends what it takes. There is no per-span sampler call, no context object, no
 //! timing at enter and exit. Sampling is decided once per request, before any span exists
 //! ([`Span::request`]).
 //!
@@ -533,48 +533,160 @@ impl std::fmt::Debug for Span {
     }
 }
 
-/// Finished spans waiting for the exporter, already encoded: the thread that ends a span
-/// writes it (a few hundred bytes, under the lock) where the exporter will send it from, so the
-/// exporter never reads another thread's records and no record is freed across threads.
+/// Finished spans waiting for the exporter, already encoded. Each thread that ends spans
+/// writes them (a few hundred bytes each) into a shard of its own, under a lock no other thread
+/// takes except the exporter when it collects; so threads ending spans at the same time do not
+/// contend or pass cache lines between cores, the exporter never reads another thread's
+/// records, and no record is freed across threads.
 pub(crate) struct Queue {
-    state: Mutex<State>,
+    /// Tells a thread's shard of this queue from that of another (tests run several).
+    id: u64,
+    /// Every thread's shard, in the order they first ended a span, after `shared`.
+    shards: Mutex<Vec<Arc<Shard>>>,
+    /// Where spans ended by a thread that is being torn down go.
+    shared: Arc<Shard>,
+    /// Set when a shard holds a full batch, or at shutdown.
+    signal: Mutex<Signal>,
     wake: Condvar,
+    /// Spans one shard holds at most; beyond, spans are dropped.
     max_queue: usize,
     batch: usize,
     dropped: AtomicU64,
 }
 
 #[derive(Default)]
-pub(crate) struct State {
-    /// The spans, each an encoded `ScopeSpans.spans` entry.
-    pub spans: Vec<u8>,
-    /// Where each span ends in `spans`.
-    pub ends: Vec<usize>,
+struct Signal {
+    batch_ready: bool,
     shutdown: bool,
 }
 
+/// One thread's spans.
+#[derive(Default)]
+struct Shard(Mutex<Spans>);
+
+/// Encoded spans.
+#[derive(Default)]
+pub(crate) struct Spans {
+    /// The spans, each an encoded `ScopeSpans.spans` entry.
+    pub bytes: Vec<u8>,
+    /// Where each span ends in `bytes`.
+    pub ends: Vec<usize>,
+}
+
+impl Shard {
+    fn lock(&self) -> MutexGuard<'_, Spans> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+thread_local! {
+    /// This thread's shard of each queue it has ended spans in, by queue id.
+    static SHARDS: std::cell::RefCell<Vec<(u64, Arc<Shard>)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
 impl Queue {
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    pub(crate) fn new(max_queue: usize, batch: usize) -> Queue {
+        static IDS: AtomicU64 = AtomicU64::new(0);
+        let shared = Arc::new(Shard::default());
+        Queue {
+            id: IDS.fetch_add(1, Ordering::Relaxed),
+            shards: Mutex::new(vec![shared.clone()]),
+            shared,
+            signal: Mutex::default(),
+            wake: Condvar::new(),
+            max_queue,
+            batch,
+            dropped: AtomicU64::new(0),
+        }
+    }
+
+    fn signal(&self) -> MutexGuard<'_, Signal> {
+        self.signal.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn lock_shards(&self) -> MutexGuard<'_, Vec<Arc<Shard>>> {
+        self.shards.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// This thread's shard, made and registered on first use; the shared one while the thread
+    /// is being torn down.
+    fn shard(&self) -> Arc<Shard> {
+        let mine = SHARDS.try_with(|shards| {
+            let mut shards = shards.borrow_mut();
+            if let Some((_, shard)) = shards.iter().find(|(id, _)| *id == self.id) {
+                return shard.clone();
+            }
+            let shard = Arc::new(Shard::default());
+            self.lock_shards().push(shard.clone());
+            shards.push((self.id, shard.clone()));
+            shard
+        });
+        mine.unwrap_or_else(|_| self.shared.clone())
     }
 
     /// Ends `record` now and queues it.
     fn end(&self, mut record: Record) {
         record.end = now_ns();
-        let mut s = self.lock();
-        if s.ends.len() >= self.max_queue {
-            drop(s);
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-            crate::metrics::TRACES.dropped.inc();
-            return;
+        let shard = self.shard();
+        let full = {
+            let mut s = shard.lock();
+            if s.ends.len() >= self.max_queue {
+                None
+            } else {
+                encode::put_span(&mut s.bytes, &record);
+                let end = s.bytes.len();
+                s.ends.push(end);
+                Some(s.ends.len() == self.batch)
+            }
+        };
+        match full {
+            None => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                crate::metrics::TRACES.dropped.inc();
+            }
+            // One wake-up per batch, not per span.
+            Some(true) => {
+                self.signal().batch_ready = true;
+                self.wake.notify_one();
+            }
+            Some(false) => {}
         }
-        encode::put_span(&mut s.spans, &record);
-        let end = s.spans.len();
-        s.ends.push(end);
-        // One wake-up per batch, not per span.
-        if s.ends.len() == self.batch {
-            self.wake.notify_one();
+    }
+
+    /// Waits until a shard holds a full batch, shutdown, or `delay` has passed; then moves
+    /// every shard's spans into `taken` (one entry per shard, reused), dropping the shards of
+    /// threads that have ended. Returns whether the queue is shutting down.
+    fn take(&self, delay: Duration, taken: &mut Vec<Spans>) -> bool {
+        let stop = {
+            let deadline = Instant::now() + delay;
+            let mut s = self.signal();
+            while !s.batch_ready && !s.shutdown {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                s = self.wake.wait_timeout(s, left).unwrap_or_else(PoisonError::into_inner).0;
+            }
+            s.batch_ready = false;
+            s.shutdown
+        };
+        let mut shards = self.lock_shards();
+        taken.resize_with(shards.len(), Spans::default);
+        for (shard, out) in shards.iter().zip(taken.iter_mut()) {
+            let mut s = shard.lock();
+            std::mem::swap(&mut s.bytes, &mut out.bytes);
+            std::mem::swap(&mut s.ends, &mut out.ends);
         }
+        // A shard only this list holds belongs to a thread that has ended; what it held is in
+        // `taken` now.
+        shards.retain(|shard| Arc::strong_count(shard) > 1);
+        stop
+    }
+
+    fn shutdown(&self) {
+        self.signal().shutdown = true;
+        self.wake.notify_one();
     }
 }
 
@@ -780,13 +892,7 @@ pub(crate) struct Exporter {
 impl Exporter {
     /// Starts the export thread; the layer that feeds it.
     pub fn start(config: ExportConfig) -> Result<(Exporter, SpanLayer), String> {
-        let queue = Arc::new(Queue {
-            state: Mutex::new(State::default()),
-            wake: Condvar::new(),
-            max_queue: config.max_queue,
-            batch: config.batch,
-            dropped: AtomicU64::new(0),
-        });
+        let queue = Arc::new(Queue::new(config.max_queue, config.batch));
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -807,8 +913,7 @@ impl Exporter {
 
     /// Exports what is queued and stops the thread (bounded by the export timeout).
     pub fn shutdown(&mut self) {
-        self.queue.lock().shutdown = true;
-        self.queue.wake.notify_one();
+        self.queue.shutdown();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -819,6 +924,39 @@ impl Drop for Exporter {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// Export requests of at most `batch` spans each, with how many spans each carries, from the
+/// spans taken from every shard.
+fn batches<'a>(
+    taken: &'a [Spans],
+    batch: usize,
+    preamble: &'a crate::otlp::Preamble,
+) -> impl Iterator<Item = (Vec<u8>, usize)> + 'a {
+    // Each shard's spans in runs of at most `batch`, as (bytes, spans).
+    let mut runs = taken.iter().flat_map(move |t| {
+        let mut from = 0;
+        t.ends.chunks(batch).map(move |ends| {
+            let to = ends.last().copied().unwrap_or(from);
+            let run = (&t.bytes[from..to], ends.len());
+            from = to;
+            run
+        })
+    });
+    let mut next = runs.next();
+    std::iter::from_fn(move || {
+        let mut parts = Vec::new();
+        let mut spans = 0;
+        while let Some((bytes, n)) = next {
+            if spans > 0 && spans + n > batch {
+                break;
+            }
+            parts.push(bytes);
+            spans += n;
+            next = runs.next();
+        }
+        (spans > 0).then(|| (preamble.encode(&parts), spans))
+    })
 }
 
 fn export_loop(
@@ -840,29 +978,11 @@ fn export_loop(
             .collect();
     let path = tonic::codegen::http::uri::PathAndQuery::from_static(crate::otlp::EXPORT_PATH);
     let metrics = &*crate::metrics::TRACES;
-    let mut taken = State::default();
+    let mut taken = Vec::new();
     let mut failing = false;
     loop {
-        let stop = {
-            let deadline = Instant::now() + config.schedule_delay;
-            let mut s = queue.lock();
-            while s.ends.len() < config.batch && !s.shutdown {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    break;
-                }
-                s = queue.wake.wait_timeout(s, left).unwrap_or_else(PoisonError::into_inner).0;
-            }
-            std::mem::swap(&mut s.spans, &mut taken.spans);
-            std::mem::swap(&mut s.ends, &mut taken.ends);
-            s.shutdown
-        };
-        let mut from = 0;
-        for ends in taken.ends.chunks(config.batch) {
-            let to = ends.last().copied().unwrap_or(from);
-            let body = preamble.encode(&taken.spans[from..to]);
-            let spans = ends.len();
-            from = to;
+        let stop = queue.take(config.schedule_delay, &mut taken);
+        for (body, spans) in batches(&taken, config.batch, &preamble) {
             let mut request = tonic::Request::new(bytes::Bytes::from(body));
             request.set_timeout(config.timeout);
             for (k, v) in &headers {
@@ -895,8 +1015,10 @@ fn export_loop(
                 }
             }
         }
-        taken.spans.clear();
-        taken.ends.clear();
+        for t in &mut taken {
+            t.bytes.clear();
+            t.ends.clear();
+        }
         if stop {
             let dropped = queue.dropped.load(Ordering::Relaxed);
             if dropped > 0 {
@@ -949,13 +1071,7 @@ mod tests {
         use prost::Message;
         use tracing_subscriber::layer::SubscriberExt;
 
-        let queue = Arc::new(Queue {
-            state: Mutex::new(State::default()),
-            wake: Condvar::new(),
-            max_queue: 100,
-            batch: 100,
-            dropped: AtomicU64::new(0),
-        });
+        let queue = Arc::new(Queue::new(100, 100));
         let subscriber = tracing_subscriber::registry().with(SpanLayer { queue: queue.clone() });
         tracing::subscriber::with_default(subscriber, || {
             let outer = tracing::info_span!(
@@ -973,8 +1089,10 @@ mod tests {
                 inner.in_scope(|| tracing::error!(attempt = 2, "gave up on {}", "redis"));
             });
         });
-        let s = queue.lock();
-        let bytes = crate::otlp::Preamble::new(&[]).encode(&s.spans);
+        let mut taken = Vec::new();
+        queue.take(Duration::ZERO, &mut taken);
+        let parts: Vec<&[u8]> = taken.iter().map(|t| t.bytes.as_slice()).collect();
+        let bytes = crate::otlp::Preamble::new(&[]).encode(&parts);
         let decoded = ExportTraceServiceRequest::decode(bytes.as_slice()).expect("valid protobuf");
         let spans = &decoded.resource_spans[0].scope_spans[0].spans;
         let attrs = |i: usize| -> Vec<(String, Option<V>)> {
@@ -1019,6 +1137,66 @@ mod tests {
             ]
         );
         assert_eq!(outer.status.as_ref().map(|s| s.code), Some(0), "the outer span did not fail");
+    }
+
+    fn record(trace_id: u128, span_id: u64) -> Record {
+        Record::new("s", otlp::span::SpanKind::Internal, SpanContext { trace_id, span_id }, 0)
+    }
+
+    #[test]
+    fn spans_ended_on_many_threads_are_each_exported_once_in_bounded_batches() {
+        use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+        use prost::Message;
+
+        let queue = Arc::new(Queue::new(1000, 64));
+        let threads: Vec<_> = (1..=4u128)
+            .map(|t| {
+                let q = queue.clone();
+                std::thread::spawn(move || (1..=100).for_each(|i| q.end(record(t, i))))
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("thread ends its spans");
+        }
+        (1..=10).for_each(|i| queue.end(record(5, i)));
+
+        let mut taken = Vec::new();
+        queue.take(Duration::ZERO, &mut taken);
+        let preamble = crate::otlp::Preamble::new(&[]);
+        let mut seen = std::collections::HashSet::new();
+        let mut requests = 0;
+        for (body, n) in batches(&taken, 64, &preamble) {
+            let decoded = ExportTraceServiceRequest::decode(body.as_slice()).expect("protobuf");
+            let spans = &decoded.resource_spans[0].scope_spans[0].spans;
+            assert_eq!(spans.len(), n, "the count sent with each request is its span count");
+            assert!(n <= 64, "a request of {n} spans exceeds the batch size");
+            for s in spans {
+                assert!(seen.insert((s.trace_id.clone(), s.span_id.clone())), "sent twice");
+            }
+            requests += 1;
+        }
+        assert_eq!(seen.len(), 410, "every span ended on any thread is sent");
+        assert!(requests <= 9, "runs of spans share requests: {requests}");
+        assert_eq!(
+            queue.lock_shards().len(),
+            2,
+            "the shards of threads that ended are let go; this thread's and the shared one stay"
+        );
+        queue.take(Duration::ZERO, &mut taken);
+        assert_eq!(batches(&taken, 64, &preamble).count(), 0, "nothing is taken twice");
+    }
+
+    #[test]
+    fn a_full_shard_drops_and_counts_what_does_not_fit() {
+        let queue = Queue::new(5, 5);
+        (1..=8).for_each(|i| queue.end(record(1, i)));
+        let mut taken = Vec::new();
+        queue.take(Duration::ZERO, &mut taken);
+        assert_eq!(taken.iter().map(|t| t.ends.len()).sum::<usize>(), 5);
+        assert_eq!(queue.dropped.load(Ordering::Relaxed), 3);
+        (1..=2).for_each(|i| queue.end(record(2, i)));
+        queue.take(Duration::ZERO, &mut taken);
+        assert_eq!(taken.iter().map(|t| t.ends.len()).sum::<usize>(), 2, "room again once taken");
     }
 
     #[test]
