@@ -451,6 +451,8 @@ mod tests {
         r.set("a", Value::Bool(true));
         r.set("", Value::Int(5));
         r.set("c", Value::Float(1.5));
+        // Same length and last byte as "ab": a new key all the same.
+        r.set("xb", Value::Int(6));
         let mut encoded = Vec::new();
         put_span(&mut encoded, &r);
         let bytes = Preamble::new(&[]).encode(&[&encoded]);
@@ -464,6 +466,7 @@ mod tests {
                 ("a", Value::Bool(true)),
                 ("", Value::Int(5)),
                 ("c", Value::Float(1.5)),
+                ("xb", Value::Int(6)),
             ])
         );
         assert_eq!(got.events.len(), 1, "the event is kept");

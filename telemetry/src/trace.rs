@@ -107,22 +107,33 @@ fn put_hex(out: &mut [u8], mut v: u64) {
     }
 }
 
-fn new_trace_id() -> u128 {
+thread_local! {
+    /// Span and trace ids: a fast generator per thread, seeded from the thread's CSPRNG (ids
+    /// must be unique and unguessable enough to be sampled on, not secret).
+    static ID_RNG: std::cell::RefCell<rand::rngs::SmallRng> =
+        std::cell::RefCell::new(rand::SeedableRng::from_rng(&mut rand::rng()));
+}
+
+/// A random id that is not 0 (0 means "no id" in trace context).
+fn random_id<T: PartialEq + Default>() -> T
+where
+    rand::distr::StandardUniform: rand::distr::Distribution<T>,
+{
+    use rand::Rng;
     loop {
-        let id = rand::random::<u128>();
-        if id != 0 {
+        let id = ID_RNG.try_with(|r| r.borrow_mut().random()).unwrap_or_else(|_| rand::random());
+        if id != T::default() {
             return id;
         }
     }
 }
 
+fn new_trace_id() -> u128 {
+    random_id()
+}
+
 fn new_span_id() -> u64 {
-    loop {
-        let id = rand::random::<u64>();
-        if id != 0 {
-            return id;
-        }
-    }
+    random_id()
 }
 
 fn now_ns() -> u64 {
@@ -198,6 +209,9 @@ pub(crate) struct Record {
     pub end: u64,
     /// The span's attributes and events, as the OTLP `Span` fields that carry them.
     pub fields: Vec<u8>,
+    /// One bit per attribute key set so far, from a hash of the key: most keys are set once,
+    /// and a clear bit says so without scanning `fields` for an earlier value.
+    keys: u64,
     /// Set when the span failed: its status is then an error with this message.
     pub error: Option<String>,
 }
@@ -217,13 +231,20 @@ impl Record {
             start: now_ns(),
             end: 0,
             fields: Vec::with_capacity(256),
+            keys: 0,
             error: None,
         }
     }
 
     /// Sets attribute `key`, replacing an earlier value.
     pub(crate) fn set(&mut self, key: &str, value: Value<'_>) {
-        encode::remove_attr(&mut self.fields, key);
+        // Length and last byte tell apart the keys a span usually carries.
+        let hash = key.len().wrapping_mul(31) ^ usize::from(key.bytes().last().unwrap_or(0));
+        let bit = 1u64 << (hash % 64);
+        if self.keys & bit != 0 {
+            encode::remove_attr(&mut self.fields, key);
+        }
+        self.keys |= bit;
         encode::put_attr(&mut self.fields, key, value);
     }
 
