@@ -237,7 +237,7 @@ async fn parent() -> Result<()> {
 }
 
 /// Interleaved windows per sampling ratio in the requests/s comparison.
-const ROUNDS: usize = 7;
+const ROUNDS: usize = 11;
 
 fn zero_delay() -> worker::SimConfig {
     worker::SimConfig {
