@@ -7,9 +7,9 @@
 //! attributes and events are written into as OTLP protobuf when they are set; the thread that
 //! ends the span appends it, encoded, to that thread's own part of the export queue, whose lock
 //! only the exporter also takes, once per batch; nothing wakes the exporter until a batch is
-//! full or the schedule delay has passed, and the exporter only wraps and sends what it takes. There is no per-span sampler call, no context object, no
-//! timing at enter and exit. Sampling is decided once per request, before any span exists
-//! ([`Span::request`]).
+//! full or the schedule delay has passed, and the exporter only wraps and sends what it takes.
+//! There is no per-span sampler call, no context object, no timing at enter and exit. Sampling
+//! is decided once per request, before any span exists ([`Span::request`]).
 //!
 //! Which spans are recorded: a span whose parent is recorded, a span made the child of a sampled
 //! remote context ([`set_remote_parent`]), and a span with no parent at all (callers decide
