@@ -5,7 +5,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -886,16 +887,14 @@ impl TestPki {
 pub struct OtlpSink {
     /// Its endpoint, for OTEL_EXPORTER_OTLP_ENDPOINT.
     pub endpoint: String,
-    exports: std::sync::Arc<std::sync::atomic::AtomicU64>,
-    bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    exports: Arc<AtomicU64>,
+    bytes: Arc<AtomicU64>,
     _task: tokio::task::JoinHandle<()>,
 }
 
 impl OtlpSink {
     /// Starts a sink on a free port.
     pub async fn start() -> Result<OtlpSink> {
-        use std::sync::Arc;
-        use std::sync::atomic::{AtomicU64, Ordering};
         use tokio_stream::StreamExt;
         let listener = service::Listener::bind("127.0.0.1:0").await?;
         let endpoint = format!("http://{}", listener.local_addr());
@@ -905,32 +904,7 @@ impl OtlpSink {
         let task = tokio::spawn(async move {
             let mut incoming = std::pin::pin!(listener.incoming());
             while let Some(Ok(socket)) = incoming.next().await {
-                let (e, b) = (e.clone(), b.clone());
-                tokio::spawn(async move {
-                    let Ok(mut conn) = h2::server::Builder::new()
-                        .initial_window_size(4 << 20)
-                        .initial_connection_window_size(8 << 20)
-                        .handshake::<_, bytes::Bytes>(socket)
-                        .await
-                    else {
-                        return;
-                    };
-                    while let Some(Ok((request, respond))) = conn.accept().await {
-                        let (e, b) = (e.clone(), b.clone());
-                        tokio::spawn(async move {
-                            let mut body = request.into_body();
-                            let mut n = 0u64;
-                            while let Some(Ok(chunk)) = body.data().await {
-                                n += chunk.len() as u64;
-                                let _ = body.flow_control().release_capacity(chunk.len());
-                            }
-                            // The gRPC message's 5-byte header is not the request's bytes.
-                            b.fetch_add(n.saturating_sub(5), Ordering::Relaxed);
-                            e.fetch_add(1, Ordering::Relaxed);
-                            let _ = answer_ok(respond);
-                        });
-                    }
-                });
+                tokio::spawn(sink_connection(socket, e.clone(), b.clone()));
             }
         });
         Ok(OtlpSink { endpoint, exports, bytes, _task: task })
@@ -938,8 +912,37 @@ impl OtlpSink {
 
     /// Export calls and bytes received so far.
     pub fn received(&self) -> (u64, u64) {
-        use std::sync::atomic::Ordering::Relaxed;
-        (self.exports.load(Relaxed), self.bytes.load(Relaxed))
+        (self.exports.load(Ordering::Relaxed), self.bytes.load(Ordering::Relaxed))
+    }
+}
+
+/// Serves one connection to an [`OtlpSink`]: each export's body is read, counted and let go.
+async fn sink_connection<S>(socket: S, exports: Arc<AtomicU64>, bytes: Arc<AtomicU64>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let Ok(mut conn) = h2::server::Builder::new()
+        .initial_window_size(4 << 20)
+        .initial_connection_window_size(8 << 20)
+        .handshake::<_, bytes::Bytes>(socket)
+        .await
+    else {
+        return;
+    };
+    while let Some(Ok((request, respond))) = conn.accept().await {
+        let (exports, bytes) = (exports.clone(), bytes.clone());
+        tokio::spawn(async move {
+            let mut body = request.into_body();
+            let mut n = 0u64;
+            while let Some(Ok(chunk)) = body.data().await {
+                n += chunk.len() as u64;
+                let _ = body.flow_control().release_capacity(chunk.len());
+            }
+            // The gRPC message's 5-byte header is not the request's bytes.
+            bytes.fetch_add(n.saturating_sub(5), Ordering::Relaxed);
+            exports.fetch_add(1, Ordering::Relaxed);
+            let _ = answer_ok(respond);
+        });
     }
 }
 

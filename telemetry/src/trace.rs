@@ -630,37 +630,37 @@ impl Queue {
         self.shards.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// This thread's shard, made and registered on first use; the shared one while the thread
-    /// is being torn down.
-    fn shard(&self) -> Arc<Shard> {
-        let mine = SHARDS.try_with(|shards| {
-            let mut shards = shards.borrow_mut();
-            if let Some((_, shard)) = shards.iter().find(|(id, _)| *id == self.id) {
-                return shard.clone();
-            }
-            let shard = Arc::new(Shard::default());
-            self.lock_shards().push(shard.clone());
-            shards.push((self.id, shard.clone()));
-            shard
-        });
-        mine.unwrap_or_else(|_| self.shared.clone())
+    /// Runs `f` on this thread's shard, made and registered on first use; on the shared one
+    /// while the thread is being torn down.
+    fn with_shard<R>(&self, mut f: impl FnMut(&Shard) -> R) -> R {
+        SHARDS
+            .try_with(|shards| {
+                let mut shards = shards.borrow_mut();
+                if let Some((_, shard)) = shards.iter().find(|(id, _)| *id == self.id) {
+                    return f(shard);
+                }
+                let shard = Arc::new(Shard::default());
+                self.lock_shards().push(shard.clone());
+                let r = f(&shard);
+                shards.push((self.id, shard));
+                r
+            })
+            .unwrap_or_else(|_| f(&self.shared))
     }
 
     /// Ends `record` now and queues it.
     fn end(&self, mut record: Record) {
         record.end = now_ns();
-        let shard = self.shard();
-        let full = {
+        let full = self.with_shard(|shard| {
             let mut s = shard.lock();
             if s.ends.len() >= self.max_queue {
-                None
-            } else {
-                encode::put_span(&mut s.bytes, &record);
-                let end = s.bytes.len();
-                s.ends.push(end);
-                Some(s.ends.len() == self.batch)
+                return None;
             }
-        };
+            encode::put_span(&mut s.bytes, &record);
+            let end = s.bytes.len();
+            s.ends.push(end);
+            Some(s.ends.len() == self.batch)
+        });
         match full {
             None => {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
