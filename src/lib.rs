@@ -12,6 +12,7 @@ pub mod v1 {
     tonic::include_proto!("sllm.v1");
 }
 
+pub mod backend_config;
 pub mod json;
 
 /// Encoded `FileDescriptorSet` of every sllm proto, comments included, for gRPC reflection.

@@ -293,18 +293,21 @@ impl pb::dispatch_server::Dispatch for Direct {
         let params = r.params.unwrap_or_default();
         let out = self.sim.generate(Job {
             instance_id: self.instance.clone(),
-            prompt: "ping".into(),
-            max_tokens: params.max_tokens,
-            stop: vec![],
-            seed: 1,
+            input: worker::Input::Prompt("ping".into()),
+            params: pb::SamplingParams {
+                max_tokens: params.max_tokens,
+                seed: Some(1),
+                ..Default::default()
+            },
+            openai: None,
         });
         let stream = tokio_stream::wrappers::ReceiverStream::new(out).map(|o| {
             let event = match o {
-                Output::Text { text, tokens } => {
-                    pb::generate_event::Event::Chunk(pb::Chunk { text, tokens })
+                Output::Text { text, tokens, logprobs, .. } => {
+                    pb::generate_event::Event::Chunk(pb::Chunk { text, tokens, logprobs })
                 }
                 Output::Done { .. } => pb::generate_event::Event::Finished(pb::Finished::default()),
-                Output::Error(e) => return Err(tonic::Status::unavailable(e)),
+                Output::Error(e) => return Err(tonic::Status::unavailable(e.message)),
             };
             Ok(pb::GenerateEvent { event: Some(event) })
         });

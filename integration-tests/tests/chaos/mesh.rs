@@ -110,6 +110,8 @@ impl Mesh {
         let address = format!("sim-{node}");
         let args = [
             "worker",
+            "--backend",
+            "sim",
             "--registry",
             &registries,
             "--node-id",

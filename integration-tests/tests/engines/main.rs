@@ -14,6 +14,8 @@ use sllm_integration_tests::{
 use tonic::Code;
 use worker::engine::{EngineBackend, EngineConfig, EngineKind};
 
+mod passthrough;
+
 struct Cluster {
     _redis: RedisServer,
     store: Store,
@@ -60,11 +62,19 @@ impl Drop for EngineWorker {
 }
 
 async fn engine_worker(c: &Cluster, extra: &str, ready_timeout: Duration) -> EngineWorker {
+    engine_worker_with(c, extra, |ec| ec.ready_timeout = ready_timeout).await
+}
+
+async fn engine_worker_with(
+    c: &Cluster,
+    extra: &str,
+    adjust: impl FnOnce(&mut EngineConfig),
+) -> EngineWorker {
     let mut ec = EngineConfig::new(EngineKind::Custom);
     ec.command = engine_command(extra);
     ec.gpus = 2;
-    ec.ready_timeout = ready_timeout;
     ec.stop_grace = Duration::from_secs(2);
+    adjust(&mut ec);
     let (backend, events) = EngineBackend::new(ec);
     let secret = service::JoinSecret::new(JOIN_SECRET).unwrap();
     let mut config = worker::AgentConfig::new(

@@ -57,6 +57,8 @@ async fn mesh(otlp: &OtlpReceiver) -> Mesh {
     let (worker, _) = Proc::sllm(
         &[
             "worker",
+            "--backend",
+            "sim",
             "--registry",
             &format!("http://{grpc}"),
             "--node-id",

@@ -73,6 +73,8 @@ async fn tls_on_every_listener_from_workers_and_to_redis() {
     let _worker = Proc::sllm(
         &[
             "worker",
+            "--backend",
+            "sim",
             "--registry",
             &registry,
             "--node-id",

@@ -57,6 +57,8 @@ async fn a_killed_worker_process_is_lost_and_its_instances_become_unroutable() {
     let (mut worker, _) = Proc::sllm(
         &[
             "worker",
+            "--backend",
+            "sim",
             "--registry",
             &endpoint,
             "--node-id",

@@ -76,11 +76,7 @@ pub(crate) async fn open(
             };
             match msg {
                 Ok(Some(pb::AttachUp { msg: Some(m) })) => match m {
-                    Up::Chunk(c) => link.deliver(
-                        c.request_id,
-                        FromWorker::Chunk { text: c.text, tokens: c.tokens },
-                        false,
-                    ),
+                    Up::Chunk(c) => link.deliver(c.request_id, FromWorker::Chunk(c), false),
                     Up::Finished(f) => link.deliver(f.request_id, FromWorker::Finished(f), true),
                     Up::Error(e) => link.deliver(e.request_id, FromWorker::Error(e), true),
                     Up::Hello(_) => {}

@@ -48,6 +48,18 @@ pub enum DispatchError {
     /// A retryable failure (worker lost, attempts exhausted).
     #[error("{0}")]
     Unavailable(String),
+    /// The engine refused the request, stalled, or reported an error inside its stream.
+    #[error("{message}")]
+    Engine {
+        /// INVALID_ARGUMENT (refused), DEADLINE_EXCEEDED (stalled) or INTERNAL (engine error).
+        code: Code,
+        /// The engine's HTTP status when it answered with one (else 0).
+        http_status: u16,
+        /// What went wrong, in the engine's words.
+        message: String,
+        /// The engine's error body, unchanged (else empty).
+        body: String,
+    },
 }
 
 impl DispatchError {
@@ -66,6 +78,7 @@ impl DispatchError {
             }
             DispatchError::Deadline(_) => Code::DeadlineExceeded,
             DispatchError::Unavailable(_) => Code::Unavailable,
+            DispatchError::Engine { code, .. } => *code,
         };
         let mut status = Status::new(code, self.to_string());
         if let Some(retry_after) = self.retry_after()
@@ -99,6 +112,14 @@ impl DispatchError {
             }
             DispatchError::Deadline(_) => (504, "timeout_error", Some("deadline_exceeded")),
             DispatchError::Unavailable(_) => (503, "server_error", Some("unavailable")),
+            DispatchError::Engine { code: Code::InvalidArgument, http_status, .. } => {
+                let status = if (400..500).contains(http_status) { *http_status } else { 400 };
+                (status, "invalid_request_error", None)
+            }
+            DispatchError::Engine { code: Code::DeadlineExceeded, .. } => {
+                (504, "timeout_error", Some("engine_stalled"))
+            }
+            DispatchError::Engine { .. } => (500, "server_error", Some("engine_error")),
         }
     }
 }

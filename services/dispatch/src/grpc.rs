@@ -33,8 +33,8 @@ fn grpc_deadline<T>(request: &Request<T>) -> Option<Instant> {
 fn to_pb(event: Event) -> pb::GenerateEvent {
     let event = match event {
         Event::Progress(p) => pb::generate_event::Event::Progress(p),
-        Event::Chunk { text, tokens } => {
-            pb::generate_event::Event::Chunk(pb::Chunk { text, tokens })
+        Event::Chunk { text, tokens, logprobs, .. } => {
+            pb::generate_event::Event::Chunk(pb::Chunk { text, tokens, logprobs })
         }
         Event::Finished { reason, usage } => pb::generate_event::Event::Finished(pb::Finished {
             reason: reason as i32,
@@ -85,6 +85,7 @@ impl dispatch_server::Dispatch for Dispatch {
             deadline,
             traceparent,
             entry: "sllm.v1.Dispatch/Generate",
+            openai: None,
         };
         let events = self.submit(job).await.map_err(|e| e.to_status())?;
         let stream = ReceiverStream::new(events).map(|r| r.map(to_pb).map_err(|e| e.to_status()));

@@ -110,6 +110,14 @@ async fn admit(
 
 fn error_response(e: &DispatchError) -> Response {
     let (status, _, _) = e.http();
+    // An engine's own OpenAI error, with the engine's status, as the engine wrote it.
+    if let DispatchError::Engine { body, .. } = e
+        && serde_json::from_str::<Value>(body)
+            .is_ok_and(|v| v.get("error").is_some_and(Value::is_object))
+    {
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
+        return (status, json_body(body.clone())).into_response();
+    }
     let mut resp =
         (StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST), Json(error_json(e)))
             .into_response();
@@ -145,15 +153,6 @@ enum OneOrMany {
     Many(Vec<String>),
 }
 
-impl OneOrMany {
-    fn into_vec(self) -> Vec<String> {
-        match self {
-            OneOrMany::One(s) => vec![s],
-            OneOrMany::Many(v) => v,
-        }
-    }
-}
-
 #[derive(Deserialize)]
 struct CommonBody {
     model: Option<String>,
@@ -186,11 +185,27 @@ struct ChatMessage {
     content: Option<Value>,
 }
 
-/// Reads the fields both endpoints share, naming the offending one on error.
+/// What every answer to one request carries: its `id` and `created`.
+#[derive(Clone)]
+struct Answer {
+    id: String,
+    created: i64,
+}
+
+impl Answer {
+    fn new(prefix: &str) -> Answer {
+        Answer { id: format!("{prefix}-{:016x}", rand::random::<u64>()), created: now_s() as i64 }
+    }
+}
+
+/// Reads the fields both endpoints share, naming the offending one on error. Every other field
+/// goes to the engine as the client wrote it.
 fn common(
     body: &Value,
+    raw: &str,
     traceparent: String,
-    entry: &'static str,
+    endpoint: pb::OpenAiEndpoint,
+    answer: &Answer,
 ) -> Result<(CommonBody, Job), DispatchError> {
     let c: CommonBody = serde_json::from_value(body.clone()).map_err(|e| {
         // Name the field: the first one that fails on its own.
@@ -229,6 +244,18 @@ fn common(
             })
             .unwrap_or_default(),
         seed: c.seed,
+        ..Default::default()
+    };
+    let entry = match endpoint {
+        pb::OpenAiEndpoint::ChatCompletions => "POST /v1/chat/completions",
+        _ => "POST /v1/completions",
+    };
+    let openai = pb::OpenAiRequest {
+        endpoint: endpoint as i32,
+        body: raw.to_string(),
+        response_id: answer.id.clone(),
+        created: answer.created,
+        model: model.clone(),
     };
     let job = Job {
         model,
@@ -238,34 +265,55 @@ fn common(
         deadline: None,
         traceparent,
         entry,
+        openai: Some(openai),
     };
     Ok((c, job))
 }
 
 /// A `/v1/completions` body as a job.
-fn parse_completion(raw: &str, traceparent: String) -> Result<(CommonBody, Job), DispatchError> {
+fn parse_completion(
+    raw: &str,
+    traceparent: String,
+    answer: &Answer,
+) -> Result<(CommonBody, Job), DispatchError> {
     let body = body_json(raw)?;
-    let (c, mut job) = common(&body, traceparent, "POST /v1/completions")?;
+    let (c, mut job) = common(&body, raw, traceparent, pb::OpenAiEndpoint::Completions, answer)?;
+    let one = "exactly one prompt per request is supported";
     let prompt = match body.get("prompt") {
-        Some(p) => serde_json::from_value::<OneOrMany>(p.clone())
-            .map_err(|_| DispatchError::invalid("prompt", "must be a string or a list of strings"))?
-            .into_vec(),
+        Some(Value::String(p)) => p.clone(),
+        Some(Value::Array(items)) => match items.as_slice() {
+            [Value::String(p)] => p.clone(),
+            // A prompt of token ids: the engine reads it; its size counts four bytes a token.
+            ids if !ids.is_empty() && ids.iter().all(|t| t.as_u64().is_some()) => {
+                " ".repeat(ids.len() * 4)
+            }
+            [Value::Array(ids)] if ids.iter().all(|t| t.as_u64().is_some()) => {
+                " ".repeat(ids.len() * 4)
+            }
+            [] => return Err(DispatchError::invalid("prompt", "must not be empty")),
+            _ => return Err(DispatchError::invalid("prompt", one)),
+        },
+        Some(_) => {
+            return Err(DispatchError::invalid(
+                "prompt",
+                "must be a string, a list of one string, or a list of token ids",
+            ));
+        }
         None => return Err(DispatchError::invalid("prompt", "is required")),
     };
-    if prompt.len() != 1 {
-        return Err(DispatchError::invalid(
-            "prompt",
-            "exactly one prompt per request is supported",
-        ));
-    }
-    job.input = Input::Prompt(prompt.into_iter().next().unwrap_or_default());
+    job.input = Input::Prompt(prompt);
     Ok((c, job))
 }
 
 /// A `/v1/chat/completions` body as a job.
-fn parse_chat(raw: &str, traceparent: String) -> Result<(CommonBody, Job), DispatchError> {
+fn parse_chat(
+    raw: &str,
+    traceparent: String,
+    answer: &Answer,
+) -> Result<(CommonBody, Job), DispatchError> {
     let body = body_json(raw)?;
-    let (c, mut job) = common(&body, traceparent, "POST /v1/chat/completions")?;
+    let (c, mut job) =
+        common(&body, raw, traceparent, pb::OpenAiEndpoint::ChatCompletions, answer)?;
     let messages: Vec<ChatMessage> = match body.get("messages") {
         Some(m) => serde_json::from_value(m.clone()).map_err(|e| {
             DispatchError::invalid("messages", format!("must be a list of {{role, content}}: {e}"))
@@ -277,7 +325,8 @@ fn parse_chat(raw: &str, traceparent: String) -> Result<(CommonBody, Job), Dispa
         let content = match m.content {
             None | Some(Value::Null) => String::new(),
             Some(Value::String(s)) => s,
-            // The parts form: [{"type": "text", "text": "..."}]; only text parts count.
+            // The parts form: [{"type": "text", "text": "..."}, {"type": "image_url", …}]: the
+            // engine gets every part; the text parts count towards the prompt limit.
             Some(Value::Array(parts)) => parts
                 .iter()
                 .filter_map(|p| p.get("text").and_then(Value::as_str))
@@ -304,8 +353,12 @@ pub fn check_body(
     raw: &str,
     config: &crate::DispatchConfig,
 ) -> Result<(), DispatchError> {
-    let (_, mut job) =
-        if chat { parse_chat(raw, String::new())? } else { parse_completion(raw, String::new())? };
+    let answer = Answer::new("check");
+    let (_, mut job) = if chat {
+        parse_chat(raw, String::new(), &answer)?
+    } else {
+        parse_completion(raw, String::new(), &answer)?
+    };
     crate::request::validate(&mut job, config)
 }
 
@@ -323,7 +376,7 @@ fn body_json(raw: &str) -> Result<Value, DispatchError> {
 }
 
 /// A request body's parser: [`parse_completion`] or [`parse_chat`].
-type ParseBody = fn(&str, String) -> Result<(CommonBody, Job), DispatchError>;
+type ParseBody = fn(&str, String, &Answer) -> Result<(CommonBody, Job), DispatchError>;
 
 /// What both generation endpoints do first: the API key, the caller's rate limit, the body
 /// (parsed by `parse`), and the submission. Err: the response to send instead.
@@ -333,13 +386,14 @@ async fn accept(
     headers: &HeaderMap,
     raw: &str,
     parse: ParseBody,
+    answer: &Answer,
 ) -> Result<(CommonBody, String, Events), Response> {
     if let Some(r) = refusal(d, headers, service::auth::Needed::Inference) {
         return Err(r);
     }
     let result = async {
         admit(d, headers, peer).await?;
-        let (c, job) = parse(raw, traceparent(headers))?;
+        let (c, job) = parse(raw, traceparent(headers), answer)?;
         let model = job.model.clone();
         let events = d.submit(job).await?;
         Ok((c, model, events))
@@ -353,19 +407,24 @@ async fn completions(
     headers: HeaderMap,
     raw: String,
 ) -> Response {
-    match accept(&d, peer, &headers, &raw, parse_completion).await {
+    let answer = Answer::new("cmpl");
+    match accept(&d, peer, &headers, &raw, parse_completion, &answer).await {
         Err(r) => r,
         Ok((c, model, events)) => {
-            let id = format!("cmpl-{:016x}", rand::random::<u64>());
             if c.stream {
                 let include_usage = c.include_usage();
-                sse(events, move |item| completion_chunk(&id, &model, item, include_usage))
+                let mut relayed = false;
+                sse(events, move |item| {
+                    completion_chunk(&answer, &model, item, include_usage, &mut relayed)
+                })
+                .await
             } else {
                 match collect(events).await {
-                    Ok((text, reason, usage)) => Json(json!({
-                        "id": id,
+                    Ok(Collected::Relayed(body)) => json_body(body),
+                    Ok(Collected::Text(text, reason, usage)) => Json(json!({
+                        "id": answer.id,
                         "object": "text_completion",
-                        "created": now_s(),
+                        "created": answer.created,
                         "model": model,
                         "choices": [{ "text": text, "index": 0, "logprobs": null, "finish_reason": finish_word(reason) }],
                         "usage": usage_json(&usage),
@@ -384,24 +443,28 @@ async fn chat_completions(
     headers: HeaderMap,
     raw: String,
 ) -> Response {
-    match accept(&d, peer, &headers, &raw, parse_chat).await {
+    let answer = Answer::new("chatcmpl");
+    match accept(&d, peer, &headers, &raw, parse_chat, &answer).await {
         Err(r) => r,
         Ok((c, model, events)) => {
-            let id = format!("chatcmpl-{:016x}", rand::random::<u64>());
             if c.stream {
                 let include_usage = c.include_usage();
                 let mut first = true;
+                let mut relayed = false;
                 sse(events, move |item| {
-                    let out = chat_chunk(&id, &model, item, first, include_usage);
-                    first = false;
+                    let progress = matches!(item, Ok(Event::Progress(_)));
+                    let out = chat_chunk(&answer, &model, item, first, include_usage, &mut relayed);
+                    first &= progress;
                     out
                 })
+                .await
             } else {
                 match collect(events).await {
-                    Ok((text, reason, usage)) => Json(json!({
-                        "id": id,
+                    Ok(Collected::Relayed(body)) => json_body(body),
+                    Ok(Collected::Text(text, reason, usage)) => Json(json!({
+                        "id": answer.id,
                         "object": "chat.completion",
-                        "created": now_s(),
+                        "created": answer.created,
                         "model": model,
                         "choices": [{
                             "index": 0,
@@ -419,6 +482,11 @@ async fn chat_completions(
     }
 }
 
+/// An engine's JSON answer, relayed as it is.
+fn json_body(body: String) -> Response {
+    ([(axum::http::header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
 fn finish_word(r: pb::FinishReason) -> &'static str {
     match r {
         pb::FinishReason::Length => "length",
@@ -434,15 +502,30 @@ fn usage_json(u: &pb::Usage) -> Value {
     })
 }
 
+/// A whole answer: the engine's own body, or text to put in OpenAI's shape.
+enum Collected {
+    Relayed(String),
+    Text(String, pb::FinishReason, pb::Usage),
+}
+
 /// Waits for the whole answer.
-async fn collect(
-    mut events: Events,
-) -> Result<(String, pb::FinishReason, pb::Usage), DispatchError> {
+async fn collect(mut events: Events) -> Result<Collected, DispatchError> {
     let mut text = String::new();
+    let mut relayed = None;
     while let Some(item) = events.recv().await {
         match item? {
-            Event::Chunk { text: t, .. } => text.push_str(&t),
-            Event::Finished { reason, usage } => return Ok((text, reason, usage)),
+            Event::Chunk { text: t, events, .. } => {
+                text.push_str(&t);
+                if let Some(body) = events.into_iter().last() {
+                    relayed = Some(body);
+                }
+            }
+            Event::Finished { reason, usage } => {
+                return Ok(match relayed {
+                    Some(body) => Collected::Relayed(body),
+                    None => Collected::Text(text, reason, usage),
+                });
+            }
             Event::Progress(_) => {}
         }
     }
@@ -450,58 +533,96 @@ async fn collect(
 }
 
 /// Streams events as server-sent events; `render` turns each into zero or more JSON payloads.
-fn sse<F>(events: Events, mut render: F) -> Response
+/// The response starts with the first event: a request that fails before any output (the engine
+/// refused it, no instance came up in time) gets its error status, as from the engine itself.
+async fn sse<F>(mut events: Events, mut render: F) -> Response
 where
-    F: FnMut(Result<Event, DispatchError>) -> Vec<Value> + Send + 'static,
+    F: FnMut(Result<Event, DispatchError>) -> Vec<String> + Send + 'static,
 {
-    let body = ReceiverStream::new(events)
+    let first = match events.recv().await {
+        Some(Err(e)) => return error_response(&e),
+        first => first,
+    };
+    let body = futures::stream::iter(first)
+        .chain(ReceiverStream::new(events))
         .flat_map(move |item| futures::stream::iter(render(item)))
-        .map(|v| Ok::<_, Infallible>(SseEvent::default().data(v.to_string())))
+        .map(|v| Ok::<_, Infallible>(SseEvent::default().data(v)))
         .chain(futures::stream::once(async { Ok(SseEvent::default().data("[DONE]")) }));
     Sse::new(body)
         .keep_alive(axum::response::sse::KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response()
 }
 
+/// An error inside a stream: the engine's own error event when it sent one, else OpenAI's shape.
+fn stream_error(e: &DispatchError) -> String {
+    if let DispatchError::Engine { body, .. } = e
+        && serde_json::from_str::<Value>(body).is_ok_and(|v| v.get("error").is_some())
+    {
+        return body.clone();
+    }
+    error_json(e).to_string()
+}
+
 fn completion_chunk(
-    id: &str,
+    answer: &Answer,
     model: &str,
     item: Result<Event, DispatchError>,
     include_usage: bool,
-) -> Vec<Value> {
-    let base = |choices: Value| json!({ "id": id, "object": "text_completion", "created": now_s(), "model": model, "choices": choices });
+    relayed: &mut bool,
+) -> Vec<String> {
+    let base = |choices: Value| json!({ "id": answer.id, "object": "text_completion", "created": answer.created, "model": model, "choices": choices });
     match item {
-        Ok(Event::Chunk { text, .. }) => {
-            vec![base(
-                json!([{ "text": text, "index": 0, "logprobs": null, "finish_reason": null }]),
-            )]
+        // An engine's events, relayed as they are (its finish and usage events among them).
+        Ok(Event::Chunk { events, .. }) if !events.is_empty() => {
+            *relayed = true;
+            events
         }
+        Ok(Event::Chunk { text, .. }) => {
+            vec![
+                base(
+                    json!([{ "text": text, "index": 0, "logprobs": null, "finish_reason": null }]),
+                )
+                .to_string(),
+            ]
+        }
+        Ok(Event::Finished { .. }) if *relayed => vec![],
         Ok(Event::Finished { reason, usage }) => {
             let mut out = vec![base(
                 json!([{ "text": "", "index": 0, "logprobs": null, "finish_reason": finish_word(reason) }]),
-            )];
+            ).to_string()];
             if include_usage {
                 let mut u = base(json!([]));
                 u["usage"] = usage_json(&usage);
-                out.push(u);
+                out.push(u.to_string());
             }
             out
         }
         Ok(Event::Progress(_)) => vec![],
-        Err(e) => vec![error_json(&e)],
+        Err(e) => vec![stream_error(&e)],
     }
 }
 
 fn chat_chunk(
-    id: &str,
+    answer: &Answer,
     model: &str,
     item: Result<Event, DispatchError>,
     first: bool,
     include_usage: bool,
-) -> Vec<Value> {
-    let base = |choices: Value| json!({ "id": id, "object": "chat.completion.chunk", "created": now_s(), "model": model, "choices": choices });
+    relayed: &mut bool,
+) -> Vec<String> {
+    let base = |choices: Value| json!({ "id": answer.id, "object": "chat.completion.chunk", "created": answer.created, "model": model, "choices": choices });
     let mut out = Vec::new();
-    if first && item.is_ok() {
+    match item {
+        // An engine's events, relayed as they are (its role, finish and usage events among
+        // them).
+        Ok(Event::Chunk { events, .. }) if !events.is_empty() => {
+            *relayed = true;
+            return events;
+        }
+        Ok(Event::Finished { .. }) if *relayed => return Vec::new(),
+        _ => {}
+    }
+    if first && item.is_ok() && !matches!(item, Ok(Event::Progress(_))) {
         out.push(base(json!([{ "index": 0, "delta": { "role": "assistant", "content": "" }, "logprobs": null, "finish_reason": null }])));
     }
     match item {
@@ -517,7 +638,7 @@ fn chat_chunk(
             }
         }
         Ok(Event::Progress(_)) => {}
-        Err(e) => out.push(error_json(&e)),
+        Err(e) => return vec![stream_error(&e)],
     }
-    out
+    out.into_iter().map(|v| v.to_string()).collect()
 }

@@ -42,6 +42,8 @@ pub struct Job {
     pub traceparent: String,
     /// Name of the entry point, for the request's span (e.g. `sllm.v1.Dispatch/Generate`).
     pub entry: &'static str,
+    /// The client's OpenAI request, which an engine gets as it is (HTTP API requests only).
+    pub openai: Option<pb::OpenAiRequest>,
 }
 
 /// What the client receives.
@@ -55,6 +57,11 @@ pub enum Event {
         text: String,
         /// Tokens in it.
         tokens: u32,
+        /// The engine's own OpenAI events for it, to relay as they are (empty when the
+        /// backend has none: the OpenAI shape is then written from `text`).
+        events: Vec<String>,
+        /// Log-probabilities of its tokens (gRPC requests that asked).
+        logprobs: Vec<pb::TokenLogprob>,
     },
     /// The end.
     Finished {
@@ -72,7 +79,11 @@ enum Attempt {
     Done,
     ClientGone,
     Deadline,
+    /// The instance failed: retried elsewhere while nothing was sent.
     Failed(String),
+    /// The request failed for a reason another instance would not change (the engine refused
+    /// it, stalled, or reported an error mid-stream): the client gets this error.
+    Ended(DispatchError),
 }
 
 impl Dispatch {
@@ -182,6 +193,11 @@ fn outcome_of(e: &DispatchError) -> &'static str {
         DispatchError::RateLimited { .. } => "rate_limited",
         DispatchError::Deadline(_) => "deadline",
         DispatchError::Unavailable(_) => "unavailable",
+        DispatchError::Engine { code, .. } => match code {
+            tonic::Code::InvalidArgument => "invalid",
+            tonic::Code::DeadlineExceeded => "engine_stalled",
+            _ => "engine_error",
+        },
     }
 }
 
@@ -237,6 +253,47 @@ pub(crate) fn validate(job: &mut Job, config: &crate::DispatchConfig) -> Result<
         && !(t > 0.0 && t <= 1.0)
     {
         return Err(DispatchError::invalid("top_p", format!("{t} is not in (0, 1]")));
+    }
+    if let Some(x) = p.min_p
+        && !(0.0..=1.0).contains(&x)
+    {
+        return Err(DispatchError::invalid("min_p", format!("{x} is not between 0 and 1")));
+    }
+    for (field, value) in
+        [("presence_penalty", p.presence_penalty), ("frequency_penalty", p.frequency_penalty)]
+    {
+        if let Some(x) = value
+            && !(-2.0..=2.0).contains(&x)
+        {
+            return Err(DispatchError::invalid(field, format!("{x} is not between -2 and 2")));
+        }
+    }
+    if let Some(x) = p.repetition_penalty
+        && !(x > 0.0 && x.is_finite())
+    {
+        return Err(DispatchError::invalid("repetition_penalty", format!("{x} is not above 0")));
+    }
+    if let Some(k) = p.top_k
+        && k < -1
+    {
+        return Err(DispatchError::invalid("top_k", format!("{k} is not -1 (no limit) or above")));
+    }
+    if p.top_logprobs > 20 {
+        return Err(DispatchError::invalid(
+            "top_logprobs",
+            format!("{} is more than 20", p.top_logprobs),
+        ));
+    }
+    if p.top_logprobs > 0 && !p.logprobs {
+        return Err(DispatchError::invalid("top_logprobs", "needs logprobs"));
+    }
+    if !p.json_schema.is_empty()
+        && serde_json::from_str::<serde_json::Value>(&p.json_schema).is_err()
+    {
+        return Err(DispatchError::invalid("json_schema", "is not JSON"));
+    }
+    if !p.json_schema.is_empty() && !p.regex.is_empty() {
+        return Err(DispatchError::invalid("regex", "set json_schema or regex, not both"));
     }
     if p.stop.len() > 4 {
         return Err(DispatchError::invalid(
@@ -329,6 +386,14 @@ impl Driver {
                     let _ = self.tx.send(Err(DispatchError::Deadline(self.deadline_words()))).await;
                     return "deadline";
                 }
+                Attempt::Ended(e) => {
+                    span.fail(e.to_string().as_str());
+                    // A refused request says nothing about the worker's health: the breaker
+                    // neither trips nor resets.
+                    let outcome = outcome_of(&e);
+                    let _ = self.tx.send(Err(e)).await;
+                    return outcome;
+                }
                 Attempt::Failed(why) => {
                     span.fail(why.as_str());
                     if link.breaker.failure(config.breaker_threshold, config.breaker_cooldown) {
@@ -338,7 +403,8 @@ impl Driver {
                     let trace_id = span.context().map(|cx| format!("{:032x}", cx.trace_id));
                     tracing::info!(model = %self.route.name, instance = %instance.instance_id, worker = %link.worker_id, attempt, tokens_sent, %why, trace_id = trace_id.as_deref().unwrap_or("-"), "attempt failed");
                     span.event("attempt failed", &[("tokens_sent", tokens_sent.into())]);
-                    if tokens_sent > 0 {
+                    // Once the client has had any event (a chat role, say), a retry would repeat it.
+                    if tokens_sent > 0 || ttft.is_some() {
                         let _ = self
                             .tx
                             .send(Err(DispatchError::Unavailable(format!(
@@ -502,6 +568,7 @@ impl Driver {
             input: Some(input),
             params: Some(self.job.params.clone()),
             traceparent: span.traceparent(),
+            openai: self.job.openai.clone(),
         };
         let down = pb::AttachDown { msg: Some(pb::attach_down::Msg::Request(request)) };
         if link.tx.send(Ok(down)).await.is_err() {
@@ -530,14 +597,16 @@ impl Driver {
                 },
             };
             match m {
-                Some(FromWorker::Chunk { mut text, mut tokens }) => {
+                Some(FromWorker::Chunk(mut c)) => {
                     // Chunks already waiting go to the client as one: under load it gets fewer,
-                    // larger messages instead of a growing backlog.
-                    while text.len() < 16 * 1024 {
+                    // larger messages instead of a growing backlog. Engine events stay one each.
+                    while c.text.len() < 16 * 1024 {
                         match wrx.try_recv() {
-                            Ok(FromWorker::Chunk { text: t, tokens: n }) => {
-                                text.push_str(&t);
-                                tokens += n;
+                            Ok(FromWorker::Chunk(more)) => {
+                                c.text.push_str(&more.text);
+                                c.tokens += more.tokens;
+                                c.events.extend(more.events);
+                                c.logprobs.extend(more.logprobs);
                             }
                             Ok(other) => {
                                 held = Some(other);
@@ -552,9 +621,16 @@ impl Driver {
                         span.set("sllm.ttft_ms", first.as_secs_f64() * 1000.0);
                         self.route.metrics.ttft.observe(first.as_secs_f64());
                     }
+                    let tokens = c.tokens;
                     *tokens_sent += tokens;
                     self.route.metrics.tokens.inc_by(u64::from(tokens));
-                    if self.tx.send(Ok(Event::Chunk { text, tokens })).await.is_err() {
+                    let event = Event::Chunk {
+                        text: c.text,
+                        tokens,
+                        events: c.events,
+                        logprobs: c.logprobs,
+                    };
+                    if self.tx.send(Ok(event)).await.is_err() {
                         cancel();
                         return Attempt::ClientGone;
                     }
@@ -577,7 +653,17 @@ impl Driver {
                 }
                 Some(FromWorker::Error(e)) => {
                     span.set("error.type", "worker_error");
-                    return Attempt::Failed(e.message);
+                    return match tonic::Code::from(e.code) {
+                        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Ok => {
+                            Attempt::Failed(e.message)
+                        }
+                        code => Attempt::Ended(DispatchError::Engine {
+                            code,
+                            http_status: u16::try_from(e.http_status).unwrap_or(0),
+                            message: e.message,
+                            body: e.body,
+                        }),
+                    };
                 }
                 None => return Attempt::Failed("the worker's attach stream ended".into()),
             }

@@ -13,7 +13,7 @@ use tokio::sync::{Notify, broadcast, mpsc};
 /// A message from a worker about one request.
 #[derive(Debug)]
 pub(crate) enum FromWorker {
-    Chunk { text: String, tokens: u32 },
+    Chunk(pb::WorkerChunk),
     Finished(pb::WorkerFinished),
     Error(pb::WorkerError),
 }

@@ -199,6 +199,14 @@ pub fn spec_from_pb(
     let num_gpus = u32::try_from(spec.num_gpus).map_err(|_| {
         crate::field_status("spec.num_gpus", format!("must not be negative, got {}", spec.num_gpus))
     })?;
+    if let Some(config) = &spec.backend_config
+        && let serde_json::Value::Object(map) = struct_to_json(config)
+    {
+        // Refused here, naming the key, rather than when an instance starts on a GPU host.
+        sllm_api::backend_config::check(&spec.backend, &map).map_err(|e| {
+            crate::field_status(&format!("spec.backend_config.{}", e.key), e.reason)
+        })?;
+    }
     let out = kvstore::DeploymentSpec {
         model: spec.model.clone(),
         backend: spec.backend.clone(),

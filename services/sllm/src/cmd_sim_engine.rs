@@ -36,6 +36,21 @@ pub struct SimEngineArgs {
     /// Exit (as a crashing engine does) after producing this many tokens in all.
     #[arg(long)]
     crash_after_tokens: Option<u64>,
+    /// Context length in words: a prompt plus max_tokens above it is refused with 400, as
+    /// vLLM refuses a prompt over its max_model_len.
+    #[arg(long)]
+    max_model_len: Option<u64>,
+    /// In a stream, after this many tokens of one request: an error event (as vLLM sends one
+    /// when generation fails), then `[DONE]`.
+    #[arg(long)]
+    error_after_tokens: Option<u32>,
+    /// In a stream, after this many tokens of one request: nothing more, the connection held
+    /// open (a hung engine).
+    #[arg(long)]
+    stall_after_tokens: Option<u32>,
+    /// The name it serves requests under, as vLLM's `--served-model-name` (default: --model).
+    #[arg(long)]
+    served_model_name: Option<String>,
 }
 
 #[derive(Clone)]
@@ -45,6 +60,13 @@ struct Engine {
     ready: Arc<AtomicBool>,
     produced: Arc<AtomicU64>,
     crash_after: Option<u64>,
+    max_model_len: Option<u64>,
+    /// The body of the last request, as it arrived (for tests: what reached the engine).
+    last_request: Arc<std::sync::Mutex<Value>>,
+    /// Generation requests received.
+    requests: Arc<AtomicU64>,
+    error_after: Option<u32>,
+    stall_after: Option<u32>,
 }
 
 pub async fn run(a: SimEngineArgs) -> Result<()> {
@@ -81,16 +103,33 @@ pub async fn run(a: SimEngineArgs) -> Result<()> {
     });
     let engine = Engine {
         sim,
-        model: a.model.clone(),
+        model: a.served_model_name.clone().unwrap_or_else(|| a.model.clone()),
         ready,
         produced: Arc::new(AtomicU64::new(0)),
         crash_after: a.crash_after_tokens,
+        max_model_len: a.max_model_len,
+        last_request: Arc::new(std::sync::Mutex::new(Value::Null)),
+        requests: Arc::new(AtomicU64::new(0)),
+        error_after: a.error_after_tokens,
+        stall_after: a.stall_after_tokens,
     };
     let app = axum::Router::new()
         .route("/health", axum::routing::get(health))
         .route("/v1/models", axum::routing::get(models))
         .route("/v1/completions", axum::routing::post(completions))
         .route("/v1/chat/completions", axum::routing::post(chat))
+        .route(
+            "/debug/last-request",
+            axum::routing::get(|State(e): State<Engine>| async move {
+                Json(e.last_request.lock().map(|v| v.clone()).unwrap_or(Value::Null))
+            }),
+        )
+        .route(
+            "/debug/requests",
+            axum::routing::get(|State(e): State<Engine>| async move {
+                e.requests.load(Ordering::Relaxed).to_string()
+            }),
+        )
         .route(
             "/debug/running",
             axum::routing::get(|State(e): State<Engine>| async move {
@@ -114,73 +153,136 @@ async fn models(State(e): State<Engine>) -> Json<Value> {
     )
 }
 
-fn job(body: &Value, prompt: String) -> Job {
+/// The simulator's job for an OpenAI body: max_tokens (16 if unset, as vLLM's completions),
+/// stop, seed and temperature; the other fields a real engine takes are not simulated.
+fn job(body: &Value, input: worker::Input) -> Job {
+    let stop = match &body["stop"] {
+        Value::String(s) => vec![s.clone()],
+        Value::Array(a) => a.iter().filter_map(|s| s.as_str().map(String::from)).collect(),
+        _ => Vec::new(),
+    };
+    let max_tokens = body["max_tokens"].as_u64().or(body["max_completion_tokens"].as_u64());
     Job {
         instance_id: "engine".into(),
-        prompt,
-        max_tokens: body["max_tokens"].as_u64().unwrap_or(16) as u32,
-        stop: body["stop"]
-            .as_array()
-            .map(|a| a.iter().filter_map(|s| s.as_str().map(String::from)).collect())
-            .unwrap_or_default(),
-        seed: body["seed"].as_u64().unwrap_or(0),
+        input,
+        params: sllm_api::v1::SamplingParams {
+            max_tokens: max_tokens.unwrap_or(16) as u32,
+            stop,
+            seed: body["seed"].as_u64(),
+            temperature: body["temperature"].as_f64().map(|t| t as f32),
+            ..Default::default()
+        },
+        openai: None,
     }
 }
 
 async fn completions(State(e): State<Engine>, Json(body): Json<Value>) -> Response {
     let prompt = body["prompt"].as_str().unwrap_or_default().to_string();
-    serve(e, &body, prompt, false).await
+    serve(e, &body, worker::Input::Prompt(prompt), false).await
 }
 
 async fn chat(State(e): State<Engine>, Json(body): Json<Value>) -> Response {
-    let mut prompt = String::new();
-    for m in body["messages"].as_array().into_iter().flatten() {
-        prompt.push_str(&format!(
-            "{}: {}\n",
-            m["role"].as_str().unwrap_or(""),
-            m["content"].as_str().unwrap_or("")
-        ));
-    }
-    serve(e, &body, prompt, true).await
+    let messages = body["messages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| sllm_api::v1::ChatMessage {
+            role: m["role"].as_str().unwrap_or_default().to_string(),
+            content: m["content"].as_str().unwrap_or_default().to_string(),
+        })
+        .collect();
+    serve(e, &body, worker::Input::Chat(messages), true).await
 }
 
-async fn serve(e: Engine, body: &Value, prompt: String, chat: bool) -> Response {
-    if !e.ready.load(Ordering::Relaxed) {
-        return (StatusCode::SERVICE_UNAVAILABLE, "loading").into_response();
+/// An error in the shape vLLM's OpenAI server gives.
+fn engine_error(status: StatusCode, message: &str) -> Response {
+    let body = json!({ "error": { "message": message, "type": "BadRequestError", "param": null, "code": status.as_u16() } });
+    (status, Json(body)).into_response()
+}
+
+async fn serve(e: Engine, body: &Value, input: worker::Input, chat: bool) -> Response {
+    if let Ok(mut last) = e.last_request.lock() {
+        *last = body.clone();
     }
-    let mut out = e.sim.generate(job(body, prompt));
+    e.requests.fetch_add(1, Ordering::Relaxed);
+    if !e.ready.load(Ordering::Relaxed) {
+        return engine_error(StatusCode::SERVICE_UNAVAILABLE, "the model is loading");
+    }
+    let job = job(body, input);
+    let prompt_words = match &job.input {
+        worker::Input::Prompt(p) => p.split_whitespace().count(),
+        worker::Input::Chat(m) => m.iter().map(|m| m.content.split_whitespace().count()).sum(),
+    } as u64;
+    if let Some(len) = e.max_model_len
+        && prompt_words + u64::from(job.params.max_tokens) > len
+    {
+        let message = format!(
+            "This model's maximum context length is {len} tokens. However, you requested {} tokens ({prompt_words} in the messages, {} in the completion).",
+            prompt_words + u64::from(job.params.max_tokens),
+            job.params.max_tokens
+        );
+        return engine_error(StatusCode::BAD_REQUEST, &message);
+    }
+    let mut out = e.sim.generate(job);
+    let id = format!("{}-{:016x}", if chat { "chatcmpl" } else { "cmpl" }, rand::random::<u64>());
+    let model = e.model.clone();
     let object = if chat { "chat.completion.chunk" } else { "text_completion" };
-    let piece = move |text: &str, finish: Option<&str>| {
-        let choice = if chat {
-            json!({ "index": 0, "delta": { "content": text }, "finish_reason": finish })
-        } else {
-            json!({ "index": 0, "text": text, "finish_reason": finish })
-        };
-        json!({ "object": object, "choices": [choice] })
-    };
+    let piece = move |choice: Value| json!({ "id": id, "object": object, "created": 0, "model": model, "choices": [choice] });
+    let word = |f: worker::Finish| if f == worker::Finish::Stop { "stop" } else { "length" };
+    let include_usage = body["stream_options"]["include_usage"].as_bool().unwrap_or(false);
     if body["stream"].as_bool().unwrap_or(false) {
         let (tx, rx) = tokio::sync::mpsc::channel::<Value>(64);
         tokio::spawn(async move {
+            if chat {
+                let role = json!({ "index": 0, "delta": { "role": "assistant", "content": "" }, "finish_reason": null });
+                let _ = tx.send(piece(role)).await;
+            }
+            let mut sent = 0u32;
             while let Some(o) = out.recv().await {
+                if e.error_after == Some(sent) {
+                    let error = json!({ "error": { "message": "simulated failure during generation", "type": "InternalServerError", "param": null, "code": 500 } });
+                    let _ = tx.send(error).await;
+                    return;
+                }
+                if e.stall_after == Some(sent) {
+                    // Hold the stream open and send nothing, until the client goes.
+                    tx.closed().await;
+                    return;
+                }
                 let v = match o {
-                    Output::Text { text, tokens } => {
+                    Output::Text { text, tokens, .. } => {
+                        sent += tokens;
                         let n = e.produced.fetch_add(u64::from(tokens), Ordering::Relaxed)
                             + u64::from(tokens);
                         if e.crash_after.is_some_and(|c| n >= c) {
                             eprintln!("fatal: simulated engine crash after {n} tokens");
                             std::process::exit(3);
                         }
-                        piece(&text, None)
+                        if chat {
+                            piece(
+                                json!({ "index": 0, "delta": { "content": text }, "finish_reason": null }),
+                            )
+                        } else {
+                            piece(json!({ "index": 0, "text": text, "finish_reason": null }))
+                        }
                     }
                     Output::Done { finish, prompt_tokens, completion_tokens } => {
-                        let mut v = piece(
-                            "",
-                            Some(if finish == worker::Finish::Stop { "stop" } else { "length" }),
-                        );
-                        v["usage"] = json!({ "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens });
-                        v
+                        let end = if chat {
+                            json!({ "index": 0, "delta": {}, "finish_reason": word(finish) })
+                        } else {
+                            json!({ "index": 0, "text": "", "finish_reason": word(finish) })
+                        };
+                        if tx.send(piece(end)).await.is_err() || !include_usage {
+                            return;
+                        }
+                        let mut u = piece(Value::Null);
+                        u["choices"] = json!([]);
+                        u["usage"] = json!({ "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens });
+                        u
                     }
-                    Output::Error(msg) => json!({ "error": { "message": msg } }),
+                    Output::Error(f) => {
+                        json!({ "error": { "message": f.message, "type": "InternalServerError", "param": null, "code": 500 } })
+                    }
                 };
                 if tx.send(v).await.is_err() {
                     return; // client gone: dropping `out` cancels the generation
@@ -199,17 +301,26 @@ async fn serve(e: Engine, body: &Value, prompt: String, chat: bool) -> Response 
     while let Some(o) = out.recv().await {
         match o {
             Output::Text { text: t, .. } => text.push_str(&t),
-            Output::Done { completion_tokens, prompt_tokens, .. } => {
-                return Json(json!({
-                    "object": if chat { "chat.completion" } else { "text_completion" },
-                    "choices": [ if chat { json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}) }
-                                 else { json!({"index": 0, "text": text, "finish_reason": "length"}) } ],
-                    "usage": { "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens },
-                }))
-                .into_response();
+            Output::Done { finish, completion_tokens, prompt_tokens } => {
+                let choice = if chat {
+                    json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": word(finish)})
+                } else {
+                    json!({"index": 0, "text": text, "finish_reason": word(finish)})
+                };
+                let mut v = piece(choice);
+                v["object"] = json!(if chat { "chat.completion" } else { "text_completion" });
+                v["usage"] = json!({ "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens });
+                return Json(v).into_response();
             }
-            Output::Error(m) => return (StatusCode::INTERNAL_SERVER_ERROR, m).into_response(),
+            Output::Error(f) => {
+                let status = if f.kind == worker::FailureKind::Invalid {
+                    StatusCode::BAD_REQUEST
+                } else {
+                    StatusCode::INTERNAL_SERVER_ERROR
+                };
+                return engine_error(status, &f.message);
+            }
         }
     }
-    (StatusCode::INTERNAL_SERVER_ERROR, "no answer").into_response()
+    engine_error(StatusCode::INTERNAL_SERVER_ERROR, "no answer")
 }

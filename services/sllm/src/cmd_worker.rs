@@ -1,4 +1,5 @@
-//! `sllm worker`: a worker agent with the simulated backend, or a fleet of them in one process.
+//! `sllm worker`: a worker agent running real engines, or the simulated backend (a fleet of
+//! simulated workers in one process with --count).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -50,12 +51,13 @@ pub struct WorkerArgs {
     /// Address to register (default: the source address the registry sees).
     #[arg(long, env = "SLLM_WORKER_ADDRESS", default_value = "")]
     address: String,
-    /// Backend that runs instances.
-    #[arg(long, value_enum, default_value = "sim")]
+    /// Backend that runs instances: `engine` on a GPU host (with --engine), `sim` for the
+    /// simulator. Required: a GPU host must never fall back to simulated answers.
+    #[arg(long, value_enum, env = "SLLM_BACKEND")]
     backend: BackendKind,
     /// With --backend engine: which engine.
-    #[arg(long, value_enum, default_value = "vllm")]
-    engine: EngineName,
+    #[arg(long, value_enum, env = "SLLM_ENGINE", required_if_eq("backend", "engine"))]
+    engine: Option<EngineName>,
     /// With --engine custom: the launch command; {model}, {port}, {num_gpus} and {args} are
     /// filled in (e.g. "my-server --model {model} --port {port} {args}").
     #[arg(long, default_value = "")]
@@ -69,6 +71,17 @@ pub struct WorkerArgs {
     /// Seconds between SIGTERM and SIGKILL when stopping an engine.
     #[arg(long, default_value_t = 10)]
     stop_grace_s: u64,
+    /// Longest wait for a streamed answer's first event from an engine, in seconds (a loaded
+    /// GPU queues and prefills before it); past it the request fails and the engine's health
+    /// is checked again.
+    #[arg(long, default_value_t = 120.0)]
+    engine_first_byte_timeout_s: f64,
+    /// Longest gap between two events of an engine's streamed answer, in seconds.
+    #[arg(long, default_value_t = 30.0)]
+    engine_idle_timeout_s: f64,
+    /// Longest wait for an engine's answer that is not streamed, in seconds.
+    #[arg(long, default_value_t = 600.0)]
+    engine_request_timeout_s: f64,
     /// Simulated GPUs per worker (with --backend engine: the host's GPUs).
     #[arg(long, default_value_t = 4)]
     gpus: u32,
@@ -164,10 +177,11 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
             }
             BackendKind::Engine => {
                 let kind = match args.engine {
-                    EngineName::Vllm => worker::engine::EngineKind::Vllm,
-                    EngineName::Sglang => worker::engine::EngineKind::Sglang,
-                    EngineName::Llamacpp => worker::engine::EngineKind::Llamacpp,
-                    EngineName::Custom => worker::engine::EngineKind::Custom,
+                    Some(EngineName::Vllm) => worker::engine::EngineKind::Vllm,
+                    Some(EngineName::Sglang) => worker::engine::EngineKind::Sglang,
+                    Some(EngineName::Llamacpp) => worker::engine::EngineKind::Llamacpp,
+                    Some(EngineName::Custom) => worker::engine::EngineKind::Custom,
+                    None => bail!("--backend engine needs --engine vllm|sglang|llamacpp|custom"),
                 };
                 if kind == worker::engine::EngineKind::Custom && args.engine_command.is_empty() {
                     bail!("--engine custom needs --engine-command");
@@ -178,6 +192,17 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
                 ec.model_dir = args.model_dir.clone();
                 ec.ready_timeout = Duration::from_secs(args.ready_timeout_s.max(1));
                 ec.stop_grace = Duration::from_secs(args.stop_grace_s);
+                let secs = |s: f64, flag: &str| {
+                    Duration::try_from_secs_f64(s)
+                        .ok()
+                        .filter(|d| !d.is_zero())
+                        .with_context(|| format!("{flag} must be a positive number of seconds"))
+                };
+                ec.first_byte_timeout =
+                    secs(args.engine_first_byte_timeout_s, "--engine-first-byte-timeout-s")?;
+                ec.idle_timeout = secs(args.engine_idle_timeout_s, "--engine-idle-timeout-s")?;
+                ec.request_timeout =
+                    secs(args.engine_request_timeout_s, "--engine-request-timeout-s")?;
                 let (backend, events) = worker::engine::EngineBackend::new(ec);
                 (Arc::new(backend), events)
             }

@@ -18,7 +18,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Endpoint;
 
-use crate::backend::{Backend, Finish, Job, Output};
+use crate::backend::{Backend, Finish, Input, Job, Output};
 
 /// Longest a retired stream (one of an older epoch) stays open for the requests it carries.
 const RETIRE_GRACE: Duration = Duration::from_secs(300);
@@ -292,19 +292,6 @@ impl Drop for Running {
     }
 }
 
-/// Renders a chat conversation as the prompt text a completion backend takes.
-fn render_chat(chat: &pb::ChatMessages) -> String {
-    let mut out = String::new();
-    for m in &chat.messages {
-        out.push_str(&m.role);
-        out.push_str(": ");
-        out.push_str(&m.content);
-        out.push('\n');
-    }
-    out.push_str("assistant:");
-    out
-}
-
 async fn serve_request(
     backend: Arc<dyn Backend>,
     r: pb::InferenceRequest,
@@ -313,18 +300,16 @@ async fn serve_request(
     mut span: Span,
 ) {
     let id = r.request_id;
-    let params = r.params.unwrap_or_default();
-    let prompt = match r.input {
-        Some(pb::inference_request::Input::Prompt(p)) => p,
-        Some(pb::inference_request::Input::Chat(c)) => render_chat(&c),
-        None => String::new(),
+    let input = match r.input {
+        Some(pb::inference_request::Input::Chat(c)) => Input::Chat(c.messages),
+        Some(pb::inference_request::Input::Prompt(p)) => Input::Prompt(p),
+        None => Input::Prompt(String::new()),
     };
     let job = Job {
         instance_id: r.instance_id,
-        prompt,
-        max_tokens: params.max_tokens,
-        stop: params.stop,
-        seed: params.seed.unwrap_or(id),
+        input,
+        params: r.params.unwrap_or_default(),
+        openai: r.openai,
     };
     let mut out = backend.generate(job);
     // An output taken while merging text that must be sent next.
@@ -338,14 +323,16 @@ async fn serve_request(
             },
         };
         let msg = match o {
-            Output::Text { mut text, mut tokens } => {
+            Output::Text { mut text, mut tokens, mut events, mut logprobs } => {
                 // Text already waiting goes up in one message: under load the stream carries
-                // fewer, larger chunks instead of falling behind.
+                // fewer, larger chunks instead of falling behind. Engine events stay one each.
                 while text.len() < 16 * 1024 {
                     match out.try_recv() {
-                        Ok(Output::Text { text: t, tokens: n }) => {
+                        Ok(Output::Text { text: t, tokens: n, events: e, logprobs: l }) => {
                             text.push_str(&t);
                             tokens += n;
+                            events.extend(e);
+                            logprobs.extend(l);
                         }
                         Ok(other) => {
                             held = Some(other);
@@ -358,7 +345,7 @@ async fn serve_request(
                     .tokens
                     .with_label_values(&[] as &[&str])
                     .inc_by(u64::from(tokens));
-                Up::Chunk(pb::WorkerChunk { request_id: id, text, tokens })
+                Up::Chunk(pb::WorkerChunk { request_id: id, text, tokens, events, logprobs })
             }
             Output::Done { finish, prompt_tokens, completion_tokens } => {
                 span.set("gen_ai.usage.output_tokens", completion_tokens);
@@ -373,14 +360,16 @@ async fn serve_request(
                     completion_tokens,
                 })
             }
-            Output::Error(message) => {
+            Output::Error(f) => {
                 telemetry::metrics::WORKER.requests.with_label_values(&["error"]).inc();
                 span.set("error.type", "backend_error");
-                span.fail(message.as_str());
+                span.fail(f.message.as_str());
                 Up::Error(pb::WorkerError {
                     request_id: id,
-                    code: tonic::Code::Unavailable as i32,
-                    message,
+                    code: f.kind.code() as i32,
+                    message: f.message,
+                    http_status: u32::from(f.http_status),
+                    body: f.body,
                 })
             }
         };

@@ -64,19 +64,26 @@ pub enum BackendError {
     Unsupported(String),
 }
 
+/// What a request generates from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    /// A completion prompt.
+    Prompt(String),
+    /// A chat conversation, oldest message first.
+    Chat(Vec<pb::ChatMessage>),
+}
+
 /// One inference request for an instance.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Job {
     /// Instance to run on.
     pub instance_id: String,
-    /// The prompt (a chat conversation is given as its rendered text).
-    pub prompt: String,
-    /// Most tokens to generate.
-    pub max_tokens: u32,
-    /// Generation stops before any of these strings.
-    pub stop: Vec<String>,
-    /// Seed of the sampling.
-    pub seed: u64,
+    /// The input, as Dispatch read it.
+    pub input: Input,
+    /// Sampling and limits, as Dispatch read them (`max_tokens` is always set).
+    pub params: pb::SamplingParams,
+    /// The client's OpenAI request, for backends that pass it on to an engine as it is.
+    pub openai: Option<pb::OpenAiRequest>,
 }
 
 /// Why a generation ended.
@@ -88,8 +95,65 @@ pub enum Finish {
     Length,
 }
 
-/// One output of a generation.
+/// How a request failed, which decides what Dispatch does with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The instance is gone, unreachable, or answered 5xx: retried elsewhere if nothing was
+    /// sent yet.
+    Unavailable,
+    /// The request itself was refused (an engine 4xx, or a field the backend cannot honour):
+    /// the client's error, never retried.
+    Invalid,
+    /// The engine sent nothing within its first-byte or idle limit.
+    Stalled,
+    /// The engine reported an error inside its stream.
+    Engine,
+}
+
+impl FailureKind {
+    /// The gRPC code that carries this kind to Dispatch.
+    pub fn code(self) -> tonic::Code {
+        match self {
+            FailureKind::Unavailable => tonic::Code::Unavailable,
+            FailureKind::Invalid => tonic::Code::InvalidArgument,
+            FailureKind::Stalled => tonic::Code::DeadlineExceeded,
+            FailureKind::Engine => tonic::Code::Internal,
+        }
+    }
+}
+
+/// A failed request.
 #[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// What kind of failure.
+    pub kind: FailureKind,
+    /// What went wrong, in the engine's words where it gave some.
+    pub message: String,
+    /// The engine's HTTP status, when it answered with an error (else 0).
+    pub http_status: u16,
+    /// The engine's error body, unchanged, when it answered with an error (else empty).
+    pub body: String,
+}
+
+impl Failure {
+    /// A failure with a message only.
+    pub fn new(kind: FailureKind, message: impl Into<String>) -> Failure {
+        Failure { kind, message: message.into(), http_status: 0, body: String::new() }
+    }
+
+    /// The instance cannot serve the request.
+    pub fn unavailable(message: impl Into<String>) -> Failure {
+        Failure::new(FailureKind::Unavailable, message)
+    }
+
+    /// The backend cannot honour `field`.
+    pub fn unsupported(field: &str, why: impl std::fmt::Display) -> Failure {
+        Failure::new(FailureKind::Invalid, format!("invalid {field}: {why}"))
+    }
+}
+
+/// One output of a generation.
+#[derive(Debug, Clone, PartialEq)]
 pub enum Output {
     /// Text of one or more tokens.
     Text {
@@ -97,6 +161,10 @@ pub enum Output {
         text: String,
         /// How many tokens it holds.
         tokens: u32,
+        /// The engine's own OpenAI events for it (see `WorkerChunk.events`), if any.
+        events: Vec<String>,
+        /// Log-probabilities of its tokens, when asked for over gRPC.
+        logprobs: Vec<pb::TokenLogprob>,
     },
     /// The request ended.
     Done {
@@ -107,8 +175,15 @@ pub enum Output {
         /// Generated tokens.
         completion_tokens: u32,
     },
-    /// The request failed (the instance crashed or is not serving).
-    Error(String),
+    /// The request failed.
+    Error(Failure),
+}
+
+impl Output {
+    /// Plain text with no engine events.
+    pub fn text(text: impl Into<String>, tokens: u32) -> Output {
+        Output::Text { text: text.into(), tokens, events: Vec::new(), logprobs: Vec::new() }
+    }
 }
 
 /// Runs model instances on one host. Methods return at once; progress arrives as

@@ -18,11 +18,15 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use sllm_api::backend_config::{Engine, EngineArgs, engine_args};
 use sllm_api::v1 as pb;
 use tokio::io::AsyncBufReadExt;
 use tokio::sync::mpsc;
 
-use crate::backend::{Backend, BackendError, Finish, InstanceEvent, Job, Output, StartSpec};
+use crate::backend::{
+    Backend, BackendError, Failure, FailureKind, InstanceEvent, Job, Output, StartSpec,
+};
+use crate::openai;
 
 /// Known engines and their launch templates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,18 +42,42 @@ pub enum EngineKind {
 }
 
 impl EngineKind {
-    /// The launch template. Placeholders: `{model}`, `{port}`, `{num_gpus}`, `{args}` (the
-    /// deployment's backend_config as flags).
+    /// The launch template. Placeholders: `{model}` (the checkpoint: a path under the model
+    /// directory, or a name), `{name}` (the deployment's name, which the engine must serve
+    /// requests under), `{port}`, `{num_gpus}`, `{args}` (the deployment's backend_config as
+    /// flags).
     pub fn template(self) -> &'static str {
         match self {
             EngineKind::Vllm => {
-                "vllm serve {model} --host 127.0.0.1 --port {port} --tensor-parallel-size {num_gpus} {args}"
+                "vllm serve {model} --served-model-name {name} --host 127.0.0.1 --port {port} --tensor-parallel-size {num_gpus} {args}"
             }
             EngineKind::Sglang => {
-                "python3 -m sglang.launch_server --model-path {model} --host 127.0.0.1 --port {port} --tp {num_gpus} {args}"
+                "python3 -m sglang.launch_server --model-path {model} --served-model-name {name} --host 127.0.0.1 --port {port} --tp {num_gpus} {args}"
             }
-            EngineKind::Llamacpp => "llama-server -m {model} --host 127.0.0.1 --port {port} {args}",
+            EngineKind::Llamacpp => {
+                "llama-server -m {model} --alias {name} --host 127.0.0.1 --port {port} {args}"
+            }
             EngineKind::Custom => "",
+        }
+    }
+
+    /// The engine's flag table, for the ones sllm knows.
+    pub fn engine(self) -> Option<Engine> {
+        match self {
+            EngineKind::Vllm => Some(Engine::Vllm),
+            EngineKind::Sglang => Some(Engine::Sglang),
+            EngineKind::Llamacpp => Some(Engine::Llamacpp),
+            EngineKind::Custom => None,
+        }
+    }
+
+    /// The request dialect of this engine.
+    pub fn dialect(self) -> openai::Dialect {
+        match self {
+            EngineKind::Vllm => openai::Dialect::Vllm,
+            EngineKind::Sglang => openai::Dialect::Sglang,
+            EngineKind::Llamacpp => openai::Dialect::Llamacpp,
+            EngineKind::Custom => openai::Dialect::Other,
         }
     }
 }
@@ -72,6 +100,12 @@ pub struct EngineConfig {
     pub stop_grace: Duration,
     /// Health path polled until it answers 200.
     pub health_path: String,
+    /// Longest wait for a streamed answer's first event.
+    pub first_byte_timeout: Duration,
+    /// Longest gap between two events of a streamed answer.
+    pub idle_timeout: Duration,
+    /// Longest wait for an answer that is not streamed.
+    pub request_timeout: Duration,
 }
 
 impl EngineConfig {
@@ -85,6 +119,11 @@ impl EngineConfig {
             ready_timeout: Duration::from_secs(600),
             stop_grace: Duration::from_secs(10),
             health_path: "/health".into(),
+            // A loaded GPU may queue a request and prefill a long prompt before its first
+            // token; between tokens it is never this slow unless something is wrong.
+            first_byte_timeout: Duration::from_secs(120),
+            idle_timeout: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(600),
         }
     }
 }
@@ -118,44 +157,6 @@ pub struct EngineBackend {
     state: Arc<Mutex<State>>,
     events: mpsc::UnboundedSender<InstanceEvent>,
     http: Client<HttpConnector, Full<Bytes>>,
-}
-
-/// Maps backend_config entries to engine flags: known ServerlessLLM / vLLM keys by name,
-/// anything else as `--key-with-dashes value` (booleans as bare flags when true).
-pub fn engine_args(kind: EngineKind, config: &serde_json::Value) -> (Option<String>, Vec<String>) {
-    let mut model = None;
-    let mut args = Vec::new();
-    let Some(map) = config.as_object() else { return (None, args) };
-    let mut keys: Vec<&String> = map.keys().collect();
-    keys.sort();
-    for k in keys {
-        let v = &map[k];
-        let value = match v {
-            serde_json::Value::String(s) => s.clone(),
-            serde_json::Value::Null => continue,
-            other => other.to_string(),
-        };
-        let flag = match (kind, k.as_str()) {
-            (_, "pretrained_model_name_or_path") => {
-                model = Some(value);
-                continue;
-            }
-            // Transformers-only settings no server engine takes.
-            (_, "device_map" | "hf_model_class") => continue,
-            (EngineKind::Vllm | EngineKind::Sglang, "torch_dtype") => "--dtype".to_string(),
-            (EngineKind::Llamacpp, "max_model_len" | "context_length") => "--ctx-size".to_string(),
-            (_, key) => format!("--{}", key.replace('_', "-")),
-        };
-        match v {
-            serde_json::Value::Bool(true) => args.push(flag),
-            serde_json::Value::Bool(false) => {}
-            _ => {
-                args.push(flag);
-                args.push(value);
-            }
-        }
-    }
-    (model, args)
 }
 
 /// Quotes a word for `sh`.
@@ -240,19 +241,22 @@ impl EngineBackend {
                 "no engine command configured (--engine-command)".into(),
             ));
         }
-        let config = spec
-            .backend_config
-            .as_ref()
-            .map(sllm_api::json::struct_to_json)
-            .unwrap_or(serde_json::Value::Null);
-        let (model_override, args) = engine_args(self.config.kind, &config);
-        let name = model_override.unwrap_or_else(|| spec.model.clone());
+        let config = match spec.backend_config.as_ref().map(sllm_api::json::struct_to_json) {
+            Some(serde_json::Value::Object(m)) => m,
+            _ => serde_json::Map::new(),
+        };
+        let EngineArgs { model: model_override, args } =
+            engine_args(self.config.kind.engine(), &config)
+                .map_err(|e| BackendError::Unsupported(e.to_string()))?;
+        // An empty `pretrained_model_name_or_path` means the model's own name.
+        let name = model_override.filter(|m| !m.is_empty()).unwrap_or_else(|| spec.model.clone());
         let model = match &self.config.model_dir {
             Some(dir) if dir.join(&name).exists() => dir.join(&name).display().to_string(),
             _ => name,
         };
         Ok(template
             .replace("{model}", &shell_quote(&model))
+            .replace("{name}", &shell_quote(&spec.model))
             .replace("{port}", &port.to_string())
             .replace("{num_gpus}", &spec.gpus.len().max(1).to_string())
             .replace("{args}", &args.iter().map(|a| shell_quote(a)).collect::<Vec<_>>().join(" ")))
@@ -310,99 +314,109 @@ impl EngineBackend {
         });
         let Some((port, model)) = admitted else {
             let _ = tx
-                .send(Output::Error(format!("instance {} is not serving", job.instance_id)))
+                .send(Output::Error(Failure::unavailable(format!(
+                    "instance {} is not serving",
+                    job.instance_id
+                ))))
                 .await;
             return;
         };
-        let result = self.stream_completion(port, &model, &job, &tx).await;
+        let result = self.stream_request(port, &model, &job, &tx).await;
         self.with_state(|s| {
             if let Some(inst) = s.instances.get_mut(&job.instance_id) {
                 inst.in_flight = inst.in_flight.saturating_sub(1);
             }
         });
-        if let Err(e) = result {
-            let _ = tx.send(Output::Error(e)).await;
+        if let Err(f) = result {
+            if f.kind == FailureKind::Stalled {
+                self.recheck(&job.instance_id);
+            }
+            let _ = tx.send(Output::Error(f)).await;
         }
     }
 
-    /// POSTs a streaming completion and turns its server-sent events into outputs.
-    async fn stream_completion(
+    /// Sends `job` to the engine on `port` (serving the model as `served`) and turns its answer
+    /// into outputs, within the first-byte, idle and whole-request limits.
+    async fn stream_request(
         &self,
         port: u16,
-        model: &str,
+        served: &str,
         job: &Job,
         tx: &mpsc::Sender<Output>,
-    ) -> Result<(), String> {
-        let body = serde_json::json!({
-            "model": model,
-            "prompt": job.prompt,
-            "max_tokens": job.max_tokens,
-            "stop": job.stop,
-            "seed": job.seed,
-            "stream": true,
-            "stream_options": { "include_usage": true },
-        });
-        let req = hyper::Request::post(format!("http://127.0.0.1:{port}/v1/completions"))
+    ) -> Result<(), Failure> {
+        let call = openai::call(self.config.kind.dialect(), served, job)?;
+        let req = hyper::Request::post(format!("http://127.0.0.1:{port}{}", call.path))
             .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body.to_string())))
-            .map_err(|e| e.to_string())?;
-        let resp = self.http.request(req).await.map_err(|e| format!("engine unreachable: {e}"))?;
-        if !resp.status().is_success() {
-            let status = resp.status();
-            let text = resp
-                .into_body()
-                .collect()
-                .await
-                .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
-                .unwrap_or_default();
-            return Err(format!("engine answered {status}: {text}"));
-        }
-        let mut body = resp.into_body();
-        let mut buf = String::new();
-        let (mut tokens, mut prompt_tokens, mut finish) = (0u32, 0u32, None);
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| format!("engine stream broke: {e}"))?;
-            let Some(data) = frame.data_ref() else { continue };
-            buf.push_str(&String::from_utf8_lossy(data));
-            while let Some(end) = buf.find("\n\n") {
-                let event: String = buf.drain(..end + 2).collect();
-                for line in event.lines() {
-                    let Some(payload) = line.strip_prefix("data:").map(str::trim) else { continue };
-                    if payload == "[DONE]" {
-                        let finish = finish.unwrap_or(Finish::Length);
-                        let _ = tx
-                            .send(Output::Done { finish, prompt_tokens, completion_tokens: tokens })
-                            .await;
-                        return Ok(());
-                    }
-                    let v: serde_json::Value = serde_json::from_str(payload)
-                        .map_err(|e| format!("bad event from engine: {e}"))?;
-                    if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
-                        prompt_tokens = u["prompt_tokens"].as_u64().unwrap_or(0) as u32;
-                        tokens =
-                            u["completion_tokens"].as_u64().map(|t| t as u32).unwrap_or(tokens);
-                    }
-                    let Some(choice) = v["choices"].get(0) else { continue };
-                    if let Some(text) = choice["text"].as_str().filter(|t| !t.is_empty()) {
-                        tokens += 1;
-                        if tx
-                            .send(Output::Text { text: text.to_string(), tokens: 1 })
-                            .await
-                            .is_err()
-                        {
-                            // The request was cancelled: dropping the body closes the HTTP request.
-                            return Ok(());
-                        }
-                    }
-                    match choice["finish_reason"].as_str() {
-                        Some("stop") => finish = Some(Finish::Stop),
-                        Some(_) => finish = Some(Finish::Length),
-                        None => {}
-                    }
+            .body(Full::new(Bytes::from(call.body.to_string())))
+            .map_err(|e| Failure::unavailable(e.to_string()))?;
+        let stream = call.stream;
+        let mut reader = openai::Reader::new(call);
+        let limits = &self.config;
+        let started = tokio::time::Instant::now();
+        let first_limit = if stream { limits.first_byte_timeout } else { limits.request_timeout };
+        let stalled = |what: &str, limit: Duration| {
+            Failure::new(
+                FailureKind::Stalled,
+                format!("the engine sent {what} within {} ms", limit.as_millis()),
+            )
+        };
+        let resp = match tokio::time::timeout(first_limit, self.http.request(req)).await {
+            Err(_) => return Err(stalled("no answer", first_limit)),
+            Ok(Err(e)) => return Err(Failure::unavailable(format!("engine unreachable: {e}"))),
+            Ok(Ok(r)) => r,
+        };
+        let status = resp.status();
+        if !status.is_success() || !stream {
+            let left = first_limit.saturating_sub(started.elapsed());
+            let body = match tokio::time::timeout(left, resp.into_body().collect()).await {
+                Err(_) => return Err(stalled("no whole answer", first_limit)),
+                Ok(Err(e)) => {
+                    return Err(Failure::unavailable(format!("engine answer broke: {e}")));
                 }
+                Ok(Ok(b)) => String::from_utf8_lossy(&b.to_bytes()).into_owned(),
+            };
+            if !status.is_success() {
+                return Err(openai::http_failure(status.as_u16(), body));
             }
+            let (text, done) = reader.body(&body)?;
+            if tx.send(text).await.is_ok() {
+                let _ = tx.send(done).await;
+            }
+            return Ok(());
         }
-        Err(format!("the engine ended the stream after {tokens} tokens without finishing"))
+        let first_left = limits.first_byte_timeout.saturating_sub(started.elapsed());
+        let limits = openai::StreamLimits {
+            first_event: first_left,
+            idle: limits.idle_timeout,
+            first_event_limit: limits.first_byte_timeout,
+        };
+        openai::relay_stream(resp.into_body().into_data_stream(), reader, limits, tx).await
+    }
+
+    /// After a stall: an engine that no longer answers its health check is failed, so the
+    /// Scaler replaces the instance.
+    fn recheck(&self, instance_id: &str) {
+        let this = self.clone();
+        let id = instance_id.to_string();
+        tokio::spawn(async move {
+            let found = this.with_state(|s| s.instances.get(&id).map(|i| (i.port, i.pgid)));
+            let Some((port, pgid)) = found else { return };
+            if this.healthy(port).await {
+                return;
+            }
+            tracing::warn!(instance = %id, "a stalled engine fails its health check: ending it");
+            this.with_state(|s| {
+                if let Some(i) = s.instances.get_mut(&id) {
+                    i.phase = Phase::Stopping;
+                }
+            });
+            this.kill_group(pgid).await;
+            this.forget(&id);
+            this.emit(InstanceEvent::Failed {
+                instance_id: id,
+                reason: "the engine stalled and then failed its health check".into(),
+            });
+        });
     }
 }
 
@@ -688,21 +702,8 @@ mod tests {
     }
 
     #[test]
-    fn backend_config_becomes_engine_flags() {
-        let cfg = serde_json::json!({
-            "pretrained_model_name_or_path": "facebook/opt-1.3b",
-            "torch_dtype": "float16",
-            "device_map": "auto",
-            "max_model_len": 4096,
-            "enforce_eager": true,
-            "trust_remote_code": false,
-        });
-        let (model, args) = engine_args(EngineKind::Vllm, &cfg);
-        assert_eq!(model.as_deref(), Some("facebook/opt-1.3b"));
-        assert_eq!(args, ["--enforce-eager", "--max-model-len", "4096", "--dtype", "float16"]);
-        let (_, args) =
-            engine_args(EngineKind::Llamacpp, &serde_json::json!({"max_model_len": 2048}));
-        assert_eq!(args, ["--ctx-size", "2048"]);
+    fn shell_words_are_quoted() {
         assert_eq!(shell_quote("a b'c"), "'a b'\\''c'");
+        assert_eq!(shell_quote("--max-model-len"), "--max-model-len");
     }
 }

@@ -10,8 +10,12 @@ pub mod agent;
 mod attach;
 pub mod backend;
 pub mod engine;
+pub mod openai;
 pub mod sim;
 
 pub use agent::{Agent, AgentConfig, AgentState};
-pub use backend::{Backend, BackendError, Finish, InstanceEvent, Job, Output, StartSpec};
+pub use backend::{
+    Backend, BackendError, Failure, FailureKind, Finish, Input, InstanceEvent, Job, Output,
+    StartSpec,
+};
 pub use sim::{SimBackend, SimConfig};

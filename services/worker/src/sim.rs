@@ -12,7 +12,9 @@ use sllm_api::v1 as pb;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::{Backend, BackendError, Finish, InstanceEvent, Job, Output, StartSpec};
+use crate::backend::{
+    Backend, BackendError, Failure, Finish, Input, InstanceEvent, Job, Output, StartSpec,
+};
 
 /// Storage tiers, fastest first (the API's numbering).
 pub type Tier = pb::CheckpointTier;
@@ -156,6 +158,112 @@ pub fn token_text(seed: u64, prompt: &str, i: u32) -> String {
     format!(" {}", WORDS[(h % WORDS.len() as u64) as usize])
 }
 
+/// What the simulator generates for one request: its prompt text, limits and seed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SimRequest {
+    /// The prompt (a chat conversation as `role: content` lines).
+    pub prompt: String,
+    /// Most tokens to generate.
+    pub max_tokens: u32,
+    /// Generation stops at any of these.
+    pub stop: Vec<String>,
+    /// The text's seed.
+    pub seed: u64,
+}
+
+/// Fields of an OpenAI body the simulator honours (or that carry no meaning for it: `user`
+/// only labels the caller). Anything else is refused rather than ignored.
+const SIM_OPENAI_FIELDS: &[&str] = &[
+    "model",
+    "prompt",
+    "messages",
+    "max_tokens",
+    "max_completion_tokens",
+    "stop",
+    "seed",
+    "temperature",
+    "top_p",
+    "n",
+    "stream",
+    "stream_options",
+    "user",
+];
+
+impl SimRequest {
+    /// Reads `job` as the simulator can honour it: max_tokens, stop, seed, temperature
+    /// (0 gives the same text for the same prompt whatever the seed; without a seed other
+    /// temperatures give new text each time). Anything else set is refused, naming the field.
+    pub fn from_job(job: &Job) -> Result<SimRequest, Failure> {
+        let p = &job.params;
+        if let Some(body) = &job.openai {
+            let v: serde_json::Value = serde_json::from_str(&body.body)
+                .map_err(|e| Failure::unsupported("body", format!("not JSON: {e}")))?;
+            if let Some(map) = v.as_object() {
+                let mut keys: Vec<&String> = map.keys().collect();
+                keys.sort();
+                for k in keys {
+                    if !SIM_OPENAI_FIELDS.contains(&k.as_str()) && !map[k].is_null() {
+                        return Err(Failure::unsupported(
+                            k,
+                            "the simulator backend does not support it",
+                        ));
+                    }
+                }
+                // Content parts other than text (images, audio) are beyond the simulator.
+                let messages = map.get("messages").and_then(|m| m.as_array());
+                for (i, m) in messages.into_iter().flatten().enumerate() {
+                    let parts = m.get("content").and_then(|c| c.as_array());
+                    for (j, part) in parts.into_iter().flatten().enumerate() {
+                        if part.get("type").and_then(|t| t.as_str()) != Some("text") {
+                            return Err(Failure::unsupported(
+                                &format!("messages[{i}].content[{j}].type"),
+                                "the simulator backend takes text parts only",
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        let unsupported = [
+            ("top_k", p.top_k.is_some_and(|k| k != -1)),
+            ("min_p", p.min_p.is_some_and(|m| m != 0.0)),
+            ("presence_penalty", p.presence_penalty.is_some_and(|x| x != 0.0)),
+            ("frequency_penalty", p.frequency_penalty.is_some_and(|x| x != 0.0)),
+            ("repetition_penalty", p.repetition_penalty.is_some_and(|x| x != 1.0)),
+            ("logprobs", p.logprobs),
+            ("json_schema", !p.json_schema.is_empty()),
+            ("regex", !p.regex.is_empty()),
+            ("top_p", p.top_p.is_some_and(|t| t != 1.0)),
+        ];
+        if let Some((field, _)) = unsupported.iter().find(|(_, set)| *set) {
+            return Err(Failure::unsupported(field, "the simulator backend does not support it"));
+        }
+        let prompt = match &job.input {
+            Input::Prompt(p) => p.clone(),
+            Input::Chat(messages) => render_chat(messages),
+        };
+        let seed = match (p.temperature, p.seed) {
+            (Some(0.0), _) => 0,
+            (_, Some(seed)) => seed,
+            _ => rand::random(),
+        };
+        Ok(SimRequest { prompt, max_tokens: p.max_tokens, stop: p.stop.clone(), seed })
+    }
+}
+
+/// A chat conversation as the simulator's prompt text.
+fn render_chat(messages: &[pb::ChatMessage]) -> String {
+    let mut out = String::new();
+    for m in messages {
+        out.push_str(&m.role);
+        out.push_str(": ");
+        out.push_str(&m.content);
+        out.push('\n');
+    }
+    out.push_str("assistant:");
+    out
+}
+
 impl SimBackend {
     /// A simulated host and the channel its instance events arrive on.
     pub fn new(config: SimConfig) -> (SimBackend, mpsc::UnboundedReceiver<InstanceEvent>) {
@@ -230,9 +338,17 @@ impl SimBackend {
         })
     }
 
-    async fn run_request(&self, req: Job, tx: mpsc::Sender<Output>) {
+    async fn run_request(&self, job: Job, tx: mpsc::Sender<Output>) {
+        let instance_id = job.instance_id.clone();
+        let req = match SimRequest::from_job(&job) {
+            Ok(r) => r,
+            Err(f) => {
+                let _ = tx.send(Output::Error(f)).await;
+                return;
+            }
+        };
         let admitted = self.with_state(|s| {
-            let inst = s.instances.get_mut(&req.instance_id)?;
+            let inst = s.instances.get_mut(&instance_id)?;
             if inst.phase != Phase::Ready {
                 return None;
             }
@@ -242,7 +358,9 @@ impl SimBackend {
         });
         let Some(cancel) = admitted else {
             let _ = tx
-                .send(Output::Error(format!("instance {} is not serving", req.instance_id)))
+                .send(Output::Error(Failure::unavailable(format!(
+                    "instance {instance_id} is not serving"
+                ))))
                 .await;
             return;
         };
@@ -261,7 +379,7 @@ impl SimBackend {
                 )
                 .await?;
                 let crashed = self.with_state(|s| {
-                    let inst = s.instances.get_mut(&req.instance_id)?;
+                    let inst = s.instances.get_mut(&instance_id)?;
                     inst.tokens += 1;
                     Some(self.config.crash_after_tokens.is_some_and(|n| inst.tokens >= n))
                 });
@@ -275,7 +393,7 @@ impl SimBackend {
                 if req.stop.iter().any(|s| !s.is_empty() && text.contains(s.as_str())) {
                     return Ok(Finish::Stop);
                 }
-                if tx.send(Output::Text { text: token, tokens: 1 }).await.is_err() {
+                if tx.send(Output::text(token, 1)).await.is_err() {
                     return Err("cancelled".to_string());
                 }
                 produced += 1;
@@ -285,7 +403,7 @@ impl SimBackend {
         .await;
         self.with_state(|s| {
             s.running_requests = s.running_requests.saturating_sub(1);
-            if let Some(inst) = s.instances.get_mut(&req.instance_id) {
+            if let Some(inst) = s.instances.get_mut(&instance_id) {
                 inst.in_flight = inst.in_flight.saturating_sub(1);
             }
         });
@@ -296,13 +414,13 @@ impl SimBackend {
                     .await;
             }
             Err(reason) => {
-                if reason == "simulated crash" && self.remove(&req.instance_id).is_some() {
+                if reason == "simulated crash" && self.remove(&instance_id).is_some() {
                     self.emit(InstanceEvent::Failed {
-                        instance_id: req.instance_id.clone(),
+                        instance_id: instance_id.clone(),
                         reason: format!("crashed after {produced} tokens (simulated)"),
                     });
                 }
-                let _ = tx.send(Output::Error(reason)).await;
+                let _ = tx.send(Output::Error(Failure::unavailable(reason))).await;
             }
         }
     }
@@ -515,7 +633,37 @@ mod tests {
     }
 
     fn job(instance: &str, prompt: &str, max_tokens: u32, seed: u64) -> Job {
-        Job { instance_id: instance.into(), prompt: prompt.into(), max_tokens, stop: vec![], seed }
+        Job {
+            instance_id: instance.into(),
+            input: Input::Prompt(prompt.into()),
+            params: pb::SamplingParams { max_tokens, seed: Some(seed), ..Default::default() },
+            openai: None,
+        }
+    }
+
+    #[test]
+    fn the_simulator_refuses_what_it_cannot_honour() {
+        let mut j = job("i", "p", 4, 1);
+        j.params.top_k = Some(5);
+        let f = SimRequest::from_job(&j).expect_err("top_k");
+        assert_eq!(f.kind, crate::backend::FailureKind::Invalid);
+        assert!(f.message.contains("top_k"), "{}", f.message);
+        let mut j = job("i", "p", 4, 1);
+        j.openai = Some(pb::OpenAiRequest {
+            body: r#"{"model": "m", "prompt": "p", "logit_bias": {"5": 1}}"#.into(),
+            ..Default::default()
+        });
+        let f = SimRequest::from_job(&j).expect_err("logit_bias");
+        assert!(f.message.contains("logit_bias"), "{}", f.message);
+        // Temperature 0 is greedy: the same text whatever the seed.
+        let mut a = job("i", "p", 4, 1);
+        a.params.temperature = Some(0.0);
+        let mut b = a.clone();
+        b.params.seed = Some(2);
+        assert_eq!(
+            SimRequest::from_job(&a).map(|r| r.seed),
+            SimRequest::from_job(&b).map(|r| r.seed)
+        );
     }
 
     fn spec(id: &str, model: &str, gpus: &[u32]) -> StartSpec {
@@ -620,7 +768,7 @@ mod tests {
             }
         }
         assert_eq!(tokens, 2, "the third token never arrives");
-        assert_eq!(last, Some(Output::Error("simulated crash".into())));
+        assert_eq!(last, Some(Output::Error(Failure::unavailable("simulated crash"))));
         assert!(matches!(events.recv().await, Some(InstanceEvent::Failed { .. })));
     }
 

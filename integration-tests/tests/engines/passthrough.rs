@@ -1,0 +1,250 @@
+//! The OpenAI path to an engine, against `sllm sim-engine` (which records what it receives):
+//! the client's body reaches the engine intact, the engine's events come back as they are, and
+//! the engine's failures are sorted — a refusal is the client's 400 and never retried, an error
+//! event ends the stream with an error, a stalled engine meets the idle limit.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use sllm_api::v1 as pb;
+use tonic::Code;
+
+use super::*;
+
+/// POSTs `body` to Dispatch's `path`; the status and the raw response body.
+async fn post(c: &Cluster, path: &str, body: &Value) -> (u16, String) {
+    let o = tokio::process::Command::new("curl")
+        .args(["-s", "-N", "--max-time", "20", "-w", "\n%{http_code}"])
+        .args(["-H", "Content-Type: application/json", "-d", &body.to_string()])
+        .arg(format!("{}{path}", c.dispatch.openai_base().trim_end_matches("/v1")))
+        .output()
+        .await
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let (body, status) = out.rsplit_once('\n').unwrap();
+    (status.trim().parse().unwrap(), body.to_string())
+}
+
+/// The JSON payloads of a server-sent event stream.
+fn events(sse: &str) -> Vec<String> {
+    sse.lines().filter_map(|l| l.strip_prefix("data: ")).map(str::to_string).collect()
+}
+
+async fn ready_engine(c: &Cluster, w: &EngineWorker) -> String {
+    let inst = instance(c, "m", InstanceStatus::Ready).await;
+    let endpoint = w.backend.endpoint(&inst.instance_id).unwrap();
+    // Dispatch routes once the ready event has reached it.
+    eventually(Duration::from_secs(10), "routable", || async {
+        let (status, _) = post(
+            c,
+            "/v1/completions",
+            &json!({"model": "m", "prompt": "warm up", "max_tokens": 1}),
+        )
+        .await;
+        (status == 200).then_some(())
+    })
+    .await
+    .unwrap();
+    endpoint
+}
+
+async fn engine_json(endpoint: &str, path: &str) -> Value {
+    serde_json::from_str(&curl(&format!("{endpoint}{path}")).await.unwrap()).unwrap()
+}
+
+#[tokio::test]
+async fn an_openai_body_reaches_the_engine_intact_and_its_events_come_back() {
+    let c = cluster().await;
+    let w = engine_worker(&c, "", Duration::from_secs(20)).await;
+    deploy(&c, "m").await;
+    let endpoint = ready_engine(&c, &w).await;
+
+    // Every field the client sends reaches the engine as it was sent, engine extras included.
+    let body = json!({
+        "model": "m",
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "hello"}, {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]},
+        ],
+        "max_tokens": 4,
+        "seed": 7,
+        "temperature": 0.5,
+        "top_k": 40,
+        "min_p": 0.05,
+        "logit_bias": {"50256": -100},
+        "logprobs": true,
+        "top_logprobs": 2,
+        "response_format": {"type": "json_object"},
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+        "tool_choice": "auto",
+        "guided_json": {"type": "object"},
+        "user": "u-1",
+    });
+    let (status, answer) = post(&c, "/v1/chat/completions", &body).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(engine_json(&endpoint, "/debug/last-request").await, body);
+    let answer: Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(answer["object"], "chat.completion");
+    assert_eq!(answer["model"], "m");
+    assert!(answer["id"].as_str().unwrap().starts_with("chatcmpl-"), "{answer}");
+    assert_eq!(answer["usage"]["completion_tokens"], 4);
+    let text = answer["choices"][0]["message"]["content"].as_str().unwrap();
+    assert_eq!(text.split_whitespace().count(), 4, "{text}");
+
+    // A stream: the engine is asked for usage (sllm counts tokens from it), the client gets
+    // it only if it asked; every event carries one id.
+    let mut body =
+        json!({"model": "m", "prompt": "hello engine", "max_tokens": 5, "seed": 7, "stream": true});
+    let (status, sse) = post(&c, "/v1/completions", &body).await;
+    assert_eq!(status, 200, "{sse}");
+    body["stream_options"] = json!({"include_usage": true});
+    assert_eq!(engine_json(&endpoint, "/debug/last-request").await, body);
+    let payloads = events(&sse);
+    assert_eq!(payloads.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> =
+        payloads[..payloads.len() - 1].iter().map(|p| serde_json::from_str(p).unwrap()).collect();
+    assert!(chunks.iter().all(|ch| ch.get("usage").is_none()), "no usage unasked: {sse}");
+    let ids: std::collections::HashSet<&str> =
+        chunks.iter().map(|ch| ch["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), 1, "one id: {sse}");
+    let text: String = chunks.iter().filter_map(|ch| ch["choices"][0]["text"].as_str()).collect();
+    let expected: String = (0..5).map(|i| worker::sim::token_text(7, "hello engine", i)).collect();
+    assert_eq!(text, expected);
+    assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], "length");
+
+    // Asked for: the engine's usage event, last before [DONE].
+    let (_, sse) = post(&c, "/v1/completions", &body).await;
+    let payloads = events(&sse);
+    let usage: Value = serde_json::from_str(&payloads[payloads.len() - 2]).unwrap();
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"]["completion_tokens"], 5);
+
+    // A chat stream: the engine's role event first, its content, its finish.
+    let (_, sse) = post(
+        &c,
+        "/v1/chat/completions",
+        &json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": true}),
+    )
+    .await;
+    let chunks: Vec<Value> = events(&sse)
+        .iter()
+        .filter(|p| *p != "[DONE]")
+        .map(|p| serde_json::from_str(p).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant", "{sse}");
+    assert_eq!(chunks.iter().filter(|ch| ch["choices"][0]["delta"]["role"].is_string()).count(), 1);
+    assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], "length");
+}
+
+#[tokio::test]
+async fn an_engine_refusal_is_the_clients_error_and_is_not_retried() {
+    let c = cluster().await;
+    let w = engine_worker(&c, "--max-model-len 50", Duration::from_secs(20)).await;
+    deploy(&c, "m").await;
+    let endpoint = ready_engine(&c, &w).await;
+    let before: u64 = curl(&format!("{endpoint}/debug/requests")).await.unwrap().parse().unwrap();
+
+    let long = json!({"model": "m", "prompt": "hello", "max_tokens": 100, "stream": true});
+    let (status, answer) = post(&c, "/v1/completions", &long).await;
+    assert_eq!(status, 400, "{answer}");
+    let answer: Value = serde_json::from_str(&answer).unwrap();
+    let message = answer["error"]["message"].as_str().unwrap();
+    assert!(message.contains("maximum context length is 50"), "the engine's words: {message}");
+    let after: u64 = curl(&format!("{endpoint}/debug/requests")).await.unwrap().parse().unwrap();
+    assert_eq!(after - before, 1, "a refused request is not retried");
+
+    // Over gRPC: INVALID_ARGUMENT with the engine's message.
+    let mut client = c.dispatch.client().await.unwrap();
+    let err = client.generate(request("m", 100)).await.unwrap().into_inner().message().await;
+    let err = err.expect_err("refused");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("maximum context length"), "{}", err.message());
+
+    // Refusals say nothing about the worker: its requests keep being served at once.
+    for _ in 0..5 {
+        let _ = post(&c, "/v1/completions", &long).await;
+    }
+    let (status, _) =
+        post(&c, "/v1/completions", &json!({"model": "m", "prompt": "hi", "max_tokens": 3})).await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn an_error_event_inside_a_stream_ends_it_with_an_error() {
+    let c = cluster().await;
+    let w = engine_worker(&c, "--error-after-tokens 3", Duration::from_secs(20)).await;
+    deploy(&c, "m").await;
+    let _ = w;
+    instance(&c, "m", InstanceStatus::Ready).await;
+    let mut client = c.dispatch.client().await.unwrap();
+    let mut s = eventually(Duration::from_secs(10), "routed", || async {
+        let mut client = c.dispatch.client().await.ok()?;
+        client.generate(request("m", 10)).await.ok().map(|r| r.into_inner())
+    })
+    .await
+    .unwrap();
+    let mut tokens = 0;
+    let err = loop {
+        match s.message().await {
+            Ok(Some(pb::GenerateEvent { event: Some(pb::generate_event::Event::Chunk(ch)) })) => {
+                tokens += ch.tokens
+            }
+            Ok(Some(pb::GenerateEvent { event: Some(pb::generate_event::Event::Finished(f)) })) => {
+                panic!("a normal finish after an engine error: {f:?}")
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("the stream ended without an error"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(tokens, 3);
+    assert_eq!(err.code(), Code::Internal, "{err:?}");
+    assert!(err.message().contains("simulated failure during generation"), "{}", err.message());
+
+    // Over HTTP: the engine's error event, and no finish_reason.
+    let (status, sse) = post(
+        &c,
+        "/v1/completions",
+        &json!({"model": "m", "prompt": "p", "max_tokens": 10, "stream": true}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let payloads = events(&sse);
+    let error = payloads.iter().find(|p| p.contains("\"error\"")).expect("an error event");
+    assert!(error.contains("simulated failure during generation"), "{sse}");
+    assert!(!sse.contains("\"finish_reason\":\"length\""), "{sse}");
+    drop(client);
+}
+
+#[tokio::test]
+async fn a_stalled_engine_meets_the_idle_limit_with_a_clear_error() {
+    let c = cluster().await;
+    let _w = engine_worker_with(&c, "--stall-after-tokens 2", |ec| {
+        ec.ready_timeout = Duration::from_secs(20);
+        ec.idle_timeout = Duration::from_millis(700);
+    })
+    .await;
+    deploy(&c, "m").await;
+    instance(&c, "m", InstanceStatus::Ready).await;
+    let mut s = eventually(Duration::from_secs(10), "routed", || async {
+        let mut client = c.dispatch.client().await.ok()?;
+        client.generate(request("m", 10)).await.ok().map(|r| r.into_inner())
+    })
+    .await
+    .unwrap();
+    let t0 = std::time::Instant::now();
+    let err = loop {
+        match s.message().await {
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("the stream ended without an error"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    assert!(err.message().contains("within 700 ms"), "{}", err.message());
+    assert!(t0.elapsed() < Duration::from_secs(5), "the limit, not a hang");
+    // The engine still answers its health check: the instance stays.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let ready = c.store.model_instances("m").await.unwrap();
+    assert!(ready.iter().any(|i| i.status == InstanceStatus::Ready), "{ready:?}");
+}
