@@ -14,6 +14,7 @@ use sllm_integration_tests::{
 use tonic::Code;
 use worker::engine::{EngineBackend, EngineConfig, EngineKind};
 
+mod llamacpp;
 mod passthrough;
 
 struct Cluster {

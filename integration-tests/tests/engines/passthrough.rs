@@ -172,11 +172,9 @@ async fn an_engine_refusal_is_the_clients_error_and_is_not_retried() {
 #[tokio::test]
 async fn an_error_event_inside_a_stream_ends_it_with_an_error() {
     let c = cluster().await;
-    let w = engine_worker(&c, "--error-after-tokens 3", Duration::from_secs(20)).await;
+    let _w = engine_worker(&c, "--error-after-tokens 3", Duration::from_secs(20)).await;
     deploy(&c, "m").await;
-    let _ = w;
     instance(&c, "m", InstanceStatus::Ready).await;
-    let mut client = c.dispatch.client().await.unwrap();
     let mut s = eventually(Duration::from_secs(10), "routed", || async {
         let mut client = c.dispatch.client().await.ok()?;
         client.generate(request("m", 10)).await.ok().map(|r| r.into_inner())
@@ -213,7 +211,6 @@ async fn an_error_event_inside_a_stream_ends_it_with_an_error() {
     let error = payloads.iter().find(|p| p.contains("\"error\"")).expect("an error event");
     assert!(error.contains("simulated failure during generation"), "{sse}");
     assert!(!sse.contains("\"finish_reason\":\"length\""), "{sse}");
-    drop(client);
 }
 
 #[tokio::test]

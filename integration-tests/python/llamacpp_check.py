@@ -1,0 +1,118 @@
+"""The official `openai` client against sllm with a real llama.cpp server behind it, compared
+with the same llama-server called directly.
+
+Usage: llamacpp_check.py SLLM_BASE_URL DIRECT_BASE_URL MODEL
+Exits non-zero (with the failed check) on the first mismatch.
+"""
+import json
+import sys
+import time
+
+import openai
+
+sllm_base, direct_base, model = sys.argv[1], sys.argv[2], sys.argv[3]
+sllm = openai.OpenAI(base_url=sllm_base, api_key="unused", max_retries=0, timeout=60)
+direct = openai.OpenAI(base_url=direct_base, api_key="unused", max_retries=0, timeout=60)
+GREEDY = {"temperature": 0, "seed": 7}
+
+
+def check(cond, what):
+    if not cond:
+        print(f"FAILED: {what}")
+        sys.exit(1)
+    print(f"ok: {what}")
+
+
+def chat(client, content, **kw):
+    return client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": content}], **kw
+    )
+
+
+# A cold start from zero: the first request waits for an instance, then is answered.
+t0 = time.monotonic()
+first = chat(sllm, "Hello there", max_tokens=8, **GREEDY)
+check(first.choices[0].message.content is not None, f"cold start answered in {time.monotonic() - t0:.2f} s")
+
+# Chat goes to the engine's chat endpoint: its template applies, so the prompt token count is
+# the engine's own count for the templated conversation, and the text is the engine's.
+a = chat(sllm, "Tell me a story", max_tokens=24, **GREEDY)
+b = chat(direct, "Tell me a story", max_tokens=24, **GREEDY)
+check(a.choices[0].message.content == b.choices[0].message.content, "greedy chat text is the engine's own")
+check(a.usage.prompt_tokens == b.usage.prompt_tokens, f"chat prompt tokens are the templated count ({a.usage.prompt_tokens})")
+plain = direct.completions.create(model=model, prompt="Tell me a story", max_tokens=1, **GREEDY)
+check(a.usage.prompt_tokens > plain.usage.prompt_tokens, "the chat template added its role markers")
+check(a.choices[0].finish_reason == b.choices[0].finish_reason, "chat finish_reason is the engine's")
+check(a.model == model and a.id.startswith("chatcmpl-"), "id and model are sllm's")
+again = chat(sllm, "Tell me a story", max_tokens=24, **GREEDY)
+check(again.choices[0].message.content == a.choices[0].message.content, "temperature 0 with a seed gives the same text twice")
+
+# Streamed chat: the same text, the engine's events.
+text, finish, usage, ids = "", None, None, set()
+for chunk in chat(sllm, "Tell me a story", max_tokens=24, stream=True, stream_options={"include_usage": True}, **GREEDY):
+    ids.add(chunk.id)
+    if chunk.usage:
+        usage = chunk.usage
+    for ch in chunk.choices:
+        text += ch.delta.content or ""
+        finish = ch.finish_reason or finish
+check(text == b.choices[0].message.content, "streamed chat text is the engine's")
+check(finish == b.choices[0].finish_reason, "streamed chat finish_reason")
+check(usage is not None and usage.prompt_tokens == b.usage.prompt_tokens, "streamed chat usage, when asked for")
+check(len(ids) == 1, "one id across the stream")
+no_usage = list(chat(sllm, "Tell me a story", max_tokens=4, stream=True, **GREEDY))
+check(all(c.usage is None for c in no_usage), "no usage event unasked")
+
+# Completions: non-streamed and streamed, the engine's text.
+ca = sllm.completions.create(model=model, prompt="Once upon a time", max_tokens=16, **GREEDY)
+cb = direct.completions.create(model=model, prompt="Once upon a time", max_tokens=16, **GREEDY)
+check(ca.choices[0].text == cb.choices[0].text, "completion text is the engine's")
+check(ca.usage.prompt_tokens == cb.usage.prompt_tokens and ca.usage.completion_tokens == cb.usage.completion_tokens, "completion usage is the engine's")
+streamed = "".join(
+    c.choices[0].text for c in sllm.completions.create(model=model, prompt="Once upon a time", max_tokens=16, stream=True, **GREEDY) if c.choices
+)
+check(streamed == cb.choices[0].text, "streamed completion text is the engine's")
+
+# Log-probabilities come back, as the engine computed them.
+la = chat(sllm, "Hi", max_tokens=4, logprobs=True, top_logprobs=2, **GREEDY)
+lb = chat(direct, "Hi", max_tokens=4, logprobs=True, top_logprobs=2, **GREEDY)
+check(la.choices[0].logprobs is not None and len(la.choices[0].logprobs.content) > 0, "chat logprobs come back")
+check([t.token for t in la.choices[0].logprobs.content] == [t.token for t in lb.choices[0].logprobs.content], "chat logprob tokens are the engine's")
+check(all(len(t.top_logprobs) == 2 for t in la.choices[0].logprobs.content), "top_logprobs as asked")
+cl = sllm.completions.create(model=model, prompt="Hi", max_tokens=4, logprobs=2, **GREEDY)
+check(cl.choices[0].logprobs is not None, "completion logprobs come back")
+
+# response_format reaches the engine (its grammar constrains the output the same way).
+ra = chat(sllm, "Give me JSON", max_tokens=16, response_format={"type": "json_object"}, **GREEDY)
+rb = chat(direct, "Give me JSON", max_tokens=16, response_format={"type": "json_object"}, **GREEDY)
+check(ra.choices[0].message.content == rb.choices[0].message.content, "response_format output is the engine's")
+check(ra.choices[0].message.content.lstrip().startswith("{"), "the JSON grammar applied")
+
+# A prompt over the context length: the engine's 400 and message, streamed or not.
+long_prompt = "hello " * 3000
+for stream in (False, True):
+    try:
+        r = sllm.completions.create(model=model, prompt=long_prompt, max_tokens=4, stream=stream)
+        if stream:
+            list(r)
+        check(False, f"an over-long prompt is refused (stream={stream})")
+    except openai.BadRequestError as e:
+        check(e.status_code == 400, f"an over-long prompt is a 400 (stream={stream})")
+        check("context" in str(e).lower(), f"with the engine's message (stream={stream}): {str(e)[:160]}")
+
+# Non-ASCII text arrives byte-exact: find a greedy answer with non-ASCII characters, then stream it.
+found = None
+for i in range(40):
+    prompt = f"Write in another language, attempt {i}"
+    want = direct.completions.create(model=model, prompt=prompt, max_tokens=48, **GREEDY).choices[0].text
+    if any(ord(ch) > 127 for ch in want):
+        found = (prompt, want)
+        break
+check(found is not None, "a greedy answer with non-ASCII characters exists")
+prompt, want = found
+got = "".join(
+    c.choices[0].text for c in sllm.completions.create(model=model, prompt=prompt, max_tokens=48, stream=True, **GREEDY) if c.choices
+)
+check(got == want, f"non-ASCII text arrives byte-exact ({json.dumps(want)[:80]})")
+
+print("all llama.cpp checks passed")

@@ -1,0 +1,287 @@
+//! A real engine: llama.cpp's `llama-server` (built by `scripts/install-llama-server`) with a
+//! tiny generated GGUF model (`scripts/tiny-gguf.py`: random weights, a real 32k SentencePiece
+//! tokenizer, a ChatML chat template), behind the real `sllm worker --backend engine --engine
+//! llamacpp`, driven with the official `openai` client and compared with the same llama-server
+//! called directly; then the engine killed mid-stream, and hung.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use super::*;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// The llama-server binary: `SLLM_LLAMA_SERVER`, else whatever `scripts/install-llama-server`
+/// prints (it builds the binary once and keeps it in a cache outside the clone).
+fn llama_server() -> PathBuf {
+    if let Ok(p) = std::env::var("SLLM_LLAMA_SERVER") {
+        return PathBuf::from(p);
+    }
+    let o = std::process::Command::new(repo().join("scripts/install-llama-server"))
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("scripts/install-llama-server runs");
+    assert!(o.status.success(), "scripts/install-llama-server failed");
+    let out = String::from_utf8_lossy(&o.stdout);
+    PathBuf::from(out.lines().last().expect("it prints the binary's path").trim())
+}
+
+/// Writes the tiny model as `dir/tiny.gguf`.
+fn tiny_model(server: &Path, dir: &Path) -> PathBuf {
+    let cache = server.parent().unwrap().parent().unwrap();
+    let out = dir.join("tiny.gguf");
+    let status = std::process::Command::new(sllm_integration_tests::python().unwrap())
+        .arg(repo().join("scripts/tiny-gguf.py"))
+        .arg("--vocab")
+        .arg(cache.join("models/ggml-vocab-llama-spm.gguf"))
+        .arg("--out")
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success(), "tiny-gguf.py failed");
+    out
+}
+
+/// pids of llama-server processes serving `models`' tiny model, but `except`.
+async fn engine_pids(models: &Path, except: u32) -> Vec<u32> {
+    let o =
+        tokio::process::Command::new("pgrep").args(["-x", "llama-server"]).output().await.unwrap();
+    let model = models.join("tiny.gguf").display().to_string();
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter_map(|l| l.trim().parse::<u32>().ok())
+        .filter(|p| *p != except)
+        .filter(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&model))
+        })
+        .collect()
+}
+
+async fn deploy_tiny(registry: &Served) -> Result<(), tonic::Status> {
+    let mut client =
+        pb::model_registry_client::ModelRegistryClient::new(registry.channel().await.unwrap());
+    let config = serde_json::json!({
+        "pretrained_model_name_or_path": "tiny.gguf",
+        "parallel": 1,
+        "threads": 1,
+        "ctx_size": 1024,
+    });
+    client
+        .deploy(pb::DeployRequest {
+            spec: Some(pb::DeploymentSpec {
+                model: "tiny".into(),
+                backend: "llamacpp".into(),
+                num_gpus: 1,
+                auto_scaling_config: Some(pb::AutoScalingConfig {
+                    metric: "concurrency".into(),
+                    target: 1.0,
+                    min_instances: 0,
+                    max_instances: 1,
+                    keep_alive: 300,
+                }),
+                backend_config: Some(sllm_api::json::json_to_struct(&config)),
+            }),
+        })
+        .await
+        .map(|_| ())
+}
+
+#[tokio::test]
+async fn a_real_llama_cpp_server_behind_sllm_answers_as_it_does_alone() {
+    let server = llama_server();
+    let models = tempfile::tempdir().unwrap();
+    let model = tiny_model(&server, models.path());
+    let c = cluster().await;
+    let registry = Served::model_registry(c.store.clone()).await.unwrap();
+
+    // backend_config is checked against llama.cpp's own flags at deploy time.
+    let mut client =
+        pb::model_registry_client::ModelRegistryClient::new(registry.channel().await.unwrap());
+    let bad = serde_json::json!({"ctx_size": 1024, "torch_dtype": "float16"});
+    let err = client
+        .deploy(pb::DeployRequest {
+            spec: Some(pb::DeploymentSpec {
+                model: "bad".into(),
+                backend: "llamacpp".into(),
+                num_gpus: 1,
+                auto_scaling_config: None,
+                backend_config: Some(sllm_api::json::json_to_struct(&bad)),
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("spec.backend_config.torch_dtype"), "{}", err.message());
+    deploy_tiny(&registry).await.unwrap();
+
+    // The same server, called directly, for comparison.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let line = format!(
+        "exec {} -m {} --alias tiny --host 127.0.0.1 --port {port} --parallel 1 --threads 1 --ctx-size 1024 2>&1",
+        server.display(),
+        model.display()
+    );
+    let mut direct = Proc::spawn(
+        std::process::Command::new("sh").arg("-c").arg(line),
+        "listening on http",
+        Duration::from_secs(20),
+    )
+    .unwrap();
+    let direct_pid = direct.pid();
+
+    // The real agent, with llama-server on its PATH.
+    let path = format!(
+        "{}:{}",
+        server.parent().unwrap().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let (agent, _) = Proc::sllm(
+        &[
+            "worker",
+            "--backend",
+            "engine",
+            "--engine",
+            "llamacpp",
+            "--registry",
+            &c.registry.endpoint(),
+            "--node-id",
+            "llama-host",
+            "--address",
+            "10.0.0.7",
+            "--gpus",
+            "1",
+            "--model-dir",
+            &models.path().display().to_string(),
+            "--engine-first-byte-timeout-s",
+            "3",
+            "--engine-idle-timeout-s",
+            "2",
+            "--stop-grace-s",
+            "1",
+        ],
+        &[("SLLM_JOIN_SECRET", JOIN_SECRET), ("PATH", &path), ("RUST_LOG", "info")],
+        "started",
+    )
+    .unwrap();
+
+    // The official client, through sllm and directly.
+    let out = tokio::process::Command::new(sllm_integration_tests::python().unwrap())
+        .arg(repo().join("integration-tests/python/llamacpp_check.py"))
+        .arg(c.dispatch.openai_base())
+        .arg(format!("http://127.0.0.1:{port}/v1"))
+        .arg("tiny")
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("all llama.cpp checks passed"),
+        "{stdout}\n{}\nthe agent said:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        agent.output()
+    );
+    // The over-long prompts were refused once each, never retried.
+    let metrics = telemetry::metrics::gather();
+    let retried = metrics.lines().any(|l| {
+        l.starts_with("sllm_dispatch_retries_total{")
+            && l.contains("\"tiny\"")
+            && !l.ends_with(" 0")
+    });
+    assert!(!retried, "no request to the engine was retried:\n{metrics}");
+
+    // The engine killed mid-stream: the client's stream ends with an error, not a finish, and
+    // the Scaler puts a new engine in its place.
+    let killed = engine_pids(models.path(), direct_pid).await;
+    assert_eq!(killed.len(), 1, "one engine runs for sllm: {killed:?}");
+    let body = serde_json::json!({"model": "tiny", "prompt": "Go on", "max_tokens": 900, "stream": true, "ignore_eos": true});
+    let mut curl = tokio::process::Command::new("curl")
+        .args(["-sN", "--max-time", "30", "-H", "Content-Type: application/json", "-d"])
+        .arg(body.to_string())
+        .arg(format!("{}/completions", c.dispatch.openai_base()))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(curl.stdout.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    while let Some(l) = lines.next_line().await.unwrap() {
+        let data = l.starts_with("data: {");
+        seen.push(l);
+        if data {
+            break;
+        }
+    }
+    assert!(!seen.is_empty(), "the stream started");
+    let _ =
+        tokio::process::Command::new("kill").args(["-KILL", &killed[0].to_string()]).status().await;
+    while let Some(l) = lines.next_line().await.unwrap() {
+        seen.push(l);
+    }
+    let tail = seen.join("\n");
+    assert!(tail.contains("\"error\""), "the stream ends with an error event:\n{tail:.2000}");
+    assert!(!tail.contains("\"finish_reason\":\"length\""), "not a normal finish:\n{tail:.2000}");
+    let replaced = eventually(Duration::from_secs(20), "a new engine", || async {
+        let pids = engine_pids(models.path(), direct_pid).await;
+        (pids.len() == 1 && pids[0] != killed[0]).then(|| pids[0])
+    })
+    .await
+    .unwrap();
+    let answered = |max_tokens: u32| {
+        let c = &c;
+        async move {
+            let mut client = c.dispatch.client().await.ok()?;
+            let req = pb::GenerateRequest {
+                model: "tiny".into(),
+                input: Some(pb::generate_request::Input::Prompt("Hello".into())),
+                params: Some(pb::SamplingParams { max_tokens, ..Default::default() }),
+                progress: false,
+                timeout_ms: 20_000,
+            };
+            let mut s = client.generate(req).await.ok()?.into_inner();
+            loop {
+                match s.message().await {
+                    Ok(Some(pb::GenerateEvent {
+                        event: Some(pb::generate_event::Event::Finished(_)),
+                    })) => {
+                        return Some(Ok(()));
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) => return None,
+                    Err(e) => return Some(Err(e)),
+                }
+            }
+        }
+    };
+    eventually(Duration::from_secs(20), "the new engine serves", || async {
+        answered(4).await.and_then(Result::ok)
+    })
+    .await
+    .unwrap();
+
+    // A hung engine: the request meets the first-byte limit with a clear error, the engine then
+    // fails its health check and is replaced.
+    let _ =
+        tokio::process::Command::new("kill").args(["-STOP", &replaced.to_string()]).status().await;
+    let t0 = std::time::Instant::now();
+    let err = answered(4).await.expect("an answer").expect_err("a hung engine cannot finish");
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    assert!(err.message().contains("within 3000 ms"), "{}", err.message());
+    assert!(t0.elapsed() < Duration::from_secs(10), "the limit, not a hang: {:?}", t0.elapsed());
+    eventually(Duration::from_secs(30), "the hung engine replaced and serving", || async {
+        let pids = engine_pids(models.path(), direct_pid).await;
+        if pids.contains(&replaced) {
+            return None;
+        }
+        answered(4).await.and_then(Result::ok)
+    })
+    .await
+    .unwrap();
+    let _ =
+        tokio::process::Command::new("kill").args(["-KILL", &replaced.to_string()]).status().await;
+    direct.kill();
+}
