@@ -532,17 +532,29 @@ impl Leader {
                 .map(|i| policy::load_estimate(w, &i.model, default_size).0)
                 .sum()
         };
-        let candidate = policy::place(
-            view.workers
-                .values()
-                .filter(|w| w.status == WorkerStatus::Ready && !avoid.contains(&w.worker_id)),
-            model,
-            d.spec.num_gpus,
-            fallback,
-            |w| w.free_gpus.clone(),
-            queue,
-            |w| view.replicas_on(&w.worker_id, model),
-        );
+        // A worker an instance just failed on is avoided while another can take the model;
+        // when none can, it gets the replacement after all (failed starts back off on their own).
+        let mut candidate = None;
+        for skip_avoided in [true, false] {
+            if !skip_avoided && avoid.is_empty() {
+                break;
+            }
+            candidate = policy::place(
+                view.workers.values().filter(|w| {
+                    w.status == WorkerStatus::Ready
+                        && !(skip_avoided && avoid.contains(&w.worker_id))
+                }),
+                model,
+                d.spec.num_gpus,
+                fallback,
+                |w| w.free_gpus.clone(),
+                queue,
+                |w| view.replicas_on(&w.worker_id, model),
+            );
+            if candidate.is_some() {
+                break;
+            }
+        }
         let Some(c) = candidate else { return Ok(None) };
         let (worker, gpus, estimate, tier) =
             (c.worker.worker_id.clone(), c.gpus.clone(), c.estimate, c.tier);
