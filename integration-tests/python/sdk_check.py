@@ -37,6 +37,17 @@ with sllm.Client(endpoint) as client:
     chat = client.complete("sdk-model", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
     check(len(chat.split()) == 3, "chat input")
 
+    try:
+        list(client.generate("sdk-model", "hello", max_tokens=2, top_k=5))
+        check(False, "the simulator refuses top_k")
+    except sllm.SllmError as e:
+        check(e.code == grpc.StatusCode.INVALID_ARGUMENT and "top_k" in e.message, "sampling the backend cannot honour is refused, naming it")
+    try:
+        list(client.generate("sdk-model", "hello", colour=1))
+        check(False, "an unknown sampling parameter is refused")
+    except TypeError as e:
+        check("colour" in str(e), "an unknown sampling parameter is refused")
+
     updated = client.update("sdk-model", max_instances=2)
     check(updated.spec.auto_scaling_config.max_instances == 2, "update")
     check(client.status("sdk-model").desired >= 1, "status")

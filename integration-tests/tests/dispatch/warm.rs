@@ -135,3 +135,31 @@ async fn two_dispatch_replicas_serve_the_same_models() {
         assert_eq!(out.text, expected_text(7, "both", 4));
     }
 }
+
+/// The simulator refuses what it cannot honour, naming the field; nothing is retried and the
+/// worker stays in service.
+#[tokio::test]
+async fn the_simulator_refuses_sampling_it_cannot_honour() {
+    let c = Cluster::start().await;
+    let _w = c.worker("w1", fast_sim()).await;
+    c.deploy("m", 1, 1).await;
+    c.ready("m", 1).await;
+    sllm_integration_tests::eventually(Duration::from_secs(10), "a served request", || async {
+        generate(&c, prompt("m", "hi", 2)).await.ok()?.finished
+    })
+    .await
+    .unwrap();
+    let mut r = prompt("m", "hi", 4);
+    r.params.as_mut().unwrap().top_k = Some(5);
+    let out = generate(&c, r).await.unwrap();
+    let err = out.error.expect("refused");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("top_k"), "{}", err.message());
+    for _ in 0..5 {
+        let mut r = prompt("m", "hi", 4);
+        r.params.as_mut().unwrap().logprobs = true;
+        assert!(generate(&c, r).await.unwrap().error.is_some());
+    }
+    let ok = generate(&c, prompt("m", "hi", 4)).await.unwrap();
+    assert!(ok.finished.is_some(), "the worker still serves: {:?}", ok.error);
+}

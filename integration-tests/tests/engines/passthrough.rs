@@ -245,3 +245,79 @@ async fn a_stalled_engine_meets_the_idle_limit_with_a_clear_error() {
     let ready = c.store.model_instances("m").await.unwrap();
     assert!(ready.iter().any(|i| i.status == InstanceStatus::Ready), "{ready:?}");
 }
+
+#[tokio::test]
+async fn grpc_sampling_parameters_reach_the_engine_and_logprobs_come_back() {
+    let c = cluster().await;
+    let w = engine_worker(&c, "", Duration::from_secs(20)).await;
+    deploy(&c, "m").await;
+    let endpoint = ready_engine(&c, &w).await;
+    let mut client = c.dispatch.client().await.unwrap();
+    let req = pb::GenerateRequest {
+        model: "m".into(),
+        input: Some(pb::generate_request::Input::Chat(pb::ChatMessages {
+            messages: vec![pb::ChatMessage { role: "user".into(), content: "hi".into() }],
+        })),
+        params: Some(pb::SamplingParams {
+            max_tokens: 3,
+            temperature: Some(0.5),
+            top_p: Some(0.9),
+            top_k: Some(20),
+            min_p: Some(0.05),
+            presence_penalty: Some(0.5),
+            frequency_penalty: Some(0.25),
+            repetition_penalty: Some(1.5),
+            stop: vec!["END".into()],
+            seed: Some(11),
+            logprobs: true,
+            top_logprobs: 2,
+            json_schema: r#"{"type": "object"}"#.into(),
+            regex: String::new(),
+        }),
+        progress: false,
+        timeout_ms: 10_000,
+    };
+    let mut s = client.generate(req).await.unwrap().into_inner();
+    while let Some(e) = s.message().await.unwrap() {
+        if let Some(pb::generate_event::Event::Finished(_)) = e.event {
+            break;
+        }
+    }
+    let got = engine_json(&endpoint, "/debug/last-request").await;
+    let want = json!({
+        "model": "m",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 3,
+        "temperature": 0.5,
+        "top_p": 0.9,
+        "top_k": 20,
+        "min_p": 0.05,
+        "presence_penalty": 0.5,
+        "frequency_penalty": 0.25,
+        "repetition_penalty": 1.5,
+        "stop": ["END"],
+        "seed": 11,
+        "logprobs": true,
+        "top_logprobs": 2,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "output", "schema": {"type": "object"}}},
+        "stream": true,
+        "stream_options": {"include_usage": true},
+    });
+    // Floats travel as f32: compare them as such.
+    for (k, v) in want.as_object().unwrap() {
+        match v.as_f64() {
+            Some(x) if v.is_f64() => {
+                assert!((got[k].as_f64().unwrap() - x).abs() < 1e-6, "{k}: {}", got[k])
+            }
+            _ => assert_eq!(&got[k], v, "{k}"),
+        }
+    }
+    assert_eq!(got.as_object().unwrap().len(), want.as_object().unwrap().len(), "{got}");
+
+    // A bad constraint is refused before it reaches anything.
+    let mut bad = request("m", 3);
+    bad.params.as_mut().unwrap().json_schema = "{not json".into();
+    let err = client.generate(bad).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("json_schema"), "{}", err.message());
+}

@@ -38,6 +38,8 @@ class Chunk:
 
     text: str
     tokens: int
+    # With logprobs=True: (token, logprob, [(alternative, logprob), ...]) per generated token.
+    logprobs: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,15 @@ def spec_from_config(config: Union[dict, str, Path], model: Optional[str] = None
     )
 
 
+# Sampling parameters beyond the common ones, passed as keyword arguments to generate():
+# top_k, min_p, presence_penalty, frequency_penalty, repetition_penalty, logprobs,
+# top_logprobs, json_schema (a dict or its JSON text) and regex.
+_SAMPLING = {
+    "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
+    "logprobs", "top_logprobs", "json_schema", "regex",
+}
+
+
 def _request(
     model: str,
     prompt: Optional[str],
@@ -150,10 +161,19 @@ def _request(
     stop: Optional[Sequence[str]],
     seed: Optional[int],
     progress: bool,
+    sampling: dict,
 ) -> dispatch_pb2.GenerateRequest:
     if (prompt is None) == (messages is None):
         raise ValueError("give exactly one of prompt or messages")
     params = dispatch_pb2.SamplingParams(max_tokens=max_tokens, stop=list(stop or []))
+    for key, value in sampling.items():
+        if key not in _SAMPLING:
+            raise TypeError(f"unknown sampling parameter {key!r}; known: {', '.join(sorted(_SAMPLING))}")
+        if value is None:
+            continue
+        if key == "json_schema" and not isinstance(value, str):
+            value = json.dumps(value)
+        setattr(params, key, value)
     if temperature is not None:
         params.temperature = temperature
     if top_p is not None:
@@ -181,7 +201,10 @@ _STAGES = {
 def _event(e: dispatch_pb2.GenerateEvent) -> Optional[Event]:
     kind = e.WhichOneof("event")
     if kind == "chunk":
-        return Chunk(text=e.chunk.text, tokens=e.chunk.tokens)
+        lps = tuple(
+            (t.token, t.logprob, [(a.token, a.logprob) for a in t.top_logprobs]) for t in e.chunk.logprobs
+        )
+        return Chunk(text=e.chunk.text, tokens=e.chunk.tokens, logprobs=lps)
     if kind == "progress":
         p = e.progress
         return Progress(_STAGES.get(p.stage, "unknown"), p.message, p.worker_id, p.instance_id)
@@ -368,10 +391,13 @@ class Client:
         seed: Optional[int] = None,
         progress: bool = False,
         timeout: Optional[float] = None,
+        **sampling,
     ) -> Iterator[Event]:
         """Streams a generation: Progress events (if asked for), Chunks, then one Finished.
-        Leaving the loop early cancels the request on the worker."""
-        req = _request(model, prompt, messages, max_tokens, temperature, top_p, stop, seed, progress)
+        Leaving the loop early cancels the request on the worker. Further sampling parameters
+        (top_k, min_p, presence_penalty, frequency_penalty, repetition_penalty, logprobs,
+        top_logprobs, json_schema, regex) go as keyword arguments."""
+        req = _request(model, prompt, messages, max_tokens, temperature, top_p, stop, seed, progress, sampling)
         call = self._dispatch.Generate(req, timeout=timeout)
         try:
             for e in call:
@@ -449,8 +475,9 @@ class AsyncClient:
         seed: Optional[int] = None,
         progress: bool = False,
         timeout: Optional[float] = None,
+        **sampling,
     ) -> AsyncIterator[Event]:
-        req = _request(model, prompt, messages, max_tokens, temperature, top_p, stop, seed, progress)
+        req = _request(model, prompt, messages, max_tokens, temperature, top_p, stop, seed, progress, sampling)
         call = self._dispatch.Generate(req, timeout=timeout)
         try:
             async for e in call:
