@@ -169,12 +169,8 @@ async fn an_engine_refusal_is_the_clients_error_and_is_not_retried() {
     assert_eq!(status, 200);
 }
 
-#[tokio::test]
-async fn an_error_event_inside_a_stream_ends_it_with_an_error() {
-    let c = cluster().await;
-    let _w = engine_worker(&c, "--error-after-tokens 3", Duration::from_secs(20)).await;
-    deploy(&c, "m").await;
-    instance(&c, "m", InstanceStatus::Ready).await;
+/// A 10-token gRPC request for `m` that must end in an error: the tokens before it, and it.
+async fn until_error(c: &Cluster) -> (u32, tonic::Status) {
     let mut s = eventually(Duration::from_secs(10), "routed", || async {
         let mut client = c.dispatch.client().await.ok()?;
         client.generate(request("m", 10)).await.ok().map(|r| r.into_inner())
@@ -182,19 +178,28 @@ async fn an_error_event_inside_a_stream_ends_it_with_an_error() {
     .await
     .unwrap();
     let mut tokens = 0;
-    let err = loop {
+    loop {
         match s.message().await {
             Ok(Some(pb::GenerateEvent { event: Some(pb::generate_event::Event::Chunk(ch)) })) => {
                 tokens += ch.tokens
             }
             Ok(Some(pb::GenerateEvent { event: Some(pb::generate_event::Event::Finished(f)) })) => {
-                panic!("a normal finish after an engine error: {f:?}")
+                panic!("a normal finish where an error was due: {f:?}")
             }
             Ok(Some(_)) => {}
             Ok(None) => panic!("the stream ended without an error"),
-            Err(e) => break e,
+            Err(e) => return (tokens, e),
         }
-    };
+    }
+}
+
+#[tokio::test]
+async fn an_error_event_inside_a_stream_ends_it_with_an_error() {
+    let c = cluster().await;
+    let _w = engine_worker(&c, "--error-after-tokens 3", Duration::from_secs(20)).await;
+    deploy(&c, "m").await;
+    instance(&c, "m", InstanceStatus::Ready).await;
+    let (tokens, err) = until_error(&c).await;
     assert_eq!(tokens, 3);
     assert_eq!(err.code(), Code::Internal, "{err:?}");
     assert!(err.message().contains("simulated failure during generation"), "{}", err.message());
@@ -223,20 +228,8 @@ async fn a_stalled_engine_meets_the_idle_limit_with_a_clear_error() {
     .await;
     deploy(&c, "m").await;
     instance(&c, "m", InstanceStatus::Ready).await;
-    let mut s = eventually(Duration::from_secs(10), "routed", || async {
-        let mut client = c.dispatch.client().await.ok()?;
-        client.generate(request("m", 10)).await.ok().map(|r| r.into_inner())
-    })
-    .await
-    .unwrap();
     let t0 = std::time::Instant::now();
-    let err = loop {
-        match s.message().await {
-            Ok(Some(_)) => {}
-            Ok(None) => panic!("the stream ended without an error"),
-            Err(e) => break e,
-        }
-    };
+    let (_, err) = until_error(&c).await;
     assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
     assert!(err.message().contains("within 700 ms"), "{}", err.message());
     assert!(t0.elapsed() < Duration::from_secs(5), "the limit, not a hang");
