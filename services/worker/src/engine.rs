@@ -186,7 +186,14 @@ impl EngineBackend {
     /// An engine backend and the channel its instance events arrive on.
     pub fn new(config: EngineConfig) -> (EngineBackend, mpsc::UnboundedReceiver<InstanceEvent>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let http = Client::builder(TokioExecutor::new()).build_http();
+        // Nagle's algorithm on the engine connection costs tens of milliseconds a request; and
+        // engines close idle keep-alive connections (llama.cpp after 5 s), so a connection idle
+        // for 2 s is dropped here first rather than reused as the engine closes it.
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        let http = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(2))
+            .build(connector);
         let state = State { instances: HashMap::new(), busy_gpus: HashSet::new() };
         (
             EngineBackend {
