@@ -141,7 +141,7 @@ def main() -> None:
     try:
         w = gguf.GGUFWriter(tmp, "llama")
         w.add_name("sllm-tiny")
-        w.add_description(f"random weights (seed {args.seed}) for tests; vocab from {args.vocab.name}")
+        w.add_description(f"random weights (seed {args.seed}) for tests")
         w.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16))
         w.add_vocab_size(n_vocab)
         w.add_context_length(N_CTX)
