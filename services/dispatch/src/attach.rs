@@ -3,18 +3,37 @@
 //! multiplexed by request id.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use sllm_api::v1 as pb;
 use sllm_api::v1::attach_up::Msg as Up;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
 use tonic::{Status, Streaming};
 
 use crate::Inner;
 use crate::table::{FromWorker, WorkerLink};
 
-pub(crate) type Down = ReceiverStream<Result<pb::AttachDown, Status>>;
+/// What goes down to a worker: control messages (cancels, credit grants) before requests, so a
+/// cancel is never stuck behind a queue of requests nor dropped for lack of room. Ends when the
+/// request queue closes.
+pub struct Down {
+    control: mpsc::UnboundedReceiver<pb::AttachDown>,
+    requests: mpsc::Receiver<Result<pb::AttachDown, Status>>,
+}
+
+impl Stream for Down {
+    type Item = Result<pb::AttachDown, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if let Poll::Ready(Some(m)) = self.control.poll_recv(cx) {
+            return Poll::Ready(Some(Ok(m)));
+        }
+        self.requests.poll_recv(cx)
+    }
+}
 
 pub(crate) async fn open(
     inner: Arc<Inner>,
@@ -50,11 +69,13 @@ pub(crate) async fn open(
         }
     }
     let (tx, rx) = mpsc::channel(4096);
+    let (control_tx, control) = mpsc::unbounded_channel();
     let link = Arc::new(WorkerLink::new(
         hello.worker_id.clone(),
         hello.epoch,
         hello.run_id.clone(),
         tx.clone(),
+        control_tx,
     ));
     // Welcome goes first: once the link is in the table, held requests are sent down it at
     // once, and the worker must not see one before it knows it is attached.
@@ -88,5 +109,5 @@ pub(crate) async fn open(
         tracing::info!(worker = %link.worker_id, epoch = link.epoch, "worker detached");
         inner.table.detach(&link);
     });
-    Ok(ReceiverStream::new(rx))
+    Ok(Down { control, requests: rx })
 }

@@ -24,6 +24,14 @@ pub enum DispatchError {
     /// The deployment is being deleted.
     #[error("model {0:?} is being deleted")]
     Deleting(String),
+    /// No worker of the fleet can take an instance of the model (the Scaler's words why).
+    #[error("model {model:?} cannot be placed: {reason}")]
+    Unplaceable {
+        /// The model.
+        model: String,
+        /// Why.
+        reason: String,
+    },
     /// The model's queue is full.
     #[error("model {model:?} has {queued} requests waiting for an instance; retry in {} ms", retry_after.as_millis())]
     QueueFull {
@@ -72,7 +80,9 @@ impl DispatchError {
         let code = match self {
             DispatchError::Invalid { .. } => Code::InvalidArgument,
             DispatchError::NotFound(_) | DispatchError::Missing(..) => Code::NotFound,
-            DispatchError::Deleting(_) => Code::FailedPrecondition,
+            DispatchError::Deleting(_) | DispatchError::Unplaceable { .. } => {
+                Code::FailedPrecondition
+            }
             DispatchError::QueueFull { .. } | DispatchError::RateLimited { .. } => {
                 Code::ResourceExhausted
             }
@@ -106,6 +116,7 @@ impl DispatchError {
                 (404, "invalid_request_error", Some("model_not_found"))
             }
             DispatchError::Deleting(_) => (409, "invalid_request_error", Some("model_deleting")),
+            DispatchError::Unplaceable { .. } => (503, "server_error", Some("model_unplaceable")),
             DispatchError::QueueFull { .. } => (429, "rate_limit_error", Some("queue_full")),
             DispatchError::RateLimited { .. } => {
                 (429, "rate_limit_error", Some("rate_limit_exceeded"))

@@ -12,6 +12,7 @@ mod error;
 mod grpc;
 pub mod openai;
 mod request;
+mod room;
 mod sync;
 mod table;
 
@@ -36,8 +37,16 @@ pub struct DispatchConfig {
     pub advertise: String,
     /// Secret worker join tokens are checked against on Attach.
     pub join_secret: JoinSecret,
-    /// Most requests held per model while it has no ready instance.
+    /// Most requests held per model while no instance has room.
     pub max_queue: usize,
+    /// Longest a request waits for an instance (a client's shorter deadline wins).
+    pub max_hold: Duration,
+    /// Most requests one instance serves at once (while more instances are starting, no more
+    /// than the deployment's `target`).
+    pub instance_limit: u32,
+    /// Flow-control window: chunks a worker may send for a request ahead of what its client
+    /// has read.
+    pub window: u32,
     /// Retry hint given with a full queue.
     pub retry_after: Duration,
     /// Attempts per request (a worker failing before the first token costs one).
@@ -69,6 +78,11 @@ impl DispatchConfig {
             advertise: String::new(),
             join_secret,
             max_queue: 256,
+            // ServerlessLLM's: long enough to load a large checkpoint from cold.
+            max_hold: Duration::from_secs(300),
+            // vLLM's default max_num_seqs: what one engine batches at once.
+            instance_limit: 256,
+            window: 32,
             retry_after: Duration::from_secs(1),
             max_attempts: 3,
             default_max_tokens: 256,
@@ -92,9 +106,14 @@ pub struct Dispatch {
 pub(crate) struct Inner {
     pub(crate) store: Store,
     pub(crate) config: DispatchConfig,
-    pub(crate) table: table::Table,
+    pub(crate) table: Arc<table::Table>,
     request_ids: AtomicU64,
+    /// Model names found not deployed, and when: not read again for a moment.
+    unknown: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
 }
+
+/// How long a name found not deployed is answered from memory.
+const UNKNOWN_TTL: Duration = Duration::from_secs(1);
 
 impl Inner {
     /// Takes a token from the caller's bucket when a rate limit is set. Redis away: the request
@@ -119,6 +138,31 @@ impl Inner {
                 tracing::warn!(error = %e, "cannot check the rate limit; letting the request through");
                 Ok(())
             }
+        }
+    }
+
+    /// Whether `model` was found not deployed less than [`UNKNOWN_TTL`] ago.
+    pub(crate) fn known_unknown(&self, model: &str) -> bool {
+        let Ok(unknown) = self.unknown.lock() else { return false };
+        unknown.get(model).is_some_and(|t| t.elapsed() < UNKNOWN_TTL)
+    }
+
+    /// Remembers that `model` is not deployed (bounded: old marks go first).
+    pub(crate) fn remember_unknown(&self, model: &str) {
+        let Ok(mut unknown) = self.unknown.lock() else { return };
+        if unknown.len() >= 4096 {
+            unknown.retain(|_, t| t.elapsed() < UNKNOWN_TTL);
+            if unknown.len() >= 4096 {
+                unknown.clear();
+            }
+        }
+        unknown.insert(model.to_string(), std::time::Instant::now());
+    }
+
+    /// Forgets that `model` was not deployed (its deployment event arrived).
+    pub(crate) fn forget_unknown(&self, model: &str) {
+        if let Ok(mut unknown) = self.unknown.lock() {
+            unknown.remove(model);
         }
     }
 
@@ -156,9 +200,10 @@ impl Dispatch {
         Dispatch {
             inner: Arc::new(Inner {
                 store,
+                table: Arc::new(table::Table::new(config.instance_limit)),
                 config,
-                table: table::Table::default(),
                 request_ids: AtomicU64::new(1),
+                unknown: std::sync::Mutex::default(),
             }),
         }
     }

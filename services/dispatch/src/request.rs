@@ -4,7 +4,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use sllm_api::v1 as pb;
@@ -12,8 +12,25 @@ use telemetry::trace::{Kind, Span};
 use tokio::sync::mpsc;
 
 use crate::error::DispatchError;
-use crate::table::{FromWorker, ModelRoute, Routable, WorkerLink};
+use crate::room::{Refused, Slot, Ticket};
+use crate::table::{FromWorker, Inbox, ModelRoute, Routable, WorkerLink};
 use crate::{Dispatch, Inner};
+
+/// Every outcome label a request can end with (the `model, outcome` metric series).
+pub(crate) const OUTCOMES: &[&str] = &[
+    "ok",
+    "cancelled",
+    "deadline",
+    "invalid",
+    "not_found",
+    "deleting",
+    "unplaceable",
+    "queue_full",
+    "rate_limited",
+    "unavailable",
+    "engine_stalled",
+    "engine_error",
+];
 
 /// What to generate from.
 #[derive(Debug, Clone)]
@@ -35,7 +52,8 @@ pub struct Job {
     pub params: pb::SamplingParams,
     /// Stream progress events while held.
     pub progress: bool,
-    /// When to give up.
+    /// When the client gives up (its own deadline), if it said. Waiting for an instance is
+    /// also bounded by `DispatchConfig::max_hold`, whichever comes first.
     pub deadline: Option<Instant>,
     /// The caller's W3C trace context (gRPC metadata or HTTP header); the request's spans join
     /// its trace.
@@ -135,35 +153,69 @@ impl Dispatch {
         if route.deleting.load(Ordering::Relaxed) {
             return Err(DispatchError::Deleting(job.model.clone()));
         }
-        let first = inner.table.pick(&route, &HashSet::new());
-        if first.is_none() {
-            let queued = route.waiting.load(Ordering::Relaxed) as usize;
-            if queued >= inner.config.max_queue {
-                return Err(DispatchError::QueueFull {
-                    model: job.model.clone(),
-                    queued,
-                    retry_after: inner.config.retry_after,
-                });
+        let start = Instant::now();
+        let first = match inner.table.try_slot(&route) {
+            Some(slot) => Next::Slot(slot),
+            None => {
+                if let Some(reason) = route.unplaceable()
+                    && route.ready_count() == 0
+                {
+                    return Err(DispatchError::Unplaceable { model: job.model.clone(), reason });
+                }
+                // The place in the queue is taken here, before the request is accepted: the
+                // cap holds however many handlers run at once.
+                let ticket = inner
+                    .table
+                    .enter(&route, HashSet::new(), false, Some(inner.config.max_queue))
+                    .map_err(|e| match e {
+                        DispatchError::QueueFull { model, queued, .. } => {
+                            DispatchError::QueueFull {
+                                model,
+                                queued,
+                                retry_after: inner.config.retry_after,
+                            }
+                        }
+                        e => e,
+                    })?;
+                Next::Ticket(ticket)
             }
-        }
+        };
+        let hold_deadline = match start.checked_add(inner.config.max_hold) {
+            Some(cap) => Some(job.deadline.map_or(cap, |d| d.min(cap))),
+            None => job.deadline,
+        };
         let (tx, rx) = mpsc::channel(64);
         // The request's spans are parents by hand, not entered at every poll: entering and
         // leaving a span costs more than the rest of a warm request's tracing together.
         let span = std::mem::take(span);
-        let driver = Driver { inner: inner.clone(), route, job, tx, start: Instant::now(), span };
+        let driver = Driver { inner: inner.clone(), route, job, tx, start, hold_deadline, span };
         tokio::spawn(driver.run(first));
         Ok(rx)
     }
+}
+
+/// How a request's next attempt gets its instance.
+enum Next {
+    /// A place was free.
+    Slot(Slot),
+    /// It waits in the queue.
+    Ticket(Ticket),
 }
 
 impl Dispatch {
     /// A model missing from the table may have been deployed a moment ago (its event not yet
     /// read): one kvstore read settles it before answering NOT_FOUND. Only this miss path reads.
     async fn confirm_deployed(&self, model: &str) -> Result<Arc<ModelRoute>, DispatchError> {
+        // A name found unknown a moment ago is not read again (a client retrying a typo must
+        // not cost Redis a read per request); its deployment event clears the mark.
+        if self.inner.known_unknown(model) {
+            return Err(DispatchError::NotFound(model.to_string()));
+        }
         match self.inner.store.get_deployment(model).await {
             Ok(Some(d)) => {
                 let deleting = d.status == kvstore::DeploymentStatus::Deleting;
                 self.inner.table.upsert_model(model, deleting);
+                self.inner.table.set_target(model, d.spec.autoscaling.target);
                 self.inner
                     .table
                     .model(model)
@@ -173,7 +225,10 @@ impl Dispatch {
                 Ok(running) if !running.is_empty() => {
                     Err(DispatchError::Missing(model.to_string(), running.len()))
                 }
-                _ => Err(DispatchError::NotFound(model.to_string())),
+                _ => {
+                    self.inner.remember_unknown(model);
+                    Err(DispatchError::NotFound(model.to_string()))
+                }
             },
             Err(e) => {
                 tracing::warn!(%model, error = %e, "cannot confirm an unknown model");
@@ -189,6 +244,7 @@ fn outcome_of(e: &DispatchError) -> &'static str {
         DispatchError::Invalid { .. } => "invalid",
         DispatchError::NotFound(_) | DispatchError::Missing(..) => "not_found",
         DispatchError::Deleting(_) => "deleting",
+        DispatchError::Unplaceable { .. } => "unplaceable",
         DispatchError::QueueFull { .. } => "queue_full",
         DispatchError::RateLimited { .. } => "rate_limited",
         DispatchError::Deadline(_) => "deadline",
@@ -310,12 +366,14 @@ struct Driver {
     job: Job,
     tx: mpsc::Sender<Result<Event, DispatchError>>,
     start: Instant,
+    /// When waiting for an instance ends: the client's deadline or the longest hold.
+    hold_deadline: Option<Instant>,
     /// The request's span (not recording when the request is not traced).
     span: Span,
 }
 
 impl Driver {
-    async fn run(mut self, first: Option<(Arc<Routable>, Arc<WorkerLink>)>) {
+    async fn run(mut self, first: Next) {
         let metrics = &*telemetry::metrics::DISPATCH;
         let model = self.route.name.clone();
         let start = self.start;
@@ -329,23 +387,41 @@ impl Driver {
     }
 
     /// Serves the request; returns its outcome label.
-    async fn serve(&mut self, first: Option<(Arc<Routable>, Arc<WorkerLink>)>) -> &'static str {
+    async fn serve(&mut self, first: Next) -> &'static str {
         let config = &self.inner.config;
         let mut exclude = HashSet::new();
         let mut tokens_sent = 0u32;
         let mut ttft: Option<Duration> = None;
         let mut queued = Duration::ZERO;
-        let mut next = first;
+        let mut next = Some(first);
         let mut attempt = 0;
+        // Pauses between attempts: the workspace's one backoff policy, with jitter.
+        let mut backoff = tokio_retry::strategy::ExponentialBackoff::from_millis(2)
+            .factor(5)
+            .max_delay(Duration::from_millis(200))
+            .map(tokio_retry::strategy::jitter);
         loop {
-            let (instance, link) = match next.take() {
-                Some(x) => x,
-                None => {
+            let ticket = match next.take() {
+                Some(Next::Slot(slot)) => Ok(slot),
+                Some(Next::Ticket(ticket)) => Err(ticket),
+                // A retry goes to the front of the queue: it was admitted before the others.
+                None => match self.inner.table.enter(&self.route, exclude.clone(), true, None) {
+                    Ok(ticket) => Err(ticket),
+                    Err(e) => {
+                        let outcome = outcome_of(&e);
+                        let _ = self.tx.send(Err(e)).await;
+                        return outcome;
+                    }
+                },
+            };
+            let slot = match ticket {
+                Ok(slot) => slot,
+                Err(ticket) => {
                     let t = Instant::now();
-                    let got = self.hold(&exclude).await;
+                    let got = self.hold(ticket).await;
                     queued += t.elapsed();
                     match got {
-                        Ok(x) => x,
+                        Ok(slot) => slot,
                         Err(Some(e)) => {
                             let outcome = outcome_of(&e);
                             let _ = self.tx.send(Err(e)).await;
@@ -360,10 +436,7 @@ impl Driver {
             if attempt > 1 {
                 self.span.set("sllm.attempts", attempt);
             }
-            let in_flight = &self.route.metrics.in_flight;
-            instance.in_flight.fetch_add(1, Ordering::Relaxed);
-            self.route.in_flight.fetch_add(1, Ordering::Relaxed);
-            in_flight.inc();
+            let (instance, link) = (slot.instance.clone(), slot.link.clone());
             let mut span = self.span.child("generate on an instance", Kind::Internal);
             if span.is_recording() {
                 span.set("sllm.attempt", attempt);
@@ -373,9 +446,8 @@ impl Driver {
             let outcome = self
                 .attempt(&instance, &link, &mut tokens_sent, &mut ttft, queued, &mut span)
                 .await;
-            in_flight.dec();
-            instance.in_flight.fetch_sub(1, Ordering::Relaxed);
-            self.route.in_flight.fetch_sub(1, Ordering::Relaxed);
+            // The place goes back before the client hears the end: the next request may use it.
+            drop(slot);
             match outcome {
                 Attempt::Done => {
                     link.breaker.success();
@@ -424,10 +496,7 @@ impl Driver {
                     }
                     self.route.metrics.retries.inc();
                     exclude.insert(instance.instance_id.clone());
-                    // Jittered backoff before trying elsewhere.
-                    let pause = Duration::from_millis(
-                        5 * (1 << attempt.min(5)) + rand::random::<u64>() % 10,
-                    );
+                    let pause = backoff.next().unwrap_or(Duration::from_millis(200));
                     tokio::time::sleep(pause).await;
                 }
             }
@@ -446,11 +515,8 @@ impl Driver {
         self.tx.send(Ok(Event::Progress(p))).await.is_ok()
     }
 
-    /// Waits for a route, in a `queue wait` span. Err(None): the client went away.
-    async fn hold(
-        &self,
-        exclude: &HashSet<String>,
-    ) -> Result<(Arc<Routable>, Arc<WorkerLink>), Option<DispatchError>> {
+    /// Waits in the queue, in a `queue wait` span. Err(None): the client went away.
+    async fn hold(&self, ticket: Ticket) -> Result<Slot, Option<DispatchError>> {
         // A `tracing` span, so that what runs while held (kvstore calls) nests under it; cold
         // requests are few, its cost does not matter.
         let span = if self.span.is_recording() {
@@ -463,7 +529,7 @@ impl Driver {
         let depth = &self.route.metrics.queue_depth;
         depth.inc();
         let start = Instant::now();
-        let result = tracing::Instrument::instrument(self.hold_inner(exclude), span).await;
+        let result = tracing::Instrument::instrument(self.hold_inner(ticket), span).await;
         depth.dec();
         if result.is_ok() {
             self.route.metrics.queue_wait.observe(start.elapsed().as_secs_f64());
@@ -471,14 +537,8 @@ impl Driver {
         result
     }
 
-    async fn hold_inner(
-        &self,
-        exclude: &HashSet<String>,
-    ) -> Result<(Arc<Routable>, Arc<WorkerLink>), Option<DispatchError>> {
+    async fn hold_inner(&self, mut ticket: Ticket) -> Result<Slot, Option<DispatchError>> {
         let route = &self.route;
-        let table = &self.inner.table;
-        route.waiting.fetch_add(1, Ordering::Relaxed);
-        let _waiting = WaitGuard(route.clone());
         let mut progress = route.progress.subscribe();
         let traceparent = telemetry::propagation::traceparent(&tracing::Span::current());
         self.inner.raise_demand(route, true, &traceparent);
@@ -496,35 +556,17 @@ impl Driver {
         }
         let mut reannounce = tokio::time::interval(Duration::from_secs(1));
         reannounce.tick().await;
-        loop {
-            let changed = route.changed.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
-            if route.removed.load(Ordering::Relaxed) {
-                return Err(Some(DispatchError::NotFound(route.name.clone())));
-            }
-            // Another instance than the ones that failed this request if there is one; else
-            // the same again (it may have been a passing fault; its breaker judges).
-            let found = table.pick(route, exclude).or_else(|| {
-                if exclude.is_empty() { None } else { table.pick(route, &HashSet::new()) }
-            });
-            if let Some(found) = found {
-                let ok = self
-                    .send_progress(
-                        pb::progress::Stage::Routed,
-                        pb::Progress {
-                            worker_id: found.0.worker_id.clone(),
-                            instance_id: found.0.instance_id.clone(),
-                            message: "sent to a ready instance".into(),
-                            ..Default::default()
-                        },
-                    )
-                    .await;
-                return if ok { Ok(found) } else { Err(None) };
-            }
-            let deadline = self.job.deadline;
+        let slot = loop {
             tokio::select! {
-                _ = &mut changed => {}
+                got = ticket.slot() => match got {
+                    Ok(slot) => break slot,
+                    Err(Refused::Removed) => {
+                        return Err(Some(DispatchError::NotFound(route.name.clone())));
+                    }
+                    Err(Refused::Unplaceable(reason)) => {
+                        return Err(Some(DispatchError::Unplaceable { model: route.name.clone(), reason }));
+                    }
+                },
                 p = progress.recv() => {
                     if let Ok(p) = p {
                         let stage = pb::progress::Stage::try_from(p.stage).unwrap_or(pb::progress::Stage::Unspecified);
@@ -533,13 +575,39 @@ impl Driver {
                         }
                     }
                 }
-                _ = reannounce.tick() => self.inner.raise_demand(route, false, &traceparent),
-                _ = sleep_until(deadline) => {
-                    return Err(Some(DispatchError::Deadline(format!("{} while waiting for an instance", self.deadline_words()))));
+                _ = reannounce.tick() => {
+                    self.inner.raise_demand(route, false, &traceparent);
+                    // A worker skipped after failures becomes usable again with time alone.
+                    self.inner.table.pump(route);
+                }
+                _ = sleep_until(self.hold_deadline) => {
+                    let longest = self.inner.config.max_hold;
+                    let why = if self.job.deadline.is_some_and(|d| Some(d) <= self.hold_deadline) {
+                        "the client's deadline".to_string()
+                    } else {
+                        format!("the longest a request is held, {} s", longest.as_secs())
+                    };
+                    return Err(Some(DispatchError::Deadline(format!(
+                        "{} waiting for an instance of {} ({why})",
+                        self.deadline_words(),
+                        route.name
+                    ))));
                 }
                 _ = self.tx.closed() => return Err(None),
             }
-        }
+        };
+        let ok = self
+            .send_progress(
+                pb::progress::Stage::Routed,
+                pb::Progress {
+                    worker_id: slot.instance.worker_id.clone(),
+                    instance_id: slot.instance.instance_id.clone(),
+                    message: "sent to a ready instance".into(),
+                    ..Default::default()
+                },
+            )
+            .await;
+        if ok { Ok(slot) } else { Err(None) }
     }
 
     async fn attempt(
@@ -552,15 +620,20 @@ impl Driver {
         span: &mut Span,
     ) -> Attempt {
         let request_id = self.inner.next_request_id();
-        let (wtx, mut wrx) = mpsc::unbounded_channel();
+        let window = self.inner.config.window;
+        // The worker sends at most `window` chunks ahead of what the client has read; the
+        // room beyond it is for the end and a lost-worker notice.
+        let (wtx, mut wrx) = mpsc::channel(window as usize + 4);
+        let overrun = Arc::new(AtomicBool::new(false));
         if let Ok(mut pending) = link.pending.lock() {
-            pending.insert(request_id, wtx);
+            pending.insert(request_id, Inbox { tx: wtx, overrun: overrun.clone() });
         }
         let _cleanup = PendingGuard { link, request_id };
         let input = match &self.job.input {
             Input::Prompt(p) => pb::inference_request::Input::Prompt(p.clone()),
             Input::Chat(c) => pb::inference_request::Input::Chat(c.clone()),
         };
+        let max_tokens = self.job.params.max_tokens;
         let request = pb::InferenceRequest {
             request_id,
             instance_id: instance.instance_id.clone(),
@@ -569,16 +642,15 @@ impl Driver {
             params: Some(self.job.params.clone()),
             traceparent: span.traceparent(),
             openai: self.job.openai.clone(),
+            window,
         };
         let down = pb::AttachDown { msg: Some(pb::attach_down::Msg::Request(request)) };
         if link.tx.send(Ok(down)).await.is_err() {
             return Attempt::Failed("the worker's attach stream is closed".into());
         }
-        let cancel = || {
-            let _ = link.tx.try_send(Ok(pb::AttachDown {
-                msg: Some(pb::attach_down::Msg::Cancel(pb::CancelRequest { request_id })),
-            }));
-        };
+        // Chunks read since the last grant, and this attempt's tokens.
+        let mut unacknowledged = 0u32;
+        let mut attempt_tokens = 0u32;
         // A message taken while merging chunks that must be handled next.
         let mut held: Option<FromWorker> = None;
         loop {
@@ -587,22 +659,24 @@ impl Driver {
                 None => tokio::select! {
                     m = wrx.recv() => m,
                     _ = self.tx.closed() => {
-                        cancel();
+                        link.cancel(request_id);
                         return Attempt::ClientGone;
                     }
                     _ = sleep_until(self.job.deadline) => {
-                        cancel();
+                        link.cancel(request_id);
                         return Attempt::Deadline;
                     }
                 },
             };
             match m {
                 Some(FromWorker::Chunk(mut c)) => {
+                    let mut messages = 1;
                     // Chunks already waiting go to the client as one: under load it gets fewer,
                     // larger messages instead of a growing backlog. Engine events stay one each.
                     while c.text.len() < 16 * 1024 {
                         match wrx.try_recv() {
                             Ok(FromWorker::Chunk(more)) => {
+                                messages += 1;
                                 c.text.push_str(&more.text);
                                 c.tokens += more.tokens;
                                 c.events.extend(more.events);
@@ -614,6 +688,19 @@ impl Driver {
                             }
                             Err(_) => break,
                         }
+                    }
+                    attempt_tokens = attempt_tokens.saturating_add(c.tokens);
+                    if attempt_tokens > max_tokens {
+                        link.cancel(request_id);
+                        span.set("error.type", "worker_overran");
+                        return Attempt::Ended(DispatchError::Engine {
+                            code: tonic::Code::Internal,
+                            http_status: 0,
+                            message: format!(
+                                "the worker sent {attempt_tokens} tokens, more than max_tokens ({max_tokens}); the request was stopped"
+                            ),
+                            body: String::new(),
+                        });
                     }
                     if ttft.is_none() {
                         let first = self.start.elapsed();
@@ -631,8 +718,15 @@ impl Driver {
                         logprobs: c.logprobs,
                     };
                     if self.tx.send(Ok(event)).await.is_err() {
-                        cancel();
+                        link.cancel(request_id);
                         return Attempt::ClientGone;
+                    }
+                    // The client took it: the worker may send as much again. Grants go in
+                    // halves of the window, so the worker rarely waits for one.
+                    unacknowledged += messages;
+                    if window > 0 && unacknowledged >= window.div_ceil(2) {
+                        link.grant(request_id, unacknowledged);
+                        unacknowledged = 0;
                     }
                 }
                 Some(FromWorker::Finished(f)) => {
@@ -665,17 +759,28 @@ impl Driver {
                         }),
                     };
                 }
+                // Output already went to the client: this attempt cannot move; the stream
+                // decides (it ends if the worker is really gone).
+                Some(FromWorker::Lost) if ttft.is_some() => {}
+                Some(FromWorker::Lost) => {
+                    link.cancel(request_id);
+                    return Attempt::Failed("the registry declared the worker lost".into());
+                }
+                None if overrun.load(Ordering::Relaxed) => {
+                    link.cancel(request_id);
+                    span.set("error.type", "worker_overran");
+                    return Attempt::Ended(DispatchError::Engine {
+                        code: tonic::Code::Internal,
+                        http_status: 0,
+                        message: format!(
+                            "the worker sent more than the {window} chunks its flow-control window allows; the request was stopped"
+                        ),
+                        body: String::new(),
+                    });
+                }
                 None => return Attempt::Failed("the worker's attach stream ended".into()),
             }
         }
-    }
-}
-
-struct WaitGuard(Arc<ModelRoute>);
-
-impl Drop for WaitGuard {
-    fn drop(&mut self) {
-        self.0.waiting.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

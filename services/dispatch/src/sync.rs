@@ -11,6 +11,7 @@ use sllm_api::v1 as pb;
 use tokio_util::sync::CancellationToken;
 
 use crate::Inner;
+use crate::table::Loaded;
 
 /// Reads deployments and ready instances into the table; retries until Redis answers.
 /// Returns the event position the table is current as of.
@@ -35,13 +36,22 @@ async fn try_load(inner: &Arc<Inner>) -> kvstore::Result<Position> {
     let position = inner.store.event_position().await?;
     let deployments = inner.store.list_deployments().await?;
     let ready = inner.store.instances_in(InstanceStatus::Ready).await?;
-    let deployments: Vec<(String, bool)> = deployments
+    let mut starting = inner.store.instances_in(InstanceStatus::Pending).await?;
+    starting.extend(inner.store.instances_in(InstanceStatus::Loading).await?);
+    let deployments: Vec<Loaded> = deployments
         .into_iter()
-        .map(|d| (d.spec.model, d.status == kvstore::DeploymentStatus::Deleting))
+        .map(|d| Loaded {
+            deleting: d.status == kvstore::DeploymentStatus::Deleting,
+            target: d.spec.autoscaling.target,
+            unplaceable: None,
+            name: d.spec.model,
+        })
         .collect();
     let ready: Vec<(String, String, String)> =
         ready.into_iter().map(|i| (i.model, i.instance_id, i.worker_id)).collect();
-    inner.table.reload(&deployments, &ready);
+    let starting: Vec<(String, String)> =
+        starting.into_iter().map(|i| (i.model, i.instance_id)).collect();
+    inner.table.reload(&deployments, &ready, &starting);
     tracing::info!(models = deployments.len(), ready = ready.len(), "routing table loaded");
     Ok(position)
 }
@@ -74,6 +84,9 @@ async fn events(inner: Arc<Inner>, position: Position, shutdown: CancellationTok
                     apply(&inner, &e);
                     if e.kind == "deployment.created" {
                         adopt_ready(&inner, &e.entity).await;
+                    }
+                    if e.kind == "deployment.created" || e.kind == "deployment.updated" {
+                        read_target(&inner, &e.entity).await;
                     }
                 }
             }
@@ -112,19 +125,39 @@ async fn adopt_ready(inner: &Inner, model: &str) {
     }
 }
 
+/// The deployment's `target`, which sizes how many requests an instance takes while more
+/// are starting.
+async fn read_target(inner: &Inner, model: &str) {
+    match inner.store.get_deployment(model).await {
+        Ok(Some(d)) => inner.table.set_target(model, d.spec.autoscaling.target),
+        Ok(None) => {}
+        Err(e) => tracing::warn!(%model, error = %e, "cannot read a deployment's target"),
+    }
+}
+
 fn apply(inner: &Inner, e: &kvstore::Event) {
     let table = &inner.table;
     let model = e.field("model").unwrap_or_default();
     let worker = e.field("worker").unwrap_or_default();
     match e.kind.as_str() {
-        "deployment.created" => table.upsert_model(&e.entity, false),
-        "deployment.deleting" => table.upsert_model(&e.entity, true),
+        "deployment.created" => {
+            inner.forget_unknown(&e.entity);
+            table.upsert_model(&e.entity, false);
+        }
+        "deployment.deleting" => {
+            table.upsert_model(&e.entity, true);
+        }
         "deployment.removed" => table.remove_model(&e.entity),
+        "deployment.unplaceable" => {
+            let reason = e.field("reason").filter(|r| !r.is_empty()).map(str::to_string);
+            table.set_unplaceable(&e.entity, reason);
+        }
         "instance.ready" => table.add_instance(model, &e.entity, worker),
         "instance.draining" | "instance.stopped" | "instance.failed" | "instance.lost" => {
             table.remove_instance(model, &e.entity)
         }
         "instance.pending" | "instance.loading" => {
+            table.starting_instance(model, &e.entity);
             if let Some(route) = table.model(model) {
                 let (stage, message) = if e.kind == "instance.pending" {
                     (pb::progress::Stage::Starting, format!("starting on worker {worker}"))
@@ -140,7 +173,7 @@ fn apply(inner: &Inner, e: &kvstore::Event) {
                 });
             }
         }
-        "worker.lost" => table.remove_worker_instances(&e.entity),
+        "worker.lost" => table.worker_lost(&e.entity),
         _ => {}
     }
 }

@@ -1,6 +1,7 @@
-//! The routing table: for each model, its ready instances with their in-flight counts; for each
-//! attached worker, the link its requests go down. Loaded from kvstore at start and kept current
-//! from the event stream; the request path reads it without touching Redis.
+//! The routing table: for each model, its ready instances with their in-flight counts, the
+//! instances still starting, and its waiting room; for each attached worker, the link its
+//! requests go down. Loaded from kvstore at start and kept current from the event stream; the
+//! request path reads it without touching Redis.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -8,7 +9,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use sllm_api::v1 as pb;
-use tokio::sync::{Notify, broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc};
+
+use crate::room::Room;
 
 /// A message from a worker about one request.
 #[derive(Debug)]
@@ -16,6 +19,15 @@ pub(crate) enum FromWorker {
     Chunk(pb::WorkerChunk),
     Finished(pb::WorkerFinished),
     Error(pb::WorkerError),
+    /// The registry declared the worker lost: an attempt with no output yet goes elsewhere.
+    Lost,
+}
+
+/// Where a worker's messages for one request go: a bounded queue (the request's flow-control
+/// window and room for its end), and a mark set when the worker overran it.
+pub(crate) struct Inbox {
+    pub(crate) tx: mpsc::Sender<FromWorker>,
+    pub(crate) overrun: Arc<AtomicBool>,
 }
 
 /// A ready instance.
@@ -49,6 +61,22 @@ impl RouteMetrics {
             retries: m.retries.with_label_values(l),
         }
     }
+
+    /// Drops every series of a model that is gone, so deleted models do not stay in /metrics.
+    fn remove(&self, model: &str) {
+        let m = &*telemetry::metrics::DISPATCH;
+        let l = &[model];
+        let _ = m.in_flight.remove_label_values(l);
+        let _ = m.ttft.remove_label_values(l);
+        let _ = m.tokens.remove_label_values(l);
+        let _ = m.queue_depth.remove_label_values(l);
+        let _ = m.queue_wait.remove_label_values(l);
+        let _ = m.retries.remove_label_values(l);
+        for outcome in crate::request::OUTCOMES {
+            let _ = m.requests.remove_label_values(&[model, outcome]);
+            let _ = m.duration.remove_label_values(&[model, outcome]);
+        }
+    }
 }
 
 /// One model's routes and waiting room.
@@ -58,12 +86,19 @@ pub(crate) struct ModelRoute {
     pub(crate) deleting: AtomicBool,
     pub(crate) removed: AtomicBool,
     pub(crate) instances: RwLock<Vec<Arc<Routable>>>,
-    /// Requests held for an instance.
+    /// Instances placed but not ready yet (pending or loading): capacity on its way.
+    pub(crate) starting: Mutex<HashSet<String>>,
+    /// The deployment's `target` (demand one instance absorbs), rounded up: while capacity is
+    /// on its way, an instance takes no more than this many requests.
+    pub(crate) target: AtomicU32,
+    /// Why no worker of the fleet can take an instance of the model, when the Scaler says so.
+    pub(crate) unplaceable: RwLock<Option<String>>,
+    /// Requests held for an instance, in arrival order.
+    pub(crate) room: Mutex<Room>,
+    /// Requests held (the room's length, readable without its lock).
     pub(crate) waiting: AtomicU64,
     /// Requests being served.
     pub(crate) in_flight: AtomicU64,
-    /// Woken when a route may have appeared (instance ready, worker attached) or the model went.
-    pub(crate) changed: Notify,
     /// Cold-start progress of this model, for held requests that asked for it.
     pub(crate) progress: broadcast::Sender<pb::Progress>,
     /// When this replica last raised a demand event for the model.
@@ -78,12 +113,33 @@ impl ModelRoute {
             deleting: AtomicBool::new(false),
             removed: AtomicBool::new(false),
             instances: RwLock::new(Vec::new()),
+            starting: Mutex::new(HashSet::new()),
+            target: AtomicU32::new(1),
+            unplaceable: RwLock::new(None),
+            room: Mutex::new(Room::default()),
             waiting: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
-            changed: Notify::new(),
             progress: broadcast::channel(16).0,
             last_demand_event: Mutex::new(None),
         }
+    }
+
+    /// Whether the Scaler reported that no worker can take the model, and why.
+    pub(crate) fn unplaceable(&self) -> Option<String> {
+        self.unplaceable.read().ok().and_then(|u| u.clone())
+    }
+
+    /// Ready instances (any load).
+    pub(crate) fn ready_count(&self) -> usize {
+        self.instances.read().map(|l| l.len()).unwrap_or(0)
+    }
+
+    /// Most requests one instance may hold now: the hard per-instance limit; while more
+    /// instances are on their way, no more than the deployment's `target`, so the backlog they
+    /// were started for is left to them instead of piling onto the first one ready.
+    pub(crate) fn limit(&self, hard: u32) -> u32 {
+        let coming = self.starting.lock().map(|s| !s.is_empty()).unwrap_or(false);
+        if coming { hard.min(self.target.load(Ordering::Relaxed).max(1)) } else { hard }
     }
 
     /// Whether a demand event should be raised now (at most one per `every`).
@@ -138,8 +194,12 @@ pub(crate) struct WorkerLink {
     pub(crate) epoch: u64,
     /// The agent process run (see `AttachHello.run_id`).
     pub(crate) run_id: String,
+    /// Requests, in order; bounded (a full queue makes senders wait).
     pub(crate) tx: mpsc::Sender<Result<pb::AttachDown, tonic::Status>>,
-    pub(crate) pending: Mutex<HashMap<u64, mpsc::UnboundedSender<FromWorker>>>,
+    /// Cancels and credit grants: sent before any waiting request and never dropped (each
+    /// request sends at most one cancel and, flow control holding, a few grants at a time).
+    control: mpsc::UnboundedSender<pb::AttachDown>,
+    pub(crate) pending: Mutex<HashMap<u64, Inbox>>,
     pub(crate) breaker: Breaker,
 }
 
@@ -149,25 +209,63 @@ impl WorkerLink {
         epoch: u64,
         run_id: String,
         tx: mpsc::Sender<Result<pb::AttachDown, tonic::Status>>,
+        control: mpsc::UnboundedSender<pb::AttachDown>,
     ) -> WorkerLink {
         WorkerLink {
             worker_id,
             epoch,
             run_id,
             tx,
+            control,
             pending: Mutex::new(HashMap::new()),
             breaker: Breaker::new(),
         }
     }
 
-    /// Routes a worker's message to the request it belongs to.
+    /// Routes a worker's message to the request it belongs to. A worker that sends more than
+    /// the request's window loses the request: its inbox is closed and marked overrun, and
+    /// the request ends with an error once it has read what came before.
     pub(crate) fn deliver(&self, request_id: u64, msg: FromWorker, last: bool) {
         let Ok(mut pending) = self.pending.lock() else { return };
-        let sender =
-            if last { pending.remove(&request_id) } else { pending.get(&request_id).cloned() };
-        if let Some(s) = sender {
-            // The request may have ended meanwhile; then nobody needs the message.
-            let _ = s.send(msg);
+        let Some(inbox) = pending.get(&request_id) else {
+            // The request ended meanwhile; nobody needs the message.
+            return;
+        };
+        match inbox.tx.try_send(msg) {
+            Ok(()) if !last => {}
+            Ok(()) => {
+                pending.remove(&request_id);
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                inbox.overrun.store(true, Ordering::Relaxed);
+                pending.remove(&request_id);
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                pending.remove(&request_id);
+            }
+        }
+    }
+
+    /// Asks the worker to stop a request. Never dropped: cancels go before any request still
+    /// waiting to be sent.
+    pub(crate) fn cancel(&self, request_id: u64) {
+        let msg = pb::attach_down::Msg::Cancel(pb::CancelRequest { request_id });
+        let _ = self.control.send(pb::AttachDown { msg: Some(msg) });
+    }
+
+    /// Lets the worker send `chunks` more messages of a request.
+    pub(crate) fn grant(&self, request_id: u64, chunks: u32) {
+        let msg = pb::attach_down::Msg::Credit(pb::CreditGrant { request_id, chunks });
+        let _ = self.control.send(pb::AttachDown { msg: Some(msg) });
+    }
+
+    /// The registry declared the worker lost: tells every request in flight on it.
+    pub(crate) fn lost(&self) {
+        if let Ok(pending) = self.pending.lock() {
+            for inbox in pending.values() {
+                // A full inbox holds output already: that request cannot move anyway.
+                let _ = inbox.tx.try_send(FromWorker::Lost);
+            }
         }
     }
 
@@ -180,10 +278,11 @@ impl WorkerLink {
 }
 
 /// The whole table.
-#[derive(Default)]
 pub(crate) struct Table {
     models: RwLock<HashMap<String, Arc<ModelRoute>>>,
     workers: RwLock<HashMap<String, Arc<WorkerLink>>>,
+    /// Most requests one instance holds at a time.
+    pub(crate) instance_limit: u32,
 }
 
 /// Milliseconds on a monotonic-enough wall clock (breaker deadlines only).
@@ -195,6 +294,14 @@ pub(crate) fn clock_ms() -> u64 {
 }
 
 impl Table {
+    pub(crate) fn new(instance_limit: u32) -> Table {
+        Table {
+            models: RwLock::default(),
+            workers: RwLock::default(),
+            instance_limit: instance_limit.max(1),
+        }
+    }
+
     pub(crate) fn model(&self, name: &str) -> Option<Arc<ModelRoute>> {
         self.models.read().ok()?.get(name).cloned()
     }
@@ -205,30 +312,34 @@ impl Table {
     }
 
     /// Adds a deployment (or clears its deleting mark).
-    pub(crate) fn upsert_model(&self, name: &str, deleting: bool) {
+    pub(crate) fn upsert_model(&self, name: &str, deleting: bool) -> Arc<ModelRoute> {
         let route = {
-            let Ok(mut models) = self.models.write() else { return };
+            let mut models = self.models.write().unwrap_or_else(|e| e.into_inner());
             models
                 .entry(name.to_string())
                 .or_insert_with(|| Arc::new(ModelRoute::new(name)))
                 .clone()
         };
         route.deleting.store(deleting, Ordering::Relaxed);
-        route.changed.notify_waiters();
+        route
     }
 
-    /// Forgets a deployment; requests held for it are woken to fail.
-    pub(crate) fn remove_model(&self, name: &str) {
+    /// Forgets a deployment: requests held for it fail, and its metric series go.
+    pub(crate) fn remove_model(self: &Arc<Self>, name: &str) {
         let removed = self.models.write().ok().and_then(|mut m| m.remove(name));
         if let Some(route) = removed {
             route.removed.store(true, Ordering::Relaxed);
-            route.changed.notify_waiters();
+            self.pump(&route);
+            route.metrics.remove(name);
         }
     }
 
     /// Makes an instance routable.
-    pub(crate) fn add_instance(&self, model: &str, instance_id: &str, worker_id: &str) {
+    pub(crate) fn add_instance(self: &Arc<Self>, model: &str, instance_id: &str, worker_id: &str) {
         let Some(route) = self.model(model) else { return };
+        if let Ok(mut starting) = route.starting.lock() {
+            starting.remove(instance_id);
+        }
         if let Ok(mut list) = route.instances.write()
             && !list.iter().any(|i| i.instance_id == instance_id)
         {
@@ -238,12 +349,21 @@ impl Table {
                 in_flight: AtomicU32::new(0),
             }));
         }
-        route.changed.notify_waiters();
+        self.pump(&route);
+    }
+
+    /// Notes an instance placed and starting (capacity on its way).
+    pub(crate) fn starting_instance(&self, model: &str, instance_id: &str) {
+        if let Some(route) = self.model(model)
+            && let Ok(mut starting) = route.starting.lock()
+        {
+            starting.insert(instance_id.to_string());
+        }
     }
 
     /// Stops routing to an instance (draining, stopped, failed, lost). Requests in flight on
     /// it finish.
-    pub(crate) fn remove_instance(&self, model: &str, instance_id: &str) {
+    pub(crate) fn remove_instance(self: &Arc<Self>, model: &str, instance_id: &str) {
         let routes = match self.model(model) {
             Some(r) => vec![r],
             None => self.models(),
@@ -252,26 +372,55 @@ impl Table {
             if let Ok(mut list) = route.instances.write() {
                 list.retain(|i| i.instance_id != instance_id);
             }
+            let was_starting =
+                route.starting.lock().map(|mut s| s.remove(instance_id)).unwrap_or(false);
+            // Capacity that will not come: held requests may now go past `target`.
+            if was_starting {
+                self.pump(&route);
+            }
         }
     }
 
-    /// Stops routing to every instance of a worker.
-    pub(crate) fn remove_worker_instances(&self, worker_id: &str) {
+    /// The Scaler's word on whether the model can be placed (None: it can).
+    pub(crate) fn set_unplaceable(self: &Arc<Self>, model: &str, reason: Option<String>) {
+        let Some(route) = self.model(model) else { return };
+        if let Ok(mut u) = route.unplaceable.write() {
+            *u = reason;
+        }
+        self.pump(&route);
+    }
+
+    /// Sets the deployment's `target`.
+    pub(crate) fn set_target(self: &Arc<Self>, model: &str, target: f64) {
+        let Some(route) = self.model(model) else { return };
+        let t = if target.is_finite() && target >= 1.0 { target.ceil().min(1e6) as u32 } else { 1 };
+        route.target.store(t, Ordering::Relaxed);
+        self.pump(&route);
+    }
+
+    /// Stops routing to every instance of a worker the registry declared lost, and moves its
+    /// attempts that have no output yet elsewhere at once.
+    pub(crate) fn worker_lost(&self, worker_id: &str) {
         for route in self.models() {
             if let Ok(mut list) = route.instances.write() {
                 list.retain(|i| i.worker_id != worker_id);
             }
+        }
+        let link = self.workers.read().ok().and_then(|w| w.get(worker_id).cloned());
+        if let Some(link) = link {
+            link.lost();
         }
     }
 
     /// Replaces the whole table from a full read, keeping in-flight counts of instances that
     /// stay.
     pub(crate) fn reload(
-        &self,
-        deployments: &[(String, bool)],
+        self: &Arc<Self>,
+        deployments: &[Loaded],
         ready: &[(String, String, String)],
+        starting: &[(String, String)],
     ) {
-        let names: HashSet<&str> = deployments.iter().map(|(n, _)| n.as_str()).collect();
+        let names: HashSet<&str> = deployments.iter().map(|d| d.name.as_str()).collect();
         let stale: Vec<String> = self
             .models
             .read()
@@ -280,12 +429,20 @@ impl Table {
         for name in stale {
             self.remove_model(&name);
         }
-        for (name, deleting) in deployments {
-            self.upsert_model(name, *deleting);
+        for d in deployments {
+            let route = self.upsert_model(&d.name, d.deleting);
+            if let Ok(mut u) = route.unplaceable.write() {
+                u.clone_from(&d.unplaceable);
+            }
+            self.set_target(&d.name, d.target);
         }
         let mut by_model: HashMap<&str, Vec<(&str, &str)>> = HashMap::new();
         for (model, instance, worker) in ready {
             by_model.entry(model.as_str()).or_default().push((instance.as_str(), worker.as_str()));
+        }
+        let mut coming: HashMap<&str, HashSet<String>> = HashMap::new();
+        for (model, instance) in starting {
+            coming.entry(model.as_str()).or_default().insert(instance.clone());
         }
         for route in self.models() {
             let fresh = by_model.remove(route.name.as_str()).unwrap_or_default();
@@ -303,7 +460,10 @@ impl Table {
                     list.push(r);
                 }
             }
-            route.changed.notify_waiters();
+            if let Ok(mut s) = route.starting.lock() {
+                *s = coming.remove(route.name.as_str()).unwrap_or_default();
+            }
+            self.pump(&route);
         }
     }
 
@@ -311,7 +471,7 @@ impl Table {
     /// if a newer epoch is attached already. New requests go to the new link; requests in
     /// flight on the old one finish there if both come from the same agent run (the worker
     /// only moved its registry session), and fail at once (to be retried) if not.
-    pub(crate) fn attach(&self, link: Arc<WorkerLink>) -> bool {
+    pub(crate) fn attach(self: &Arc<Self>, link: Arc<WorkerLink>) -> bool {
         let link_run_id = link.run_id.clone();
         let old = {
             let Ok(mut workers) = self.workers.write() else { return false };
@@ -330,7 +490,7 @@ impl Table {
             old.fail_all();
         }
         for route in self.models() {
-            route.changed.notify_waiters();
+            self.pump(&route);
         }
         true
     }
@@ -346,40 +506,55 @@ impl Table {
         link.fail_all();
     }
 
-    /// Picks a route for `route`'s next request: the less loaded of two random ready instances
-    /// on attached workers whose breaker is closed, skipping `exclude`.
-    pub(crate) fn pick(
+    /// Picks and reserves a route for one of `route`'s requests: the least loaded ready
+    /// instance below `limit` on an attached worker whose breaker is closed, not in `exclude`
+    /// (ties broken at random). The caller owns the reservation (one more in flight).
+    pub(crate) fn reserve(
         &self,
         route: &ModelRoute,
         exclude: &HashSet<String>,
+        limit: u32,
     ) -> Option<(Arc<Routable>, Arc<WorkerLink>)> {
         let instances = route.instances.read().ok()?;
         let workers = self.workers.read().ok()?;
         let now = clock_ms();
-        let candidates: Vec<(&Arc<Routable>, &Arc<WorkerLink>)> = instances
-            .iter()
-            .filter(|i| !exclude.contains(&i.instance_id))
-            .filter_map(|i| {
-                workers.get(&i.worker_id).filter(|l| l.breaker.allows(now)).map(|l| (i, l))
-            })
-            .collect();
-        let chosen = match candidates.len() {
-            0 => return None,
-            1 => candidates[0],
-            n => {
-                let a = rand::random_range(0..n);
-                let mut b = rand::random_range(0..n - 1);
-                if b >= a {
-                    b += 1;
+        let n = instances.len();
+        if n == 0 {
+            return None;
+        }
+        let offset = if n > 1 { rand::random_range(0..n) } else { 0 };
+        // Concurrent reservations may take the chosen one's last place: then the next best.
+        for _ in 0..3 {
+            let mut best: Option<(&Arc<Routable>, &Arc<WorkerLink>, u32)> = None;
+            for k in 0..n {
+                let i = &instances[(offset + k) % n];
+                if exclude.contains(&i.instance_id) {
+                    continue;
                 }
-                let (ia, ib) = (candidates[a], candidates[b]);
-                if ib.0.in_flight.load(Ordering::Relaxed) < ia.0.in_flight.load(Ordering::Relaxed) {
-                    ib
-                } else {
-                    ia
+                let load = i.in_flight.load(Ordering::Relaxed);
+                if load >= limit || best.is_some_and(|b| b.2 <= load) {
+                    continue;
+                }
+                if let Some(l) = workers.get(&i.worker_id).filter(|l| l.breaker.allows(now)) {
+                    best = Some((i, l, load));
                 }
             }
-        };
-        Some((chosen.0.clone(), chosen.1.clone()))
+            let (i, l, _) = best?;
+            if i.in_flight
+                .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |c| (c < limit).then_some(c + 1))
+                .is_ok()
+            {
+                return Some((i.clone(), l.clone()));
+            }
+        }
+        None
     }
+}
+
+/// A deployment as a full read of kvstore gives it.
+pub(crate) struct Loaded {
+    pub(crate) name: String,
+    pub(crate) deleting: bool,
+    pub(crate) target: f64,
+    pub(crate) unplaceable: Option<String>,
 }

@@ -54,9 +54,21 @@ pub struct ServeArgs {
     /// Largest gRPC message accepted, in bytes (larger ones get RESOURCE_EXHAUSTED).
     #[arg(long, env = "SLLM_MAX_MESSAGE_BYTES", default_value_t = 4 << 20)]
     pub max_message_bytes: usize,
-    /// Most requests held per model while it has no ready instance.
+    /// Most requests held per model while no instance has room (more get 429 /
+    /// RESOURCE_EXHAUSTED with a retry hint).
     #[arg(long, env = "SLLM_MAX_QUEUE", default_value_t = 256)]
     pub max_queue: usize,
+    /// Longest a request waits for an instance, in seconds (then 504 / DEADLINE_EXCEEDED); a
+    /// client's shorter deadline wins.
+    #[arg(long, env = "SLLM_MAX_HOLD_S", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub max_hold_s: u64,
+    /// Most requests one instance serves at once (while more instances of its model are
+    /// starting, no more than the deployment's `target`).
+    #[arg(long, env = "SLLM_INSTANCE_LIMIT", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub instance_limit: u32,
+    /// Chunks a worker may send for a request ahead of what the client has read.
+    #[arg(long, env = "SLLM_STREAM_WINDOW", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub stream_window: u32,
     /// Inference requests per second allowed to each caller (API key, or IP address without
     /// one), shared by every Dispatch replica through Redis; 0: unlimited.
     #[arg(long, env = "SLLM_RATE_LIMIT", default_value_t = 0.0)]
@@ -240,6 +252,9 @@ pub async fn start(
     if wants(ServiceName::Dispatch) {
         let mut config = dispatch::DispatchConfig::new(replica_id.clone(), secret()?);
         config.max_queue = args.max_queue;
+        config.max_hold = Duration::from_secs(args.max_hold_s);
+        config.instance_limit = args.instance_limit;
+        config.window = args.stream_window;
         if args.rate_limit > 0.0 {
             let limit = kvstore::ratelimit::RateLimit {
                 per_second: args.rate_limit,

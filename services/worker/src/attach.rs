@@ -13,7 +13,7 @@ use sllm_api::v1::attach_down::Msg as Down;
 use sllm_api::v1::attach_up::Msg as Up;
 use sllm_api::v1::dispatch_client::DispatchClient;
 use telemetry::trace::{Kind, Span};
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Endpoint;
@@ -247,12 +247,20 @@ impl Link {
                             span.set("sllm.worker", &self.node);
                             span.set("sllm.instance", &r.instance_id);
                         }
-                        let fut = serve_request(self.backend.clone(), r, tx.clone(), done_tx.clone(), span);
+                        // Flow control: chunks may go up only as Dispatch's client reads them.
+                        let credit = (r.window > 0)
+                            .then(|| Arc::new(Semaphore::new(r.window as usize)));
+                        let fut = serve_request(self.backend.clone(), r, tx.clone(), done_tx.clone(), credit.clone(), span);
                         let task = tokio::spawn(fut);
-                        running.0.insert(id, task.abort_handle());
+                        running.0.insert(id, (task.abort_handle(), credit));
+                    }
+                    Ok(Some(pb::AttachDown { msg: Some(Down::Credit(c)) })) => {
+                        if let Some((_, Some(credit))) = running.0.get(&c.request_id) {
+                            credit.add_permits((c.chunks as usize).min(Semaphore::MAX_PERMITS / 2));
+                        }
                     }
                     Ok(Some(pb::AttachDown { msg: Some(Down::Cancel(c)) })) => {
-                        if let Some(task) = running.0.remove(&c.request_id) {
+                        if let Some((task, _)) = running.0.remove(&c.request_id) {
                             // Dropping the generation's receiver stops the backend.
                             task.abort();
                             let finished = pb::WorkerFinished {
@@ -281,12 +289,13 @@ impl Link {
     }
 }
 
+/// Requests in progress: each one's task, and the chunks it may still send (None: no limit).
 #[derive(Default)]
-struct Running(HashMap<u64, tokio::task::AbortHandle>);
+struct Running(HashMap<u64, (tokio::task::AbortHandle, Option<Arc<Semaphore>>)>);
 
 impl Drop for Running {
     fn drop(&mut self) {
-        for (_, task) in self.0.drain() {
+        for (_, (task, _)) in self.0.drain() {
             task.abort();
         }
     }
@@ -297,6 +306,7 @@ async fn serve_request(
     r: pb::InferenceRequest,
     tx: mpsc::Sender<pb::AttachUp>,
     done: mpsc::UnboundedSender<u64>,
+    credit: Option<Arc<Semaphore>>,
     mut span: Span,
 ) {
     let id = r.request_id;
@@ -322,6 +332,15 @@ async fn serve_request(
                 None => break,
             },
         };
+        // A chunk waits for credit; while it waits the backend is not read, so generation
+        // pauses too (an engine's stream stops being read). What piled up meanwhile goes up as
+        // one chunk.
+        if let (Output::Text { .. }, Some(credit)) = (&o, &credit) {
+            match credit.acquire().await {
+                Ok(permit) => permit.forget(),
+                Err(_) => break,
+            }
+        }
         let msg = match o {
             Output::Text { mut text, mut tokens, mut events, mut logprobs } => {
                 // Text already waiting goes up in one message: under load the stream carries

@@ -238,14 +238,16 @@ class WorkerError(_message.Message):
     def __init__(self, request_id: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., http_status: _Optional[int] = ..., body: _Optional[str] = ...) -> None: ...
 
 class AttachDown(_message.Message):
-    __slots__ = ("welcome", "request", "cancel")
+    __slots__ = ("welcome", "request", "cancel", "credit")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     CANCEL_FIELD_NUMBER: _ClassVar[int]
+    CREDIT_FIELD_NUMBER: _ClassVar[int]
     welcome: AttachWelcome
     request: InferenceRequest
     cancel: CancelRequest
-    def __init__(self, welcome: _Optional[_Union[AttachWelcome, _Mapping]] = ..., request: _Optional[_Union[InferenceRequest, _Mapping]] = ..., cancel: _Optional[_Union[CancelRequest, _Mapping]] = ...) -> None: ...
+    credit: CreditGrant
+    def __init__(self, welcome: _Optional[_Union[AttachWelcome, _Mapping]] = ..., request: _Optional[_Union[InferenceRequest, _Mapping]] = ..., cancel: _Optional[_Union[CancelRequest, _Mapping]] = ..., credit: _Optional[_Union[CreditGrant, _Mapping]] = ...) -> None: ...
 
 class AttachWelcome(_message.Message):
     __slots__ = ("dispatch_id",)
@@ -254,7 +256,7 @@ class AttachWelcome(_message.Message):
     def __init__(self, dispatch_id: _Optional[str] = ...) -> None: ...
 
 class InferenceRequest(_message.Message):
-    __slots__ = ("request_id", "instance_id", "model", "prompt", "chat", "params", "traceparent", "openai")
+    __slots__ = ("request_id", "instance_id", "model", "prompt", "chat", "params", "traceparent", "openai", "window")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -263,6 +265,7 @@ class InferenceRequest(_message.Message):
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
     OPENAI_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     instance_id: str
     model: str
@@ -271,7 +274,8 @@ class InferenceRequest(_message.Message):
     params: SamplingParams
     traceparent: str
     openai: OpenAiRequest
-    def __init__(self, request_id: _Optional[int] = ..., instance_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., traceparent: _Optional[str] = ..., openai: _Optional[_Union[OpenAiRequest, _Mapping]] = ...) -> None: ...
+    window: int
+    def __init__(self, request_id: _Optional[int] = ..., instance_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., traceparent: _Optional[str] = ..., openai: _Optional[_Union[OpenAiRequest, _Mapping]] = ..., window: _Optional[int] = ...) -> None: ...
 
 class OpenAiRequest(_message.Message):
     __slots__ = ("endpoint", "body", "response_id", "created", "model")
@@ -286,6 +290,14 @@ class OpenAiRequest(_message.Message):
     created: int
     model: str
     def __init__(self, endpoint: _Optional[_Union[OpenAiEndpoint, str]] = ..., body: _Optional[str] = ..., response_id: _Optional[str] = ..., created: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
+
+class CreditGrant(_message.Message):
+    __slots__ = ("request_id", "chunks")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    chunks: int
+    def __init__(self, request_id: _Optional[int] = ..., chunks: _Optional[int] = ...) -> None: ...
 
 class CancelRequest(_message.Message):
     __slots__ = ("request_id",)
