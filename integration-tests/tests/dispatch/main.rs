@@ -5,8 +5,10 @@
 
 mod cold;
 mod failures;
+mod flow;
 mod limits;
 mod openai;
+mod room;
 mod warm;
 
 use std::time::Duration;

@@ -111,3 +111,43 @@ pub(crate) async fn open(
     });
     Ok(Down { control, requests: rx })
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use tokio_stream::StreamExt;
+
+    use super::*;
+
+    fn request(id: u64) -> Result<pb::AttachDown, Status> {
+        let r = pb::InferenceRequest { request_id: id, ..Default::default() };
+        Ok(pb::AttachDown { msg: Some(pb::attach_down::Msg::Request(r)) })
+    }
+
+    /// With the request queue full, a cancel is neither dropped nor stuck behind it.
+    #[tokio::test]
+    async fn a_cancel_goes_down_before_a_full_queue_of_requests() {
+        let (tx, rx) = mpsc::channel(2);
+        let (control_tx, control) = mpsc::unbounded_channel();
+        let link = WorkerLink::new("w".into(), 1, "r".into(), tx.clone(), control_tx);
+        tx.try_send(request(1)).unwrap();
+        tx.try_send(request(2)).unwrap();
+        assert!(tx.try_send(request(3)).is_err(), "the queue is full");
+        for id in [1, 2] {
+            link.cancel(id);
+        }
+        link.grant(2, 16);
+        let mut down = Down { control, requests: rx };
+        let mut order = Vec::new();
+        for _ in 0..5 {
+            match down.next().await.unwrap().unwrap().msg.unwrap() {
+                pb::attach_down::Msg::Cancel(c) => order.push(format!("cancel {}", c.request_id)),
+                pb::attach_down::Msg::Credit(c) => order.push(format!("credit {}", c.request_id)),
+                pb::attach_down::Msg::Request(r) => order.push(format!("request {}", r.request_id)),
+                pb::attach_down::Msg::Welcome(_) => order.push("welcome".into()),
+            }
+        }
+        assert_eq!(order, ["cancel 1", "cancel 2", "credit 2", "request 1", "request 2"]);
+    }
+}

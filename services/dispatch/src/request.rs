@@ -184,7 +184,8 @@ impl Dispatch {
             Some(cap) => Some(job.deadline.map_or(cap, |d| d.min(cap))),
             None => job.deadline,
         };
-        let (tx, rx) = mpsc::channel(64);
+        // Small: the worker's window keeps output coming; this only smooths the writer.
+        let (tx, rx) = mpsc::channel(8);
         // The request's spans are parents by hand, not entered at every poll: entering and
         // leaving a span costs more than the rest of a warm request's tracing together.
         let span = std::mem::take(span);

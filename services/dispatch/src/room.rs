@@ -173,16 +173,22 @@ impl Table {
                 room.queue.clear();
             }
             let limit = route.limit(self.instance_limit);
+            let coming = route.starting.lock().map(|s| !s.is_empty()).unwrap_or(false);
             let none = HashSet::new();
             while let Some(head) = room.queue.front() {
                 if head.tx.is_closed() {
                     room.queue.pop_front();
                     continue;
                 }
-                // Another instance than the ones that failed this request if one has room;
-                // else the same again (it may have been a passing fault; its breaker judges).
+                // Another instance than the ones that failed this request if one has room, or
+                // one is on its way; else the same again (it may have been a passing fault;
+                // its breaker judges).
                 let got = self.reserve(route, &head.exclude, limit).or_else(|| {
-                    if head.exclude.is_empty() { None } else { self.reserve(route, &none, limit) }
+                    if head.exclude.is_empty() || coming {
+                        None
+                    } else {
+                        self.reserve(route, &none, limit)
+                    }
                 });
                 let Some(got) = got else { break };
                 let slot = Slot::new(self, route, got);
