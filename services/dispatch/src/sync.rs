@@ -16,20 +16,25 @@ use crate::table::Loaded;
 /// Reads deployments and ready instances into the table; retries until Redis answers.
 /// Returns the event position the table is current as of.
 pub(crate) async fn load(inner: &Arc<Inner>, shutdown: &CancellationToken) -> Position {
-    let mut delay = Duration::from_millis(50);
-    loop {
-        match try_load(inner).await {
-            Ok(p) => return p,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot load the routing table; retrying");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Position::start(),
-                    _ = tokio::time::sleep(delay) => {}
-                }
-                delay = (delay * 2).min(Duration::from_secs(2));
-            }
-        }
+    let attempt = || async {
+        try_load(inner).await.inspect_err(|e| {
+            tracing::warn!(error = %e, "cannot load the routing table; retrying");
+        })
+    };
+    tokio::select! {
+        _ = shutdown.cancelled() => Position::start(),
+        // Retried until Redis answers (the iterator never ends).
+        r = tokio_retry::Retry::start(backoff(), attempt) => r.unwrap_or_else(|_| Position::start()),
     }
+}
+
+/// Pauses between tries against Redis: from 50 ms, doubling, at most 2 s, with jitter. The
+/// workspace's one policy, tokio-retry's.
+fn backoff() -> impl Iterator<Item = Duration> {
+    tokio_retry::strategy::ExponentialBackoff::from_millis(2)
+        .factor(25)
+        .max_delay(Duration::from_secs(2))
+        .map(tokio_retry::strategy::jitter)
 }
 
 async fn try_load(inner: &Arc<Inner>) -> kvstore::Result<Position> {
@@ -71,7 +76,7 @@ pub(crate) async fn run(
 
 async fn events(inner: Arc<Inner>, position: Position, shutdown: CancellationToken) {
     let mut reader = inner.store.event_reader(position);
-    let mut delay = Duration::from_millis(50);
+    let mut delays = backoff();
     loop {
         let batch = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -79,7 +84,7 @@ async fn events(inner: Arc<Inner>, position: Position, shutdown: CancellationTok
         };
         match batch {
             Ok(EventBatch::Events(events)) => {
-                delay = Duration::from_millis(50);
+                delays = backoff();
                 for e in events {
                     apply(&inner, &e);
                     if e.kind == "deployment.created" {
@@ -102,11 +107,11 @@ async fn events(inner: Arc<Inner>, position: Position, shutdown: CancellationTok
             Err(e) => {
                 // Redis is away: keep routing from memory; resume from the same position.
                 tracing::warn!(error = %e, "event stream interrupted; serving from memory");
+                let delay = delays.next().unwrap_or(Duration::from_secs(2));
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep(delay) => {}
                 }
-                delay = (delay * 2).min(Duration::from_secs(2));
             }
         }
     }
