@@ -12,6 +12,8 @@ pub(crate) struct View {
     pub(crate) deployments: BTreeMap<String, DeploymentRecord>,
     pub(crate) workers: BTreeMap<String, WorkerRecord>,
     pub(crate) demand: BTreeMap<String, Demand>,
+    /// Models marked as impossible to place, with why (as recorded in Redis).
+    pub(crate) unplaceable: HashMap<String, String>,
     instances: HashMap<String, InstanceRecord>,
     by_model: HashMap<String, BTreeSet<String>>,
     by_worker: HashMap<String, BTreeSet<String>>,
@@ -20,16 +22,18 @@ pub(crate) struct View {
 impl View {
     /// Reads everything.
     pub(crate) async fn load(store: &Store) -> kvstore::Result<View> {
-        let (deployments, instances, workers, demand) = tokio::try_join!(
+        let (deployments, instances, workers, demand, unplaceable) = tokio::try_join!(
             store.list_deployments(),
             store.live_instances(),
             store.list_workers(),
             store.read_demand(),
+            store.unplaceable_models(),
         )?;
         let mut view = View {
             deployments: deployments.into_iter().map(|d| (d.spec.model.clone(), d)).collect(),
             workers: workers.into_iter().map(|w| (w.worker_id.clone(), w)).collect(),
             demand,
+            unplaceable,
             ..View::default()
         };
         for i in instances {
@@ -71,9 +75,18 @@ impl View {
             .count() as u32
     }
 
-    /// How many instances of `model` run on `worker`.
+    /// How many instances of `model` on `worker` count as its capacity there (pending,
+    /// loading or ready; not draining or lost).
     pub(crate) fn replicas_on(&self, worker: &str, model: &str) -> usize {
-        self.instances_on(worker).filter(|i| i.model == model).count()
+        self.instances_on(worker)
+            .filter(|i| i.model == model)
+            .filter(|i| {
+                matches!(
+                    i.status,
+                    InstanceStatus::Pending | InstanceStatus::Loading | InstanceStatus::Ready
+                )
+            })
+            .count()
     }
 
     /// Adds or replaces a live instance.
