@@ -206,6 +206,9 @@ impl Leader {
     /// keep_alive just ran out. This is what makes a model scale down within a fraction of a
     /// second of its keep_alive, not a tick later.
     async fn poll_demand(&mut self) -> Result<(), StepDown> {
+        if self.view.deployments.is_empty() {
+            return Ok(());
+        }
         let fresh = match self.store.read_demand().await {
             Ok(d) => d,
             Err(e) => {
@@ -222,8 +225,13 @@ impl Leader {
                 due.insert(m.clone());
             }
             let keep_alive = Duration::from_secs(u64::from(d.spec.autoscaling.keep_alive_s));
-            let below = self.models.get(m).and_then(|s| s.below_since);
+            let state = self.models.get(m);
+            let below = state.and_then(|s| s.below_since);
             if below.is_some_and(|since| now.duration_since(since) >= keep_alive) {
+                due.insert(m.clone());
+            }
+            // A failed start's backoff ran out: place its replacement now, not a tick later.
+            if state.and_then(|s| s.retry_at).is_some_and(|t| t <= now) {
                 due.insert(m.clone());
             }
         }
@@ -370,12 +378,7 @@ impl Leader {
 
     async fn refresh_worker(&mut self, id: &str) {
         match self.store.get_worker(id).await {
-            Ok(Some(w)) => {
-                self.view.workers.insert(id.to_string(), w);
-            }
-            Ok(None) => {
-                self.view.workers.remove(id);
-            }
+            Ok(rec) => self.view.set_worker(id, rec),
             Err(e) => tracing::warn!(error = %e, "cannot read worker {id}"),
         }
     }
@@ -426,6 +429,9 @@ impl Leader {
             state.last_version = d.version;
         }
         state.avoid.retain(|_, until| *until > now);
+        if state.retry_at.is_some_and(|t| t <= now) {
+            state.retry_at = None;
+        }
         let deleting = d.status == kvstore::DeploymentStatus::Deleting;
         let reported = self.view.demand.get(model).map(|x| x.total()).unwrap_or(0);
         let announced = match state.event_demand {
@@ -893,10 +899,7 @@ impl Leader {
         let verdict = if d.status == kvstore::DeploymentStatus::Deleting {
             None
         } else {
-            policy::unplaceable(
-                self.view.workers.values().filter(|w| w.status == WorkerStatus::Ready),
-                d.spec.num_gpus,
-            )
+            policy::unplaceable(self.view.largest_ready_worker(), d.spec.num_gpus)
         };
         if verdict.as_deref() != self.view.unplaceable.get(model).map(String::as_str) {
             let reason = verdict.as_deref().unwrap_or("");

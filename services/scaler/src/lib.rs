@@ -4,8 +4,11 @@
 //! leader writes desired counts and sends commands (a deposed leader's writes are refused by the
 //! scripts). Demand per model is what Dispatch replicas report (queued + in flight); desired is
 //! clamp(ceil(demand / target), min, max), raised at once and lowered only after `keep_alive`.
-//! A demand event from a cold request starts a model within milliseconds; a periodic tick is
-//! the safety net. It must never call another service.
+//! A demand event from a cold request starts a model within milliseconds; demand is read again
+//! every 200 ms, so a model scales down within a fraction of a second of its keep_alive; a
+//! periodic tick is the safety net. New instances go where they start fastest, spread over
+//! workers (see [`policy`]); starts that hang are failed and replaced; a model no worker can
+//! hold is marked unplaceable for Dispatch. It must never call another service.
 
 mod actor;
 mod clocks;

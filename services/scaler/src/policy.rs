@@ -192,14 +192,16 @@ pub fn place<'a>(
     best.map(|(c, _)| c)
 }
 
-/// Why instances needing `num_gpus` GPUs can never be placed on the live fleet `workers` as it
-/// is (judged by each worker's GPU count, not its free GPUs), or None if some worker could hold
-/// one. None too when `workers` is empty: workers may still be starting.
-pub fn unplaceable<'a>(
-    workers: impl Iterator<Item = &'a WorkerRecord>,
-    num_gpus: u32,
-) -> Option<String> {
-    let largest = workers.map(|w| w.inventory.gpus.len()).max()?;
+/// The GPU count of the largest of `workers` (the live fleet), or None if there are none.
+pub fn largest_worker<'a>(workers: impl Iterator<Item = &'a WorkerRecord>) -> Option<usize> {
+    workers.map(|w| w.inventory.gpus.len()).max()
+}
+
+/// Why instances needing `num_gpus` GPUs can never be placed on a live fleet whose largest
+/// worker has `largest` GPUs (see [`largest_worker`]; judged by GPU counts, not free GPUs), or
+/// None if it could hold one. None too with no live worker: workers may still be starting.
+pub fn unplaceable(largest: Option<usize>, num_gpus: u32) -> Option<String> {
+    let largest = largest?;
     (largest < num_gpus as usize).then(|| {
         let gpus = |n: usize| if n == 1 { "1 GPU".to_string() } else { format!("{n} GPUs") };
         format!("needs {}; the largest worker has {}", gpus(num_gpus as usize), largest)
@@ -378,19 +380,22 @@ mod tests {
         let mut busy = worker("w1", 4, &[]);
         busy.free_gpus.clear();
         let ws = [busy, worker("w2", 2, &[])];
+        let largest = largest_worker(ws.iter());
+        assert_eq!(largest, Some(4));
         assert_eq!(
-            unplaceable(ws.iter(), 64).as_deref(),
+            unplaceable(largest, 64).as_deref(),
             Some("needs 64 GPUs; the largest worker has 4")
         );
         assert_eq!(
-            unplaceable(ws.iter(), 5).as_deref(),
+            unplaceable(largest, 5).as_deref(),
             Some("needs 5 GPUs; the largest worker has 4")
         );
         // Waiting for w1's GPUs to free up is not unplaceable.
-        assert_eq!(unplaceable(ws.iter(), 4), None);
-        assert_eq!(unplaceable(ws.iter(), 1), None);
+        assert_eq!(unplaceable(largest, 4), None);
+        assert_eq!(unplaceable(largest, 1), None);
         // No live worker says nothing: workers may be starting.
-        assert_eq!(unplaceable([].iter(), 64), None);
+        assert_eq!(largest_worker([].iter()), None);
+        assert_eq!(unplaceable(None, 64), None);
     }
 
     #[test]

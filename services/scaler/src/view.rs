@@ -14,6 +14,8 @@ pub(crate) struct View {
     pub(crate) demand: BTreeMap<String, Demand>,
     /// Models marked as impossible to place, with why (as recorded in Redis).
     pub(crate) unplaceable: HashMap<String, String>,
+    /// GPUs of the largest ready worker (None: no ready worker), kept by [`View::set_worker`].
+    largest_ready: Option<usize>,
     instances: HashMap<String, InstanceRecord>,
     by_model: HashMap<String, BTreeSet<String>>,
     by_worker: HashMap<String, BTreeSet<String>>,
@@ -39,7 +41,28 @@ impl View {
         for i in instances {
             view.insert(i);
         }
+        view.recount_fleet();
         Ok(view)
+    }
+
+    /// Replaces (or, with None, forgets) one worker.
+    pub(crate) fn set_worker(&mut self, id: &str, rec: Option<WorkerRecord>) {
+        match rec {
+            Some(w) => self.workers.insert(id.to_string(), w),
+            None => self.workers.remove(id),
+        };
+        self.recount_fleet();
+    }
+
+    /// GPUs of the largest ready worker, or None if no worker is ready.
+    pub(crate) fn largest_ready_worker(&self) -> Option<usize> {
+        self.largest_ready
+    }
+
+    fn recount_fleet(&mut self) {
+        self.largest_ready = crate::policy::largest_worker(
+            self.workers.values().filter(|w| w.status == kvstore::WorkerStatus::Ready),
+        );
     }
 
     /// One live instance.
