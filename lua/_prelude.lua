@@ -24,6 +24,7 @@ local K = {
   demand_reporters = ROOT .. 'demand_reporters',
   dispatchers = ROOT .. 'dispatchers',
   dispatcher_endpoints = ROOT .. 'dispatcher_endpoints',
+  unplaceable = ROOT .. 'unplaceable',
   deployment = function(name) return ROOT .. 'deployment:' .. name end,
   deployments_status = function(s) return ROOT .. 'deployments:status:' .. s end,
   model_instances = function(name) return ROOT .. 'instances:model:' .. name end,

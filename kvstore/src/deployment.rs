@@ -283,6 +283,38 @@ impl Store {
         Ok(reply.u64(0)? as u32)
     }
 
+    /// Records, fenced by the leader lease, that `model` cannot be placed on any live worker
+    /// and why; an empty `reason` records that it can be placed again. The `unplaceable` hash
+    /// and a `deployment.unplaceable {reason}` event change together, and only when the verdict
+    /// changes. Returns whether it changed. Marking a model that is not deployed is refused
+    /// with NotFound; clearing one is always allowed.
+    pub async fn set_unplaceable(
+        &self,
+        lease: &LeaderLease,
+        model: &str,
+        reason: &str,
+    ) -> Result<bool> {
+        names::validate_model_name("model", model)?;
+        if reason.len() > 1024 {
+            return Err(Error::invalid("reason", "is longer than 1024 bytes"));
+        }
+        let token = lease.token.to_string();
+        let reply = self
+            .run_ok(
+                "deployment_set_unplaceable",
+                &self.scripts().deployment_set_unplaceable,
+                &[Arg::Str(model), Arg::Str(&lease.role), Arg::Str(&token), Arg::Str(reason)],
+            )
+            .await?;
+        Ok(reply.str(0)? == "1")
+    }
+
+    /// Every model the Scaler cannot place on any live worker, with why (model -> reason).
+    /// Read on start by a service that then follows `deployment.unplaceable` events.
+    pub async fn unplaceable_models(&self) -> Result<HashMap<String, String>> {
+        self.read(redis::cmd("HGETALL").arg(self.keys().unplaceable())).await
+    }
+
     /// One deployment, or None.
     pub async fn get_deployment(&self, model: &str) -> Result<Option<DeploymentRecord>> {
         names::validate_model_name("model", model)?;

@@ -57,6 +57,12 @@ impl Store {
                 }
             }
         }
+        // An unplaceable mark never outlives its deployment.
+        for model in self.unplaceable_models().await?.keys() {
+            if !deployments.contains_key(model) {
+                bad.push(format!("model {model} is marked unplaceable but not deployed"));
+            }
+        }
 
         // Workers, their status index and the lease index.
         let worker_ids: Vec<String> = {

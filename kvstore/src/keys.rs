@@ -130,6 +130,10 @@ impl Keys {
     pub fn dispatcher_endpoints(&self) -> String {
         self.k("dispatcher_endpoints", "")
     }
+    /// Hash: model -> why the Scaler cannot place it on any live worker.
+    pub fn unplaceable(&self) -> String {
+        self.k("unplaceable", "")
+    }
     /// A caller's rate-limit token bucket.
     pub fn ratelimit(&self, bucket: &str) -> String {
         self.k("ratelimit:", bucket)

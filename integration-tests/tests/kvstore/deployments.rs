@@ -106,3 +106,69 @@ async fn desired_count_is_fenced_by_the_leader_lease() {
     let err = store.set_desired(&new, "gone", 1, "", "").await.unwrap_err();
     assert_eq!(err.refusal(), Some(&Refusal::NotFound));
 }
+
+/// The `deployment.unplaceable` events since `reader`'s position, as (model, reason).
+async fn unplaceable_events(reader: &mut kvstore::EventReader) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    loop {
+        match reader.next_batch(std::time::Duration::ZERO, 1000).await.unwrap() {
+            kvstore::EventBatch::Events(e) if e.is_empty() => return out,
+            kvstore::EventBatch::Events(e) => {
+                out.extend(e.into_iter().filter(|e| e.kind == "deployment.unplaceable").map(|e| {
+                    let reason = e.field("reason").unwrap_or("<no reason field>").to_string();
+                    (e.entity, reason)
+                }))
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn unplaceable_marks_are_fenced_published_on_change_and_go_with_the_deployment() {
+    let (_redis, store) = setup().await;
+    store.create_deployment(&spec("big")).await.unwrap();
+    store.create_deployment(&spec("small")).await.unwrap();
+    let lease = lead(&store, "scaler-a").await;
+    let mut reader = store.event_reader(store.event_position().await.unwrap());
+    let why = "needs 64 GPUs; the largest worker has 4";
+
+    assert!(store.set_unplaceable(&lease, "big", why).await.unwrap());
+    // The same verdict again is no change: no second event.
+    assert!(!store.set_unplaceable(&lease, "big", why).await.unwrap());
+    // Clearing a model that was never marked is no change either.
+    assert!(!store.set_unplaceable(&lease, "small", "").await.unwrap());
+    assert_eq!(unplaceable_events(&mut reader).await, [("big".to_string(), why.to_string())]);
+    let marks = store.unplaceable_models().await.unwrap();
+    assert_eq!(marks.len(), 1);
+    assert_eq!(marks["big"], why);
+
+    // Only the leader writes; a model that is not deployed cannot be marked.
+    store.release_leader(&lease).await.unwrap();
+    let new = lead(&store, "scaler-b").await;
+    let err = store.set_unplaceable(&lease, "big", "").await.unwrap_err();
+    assert_eq!(err.refusal(), Some(&Refusal::NotLeader));
+    let err = store.set_unplaceable(&new, "nope", why).await.unwrap_err();
+    assert_eq!(err.refusal(), Some(&Refusal::NotFound));
+    let err = store.set_unplaceable(&new, "bad name!", why).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+
+    // Placeable again: the mark goes and an event with an empty reason says so.
+    assert!(store.set_unplaceable(&new, "big", "").await.unwrap());
+    assert!(store.unplaceable_models().await.unwrap().is_empty());
+    assert_eq!(unplaceable_events(&mut reader).await, [("big".to_string(), String::new())]);
+
+    // Removing a marked deployment clears its mark, with the clearing event.
+    assert!(store.set_unplaceable(&new, "small", "no worker has 1 free GPU").await.unwrap());
+    store.mark_deployment_deleting("small").await.unwrap();
+    store.remove_deployment("small").await.unwrap();
+    assert!(store.unplaceable_models().await.unwrap().is_empty());
+    assert_eq!(
+        unplaceable_events(&mut reader).await,
+        [
+            ("small".to_string(), "no worker has 1 free GPU".to_string()),
+            ("small".to_string(), String::new())
+        ]
+    );
+    assert!(store.check_invariants().await.unwrap().is_empty());
+}

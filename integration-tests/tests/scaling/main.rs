@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod models;
+mod placement;
 mod scaling;
 
 use std::time::Duration;

@@ -3,7 +3,7 @@ use std::time::Duration;
 
 use kvstore::{EventBatch, InstanceStatus};
 use sllm_api::v1 as pb;
-use sllm_integration_tests::eventually;
+use sllm_integration_tests::{DispatchReplica, Served, eventually};
 
 use crate::*;
 
@@ -240,4 +240,92 @@ async fn instances_on_a_lost_worker_are_replaced() {
     assert_ne!(replaced.instance_id, first[0].instance_id);
     let old = c.store.get_instance(&first[0].instance_id).await.unwrap().unwrap();
     assert_eq!(old.status, InstanceStatus::Lost, "kept (not routable) in case the worker returns");
+}
+
+#[tokio::test]
+async fn a_model_scales_to_zero_within_a_second_of_its_keep_alive() {
+    let c = Cluster::start().await;
+    let _w = c.worker("w1", fast_sim()).await;
+    // The production pace: a 1 s tick, and Dispatch reporting demand every 250 ms.
+    let mut config = ::scaler::ScalerConfig::new("s1");
+    config.drain_grace = Duration::from_secs(2);
+    let _s = Served::scaler(c.store.clone(), config).await.unwrap();
+    let d = DispatchReplica::start(c.store.clone(), "d1", |d| {
+        d.report_interval = Duration::from_millis(250);
+    })
+    .await
+    .unwrap();
+    c.deploy("m", 0, 2, 1.0, 2).await;
+
+    // A cold request: held, the model starts, the answer streams back.
+    let mut client = d.client().await.unwrap();
+    let request = pb::GenerateRequest {
+        model: "m".into(),
+        input: Some(pb::generate_request::Input::Prompt("hello".into())),
+        params: Some(pb::SamplingParams { max_tokens: 4, ..Default::default() }),
+        progress: false,
+        timeout_ms: 10_000,
+    };
+    let mut stream = client.generate(request).await.unwrap().into_inner();
+    let mut finished = false;
+    while let Some(e) = stream.message().await.unwrap() {
+        finished |= matches!(e.event, Some(pb::generate_event::Event::Finished(_)));
+    }
+    assert!(finished, "the request was served");
+    let ended = std::time::Instant::now();
+
+    eventually(Duration::from_secs(10), "scaled to zero", || async {
+        c.instances("m").await.is_empty().then_some(())
+    })
+    .await
+    .unwrap();
+    let took = ended.elapsed();
+    assert!(took >= Duration::from_secs(2), "stopped before keep_alive: {took:?}");
+    assert!(took < Duration::from_secs(3), "stopped {took:?} after the last request ended");
+}
+
+#[tokio::test]
+async fn an_instance_stuck_loading_is_failed_and_replaced() {
+    let c = Cluster::start().await;
+    // The fastest worker for the model hangs while loading it.
+    let mut hung = fast_sim();
+    hung.hang_load.insert("m".into());
+    hung.checkpoints.insert("m".into(), (4 << 30, pb::CheckpointTier::HostMemory));
+    let w_hung = c.worker("w-hung", hung).await;
+    let _w_ok = c.worker("w-ok", fast_sim()).await;
+    let mut config = scaler_config("s1");
+    config.start_timeout = Duration::from_secs(1);
+    let s = Served::scaler(c.store.clone(), config).await.unwrap();
+    c.deploy("m", 1, 1, 1.0, 60).await;
+
+    let stuck = eventually(Duration::from_secs(5), "loading on w-hung", || async {
+        c.instances("m").await.into_iter().find(|i| i.status == InstanceStatus::Loading)
+    })
+    .await
+    .unwrap();
+    assert_eq!(stuck.worker_id, "w-hung");
+    let seen = std::time::Instant::now();
+    let ready = c.settled("m", 1, Duration::from_secs(10)).await;
+    assert_eq!(ready[0].worker_id, "w-ok", "replaced elsewhere");
+    assert!(seen.elapsed() >= Duration::from_millis(700), "not failed before the timeout");
+
+    let old = c.store.get_instance(&stuck.instance_id).await.unwrap().unwrap();
+    assert_eq!(old.status, InstanceStatus::Failed);
+    assert_eq!(old.reason, "stuck in loading for more than 1 s");
+    // The hung engine was stopped and its GPU given back.
+    eventually(Duration::from_secs(5), "stopped on w-hung", || async {
+        w_hung.backend.inventory_running().is_empty().then_some(())
+    })
+    .await
+    .unwrap();
+    // `sllm status` shows why the replacement was made.
+    let mut status = pb::scaler_client::ScalerClient::new(s.channel().await.unwrap());
+    let st = status
+        .get_scale_status(pb::GetScaleStatusRequest { model: "m".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let reason = st.last_decision.unwrap().reason;
+    assert!(reason.contains("stuck in loading for more than 1 s"), "{reason}");
+    assert!(reason.contains("placed") && reason.contains("on w-ok"), "{reason}");
 }

@@ -13,11 +13,22 @@ use kvstore::{
 use prost::Message;
 use sllm_api::v1 as pb;
 use tokio::sync::mpsc;
+use tokio_retry::strategy::{ExponentialBackoff, jitter};
 use tokio_util::sync::CancellationToken;
 
 use crate::ScalerConfig;
+use crate::clocks::Clocks;
 use crate::policy;
 use crate::view::View;
+
+/// The Scaler's one retry policy (reads after a Redis error, starts after a failed load):
+/// exponential from 100 ms, doubling up to 5 s, with full jitter so replicas and models that
+/// failed together do not retry together.
+pub(crate) fn backoff() -> impl Iterator<Item = Duration> {
+    // tokio-retry raises the base to the attempt number and multiplies by the factor:
+    // 2^1 * 50 = 100 ms, then 200, 400 ... ms.
+    ExponentialBackoff::from_millis(2).factor(50).max_delay(Duration::from_secs(5)).map(jitter)
+}
 
 /// Why the leader stopped leading.
 pub(crate) enum StepDown {
@@ -39,10 +50,14 @@ struct ModelState {
     retry_at: Option<Instant>,
     avoid: HashMap<String, Instant>,
     gave_up: Option<String>,
+    /// The last failure of one of its instances, told in the decision that replaces it.
+    last_failure: Option<String>,
     last_version: u64,
 }
 
-/// How long an announced demand counts without a report confirming it.
+/// How long an announced demand counts without a report confirming it. Dispatch reports every
+/// 250 ms; once an instance of the model is ready the announcement is dropped at once, so a
+/// short cold request does not hold the model up beyond its keep_alive.
 const EVENT_DEMAND_TTL: Duration = Duration::from_secs(3);
 
 pub(crate) struct Leader {
@@ -51,8 +66,7 @@ pub(crate) struct Leader {
     lease: LeaderLease,
     view: View,
     models: HashMap<String, ModelState>,
-    lost_since: HashMap<String, Instant>,
-    draining_since: HashMap<String, Instant>,
+    clocks: Clocks,
 }
 
 enum Input {
@@ -68,8 +82,7 @@ impl Leader {
             lease,
             view: View::default(),
             models: HashMap::new(),
-            lost_since: HashMap::new(),
-            draining_since: HashMap::new(),
+            clocks: Clocks::default(),
         }
     }
 
@@ -87,17 +100,20 @@ impl Leader {
         tracing::info!(holder = %lease.holder, token = lease.token, "leading");
         let mut leader = Leader::new(store.clone(), config, lease);
         // Take the stream position before the full read: events after it are applied on top.
-        let position = loop {
-            match store.event_position().await {
-                Ok(p) => break p,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot read the event position");
-                    if shutdown.is_cancelled() {
-                        return StepDown::Shutdown;
-                    }
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
+        let read_position = tokio_retry::Retry::start(backoff(), || async {
+            let p = store.event_position().await;
+            if let Err(e) = &p {
+                tracing::warn!(error = %e, "cannot read the event position");
             }
+            p
+        });
+        let position = tokio::select! {
+            _ = shutdown.cancelled() => return StepDown::Shutdown,
+            p = read_position => match p {
+                Ok(p) => p,
+                // The policy never gives up; should it, competing again is the safe answer.
+                Err(_) => return StepDown::LostLease,
+            },
         };
         let (tx, mut rx) = mpsc::channel(64);
         let reader_stop = CancellationToken::new();
@@ -122,9 +138,11 @@ impl Leader {
         let mut renew = tokio::time::interval(self.config.lease / 3);
         let mut tick = tokio::time::interval(self.config.tick);
         let mut resync = tokio::time::interval(self.config.resync);
+        let mut demand = tokio::time::interval(self.config.demand_poll);
         renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        demand.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // The first resync fires at once: it is the full read every leader starts with.
         loop {
             let result = tokio::select! {
@@ -132,6 +150,7 @@ impl Leader {
                 _ = renew.tick() => self.renew().await,
                 _ = resync.tick() => self.full_pass("resync").await,
                 _ = tick.tick() => self.tick().await,
+                _ = demand.tick() => self.poll_demand().await,
                 input = rx.recv() => match input {
                     Some(Input::Events(events)) => self.apply(events).await,
                     Some(Input::Resync) | None => self.full_pass("resync").await,
@@ -183,6 +202,46 @@ impl Leader {
         Ok(())
     }
 
+    /// Between ticks: fresh demand, and a decision for the models whose demand changed or whose
+    /// keep_alive just ran out. This is what makes a model scale down within a fraction of a
+    /// second of its keep_alive, not a tick later.
+    async fn poll_demand(&mut self) -> Result<(), StepDown> {
+        if self.view.deployments.is_empty() {
+            return Ok(());
+        }
+        let fresh = match self.store.read_demand().await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read demand");
+                return Ok(());
+            }
+        };
+        let now = Instant::now();
+        let total = |d: Option<&kvstore::Demand>| d.map(|x| x.total()).unwrap_or(0);
+        let mut due: BTreeSet<String> = BTreeSet::new();
+        for d in self.view.deployments.values() {
+            let m = &d.spec.model;
+            if total(fresh.get(m)) != total(self.view.demand.get(m)) {
+                due.insert(m.clone());
+            }
+            let keep_alive = Duration::from_secs(u64::from(d.spec.autoscaling.keep_alive_s));
+            let state = self.models.get(m);
+            let below = state.and_then(|s| s.below_since);
+            if below.is_some_and(|since| now.duration_since(since) >= keep_alive) {
+                due.insert(m.clone());
+            }
+            // A failed start's backoff ran out: place its replacement now, not a tick later.
+            if state.and_then(|s| s.retry_at).is_some_and(|t| t <= now) {
+                due.insert(m.clone());
+            }
+        }
+        self.view.demand = fresh;
+        for m in due {
+            self.decide(&m, "demand").await?;
+        }
+        Ok(())
+    }
+
     /// Instances by model and state, desired counts and workers by state, as metrics.
     fn publish_gauges(&self) {
         let m = &*telemetry::metrics::SCALER;
@@ -207,6 +266,7 @@ impl Leader {
         for m in models {
             self.decide(&m, trigger).await?;
         }
+        self.clocks.forget_gone(&self.view);
         Ok(())
     }
 
@@ -228,6 +288,8 @@ impl Leader {
                     }
                     dirty.insert(e.entity);
                 }
+                // The leader's own verdict: nothing to re-read.
+                "deployment.unplaceable" => {}
                 k if k.starts_with("deployment.") => {
                     match self.store.get_deployment(&e.entity).await {
                         Ok(Some(d)) => {
@@ -235,6 +297,7 @@ impl Leader {
                         }
                         Ok(None) => {
                             self.view.deployments.remove(&e.entity);
+                            self.view.unplaceable.remove(&e.entity);
                             self.models.remove(&e.entity);
                         }
                         Err(err) => {
@@ -264,6 +327,9 @@ impl Leader {
                                 let state = self.models.entry(model.clone()).or_default();
                                 state.failures = 0;
                                 state.retry_at = None;
+                                // Requests waiting for a start are served now; Dispatch's
+                                // reports count them from here on.
+                                state.event_demand = None;
                                 if state.gave_up.take().is_some() {
                                     self.write_desired(&model, None, "").await?;
                                 }
@@ -282,6 +348,7 @@ impl Leader {
             }
         }
         if worker_changed {
+            self.judge_placeable_all().await?;
             // New or lost capacity matters to any model short of its desired count.
             let short: Vec<String> = self
                 .view
@@ -311,12 +378,7 @@ impl Leader {
 
     async fn refresh_worker(&mut self, id: &str) {
         match self.store.get_worker(id).await {
-            Ok(Some(w)) => {
-                self.view.workers.insert(id.to_string(), w);
-            }
-            Ok(None) => {
-                self.view.workers.remove(id);
-            }
+            Ok(rec) => self.view.set_worker(id, rec),
             Err(e) => tracing::warn!(error = %e, "cannot read worker {id}"),
         }
     }
@@ -329,16 +391,20 @@ impl Leader {
         if !matches!(previous, Some(InstanceStatus::Pending | InstanceStatus::Loading)) {
             if previous.is_some() && !rec.reason.starts_with("worker lost") {
                 state.avoid.insert(rec.worker_id.clone(), Instant::now() + Duration::from_secs(30));
+                state.last_failure = Some(format!(
+                    "{} failed on {}: {}",
+                    rec.instance_id, rec.worker_id, rec.reason
+                ));
                 tracing::warn!(%model, instance = %rec.instance_id, worker = %rec.worker_id, reason = %rec.reason, "instance failed while serving");
             }
             return;
         }
         state.failures += 1;
         state.avoid.insert(rec.worker_id.clone(), Instant::now() + Duration::from_secs(30));
-        let backoff = Duration::from_millis(100 * (1u64 << state.failures.min(6)))
-            .min(Duration::from_secs(5));
-        let jitter = Duration::from_millis(rand::random::<u64>() % 50);
-        state.retry_at = Some(Instant::now() + backoff + jitter);
+        state.last_failure =
+            Some(format!("{} failed on {}: {}", rec.instance_id, rec.worker_id, rec.reason));
+        let delay = backoff().nth(state.failures.saturating_sub(1) as usize).unwrap_or_default();
+        state.retry_at = Some(Instant::now() + delay);
         tracing::warn!(%model, instance = %rec.instance_id, worker = %rec.worker_id, failures = state.failures, reason = %rec.reason, "instance failed to start");
         if state.failures >= max && state.gave_up.is_none() {
             state.gave_up = Some(format!(
@@ -362,6 +428,10 @@ impl Leader {
             }
             state.last_version = d.version;
         }
+        state.avoid.retain(|_, until| *until > now);
+        if state.retry_at.is_some_and(|t| t <= now) {
+            state.retry_at = None;
+        }
         let deleting = d.status == kvstore::DeploymentStatus::Deleting;
         let reported = self.view.demand.get(model).map(|x| x.total()).unwrap_or(0);
         let announced = match state.event_demand {
@@ -377,6 +447,9 @@ impl Leader {
         } else {
             policy::commit(d.desired, wanted, keep_alive, &mut state.below_since, now)
         };
+        self.fail_stuck(model).await?;
+        let unplaceable = self.judge_placeable(&d).await?;
+        let state = self.models.entry(model.to_string()).or_default();
         let gave_up = state.gave_up.clone();
         let waiting = state.retry_at.is_some_and(|t| t > now);
 
@@ -437,6 +510,9 @@ impl Leader {
             if reason.is_empty() {
                 reason = format!("replace {} of {committed}: {actual} running", placed.len());
             }
+            if let Some(failure) = self.models.get_mut(model).and_then(|s| s.last_failure.take()) {
+                reason = format!("{reason}; {failure}");
+            }
             reason = format!("{reason}; {}", placed.join("; "));
         }
 
@@ -446,7 +522,9 @@ impl Leader {
         }
         self.settle_lost_and_stuck(model).await?;
 
-        let error = gave_up.unwrap_or_default();
+        // Giving up on a model, or a fleet that cannot hold it, is what a user sees as the
+        // reason it does not start.
+        let error = gave_up.or(unplaceable).unwrap_or_default();
         if !reason.is_empty() || error != d.last_error {
             if !reason.is_empty() {
                 tracing::info!(%model, %reason, "scaling decision");
@@ -463,6 +541,8 @@ impl Leader {
                 Ok(()) => {
                     tracing::info!(%model, "deployment removed");
                     self.view.deployments.remove(model);
+                    // The removal cleared its unplaceable mark too.
+                    self.view.unplaceable.remove(model);
                     self.models.remove(model);
                 }
                 Err(e) if e.refusal().is_some() => {}
@@ -677,7 +757,7 @@ impl Leader {
                 Ok(_) => {
                     tracing::info!(%model, instance = %v.instance_id, worker = %v.worker_id, "draining");
                     self.view.set_status(&v.instance_id, InstanceStatus::Draining);
-                    self.draining_since.insert(v.instance_id.clone(), Instant::now());
+                    self.clocks.start_draining(&v.instance_id, Instant::now());
                 }
                 Err(e) => self.fenced(e, "drain")?,
             }
@@ -693,20 +773,18 @@ impl Leader {
         for i in self.view.instances_of(model) {
             match i.status {
                 InstanceStatus::Lost => {
-                    let since = *self.lost_since.entry(i.instance_id.clone()).or_insert(now);
+                    let since = self.clocks.lost_since(&i.instance_id, now);
                     if now.duration_since(since) >= self.config.lost_grace {
                         to_fail.push(i.instance_id.clone());
                     }
                 }
                 InstanceStatus::Draining => {
-                    let since = *self.draining_since.entry(i.instance_id.clone()).or_insert(now);
+                    let since = self.clocks.draining_since(&i.instance_id, now);
                     if now.duration_since(since) >= self.config.drain_grace * 2 {
                         to_stop.push(i.instance_id.clone());
                     }
                 }
-                _ => {
-                    self.lost_since.remove(&i.instance_id);
-                }
+                _ => self.clocks.forget(&i.instance_id),
             }
         }
         for id in to_fail {
@@ -725,7 +803,7 @@ impl Leader {
             match r {
                 Ok(_) => {
                     self.view.remove(&id);
-                    self.lost_since.remove(&id);
+                    self.clocks.forget(&id);
                 }
                 Err(e) => self.fenced(e, "fail lost instance")?,
             }
@@ -751,10 +829,103 @@ impl Leader {
             match r {
                 Ok(_) => {
                     self.view.remove(&id);
-                    self.draining_since.remove(&id);
+                    self.clocks.forget(&id);
                 }
                 Err(e) => self.fenced(e, "stop overrunning drain")?,
             }
+        }
+        Ok(())
+    }
+
+    /// Fails the model's instances that stayed pending or loading longer than the start timeout
+    /// (an engine that hangs while loading, a start whose report was lost), stopping them on
+    /// their worker, so they are replaced like any failed start. Measured from the placement.
+    async fn fail_stuck(&mut self, model: &str) -> Result<(), StepDown> {
+        let limit = self.config.start_timeout;
+        let now = now_ms();
+        let stuck: Vec<InstanceRecord> = self
+            .view
+            .instances_of(model)
+            .filter(|i| matches!(i.status, InstanceStatus::Pending | InstanceStatus::Loading))
+            .filter(|i| now.saturating_sub(i.created_ms) >= limit.as_millis() as u64)
+            .cloned()
+            .collect();
+        for i in stuck {
+            let reason = format!("stuck in {} for more than {}", i.status.as_str(), words(limit));
+            let command = pb::Command {
+                command_id: format!("stop-{}", i.instance_id),
+                action: Some(pb::command::Action::Stop(pb::StopInstance {
+                    instance_id: i.instance_id.clone(),
+                })),
+            };
+            let body = command.encode_to_vec();
+            let r = self
+                .store
+                .transition_instance(
+                    &i.instance_id,
+                    InstanceStatus::Failed,
+                    By::Leader(&self.lease),
+                    &reason,
+                    Some((&command.command_id, &body)),
+                )
+                .await;
+            match r {
+                Ok(_) => {
+                    let failed = InstanceRecord {
+                        status: InstanceStatus::Failed,
+                        reason: reason.clone(),
+                        ..i.clone()
+                    };
+                    // Counted as a failed start: backed off, avoided on that worker, and given
+                    // up on after max_load_failures in a row.
+                    self.load_failed(model, &failed, Some(i.status));
+                    self.view.remove(&i.instance_id);
+                    self.refresh_worker(&i.worker_id).await;
+                }
+                Err(e) => self.fenced(e, "fail stuck instance")?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Judges whether the live fleet can hold `d` at all and, when the verdict changed, records
+    /// it (the `unplaceable` mark and its event, which Dispatch fails held requests on).
+    /// Returns the reason it cannot be placed, if so.
+    async fn judge_placeable(
+        &mut self,
+        d: &kvstore::DeploymentRecord,
+    ) -> Result<Option<String>, StepDown> {
+        let model = d.spec.model.as_str();
+        let verdict = if d.status == kvstore::DeploymentStatus::Deleting {
+            None
+        } else {
+            policy::unplaceable(self.view.largest_ready_worker(), d.spec.num_gpus)
+        };
+        if verdict.as_deref() != self.view.unplaceable.get(model).map(String::as_str) {
+            let reason = verdict.as_deref().unwrap_or("");
+            match self.store.set_unplaceable(&self.lease, model, reason).await {
+                Ok(_) => match &verdict {
+                    Some(why) => {
+                        tracing::warn!(%model, reason = %why, "cannot be placed on any worker");
+                        self.view.unplaceable.insert(model.to_string(), why.clone());
+                    }
+                    None => {
+                        tracing::info!(%model, "placeable again");
+                        self.view.unplaceable.remove(model);
+                    }
+                },
+                // Not recorded (Redis away, deployment just removed): the next decision retries.
+                Err(e) => self.fenced(e, "record unplaceable")?,
+            }
+        }
+        Ok(verdict)
+    }
+
+    /// [`Leader::judge_placeable`] for every deployment: the fleet changed.
+    async fn judge_placeable_all(&mut self) -> Result<(), StepDown> {
+        let all: Vec<kvstore::DeploymentRecord> = self.view.deployments.values().cloned().collect();
+        for d in &all {
+            self.judge_placeable(d).await?;
         }
         Ok(())
     }
@@ -780,6 +951,7 @@ async fn read_events(
     tx: mpsc::Sender<Input>,
     stop: CancellationToken,
 ) {
+    let mut errors = backoff();
     loop {
         let batch = tokio::select! {
             _ = stop.cancelled() => return,
@@ -787,11 +959,18 @@ async fn read_events(
         };
         let input = match batch {
             Ok(EventBatch::Events(e)) if e.is_empty() => continue,
-            Ok(EventBatch::Events(e)) => Input::Events(e),
+            Ok(EventBatch::Events(e)) => {
+                errors = backoff();
+                Input::Events(e)
+            }
             Ok(EventBatch::FellBehind { .. }) => Input::Resync,
             Err(e) => {
                 tracing::warn!(error = %e, "event stream interrupted");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                let pause = errors.next().unwrap_or(Duration::from_secs(5));
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(pause) => {}
+                }
                 Input::Resync
             }
         };
@@ -811,6 +990,15 @@ fn new_instance_id(model: &str) -> String {
         .take(100)
         .collect();
     format!("{base}-{:08x}", rand::random::<u32>())
+}
+
+/// A duration in words: "900 s", "1500 ms".
+fn words(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{} s", d.as_secs())
+    } else {
+        format!("{} ms", d.as_millis())
+    }
 }
 
 /// Wall-clock milliseconds since the Unix epoch.

@@ -4,10 +4,14 @@
 //! leader writes desired counts and sends commands (a deposed leader's writes are refused by the
 //! scripts). Demand per model is what Dispatch replicas report (queued + in flight); desired is
 //! clamp(ceil(demand / target), min, max), raised at once and lowered only after `keep_alive`.
-//! A demand event from a cold request starts a model within milliseconds; a periodic tick is
-//! the safety net. It must never call another service.
+//! A demand event from a cold request starts a model within milliseconds; demand is read again
+//! every 200 ms, so a model scales down within a fraction of a second of its keep_alive; a
+//! periodic tick is the safety net. New instances go where they start fastest, spread over
+//! workers (see [`policy`]); starts that hang are failed and replaced; a model no worker can
+//! hold is marked unplaceable for Dispatch. It must never call another service.
 
 mod actor;
+mod clocks;
 mod grpc;
 pub mod policy;
 mod view;
@@ -41,6 +45,12 @@ pub struct ScalerConfig {
     pub lost_grace: Duration,
     /// Checkpoint size assumed for a model no worker reports.
     pub default_checkpoint_bytes: u64,
+    /// Longest an instance may stay pending or loading, from its placement, before it is
+    /// failed, stopped and replaced (an engine that hangs while loading).
+    pub start_timeout: Duration,
+    /// How often the leader reads demand between ticks, to act on a change (and on a
+    /// keep_alive running out) within this long.
+    pub demand_poll: Duration,
 }
 
 impl ScalerConfig {
@@ -55,6 +65,10 @@ impl ScalerConfig {
             drain_grace: Duration::from_secs(30),
             lost_grace: Duration::from_secs(30),
             default_checkpoint_bytes: 4 << 30,
+            // A 400 GB checkpoint from remote storage at 1 GB/s loads in under 7 minutes; an
+            // engine's own start (compilation, CUDA graphs) can take as long again.
+            start_timeout: Duration::from_secs(15 * 60),
+            demand_poll: Duration::from_millis(200),
         }
     }
 }
@@ -88,13 +102,17 @@ impl Scaler {
     /// Competes for the lead and, while leading, scales; until `shutdown`. On shutdown a leader
     /// releases its lease so a successor takes over at once.
     pub async fn run(&self, shutdown: CancellationToken) {
+        // Followers poll at a fixed pace; failed attempts (Redis away) back off.
+        let mut errors = actor::backoff();
         loop {
             if shutdown.is_cancelled() {
                 return;
             }
+            let mut pause = self.config.lease / 6;
             match self.store.acquire_leader(ROLE, &self.config.replica_id, self.config.lease).await
             {
                 Ok(Acquired::Leader(lease)) => {
+                    errors = actor::backoff();
                     let outcome = actor::Leader::lead(
                         self.store.clone(),
                         self.config.clone(),
@@ -109,13 +127,16 @@ impl Scaler {
                         }
                     }
                 }
-                Ok(Acquired::Follower { .. }) => {}
-                Err(e) => tracing::warn!(error = %e, "cannot compete for the lead"),
+                Ok(Acquired::Follower { .. }) => errors = actor::backoff(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot compete for the lead");
+                    pause = errors.next().unwrap_or(pause).max(pause);
+                }
             }
             // Followers retry often enough to take over soon after the lease expires.
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(self.config.lease / 6) => {}
+                _ = tokio::time::sleep(pause) => {}
             }
         }
     }

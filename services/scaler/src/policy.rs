@@ -1,5 +1,33 @@
-//! The Scaler's pure decisions, with no I/O: how many instances a model should have, and which
-//! worker starts a new one fastest.
+//! The Scaler's pure decisions, with no I/O: how many instances a model should have, which
+//! worker should start a new one, and whether the fleet can hold the model at all.
+//!
+//! # Placement: fast starts, spread replicas
+//!
+//! Every ready worker with enough free GPUs is a candidate. Its *estimate* is the time to load
+//! the checkpoint from the best tier the worker holds it on (size ÷ that tier's bandwidth;
+//! remote storage when it holds none) plus the loads already in progress there. A copy in GPU
+//! memory that the model's own instances occupy counts as host memory: a new replica needs GPUs
+//! of its own and loads through the host, so a running instance is no near-free start for the
+//! next one.
+//!
+//! The *score* is the estimate plus [`SPREAD_PENALTY_S`] (30 s) for every instance of the model
+//! the worker already has (pending, loading or ready); the lowest score wins, and scores within
+//! a millisecond go to the worker with fewer replicas, then to the lower worker id. So, at first
+//! placement, on scale-out and on replacement alike, a model's instances go to different
+//! workers whenever one has room, and losing one host never takes all of a model's capacity.
+//! Locality still wins when the difference is large: a worker that already runs the model gets
+//! another replica only if it would start it more than 30 s sooner than any worker without one
+//! (e.g. the only host holding a 70 GB checkpoint in memory, ~3 s, against remote storage at
+//! 1 GB/s, ~70 s). A model that needs the fleet's last free GPUs still gets them: the penalty
+//! orders candidates, it never refuses one.
+//!
+//! # Unplaceable models
+//!
+//! [`unplaceable`] says when a model can never be placed on the live (ready) fleet as it is —
+//! it needs more GPUs than the largest worker has — judged against the workers' whole capacity,
+//! not their free GPUs: a model waiting for GPUs to free up is not unplaceable. With no ready
+//! worker at all it says nothing (workers may be starting), and a verdict given earlier is
+//! withdrawn.
 
 use std::time::{Duration, Instant};
 
@@ -57,12 +85,36 @@ pub fn tier_words(tier: Tier) -> &'static str {
 /// Estimated seconds to load `model` on `w`: its size over the bandwidth of the best tier holding
 /// it there (remote if the worker does not hold it).
 pub fn load_estimate(w: &WorkerRecord, model: &str, fallback_size: u64) -> (f64, Tier) {
+    estimate_from(w, model, fallback_size, false)
+}
+
+/// Like [`load_estimate`], for one more instance of a model that already has `replicas` on `w`:
+/// their GPU copy is theirs, so it counts as host memory.
+pub fn replica_estimate(
+    w: &WorkerRecord,
+    model: &str,
+    fallback_size: u64,
+    replicas: usize,
+) -> (f64, Tier) {
+    estimate_from(w, model, fallback_size, replicas > 0)
+}
+
+fn estimate_from(
+    w: &WorkerRecord,
+    model: &str,
+    fallback_size: u64,
+    gpu_copy_taken: bool,
+) -> (f64, Tier) {
     let (size, tier) = w
         .inventory
         .checkpoints
         .iter()
         .filter(|c| c.model == model)
-        .map(|c| (c.size_bytes, c.tier))
+        .map(|c| {
+            let tier =
+                if gpu_copy_taken && c.tier == Tier::Gpu { Tier::HostMemory } else { c.tier };
+            (c.size_bytes, tier)
+        })
         .min_by_key(|(_, t)| *t)
         .unwrap_or((fallback_size, Tier::Remote));
     let bw = w
@@ -76,6 +128,10 @@ pub fn load_estimate(w: &WorkerRecord, model: &str, fallback_size: u64) -> (f64,
     (size as f64 / bw as f64, tier)
 }
 
+/// Seconds of estimated start time that one more replica of a model on the same worker costs in
+/// the placement score (see the module documentation).
+pub const SPREAD_PENALTY_S: f64 = 30.0;
+
 /// A candidate worker for a new instance.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Candidate<'a> {
@@ -87,11 +143,14 @@ pub struct Candidate<'a> {
     pub estimate: f64,
     /// Where its checkpoint comes from.
     pub tier: Tier,
+    /// Instances of the model the worker already has.
+    pub replicas: usize,
 }
 
-/// Picks the worker where a new instance of `model` needing `num_gpus` GPUs is ready soonest.
-/// `free(w)` gives the GPUs still free on `w`, `queue(w)` its loads in progress (seconds) and
-/// `replicas(w)` how many instances of the model it already has (spread on ties).
+/// Picks the worker for a new instance of `model` needing `num_gpus` GPUs: the lowest
+/// estimate plus [`SPREAD_PENALTY_S`] per replica already there (see the module
+/// documentation). `free(w)` gives the GPUs still free on `w`, `queue(w)` its loads in progress
+/// (seconds) and `replicas(w)` how many instances of the model it already has.
 pub fn place<'a>(
     workers: impl Iterator<Item = &'a WorkerRecord>,
     model: &str,
@@ -101,7 +160,7 @@ pub fn place<'a>(
     queue: impl Fn(&WorkerRecord) -> f64,
     replicas: impl Fn(&WorkerRecord) -> usize,
 ) -> Option<Candidate<'a>> {
-    let mut best: Option<(Candidate<'a>, usize)> = None;
+    let mut best: Option<(Candidate<'a>, f64)> = None;
     for w in workers {
         let mut gpus = free(w);
         if gpus.len() < num_gpus as usize {
@@ -109,32 +168,51 @@ pub fn place<'a>(
         }
         gpus.sort_unstable();
         gpus.truncate(num_gpus as usize);
-        let (load, tier) = load_estimate(w, model, fallback_size);
-        let estimate = load + queue(w);
         let spread = replicas(w);
+        let (load, tier) = replica_estimate(w, model, fallback_size, spread);
+        let estimate = load + queue(w);
+        let score = estimate + SPREAD_PENALTY_S * spread as f64;
         let better = match &best {
             None => true,
-            Some((b, b_spread)) => {
-                // Times within a millisecond count as a tie: then spread, then the id.
-                if (estimate - b.estimate).abs() > 1e-3 {
-                    estimate < b.estimate
-                } else if spread != *b_spread {
-                    spread < *b_spread
+            Some((b, b_score)) => {
+                // Scores within a millisecond count as a tie: then spread, then the id.
+                if (score - b_score).abs() > 1e-3 {
+                    score < *b_score
+                } else if spread != b.replicas {
+                    spread < b.replicas
                 } else {
                     w.worker_id < b.worker.worker_id
                 }
             }
         };
         if better {
-            best = Some((Candidate { worker: w, gpus, estimate, tier }, spread));
+            best = Some((Candidate { worker: w, gpus, estimate, tier, replicas: spread }, score));
         }
     }
     best.map(|(c, _)| c)
 }
 
+/// The GPU count of the largest of `workers` (the live fleet), or None if there are none.
+pub fn largest_worker<'a>(workers: impl Iterator<Item = &'a WorkerRecord>) -> Option<usize> {
+    workers.map(|w| w.inventory.gpus.len()).max()
+}
+
+/// Why instances needing `num_gpus` GPUs can never be placed on a live fleet whose largest
+/// worker has `largest` GPUs (see [`largest_worker`]; judged by GPU counts, not free GPUs), or
+/// None if it could hold one. None too with no live worker: workers may still be starting.
+pub fn unplaceable(largest: Option<usize>, num_gpus: u32) -> Option<String> {
+    let largest = largest?;
+    (largest < num_gpus as usize).then(|| {
+        let gpus = |n: usize| if n == 1 { "1 GPU".to_string() } else { format!("{n} GPUs") };
+        format!("needs {}; the largest worker has {}", gpus(num_gpus as usize), largest)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
+
     use kvstore::{Bandwidth, Checkpoint, GpuInfo, Inventory, WorkerStatus};
 
     fn policy(min: u32, max: u32, target: f64) -> AutoScaling {
@@ -224,6 +302,100 @@ mod tests {
         let c = place(even.iter(), "m", 1, 1, free, |_| 0.0, |w| usize::from(w.worker_id == "a"))
             .expect("one");
         assert_eq!(c.worker.worker_id, "b");
+    }
+
+    #[test]
+    fn replicas_spread_when_the_locality_gain_is_small() {
+        // w1 runs one replica (its GPU copy came from the load); w2 and w3 hold nothing.
+        let ws = [
+            worker("w1", 4, &[("m", 1 << 30, Tier::Gpu)]),
+            worker("w2", 4, &[]),
+            worker("w3", 4, &[]),
+        ];
+        let free = |w: &WorkerRecord| w.free_gpus.clone();
+        let mut replicas: HashMap<String, usize> = HashMap::from([("w1".to_string(), 1)]);
+        // Remote storage costs 10.2 s against 0.1 s from w1's host memory: spread wins.
+        let c = place(
+            ws.iter(),
+            "m",
+            1,
+            1 << 30,
+            free,
+            |_| 0.0,
+            |w| replicas.get(&w.worker_id).copied().unwrap_or(0),
+        )
+        .expect("a worker");
+        assert_eq!((c.worker.worker_id.as_str(), c.tier), ("w2", Tier::Remote));
+        // Scale-out keeps spreading: one replica per worker before any gets a second.
+        replicas.insert("w2".into(), 1);
+        let c = place(
+            ws.iter(),
+            "m",
+            1,
+            1 << 30,
+            free,
+            |_| 0.0,
+            |w| replicas.get(&w.worker_id).copied().unwrap_or(0),
+        )
+        .expect("a worker");
+        assert_eq!(c.worker.worker_id, "w3");
+        // With no replica there, a resident GPU copy is the near-free start it looks like.
+        let c = place(ws.iter(), "m", 1, 1 << 30, free, |_| 0.0, |_| 0).expect("a worker");
+        assert_eq!((c.worker.worker_id.as_str(), c.tier), ("w1", Tier::Gpu));
+    }
+
+    #[test]
+    fn locality_wins_when_only_one_host_holds_a_large_checkpoint() {
+        // 10 GiB: 1 s from w1's memory (its GPU copy is taken by the running replica) against
+        // 102 s from remote storage on w2: more than the 30 s spread penalty apart.
+        let ws = [worker("w1", 4, &[("m", 10 << 30, Tier::Gpu)]), worker("w2", 4, &[])];
+        let replicas = |w: &WorkerRecord| usize::from(w.worker_id == "w1");
+        let free = |w: &WorkerRecord| w.free_gpus.clone();
+        let c = place(ws.iter(), "m", 1, 10 << 30, free, |_| 0.0, replicas).expect("a worker");
+        assert_eq!((c.worker.worker_id.as_str(), c.tier, c.replicas), ("w1", Tier::HostMemory, 1));
+        assert!((c.estimate - 1.0).abs() < 1e-9, "{}", c.estimate);
+        // The same checkpoint on w2's disk (10 s) is within the penalty: spread wins again.
+        let ws = [
+            worker("w1", 4, &[("m", 10 << 30, Tier::Gpu)]),
+            worker("w2", 4, &[("m", 10 << 30, Tier::Disk)]),
+        ];
+        let c = place(ws.iter(), "m", 1, 10 << 30, free, |_| 0.0, replicas).expect("a worker");
+        assert_eq!(c.worker.worker_id, "w2");
+        // A full fleet but for the worker with the replica: it still gets the next one.
+        let c = place(
+            ws.iter(),
+            "m",
+            1,
+            10 << 30,
+            |w| if w.worker_id == "w2" { vec![] } else { w.free_gpus.clone() },
+            |_| 0.0,
+            replicas,
+        )
+        .expect("w1 has room");
+        assert_eq!(c.worker.worker_id, "w1");
+    }
+
+    #[test]
+    fn unplaceable_is_judged_by_capacity_not_free_gpus() {
+        let mut busy = worker("w1", 4, &[]);
+        busy.free_gpus.clear();
+        let ws = [busy, worker("w2", 2, &[])];
+        let largest = largest_worker(ws.iter());
+        assert_eq!(largest, Some(4));
+        assert_eq!(
+            unplaceable(largest, 64).as_deref(),
+            Some("needs 64 GPUs; the largest worker has 4")
+        );
+        assert_eq!(
+            unplaceable(largest, 5).as_deref(),
+            Some("needs 5 GPUs; the largest worker has 4")
+        );
+        // Waiting for w1's GPUs to free up is not unplaceable.
+        assert_eq!(unplaceable(largest, 4), None);
+        assert_eq!(unplaceable(largest, 1), None);
+        // No live worker says nothing: workers may be starting.
+        assert_eq!(largest_worker([].iter()), None);
+        assert_eq!(unplaceable(None, 64), None);
     }
 
     #[test]

@@ -12,6 +12,10 @@ pub(crate) struct View {
     pub(crate) deployments: BTreeMap<String, DeploymentRecord>,
     pub(crate) workers: BTreeMap<String, WorkerRecord>,
     pub(crate) demand: BTreeMap<String, Demand>,
+    /// Models marked as impossible to place, with why (as recorded in Redis).
+    pub(crate) unplaceable: HashMap<String, String>,
+    /// GPUs of the largest ready worker (None: no ready worker), kept by [`View::set_worker`].
+    largest_ready: Option<usize>,
     instances: HashMap<String, InstanceRecord>,
     by_model: HashMap<String, BTreeSet<String>>,
     by_worker: HashMap<String, BTreeSet<String>>,
@@ -20,22 +24,45 @@ pub(crate) struct View {
 impl View {
     /// Reads everything.
     pub(crate) async fn load(store: &Store) -> kvstore::Result<View> {
-        let (deployments, instances, workers, demand) = tokio::try_join!(
+        let (deployments, instances, workers, demand, unplaceable) = tokio::try_join!(
             store.list_deployments(),
             store.live_instances(),
             store.list_workers(),
             store.read_demand(),
+            store.unplaceable_models(),
         )?;
         let mut view = View {
             deployments: deployments.into_iter().map(|d| (d.spec.model.clone(), d)).collect(),
             workers: workers.into_iter().map(|w| (w.worker_id.clone(), w)).collect(),
             demand,
+            unplaceable,
             ..View::default()
         };
         for i in instances {
             view.insert(i);
         }
+        view.recount_fleet();
         Ok(view)
+    }
+
+    /// Replaces (or, with None, forgets) one worker.
+    pub(crate) fn set_worker(&mut self, id: &str, rec: Option<WorkerRecord>) {
+        match rec {
+            Some(w) => self.workers.insert(id.to_string(), w),
+            None => self.workers.remove(id),
+        };
+        self.recount_fleet();
+    }
+
+    /// GPUs of the largest ready worker, or None if no worker is ready.
+    pub(crate) fn largest_ready_worker(&self) -> Option<usize> {
+        self.largest_ready
+    }
+
+    fn recount_fleet(&mut self) {
+        self.largest_ready = crate::policy::largest_worker(
+            self.workers.values().filter(|w| w.status == kvstore::WorkerStatus::Ready),
+        );
     }
 
     /// One live instance.
@@ -71,9 +98,18 @@ impl View {
             .count() as u32
     }
 
-    /// How many instances of `model` run on `worker`.
+    /// How many instances of `model` on `worker` count as its capacity there (pending,
+    /// loading or ready; not draining or lost).
     pub(crate) fn replicas_on(&self, worker: &str, model: &str) -> usize {
-        self.instances_on(worker).filter(|i| i.model == model).count()
+        self.instances_on(worker)
+            .filter(|i| i.model == model)
+            .filter(|i| {
+                matches!(
+                    i.status,
+                    InstanceStatus::Pending | InstanceStatus::Loading | InstanceStatus::Ready
+                )
+            })
+            .count()
     }
 
     /// Adds or replaces a live instance.

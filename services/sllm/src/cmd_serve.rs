@@ -99,6 +99,11 @@ pub struct ServeArgs {
     /// Scaler leader lease, in milliseconds.
     #[arg(long, env = "SLLM_SCALER_LEASE_MS", default_value_t = 3000)]
     pub scaler_lease_ms: u64,
+    /// Seconds an instance may stay pending or loading, from its placement, before the Scaler
+    /// fails it, stops it and starts a replacement (sized for large checkpoints and slow engine
+    /// starts; lower it for small models to replace hung engines sooner).
+    #[arg(long, env = "SLLM_SCALER_START_TIMEOUT_S", default_value_t = 900.0)]
+    pub scaler_start_timeout_s: f64,
     /// PEM certificate chain: serve gRPC, the OpenAI API and /metrics over TLS (with --tls-key).
     #[arg(long, env = "SLLM_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<std::path::PathBuf>,
@@ -240,6 +245,10 @@ pub async fn start(
         let mut config = scaler::ScalerConfig::new(replica_id.clone());
         config.tick = Duration::from_millis(args.scaler_tick_ms.max(10));
         config.lease = Duration::from_millis(args.scaler_lease_ms.max(100));
+        config.start_timeout = Duration::try_from_secs_f64(args.scaler_start_timeout_s)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .context("--scaler-start-timeout-s must be a positive number of seconds")?;
         let sc = scaler::Scaler::new(store.clone(), config);
         reporter.set_serving::<sllm_api::v1::scaler_server::ScalerServer<scaler::Scaler>>().await;
         router = router.add_service(sc.service().max_decoding_message_size(args.max_message_bytes));

@@ -207,6 +207,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
         replica_id: Some("up".into()),
         scaler_tick_ms: 1000,
         scaler_lease_ms: 3000,
+        scaler_start_timeout_s: 900.0,
         // A local demo cluster on loopback: plain text.
         tls_cert: None,
         tls_key: None,

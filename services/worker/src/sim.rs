@@ -2,7 +2,7 @@
 //! memory, disk, remote) with a bandwidth each, so a load takes size / bandwidth of the best
 //! tier; prefill and per-token decode times that grow with the number of concurrent requests
 //! (a batch-size effect); deterministic token text; and faults on demand: a model that fails to
-//! load, an instance that crashes after N tokens. Thousands fit in one process.
+//! load, one whose load never ends (a hung engine), an instance that crashes after N tokens. Thousands fit in one process.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -45,6 +45,9 @@ pub struct SimConfig {
     pub time_scale: f64,
     /// Models whose load fails.
     pub fail_load: HashSet<String>,
+    /// Models whose load never ends: the instance stays loading until it is stopped, as with
+    /// an engine that hangs while loading.
+    pub hang_load: HashSet<String>,
     /// Models whose start is refused at once (as an engine that does not support them would).
     pub refuse_start: HashSet<String>,
     /// An instance crashes after producing this many tokens (across its requests).
@@ -70,6 +73,7 @@ impl Default for SimConfig {
             batch_slowdown: 0.05,
             time_scale: 1.0,
             fail_load: HashSet::new(),
+            hang_load: HashSet::new(),
             refuse_start: HashSet::new(),
             crash_after_tokens: None,
         }
@@ -538,6 +542,11 @@ impl Backend for SimBackend {
         telemetry::propagation::set_parent(&span, &spec.traceparent);
         let task = async move {
             let t0 = Instant::now();
+            if this.config.hang_load.contains(&spec.model) {
+                // Hung: only a stop (which cancels the instance) ends it.
+                cancel.cancelled().await;
+                return;
+            }
             if sleep_or_cancel(load, &cancel).await.is_err() {
                 return;
             }
@@ -770,6 +779,22 @@ mod tests {
         assert_eq!(tokens, 2, "the third token never arrives");
         assert_eq!(last, Some(Output::Error(Failure::unavailable("simulated crash"))));
         assert!(matches!(events.recv().await, Some(InstanceEvent::Failed { .. })));
+    }
+
+    #[tokio::test]
+    async fn a_hung_load_stays_loading_until_stopped() {
+        let mut config = fast();
+        config.hang_load.insert("hot".into());
+        let (sim, mut events) = SimBackend::new(config);
+        sim.start(spec("i1", "hot", &[0])).expect("accepted");
+        assert_eq!(events.recv().await, Some(InstanceEvent::Loading { instance_id: "i1".into() }));
+        // Far longer than the load would take (8 GiB from host memory at time scale 0.001).
+        let next = tokio::time::timeout(Duration::from_millis(300), events.recv()).await;
+        assert!(next.is_err(), "a hung load reports nothing: {next:?}");
+        assert_eq!(sim.inventory().running[0].state, pb::InstanceState::Loading as i32);
+        sim.stop("i1");
+        assert!(matches!(events.recv().await, Some(InstanceEvent::Stopped { .. })));
+        assert!(sim.inventory().running.is_empty(), "its GPU is free again");
     }
 
     #[tokio::test]

@@ -1,0 +1,155 @@
+//! Where instances go: spread over workers so one host's loss never takes a model's whole
+//! capacity, and models the fleet can never hold reported as such.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+
+use kvstore::{EventBatch, InstanceStatus};
+use sllm_api::v1 as pb;
+use sllm_integration_tests::{JOIN_SECRET, Proc, eventually};
+
+use crate::*;
+
+/// A simulated worker as its own `sllm worker` process with its own address.
+fn worker_process(registry: &str, node: &str, address: &str) -> Proc {
+    let args = [
+        "worker",
+        "--backend",
+        "sim",
+        "--registry",
+        registry,
+        "--node-id",
+        node,
+        "--address",
+        address,
+        "--time-scale",
+        "0.01",
+    ];
+    Proc::sllm(&args, &[("SLLM_JOIN_SECRET", JOIN_SECRET)], "worker(s) started").unwrap().0
+}
+
+/// Workers holding a ready instance of `model`, when it has exactly `n` ready.
+async fn ready_on(c: &Cluster, model: &str, n: usize) -> Option<Vec<String>> {
+    let ready: Vec<String> = c
+        .instances(model)
+        .await
+        .into_iter()
+        .filter(|i| i.status == InstanceStatus::Ready)
+        .map(|i| i.worker_id)
+        .collect();
+    (ready.len() == n).then_some(ready)
+}
+
+#[tokio::test]
+async fn replicas_spread_over_workers_and_survive_the_loss_of_one() {
+    let c = Cluster::start().await;
+    let registry = c.registry.endpoint();
+    let mut hosts: HashMap<String, Proc> = ["w1", "w2", "w3"]
+        .iter()
+        .enumerate()
+        .map(|(n, id)| {
+            (id.to_string(), worker_process(&registry, id, &format!("10.0.0.{}", n + 1)))
+        })
+        .collect();
+    eventually(Duration::from_secs(15), "three ready workers", || async {
+        let ready = c.store.list_workers().await.unwrap();
+        (ready.iter().filter(|w| w.status == kvstore::WorkerStatus::Ready).count() == 3)
+            .then_some(())
+    })
+    .await
+    .unwrap();
+    let _s = c.scaler("s1").await;
+
+    // Two instances at once (min 2): two workers.
+    c.deploy("m", 2, 3, 1.0, 60).await;
+    let first =
+        eventually(Duration::from_secs(15), "two ready", || ready_on(&c, "m", 2)).await.unwrap();
+    assert_eq!(first.iter().collect::<BTreeSet<_>>().len(), 2, "{first:?}");
+    // Under load, the third replica goes to the third worker, not next to a running one
+    // (whose GPU copy of the checkpoint once made it look like a free start).
+    c.demand("m", 0, 3).await;
+    let all =
+        eventually(Duration::from_secs(15), "three ready", || ready_on(&c, "m", 3)).await.unwrap();
+    let spread: BTreeSet<&str> = all.iter().map(String::as_str).collect();
+    assert_eq!(spread, BTreeSet::from(["w1", "w2", "w3"]), "one replica per worker");
+
+    // One host dies: its replica is replaced on a survivor, and the model keeps replicas on
+    // both survivors rather than all on one.
+    let victim = first[0].clone();
+    drop(hosts.remove(&victim));
+    let after = eventually(Duration::from_secs(15), "replaced on the survivors", || async {
+        ready_on(&c, "m", 3).await.filter(|on| !on.contains(&victim))
+    })
+    .await
+    .unwrap();
+    let survivors: BTreeSet<&str> = hosts.keys().map(String::as_str).collect();
+    let used: BTreeSet<&str> = after.iter().map(String::as_str).collect();
+    assert_eq!(used, survivors, "replicas sit on both survivors: {after:?}");
+}
+
+/// The `deployment.unplaceable` events from `reader`'s position on, as (model, reason).
+async fn verdicts(reader: &mut kvstore::EventReader) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    loop {
+        match reader.next_batch(Duration::ZERO, 10_000).await.unwrap() {
+            EventBatch::Events(e) if e.is_empty() => return out,
+            EventBatch::Events(e) => out.extend(
+                e.into_iter()
+                    .filter(|e| e.kind == "deployment.unplaceable")
+                    .map(|e| (e.entity.clone(), e.field("reason").unwrap_or("<none>").to_string())),
+            ),
+            EventBatch::FellBehind { .. } => panic!("trimmed"),
+        }
+    }
+}
+
+async fn deploy_gpus(c: &Cluster, model: &str, num_gpus: i32, min: i32) {
+    let spec = pb::DeploymentSpec { num_gpus, ..spec(model, min, 1, 1.0, 60) };
+    c.client().await.deploy(pb::DeployRequest { spec: Some(spec) }).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_model_no_worker_can_hold_is_reported_until_one_can() {
+    let c = Cluster::start().await;
+    let _s = c.scaler("s1").await;
+    let mut reader = c.store.event_reader(c.store.event_position().await.unwrap());
+    deploy_gpus(&c, "big", 64, 0).await;
+    c.demand("big", 1, 0).await;
+    // No worker at all: workers may be starting, so nothing is said yet.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(c.store.unplaceable_models().await.unwrap().is_empty());
+
+    let _w1 = c.worker("w1", fast_sim()).await;
+    let why = "needs 64 GPUs; the largest worker has 4";
+    eventually(Duration::from_secs(5), "big marked unplaceable", || async {
+        c.store.unplaceable_models().await.unwrap().get("big").filter(|r| *r == why).map(|_| ())
+    })
+    .await
+    .unwrap();
+    // Users see why it does not start.
+    let got = c.client().await.get(pb::GetRequest { model: "big".into() }).await.unwrap();
+    assert_eq!(got.into_inner().last_error, why);
+
+    // A model waiting for GPUs to free up is not unplaceable: w1's four GPUs are all taken.
+    deploy_gpus(&c, "fill", 4, 1).await;
+    c.settled("fill", 1, Duration::from_secs(10)).await;
+    deploy_gpus(&c, "wait", 2, 1).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(c.instances("wait").await.is_empty(), "no room for it yet");
+    let marks = c.store.unplaceable_models().await.unwrap();
+    assert_eq!(marks.keys().collect::<Vec<_>>(), ["big"], "{marks:?}");
+
+    // A worker big enough joins: the mark goes, with an empty-reason event, and big starts.
+    let _w2 = c.worker("w2", worker::SimConfig { gpus: 64, ..fast_sim() }).await;
+    let ready = c.settled("big", 1, Duration::from_secs(10)).await;
+    assert_eq!(ready[0].worker_id, "w2");
+    assert!(c.store.unplaceable_models().await.unwrap().is_empty());
+    let got = c.client().await.get(pb::GetRequest { model: "big".into() }).await.unwrap();
+    assert_eq!(got.into_inner().last_error, "");
+    // Published once per change, not once per tick; never for the model that only waited.
+    assert_eq!(
+        verdicts(&mut reader).await,
+        [("big".to_string(), why.to_string()), ("big".to_string(), String::new())]
+    );
+    assert!(c.store.check_invariants().await.unwrap().is_empty());
+}
