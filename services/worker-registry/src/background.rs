@@ -45,7 +45,8 @@ async fn dispatchers(registry: Registry, shutdown: CancellationToken) {
 async fn notifications(registry: Registry, shutdown: CancellationToken) {
     let store = registry.inner.store.clone();
     let sessions = &registry.inner.sessions;
-    let mut backoff = Duration::from_millis(50);
+    let policy = || service::retry::backoff(Duration::from_millis(50), Duration::from_secs(2));
+    let mut backoff = policy();
     'outer: loop {
         let mut reader = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -53,11 +54,11 @@ async fn notifications(registry: Registry, shutdown: CancellationToken) {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot read command notifications; retrying");
+                    let delay = backoff.next().unwrap_or(Duration::from_secs(2));
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(delay) => {}
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
                     continue;
                 }
             },
@@ -65,7 +66,7 @@ async fn notifications(registry: Registry, shutdown: CancellationToken) {
         // Notifications appended before the reader existed were missed: every session
         // re-reads its stream from where it stands.
         sessions.poke_all();
-        backoff = Duration::from_millis(50);
+        backoff = policy();
         loop {
             let batch = tokio::select! {
                 _ = shutdown.cancelled() => return,
