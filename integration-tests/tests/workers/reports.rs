@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use kvstore::{InstanceStatus, WorkerStatus};
 use sllm_api::v1 as pb;
-use sllm_integration_tests::{JOIN_SECRET, Proc, RedisServer, eventually};
+use sllm_integration_tests::{JOIN_SECRET, Proc, RedisServer, SimWorker, eventually};
 
 use crate::*;
 
@@ -135,6 +135,67 @@ async fn an_instance_that_becomes_ready_while_its_registry_replica_dies_ends_rea
     .unwrap();
     let want: String = (0..4).map(|i| worker::sim::token_text(7, "hello", i)).collect();
     assert_eq!(text, want);
+    let bad = store.check_invariants().await.unwrap();
+    assert!(bad.is_empty(), "{bad:?}");
+}
+
+/// A failure reported into a session whose registry replica hangs and then dies is sent again
+/// in the next session: the instance ends `failed` with the engine's reason, not merely
+/// "not running" (which would hide why it went, and would not count as a failed start).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_reported_to_a_registry_that_dies_unread_is_sent_again() {
+    let redis = RedisServer::start().unwrap();
+    let store = redis.store_with(|c| c.namespace = "sllm".into()).await.unwrap();
+    let url = redis.url();
+    let timing = ["--lease-ms", "1500", "--heartbeat-ms", "300"];
+    let (mut wr_a, a) = serve(&url, "worker-registry", &timing);
+    let (_wr_b, b) = serve(&url, "worker-registry", &timing);
+    let sim = worker::SimConfig {
+        gpus: 2,
+        checkpoints: [("bad".to_string(), (3 << 29, worker::sim::Tier::Remote))].into(),
+        fail_load: ["bad".to_string()].into(),
+        ..worker::SimConfig::default()
+    };
+    let mut w = SimWorker::start(vec![a, b], "w1", sim).unwrap();
+    let first_epoch = w.ready(0).await.unwrap();
+    deploy(&store, "bad").await;
+    let lease = lead(&store).await;
+    place(&store, &lease, "i1", "bad", "w1", &[0]).await;
+    eventually(Duration::from_secs(5), "instance loading", || async {
+        (instance_status(&store, "i1").await? == InstanceStatus::Loading).then_some(())
+    })
+    .await
+    .unwrap();
+    let loading_at = Instant::now();
+
+    // The replica holding the session hangs (its kernel still accepts what the worker sends),
+    // the load fails and the worker reports it into that socket, then the replica dies with
+    // the report unread.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pid = wr_a.pid().to_string();
+    assert!(std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    tokio::time::sleep(
+        (loading_at + LOAD + Duration::from_millis(300)).duration_since(Instant::now()),
+    )
+    .await;
+    assert!(w.backend.inventory_running().is_empty(), "the load failed while the replica hung");
+    wr_a.kill();
+
+    let epoch = w.ready(first_epoch).await.unwrap();
+    assert!(epoch > first_epoch);
+    let rec = eventually(Duration::from_secs(5), "instance ended", || async {
+        let rec = store.get_instance("i1").await.unwrap()?;
+        rec.status.is_terminal().then_some(rec)
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        (rec.status, rec.reason.contains("simulated")),
+        (InstanceStatus::Failed, true),
+        "instance ended {} ({})",
+        rec.status,
+        rec.reason
+    );
     let bad = store.check_invariants().await.unwrap();
     assert!(bad.is_empty(), "{bad:?}");
 }
