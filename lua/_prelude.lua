@@ -19,6 +19,7 @@ local K = {
   events_seq = ROOT .. 'events:seq',
   deployments = ROOT .. 'deployments',
   lease_deadlines = ROOT .. 'lease_deadlines',
+  lost_workers = ROOT .. 'lost_workers',
   workers = ROOT .. 'workers',
   commands_notify = ROOT .. 'commands_notify',
   demand_reporters = ROOT .. 'demand_reporters',

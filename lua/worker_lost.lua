@@ -3,7 +3,8 @@
 -- KEYS:   1 events
 -- ARGV:   4 worker id; 5 epoch (the session being declared lost); 6 mode: 'dropped' (its
 --         stream ended) or 'expired' (refused while the lease still runs); 7 reason
--- Writes: worker:<id> (status lost, version + 1), workers:status:*, lease_deadlines; each live
+-- Writes: worker:<id> (status lost, version + 1), workers:status:*, lease_deadlines,
+--         lost_workers (score = now: removed once the retention has passed); each live
 --         instance of the worker -> lost
 -- Events: instance.lost per instance, worker.lost {epoch, reason}
 -- Reply:  {'ok', version, instances lost} | {'not_found'} | {'stale_epoch', current}
@@ -23,6 +24,7 @@ redis.call('SMOVE', K.workers_status(w[2]), K.workers_status('lost'), id)
 redis.call('HSET', key, 'status', 'lost', 'lost_reason', reason, 'lost_ms', now)
 local v = redis.call('HINCRBY', key, 'version', 1)
 redis.call('ZREM', K.lease_deadlines, id)
+redis.call('ZADD', K.lost_workers, now, id)
 local n = 0
 for _, iid in ipairs(redis.call('SMEMBERS', K.worker_instances(id))) do
   local rec = redis.call('HMGET', K.instance(iid), 'status', 'model')

@@ -7,7 +7,8 @@
 --         bandwidths, agent_version)
 -- Writes: worker:<id> (status initializing, epoch + 1, version + 1), workers,
 --         workers:status:*, address:<addr> (and the old address's key if it pointed here),
---         lease_deadlines, free_gpus:<id> (all GPUs minus those of the worker's live instances)
+--         lease_deadlines, lost_workers (no longer lost), free_gpus:<id> (all GPUs minus those
+--         of the worker's live instances)
 -- Events: worker.registered {epoch}
 -- Reply:  {'ok', epoch, lease deadline ms, version} | {'unauthenticated'}
 --         | {'address_in_use', holder}
@@ -36,6 +37,7 @@ redis.call('SADD', K.workers_status('initializing'), id)
 redis.call('SET', K.address(address), id)
 local deadline = now + lease_ms
 redis.call('ZADD', K.lease_deadlines, deadline, id)
+redis.call('ZREM', K.lost_workers, id)
 -- Free GPUs: all of them, minus those held by instances the control plane still places here.
 local used = {}
 for _, iid in ipairs(redis.call('SMEMBERS', K.worker_instances(id))) do

@@ -122,6 +122,25 @@ impl Store {
                 bad.push(format!("lease deadline for unknown worker {id}"));
             }
         }
+        let lost_indexed: BTreeSet<String> = self
+            .read::<Vec<String>>(redis::cmd("ZRANGE").arg(keys.lost_workers()).arg(0).arg(-1))
+            .await?
+            .into_iter()
+            .collect();
+        for (id, (s, _)) in &workers {
+            let indexed = lost_indexed.contains(id);
+            if (*s == WorkerStatus::Lost) != indexed {
+                bad.push(format!(
+                    "worker {id} is {s} but {} the lost-worker index",
+                    if indexed { "in" } else { "missing from" }
+                ));
+            }
+        }
+        for id in &lost_indexed {
+            if !workers.contains_key(id) {
+                bad.push(format!("lost-worker index entry for unknown worker {id}"));
+            }
+        }
 
         // Instances: each live one in exactly one status set, and in its model and worker sets.
         let mut where_indexed: HashMap<String, Vec<InstanceStatus>> = HashMap::new();

@@ -50,6 +50,11 @@ impl Keys {
     pub fn lease_deadlines(&self) -> String {
         self.k("lease_deadlines", "")
     }
+    /// Sorted set: id of a lost worker -> when it was lost (ms, Redis clock); the order in
+    /// which lost workers are removed once their retention has passed.
+    pub fn lost_workers(&self) -> String {
+        self.k("lost_workers", "")
+    }
     /// Set of every worker id.
     pub fn workers(&self) -> String {
         self.k("workers", "")

@@ -324,6 +324,35 @@ impl Store {
         Ok(out)
     }
 
+    /// Removes up to `limit` workers lost for longer than `retention`, oldest first, with every
+    /// key of theirs (record, indexes, free GPUs, command stream and cursor, address); an
+    /// instance still placed on one is failed. Reads the lost-worker index only (no SCAN).
+    /// Returns the ids removed.
+    pub async fn forget_lost_workers(
+        &self,
+        retention: Duration,
+        limit: usize,
+    ) -> Result<Vec<String>> {
+        let retention_ms = u64::try_from(retention.as_millis()).unwrap_or(u64::MAX);
+        let reply = self
+            .run_ok(
+                "workers_forget",
+                &self.scripts().workers_forget,
+                &[Arg::Owned(retention_ms.to_string()), Arg::Owned(limit.max(1).to_string())],
+            )
+            .await?;
+        Ok(reply.values)
+    }
+
+    /// Adds every lost worker missing from the lost-worker index (lost before the index
+    /// existed) to it, so [`Store::forget_lost_workers`] removes it in time. Reads the set of
+    /// lost workers: for a replica's start, not for a tick. Returns how many were added.
+    pub async fn index_lost_workers(&self) -> Result<u64> {
+        let reply =
+            self.run_ok("workers_lost_index", &self.scripts().workers_lost_index, &[]).await?;
+        reply.u64(0)
+    }
+
     /// One worker with its free GPUs, instances and lease deadline, or None.
     pub async fn get_worker(&self, worker: &str) -> Result<Option<WorkerRecord>> {
         let worker = worker_id("worker_id", worker)?;

@@ -5,6 +5,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod churn;
 mod load;
 mod mesh;
 mod processes;

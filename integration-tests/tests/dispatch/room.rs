@@ -119,7 +119,7 @@ async fn a_request_without_a_deadline_is_held_no_longer_than_the_longest_hold() 
     let err = out.error.expect("an error");
     assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
     assert!(err.message().contains("longest a request is held"), "{}", err.message());
-    assert!(t.elapsed() >= Duration::from_millis(600) && t.elapsed() < Duration::from_secs(3));
+    assert!(t.elapsed() >= Duration::from_millis(600) && t.elapsed() < Duration::from_secs(10));
 
     for stream in [false, true] {
         let body = format!(r#"{{"model":"m","prompt":"hi","stream":{stream}}}"#);
@@ -136,6 +136,43 @@ async fn a_request_without_a_deadline_is_held_no_longer_than_the_longest_hold() 
         let v: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
         assert_eq!(v["error"]["type"], "timeout_error", "{v}");
         assert_eq!(v["error"]["code"], "deadline_exceeded", "{v}");
-        assert!(t.elapsed() < Duration::from_secs(3));
+        // Bounded by the longest hold (600 ms), not 300 s; slack for a loaded machine.
+        assert!(t.elapsed() < Duration::from_secs(10), "stream {stream}: {:?}", t.elapsed());
     }
+}
+
+/// A model no worker of the fleet can hold (64 GPUs on a 4-GPU worker) is refused with the
+/// Scaler's reason, held or new, instead of waiting out the longest hold.
+#[tokio::test]
+async fn a_model_no_worker_can_hold_is_refused_with_the_reason() {
+    let c = Cluster::start().await;
+    let _w = c.worker("w1", fast_sim()).await;
+    let mut spec = deploy_spec("big", 1.0, 1);
+    spec.num_gpus = 64;
+    c.store.create_deployment(&spec).await.unwrap();
+    let t = Instant::now();
+    let mut client = c.dispatch.client().await.unwrap();
+    let err = match client.generate(prompt("big", "x", 1)).await {
+        Err(e) => e,
+        Ok(s) => drain(s.into_inner()).await.error.expect("an error"),
+    };
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("64 GPUs"), "{}", err.message());
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    // New requests are refused at once.
+    let t = Instant::now();
+    let err = client.generate(prompt("big", "x", 1)).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(t.elapsed() < Duration::from_millis(500));
+    // A Dispatch replica that starts later learns it from kvstore.
+    let d2 = sllm_integration_tests::DispatchReplica::start(c.store.clone(), "d2", |_| {})
+        .await
+        .unwrap();
+    let err = sllm_integration_tests::eventually(Duration::from_secs(5), "d2 up", || async {
+        let mut client = d2.client().await.ok()?;
+        client.generate(prompt("big", "x", 1)).await.err()
+    })
+    .await
+    .unwrap();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
 }

@@ -71,11 +71,17 @@ pub async fn assert_consistent(store: &Store) {
 
 /// How many keys `store`'s namespace holds (to prove a refused call wrote nothing).
 pub async fn dbsize(redis: &Redis, store: &Store) -> usize {
+    key_names(redis, store).await.len()
+}
+
+/// Every key of `store`'s namespace, sorted.
+pub async fn key_names(redis: &Redis, store: &Store) -> Vec<String> {
     let mut raw = redis.raw().await.expect("raw connection");
-    let keys: Vec<String> = redis::cmd("KEYS")
+    let mut keys: Vec<String> = redis::cmd("KEYS")
         .arg(format!("{}*", store.keys().root()))
         .query_async(&mut raw)
         .await
         .expect("KEYS");
-    keys.len()
+    keys.sort();
+    keys
 }

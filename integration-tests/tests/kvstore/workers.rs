@@ -248,3 +248,73 @@ async fn instances_the_store_lost_are_rebuilt_from_the_workers_report() {
     let err = store.worker_ready("w1", reg.epoch, &bad).await.unwrap_err();
     assert!(err.to_string().contains("running.model"), "{err}");
 }
+
+#[tokio::test]
+async fn a_lost_worker_leaves_every_key_after_its_retention() {
+    let (redis, store) = setup().await;
+    store.create_deployment(&spec("m")).await.unwrap();
+    let lease = lead(&store, "s").await;
+    let gone = ready_worker(&store, "gone-7", 2).await;
+    let back = ready_worker(&store, "back-8", 1).await;
+    ready_worker(&store, "live-9", 1).await;
+    // Everything a worker can own: instances, a command stream with an acknowledged cursor and
+    // a command still pending, free GPUs, an address.
+    store.create_instance(&lease, &placement("i1", "m", "gone-7", &[0])).await.unwrap();
+    store.create_instance(&lease, &placement("i2", "m", "gone-7", &[1])).await.unwrap();
+    let first = store.read_commands("gone-7", "0-0", 1).await.unwrap();
+    store.ack_command("gone-7", &first[0].stream_id).await.unwrap();
+    let actor = Actor::Worker { worker_id: "gone-7", epoch: gone };
+    store.transition_instance("i1", InstanceStatus::Ready, actor, "", None).await.unwrap();
+    store.worker_lost("gone-7", gone, LostMode::Dropped, "stream ended").await.unwrap();
+    store.worker_lost("back-8", back, LostMode::Dropped, "stream ended").await.unwrap();
+    assert_consistent(&store).await;
+
+    // Within the retention nothing goes.
+    assert!(store.forget_lost_workers(Duration::from_secs(3600), 10).await.unwrap().is_empty());
+    assert!(store.get_worker("gone-7").await.unwrap().is_some());
+
+    // A worker that came back is no longer due.
+    store
+        .register_worker("back-8", true, "10.0.0.6-back-8", LEASE, &inventory(1), "test")
+        .await
+        .unwrap();
+    let removed = store.forget_lost_workers(Duration::ZERO, 10).await.unwrap();
+    assert_eq!(removed, ["gone-7"]);
+    assert!(store.get_worker("gone-7").await.unwrap().is_none());
+    let ids: Vec<String> =
+        store.list_workers().await.unwrap().into_iter().map(|w| w.worker_id).collect();
+    assert_eq!(ids, ["back-8", "live-9"]);
+    let left: Vec<String> =
+        key_names(&redis, &store).await.into_iter().filter(|k| k.contains("gone-7")).collect();
+    assert!(left.is_empty(), "keys of a removed worker remain: {left:?}");
+    // Its instances ended with it (their records expire like any ended instance's).
+    for i in ["i1", "i2"] {
+        let rec = store.get_instance(i).await.unwrap().unwrap();
+        assert_eq!(rec.status, InstanceStatus::Failed, "{i}");
+        assert!(rec.reason.starts_with("worker lost"), "{i}: {}", rec.reason);
+    }
+    assert!(store.model_instances("m").await.unwrap().is_empty(), "nothing live is left on it");
+    assert!(store.forget_lost_workers(Duration::ZERO, 10).await.unwrap().is_empty());
+    assert_consistent(&store).await;
+}
+
+#[tokio::test]
+async fn workers_lost_before_the_index_existed_are_indexed_and_removed() {
+    let (redis, store) = setup().await;
+    let epoch = ready_worker(&store, "old-1", 1).await;
+    store.worker_lost("old-1", epoch, LostMode::Dropped, "stream ended").await.unwrap();
+    // As a store written by an older version left it: lost, but not in the index.
+    let mut raw = redis.raw().await.unwrap();
+    let _: i64 = redis::cmd("ZREM")
+        .arg(store.keys().lost_workers())
+        .arg("old-1")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert!(store.forget_lost_workers(Duration::ZERO, 10).await.unwrap().is_empty());
+    assert_eq!(store.index_lost_workers().await.unwrap(), 1);
+    assert_eq!(store.index_lost_workers().await.unwrap(), 0, "indexing twice adds nothing");
+    assert_eq!(store.forget_lost_workers(Duration::ZERO, 10).await.unwrap(), ["old-1"]);
+    assert!(store.list_workers().await.unwrap().is_empty());
+    assert_consistent(&store).await;
+}

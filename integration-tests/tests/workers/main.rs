@@ -7,6 +7,7 @@ mod commands;
 mod failures;
 mod fleet;
 mod joining;
+mod reports;
 
 use std::time::Duration;
 

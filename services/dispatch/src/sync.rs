@@ -43,12 +43,13 @@ async fn try_load(inner: &Arc<Inner>) -> kvstore::Result<Position> {
     let ready = inner.store.instances_in(InstanceStatus::Ready).await?;
     let mut starting = inner.store.instances_in(InstanceStatus::Pending).await?;
     starting.extend(inner.store.instances_in(InstanceStatus::Loading).await?);
+    let mut unplaceable = inner.store.unplaceable_models().await?;
     let deployments: Vec<Loaded> = deployments
         .into_iter()
         .map(|d| Loaded {
             deleting: d.status == kvstore::DeploymentStatus::Deleting,
             target: d.spec.autoscaling.target,
-            unplaceable: None,
+            unplaceable: unplaceable.remove(&d.spec.model).filter(|r| !r.is_empty()),
             name: d.spec.model,
         })
         .collect();

@@ -181,6 +181,9 @@ impl ModelRegistry for Registry {
     ) -> Result<Response<pb::DeleteResponse>, Status> {
         let name = request.into_inner().model;
         let model = model_name(&name);
+        // Read first: with nothing to drain, the Scaler may remove the record as soon as it is
+        // marked, and the answer must still describe what was deleted.
+        let before = self.deployment(model).await.ok();
         match self.store.mark_deployment_deleting(model).await {
             Ok(_) => {}
             Err(e) => match e.refusal() {
@@ -198,7 +201,17 @@ impl ModelRegistry for Registry {
             },
         }
         tracing::info!(%model, "deleting");
-        Ok(Response::new(pb::DeleteResponse { deployment: Some(self.deployment(model).await?) }))
+        let deployment = match self.deployment(model).await {
+            Ok(d) => d,
+            Err(s) if s.code() == tonic::Code::NotFound => {
+                // Already removed: the delete is complete.
+                let mut d = before.ok_or(s)?;
+                d.state = pb::DeploymentState::Deleting as i32;
+                d
+            }
+            Err(s) => return Err(s),
+        };
+        Ok(Response::new(pb::DeleteResponse { deployment: Some(deployment) }))
     }
 
     async fn get(

@@ -1,6 +1,6 @@
 //! What every sllm gRPC service shares: binding a listener (with TCP_NODELAY on every accepted
 //! connection), gRPC health and reflection (v1 and v1alpha), the one mapping from kvstore errors
-//! to gRPC statuses, join tokens, the `/metrics` endpoint and shutdown on signals.
+//! to gRPC statuses, join tokens, the retry policy, the `/metrics` endpoint and shutdown on signals.
 //!
 //! It holds no service logic and must never call another service.
 
@@ -8,6 +8,7 @@ pub mod auth;
 pub mod convert;
 pub mod deploy_config;
 pub mod join_token;
+pub mod retry;
 pub mod serve;
 pub mod status;
 pub mod tls;

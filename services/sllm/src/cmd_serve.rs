@@ -90,6 +90,10 @@ pub struct ServeArgs {
     /// Heartbeat interval told to workers, in milliseconds.
     #[arg(long, env = "SLLM_HEARTBEAT_MS", default_value_t = 1000)]
     pub heartbeat_ms: u64,
+    /// How long a lost worker's record is kept, in seconds, before it and every Redis key of
+    /// the worker are removed (default: one hour).
+    #[arg(long, env = "SLLM_LOST_WORKER_RETENTION_S", default_value_t = 3600.0)]
+    pub lost_worker_retention_s: f64,
     /// This replica's id (leader election, logs); default: host name and process id.
     #[arg(long, env = "SLLM_REPLICA_ID")]
     pub replica_id: Option<String>,
@@ -347,5 +351,12 @@ fn registry_config(
     rc.lease = Duration::from_millis(args.lease_ms);
     rc.heartbeat_interval = Duration::from_millis(args.heartbeat_ms);
     rc.reap_interval = (rc.lease / 4).max(Duration::from_millis(20));
+    rc.lost_retention =
+        Duration::try_from_secs_f64(args.lost_worker_retention_s).map_err(|_| {
+            anyhow::anyhow!(
+                "--lost-worker-retention-s ({}) must be a number of seconds, 0 or more",
+                args.lost_worker_retention_s
+            )
+        })?;
     Ok(rc)
 }

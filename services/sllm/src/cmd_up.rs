@@ -204,6 +204,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
         join_secret: Some(secret.clone()),
         lease_ms: 3000,
         heartbeat_ms: 1000,
+        lost_worker_retention_s: 3600.0,
         replica_id: Some("up".into()),
         scaler_tick_ms: 1000,
         scaler_lease_ms: 3000,

@@ -1,5 +1,6 @@
 //! A replica's background work: one blocking reader of command notifications that wakes the
-//! local sessions concerned, and the lease reaper that declares silent workers lost.
+//! local sessions concerned, the lease reaper that declares silent workers lost, and the sweeper
+//! that removes workers lost for longer than the retention.
 
 use std::time::Duration;
 
@@ -12,6 +13,7 @@ pub(crate) async fn run(registry: Registry, shutdown: CancellationToken) {
     tokio::join!(
         notifications(registry.clone(), shutdown.clone()),
         reaper(registry.clone(), shutdown.clone()),
+        sweeper(registry.clone(), shutdown.clone()),
         dispatchers(registry, shutdown),
     );
 }
@@ -45,7 +47,8 @@ async fn dispatchers(registry: Registry, shutdown: CancellationToken) {
 async fn notifications(registry: Registry, shutdown: CancellationToken) {
     let store = registry.inner.store.clone();
     let sessions = &registry.inner.sessions;
-    let mut backoff = Duration::from_millis(50);
+    let policy = || service::retry::backoff(Duration::from_millis(50), Duration::from_secs(2));
+    let mut backoff = policy();
     'outer: loop {
         let mut reader = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -53,11 +56,11 @@ async fn notifications(registry: Registry, shutdown: CancellationToken) {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot read command notifications; retrying");
+                    let delay = backoff.next().unwrap_or(Duration::from_secs(2));
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(delay) => {}
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
                     continue;
                 }
             },
@@ -65,7 +68,7 @@ async fn notifications(registry: Registry, shutdown: CancellationToken) {
         // Notifications appended before the reader existed were missed: every session
         // re-reads its stream from where it stands.
         sessions.poke_all();
-        backoff = Duration::from_millis(50);
+        backoff = policy();
         loop {
             let batch = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -129,6 +132,57 @@ async fn reaper(registry: Registry, shutdown: CancellationToken) {
                 Err(e) if e.refusal().is_some() => {}
                 Err(e) => {
                     tracing::warn!(worker = %lease.worker_id, error = %e, "cannot mark worker lost")
+                }
+            }
+        }
+    }
+}
+
+/// Removes workers lost for longer than the retention, with every key of theirs. Every replica
+/// runs it; the script is atomic and each worker goes once. It reads the lost-worker index
+/// only, a bounded batch at a time.
+async fn sweeper(registry: Registry, shutdown: CancellationToken) {
+    const BATCH: usize = 256;
+    let store = &registry.inner.store;
+    let retention = registry.inner.config.lost_retention;
+    // A tenth of the retention: a worker goes at most 10 % late; at most once a minute.
+    let every = (retention / 10).clamp(Duration::from_millis(50), Duration::from_secs(60));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut indexed = false;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if !indexed {
+            // Workers lost before the index existed are not in it yet.
+            match store.index_lost_workers().await {
+                Ok(n) => {
+                    indexed = true;
+                    if n > 0 {
+                        tracing::info!(workers = n, "indexed lost workers for removal");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot index lost workers");
+                    continue;
+                }
+            }
+        }
+        loop {
+            match store.forget_lost_workers(retention, BATCH).await {
+                Ok(removed) => {
+                    for w in &removed {
+                        tracing::info!(worker = %w, retention_s = retention.as_secs(), "lost worker removed");
+                    }
+                    if removed.len() < BATCH || shutdown.is_cancelled() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot remove lost workers");
+                    break;
                 }
             }
         }

@@ -19,6 +19,9 @@ use service::JoinSecret;
 use sllm_api::v1::worker_registry_server::WorkerRegistryServer;
 use tokio_util::sync::CancellationToken;
 
+/// How long a lost worker is kept by default: long enough to see what happened to it.
+pub const DEFAULT_LOST_RETENTION: Duration = Duration::from_secs(3600);
+
 /// Settings of a registry replica.
 #[derive(Debug, Clone)]
 pub struct RegistryConfig {
@@ -32,10 +35,13 @@ pub struct RegistryConfig {
     pub join_secret: JoinSecret,
     /// Longest wait for a new session's `register` message.
     pub register_timeout: Duration,
+    /// How long a lost worker's record is kept (for `sllm workers` and post-mortems) before it
+    /// and every key of the worker are removed from Redis.
+    pub lost_retention: Duration,
 }
 
 impl RegistryConfig {
-    /// Defaults (1 s heartbeats, 3 s lease) with the given secret.
+    /// Defaults (1 s heartbeats, 3 s lease, lost workers kept 1 h) with the given secret.
     pub fn new(join_secret: JoinSecret) -> RegistryConfig {
         RegistryConfig {
             lease: Duration::from_secs(3),
@@ -43,6 +49,7 @@ impl RegistryConfig {
             reap_interval: Duration::from_millis(500),
             join_secret,
             register_timeout: Duration::from_secs(10),
+            lost_retention: DEFAULT_LOST_RETENTION,
         }
     }
 }

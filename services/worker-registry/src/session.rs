@@ -5,7 +5,6 @@
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use kvstore::{Actor, Error, InstanceStatus, LostMode, Refusal};
 use prost::Message;
@@ -441,22 +440,11 @@ impl Session {
     }
 }
 
-/// Retries a store call on a retryable error (Redis blip): 3 attempts, 50 ms then 100 ms apart.
-async fn retry<T, F, Fut>(mut f: F) -> kvstore::Result<T>
+/// Retries a store call on a retryable error (a Redis blip) with the shared policy.
+async fn retry<T, F, Fut>(f: F) -> kvstore::Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = kvstore::Result<T>>,
 {
-    let mut delay = Duration::from_millis(50);
-    let mut attempt = 1;
-    loop {
-        match f().await {
-            Err(e) if e.is_retryable() && attempt < 3 => {
-                tokio::time::sleep(delay).await;
-                delay *= 2;
-                attempt += 1;
-            }
-            other => return other,
-        }
-    }
+    service::retry::retry_if(service::retry::Policy::REDIS_BLIP, f, Error::is_retryable).await
 }

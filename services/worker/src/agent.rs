@@ -1,6 +1,14 @@
 //! The worker agent: one task per host that keeps a `Session` with any WorkerRegistry replica,
 //! reconnecting with jittered exponential backoff, and turns commands into backend calls and
 //! backend events into instance reports.
+//!
+//! No state change is lost across a re-registration. Events that happened before a session's
+//! `register` are superseded by the inventory it carries, except terminal ones (stopped,
+//! failed), which the inventory cannot express: those are kept, with every terminal report the
+//! registry has not confirmed yet, and sent again first in the next session. Events after the
+//! inventory was taken are reported once the worker is ready. A loading or ready event is
+//! reported as the instance's state at the time of sending, so a late event never moves an
+//! instance backwards. Every report is idempotent at the registry; sending one twice is harmless.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
@@ -11,7 +19,6 @@ use sllm_api::v1::registry_message::Body as Down;
 use sllm_api::v1::worker_message::Body as Up;
 use sllm_api::v1::worker_registry_client::WorkerRegistryClient;
 use tokio::sync::{mpsc, watch};
-use tokio_retry::strategy::{ExponentialBackoff, jitter};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
@@ -124,6 +131,7 @@ impl Agent {
             state: tx,
             seen_commands: VecDeque::new(),
             seen_set: HashSet::new(),
+            unconfirmed: Vec::new(),
         };
         tokio::spawn(runner.run(shutdown));
         Agent { state: rx }
@@ -163,6 +171,9 @@ struct Runner {
     state: watch::Sender<AgentState>,
     seen_commands: VecDeque<String>,
     seen_set: HashSet<String>,
+    /// Terminal reports the registry has not confirmed, each with the first heartbeat sequence
+    /// number whose ack confirms it (the registry handles a session's messages in order).
+    unconfirmed: Vec<(u64, pb::InstanceReport)>,
 }
 
 enum SessionEnd {
@@ -210,13 +221,46 @@ impl Runner {
     }
 
     fn backoff(&self) -> impl Iterator<Item = Duration> + use<> {
-        let base = self.config.backoff_base.as_millis().max(1) as u64;
-        // tokio-retry's ExponentialBackoff raises `base` to the attempt number: base 2 with a
-        // 25 ms factor gives 50, 100, 200 ms ... for a 50 ms base.
-        ExponentialBackoff::from_millis(2)
-            .factor(base / 2 + 1)
-            .max_delay(self.config.backoff_max)
-            .map(jitter)
+        service::retry::backoff(self.config.backoff_base, self.config.backoff_max)
+    }
+
+    /// Takes the events that queued up before a new session's inventory is read: the inventory
+    /// supersedes loading and ready ones; terminal ones join the reports to send again.
+    fn take_queued_events(&mut self) {
+        while let Ok(event) = self.events.try_recv() {
+            if let Some(report) = terminal_report(&event) {
+                self.unconfirmed.push((0, report));
+            }
+        }
+    }
+
+    /// The report to send for `event`, given the backend's `running` instances now: a terminal
+    /// event as it is; a loading or ready one as the instance's current state (none if it is
+    /// draining or gone: the drain's owner, or the terminal event that follows, reports it).
+    fn report_now(
+        event: InstanceEvent,
+        running: &[pb::RunningInstance],
+    ) -> Option<pb::InstanceReport> {
+        if let Some(report) = terminal_report(&event) {
+            return Some(report);
+        }
+        let (id, load_ms) = match event {
+            InstanceEvent::Loading { instance_id } => (instance_id, 0),
+            InstanceEvent::Ready { instance_id, load_ms } => (instance_id, load_ms),
+            InstanceEvent::Stopped { .. } | InstanceEvent::Failed { .. } => return None,
+        };
+        let now = running.iter().find(|r| r.instance_id == id)?;
+        let state = match pb::InstanceState::try_from(now.state) {
+            Ok(s @ (pb::InstanceState::Loading | pb::InstanceState::Ready)) => s,
+            _ => return None,
+        };
+        let load_ms = if state == pb::InstanceState::Ready { load_ms } else { 0 };
+        Some(pb::InstanceReport {
+            instance_id: id,
+            state: state as i32,
+            reason: String::new(),
+            load_ms,
+        })
     }
 
     async fn connect(&self, endpoint: &str) -> Result<Channel, String> {
@@ -240,6 +284,8 @@ impl Runner {
         };
         let mut client = WorkerRegistryClient::new(channel);
         let (tx, rx) = mpsc::channel::<pb::WorkerMessage>(256);
+        // Before the inventory is read: whatever queued until now is in it, or kept to resend.
+        self.take_queued_events();
         let register = pb::Register {
             node_id: self.config.node_id.clone(),
             join_token: self.config.join_token.clone(),
@@ -265,8 +311,15 @@ impl Runner {
             let tx = tx.clone();
             async move { tx.send(pb::WorkerMessage { epoch, body: Some(body) }).await.is_ok() }
         };
-        // Events from before this session are superseded by the inventory just reported.
-        while self.events.try_recv().is_ok() {}
+        // Terminal reports first: an instance that ended is absent from the inventory, and once
+        // it is terminal in Redis the readiness reconciliation leaves it alone. Each is confirmed
+        // by the ack of heartbeat 1 or later.
+        for (confirm_at, report) in &mut self.unconfirmed {
+            *confirm_at = 1;
+            if !send(Up::InstanceReport(report.clone())).await {
+                return SessionEnd::Failed("session closed before ready".into());
+            }
+        }
         if !send(Up::Ready(pb::WorkerReady {})).await {
             return SessionEnd::Failed("session closed before ready".into());
         }
@@ -305,17 +358,28 @@ impl Runner {
                     Ok(Some(pb::RegistryMessage { body: Some(Down::Dispatchers(d)) })) => {
                         self.attachments.update(&d.endpoints, epoch);
                     }
+                    Ok(Some(pb::RegistryMessage { body: Some(Down::HeartbeatAck(ack)) })) => {
+                        self.unconfirmed.retain(|(confirm_at, _)| *confirm_at > ack.seq);
+                    }
                     Ok(Some(_)) => {}
                     Ok(None) => return SessionEnd::Lost("registry closed the session".into()),
                     Err(s) => return SessionEnd::Lost(format!("{:?}: {}", s.code(), s.message())),
                 },
                 Some(event) = self.events.recv() => {
-                    let report = report_for(event);
-                    if !send(Up::InstanceReport(report)).await {
-                        return SessionEnd::Lost("session closed".into());
+                    let inventory = self.backend.inventory();
+                    if let Some(report) = Self::report_now(event, &inventory.running) {
+                        if report.state != pb::InstanceState::Loading as i32
+                            && report.state != pb::InstanceState::Ready as i32
+                        {
+                            // Kept until a heartbeat ack shows the registry handled it.
+                            self.unconfirmed.push((seq + 1, report.clone()));
+                        }
+                        if !send(Up::InstanceReport(report)).await {
+                            return SessionEnd::Lost("session closed".into());
+                        }
                     }
                     // Loads move checkpoints between tiers: tell the placement what is where.
-                    if !send(Up::Inventory(self.backend.inventory())).await {
+                    if !send(Up::Inventory(inventory)).await {
                         return SessionEnd::Lost("session closed".into());
                     }
                 }
@@ -377,22 +441,23 @@ impl Runner {
     }
 }
 
-fn report_for(event: InstanceEvent) -> pb::InstanceReport {
-    let (instance_id, state, reason, load_ms) = match event {
-        InstanceEvent::Loading { instance_id } => {
-            (instance_id, pb::InstanceState::Loading, String::new(), 0)
-        }
-        InstanceEvent::Ready { instance_id, load_ms } => {
-            (instance_id, pb::InstanceState::Ready, String::new(), load_ms)
-        }
+/// The report of a stopped or failed instance; None for loading and ready.
+fn terminal_report(event: &InstanceEvent) -> Option<pb::InstanceReport> {
+    let (instance_id, state, reason) = match event {
         InstanceEvent::Stopped { instance_id, reason } => {
-            (instance_id, pb::InstanceState::Stopped, reason, 0)
+            (instance_id, pb::InstanceState::Stopped, reason)
         }
         InstanceEvent::Failed { instance_id, reason } => {
-            (instance_id, pb::InstanceState::Failed, reason, 0)
+            (instance_id, pb::InstanceState::Failed, reason)
         }
+        InstanceEvent::Loading { .. } | InstanceEvent::Ready { .. } => return None,
     };
-    pb::InstanceReport { instance_id, state: state as i32, reason, load_ms }
+    Some(pb::InstanceReport {
+        instance_id: instance_id.clone(),
+        state: state as i32,
+        reason: reason.clone(),
+        load_ms: 0,
+    })
 }
 
 async fn sleep_opt(d: Option<Duration>) {
