@@ -67,9 +67,20 @@ try:
 except openai.BadRequestError as e:
     check(e.status_code == 400 and "max_tokens" in str(e), "bad max_tokens gives 400 naming the field")
 
-# One request waits for "never" (it can never start); the next finds the queue full.
+# "never" needs more GPUs than any worker has: refused at once, saying why.
+try:
+    client.completions.create(model="never", prompt="x", max_tokens=1)
+    check(False, "unplaceable model refused")
+except openai.InternalServerError as e:
+    body = e.body if isinstance(e.body, dict) else {}
+    check(
+        e.status_code == 503 and "64 GPUs" in str(e) and body.get("code") == "model_unplaceable",
+        "a model no worker can hold gives 503 saying why",
+    )
+
+# One request waits for "stuck" (its load never ends); the next finds the queue full.
 held = threading.Thread(
-    target=lambda: client.with_options(timeout=3).completions.create(model="never", prompt="x", max_tokens=1),
+    target=lambda: client.with_options(timeout=3).completions.create(model="stuck", prompt="x", max_tokens=1),
     daemon=True,
 )
 held.start()
@@ -77,7 +88,7 @@ import time
 
 time.sleep(0.5)
 try:
-    client.completions.create(model="never", prompt="x", max_tokens=1)
+    client.completions.create(model="stuck", prompt="x", max_tokens=1)
     check(False, "full queue refused")
 except openai.RateLimitError as e:
     check(e.status_code == 429 and e.response.headers.get("retry-after"), "full queue gives 429 with Retry-After")

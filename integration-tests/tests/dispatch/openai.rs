@@ -3,18 +3,23 @@ use std::time::Duration;
 use crate::*;
 
 /// The official `openai` Python package against /v1: models, completions and chat, streaming
-/// and not, and its error classes for an unknown model and a full queue.
+/// and not, and its error classes for an unknown model, a model no worker can hold and a full
+/// queue.
 #[tokio::test]
 async fn the_official_openai_client_works_unchanged() {
     let c = Cluster::start_with(|d| d.max_queue = 1).await;
-    let _w = c.worker("w1", fast_sim()).await;
+    let mut sim = fast_sim();
+    // "stuck" loads for ever: its requests stay queued.
+    sim.hang_load.insert("stuck".into());
+    let _w = c.worker("w1", sim).await;
     c.deploy("m", 1, 1).await;
     c.deploy("cold", 0, 1).await;
+    c.deploy("stuck", 0, 1).await;
     c.store
         .create_deployment(&kvstore::DeploymentSpec {
             model: "never".into(),
             backend: "sim".into(),
-            num_gpus: 64, // no worker can ever hold it: it stays queued
+            num_gpus: 64, // no worker can ever hold it
             autoscaling: kvstore::AutoScaling::default(),
             backend_config: String::new(),
         })
