@@ -25,6 +25,7 @@ use sllm_api::v1::dispatch_server::DispatchServer;
 use tokio_util::sync::CancellationToken;
 
 pub use error::DispatchError;
+pub use grpc::parse_grpc_timeout;
 pub use request::{Event, Events, Input, Job};
 
 /// Settings of a Dispatch replica.
