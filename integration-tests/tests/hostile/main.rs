@@ -1,6 +1,6 @@
 //! Hostile input: property tests (proptest) on every parser and validator that user input
 //! reaches — names that become Redis keys, ServerlessLLM deploy JSON, OpenAI request bodies,
-//! protobuf fields — checking that nothing panics, that every refusal names its field, and
+//! protobuf fields, `grpc-timeout`/`traceparent`/`authorization` headers — checking that nothing panics, that every refusal names its field, and
 //! that what is accepted is what the rules allow. The fuzz targets in `fuzz/` drive the same
 //! functions with coverage guidance.
 
@@ -8,6 +8,7 @@
 
 mod corpus;
 mod deploy_json;
+mod headers;
 mod names;
 mod openai;
 mod proto;
