@@ -9,9 +9,8 @@ fn header_bytes() -> impl Strategy<Value = Vec<u8>> {
         // grpc-timeout: digits of any length (u64::MAX and beyond) and a unit, known or not.
         ("[0-9]{0,30}", "[HMSmunx ]?").prop_map(|(d, u)| format!("{d}{u}").into_bytes()),
         // traceparent: the right layout with any characters in it.
-        ("[0-9a-fA-Fz]{2}", "[0-9a-f]{32}", "[0-9a-fz]{16}", "[0-9a-f]{2}", "(-.{0,8})?").prop_map(
-            |(v, t, s, f, rest)| format!("{v}-{t}-{s}-{f}{rest}").into_bytes()
-        ),
+        ("[0-9a-fA-Fz]{2}", "[0-9a-f]{32}", "[0-9a-fz]{16}", "[0-9a-f]{2}", "(-.{0,8})?")
+            .prop_map(|(v, t, s, f, rest)| format!("{v}-{t}-{s}-{f}{rest}").into_bytes()),
         // authorization: a scheme in any case, spaces and tabs, any bytes after.
         ("(?i)bearer|basic|", "[ \t]{0,3}", any::<Vec<u8>>()).prop_map(|(s, sp, k)| {
             let mut b = format!("{s}{sp}").into_bytes();

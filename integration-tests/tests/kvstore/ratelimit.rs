@@ -93,8 +93,7 @@ async fn leased_shares_never_sum_above_the_rate() {
     assert_eq!((a.replicas, one(&a)), (1, 100.0));
 
     // Several callers in one call, each with its own shares.
-    let s =
-        store.refresh_rate_shares("d1", limit, lease, &[("x", 1.0), ("y", 2.0)]).await.unwrap();
+    let s = store.refresh_rate_shares("d1", limit, lease, &[("x", 1.0), ("y", 2.0)]).await.unwrap();
     assert_eq!(s.grants, vec![100.0, 100.0]);
 }
 

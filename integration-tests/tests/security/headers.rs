@@ -72,8 +72,7 @@ async fn hostile_headers_get_a_clear_status_and_the_connection_lives_on() {
     }
     // The longest timeout the spec allows (about 11,000 years) is no deadline at all, as is a
     // timeout_ms of u64::MAX: the request goes on to be judged on its model.
-    let err =
-        client.generate(generate(&[("grpc-timeout", b"99999999H")], true)).await.unwrap_err();
+    let err = client.generate(generate(&[("grpc-timeout", b"99999999H")], true)).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
 
     // A traceparent of any shape is ignored.
@@ -97,8 +96,7 @@ async fn hostile_headers_get_a_clear_status_and_the_connection_lives_on() {
         (b"Bearer", "Bearer"),
         (b"Bearer       ", "Bearer"),
     ] {
-        let err =
-            client.generate(generate(&[("authorization", value)], false)).await.unwrap_err();
+        let err = client.generate(generate(&[("authorization", value)], false)).await.unwrap_err();
         let shown = String::from_utf8_lossy(value);
         assert_eq!(err.code(), Code::Unauthenticated, "{shown:?}: {err:?}");
         assert!(err.message().contains(says), "{shown:?}: {}", err.message());

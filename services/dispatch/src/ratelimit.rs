@@ -122,11 +122,7 @@ impl Limiter {
             refresh,
             lease: refresh * LEASE_REFRESHES,
             max_callers: max_callers.max(1),
-            state: Mutex::new(State {
-                callers: HashMap::new(),
-                replicas: 1,
-                healthy_until: None,
-            }),
+            state: Mutex::new(State { callers: HashMap::new(), replicas: 1, healthy_until: None }),
             wake: Notify::new(),
         });
         let limiter = Limiter { shared, store, replica, started: std::sync::Once::new() };
@@ -299,7 +295,9 @@ async fn refresher(shared: Weak<Shared>, store: Store, replica: String) {
                 }
                 Err(_) => {
                     if !failing {
-                        tracing::warn!("rate-limit share refresh timed out; deciding on the last ones");
+                        tracing::warn!(
+                            "rate-limit share refresh timed out; deciding on the last ones"
+                        );
                     }
                     ok = false;
                     break;
@@ -396,7 +394,10 @@ mod tests {
         let t0 = Instant::now();
         assert!(sh.take("a", t0).is_ok());
         let wait = sh.take("a", t0).unwrap_err();
-        assert!(wait > Duration::from_millis(400) && wait <= Duration::from_millis(500), "{wait:?}");
+        assert!(
+            wait > Duration::from_millis(400) && wait <= Duration::from_millis(500),
+            "{wait:?}"
+        );
         assert!(sh.take("a", t0 + wait).is_ok());
     }
 }
