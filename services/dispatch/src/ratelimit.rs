@@ -58,6 +58,15 @@ struct Shared {
 
 struct State {
     callers: HashMap<String, Caller>,
+    fleet: Fleet,
+    /// When a full map was last swept for idle callers (at most once a second: a flood of
+    /// new callers must not make every request walk the whole map).
+    swept: Option<Instant>,
+}
+
+/// What the last refreshes said about the fleet.
+#[derive(Clone, Copy)]
+struct Fleet {
     /// Live replicas as last seen (1 until the first refresh).
     replicas: u64,
     /// Until when a refresh is known to work: a caller new here may use the whole rate until
@@ -82,11 +91,11 @@ struct Caller {
 
 impl Shared {
     /// The rate `c` is filled at now.
-    fn rate(&self, st: &State, c: &Caller, now: Instant) -> f64 {
+    fn rate(&self, fleet: Fleet, c: &Caller, now: Instant) -> f64 {
         match c.lease {
             Some((grant, until)) if now < until => grant,
-            None if st.healthy_until.is_some_and(|h| now < h) => self.limit.per_second,
-            _ => self.limit.per_second / st.replicas.max(1) as f64,
+            None if fleet.healthy_until.is_some_and(|h| now < h) => self.limit.per_second,
+            _ => self.limit.per_second / fleet.replicas.max(1) as f64,
         }
     }
 
@@ -96,8 +105,8 @@ impl Shared {
     }
 
     /// Brings `c`'s tokens up to `now` at the rate in force.
-    fn settle(&self, st: &State, c: &mut Caller, now: Instant) -> (f64, f64) {
-        let rate = self.rate(st, c, now);
+    fn settle(&self, fleet: Fleet, c: &mut Caller, now: Instant) -> (f64, f64) {
+        let rate = self.rate(fleet, c, now);
         let cap = self.cap(rate);
         let dt = now.saturating_duration_since(c.at).as_secs_f64();
         c.tokens = (c.tokens + rate * dt).min(cap);
@@ -122,7 +131,11 @@ impl Limiter {
             refresh,
             lease: refresh * LEASE_REFRESHES,
             max_callers: max_callers.max(1),
-            state: Mutex::new(State { callers: HashMap::new(), replicas: 1, healthy_until: None }),
+            state: Mutex::new(State {
+                callers: HashMap::new(),
+                fleet: Fleet { replicas: 1, healthy_until: None },
+                swept: None,
+            }),
             wake: Notify::new(),
         });
         let limiter = Limiter { shared, store, replica, started: std::sync::Once::new() };
@@ -158,7 +171,12 @@ impl Shared {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let mut key = caller;
         if !st.callers.contains_key(key) {
-            if st.callers.len() >= self.max_callers {
+            if st.callers.len() >= self.max_callers
+                && st
+                    .swept
+                    .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1))
+            {
+                st.swept = Some(now);
                 evict_idle(self, &mut st, now);
             }
             if st.callers.len() >= self.max_callers {
@@ -181,11 +199,12 @@ impl Shared {
                 self.wake.notify_one();
             }
         }
-        let Some(mut c) = st.callers.remove(key) else {
+        let fleet = st.fleet;
+        let Some(c) = st.callers.get_mut(key) else {
             // Inserted just above under the same lock.
             return Ok(());
         };
-        let (rate, _) = self.settle(&st, &mut c, now);
+        let (rate, _) = self.settle(fleet, c, now);
         c.arrivals += 1;
         c.last_seen = now;
         let outcome = if c.tokens >= 1.0 {
@@ -200,7 +219,6 @@ impl Shared {
             // Every share is held elsewhere for now; the next refreshes move some here.
             Err(self.refresh * 2)
         };
-        st.callers.insert(key.to_string(), c);
         outcome.map_err(|d| d.max(Duration::from_millis(1)))
     }
 }
@@ -208,15 +226,14 @@ impl Shared {
 /// Drops callers idle for [`IDLE`] whose bucket is full again (forgetting them gives nothing
 /// away: a new bucket starts full too).
 fn evict_idle(sh: &Shared, st: &mut State, now: Instant) {
-    let mut callers = std::mem::take(&mut st.callers);
-    callers.retain(|_, c| {
+    let fleet = st.fleet;
+    st.callers.retain(|_, c| {
         if now.saturating_duration_since(c.last_seen) < IDLE {
             return true;
         }
-        let (_, cap) = sh.settle(st, c, now);
+        let (_, cap) = sh.settle(fleet, c, now);
         c.tokens < cap
     });
-    st.callers = callers;
 }
 
 /// The demand to report for each caller now (and the report clock reset).
@@ -241,17 +258,16 @@ fn demand(sh: &Shared, st: &mut State, now: Instant) -> Vec<(String, f64)> {
 fn apply(sh: &Shared, st: &mut State, sent: Instant, callers: &[(String, f64)], grants: &[f64]) {
     let now = Instant::now();
     let until = sent + sh.lease;
-    let mut map = std::mem::take(&mut st.callers);
+    let fleet = st.fleet;
     for ((name, _), &grant) in callers.iter().zip(grants) {
-        let Some(c) = map.get_mut(name) else { continue };
-        sh.settle(st, c, now);
+        let Some(c) = st.callers.get_mut(name) else { continue };
+        sh.settle(fleet, c, now);
         let first = c.lease.is_none();
         c.lease = Some((grant, until));
         let cap = sh.cap(grant);
         c.tokens = if first { (cap - c.spent_unleased).max(0.0) } else { c.tokens.min(cap) };
         c.spent_unleased = 0.0;
     }
-    st.callers = map;
 }
 
 /// Refreshes the shares every interval (or at once for a new caller) until the limiter goes.
@@ -282,8 +298,10 @@ async fn refresher(shared: Weak<Shared>, store: Store, replica: String) {
             match tokio::time::timeout(lease, call).await {
                 Ok(Ok(shares)) => {
                     let mut st = sh.state.lock().unwrap_or_else(|p| p.into_inner());
-                    st.replicas = shares.replicas.max(1);
-                    st.healthy_until = Some(sent + lease);
+                    st.fleet = Fleet {
+                        replicas: shares.replicas.max(1),
+                        healthy_until: Some(sent + lease),
+                    };
                     apply(&sh, &mut st, sent, chunk, &shares.grants);
                 }
                 Ok(Err(e)) => {
@@ -323,7 +341,11 @@ mod tests {
             refresh: Duration::from_millis(200),
             lease: Duration::from_secs(1),
             max_callers: 4,
-            state: Mutex::new(State { callers: HashMap::new(), replicas: 1, healthy_until: None }),
+            state: Mutex::new(State {
+                callers: HashMap::new(),
+                fleet: Fleet { replicas: 1, healthy_until: None },
+                swept: None,
+            }),
             wake: Notify::new(),
         }
     }
@@ -345,15 +367,14 @@ mod tests {
     fn the_rate_follows_the_lease_then_falls_back_to_an_equal_part() {
         let sh = shared(10.0, 10);
         let now = Instant::now();
-        let mut st =
-            State { callers: HashMap::new(), replicas: 4, healthy_until: Some(now + sh.lease) };
+        let mut fleet = Fleet { replicas: 4, healthy_until: Some(now + sh.lease) };
         let mut c = caller(now);
-        assert_eq!(sh.rate(&st, &c, now), 10.0, "new caller, Redis answering: the whole rate");
-        st.healthy_until = None;
-        assert_eq!(sh.rate(&st, &c, now), 2.5, "new caller, Redis away: an equal part");
+        assert_eq!(sh.rate(fleet, &c, now), 10.0, "new caller, Redis answering: the whole rate");
+        fleet.healthy_until = None;
+        assert_eq!(sh.rate(fleet, &c, now), 2.5, "new caller, Redis away: an equal part");
         c.lease = Some((7.0, now + Duration::from_secs(1)));
-        assert_eq!(sh.rate(&st, &c, now), 7.0);
-        assert_eq!(sh.rate(&st, &c, now + Duration::from_secs(2)), 2.5, "a lapsed lease");
+        assert_eq!(sh.rate(fleet, &c, now), 7.0);
+        assert_eq!(sh.rate(fleet, &c, now + Duration::from_secs(2)), 2.5, "a lapsed lease");
         assert_eq!(sh.cap(7.0), 7.0);
         assert_eq!(sh.cap(0.0), 1.0, "a bucket always holds one whole request");
     }
@@ -362,7 +383,11 @@ mod tests {
     fn demand_is_a_rate_that_rises_at_once_and_decays() {
         let sh = shared(10.0, 10);
         let t0 = Instant::now();
-        let mut st = State { callers: HashMap::new(), replicas: 1, healthy_until: None };
+        let mut st = State {
+            callers: HashMap::new(),
+            fleet: Fleet { replicas: 1, healthy_until: None },
+            swept: None,
+        };
         let mut c = caller(t0);
         c.arrivals = 4;
         c.last_seen = t0 + Duration::from_millis(200);
