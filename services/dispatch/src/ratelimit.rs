@@ -12,9 +12,9 @@
 //! an equal part, rate / live replicas as last seen; limiting goes on, locally.
 //!
 //! How far over the rate the fleet can go is written in docs/operations.md ("Rate limits");
-//! the terms come from three places, marked below: buckets round up to one whole request,
-//! a caller new to a replica starts with a full bucket until its first lease (one round trip),
-//! and a share is applied up to one refresh late.
+//! the terms come from three places: buckets round up to one whole request ([`Shared::cap`]),
+//! a caller new to a replica starts with a full bucket until its first lease, one round trip
+//! later ([`Shared::take`] wakes the refresher), and a share is applied up to one refresh late.
 //!
 //! The caller map is bounded: callers idle for [`IDLE`] with a full bucket are dropped at the
 //! next refresh, and past `max_callers` new callers share one overflow bucket.
