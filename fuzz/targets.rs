@@ -79,3 +79,57 @@ pub fn proto(bytes: &[u8]) {
         }
     }
 }
+
+/// Header values a client controls: `grpc-timeout`, `traceparent` and `authorization`.
+pub fn headers(bytes: &[u8]) {
+    // grpc-timeout: accepted exactly when it is 1 to 8 digits and a unit, at the right value.
+    let grammar = bytes.len() >= 2
+        && bytes.len() <= 9
+        && bytes[..bytes.len() - 1].iter().all(u8::is_ascii_digit)
+        && b"HMSmun".contains(&bytes[bytes.len() - 1]);
+    match dispatch::parse_grpc_timeout(bytes) {
+        Ok(d) => {
+            assert!(grammar, "accepted grpc-timeout {bytes:?}");
+            let n: u128 = std::str::from_utf8(&bytes[..bytes.len() - 1]).unwrap().parse().unwrap();
+            let nanos = match bytes[bytes.len() - 1] {
+                b'H' => n * 3_600_000_000_000,
+                b'M' => n * 60_000_000_000,
+                b'S' => n * 1_000_000_000,
+                b'm' => n * 1_000_000,
+                b'u' => n * 1_000,
+                _ => n,
+            };
+            assert_eq!(d.as_nanos(), nanos, "{bytes:?}");
+        }
+        Err(why) => assert!(!grammar && !why.is_empty(), "refused grpc-timeout {bytes:?}"),
+    }
+
+    if let Ok(s) = std::str::from_utf8(bytes) {
+        // traceparent: whatever parses names a real span and writes back as itself.
+        if let Some((cx, _)) = telemetry::trace::SpanContext::parse(s) {
+            assert!(cx.trace_id != 0 && cx.span_id != 0, "{s:?}");
+            let again = telemetry::trace::SpanContext::parse(&cx.traceparent()).map(|(c, _)| c);
+            assert_eq!(again, Some(cx), "{s:?}");
+        }
+
+        // authorization: the key is a trimmed, non-empty part of the value, and the caller id
+        // made from it is safe to put in a Redis key.
+        if let Some(key) = service::auth::bearer(s) {
+            assert!(!key.is_empty() && s.contains(key), "{s:?}");
+            assert!(!key.starts_with([' ', '\t']) && !key.ends_with([' ', '\t']), "{s:?}");
+        }
+        let id = service::auth::caller_id(Some(s), None);
+        assert!(kvstore::names::validate_id("caller", &id).is_ok(), "{id:?} from {s:?}");
+    }
+    if let Ok(value) = http::HeaderValue::from_bytes(bytes) {
+        let keys = service::auth::ApiKeys::parse("fuzz-key-0123456789abc:inference")
+            .expect("a valid key list");
+        let ok = keys.check_header(Some(&value), service::auth::Needed::Inference).is_ok();
+        let expected = value
+            .to_str()
+            .ok()
+            .and_then(service::auth::bearer)
+            .is_some_and(|k| k == "fuzz-key-0123456789abc");
+        assert_eq!(ok, expected, "{bytes:?}");
+    }
+}

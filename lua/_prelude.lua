@@ -42,6 +42,8 @@ local K = {
   leader_token = function(role) return ROOT .. 'leader_token:' .. role end,
   demand = function(reporter) return ROOT .. 'demand:' .. reporter end,
   ratelimit = function(bucket) return ROOT .. 'ratelimit:' .. bucket end,
+  rate_replicas = ROOT .. 'rate_replicas',
+  rate_share = function(caller) return ROOT .. 'rate_share:' .. caller end,
 }
 
 -- Milliseconds since the Unix epoch, from the Redis server's clock: every lease in the cluster

@@ -143,6 +143,15 @@ impl Keys {
     pub fn ratelimit(&self, bucket: &str) -> String {
         self.k("ratelimit:", bucket)
     }
+    /// Sorted set: Dispatch replica id -> expiry of its rate-limit leases (the live replicas
+    /// sharing rate limits).
+    pub fn rate_replicas(&self) -> String {
+        self.k("rate_replicas", "")
+    }
+    /// Hash: replica id -> "demand grant lease_until_ms", one caller's shares of its rate.
+    pub fn rate_share(&self, caller: &str) -> String {
+        self.k("rate_share:", caller)
+    }
     /// A scratch counter (benchmarks only).
     pub fn scratch(&self, name: &str) -> String {
         self.k("scratch:", name)

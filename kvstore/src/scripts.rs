@@ -47,6 +47,7 @@ pub(crate) struct Scripts {
     pub(crate) dispatcher_register: Script,
     pub(crate) dispatchers_list: Script,
     pub(crate) rate_limit: Script,
+    pub(crate) rate_share: Script,
 }
 
 impl Scripts {
@@ -77,6 +78,7 @@ impl Scripts {
             demand_read: lua!("demand_read"),
             demand_event: lua!("demand_event"),
             rate_limit: lua!("rate_limit"),
+            rate_share: lua!("rate_share"),
             dispatcher_register: lua!("dispatcher_register"),
             dispatchers_list: lua!("dispatchers_list"),
         }

@@ -6,6 +6,9 @@
 //! 2. Most requests/s through one Dispatch replica with one-token completions. Target >= 20,000.
 //! 3. Tokens/s forwarded with long completions. Target >= 500,000.
 //! 4. Cold start overhead: first-token time minus the simulated load time. Target <= 20 ms.
+//! 5. Latency added by rate limits: p50 / p99 at 1,000 requests/s through a replica with a
+//!    per-caller rate limit (high enough to admit everything, so every request takes the
+//!    limiter's path) against one without, in turns in the same run.
 //!
 //! It runs twice, as child processes: without an OpenTelemetry exporter, and with one (OTLP to
 //! a sink in the parent that accepts and discards, standing in for a collector on another
@@ -42,9 +45,14 @@ fn main() -> Result<()> {
         return rt.block_on(async {
             let telemetry = telemetry::init("sllm-bench", "warn");
             let ratios: &[f64] = if telemetry.exporting() { &TRACED } else { &[0.0] };
-            for (ratio, figures) in ratios.iter().zip(run(ratios).await?) {
+            let (figures, limits) = run(ratios).await?;
+            for (ratio, figures) in ratios.iter().zip(figures) {
                 let line = figures.iter().map(f64::to_string).collect::<Vec<_>>().join(" ");
                 println!("RESULT {ratio} {line}");
+            }
+            if let Some(l) = limits {
+                let line = l.iter().map(f64::to_string).collect::<Vec<_>>().join(" ");
+                println!("RATELIMIT {line}");
             }
             Ok(())
         });
@@ -57,8 +65,9 @@ fn main() -> Result<()> {
 const TRACED: [f64; 3] = [0.0, 1.0, 0.1];
 
 /// Runs the benchmark in a child process, with trace export to `endpoint` or without an
-/// exporter; returns its figures for each sampling ratio it measured.
-async fn child(endpoint: Option<&str>) -> Result<Vec<Vec<f64>>> {
+/// exporter; returns its figures for each sampling ratio it measured, and the rate-limit
+/// figures when it measured them.
+async fn child(endpoint: Option<&str>) -> Result<(Vec<Vec<f64>>, Vec<f64>)> {
     let mut cmd = tokio::process::Command::new(std::env::current_exe()?);
     cmd.arg("--child").stderr(std::process::Stdio::inherit());
     cmd.env_remove("OTEL_EXPORTER_OTLP_ENDPOINT").env_remove("OTEL_TRACES_SAMPLER");
@@ -78,16 +87,21 @@ async fn child(endpoint: Option<&str>) -> Result<Vec<Vec<f64>>> {
     if lines.is_empty() {
         bail!("no RESULT line");
     }
-    Ok(lines)
+    let limits = text
+        .lines()
+        .find_map(|l| l.strip_prefix("RATELIMIT "))
+        .map(|l| l.split_whitespace().filter_map(|v| v.parse().ok()).collect())
+        .unwrap_or_default();
+    Ok((lines, limits))
 }
 
 async fn parent() -> Result<()> {
     eprintln!("== no trace exporter");
-    let off = child(None).await?;
+    let (off, limits) = child(None).await?;
     eprintln!("== trace export on (OTLP to a sink in this process), 0%, 100% and 10% sampled");
     let sink = sllm_integration_tests::OtlpSink::start().await?;
     let sink_cpu = process_cpu_secs();
-    let on = child(Some(&sink.endpoint)).await?;
+    let (on, _) = child(Some(&sink.endpoint)).await?;
     // The parent does nothing else meanwhile: its CPU is the sink's.
     let sink_cpu = process_cpu_secs() - sink_cpu;
     let (exports, bytes) = sink.received();
@@ -197,6 +211,23 @@ async fn parent() -> Result<()> {
         "",
         format!("{sink_cpu:.2}s")
     );
+    if let [off50, off99, on50, on99] = limits[..] {
+        println!(
+            "{:<46} {:>9} {:>13} {:>13}",
+            "rate limits at 1,000 req/s: off / on, p50",
+            "",
+            us(off50),
+            us(on50)
+        );
+        println!("{:<46} {:>9} {:>13} {:>13}", "  p99", "", us(off99), us(on99));
+        println!(
+            "{:<46} {:>9} {:>13} {:>13}",
+            "  added by rate limits, p50 / p99",
+            "",
+            us(on50 - off50),
+            us(on99 - off99)
+        );
+    }
     println!();
     let verdict = |ok: bool| if ok { "meets" } else { "MISSES" };
     println!(
@@ -399,8 +430,9 @@ async fn saturate(
 
 /// Measures everything; returns, for each sampling ratio, [direct p50, direct p99, via p50,
 /// via p99, direct rps, rps, direct tokens/s, tokens/s, cold-start overhead ms, median rps of
-/// the interleaved windows, median CPU µs per request in them, and the export thread's share].
-async fn run(ratios: &[f64]) -> Result<Vec<Vec<f64>>> {
+/// the interleaved windows, median CPU µs per request in them, and the export thread's share];
+/// without an exporter also the rate-limit figures [off p50, off p99, on p50, on p99].
+async fn run(ratios: &[f64]) -> Result<(Vec<Vec<f64>>, Option<Vec<f64>>)> {
     // Direct: the simulator behind a bare gRPC server.
     let (sim, mut events) = worker::SimBackend::new(zero_delay());
     sim.start(worker::StartSpec {
@@ -469,6 +501,7 @@ async fn run(ratios: &[f64]) -> Result<Vec<Vec<f64>>> {
         let (v50, v99) = fixed_rate(&via, "bench", 1000, 3000).await?;
         f.extend([d50, d99, v50, v99]);
     }
+    let limits = if ratios == [0.0] { Some(rate_limit_latency(&store, &via).await?) } else { None };
     eprintln!("2/4 requests/s ...");
     let (direct_rps, _) = saturate(&direct_ep, "bench", 1, 64, Duration::from_secs(5)).await?;
     for (ratio, f) in ratios.iter().zip(&mut figures) {
@@ -561,7 +594,46 @@ async fn run(ratios: &[f64]) -> Result<Vec<Vec<f64>>> {
         f.push(median(&mut export));
     }
     drop((w, w2));
-    Ok(figures)
+    Ok((figures, limits))
+}
+
+/// p50 / p99 at 1,000 requests/s through `via` (no rate limit) and through a second replica
+/// with one, in alternating rounds; the medians [off p50, off p99, on p50, on p99].
+async fn rate_limit_latency(
+    store: &kvstore::Store,
+    via: &DispatchClient<Channel>,
+) -> Result<Vec<f64>> {
+    eprintln!("1b rate limits off / on at 1,000 req/s ...");
+    let limited = DispatchReplica::start(store.clone(), "bench-limited", |c| {
+        c.max_queue = 100_000;
+        // High enough that nothing is refused: the figure is the cost of deciding.
+        c.rate_limit = Some(kvstore::ratelimit::RateLimit { per_second: 1e6, burst: 1_000_000 });
+    })
+    .await?;
+    let mut on = connect(limited.endpoint()).await?;
+    // Held until the worker attaches to the new replica: each try with a deadline.
+    eventually(Duration::from_secs(30), "the model served through the limited replica", || {
+        let mut c = on.clone();
+        let req = pb::GenerateRequest { timeout_ms: 1000, ..request("bench", 1) };
+        async move { one(&mut c, req).await.ok() }
+    })
+    .await?;
+    for _ in 0..500 {
+        one(&mut on, request("bench", 1)).await?;
+    }
+    let (mut o50, mut o99, mut l50, mut l99) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..3 {
+        let (a, b) = fixed_rate(via, "bench", 1000, 2000).await?;
+        o50.push(a);
+        o99.push(b);
+        let (a, b) = fixed_rate(&on, "bench", 1000, 2000).await?;
+        l50.push(a);
+        l99.push(b);
+    }
+    // Abruptly: a clean stop would wait for the worker's Attach stream to end.
+    drop(on);
+    limited.kill();
+    Ok(vec![median(&mut o50), median(&mut o99), median(&mut l50), median(&mut l99)])
 }
 
 fn median(v: &mut [f64]) -> f64 {

@@ -3,7 +3,7 @@
 //! test run. `scripts/fuzz` grows them; this keeps each finding fixed.
 
 #[path = "../../../fuzz/targets.rs"]
-mod targets;
+pub mod targets;
 
 fn replay(target: &str, run: impl Fn(&[u8])) -> usize {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus").join(target);
@@ -34,6 +34,7 @@ fn every_fuzz_corpus_input_replays_cleanly() {
         ("deploy_json", replay("deploy_json", text(targets::deploy_json))),
         ("openai_body", replay("openai_body", text(targets::openai_body))),
         ("proto", replay("proto", targets::proto)),
+        ("headers", replay("headers", targets::headers)),
     ];
     for (target, n) in counts {
         assert!(n > 0, "the {target} corpus is empty");

@@ -1,13 +1,15 @@
 //! Hostile input: property tests (proptest) on every parser and validator that user input
 //! reaches — names that become Redis keys, ServerlessLLM deploy JSON, OpenAI request bodies,
-//! protobuf fields — checking that nothing panics, that every refusal names its field, and
-//! that what is accepted is what the rules allow. The fuzz targets in `fuzz/` drive the same
+//! protobuf fields, the `grpc-timeout`, `traceparent` and `authorization` headers — checking
+//! that nothing panics, that every refusal names its field, and that what is accepted is what
+//! the rules allow. The fuzz targets in `fuzz/` drive the same
 //! functions with coverage guidance.
 
 #![allow(clippy::unwrap_used)]
 
 mod corpus;
 mod deploy_json;
+mod headers;
 mod names;
 mod openai;
 mod proto;

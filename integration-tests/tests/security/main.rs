@@ -3,16 +3,17 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod headers;
 mod tls;
 
 use sllm_api::v1 as pb;
 use sllm_integration_tests::{JOIN_SECRET, Proc, RedisServer};
 use tonic::Code;
 
-const ADMIN: &str = "admin-key-0123456789";
-const INFER: &str = "infer-key-0123456789";
+pub const ADMIN: &str = "admin-key-0123456789";
+pub const INFER: &str = "infer-key-0123456789";
 
-fn with_key<T>(msg: T, key: Option<&str>) -> tonic::Request<T> {
+pub fn with_key<T>(msg: T, key: Option<&str>) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
     if let Some(k) = key {
         r.metadata_mut().insert("authorization", format!("Bearer {k}").parse().unwrap());

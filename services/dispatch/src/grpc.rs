@@ -13,21 +13,51 @@ use crate::{Dispatch, attach};
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateEvent, Status>> + Send>>;
 
-/// The deadline a gRPC client set (the `grpc-timeout` header), if any.
-fn grpc_deadline<T>(request: &Request<T>) -> Option<Instant> {
-    let raw = request.metadata().get("grpc-timeout")?.to_str().ok()?;
-    let (num, unit) = raw.split_at(raw.len().checked_sub(1)?);
-    let n: u64 = num.parse().ok()?;
-    let d = match unit {
-        "H" => Duration::from_secs(n * 3600),
-        "M" => Duration::from_secs(n * 60),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
+/// Largest `grpc-timeout` value: the gRPC spec allows at most 8 digits (which also keeps the
+/// arithmetic below far from overflow).
+const GRPC_TIMEOUT_DIGITS: usize = 8;
+
+/// Parses a `grpc-timeout` header value (`<1 to 8 digits><unit>`, unit one of H M S m u n, as
+/// the gRPC over HTTP/2 spec writes it). Anything else is refused with the reason, so the
+/// caller can answer INVALID_ARGUMENT naming the header instead of silently dropping the
+/// client's deadline.
+pub fn parse_grpc_timeout(raw: &[u8]) -> Result<Duration, &'static str> {
+    let Some((&unit, digits)) = raw.split_last() else {
+        return Err("is empty");
     };
-    Some(Instant::now() + d)
+    if digits.is_empty() || digits.len() > GRPC_TIMEOUT_DIGITS {
+        return Err("must be 1 to 8 digits followed by a unit (H, M, S, m, u, n)");
+    }
+    if !digits.iter().all(u8::is_ascii_digit) {
+        return Err("must be 1 to 8 digits followed by a unit (H, M, S, m, u, n)");
+    }
+    // At most 99,999,999: every product below fits in a u64.
+    let n = digits.iter().fold(0u64, |acc, d| acc * 10 + u64::from(d - b'0'));
+    match unit {
+        b'H' => Ok(Duration::from_secs(n * 3600)),
+        b'M' => Ok(Duration::from_secs(n * 60)),
+        b'S' => Ok(Duration::from_secs(n)),
+        b'm' => Ok(Duration::from_millis(n)),
+        b'u' => Ok(Duration::from_micros(n)),
+        b'n' => Ok(Duration::from_nanos(n)),
+        _ => Err("has an unknown unit (H, M, S, m, u, n)"),
+    }
+}
+
+/// `now + d`, or None (no deadline) when it would not fit in an `Instant`: a timeout of
+/// centuries is no deadline at all.
+fn deadline_after(d: Duration) -> Option<Instant> {
+    Instant::now().checked_add(d)
+}
+
+/// The deadline a gRPC client set (the `grpc-timeout` header), if any; a malformed value is
+/// INVALID_ARGUMENT naming the header.
+fn grpc_deadline<T>(request: &Request<T>) -> Result<Option<Instant>, Status> {
+    let Some(raw) = request.metadata().get("grpc-timeout") else { return Ok(None) };
+    match parse_grpc_timeout(raw.as_encoded_bytes()) {
+        Ok(d) => Ok(deadline_after(d)),
+        Err(why) => Err(service::field_status("grpc-timeout", why)),
+    }
 }
 
 fn to_pb(event: Event) -> pb::GenerateEvent {
@@ -53,12 +83,13 @@ impl dispatch_server::Dispatch for Dispatch {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<EventStream>, Status> {
+        // Headers first: a malformed one is refused before it costs the caller a token.
+        let header_deadline = grpc_deadline(&request)?;
         let authorization = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
         self.inner
             .admit(authorization, request.remote_addr().map(|a| a.ip()))
             .await
             .map_err(|e| e.to_status())?;
-        let header_deadline = grpc_deadline(&request);
         let traceparent = request
             .metadata()
             .get("traceparent")
@@ -71,8 +102,9 @@ impl dispatch_server::Dispatch for Dispatch {
             Some(pb::generate_request::Input::Chat(c)) => Input::Chat(c),
             None => return Err(service::field_status("input", "set `prompt` or `chat`")),
         };
-        let field_deadline =
-            (req.timeout_ms > 0).then(|| Instant::now() + Duration::from_millis(req.timeout_ms));
+        let field_deadline = (req.timeout_ms > 0)
+            .then(|| deadline_after(Duration::from_millis(req.timeout_ms)))
+            .flatten();
         let deadline = match (header_deadline, field_deadline) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),

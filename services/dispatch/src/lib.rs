@@ -11,6 +11,7 @@ mod attach;
 mod error;
 mod grpc;
 pub mod openai;
+mod ratelimit;
 mod request;
 mod room;
 mod sync;
@@ -26,6 +27,7 @@ use sllm_api::v1::dispatch_server::DispatchServer;
 use tokio_util::sync::CancellationToken;
 
 pub use error::DispatchError;
+pub use grpc::parse_grpc_timeout;
 pub use request::{Event, Events, Input, Job};
 
 /// Settings of a Dispatch replica.
@@ -65,9 +67,15 @@ pub struct DispatchConfig {
     pub breaker_threshold: u32,
     /// ...for this long.
     pub breaker_cooldown: Duration,
-    /// Requests each caller (API key, or IP address without one) may make, shared by every
-    /// replica through a token bucket in Redis; None: unlimited.
+    /// Requests each caller (API key, or IP address without one) may make across all
+    /// replicas; each replica decides locally on its share (see docs/operations.md for how
+    /// far over the fleet can go); None: unlimited.
     pub rate_limit: Option<kvstore::ratelimit::RateLimit>,
+    /// How often this replica refreshes its rate-limit shares in the background.
+    pub rate_limit_refresh: Duration,
+    /// Most callers a replica keeps rate-limit state for (past it, new callers share one
+    /// bucket until idle ones are forgotten).
+    pub rate_limit_callers: usize,
 }
 
 impl DispatchConfig {
@@ -93,6 +101,8 @@ impl DispatchConfig {
             breaker_cooldown: Duration::from_secs(5),
             api_keys: service::auth::ApiKeys::default(),
             rate_limit: None,
+            rate_limit_refresh: Duration::from_millis(200),
+            rate_limit_callers: 65_536,
         }
     }
 }
@@ -110,35 +120,31 @@ pub(crate) struct Inner {
     request_ids: AtomicU64,
     /// Model names found not deployed, and when: not read again for a moment.
     unknown: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+    limiter: Option<ratelimit::Limiter>,
 }
 
 /// How long a name found not deployed is answered from memory.
 const UNKNOWN_TTL: Duration = Duration::from_secs(1);
 
 impl Inner {
-    /// Takes a token from the caller's bucket when a rate limit is set. Redis away: the request
-    /// is let through (warm traffic keeps flowing during an outage), with a warning.
+    /// Takes a token from the caller's local bucket when a rate limit is set; never waits on
+    /// Redis (shares are refreshed in the background).
     pub(crate) async fn admit(
         &self,
         authorization: Option<&str>,
         peer: Option<std::net::IpAddr>,
     ) -> Result<(), error::DispatchError> {
-        let Some(limit) = self.config.rate_limit else { return Ok(()) };
+        let (Some(limit), Some(limiter)) = (self.config.rate_limit, &self.limiter) else {
+            return Ok(());
+        };
         // Unchecked keys prove nothing (a caller could send a new one each time): without API
         // keys, callers are told apart by address.
         let authorization = authorization.filter(|_| self.config.api_keys.enabled());
         let caller = service::auth::caller_id(authorization, peer);
-        match self.store.take_token(&caller, limit).await {
-            Ok(kvstore::ratelimit::Taken::Allowed { .. }) => Ok(()),
-            Ok(kvstore::ratelimit::Taken::Limited { retry_after }) => {
-                telemetry::metrics::DISPATCH.rate_limited.inc();
-                Err(error::DispatchError::RateLimited { retry_after, limit })
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot check the rate limit; letting the request through");
-                Ok(())
-            }
-        }
+        limiter.take(&caller).map_err(|retry_after| {
+            telemetry::metrics::DISPATCH.rate_limited.inc();
+            error::DispatchError::RateLimited { retry_after, limit }
+        })
     }
 
     /// Whether `model` was found not deployed less than [`UNKNOWN_TTL`] ago.
@@ -197,8 +203,18 @@ impl Inner {
 impl Dispatch {
     /// A replica over `store`. Call [`Dispatch::serve`] to load its table and serve.
     pub fn new(store: Store, config: DispatchConfig) -> Dispatch {
+        let limiter = config.rate_limit.map(|limit| {
+            ratelimit::Limiter::new(
+                store.clone(),
+                config.replica_id.clone(),
+                limit,
+                config.rate_limit_refresh,
+                config.rate_limit_callers,
+            )
+        });
         Dispatch {
             inner: Arc::new(Inner {
+                limiter,
                 store,
                 table: Arc::new(table::Table::new(config.instance_limit)),
                 config,

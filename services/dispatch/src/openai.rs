@@ -80,8 +80,7 @@ fn error_json(e: &DispatchError) -> Value {
 
 /// Checks the request's API key; returns the refusal in OpenAI's shape (401 or 403), if any.
 fn refusal(d: &Dispatch, headers: &HeaderMap, needed: service::auth::Needed) -> Option<Response> {
-    let header = headers.get("authorization").and_then(|v| v.to_str().ok());
-    match d.inner.config.api_keys.check(header, needed) {
+    match d.inner.config.api_keys.check_header(headers.get("authorization"), needed) {
         Ok(()) => None,
         Err(r) => {
             let (status, kind, message) = match r {

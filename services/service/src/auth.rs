@@ -82,17 +82,38 @@ impl ApiKeys {
         !self.0.is_empty()
     }
 
+    /// Checks the raw `authorization` header (gRPC metadata or HTTP) against what the call
+    /// needs. Bytes that are not visible ASCII are refused as such, not read as a missing key.
+    pub fn check_header(
+        &self,
+        header: Option<&http::HeaderValue>,
+        needed: Needed,
+    ) -> Result<(), Refused> {
+        match header.map(http::HeaderValue::to_str) {
+            None => self.check(None, needed),
+            Some(Ok(text)) => self.check(Some(text), needed),
+            Some(Err(_)) if self.enabled() && needed != Needed::Nothing => {
+                Err(Refused::Unauthenticated(
+                    "the authorization header is not ASCII text: send `Bearer <key>`".into(),
+                ))
+            }
+            Some(Err(_)) => Ok(()),
+        }
+    }
+
     /// Checks an `authorization` header value against what the call needs.
     pub fn check(&self, authorization: Option<&str>, needed: Needed) -> Result<(), Refused> {
         if !self.enabled() || needed == Needed::Nothing {
             return Ok(());
         }
-        let key = authorization
-            .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
-            .map(str::trim);
-        let Some(key) = key.filter(|k| !k.is_empty()) else {
+        let Some(header) = authorization else {
             return Err(Refused::Unauthenticated(
                 "an API key is required: send `authorization: Bearer <key>`".into(),
+            ));
+        };
+        let Some(key) = bearer(header) else {
+            return Err(Refused::Unauthenticated(
+                "the authorization header is not `Bearer <key>`".into(),
             ));
         };
         // Compare against every key without an early exit on the first byte that differs.
@@ -117,10 +138,7 @@ impl ApiKeys {
 /// never stored or logged), or its IP address when it sent none.
 pub fn caller_id(authorization: Option<&str>, peer: Option<std::net::IpAddr>) -> String {
     use sha2::Digest;
-    let key = authorization
-        .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
-        .map(str::trim)
-        .filter(|k| !k.is_empty());
+    let key = authorization.and_then(bearer);
     match (key, peer) {
         (Some(k), _) => format!("key-{}", &hex::encode(sha2::Sha256::digest(k.as_bytes()))[..16]),
         (None, Some(ip)) => {
@@ -128,6 +146,18 @@ pub fn caller_id(authorization: Option<&str>, peer: Option<std::net::IpAddr>) ->
         }
         (None, None) => "anonymous".to_string(),
     }
+}
+
+/// The key in an `authorization: Bearer <key>` value: the scheme in any case (RFC 9110 makes
+/// it case-insensitive), then spaces or tabs, then a non-empty key; None otherwise.
+pub fn bearer(header: &str) -> Option<&str> {
+    let header = header.trim_matches([' ', '\t']);
+    let scheme = header.get(..6)?;
+    let rest = header.get(6..)?;
+    if !scheme.eq_ignore_ascii_case("bearer") || !rest.starts_with([' ', '\t']) {
+        return None;
+    }
+    Some(rest.trim_matches([' ', '\t'])).filter(|k| !k.is_empty())
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -188,8 +218,8 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let header = req.headers().get("authorization").and_then(|v| v.to_str().ok());
-        match self.keys.check(header, needed_for_grpc(req.uri().path())) {
+        let header = req.headers().get("authorization");
+        match self.keys.check_header(header, needed_for_grpc(req.uri().path())) {
             Ok(()) => Box::pin(self.inner.call(req)),
             Err(r) => {
                 let status = match r {
@@ -229,5 +259,23 @@ mod tests {
         assert_eq!(needed_for_grpc("/sllm.v1.ModelRegistry/List"), Needed::Read);
         assert_eq!(needed_for_grpc("/sllm.v1.WorkerRegistry/Session"), Needed::Nothing);
         assert_eq!(needed_for_grpc("/grpc.health.v1.Health/Check"), Needed::Nothing);
+    }
+
+    #[test]
+    fn bearer_values() {
+        assert_eq!(bearer("Bearer k"), Some("k"));
+        assert_eq!(bearer("BEARER \t k "), Some("k"));
+        assert_eq!(bearer("bearer"), None);
+        assert_eq!(bearer("Bearer   "), None);
+        assert_eq!(bearer("Bearerk"), None);
+        assert_eq!(bearer("Basic a2V5"), None);
+        assert_eq!(bearer("Beaé k"), None, "a multi-byte character where the scheme ends");
+        let keys = ApiKeys::parse("admin-key-0123456789:admin").expect("valid");
+        let raw = http::HeaderValue::from_bytes(b"Bearer \xff\xfe").expect("obs-text is allowed");
+        assert!(matches!(
+            keys.check_header(Some(&raw), Needed::Read),
+            Err(Refused::Unauthenticated(m)) if m.contains("ASCII")
+        ));
+        assert!(ApiKeys::default().check_header(Some(&raw), Needed::Read).is_ok());
     }
 }

@@ -70,7 +70,8 @@ pub struct ServeArgs {
     #[arg(long, env = "SLLM_STREAM_WINDOW", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub stream_window: u32,
     /// Inference requests per second allowed to each caller (API key, or IP address without
-    /// one), shared by every Dispatch replica through Redis; 0: unlimited.
+    /// one) across all Dispatch replicas, each deciding locally on a share it leases in the
+    /// background (docs/operations.md states the bound); 0: unlimited.
     #[arg(long, env = "SLLM_RATE_LIMIT", default_value_t = 0.0)]
     pub rate_limit: f64,
     /// Requests a caller may make at once before --rate-limit applies (default: one second's
