@@ -150,18 +150,27 @@ async fn redis_restart_without_persistence_rebuilds_from_workers() {
         "{}",
         err.message()
     );
-    let mut client =
-        pb::dispatch_client::DispatchClient::connect(mesh.endpoints["dispatch-a"].clone())
-            .await
-            .unwrap();
-    let err = client
-        .generate(pb::GenerateRequest {
-            model: "m0".into(),
-            input: Some(pb::generate_request::Input::Prompt("hi".into())),
-            ..Default::default()
-        })
+    let client = pb::dispatch_client::DispatchClient::connect(mesh.endpoints["dispatch-a"].clone())
         .await
-        .unwrap_err();
+        .unwrap();
+    // Dispatch finds the loss when it next reads the event stream (on a loaded machine, a
+    // moment after the registry does).
+    let err = sllm_integration_tests::eventually(Duration::from_secs(10), "NOT_FOUND", || {
+        let mut client = client.clone();
+        async move {
+            let r = client
+                .generate(pb::GenerateRequest {
+                    model: "m0".into(),
+                    input: Some(pb::generate_request::Input::Prompt("hi".into())),
+                    timeout_ms: 200,
+                    ..Default::default()
+                })
+                .await;
+            r.err().filter(|e| e.code() == tonic::Code::NotFound)
+        }
+    })
+    .await
+    .unwrap();
     assert_eq!(err.code(), tonic::Code::NotFound);
     assert!(err.message().contains("deploy it again"), "{}", err.message());
 
