@@ -693,15 +693,12 @@ impl Driver {
                     attempt_tokens = attempt_tokens.saturating_add(c.tokens);
                     if attempt_tokens > max_tokens {
                         link.cancel(request_id);
-                        span.set("error.type", "worker_overran");
-                        return Attempt::Ended(DispatchError::Engine {
-                            code: tonic::Code::Internal,
-                            http_status: 0,
-                            message: format!(
-                                "the worker sent {attempt_tokens} tokens, more than max_tokens ({max_tokens}); the request was stopped"
+                        return overran(
+                            span,
+                            format!(
+                                "the worker sent {attempt_tokens} tokens, more than max_tokens ({max_tokens})"
                             ),
-                            body: String::new(),
-                        });
+                        );
                     }
                     if ttft.is_none() {
                         let first = self.start.elapsed();
@@ -769,15 +766,12 @@ impl Driver {
                 }
                 None if overrun.load(Ordering::Relaxed) => {
                     link.cancel(request_id);
-                    span.set("error.type", "worker_overran");
-                    return Attempt::Ended(DispatchError::Engine {
-                        code: tonic::Code::Internal,
-                        http_status: 0,
-                        message: format!(
-                            "the worker sent more than the {window} chunks its flow-control window allows; the request was stopped"
+                    return overran(
+                        span,
+                        format!(
+                            "the worker sent more than the {window} chunks its flow-control window allows"
                         ),
-                        body: String::new(),
-                    });
+                    );
                 }
                 None => return Attempt::Failed("the worker's attach stream ended".into()),
             }
@@ -796,6 +790,18 @@ impl Drop for PendingGuard<'_> {
             pending.remove(&self.request_id);
         }
     }
+}
+
+/// A worker that broke the limits it was given (max_tokens, its flow-control window): the
+/// request ends with INTERNAL and is not retried.
+fn overran(span: &mut Span, what: String) -> Attempt {
+    span.set("error.type", "worker_overran");
+    Attempt::Ended(DispatchError::Engine {
+        code: tonic::Code::Internal,
+        http_status: 0,
+        message: format!("{what}; the request was stopped"),
+        body: String::new(),
+    })
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
