@@ -151,7 +151,10 @@ impl Link {
         retire: CancellationToken,
         orphan: Arc<AtomicBool>,
     ) {
-        let mut delay = Duration::from_millis(20);
+        // Redials follow the workspace's one policy (`service::retry`): jittered, doubling
+        // from 20 ms to 2 s, and from the start again after a stream that was up.
+        let redial = || service::retry::backoff(Duration::from_millis(20), Duration::from_secs(2));
+        let mut delays = redial();
         loop {
             if retire.is_cancelled() || orphan.load(Ordering::Relaxed) {
                 return;
@@ -161,17 +164,16 @@ impl Link {
                 r = self.attach(&cancel, &retire) => r,
             };
             match result {
-                Ok(()) => delay = Duration::from_millis(20),
+                Ok(()) => delays = redial(),
                 Err(e) => {
                     tracing::debug!(node = %self.node, endpoint = %self.endpoint, error = %e, "attach failed")
                 }
             }
-            let jitter = Duration::from_millis(rand::random::<u64>() % 20);
+            let delay = delays.next().unwrap_or(Duration::from_secs(2));
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(delay + jitter) => {}
+                _ = tokio::time::sleep(delay) => {}
             }
-            delay = (delay * 2).min(Duration::from_secs(2));
         }
     }
 
