@@ -9,6 +9,7 @@ use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::request::{Event, Input, Job};
+use crate::stack::Entry;
 use crate::{Dispatch, attach};
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateEvent, Status>> + Send>>;
@@ -50,16 +51,6 @@ fn deadline_after(d: Duration) -> Option<Instant> {
     Instant::now().checked_add(d)
 }
 
-/// The deadline a gRPC client set (the `grpc-timeout` header), if any; a malformed value is
-/// INVALID_ARGUMENT naming the header.
-fn grpc_deadline<T>(request: &Request<T>) -> Result<Option<Instant>, Status> {
-    let Some(raw) = request.metadata().get("grpc-timeout") else { return Ok(None) };
-    match parse_grpc_timeout(raw.as_encoded_bytes()) {
-        Ok(d) => Ok(deadline_after(d)),
-        Err(why) => Err(service::field_status("grpc-timeout", why)),
-    }
-}
-
 fn to_pb(event: Event) -> pb::GenerateEvent {
     let event = match event {
         Event::Progress(p) => pb::generate_event::Event::Progress(p),
@@ -83,13 +74,8 @@ impl dispatch_server::Dispatch for Dispatch {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<EventStream>, Status> {
-        // Headers first: a malformed one is refused before it costs the caller a token.
-        let header_deadline = grpc_deadline(&request)?;
-        let authorization = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
-        self.inner
-            .admit(authorization, request.remote_addr().map(|a| a.ip()))
-            .await
-            .map_err(|e| e.to_status())?;
+        // Auth, the `grpc-timeout` header and the rate limit were the edge's (`stack`).
+        let header_deadline = request.extensions().get::<Entry>().and_then(|e| e.deadline);
         let traceparent = request
             .metadata()
             .get("traceparent")

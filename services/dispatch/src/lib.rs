@@ -14,6 +14,7 @@ pub mod openai;
 mod ratelimit;
 mod request;
 mod room;
+pub mod stack;
 mod sync;
 mod table;
 
@@ -107,6 +108,9 @@ impl DispatchConfig {
     }
 }
 
+/// The gRPC Dispatch service behind its edge (stages 1–3 of [`stack`]).
+pub type GrpcService = stack::Edge<stack::Grpc, DispatchServer<Dispatch>>;
+
 /// A Dispatch replica. Cheap to clone.
 #[derive(Clone)]
 pub struct Dispatch {
@@ -129,7 +133,7 @@ const UNKNOWN_TTL: Duration = Duration::from_secs(1);
 impl Inner {
     /// Takes a token from the caller's local bucket when a rate limit is set; never waits on
     /// Redis (shares are refreshed in the background).
-    pub(crate) async fn admit(
+    pub(crate) fn take_token(
         &self,
         authorization: Option<&str>,
         peer: Option<std::net::IpAddr>,
@@ -247,7 +251,7 @@ impl Dispatch {
             .add_service(health)
             .add_service(service::reflection_v1()?)
             .add_service(service::reflection_v1alpha()?)
-            .add_service(DispatchServer::new(self.clone()))
+            .add_service(self.service(4 << 20))
             .serve_with_incoming_shutdown(grpc.incoming(), shutdown.clone().cancelled_owned());
         let http_server = openai::serve(self.clone(), http, shutdown.clone());
         let (g, h, ()) = tokio::join!(
@@ -263,8 +267,9 @@ impl Dispatch {
     /// The gRPC service (Generate, Attach), to mount on a shared server after
     /// [`Dispatch::load`], with [`Dispatch::run_background`] and [`Dispatch::serve_openai`]
     /// beside it.
-    pub fn service(&self) -> DispatchServer<Dispatch> {
-        DispatchServer::new(self.clone())
+    pub fn service(&self, max_message_bytes: usize) -> GrpcService {
+        let server = DispatchServer::new(self.clone()).max_decoding_message_size(max_message_bytes);
+        tower::Layer::layer(&stack::EdgeLayer::new(self.inner.clone()), server)
     }
 
     /// Loads the routing table (retrying until Redis answers); returns the event position to

@@ -5,9 +5,8 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use axum::Extension;
 use axum::Json;
 use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
@@ -21,9 +20,10 @@ use sllm_api::v1 as pb;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::Dispatch;
 use crate::error::DispatchError;
 use crate::request::{Event, Events, Input, Job};
+use crate::{Dispatch, stack};
+use service::auth::Needed;
 
 /// Serves the API on `listener` until `shutdown`.
 pub(crate) async fn serve(
@@ -48,6 +48,7 @@ pub fn router(dispatch: Dispatch) -> axum::Router {
             ))
             .with_status(404)
         })
+        .layer(stack::EdgeLayer::<Http>::new(dispatch.inner.clone()))
         .with_state(dispatch)
 }
 
@@ -78,33 +79,49 @@ fn error_json(e: &DispatchError) -> Value {
     json!({ "error": { "message": e.to_string(), "type": kind, "param": param, "code": code } })
 }
 
-/// Checks the request's API key; returns the refusal in OpenAI's shape (401 or 403), if any.
-fn refusal(d: &Dispatch, headers: &HeaderMap, needed: service::auth::Needed) -> Option<Response> {
-    match d.inner.config.api_keys.check_header(headers.get("authorization"), needed) {
-        Ok(()) => None,
-        Err(r) => {
-            let (status, kind, message) = match r {
-                service::auth::Refused::Unauthenticated(m) => {
-                    (StatusCode::UNAUTHORIZED, "invalid_api_key", m)
-                }
-                service::auth::Refused::PermissionDenied(m) => {
-                    (StatusCode::FORBIDDEN, "permission_denied", m)
-                }
-            };
-            let body = json!({ "error": { "message": message, "type": "invalid_request_error", "param": null, "code": kind } });
-            Some((status, Json(body)).into_response())
+/// The OpenAI surface: API keys checked at the edge, refusals in OpenAI's error shape.
+pub enum Http {}
+
+impl stack::Surface for Http {
+    type Body = axum::body::Body;
+    const CHECKS_KEYS: bool = true;
+
+    fn classify(method: &axum::http::Method, path: &str) -> (Needed, bool) {
+        match path {
+            "/v1/completions" | "/v1/chat/completions" => {
+                (Needed::Inference, method == axum::http::Method::POST)
+            }
+            "/v1/models" => (Needed::Read, false),
+            _ => (Needed::Nothing, false),
         }
     }
-}
 
-/// The caller's rate limit, if one is set.
-async fn admit(
-    d: &Dispatch,
-    headers: &HeaderMap,
-    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
-) -> Result<(), DispatchError> {
-    let authorization = headers.get("authorization").and_then(|v| v.to_str().ok());
-    d.inner.admit(authorization, peer.map(|Extension(ConnectInfo(a))| a.ip())).await
+    fn deadline(_: &HeaderMap) -> Result<Option<Instant>, DispatchError> {
+        // OpenAI's API has no deadline header (the `openai` package's `x-stainless-read-timeout`
+        // bounds the wait for each byte, not the request): `--max-hold-s` bounds the hold.
+        Ok(None)
+    }
+
+    fn peer<B>(req: &axum::http::Request<B>) -> Option<std::net::IpAddr> {
+        req.extensions().get::<ConnectInfo<SocketAddr>>().map(|ConnectInfo(a)| a.ip())
+    }
+
+    fn refuse(e: &DispatchError) -> Response {
+        error_response(e)
+    }
+
+    fn refuse_key(r: service::auth::Refused) -> Response {
+        let (status, kind, message) = match r {
+            service::auth::Refused::Unauthenticated(m) => {
+                (StatusCode::UNAUTHORIZED, "invalid_api_key", m)
+            }
+            service::auth::Refused::PermissionDenied(m) => {
+                (StatusCode::FORBIDDEN, "permission_denied", m)
+            }
+        };
+        let body = json!({ "error": { "message": message, "type": "invalid_request_error", "param": null, "code": kind } });
+        (status, Json(body)).into_response()
+    }
 }
 
 fn error_response(e: &DispatchError) -> Response {
@@ -132,10 +149,7 @@ fn error_response(e: &DispatchError) -> Response {
     resp
 }
 
-async fn models(State(d): State<Dispatch>, headers: HeaderMap) -> Response {
-    if let Some(r) = refusal(&d, &headers, service::auth::Needed::Read) {
-        return r;
-    }
+async fn models(State(d): State<Dispatch>) -> Response {
     let data: Vec<Value> = d
         .models()
         .into_iter()
@@ -377,21 +391,17 @@ fn body_json(raw: &str) -> Result<Value, DispatchError> {
 /// A request body's parser: [`parse_completion`] or [`parse_chat`].
 type ParseBody = fn(&str, String, &Answer) -> Result<(CommonBody, Job), DispatchError>;
 
-/// What both generation endpoints do first: the API key, the caller's rate limit, the body
-/// (parsed by `parse`), and the submission. Err: the response to send instead.
+/// What both generation endpoints do after the edge (`stack`: the API key and the caller's
+/// rate limit): the body (parsed by `parse`) and the submission. Err: the response to send
+/// instead.
 async fn accept(
     d: &Dispatch,
-    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: &HeaderMap,
     raw: &str,
     parse: ParseBody,
     answer: &Answer,
 ) -> Result<(CommonBody, String, Events), Response> {
-    if let Some(r) = refusal(d, headers, service::auth::Needed::Inference) {
-        return Err(r);
-    }
     let result = async {
-        admit(d, headers, peer).await?;
         let (c, job) = parse(raw, traceparent(headers), answer)?;
         let model = job.model.clone();
         let events = d.submit(job).await?;
@@ -400,14 +410,9 @@ async fn accept(
     result.await.map_err(|e| error_response(&e))
 }
 
-async fn completions(
-    State(d): State<Dispatch>,
-    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
-    headers: HeaderMap,
-    raw: String,
-) -> Response {
+async fn completions(State(d): State<Dispatch>, headers: HeaderMap, raw: String) -> Response {
     let answer = Answer::new("cmpl");
-    match accept(&d, peer, &headers, &raw, parse_completion, &answer).await {
+    match accept(&d, &headers, &raw, parse_completion, &answer).await {
         Err(r) => r,
         Ok((c, model, events)) => {
             if c.stream {
@@ -436,14 +441,9 @@ async fn completions(
     }
 }
 
-async fn chat_completions(
-    State(d): State<Dispatch>,
-    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
-    headers: HeaderMap,
-    raw: String,
-) -> Response {
+async fn chat_completions(State(d): State<Dispatch>, headers: HeaderMap, raw: String) -> Response {
     let answer = Answer::new("chatcmpl");
-    match accept(&d, peer, &headers, &raw, parse_chat, &answer).await {
+    match accept(&d, &headers, &raw, parse_chat, &answer).await {
         Err(r) => r,
         Ok((c, model, events)) => {
             if c.stream {

@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 
 use crate::error::DispatchError;
 use crate::room::{Refused, Slot, Ticket};
+use crate::stack::{self, Fault, Retry, Verdict};
 use crate::table::{FromWorker, Inbox, ModelRoute, Routable, WorkerLink};
 use crate::{Dispatch, Inner};
 
@@ -97,11 +98,8 @@ enum Attempt {
     Done,
     ClientGone,
     Deadline,
-    /// The instance failed: retried elsewhere while nothing was sent.
-    Failed(String),
-    /// The request failed for a reason another instance would not change (the engine refused
-    /// it, stalled, or reported an error mid-stream): the client gets this error.
-    Ended(DispatchError),
+    /// It failed; [`Fault`] says whose fault, and so whether it is retried.
+    Failed(Fault),
 }
 
 impl Dispatch {
@@ -138,7 +136,7 @@ impl Dispatch {
             } else {
                 model.as_str()
             };
-            telemetry::metrics::DISPATCH.requests.with_label_values(&[label, outcome]).inc();
+            stack::record(label, outcome, None);
         }
         result
     }
@@ -375,32 +373,20 @@ struct Driver {
 
 impl Driver {
     async fn run(mut self, first: Next) {
-        let metrics = &*telemetry::metrics::DISPATCH;
-        let model = self.route.name.clone();
-        let start = self.start;
         let outcome = self.serve(first).await;
         self.span.set("sllm.outcome", outcome);
-        metrics.requests.with_label_values(&[&model, outcome]).inc();
-        metrics
-            .duration
-            .with_label_values(&[&model, outcome])
-            .observe(start.elapsed().as_secs_f64());
+        stack::record(&self.route.name, outcome, Some(self.start));
     }
 
     /// Serves the request; returns its outcome label.
     async fn serve(&mut self, first: Next) -> &'static str {
         let config = &self.inner.config;
+        let mut retry = Retry::new(config.max_attempts);
         let mut exclude = HashSet::new();
         let mut tokens_sent = 0u32;
         let mut ttft: Option<Duration> = None;
         let mut queued = Duration::ZERO;
         let mut next = Some(first);
-        let mut attempt = 0;
-        // Pauses between attempts: the workspace's one backoff policy, with jitter.
-        let mut backoff = tokio_retry::strategy::ExponentialBackoff::from_millis(2)
-            .factor(5)
-            .max_delay(Duration::from_millis(200))
-            .map(tokio_retry::strategy::jitter);
         loop {
             let ticket = match next.take() {
                 Some(Next::Slot(slot)) => Ok(slot),
@@ -432,7 +418,7 @@ impl Driver {
                     }
                 }
             };
-            attempt += 1;
+            let attempt = retry.begin();
             // Only a retried request says how many attempts it took: the usual answer is one.
             if attempt > 1 {
                 self.span.set("sllm.attempts", attempt);
@@ -459,7 +445,7 @@ impl Driver {
                     let _ = self.tx.send(Err(DispatchError::Deadline(self.deadline_words()))).await;
                     return "deadline";
                 }
-                Attempt::Ended(e) => {
+                Attempt::Failed(Fault::Request(e)) => {
                     span.fail(e.to_string().as_str());
                     // A refused request says nothing about the worker's health: the breaker
                     // neither trips nor resets.
@@ -467,7 +453,7 @@ impl Driver {
                     let _ = self.tx.send(Err(e)).await;
                     return outcome;
                 }
-                Attempt::Failed(why) => {
+                Attempt::Failed(Fault::Instance(why)) => {
                     span.fail(why.as_str());
                     if link.breaker.failure(config.breaker_threshold, config.breaker_cooldown) {
                         tracing::warn!(worker = %link.worker_id, "worker skipped for a while after repeated failures");
@@ -477,28 +463,18 @@ impl Driver {
                     tracing::info!(model = %self.route.name, instance = %instance.instance_id, worker = %link.worker_id, attempt, tokens_sent, %why, trace_id = trace_id.as_deref().unwrap_or("-"), "attempt failed");
                     span.event("attempt failed", &[("tokens_sent", tokens_sent.into())]);
                     // Once the client has had any event (a chat role, say), a retry would repeat it.
-                    if tokens_sent > 0 || ttft.is_some() {
-                        let _ = self
-                            .tx
-                            .send(Err(DispatchError::Unavailable(format!(
-                                "the worker failed after {tokens_sent} tokens were delivered: {why}"
-                            ))))
-                            .await;
-                        return "unavailable";
+                    let delivered = (tokens_sent > 0 || ttft.is_some()).then_some(tokens_sent);
+                    match retry.after(&why, delivered) {
+                        Verdict::GiveUp(e) => {
+                            let _ = self.tx.send(Err(e)).await;
+                            return "unavailable";
+                        }
+                        Verdict::Again(pause) => {
+                            self.route.metrics.retries.inc();
+                            exclude.insert(instance.instance_id.clone());
+                            tokio::time::sleep(pause).await;
+                        }
                     }
-                    if attempt >= config.max_attempts {
-                        let _ = self
-                            .tx
-                            .send(Err(DispatchError::Unavailable(format!(
-                                "no output after {attempt} attempts; last: {why}"
-                            ))))
-                            .await;
-                        return "unavailable";
-                    }
-                    self.route.metrics.retries.inc();
-                    exclude.insert(instance.instance_id.clone());
-                    let pause = backoff.next().unwrap_or(Duration::from_millis(200));
-                    tokio::time::sleep(pause).await;
                 }
             }
         }
@@ -647,7 +623,7 @@ impl Driver {
         };
         let down = pb::AttachDown { msg: Some(pb::attach_down::Msg::Request(request)) };
         if link.tx.send(Ok(down)).await.is_err() {
-            return Attempt::Failed("the worker's attach stream is closed".into());
+            return Attempt::Failed(Fault::Instance("the worker's attach stream is closed".into()));
         }
         // Chunks read since the last grant, and this attempt's tokens.
         let mut unacknowledged = 0u32;
@@ -745,24 +721,16 @@ impl Driver {
                 }
                 Some(FromWorker::Error(e)) => {
                     span.set("error.type", "worker_error");
-                    return match tonic::Code::from(e.code) {
-                        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Ok => {
-                            Attempt::Failed(e.message)
-                        }
-                        code => Attempt::Ended(DispatchError::Engine {
-                            code,
-                            http_status: u16::try_from(e.http_status).unwrap_or(0),
-                            message: e.message,
-                            body: e.body,
-                        }),
-                    };
+                    return Attempt::Failed(Fault::of_worker_error(e));
                 }
                 // Output already went to the client: this attempt cannot move; the stream
                 // decides (it ends if the worker is really gone).
                 Some(FromWorker::Lost) if ttft.is_some() => {}
                 Some(FromWorker::Lost) => {
                     link.cancel(request_id);
-                    return Attempt::Failed("the registry declared the worker lost".into());
+                    return Attempt::Failed(Fault::Instance(
+                        "the registry declared the worker lost".into(),
+                    ));
                 }
                 None if overrun.load(Ordering::Relaxed) => {
                     link.cancel(request_id);
@@ -773,7 +741,11 @@ impl Driver {
                         ),
                     );
                 }
-                None => return Attempt::Failed("the worker's attach stream ended".into()),
+                None => {
+                    return Attempt::Failed(Fault::Instance(
+                        "the worker's attach stream ended".into(),
+                    ));
+                }
             }
         }
     }
@@ -796,12 +768,12 @@ impl Drop for PendingGuard<'_> {
 /// request ends with INTERNAL and is not retried.
 fn overran(span: &mut Span, what: String) -> Attempt {
     span.set("error.type", "worker_overran");
-    Attempt::Ended(DispatchError::Engine {
+    Attempt::Failed(Fault::Request(DispatchError::Engine {
         code: tonic::Code::Internal,
         http_status: 0,
         message: format!("{what}; the request was stopped"),
         body: String::new(),
-    })
+    }))
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

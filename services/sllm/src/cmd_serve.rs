@@ -290,7 +290,7 @@ pub async fn start(
         reporter
             .set_serving::<sllm_api::v1::dispatch_server::DispatchServer<dispatch::Dispatch>>()
             .await;
-        router = router.add_service(d.service().max_decoding_message_size(args.max_message_bytes));
+        router = router.add_service(d.service(args.max_message_bytes));
         let scheme = if tls.is_some() { "https" } else { "http" };
         let advertise =
             args.dispatch_advertise.clone().unwrap_or_else(|| format!("{scheme}://{grpc_addr}"));
