@@ -122,3 +122,141 @@ async fn a_request_on_a_worker_declared_lost_completes_elsewhere_at_once() {
     assert!(t.elapsed() < Duration::from_secs(3), "failed over in {:?}", t.elapsed());
     drop(w1);
 }
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// The real `sllm serve all` with a worker as fast as it can be, and 64 clients that read
+/// nothing of 32,768-token answers: the control plane's memory stays flat (nothing on the
+/// path buffers what the clients do not read), and each client still gets its whole answer
+/// once it reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unread_answers_leave_the_control_planes_memory_flat() {
+    use sllm_integration_tests::{JOIN_SECRET, Proc};
+    const STREAMS: usize = 64;
+    const TOKENS: u32 = 32_768;
+    let redis = sllm_integration_tests::RedisServer::start().unwrap();
+    let store = redis.store_with(|c| c.namespace = "sllm".into()).await.unwrap();
+    let url = redis.url();
+    let (serve, _) = Proc::sllm(
+        &["serve", "all", "--redis-url", &url, "--grpc-addr", "127.0.0.1:0"],
+        &[
+            ("SLLM_JOIN_SECRET", JOIN_SECRET),
+            ("SLLM_OPENAI_ADDR", "127.0.0.1:0"),
+            ("SLLM_METRICS_ADDR", "off"),
+        ],
+        "openai api listening on",
+    )
+    .unwrap();
+    let out = serve.output();
+    let grpc = out.lines().find_map(|l| l.strip_prefix("sllm: serving gRPC on")).unwrap().trim();
+    let grpc = format!("http://{grpc}");
+    let _worker = Proc::sllm(
+        &[
+            "worker",
+            "--backend",
+            "sim",
+            "--registry",
+            &grpc,
+            "--node-id",
+            "w1",
+            "--address",
+            "10.0.0.1",
+            "--time-scale",
+            "0.01",
+            "--decode-ms",
+            "0",
+        ],
+        &[("SLLM_JOIN_SECRET", JOIN_SECRET)],
+        "worker(s) started",
+    )
+    .unwrap();
+    store
+        .create_deployment(&kvstore::DeploymentSpec {
+            model: "m".into(),
+            backend: "sim".into(),
+            num_gpus: 1,
+            autoscaling: kvstore::AutoScaling {
+                min_instances: 1,
+                max_instances: 1,
+                keep_alive_s: 60,
+                ..Default::default()
+            },
+            backend_config: String::new(),
+        })
+        .await
+        .unwrap();
+    sllm_integration_tests::eventually(Duration::from_secs(20), "instance ready", || async {
+        let all = store.model_instances("m").await.unwrap();
+        all.iter().any(|i| i.status == kvstore::InstanceStatus::Ready).then_some(())
+    })
+    .await
+    .unwrap();
+
+    // One connection, each stream at HTTP/2's default window (what a stream leaves unread
+    // holds its share of the connection's window, which has room for them all).
+    let channel = tonic::transport::Endpoint::from_shared(grpc)
+        .unwrap()
+        .initial_stream_window_size(65_535)
+        .initial_connection_window_size(16 << 20)
+        .connect()
+        .await
+        .unwrap();
+    let client = pb::dispatch_client::DispatchClient::new(channel);
+    // The baseline: as many answers at once, read as fast as they come.
+    let read = (0..STREAMS).map(|i| {
+        let mut c = client.clone();
+        async move {
+            let s = c.generate(prompt("m", &format!("w{i}"), TOKENS)).await.unwrap();
+            let out = drain(s.into_inner()).await;
+            assert!(out.error.is_none(), "{:?}", out.error);
+        }
+    });
+    futures::future::join_all(read).await;
+    let before = rss_kib(serve.pid());
+
+    let mut unread = Vec::new();
+    for i in 0..STREAMS {
+        let mut c = client.clone();
+        let mut s = c.generate(prompt("m", &format!("p{i}"), TOKENS)).await.unwrap().into_inner();
+        // Started: its first chunk is here; the rest is left unread.
+        let first = s.message().await.unwrap().unwrap();
+        unread.push((first, s));
+    }
+
+    // Unread and unpaused, the worker would finish every answer in well under this.
+    let mut peak = before;
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        peak = peak.max(rss_kib(serve.pid()));
+    }
+    let payload_kib: u64 =
+        (0..STREAMS).map(|i| expected_text(7, &format!("p{i}"), TOKENS).len() as u64).sum::<u64>()
+            / 1024;
+    let grown = peak.saturating_sub(before);
+    eprintln!(
+        "control plane RSS {before} KiB, peak {peak} KiB with {STREAMS} unread answers of \
+         {payload_kib} KiB in all"
+    );
+    assert!(
+        grown < 4 * 1024 && grown < payload_kib / 4,
+        "RSS grew {grown} KiB while {payload_kib} KiB of answers went unread"
+    );
+
+    // Reading again, every client gets its whole answer.
+    let reads = unread.into_iter().enumerate().map(|(i, (first, s))| async move {
+        let mut rest = drain(s).await;
+        assert!(rest.error.is_none(), "{:?}", rest.error);
+        let Some(pb::generate_event::Event::Chunk(c)) = first.event else { panic!("{first:?}") };
+        rest.text.insert_str(0, &c.text);
+        assert_eq!(rest.text, expected_text(7, &format!("p{i}"), TOKENS));
+    });
+    futures::future::join_all(reads).await;
+}
