@@ -26,7 +26,6 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use futures::future::Either;
-use tokio_retry::strategy::{ExponentialBackoff, jitter};
 
 use crate::Inner;
 use crate::error::DispatchError;
@@ -141,11 +140,12 @@ where
 }
 
 /// Stage 6: which failed attempts move to another instance, how many times, and the pause
-/// between them (tokio-retry's exponential backoff with full jitter, the workspace's one policy).
+/// between them (tokio-retry's exponential backoff with full jitter: `service::retry`, the
+/// workspace's one policy).
 pub(crate) struct Retry {
     attempts: u32,
     max_attempts: u32,
-    backoff: std::iter::Map<ExponentialBackoff, fn(Duration) -> Duration>,
+    backoff: Box<dyn Iterator<Item = Duration> + Send>,
 }
 
 /// What a failed attempt says about the next one.
@@ -187,10 +187,11 @@ pub(crate) enum Verdict {
 
 impl Retry {
     pub(crate) fn new(max_attempts: u32) -> Retry {
-        let backoff = ExponentialBackoff::from_millis(2)
-            .factor(5)
-            .max_delay(Duration::from_millis(200))
-            .map(jitter as fn(Duration) -> Duration);
+        // About 10, 20, 40 ... ms, at most 200 ms: a replacement is usually already ready.
+        let backoff = Box::new(service::retry::backoff(
+            Duration::from_millis(10),
+            Duration::from_millis(200),
+        ));
         Retry { attempts: 0, max_attempts, backoff }
     }
 

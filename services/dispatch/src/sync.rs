@@ -28,13 +28,10 @@ pub(crate) async fn load(inner: &Arc<Inner>, shutdown: &CancellationToken) -> Po
     }
 }
 
-/// Pauses between tries against Redis: from 50 ms, doubling, at most 2 s, with jitter. The
-/// workspace's one policy, tokio-retry's.
+/// Pauses between tries against Redis: from 50 ms, doubling, at most 2 s, with jitter (the
+/// workspace's one policy, `service::retry`).
 fn backoff() -> impl Iterator<Item = Duration> {
-    tokio_retry::strategy::ExponentialBackoff::from_millis(2)
-        .factor(25)
-        .max_delay(Duration::from_secs(2))
-        .map(tokio_retry::strategy::jitter)
+    service::retry::backoff(Duration::from_millis(50), Duration::from_secs(2))
 }
 
 async fn try_load(inner: &Arc<Inner>) -> kvstore::Result<Position> {

@@ -13,7 +13,6 @@ use kvstore::{
 use prost::Message;
 use sllm_api::v1 as pb;
 use tokio::sync::mpsc;
-use tokio_retry::strategy::{ExponentialBackoff, jitter};
 use tokio_util::sync::CancellationToken;
 
 use crate::ScalerConfig;
@@ -25,9 +24,8 @@ use crate::view::View;
 /// exponential from 100 ms, doubling up to 5 s, with full jitter so replicas and models that
 /// failed together do not retry together.
 pub(crate) fn backoff() -> impl Iterator<Item = Duration> {
-    // tokio-retry raises the base to the attempt number and multiplies by the factor:
-    // 2^1 * 50 = 100 ms, then 200, 400 ... ms.
-    ExponentialBackoff::from_millis(2).factor(50).max_delay(Duration::from_secs(5)).map(jitter)
+    // The workspace's one policy (`service::retry`): 100 ms, then 200, 400 ... ms, at most 5 s.
+    service::retry::backoff(Duration::from_millis(100), Duration::from_secs(5))
 }
 
 /// Why the leader stopped leading.
