@@ -111,7 +111,7 @@ async fn deploy_gpus(c: &Cluster, model: &str, num_gpus: i32, min: i32) {
 #[tokio::test]
 async fn a_model_no_worker_can_hold_is_reported_until_one_can() {
     let c = Cluster::start().await;
-    let _s = c.scaler("s1").await;
+    let s = c.scaler("s1").await;
     let mut reader = c.store.event_reader(c.store.event_position().await.unwrap());
     deploy_gpus(&c, "big", 64, 0).await;
     c.demand("big", 1, 0).await;
@@ -129,6 +129,9 @@ async fn a_model_no_worker_can_hold_is_reported_until_one_can() {
     // Users see why it does not start.
     let got = c.client().await.get(pb::GetRequest { model: "big".into() }).await.unwrap();
     assert_eq!(got.into_inner().last_error, why);
+    let mut status = pb::scaler_client::ScalerClient::new(s.channel().await.unwrap());
+    let st = status.get_scale_status(pb::GetScaleStatusRequest { model: "big".into() }).await;
+    assert_eq!(st.unwrap().into_inner().last_error, why, "sllm status shows it too");
 
     // A model waiting for GPUs to free up is not unplaceable: w1's four GPUs are all taken.
     deploy_gpus(&c, "fill", 4, 1).await;

@@ -1,7 +1,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use kvstore::{EventBatch, InstanceStatus};
+use kvstore::{EventBatch, InstanceStatus, WorkerStatus};
 use sllm_api::v1 as pb;
 use sllm_integration_tests::{DispatchReplica, Served, eventually};
 
@@ -328,4 +328,104 @@ async fn an_instance_stuck_loading_is_failed_and_replaced() {
     let reason = st.last_decision.unwrap().reason;
     assert!(reason.contains("stuck in loading for more than 1 s"), "{reason}");
     assert!(reason.contains("placed") && reason.contains("on w-ok"), "{reason}");
+}
+
+/// A worker that takes the start command but never acts on it (the command or its report is
+/// lost): its instance stays pending until the start timeout, then it is failed, and the model
+/// starts elsewhere, with the reason in `sllm status`.
+#[tokio::test]
+async fn an_instance_stuck_pending_is_failed_and_replaced() {
+    use sllm_api::v1::registry_message::Body as Down;
+    use sllm_api::v1::worker_message::Body as Up;
+    let c = Cluster::start().await;
+    // The deaf worker holds the checkpoint in host memory, so it is the first choice.
+    let node = "w-deaf";
+    let token =
+        service::JoinSecret::new(sllm_integration_tests::JOIN_SECRET).unwrap().token_for(node);
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let register = pb::Register {
+        node_id: node.into(),
+        join_token: token,
+        address: "10.9.9.9".into(),
+        inventory: Some(pb::Inventory {
+            gpus: vec![pb::Gpu { index: 0, name: "sim".into(), memory_bytes: 80 << 30 }],
+            host_memory_bytes: 64 << 30,
+            checkpoints: vec![pb::CachedCheckpoint {
+                model: "m".into(),
+                size_bytes: 4 << 30,
+                tier: pb::CheckpointTier::HostMemory as i32,
+            }],
+            ..Default::default()
+        }),
+        agent_version: "deaf".into(),
+    };
+    tx.send(pb::WorkerMessage { epoch: 0, body: Some(Up::Register(register)) }).await.unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(c.registry.endpoint())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = pb::worker_registry_client::WorkerRegistryClient::new(channel);
+    let mut inbound =
+        client.session(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    let epoch = match inbound.message().await.unwrap() {
+        Some(pb::RegistryMessage { body: Some(Down::Registered(r)) }) => r.epoch,
+        other => panic!("expected Registered, got {other:?}"),
+    };
+    tx.send(pb::WorkerMessage { epoch, body: Some(Up::Ready(pb::WorkerReady {})) }).await.unwrap();
+    // It heartbeats and reads its commands, and does nothing else.
+    let beats = tx.clone();
+    let deaf = tokio::spawn(async move {
+        let mut seq = 0;
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    seq += 1;
+                    let beat = Up::Heartbeat(pb::Heartbeat { seq });
+                    if beats.send(pb::WorkerMessage { epoch, body: Some(beat) }).await.is_err() {
+                        return;
+                    }
+                }
+                m = inbound.message() => if !matches!(m, Ok(Some(_))) { return },
+            }
+        }
+    });
+    eventually(Duration::from_secs(5), "the deaf worker is placeable", || async {
+        let w = c.store.list_workers().await.unwrap();
+        w.iter().any(|w| w.worker_id == node && w.status == WorkerStatus::Ready).then_some(())
+    })
+    .await
+    .unwrap();
+    let _w_ok = c.worker("w-ok", fast_sim()).await;
+    let mut config = scaler_config("s1");
+    config.start_timeout = Duration::from_secs(1);
+    let s = Served::scaler(c.store.clone(), config).await.unwrap();
+    c.deploy("m", 1, 1, 1.0, 60).await;
+
+    let stuck = eventually(Duration::from_secs(5), "pending on the deaf worker", || async {
+        c.instances("m").await.into_iter().find(|i| i.status == InstanceStatus::Pending)
+    })
+    .await
+    .unwrap();
+    assert_eq!(stuck.worker_id, node);
+    let seen = std::time::Instant::now();
+    let ready = c.settled("m", 1, Duration::from_secs(10)).await;
+    assert_eq!(ready[0].worker_id, "w-ok", "replaced elsewhere");
+    assert!(seen.elapsed() >= Duration::from_millis(700), "not failed before the timeout");
+    let old = c.store.get_instance(&stuck.instance_id).await.unwrap().unwrap();
+    assert_eq!(old.status, InstanceStatus::Failed);
+    assert_eq!(old.reason, "stuck in pending for more than 1 s");
+
+    let mut status = pb::scaler_client::ScalerClient::new(s.channel().await.unwrap());
+    let st = status
+        .get_scale_status(pb::GetScaleStatusRequest { model: "m".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let reason = st.last_decision.unwrap().reason;
+    assert!(reason.contains("stuck in pending for more than 1 s"), "{reason}");
+    assert!(reason.contains("on w-ok"), "{reason}");
+    assert!(st.last_error.is_empty(), "a replaced start is no lasting error: {}", st.last_error);
+    deaf.abort();
 }

@@ -33,6 +33,7 @@ fn status_of(
         demand: demand.map(|x| x.total() as u32).unwrap_or(0),
         last_decision,
         instances: list,
+        last_error: d.last_error.clone(),
     }
 }
 

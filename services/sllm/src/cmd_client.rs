@@ -486,6 +486,7 @@ pub async fn status(a: StatusArgs) -> Result<()> {
                     "model": s.model, "desired": s.desired, "demand": s.demand,
                     "actual": { "pending": c.pending, "loading": c.loading, "ready": c.ready, "draining": c.draining, "lost": c.lost },
                     "last_decision": s.last_decision.as_ref().map(|d| json!({"from": d.from, "to": d.to, "reason": d.reason, "at_unix_ms": d.at_unix_ms})),
+                    "last_error": s.last_error,
                     "instances": s.instances.iter().map(|i| json!({"instance_id": i.instance_id, "worker_id": i.worker_id, "state": pb::InstanceState::try_from(i.state).map(|x| x.as_str_name()).unwrap_or("?"), "gpus": i.gpus})).collect::<Vec<_>>(),
                 })
             }).collect::<Vec<_>>(),
@@ -503,6 +504,9 @@ pub async fn status(a: StatusArgs) -> Result<()> {
                     "{}: desired {}, demand {}; ready {}, loading {}, pending {}, draining {}, lost {}",
                     s.model, s.desired, s.demand, c.ready, c.loading, c.pending, c.draining, c.lost
                 );
+                if !s.last_error.is_empty() {
+                    println!("  cannot start: {}", s.last_error);
+                }
                 if let Some(d) = &s.last_decision {
                     println!("  last decision: {}", d.reason);
                 }

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from sllm.v1 import common_pb2 as sllm_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14sllm/v1/scaler.proto\x12\x07sllm.v1\x1a\x14sllm/v1/common.proto\"&\n\x15GetScaleStatusRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x18\n\x16ListScaleStatusRequest\"?\n\x17ListScaleStatusResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.sllm.v1.ScaleStatus\"\xbd\x01\n\x0bScaleStatus\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x65sired\x18\x02 \x01(\r\x12\'\n\x06\x61\x63tual\x18\x03 \x01(\x0b\x32\x17.sllm.v1.InstanceCounts\x12\x0e\n\x06\x64\x65mand\x18\x04 \x01(\r\x12/\n\rlast_decision\x18\x05 \x01(\x0b\x32\x18.sllm.v1.ScalingDecision\x12$\n\tinstances\x18\x06 \x03(\x0b\x32\x11.sllm.v1.Instance\"O\n\x0fScalingDecision\x12\x0c\n\x04\x66rom\x18\x01 \x01(\r\x12\n\n\x02to\x18\x02 \x01(\r\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x12\n\nat_unix_ms\x18\x04 \x01(\x04\"\x12\n\x10GetLeaderRequest\"O\n\x06Leader\x12\x0e\n\x06holder\x18\x01 \x01(\t\x12\x15\n\rfencing_token\x18\x02 \x01(\x04\x12\x1e\n\x16lease_deadline_unix_ms\x18\x03 \x01(\x04\x32\xdf\x01\n\x06Scaler\x12\x46\n\x0eGetScaleStatus\x12\x1e.sllm.v1.GetScaleStatusRequest\x1a\x14.sllm.v1.ScaleStatus\x12T\n\x0fListScaleStatus\x12\x1f.sllm.v1.ListScaleStatusRequest\x1a .sllm.v1.ListScaleStatusResponse\x12\x37\n\tGetLeader\x12\x19.sllm.v1.GetLeaderRequest\x1a\x0f.sllm.v1.Leaderb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14sllm/v1/scaler.proto\x12\x07sllm.v1\x1a\x14sllm/v1/common.proto\"&\n\x15GetScaleStatusRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x18\n\x16ListScaleStatusRequest\"?\n\x17ListScaleStatusResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.sllm.v1.ScaleStatus\"\xd1\x01\n\x0bScaleStatus\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x65sired\x18\x02 \x01(\r\x12\'\n\x06\x61\x63tual\x18\x03 \x01(\x0b\x32\x17.sllm.v1.InstanceCounts\x12\x0e\n\x06\x64\x65mand\x18\x04 \x01(\r\x12/\n\rlast_decision\x18\x05 \x01(\x0b\x32\x18.sllm.v1.ScalingDecision\x12$\n\tinstances\x18\x06 \x03(\x0b\x32\x11.sllm.v1.Instance\x12\x12\n\nlast_error\x18\x07 \x01(\t\"O\n\x0fScalingDecision\x12\x0c\n\x04\x66rom\x18\x01 \x01(\r\x12\n\n\x02to\x18\x02 \x01(\r\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x12\n\nat_unix_ms\x18\x04 \x01(\x04\"\x12\n\x10GetLeaderRequest\"O\n\x06Leader\x12\x0e\n\x06holder\x18\x01 \x01(\t\x12\x15\n\rfencing_token\x18\x02 \x01(\x04\x12\x1e\n\x16lease_deadline_unix_ms\x18\x03 \x01(\x04\x32\xdf\x01\n\x06Scaler\x12\x46\n\x0eGetScaleStatus\x12\x1e.sllm.v1.GetScaleStatusRequest\x1a\x14.sllm.v1.ScaleStatus\x12T\n\x0fListScaleStatus\x12\x1f.sllm.v1.ListScaleStatusRequest\x1a .sllm.v1.ListScaleStatusResponse\x12\x37\n\tGetLeader\x12\x19.sllm.v1.GetLeaderRequest\x1a\x0f.sllm.v1.Leaderb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,13 +39,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTSCALESTATUSRESPONSE']._serialized_start=121
   _globals['_LISTSCALESTATUSRESPONSE']._serialized_end=184
   _globals['_SCALESTATUS']._serialized_start=187
-  _globals['_SCALESTATUS']._serialized_end=376
-  _globals['_SCALINGDECISION']._serialized_start=378
-  _globals['_SCALINGDECISION']._serialized_end=457
-  _globals['_GETLEADERREQUEST']._serialized_start=459
-  _globals['_GETLEADERREQUEST']._serialized_end=477
-  _globals['_LEADER']._serialized_start=479
-  _globals['_LEADER']._serialized_end=558
-  _globals['_SCALER']._serialized_start=561
-  _globals['_SCALER']._serialized_end=784
+  _globals['_SCALESTATUS']._serialized_end=396
+  _globals['_SCALINGDECISION']._serialized_start=398
+  _globals['_SCALINGDECISION']._serialized_end=477
+  _globals['_GETLEADERREQUEST']._serialized_start=479
+  _globals['_GETLEADERREQUEST']._serialized_end=497
+  _globals['_LEADER']._serialized_start=499
+  _globals['_LEADER']._serialized_end=578
+  _globals['_SCALER']._serialized_start=581
+  _globals['_SCALER']._serialized_end=804
 # @@protoc_insertion_point(module_scope)

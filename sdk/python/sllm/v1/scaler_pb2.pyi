@@ -24,20 +24,22 @@ class ListScaleStatusResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[ScaleStatus, _Mapping]]] = ...) -> None: ...
 
 class ScaleStatus(_message.Message):
-    __slots__ = ("model", "desired", "actual", "demand", "last_decision", "instances")
+    __slots__ = ("model", "desired", "actual", "demand", "last_decision", "instances", "last_error")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DESIRED_FIELD_NUMBER: _ClassVar[int]
     ACTUAL_FIELD_NUMBER: _ClassVar[int]
     DEMAND_FIELD_NUMBER: _ClassVar[int]
     LAST_DECISION_FIELD_NUMBER: _ClassVar[int]
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
     model: str
     desired: int
     actual: _common_pb2.InstanceCounts
     demand: int
     last_decision: ScalingDecision
     instances: _containers.RepeatedCompositeFieldContainer[_common_pb2.Instance]
-    def __init__(self, model: _Optional[str] = ..., desired: _Optional[int] = ..., actual: _Optional[_Union[_common_pb2.InstanceCounts, _Mapping]] = ..., demand: _Optional[int] = ..., last_decision: _Optional[_Union[ScalingDecision, _Mapping]] = ..., instances: _Optional[_Iterable[_Union[_common_pb2.Instance, _Mapping]]] = ...) -> None: ...
+    last_error: str
+    def __init__(self, model: _Optional[str] = ..., desired: _Optional[int] = ..., actual: _Optional[_Union[_common_pb2.InstanceCounts, _Mapping]] = ..., demand: _Optional[int] = ..., last_decision: _Optional[_Union[ScalingDecision, _Mapping]] = ..., instances: _Optional[_Iterable[_Union[_common_pb2.Instance, _Mapping]]] = ..., last_error: _Optional[str] = ...) -> None: ...
 
 class ScalingDecision(_message.Message):
     __slots__ = ("to", "reason", "at_unix_ms")
