@@ -44,6 +44,8 @@ local K = {
   ratelimit = function(bucket) return ROOT .. 'ratelimit:' .. bucket end,
   rate_replicas = ROOT .. 'rate_replicas',
   rate_share = function(caller) return ROOT .. 'rate_share:' .. caller end,
+  lineage = ROOT .. 'lineage',
+  recovering = ROOT .. 'recovering',
 }
 
 -- Milliseconds since the Unix epoch, from the Redis server's clock: every lease in the cluster
@@ -101,3 +103,19 @@ local function instance_move(id, from, model, worker, to, reason, now)
 end
 
 -- ---------------------------------------------------------------------------------------------
+
+-- Names the Redis state, and tells a Redis that lost its state from one that never had any.
+-- `candidate` becomes the lineage when there is none. A caller that `known` a lineage which is
+-- now gone has seen Redis come back empty: the recovery window opens (the `recovering` key, for
+-- `window_ms`), in which workers' reports of instances with no record rebuild those records.
+-- Returns the lineage now in force.
+local function ensure_lineage(candidate, known, window_ms)
+  local current = redis.call('GET', K.lineage)
+  if current then return current end
+  redis.call('SET', K.lineage, candidate)
+  if known ~= '' then
+    redis.call('SET', K.recovering, known, 'PX', window_ms)
+    emit('store.recovering', candidate, 'lost', known, 'window_ms', window_ms)
+  end
+  return candidate
+end

@@ -6,8 +6,10 @@
 -- Writes: worker:<id> (status ready, version + 1), workers:status:*; each of its instances:
 --         a reported one takes the reported state and GPUs, a live one not reported is stopped
 --         (a pending one is kept: its start command may still be on its way); a reported one
---         with no record at all (the store lost its state: Redis restarted without
---         persistence) is adopted: its record is rebuilt from the report; free_gpus:<id>
+--         with no record at all is adopted (its record rebuilt from the report) only while
+--         the store recovers from lost state (the `recovering` key: Redis restarted empty
+--         under running registries); otherwise it is unknown and the worker stops it, so a
+--         worker cannot make up instances that were never placed on it; free_gpus:<id>
 -- Events: instance.<state> per changed or adopted instance, worker.ready
 -- Reply:  {'ok', version, unknown instance id...} (unknown: reported but placed elsewhere or
 --         already ended; the worker should stop them) | {'not_found'} | {'stale_epoch', current}
@@ -19,12 +21,13 @@ if not w[2] then return { 'not_found' } end
 if w[1] ~= epoch then return { 'stale_epoch', w[1] } end
 if w[2] ~= 'initializing' then return { 'wrong_state', w[2] } end
 local now = now_ms()
+local recovering = redis.call('EXISTS', K.recovering) == 1
 local reported, unknown = {}, {}
 for i = 6, #ARGV - 3, 4 do
   local iid, model, state, gpus = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local ikey = K.instance(iid)
   local rec = redis.call('HMGET', ikey, 'status', 'model', 'worker_id')
-  if not rec[1] and redis.call('EXISTS', ikey) == 0 then
+  if not rec[1] and recovering and redis.call('EXISTS', ikey) == 0 then
     reported[iid] = true
     redis.call('HSET', ikey, 'instance_id', iid, 'model', model, 'worker_id', id,
       'status', state, 'gpus', gpus, 'reason', 'rebuilt from the worker\'s report', 'version', 1,

@@ -3,18 +3,20 @@
 -- token): every message of an older session is refused from now on.
 -- KEYS:   1 events
 -- ARGV:   4 worker id; 5 token ok ('1'/'0'); 6 address; 7 lease ms; 8 GPU indexes (csv);
---         9.. field, value pairs of the inventory (gpus, host_memory_bytes, checkpoints,
---         bandwidths, agent_version)
+--         9 candidate lineage; 10 lineage the caller knew ('' for none); 11 recovery window
+--         ms (see ensure_lineage in the prelude); 12.. field, value pairs of the inventory
+--         (gpus, host_memory_bytes, checkpoints, bandwidths, agent_version)
 -- Writes: worker:<id> (status initializing, epoch + 1, version + 1), workers,
 --         workers:status:*, address:<addr> (and the old address's key if it pointed here),
 --         lease_deadlines, lost_workers (no longer lost), free_gpus:<id> (all GPUs minus those
---         of the worker's live instances)
--- Events: worker.registered {epoch}
--- Reply:  {'ok', epoch, lease deadline ms, version} | {'unauthenticated'}
+--         of the worker's live instances); lineage and recovering as ensure_lineage does
+-- Events: worker.registered {epoch}; store.recovering when Redis is found to have lost state
+-- Reply:  {'ok', epoch, lease deadline ms, version, lineage} | {'unauthenticated'}
 --         | {'address_in_use', holder}
 local id, address, lease_ms = ARGV[4], ARGV[6], tonumber(ARGV[7])
 if ARGV[5] ~= '1' then return { 'unauthenticated' } end
 local now = now_ms()
+local lineage = ensure_lineage(ARGV[9], ARGV[10], ARGV[11])
 local holder = redis.call('GET', K.address(address))
 if holder and holder ~= id then
   local deadline = redis.call('ZSCORE', K.lease_deadlines, holder)
@@ -29,7 +31,7 @@ end
 local epoch = redis.call('HINCRBY', key, 'epoch', 1)
 local version = redis.call('HINCRBY', key, 'version', 1)
 local pairs_ = {}
-for i = 9, #ARGV do pairs_[#pairs_ + 1] = ARGV[i] end
+for i = 12, #ARGV do pairs_[#pairs_ + 1] = ARGV[i] end
 redis.call('HSET', key, 'worker_id', id, 'status', 'initializing', 'address', address,
   'registered_ms', now, 'gpu_indexes', ARGV[8], unpack(pairs_))
 redis.call('SADD', K.workers, id)
@@ -49,4 +51,4 @@ for _, g in ipairs(split_csv(ARGV[8])) do
   if not used[g] then redis.call('SADD', free, g) end
 end
 emit('worker.registered', id, 'epoch', epoch)
-return { 'ok', epoch, deadline, version }
+return { 'ok', epoch, deadline, version, lineage }

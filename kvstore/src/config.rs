@@ -24,6 +24,9 @@ pub struct StoreConfig {
     pub events_maxlen: u64,
     /// How long a stopped or failed instance's record stays readable.
     pub terminal_ttl: Duration,
+    /// After Redis lost its state (restarted empty while registries ran), how long workers'
+    /// reports of instances with no record are adopted; outside it they are stopped.
+    pub recovery_window: Duration,
     /// For `rediss://`: PEM CA bundle the server's certificate must chain to (none: the
     /// bundled web roots).
     pub tls_ca: Option<std::path::PathBuf>,
@@ -44,6 +47,7 @@ impl Default for StoreConfig {
             wait_timeout: Duration::from_secs(2),
             events_maxlen: 100_000,
             terminal_ttl: Duration::from_secs(3600),
+            recovery_window: Duration::from_secs(120),
             tls_ca: None,
             tls_client: None,
         }

@@ -152,6 +152,16 @@ impl Keys {
     pub fn rate_share(&self, caller: &str) -> String {
         self.k("rate_share:", caller)
     }
+    /// The id of this Redis state (set once; a registry that knew another id, or finds none,
+    /// knows the state was lost).
+    pub fn lineage(&self) -> String {
+        self.k("lineage", "")
+    }
+    /// Present (with a TTL) while the registry rebuilds lost state from the workers' reports:
+    /// only then is a reported instance with no record adopted.
+    pub fn recovering(&self) -> String {
+        self.k("recovering", "")
+    }
     /// A scratch counter (benchmarks only).
     pub fn scratch(&self, name: &str) -> String {
         self.k("scratch:", name)

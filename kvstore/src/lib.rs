@@ -55,6 +55,9 @@ struct Inner {
     conns: conn::Connections,
     scripts: scripts::Scripts,
     config: StoreConfig,
+    /// The lineage (id of the Redis state) this store last saw, for telling a Redis that
+    /// lost its state from one that never had any.
+    lineage: std::sync::Mutex<String>,
 }
 
 impl Store {
@@ -63,7 +66,13 @@ impl Store {
         let keys = Keys::new(&config.namespace)?;
         let conns = conn::Connections::new(&config)?;
         let store = Store {
-            inner: Arc::new(Inner { keys, conns, scripts: scripts::Scripts::new(), config }),
+            inner: Arc::new(Inner {
+                keys,
+                conns,
+                scripts: scripts::Scripts::new(),
+                config,
+                lineage: std::sync::Mutex::new(String::new()),
+            }),
         };
         store.ping().await?;
         Ok(store)
@@ -77,6 +86,48 @@ impl Store {
     /// The configuration the store was built with.
     pub fn config(&self) -> &StoreConfig {
         &self.inner.config
+    }
+
+    /// Names the Redis state if it has none yet, and remembers the name: a later registration
+    /// through this store that finds the name gone knows Redis lost its state, and opens the
+    /// recovery window in which workers' reports rebuild instance records
+    /// (`lua/lineage_ensure.lua`). The worker registry calls it at start. Returns the name.
+    pub async fn ensure_lineage(&self) -> Result<String> {
+        let known = self.known_lineage();
+        let args = [
+            scripts::Arg::Owned(uuid::Uuid::now_v7().to_string()),
+            scripts::Arg::Str(&known),
+            scripts::Arg::Owned(self.recovery_window_ms()),
+        ];
+        let reply = self.run_ok("lineage_ensure", &self.scripts().lineage_ensure, &args).await?;
+        let lineage = reply.values.first().cloned().unwrap_or_default();
+        self.saw_lineage(&lineage);
+        Ok(lineage)
+    }
+
+    /// Whether the store is rebuilding lost state from workers' reports right now.
+    pub async fn recovering(&self) -> Result<bool> {
+        let mut cmd = redis::cmd("EXISTS");
+        cmd.arg(self.inner.keys.recovering());
+        let n: u64 = self.read(&cmd).await?;
+        Ok(n == 1)
+    }
+
+    pub(crate) fn known_lineage(&self) -> String {
+        self.inner.lineage.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    pub(crate) fn saw_lineage(&self, lineage: &str) {
+        if lineage.is_empty() {
+            return;
+        }
+        if let Ok(mut l) = self.inner.lineage.lock() {
+            lineage.clone_into(&mut l);
+        }
+    }
+
+    pub(crate) fn recovery_window_ms(&self) -> String {
+        self.inner.config.recovery_window.as_millis().max(1).to_string()
     }
 
     /// One round trip: is Redis there?

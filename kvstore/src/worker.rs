@@ -83,9 +83,44 @@ pub struct Inventory {
     pub bandwidths: Vec<Bandwidth>,
 }
 
+/// Most GPUs one worker may report (the largest hosts today carry 16).
+pub const MAX_GPUS: usize = 64;
+/// Most checkpoints one inventory may list.
+pub const MAX_CHECKPOINTS: usize = 4096;
+/// Most instances one worker may report running.
+pub const MAX_RUNNING: usize = 1024;
+/// Largest checkpoint size believed (1 PiB).
+pub const MAX_CHECKPOINT_BYTES: u64 = 1 << 50;
+/// Largest memory of one GPU believed (4 TiB).
+pub const MAX_GPU_MEMORY_BYTES: u64 = 4 << 40;
+/// Largest host memory believed (256 TiB).
+pub const MAX_HOST_MEMORY_BYTES: u64 = 256 << 40;
+
+impl Tier {
+    /// The fastest load bandwidth a worker may claim for this tier (bytes/s): a few times what
+    /// today's fastest hardware does (HBM, PCIe 5 x16, NVMe RAID, 400 Gb/s networks), so that
+    /// no claim can make a worker look faster than any real one.
+    pub fn max_claimed_bandwidth(self) -> u64 {
+        match self {
+            Tier::Gpu => 16 << 40,
+            Tier::HostMemory => 256 << 30,
+            Tier::Disk => 128 << 30,
+            Tier::Remote => 64 << 30,
+        }
+    }
+}
+
 impl Inventory {
-    /// Checks GPU indexes are unique and checkpoint names are valid model names.
+    /// Checks that the report is believable: bounded counts and sizes, unique GPU indexes,
+    /// checkpoints and tiers, valid model names, and no more checkpoint bytes claimed in GPU
+    /// memory (or host memory, when the worker reports its host memory) than it has there.
     pub fn validate(&self) -> Result<()> {
+        if self.gpus.len() > MAX_GPUS {
+            return Err(Error::invalid(
+                "inventory.gpus",
+                format!("{} GPUs; at most {MAX_GPUS} are believed", self.gpus.len()),
+            ));
+        }
         let mut seen = std::collections::HashSet::new();
         for g in &self.gpus {
             if !seen.insert(g.index) {
@@ -94,9 +129,91 @@ impl Inventory {
                     format!("GPU index {} twice", g.index),
                 ));
             }
+            if g.memory_bytes > MAX_GPU_MEMORY_BYTES {
+                return Err(Error::invalid(
+                    "inventory.gpus.memory_bytes",
+                    format!(
+                        "GPU {} claims {} bytes; at most 4 TiB is believed",
+                        g.index, g.memory_bytes
+                    ),
+                ));
+            }
         }
+        if self.host_memory_bytes > MAX_HOST_MEMORY_BYTES {
+            return Err(Error::invalid(
+                "inventory.host_memory_bytes",
+                format!("{} bytes; at most 256 TiB is believed", self.host_memory_bytes),
+            ));
+        }
+        if self.checkpoints.len() > MAX_CHECKPOINTS {
+            return Err(Error::invalid(
+                "inventory.checkpoints",
+                format!(
+                    "{} checkpoints; at most {MAX_CHECKPOINTS} are believed",
+                    self.checkpoints.len()
+                ),
+            ));
+        }
+        let mut models = std::collections::HashSet::new();
+        let (mut in_gpu, mut in_host) = (0u64, 0u64);
         for c in &self.checkpoints {
             names::validate_model_name("inventory.checkpoints.model", &c.model)?;
+            if !models.insert(c.model.as_str()) {
+                return Err(Error::invalid(
+                    "inventory.checkpoints.model",
+                    format!("{} is listed twice", c.model),
+                ));
+            }
+            if c.size_bytes == 0 || c.size_bytes > MAX_CHECKPOINT_BYTES {
+                return Err(Error::invalid(
+                    "inventory.checkpoints.size_bytes",
+                    format!("{}: {} bytes (1 byte to 1 PiB)", c.model, c.size_bytes),
+                ));
+            }
+            match c.tier {
+                Tier::Gpu => in_gpu = in_gpu.saturating_add(c.size_bytes),
+                Tier::HostMemory => in_host = in_host.saturating_add(c.size_bytes),
+                Tier::Disk | Tier::Remote => {}
+            }
+        }
+        let gpu_memory = self.gpus.iter().map(|g| g.memory_bytes).fold(0u64, u64::saturating_add);
+        if in_gpu > gpu_memory {
+            return Err(Error::invalid(
+                "inventory.checkpoints.tier",
+                format!(
+                    "{in_gpu} bytes of checkpoints claimed in GPU memory; the GPUs report \
+                     {gpu_memory} bytes"
+                ),
+            ));
+        }
+        if self.host_memory_bytes > 0 && in_host > self.host_memory_bytes {
+            return Err(Error::invalid(
+                "inventory.checkpoints.tier",
+                format!(
+                    "{in_host} bytes of checkpoints claimed in host memory; the host reports \
+                     {} bytes",
+                    self.host_memory_bytes
+                ),
+            ));
+        }
+        let mut tiers = std::collections::HashSet::new();
+        for b in &self.bandwidths {
+            if !tiers.insert(b.tier) {
+                return Err(Error::invalid(
+                    "inventory.bandwidths.tier",
+                    format!("{:?} is listed twice", b.tier),
+                ));
+            }
+            let max = b.tier.max_claimed_bandwidth();
+            if b.bytes_per_second == 0 || b.bytes_per_second > max {
+                return Err(Error::invalid(
+                    "inventory.bandwidths.bytes_per_second",
+                    format!(
+                        "{:?}: {} bytes/s (1 to {max} is believed)",
+                        b.tier, b.bytes_per_second
+                    ),
+                ));
+            }
         }
         Ok(())
     }
@@ -189,15 +306,20 @@ impl Store {
         let mut fields = holdings(inventory);
         fields.push(("gpus", json(&inventory.gpus)));
         fields.push(("agent_version", agent_version.to_string()));
+        let known = self.known_lineage();
         let mut args = vec![
             Arg::Str(worker),
             Arg::Str(if token_ok { "1" } else { "0" }),
             Arg::Str(address),
             Arg::Owned(lease_ms(lease)?),
             Arg::Owned(gpus.join(",")),
+            Arg::Owned(uuid::Uuid::now_v7().to_string()),
+            Arg::Str(&known),
+            Arg::Owned(self.recovery_window_ms()),
         ];
         args.extend(fields.iter().flat_map(|(k, v)| [Arg::Str(k), Arg::Str(v)]));
         let reply = self.run_ok("worker_register", &self.scripts().worker_register, &args).await?;
+        self.saw_lineage(reply.values.get(3).map(String::as_str).unwrap_or_default());
         Ok(Registration {
             epoch: reply.u64(0)?,
             lease_deadline_ms: reply.u64(1)?,
@@ -215,6 +337,12 @@ impl Store {
         running: &[RunningInstance],
     ) -> Result<Vec<String>> {
         let worker = worker_id("worker_id", worker)?;
+        if running.len() > MAX_RUNNING {
+            return Err(Error::invalid(
+                "running",
+                format!("{} instances; at most {MAX_RUNNING} are believed", running.len()),
+            ));
+        }
         let mut quads = Vec::with_capacity(running.len());
         for r in running {
             names::validate_id("running.instance_id", &r.instance_id)?;

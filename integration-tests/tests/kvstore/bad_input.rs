@@ -166,7 +166,7 @@ async fn the_lua_prelude_builds_the_same_keys_as_rust() {
          K.workers_status('ready'), K.worker_instances('w'), K.free_gpus('w'), K.address('1.2.3.4'), \
          K.instance('i'), K.instances_status('ready'), K.commands('w'), K.commands_acked('w'), \
          K.leader('r'), K.leader_token('r'), K.demand_reporters, K.demand('d'), K.dispatchers, K.dispatcher_endpoints, \
-         K.ratelimit('b'), K.unplaceable, K.lost_workers, K.rate_replicas, K.rate_share('c')}}",
+         K.ratelimit('b'), K.unplaceable, K.lost_workers, K.rate_replicas, K.rate_share('c'), K.lineage, K.recovering}}",
         kvstore::PRELUDE
     );
     let mut raw = redis.raw().await.unwrap();
@@ -209,6 +209,8 @@ async fn the_lua_prelude_builds_the_same_keys_as_rust() {
         k.lost_workers(),
         k.rate_replicas(),
         k.rate_share("c"),
+        k.lineage(),
+        k.recovering(),
     ];
     assert_eq!(lua, rust);
     let tag = format!("{{{}}}", &k.root()[1..k.root().len() - 2]);

@@ -203,12 +203,47 @@ async fn a_returning_workers_report_wins_over_redis() {
     assert_consistent(&store).await;
 }
 
+/// Instances a worker reports that were never placed on it are not adopted: the worker is told
+/// to stop them, and nothing about them is written.
 #[tokio::test]
-async fn instances_the_store_lost_are_rebuilt_from_the_workers_report() {
-    let (_redis, store) = setup().await;
-    // No deployment, no instance records: the store restarted empty.
+async fn instances_with_no_record_are_not_adopted_outside_recovery() {
+    let (redis, store) = setup().await;
+    store.ensure_lineage().await.unwrap();
     let reg =
         store.register_worker("w1", true, "10.0.0.2-w1", LEASE, &inventory(4), "t").await.unwrap();
+    store.create_deployment(&spec("m")).await.unwrap();
+    let before = dbsize(&redis, &store).await;
+    let running = [RunningInstance {
+        instance_id: "m-made-up".into(),
+        model: "m".into(),
+        status: InstanceStatus::Ready,
+        gpus: vec![0],
+    }];
+    let unknown = store.worker_ready("w1", reg.epoch, &running).await.unwrap();
+    assert_eq!(unknown, ["m-made-up"], "the worker is told to stop it");
+    assert!(store.get_instance("m-made-up").await.unwrap().is_none());
+    assert!(store.model_instances("m").await.unwrap().is_empty());
+    assert_eq!(store.get_worker("w1").await.unwrap().unwrap().free_gpus, [0, 1, 2, 3]);
+    // Only the worker's own record and the event stream changed.
+    assert_eq!(dbsize(&redis, &store).await, before);
+    assert!(!store.recovering().await.unwrap());
+    assert_consistent(&store).await;
+}
+
+/// When Redis comes back empty under a running registry, what the workers run is rebuilt from
+/// their reports, for a while.
+#[tokio::test]
+async fn instances_the_store_lost_are_rebuilt_from_the_workers_report() {
+    let (redis, store) = setup().await;
+    let first = store.ensure_lineage().await.unwrap();
+    store.register_worker("w1", true, "10.0.0.2-w1", LEASE, &inventory(4), "t").await.unwrap();
+    // Redis loses everything (restarted without persistence).
+    let mut raw = redis.raw().await.unwrap();
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut raw).await.unwrap();
+    let reg =
+        store.register_worker("w1", true, "10.0.0.2-w1", LEASE, &inventory(4), "t").await.unwrap();
+    assert!(store.recovering().await.unwrap(), "the loss is noticed at the first registration");
+    assert_ne!(store.ensure_lineage().await.unwrap(), first, "the new state has a new name");
     let running = [
         RunningInstance {
             instance_id: "m-1".into(),
@@ -235,6 +270,13 @@ async fn instances_the_store_lost_are_rebuilt_from_the_workers_report() {
     let w = store.get_worker("w1").await.unwrap().unwrap();
     assert_eq!(w.free_gpus, [0]);
     assert_eq!(store.model_instances("m").await.unwrap().len(), 1);
+
+    // A store that never knew a lineage (a fresh cluster, or a replica started after the loss)
+    // opens no window: an empty Redis is not taken for a lost one.
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut raw).await.unwrap();
+    let fresh = redis.store_with(|c| c.namespace = store.config().namespace.clone()).await.unwrap();
+    fresh.register_worker("w1", true, "10.0.0.2-w1", LEASE, &inventory(4), "t").await.unwrap();
+    assert!(!fresh.recovering().await.unwrap());
 
     // A bad report is refused whole, naming the field.
     let reg =

@@ -14,8 +14,27 @@ pub(crate) async fn run(registry: Registry, shutdown: CancellationToken) {
         notifications(registry.clone(), shutdown.clone()),
         reaper(registry.clone(), shutdown.clone()),
         sweeper(registry.clone(), shutdown.clone()),
-        dispatchers(registry, shutdown),
+        dispatchers(registry.clone(), shutdown.clone()),
+        lineage(registry, shutdown),
     );
+}
+
+/// Learns the name of the Redis state at start (naming it if it has none), so that this
+/// replica can tell when Redis later comes back without it and let the workers' reports
+/// rebuild what was lost (`Store::ensure_lineage`). Until then no report is adopted.
+async fn lineage(registry: Registry, shutdown: CancellationToken) {
+    let mut delays = service::retry::backoff(Duration::from_millis(50), Duration::from_secs(2));
+    loop {
+        match registry.inner.store.ensure_lineage().await {
+            Ok(_) => return,
+            Err(e) => tracing::warn!(error = %e, "cannot read the store's lineage; retrying"),
+        }
+        let delay = delays.next().unwrap_or(Duration::from_secs(2));
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
 }
 
 /// Keeps the list of live Dispatch replicas current; sessions forward changes to workers.
