@@ -156,3 +156,84 @@ async fn a_model_no_worker_can_hold_is_reported_until_one_can() {
     );
     assert!(c.store.check_invariants().await.unwrap().is_empty());
 }
+
+/// A worker that claims to load from host memory far faster than it does wins its first
+/// placement on the claim, and loses the next one on what the Scaler measured.
+#[tokio::test]
+async fn placement_believes_measured_starts_over_claimed_bandwidths() {
+    let c = Cluster::start().await;
+    let gib = 1u64 << 30;
+    let mut liar = worker::SimConfig::default();
+    // Claims 256 GiB/s from host memory; really loads at 1 GiB/s (2 s for 2 GiB).
+    liar.bandwidths.insert(pb::CheckpointTier::HostMemory, gib);
+    liar.claimed_bandwidths = liar.bandwidths.clone();
+    liar.claimed_bandwidths.insert(pb::CheckpointTier::HostMemory, 256 * gib);
+    for m in ["m1", "m2"] {
+        liar.checkpoints.insert(m.into(), (2 * gib, pb::CheckpointTier::HostMemory));
+    }
+    // Honest: the same checkpoints on a disk that really reads 8 GiB/s (0.25 s).
+    let mut honest = worker::SimConfig::default();
+    honest.bandwidths.insert(pb::CheckpointTier::Disk, 8 * gib);
+    for m in ["m1", "m2"] {
+        honest.checkpoints.insert(m.into(), (2 * gib, pb::CheckpointTier::Disk));
+    }
+    let _liar = c.worker("w-liar", liar).await;
+    let _honest = c.worker("w-honest", honest).await;
+    let _s = c.scaler("s1").await;
+
+    // On the claim alone (0.008 s against 0.25 s), the first start goes to the liar...
+    c.deploy("m1", 1, 1, 1.0, 60).await;
+    let first = c.settled("m1", 1, Duration::from_secs(15)).await;
+    assert_eq!(first[0].worker_id, "w-liar");
+    // ...which took 2 s: measured at 1 GiB/s, it now loses to the honest disk.
+    c.deploy("m2", 1, 1, 1.0, 60).await;
+    let second = c.settled("m2", 1, Duration::from_secs(15)).await;
+    assert_eq!(second[0].worker_id, "w-honest", "placed on the measured speed, not the claim");
+}
+
+/// Inventories that cannot be true are refused at registration, naming the field.
+#[tokio::test]
+async fn unbelievable_inventories_are_refused_naming_the_field() {
+    let c = Cluster::start().await;
+    let cases: [(&str, worker::SimConfig); 3] = [
+        (
+            "inventory.checkpoints.tier",
+            worker::SimConfig {
+                gpus: 1,
+                checkpoints: (0..20)
+                    .map(|i| (format!("m{i}"), (40u64 << 30, pb::CheckpointTier::Gpu)))
+                    .collect(),
+                ..fast_sim()
+            },
+        ),
+        (
+            "inventory.bandwidths.bytes_per_second",
+            worker::SimConfig {
+                claimed_bandwidths: [(pb::CheckpointTier::Disk, u64::MAX)].into_iter().collect(),
+                ..fast_sim()
+            },
+        ),
+        ("inventory.gpus", worker::SimConfig { gpus: 1000, ..fast_sim() }),
+    ];
+    for (i, (field, sim)) in cases.into_iter().enumerate() {
+        let w = sllm_integration_tests::SimWorker::start(
+            vec![c.registry.endpoint()],
+            &format!("w-bad-{i}"),
+            sim,
+        )
+        .unwrap();
+        let why = eventually(Duration::from_secs(5), "refused", || async {
+            match w.agent.state() {
+                worker::AgentState::Disconnected { last_error } if last_error.contains(field) => {
+                    Some(last_error)
+                }
+                _ => None,
+            }
+        })
+        .await
+        .unwrap();
+        assert!(why.contains(field), "{why}");
+    }
+    // Nothing was stored for any of them.
+    assert!(c.store.list_workers().await.unwrap().is_empty());
+}

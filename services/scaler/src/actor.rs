@@ -65,6 +65,8 @@ pub(crate) struct Leader {
     view: View,
     models: HashMap<String, ModelState>,
     clocks: Clocks,
+    /// Load bandwidths measured from this leader's own placements.
+    measured: crate::bandwidth::Measured,
 }
 
 enum Input {
@@ -81,6 +83,7 @@ impl Leader {
             view: View::default(),
             models: HashMap::new(),
             clocks: Clocks::default(),
+            measured: crate::bandwidth::Measured::default(),
         }
     }
 
@@ -179,7 +182,23 @@ impl Leader {
     /// Re-reads everything and decides for every model.
     pub(crate) async fn full_pass(&mut self, trigger: &str) -> Result<(), StepDown> {
         match View::load(&self.store).await {
-            Ok(v) => self.view = v,
+            Ok(mut v) => {
+                // What was measured outlives a re-read; what is gone is forgotten.
+                let gone: Vec<String> = self
+                    .view
+                    .workers
+                    .keys()
+                    .filter(|id| !v.workers.contains_key(*id))
+                    .cloned()
+                    .collect();
+                for id in gone {
+                    self.measured.forget_worker(&id);
+                }
+                for w in v.workers.values_mut() {
+                    self.measured.apply(w);
+                }
+                self.view = v;
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the cluster state; keeping the last view");
                 return Ok(());
@@ -318,6 +337,13 @@ impl Leader {
                         }
                     };
                     let model = e.field("model").unwrap_or_default().to_string();
+                    match rec.as_ref().map(|r| r.status) {
+                        Some(InstanceStatus::Ready) => {
+                            self.measured.ready(&e.entity);
+                        }
+                        Some(InstanceStatus::Pending | InstanceStatus::Loading) => {}
+                        _ => self.measured.ended(&e.entity),
+                    }
                     if let Some(r) = &rec {
                         match r.status {
                             InstanceStatus::Failed => self.load_failed(&model, r, previous),
@@ -376,7 +402,16 @@ impl Leader {
 
     async fn refresh_worker(&mut self, id: &str) {
         match self.store.get_worker(id).await {
-            Ok(rec) => self.view.set_worker(id, rec),
+            Ok(Some(mut rec)) => {
+                // Placement sees the bandwidths measured here, the worker's claims only where
+                // none was measured yet.
+                self.measured.apply(&mut rec);
+                self.view.set_worker(id, Some(rec));
+            }
+            Ok(None) => {
+                self.measured.forget_worker(id);
+                self.view.set_worker(id, None);
+            }
             Err(e) => tracing::warn!(error = %e, "cannot read worker {id}"),
         }
     }
@@ -636,6 +671,14 @@ impl Leader {
         let Some(c) = candidate else { return Ok(None) };
         let (worker, gpus, estimate, tier) =
             (c.worker.worker_id.clone(), c.gpus.clone(), c.estimate, c.tier);
+        // The bytes this start loads, for measuring the worker's bandwidth from it.
+        let bytes = c
+            .worker
+            .inventory
+            .checkpoints
+            .iter()
+            .find(|x| x.model == model)
+            .map_or(fallback, |x| x.size_bytes);
         let instance_id = new_instance_id(model);
         let span = tracing::info_span!(
             "place instance",
@@ -680,6 +723,7 @@ impl Leader {
         .await;
         match created {
             Ok(version) => {
+                self.measured.placed(&instance_id, &worker, tier, bytes);
                 if let Some(w) = self.view.workers.get_mut(&worker) {
                     w.free_gpus.retain(|g| !gpus.contains(g));
                 }

@@ -11,6 +11,7 @@
 //! hold is marked unplaceable for Dispatch. It must never call another service.
 
 mod actor;
+mod bandwidth;
 mod clocks;
 mod grpc;
 pub mod policy;
@@ -199,6 +200,7 @@ impl Scaler {
         // Both run in this task, so aborting it (a crash, in tests) stops the leader too.
         let leader = self.clone();
         let server = tonic::transport::Server::builder()
+            .max_concurrent_streams(Some(service::MAX_CONCURRENT_STREAMS))
             .add_service(health)
             .add_service(service::reflection_v1()?)
             .add_service(service::reflection_v1alpha()?)

@@ -34,6 +34,9 @@ pub struct SimConfig {
     pub default_checkpoint_bytes: u64,
     /// Load bandwidth per tier, bytes/s.
     pub bandwidths: HashMap<Tier, u64>,
+    /// Bandwidths reported in the inventory instead of `bandwidths`, for a host that claims
+    /// to be faster than it is (empty: it reports what it does).
+    pub claimed_bandwidths: HashMap<Tier, u64>,
     /// Prefill time per prompt token.
     pub prefill_per_token: Duration,
     /// Decode time per generated token with one request running.
@@ -68,6 +71,7 @@ impl Default for SimConfig {
                 (Tier::Disk, 3 << 30),
                 (Tier::Remote, 1 << 30),
             ]),
+            claimed_bandwidths: HashMap::new(),
             prefill_per_token: Duration::from_micros(50),
             decode_per_token: Duration::from_millis(10),
             batch_slowdown: 0.05,
@@ -466,9 +470,12 @@ impl Backend for SimBackend {
                 c
             },
             bandwidths: {
-                let mut b: Vec<pb::TierBandwidth> = self
-                    .config
-                    .bandwidths
+                let reported = if self.config.claimed_bandwidths.is_empty() {
+                    &self.config.bandwidths
+                } else {
+                    &self.config.claimed_bandwidths
+                };
+                let mut b: Vec<pb::TierBandwidth> = reported
                     .iter()
                     .map(|(tier, bps)| pb::TierBandwidth {
                         tier: *tier as i32,
