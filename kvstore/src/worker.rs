@@ -81,6 +81,15 @@ pub struct Inventory {
     pub checkpoints: Vec<Checkpoint>,
     /// Bandwidth per tier.
     pub bandwidths: Vec<Bandwidth>,
+    /// Deployment backends it can start; empty: any.
+    pub backends: Vec<String>,
+}
+
+impl Inventory {
+    /// Whether instances of a deployment with `backend` may be placed here.
+    pub fn runs(&self, backend: &str) -> bool {
+        self.backends.is_empty() || self.backends.iter().any(|b| b == backend)
+    }
 }
 
 /// Most GPUs one worker may report (the largest hosts today carry 16).
@@ -195,6 +204,15 @@ impl Inventory {
                     self.host_memory_bytes
                 ),
             ));
+        }
+        if self.backends.len() > 16 {
+            return Err(Error::invalid(
+                "inventory.backends",
+                format!("{} backends; at most 16 are believed", self.backends.len()),
+            ));
+        }
+        for b in &self.backends {
+            names::validate_token("inventory.backends", b)?;
         }
         let mut tiers = std::collections::HashSet::new();
         for b in &self.bandwidths {
@@ -536,6 +554,7 @@ impl Store {
                     host_memory_bytes: f.parse_or("host_memory_bytes", 0)?,
                     checkpoints: f.json("checkpoints")?,
                     bandwidths: f.json("bandwidths")?,
+                    backends: f.json("backends")?,
                 },
                 agent_version: f.parse_or("agent_version", String::new())?,
                 registered_ms: f.parse("registered_ms")?,
@@ -555,6 +574,7 @@ fn holdings(inventory: &Inventory) -> Vec<(&'static str, String)> {
         ("host_memory_bytes", inventory.host_memory_bytes.to_string()),
         ("checkpoints", json(&inventory.checkpoints)),
         ("bandwidths", json(&inventory.bandwidths)),
+        ("backends", json(&inventory.backends)),
     ]
 }
 

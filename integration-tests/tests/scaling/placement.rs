@@ -237,3 +237,36 @@ async fn unbelievable_inventories_are_refused_naming_the_field() {
     // Nothing was stored for any of them.
     assert!(c.store.list_workers().await.unwrap().is_empty());
 }
+
+/// Workers say which backends they can start: a deployment goes only to a worker that runs its
+/// backend, and one that no worker runs is reported as such instead of failing its starts.
+#[tokio::test]
+async fn instances_go_only_to_workers_that_run_their_backend() {
+    let c = Cluster::start().await;
+    let runs = |b: &str| worker::SimConfig { backends: vec![b.to_string()], ..fast_sim() };
+    let _vllm = c.worker("w-vllm", runs("vllm")).await;
+    let _sglang = c.worker("w-sglang", runs("sglang")).await;
+    let _s = c.scaler("s1").await;
+    let c = &c;
+    let deploy = |model: &'static str, backend: &'static str| {
+        let spec = pb::DeploymentSpec { backend: backend.into(), ..spec(model, 1, 1, 1.0, 60) };
+        async move {
+            c.client().await.deploy(pb::DeployRequest { spec: Some(spec) }).await.unwrap();
+        }
+    };
+    deploy("a", "sglang").await;
+    deploy("b", "vllm").await;
+    assert_eq!(c.settled("a", 1, Duration::from_secs(10)).await[0].worker_id, "w-sglang");
+    assert_eq!(c.settled("b", 1, Duration::from_secs(10)).await[0].worker_id, "w-vllm");
+
+    deploy("t", "transformers").await;
+    let why = "no ready worker runs backend \"transformers\"";
+    eventually(Duration::from_secs(5), "t marked unplaceable", || async {
+        c.store.unplaceable_models().await.unwrap().get("t").filter(|r| *r == why).map(|_| ())
+    })
+    .await
+    .unwrap();
+    assert!(c.instances("t").await.is_empty(), "nothing was started for it");
+    let got = c.client().await.get(pb::GetRequest { model: "t".into() }).await.unwrap();
+    assert_eq!(got.into_inner().last_error, why);
+}

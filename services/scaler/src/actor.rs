@@ -655,6 +655,7 @@ impl Leader {
             candidate = policy::place(
                 view.workers.values().filter(|w| {
                     w.status == WorkerStatus::Ready
+                        && w.inventory.runs(&d.spec.backend)
                         && !(skip_avoided && avoid.contains(&w.worker_id))
                 }),
                 model,
@@ -941,7 +942,12 @@ impl Leader {
         let verdict = if d.status == kvstore::DeploymentStatus::Deleting {
             None
         } else {
-            policy::unplaceable(self.view.largest_ready_worker(), d.spec.num_gpus)
+            policy::unplaceable(
+                self.view.largest_ready_worker(),
+                self.view.largest_ready_for(&d.spec.backend),
+                &d.spec.backend,
+                d.spec.num_gpus,
+            )
         };
         if verdict.as_deref() != self.view.unplaceable.get(model).map(String::as_str) {
             let reason = verdict.as_deref().unwrap_or("");

@@ -197,11 +197,21 @@ pub fn largest_worker<'a>(workers: impl Iterator<Item = &'a WorkerRecord>) -> Op
     workers.map(|w| w.inventory.gpus.len()).max()
 }
 
-/// Why instances needing `num_gpus` GPUs can never be placed on a live fleet whose largest
-/// worker has `largest` GPUs (see [`largest_worker`]; judged by GPU counts, not free GPUs), or
-/// None if it could hold one. None too with no live worker: workers may still be starting.
-pub fn unplaceable(largest: Option<usize>, num_gpus: u32) -> Option<String> {
-    let largest = largest?;
+/// Why instances of a `backend` deployment needing `num_gpus` GPUs can never be placed on a
+/// live fleet whose largest worker has `largest` GPUs (see [`largest_worker`]; judged by GPU
+/// counts, not free GPUs) and whose largest worker able to start `backend` has
+/// `largest_for_backend`, or None if it could hold one. None too with no live worker: workers
+/// may still be starting.
+pub fn unplaceable(
+    largest: Option<usize>,
+    largest_for_backend: Option<usize>,
+    backend: &str,
+    num_gpus: u32,
+) -> Option<String> {
+    largest?;
+    let Some(largest) = largest_for_backend else {
+        return Some(format!("no ready worker runs backend {backend:?}"));
+    };
     (largest < num_gpus as usize).then(|| {
         let gpus = |n: usize| if n == 1 { "1 GPU".to_string() } else { format!("{n} GPUs") };
         format!("needs {}; the largest worker has {}", gpus(num_gpus as usize), largest)
@@ -264,6 +274,7 @@ mod tests {
                     Bandwidth { tier: Tier::Disk, bytes_per_second: 1 << 30 },
                     Bandwidth { tier: Tier::Remote, bytes_per_second: 100 << 20 },
                 ],
+                backends: Vec::new(),
             },
             agent_version: String::new(),
             registered_ms: 0,
@@ -383,19 +394,29 @@ mod tests {
         let largest = largest_worker(ws.iter());
         assert_eq!(largest, Some(4));
         assert_eq!(
-            unplaceable(largest, 64).as_deref(),
+            unplaceable(largest, largest, "vllm", 64).as_deref(),
             Some("needs 64 GPUs; the largest worker has 4")
         );
         assert_eq!(
-            unplaceable(largest, 5).as_deref(),
+            unplaceable(largest, largest, "vllm", 5).as_deref(),
             Some("needs 5 GPUs; the largest worker has 4")
         );
         // Waiting for w1's GPUs to free up is not unplaceable.
-        assert_eq!(unplaceable(largest, 4), None);
-        assert_eq!(unplaceable(largest, 1), None);
+        assert_eq!(unplaceable(largest, largest, "vllm", 4), None);
+        assert_eq!(unplaceable(largest, largest, "vllm", 1), None);
         // No live worker says nothing: workers may be starting.
         assert_eq!(largest_worker([].iter()), None);
-        assert_eq!(unplaceable(None, 64), None);
+        assert_eq!(unplaceable(None, None, "vllm", 64), None);
+        // Live workers, none of which runs the backend.
+        assert_eq!(
+            unplaceable(largest, None, "sglang", 1).as_deref(),
+            Some("no ready worker runs backend \"sglang\"")
+        );
+        // Only the workers that run it count.
+        assert_eq!(
+            unplaceable(largest, Some(2), "sglang", 4).as_deref(),
+            Some("needs 4 GPUs; the largest worker has 2")
+        );
     }
 
     #[test]

@@ -16,6 +16,10 @@ pub(crate) struct View {
     pub(crate) unplaceable: HashMap<String, String>,
     /// GPUs of the largest ready worker (None: no ready worker), kept by [`View::set_worker`].
     largest_ready: Option<usize>,
+    /// GPUs of the largest ready worker that runs only named backends, per backend (a worker
+    /// that runs any backend counts in `largest_any`), kept with `largest_ready`.
+    largest_by_backend: HashMap<String, usize>,
+    largest_any: Option<usize>,
     instances: HashMap<String, InstanceRecord>,
     by_model: HashMap<String, BTreeSet<String>>,
     by_worker: HashMap<String, BTreeSet<String>>,
@@ -59,10 +63,24 @@ impl View {
         self.largest_ready
     }
 
+    /// GPUs of the largest ready worker that can start `backend` (None: none can).
+    pub(crate) fn largest_ready_for(&self, backend: &str) -> Option<usize> {
+        self.largest_any.max(self.largest_by_backend.get(backend).copied())
+    }
+
     fn recount_fleet(&mut self) {
-        self.largest_ready = crate::policy::largest_worker(
-            self.workers.values().filter(|w| w.status == kvstore::WorkerStatus::Ready),
-        );
+        let ready = || self.workers.values().filter(|w| w.status == kvstore::WorkerStatus::Ready);
+        self.largest_ready = crate::policy::largest_worker(ready());
+        self.largest_any =
+            crate::policy::largest_worker(ready().filter(|w| w.inventory.backends.is_empty()));
+        let mut by_backend: HashMap<String, usize> = HashMap::new();
+        for w in ready() {
+            for b in &w.inventory.backends {
+                let n = by_backend.entry(b.clone()).or_default();
+                *n = (*n).max(w.inventory.gpus.len());
+            }
+        }
+        self.largest_by_backend = by_backend;
     }
 
     /// One live instance.

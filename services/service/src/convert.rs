@@ -125,6 +125,7 @@ pub fn inventory_from_pb(inv: &pb::Inventory) -> Result<kvstore::Inventory, toni
         host_memory_bytes: inv.host_memory_bytes,
         checkpoints,
         bandwidths,
+        backends: inv.backends.clone(),
     })
 }
 

@@ -486,6 +486,14 @@ impl Backend for EngineBackend {
             host_memory_bytes: 0,
             checkpoints,
             bandwidths: Vec::new(),
+            // A deployment of another engine's backend must not start on this one; a custom
+            // command is the operator's to match.
+            backends: match self.config.kind {
+                EngineKind::Vllm => vec!["vllm".into()],
+                EngineKind::Sglang => vec!["sglang".into()],
+                EngineKind::Llamacpp => vec!["llamacpp".into()],
+                EngineKind::Custom => Vec::new(),
+            },
             running: s
                 .instances
                 .iter()

@@ -37,6 +37,8 @@ pub struct SimConfig {
     /// Bandwidths reported in the inventory instead of `bandwidths`, for a host that claims
     /// to be faster than it is (empty: it reports what it does).
     pub claimed_bandwidths: HashMap<Tier, u64>,
+    /// Deployment backends it reports it can start (empty: any).
+    pub backends: Vec<String>,
     /// Prefill time per prompt token.
     pub prefill_per_token: Duration,
     /// Decode time per generated token with one request running.
@@ -72,6 +74,7 @@ impl Default for SimConfig {
                 (Tier::Remote, 1 << 30),
             ]),
             claimed_bandwidths: HashMap::new(),
+            backends: Vec::new(),
             prefill_per_token: Duration::from_micros(50),
             decode_per_token: Duration::from_millis(10),
             batch_slowdown: 0.05,
@@ -448,6 +451,7 @@ async fn sleep_or_cancel(d: Duration, cancel: &CancellationToken) -> Result<(), 
 impl Backend for SimBackend {
     fn inventory(&self) -> pb::Inventory {
         self.with_state(|s| pb::Inventory {
+            backends: self.config.backends.clone(),
             gpus: (0..self.config.gpus)
                 .map(|index| pb::Gpu {
                     index,

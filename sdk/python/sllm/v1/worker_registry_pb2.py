@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from sllm.v1 import common_pb2 as sllm_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dsllm/v1/worker_registry.proto\x12\x07sllm.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x14sllm/v1/common.proto\"\xa6\x02\n\rWorkerMessage\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12%\n\x08register\x18\x02 \x01(\x0b\x32\x11.sllm.v1.RegisterH\x00\x12\'\n\tinventory\x18\x03 \x01(\x0b\x32\x12.sllm.v1.InventoryH\x00\x12%\n\x05ready\x18\x04 \x01(\x0b\x32\x14.sllm.v1.WorkerReadyH\x00\x12\'\n\theartbeat\x18\x05 \x01(\x0b\x32\x12.sllm.v1.HeartbeatH\x00\x12\x32\n\x0finstance_report\x18\x06 \x01(\x0b\x32\x17.sllm.v1.InstanceReportH\x00\x12*\n\x0b\x63ommand_ack\x18\x07 \x01(\x0b\x32\x13.sllm.v1.CommandAckH\x00\x42\x06\n\x04\x62ody\"~\n\x08Register\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x12\n\njoin_token\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12%\n\tinventory\x18\x04 \x01(\x0b\x32\x12.sllm.v1.Inventory\x12\x15\n\ragent_version\x18\x05 \x01(\t\"\xc9\x01\n\tInventory\x12\x1a\n\x04gpus\x18\x01 \x03(\x0b\x32\x0c.sllm.v1.Gpu\x12\x19\n\x11host_memory_bytes\x18\x02 \x01(\x04\x12.\n\x0b\x63heckpoints\x18\x03 \x03(\x0b\x32\x19.sllm.v1.CachedCheckpoint\x12*\n\nbandwidths\x18\x04 \x03(\x0b\x32\x16.sllm.v1.TierBandwidth\x12)\n\x07running\x18\x05 \x03(\x0b\x32\x18.sllm.v1.RunningInstance\"j\n\x0fRunningInstance\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.sllm.v1.InstanceState\x12\x0c\n\x04gpus\x18\x04 \x03(\r\"\r\n\x0bWorkerReady\"\x18\n\tHeartbeat\x12\x0b\n\x03seq\x18\x01 \x01(\x04\"m\n\x0eInstanceReport\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.sllm.v1.InstanceState\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0f\n\x07load_ms\x18\x04 \x01(\x04\";\n\nCommandAck\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"\xef\x01\n\x0fRegistryMessage\x12)\n\nregistered\x18\x01 \x01(\x0b\x32\x13.sllm.v1.RegisteredH\x00\x12#\n\x07\x63ommand\x18\x02 \x01(\x0b\x32\x10.sllm.v1.CommandH\x00\x12.\n\rheartbeat_ack\x18\x03 \x01(\x0b\x32\x15.sllm.v1.HeartbeatAckH\x00\x12+\n\x0b\x64ispatchers\x18\x04 \x01(\x0b\x32\x14.sllm.v1.DispatchersH\x00\x12\'\n\tplaceable\x18\x05 \x01(\x0b\x32\x12.sllm.v1.PlaceableH\x00\x42\x06\n\x04\x62ody\"&\n\tPlaceable\x12\x19\n\x11unknown_instances\x18\x01 \x03(\t\" \n\x0b\x44ispatchers\x12\x11\n\tendpoints\x18\x01 \x03(\t\"{\n\nRegistered\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x10\n\x08lease_ms\x18\x03 \x01(\x04\x12\x1d\n\x15heartbeat_interval_ms\x18\x04 \x01(\x04\x12\x1a\n\x12\x64ispatch_endpoints\x18\x05 \x03(\t\";\n\x0cHeartbeatAck\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x1e\n\x16lease_deadline_unix_ms\x18\x02 \x01(\x04\"\xa0\x01\n\x07\x43ommand\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\'\n\x05start\x18\x02 \x01(\x0b\x32\x16.sllm.v1.StartInstanceH\x00\x12%\n\x04stop\x18\x03 \x01(\x0b\x32\x15.sllm.v1.StopInstanceH\x00\x12\'\n\x05\x64rain\x18\x04 \x01(\x0b\x32\x16.sllm.v1.DrainInstanceH\x00\x42\x08\n\x06\x61\x63tion\"\x98\x01\n\rStartInstance\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x0c\n\x04gpus\x18\x04 \x03(\r\x12/\n\x0e\x62\x61\x63kend_config\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x13\n\x0btraceparent\x18\x06 \x01(\t\"#\n\x0cStopInstance\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"6\n\rDrainInstance\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x10\n\x08grace_ms\x18\x02 \x01(\x04\"\x14\n\x12ListWorkersRequest\"7\n\x13ListWorkersResponse\x12 \n\x07workers\x18\x01 \x03(\x0b\x32\x0f.sllm.v1.Worker\"%\n\x10GetWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t2\xd4\x01\n\x0eWorkerRegistry\x12?\n\x07Session\x12\x16.sllm.v1.WorkerMessage\x1a\x18.sllm.v1.RegistryMessage(\x01\x30\x01\x12H\n\x0bListWorkers\x12\x1b.sllm.v1.ListWorkersRequest\x1a\x1c.sllm.v1.ListWorkersResponse\x12\x37\n\tGetWorker\x12\x19.sllm.v1.GetWorkerRequest\x1a\x0f.sllm.v1.Workerb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dsllm/v1/worker_registry.proto\x12\x07sllm.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x14sllm/v1/common.proto\"\xa6\x02\n\rWorkerMessage\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12%\n\x08register\x18\x02 \x01(\x0b\x32\x11.sllm.v1.RegisterH\x00\x12\'\n\tinventory\x18\x03 \x01(\x0b\x32\x12.sllm.v1.InventoryH\x00\x12%\n\x05ready\x18\x04 \x01(\x0b\x32\x14.sllm.v1.WorkerReadyH\x00\x12\'\n\theartbeat\x18\x05 \x01(\x0b\x32\x12.sllm.v1.HeartbeatH\x00\x12\x32\n\x0finstance_report\x18\x06 \x01(\x0b\x32\x17.sllm.v1.InstanceReportH\x00\x12*\n\x0b\x63ommand_ack\x18\x07 \x01(\x0b\x32\x13.sllm.v1.CommandAckH\x00\x42\x06\n\x04\x62ody\"~\n\x08Register\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x12\n\njoin_token\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12%\n\tinventory\x18\x04 \x01(\x0b\x32\x12.sllm.v1.Inventory\x12\x15\n\ragent_version\x18\x05 \x01(\t\"\xdb\x01\n\tInventory\x12\x1a\n\x04gpus\x18\x01 \x03(\x0b\x32\x0c.sllm.v1.Gpu\x12\x19\n\x11host_memory_bytes\x18\x02 \x01(\x04\x12.\n\x0b\x63heckpoints\x18\x03 \x03(\x0b\x32\x19.sllm.v1.CachedCheckpoint\x12*\n\nbandwidths\x18\x04 \x03(\x0b\x32\x16.sllm.v1.TierBandwidth\x12)\n\x07running\x18\x05 \x03(\x0b\x32\x18.sllm.v1.RunningInstance\x12\x10\n\x08\x62\x61\x63kends\x18\x06 \x03(\t\"j\n\x0fRunningInstance\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.sllm.v1.InstanceState\x12\x0c\n\x04gpus\x18\x04 \x03(\r\"\r\n\x0bWorkerReady\"\x18\n\tHeartbeat\x12\x0b\n\x03seq\x18\x01 \x01(\x04\"m\n\x0eInstanceReport\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.sllm.v1.InstanceState\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0f\n\x07load_ms\x18\x04 \x01(\x04\";\n\nCommandAck\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"\xef\x01\n\x0fRegistryMessage\x12)\n\nregistered\x18\x01 \x01(\x0b\x32\x13.sllm.v1.RegisteredH\x00\x12#\n\x07\x63ommand\x18\x02 \x01(\x0b\x32\x10.sllm.v1.CommandH\x00\x12.\n\rheartbeat_ack\x18\x03 \x01(\x0b\x32\x15.sllm.v1.HeartbeatAckH\x00\x12+\n\x0b\x64ispatchers\x18\x04 \x01(\x0b\x32\x14.sllm.v1.DispatchersH\x00\x12\'\n\tplaceable\x18\x05 \x01(\x0b\x32\x12.sllm.v1.PlaceableH\x00\x42\x06\n\x04\x62ody\"&\n\tPlaceable\x12\x19\n\x11unknown_instances\x18\x01 \x03(\t\" \n\x0b\x44ispatchers\x12\x11\n\tendpoints\x18\x01 \x03(\t\"{\n\nRegistered\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x10\n\x08lease_ms\x18\x03 \x01(\x04\x12\x1d\n\x15heartbeat_interval_ms\x18\x04 \x01(\x04\x12\x1a\n\x12\x64ispatch_endpoints\x18\x05 \x03(\t\";\n\x0cHeartbeatAck\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x1e\n\x16lease_deadline_unix_ms\x18\x02 \x01(\x04\"\xa0\x01\n\x07\x43ommand\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\'\n\x05start\x18\x02 \x01(\x0b\x32\x16.sllm.v1.StartInstanceH\x00\x12%\n\x04stop\x18\x03 \x01(\x0b\x32\x15.sllm.v1.StopInstanceH\x00\x12\'\n\x05\x64rain\x18\x04 \x01(\x0b\x32\x16.sllm.v1.DrainInstanceH\x00\x42\x08\n\x06\x61\x63tion\"\x98\x01\n\rStartInstance\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x0c\n\x04gpus\x18\x04 \x03(\r\x12/\n\x0e\x62\x61\x63kend_config\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x13\n\x0btraceparent\x18\x06 \x01(\t\"#\n\x0cStopInstance\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"6\n\rDrainInstance\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x10\n\x08grace_ms\x18\x02 \x01(\x04\"\x14\n\x12ListWorkersRequest\"7\n\x13ListWorkersResponse\x12 \n\x07workers\x18\x01 \x03(\x0b\x32\x0f.sllm.v1.Worker\"%\n\x10GetWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t2\xd4\x01\n\x0eWorkerRegistry\x12?\n\x07Session\x12\x16.sllm.v1.WorkerMessage\x1a\x18.sllm.v1.RegistryMessage(\x01\x30\x01\x12H\n\x0bListWorkers\x12\x1b.sllm.v1.ListWorkersRequest\x1a\x1c.sllm.v1.ListWorkersResponse\x12\x37\n\tGetWorker\x12\x19.sllm.v1.GetWorkerRequest\x1a\x0f.sllm.v1.Workerb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,41 +38,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTER']._serialized_start=391
   _globals['_REGISTER']._serialized_end=517
   _globals['_INVENTORY']._serialized_start=520
-  _globals['_INVENTORY']._serialized_end=721
-  _globals['_RUNNINGINSTANCE']._serialized_start=723
-  _globals['_RUNNINGINSTANCE']._serialized_end=829
-  _globals['_WORKERREADY']._serialized_start=831
-  _globals['_WORKERREADY']._serialized_end=844
-  _globals['_HEARTBEAT']._serialized_start=846
-  _globals['_HEARTBEAT']._serialized_end=870
-  _globals['_INSTANCEREPORT']._serialized_start=872
-  _globals['_INSTANCEREPORT']._serialized_end=981
-  _globals['_COMMANDACK']._serialized_start=983
-  _globals['_COMMANDACK']._serialized_end=1042
-  _globals['_REGISTRYMESSAGE']._serialized_start=1045
-  _globals['_REGISTRYMESSAGE']._serialized_end=1284
-  _globals['_PLACEABLE']._serialized_start=1286
-  _globals['_PLACEABLE']._serialized_end=1324
-  _globals['_DISPATCHERS']._serialized_start=1326
-  _globals['_DISPATCHERS']._serialized_end=1358
-  _globals['_REGISTERED']._serialized_start=1360
-  _globals['_REGISTERED']._serialized_end=1483
-  _globals['_HEARTBEATACK']._serialized_start=1485
-  _globals['_HEARTBEATACK']._serialized_end=1544
-  _globals['_COMMAND']._serialized_start=1547
-  _globals['_COMMAND']._serialized_end=1707
-  _globals['_STARTINSTANCE']._serialized_start=1710
-  _globals['_STARTINSTANCE']._serialized_end=1862
-  _globals['_STOPINSTANCE']._serialized_start=1864
-  _globals['_STOPINSTANCE']._serialized_end=1899
-  _globals['_DRAININSTANCE']._serialized_start=1901
-  _globals['_DRAININSTANCE']._serialized_end=1955
-  _globals['_LISTWORKERSREQUEST']._serialized_start=1957
-  _globals['_LISTWORKERSREQUEST']._serialized_end=1977
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=1979
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=2034
-  _globals['_GETWORKERREQUEST']._serialized_start=2036
-  _globals['_GETWORKERREQUEST']._serialized_end=2073
-  _globals['_WORKERREGISTRY']._serialized_start=2076
-  _globals['_WORKERREGISTRY']._serialized_end=2288
+  _globals['_INVENTORY']._serialized_end=739
+  _globals['_RUNNINGINSTANCE']._serialized_start=741
+  _globals['_RUNNINGINSTANCE']._serialized_end=847
+  _globals['_WORKERREADY']._serialized_start=849
+  _globals['_WORKERREADY']._serialized_end=862
+  _globals['_HEARTBEAT']._serialized_start=864
+  _globals['_HEARTBEAT']._serialized_end=888
+  _globals['_INSTANCEREPORT']._serialized_start=890
+  _globals['_INSTANCEREPORT']._serialized_end=999
+  _globals['_COMMANDACK']._serialized_start=1001
+  _globals['_COMMANDACK']._serialized_end=1060
+  _globals['_REGISTRYMESSAGE']._serialized_start=1063
+  _globals['_REGISTRYMESSAGE']._serialized_end=1302
+  _globals['_PLACEABLE']._serialized_start=1304
+  _globals['_PLACEABLE']._serialized_end=1342
+  _globals['_DISPATCHERS']._serialized_start=1344
+  _globals['_DISPATCHERS']._serialized_end=1376
+  _globals['_REGISTERED']._serialized_start=1378
+  _globals['_REGISTERED']._serialized_end=1501
+  _globals['_HEARTBEATACK']._serialized_start=1503
+  _globals['_HEARTBEATACK']._serialized_end=1562
+  _globals['_COMMAND']._serialized_start=1565
+  _globals['_COMMAND']._serialized_end=1725
+  _globals['_STARTINSTANCE']._serialized_start=1728
+  _globals['_STARTINSTANCE']._serialized_end=1880
+  _globals['_STOPINSTANCE']._serialized_start=1882
+  _globals['_STOPINSTANCE']._serialized_end=1917
+  _globals['_DRAININSTANCE']._serialized_start=1919
+  _globals['_DRAININSTANCE']._serialized_end=1973
+  _globals['_LISTWORKERSREQUEST']._serialized_start=1975
+  _globals['_LISTWORKERSREQUEST']._serialized_end=1995
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=1997
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=2052
+  _globals['_GETWORKERREQUEST']._serialized_start=2054
+  _globals['_GETWORKERREQUEST']._serialized_end=2091
+  _globals['_WORKERREGISTRY']._serialized_start=2094
+  _globals['_WORKERREGISTRY']._serialized_end=2306
 # @@protoc_insertion_point(module_scope)

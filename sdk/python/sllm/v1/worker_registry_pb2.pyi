@@ -41,18 +41,20 @@ class Register(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., join_token: _Optional[str] = ..., address: _Optional[str] = ..., inventory: _Optional[_Union[Inventory, _Mapping]] = ..., agent_version: _Optional[str] = ...) -> None: ...
 
 class Inventory(_message.Message):
-    __slots__ = ("gpus", "host_memory_bytes", "checkpoints", "bandwidths", "running")
+    __slots__ = ("gpus", "host_memory_bytes", "checkpoints", "bandwidths", "running", "backends")
     GPUS_FIELD_NUMBER: _ClassVar[int]
     HOST_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINTS_FIELD_NUMBER: _ClassVar[int]
     BANDWIDTHS_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
+    BACKENDS_FIELD_NUMBER: _ClassVar[int]
     gpus: _containers.RepeatedCompositeFieldContainer[_common_pb2.Gpu]
     host_memory_bytes: int
     checkpoints: _containers.RepeatedCompositeFieldContainer[_common_pb2.CachedCheckpoint]
     bandwidths: _containers.RepeatedCompositeFieldContainer[_common_pb2.TierBandwidth]
     running: _containers.RepeatedCompositeFieldContainer[RunningInstance]
-    def __init__(self, gpus: _Optional[_Iterable[_Union[_common_pb2.Gpu, _Mapping]]] = ..., host_memory_bytes: _Optional[int] = ..., checkpoints: _Optional[_Iterable[_Union[_common_pb2.CachedCheckpoint, _Mapping]]] = ..., bandwidths: _Optional[_Iterable[_Union[_common_pb2.TierBandwidth, _Mapping]]] = ..., running: _Optional[_Iterable[_Union[RunningInstance, _Mapping]]] = ...) -> None: ...
+    backends: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, gpus: _Optional[_Iterable[_Union[_common_pb2.Gpu, _Mapping]]] = ..., host_memory_bytes: _Optional[int] = ..., checkpoints: _Optional[_Iterable[_Union[_common_pb2.CachedCheckpoint, _Mapping]]] = ..., bandwidths: _Optional[_Iterable[_Union[_common_pb2.TierBandwidth, _Mapping]]] = ..., running: _Optional[_Iterable[_Union[RunningInstance, _Mapping]]] = ..., backends: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RunningInstance(_message.Message):
     __slots__ = ("instance_id", "model", "state", "gpus")
