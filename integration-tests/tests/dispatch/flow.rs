@@ -246,7 +246,9 @@ async fn unread_answers_leave_the_control_planes_memory_flat() {
          {payload_kib} KiB in all"
     );
     assert!(
-        grown < 4 * 1024 && grown < payload_kib / 4,
+        // Measured here: 0.5-2 MiB (a loaded machine adds some); with a window of 4,096
+        // chunks, 7.6 MiB; with no flow control at all, more than the whole payload.
+        grown < 5 * 1024 && grown < payload_kib / 2,
         "RSS grew {grown} KiB while {payload_kib} KiB of answers went unread"
     );
 

@@ -62,6 +62,8 @@ async fn a_worker_stays_unplaceable_until_it_says_ready() {
 #[tokio::test]
 async fn a_wrong_or_missing_token_is_refused_and_nothing_is_stored() {
     let (redis, store, replica) = cluster().await;
+    // The replica names the store's state at start (the lineage key); count after that.
+    store.ensure_lineage().await.unwrap();
     let before = {
         let mut raw = redis.raw().await.unwrap();
         redis::cmd("DBSIZE").query_async::<i64>(&mut raw).await.unwrap()
