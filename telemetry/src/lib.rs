@@ -28,24 +28,53 @@ static RATIO: LazyLock<AtomicU64> = LazyLock::new(|| {
     AtomicU64::new(f64::to_bits(ratio))
 });
 
+/// Whether a client's sampled flag decides whether its request is traced. Off unless the
+/// operator opts in: `SLLM_TRUST_CLIENT_SAMPLING` (true/1/yes/on, or false/0/no/off, which wins
+/// over the sampler), else an `OTEL_TRACES_SAMPLER` of `parentbased_*` (the standard name for
+/// "follow the parent's decision"). Unset, unlike OpenTelemetry's `parentbased_always_on`
+/// default, it is off: anyone who can reach Dispatch controls the flag, and honouring it lets
+/// them make the operator trace (and pay to export) every request they send at any ratio.
+/// Changed by [`set_trust_client_sampling`].
+static TRUST_CALLER: LazyLock<AtomicBool> = LazyLock::new(|| {
+    let explicit = std::env::var("SLLM_TRUST_CLIENT_SAMPLING").ok().and_then(|v| {
+        match v.trim().to_ascii_lowercase().as_str() {
+            "1" | "true" | "yes" | "on" => Some(true),
+            "0" | "false" | "no" | "off" | "" => Some(false),
+            _ => None,
+        }
+    });
+    let parent_based = std::env::var("OTEL_TRACES_SAMPLER")
+        .is_ok_and(|s| s.trim().to_ascii_lowercase().starts_with("parentbased_"));
+    AtomicBool::new(explicit.unwrap_or(parent_based))
+});
+
 /// Changes the share of new traces recorded from now on (clamped to 0..=1). Requests that
-/// arrive with a trace context still follow their caller's decision.
+/// arrive with a trace context follow it too, unless [`set_trust_client_sampling`] says
+/// their caller's decision wins.
 pub fn set_sampling_ratio(ratio: f64) {
     let r = if ratio.is_nan() { 0.0 } else { ratio.clamp(0.0, 1.0) };
     RATIO.store(r.to_bits(), Ordering::Relaxed);
 }
 
+/// Whether the sampled flag of a client's `traceparent` decides whether its request is traced
+/// (true), or the configured ratio decides for every request (false, the default). Either way
+/// a request continues the client's trace id when it is traced.
+pub fn set_trust_client_sampling(trust: bool) {
+    TRUST_CALLER.store(trust, Ordering::Relaxed);
+}
+
 /// Whether a request should be traced, given the sampled flag of the trace context it arrived
 /// with (None: no valid context): never when no exporter is set up; as its caller decided when
-/// it carries a context; otherwise for the configured share of requests. Deciding before any
-/// span exists keeps untraced requests free of tracing cost.
+/// it carries a context and the operator trusts callers' decisions; otherwise for the
+/// configured share of requests. Deciding before any span exists keeps untraced requests free
+/// of tracing cost.
 fn sample(caller_sampled: Option<bool>) -> bool {
     if !EXPORTING.load(Ordering::Relaxed) {
         return false;
     }
     match caller_sampled {
-        Some(sampled) => sampled,
-        None => {
+        Some(sampled) if TRUST_CALLER.load(Ordering::Relaxed) => sampled,
+        _ => {
             let ratio = f64::from_bits(RATIO.load(Ordering::Relaxed));
             ratio >= 1.0 || (ratio > 0.0 && rand::random::<f64>() < ratio)
         }

@@ -453,9 +453,11 @@ impl Span {
     }
 
     /// The span of a request arriving with `traceparent` (may be empty): recording when an
-    /// exporter runs and the caller sampled its trace, or, with no context from the caller, for
-    /// the configured share of requests (`OTEL_TRACES_SAMPLER`); the child of the caller's span
-    /// when the caller sent a valid context, else the root of a new trace.
+    /// exporter runs and, for the configured share of requests (`OTEL_TRACES_SAMPLER`), or as
+    /// the caller's sampled flag says when the operator trusts it
+    /// ([`crate::set_trust_client_sampling`]); the child of the caller's span when the caller
+    /// sent a valid context (so a sampled request joins the caller's trace either way), else
+    /// the root of a new trace.
     pub fn request(name: &'static str, kind: Kind, traceparent: &str) -> Span {
         let caller = SpanContext::parse(traceparent);
         if !crate::sample(caller.map(|(_, sampled)| sampled)) {

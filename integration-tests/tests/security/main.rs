@@ -1,9 +1,13 @@
 //! API keys on every gRPC and HTTP surface, and TLS on every listener, from workers and to
-//! Redis, with the real binary, CLI and curl.
+//! Redis, with the real binary, CLI and curl; fenced and cheaply refused worker streams, and
+//! the operator's sampler deciding over a client's `traceparent`.
 
 #![allow(clippy::unwrap_used)]
 
+mod credentials;
 mod headers;
+mod rogue;
+mod streams;
 mod tls;
 
 use sllm_api::v1 as pb;
@@ -97,6 +101,13 @@ async fn api_keys_guard_grpc_http_and_the_cli_by_scope() {
     assert!(ok && out.contains("m "), "{out}{err}");
     let (ok, _, err) = run(sllm, &["deploy", "n", "--endpoint", &grpc, "--api-key", INFER]).await;
     assert!(!ok && err.contains("PermissionDenied"), "{err}");
+    // Worker addresses and inventory, and the Scaler's state, are for operators (admin).
+    for cmd in ["workers", "status"] {
+        let (ok, _, err) = run(sllm, &[cmd, "--endpoint", &grpc, "--api-key", INFER]).await;
+        assert!(!ok && err.contains("PermissionDenied"), "{cmd}: {err}");
+        let (ok, out, err) = run(sllm, &[cmd, "--endpoint", &grpc, "--api-key", ADMIN]).await;
+        assert!(ok, "{cmd}: {out}{err}");
+    }
 
     // The Python SDK sends api_key.
     let script = format!(

@@ -1,11 +1,15 @@
-//! The server side of a worker's Attach stream: the worker proves who it is (join token, and an
-//! epoch no older than the one in kvstore), then requests go down and their output comes up,
-//! multiplexed by request id.
+//! The server side of a worker's Attach stream: the worker proves who it is (join token, and
+//! exactly the epoch the registry issued to its current session), then requests go down and
+//! their output comes up, multiplexed by request id.
+//!
+//! The hello must come within [`crate::DispatchConfig::hello_timeout`], and the token is checked
+//! before Redis is read, so a stream that proves nothing costs a timer and no Redis command.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use sllm_api::v1 as pb;
 use sllm_api::v1::attach_up::Msg as Up;
@@ -14,6 +18,7 @@ use tokio_stream::Stream;
 use tonic::{Status, Streaming};
 
 use crate::Inner;
+use crate::error::AttachRefused;
 use crate::table::{FromWorker, WorkerLink};
 
 /// What goes down to a worker: control messages (cancels, credit grants) before requests, so a
@@ -35,39 +40,19 @@ impl Stream for Down {
     }
 }
 
+/// Pauses before each re-read of a worker's record when its hello carries an epoch newer than
+/// the record's. The registry writes the epoch before it tells the agent, so one read normally
+/// suffices; these cover a read served just before that write became visible, without ever
+/// taking a claimed epoch on trust.
+const EPOCH_REREADS: [Duration; 2] = [Duration::from_millis(100), Duration::from_millis(400)];
+
 pub(crate) async fn open(
     inner: Arc<Inner>,
     mut inbound: Streaming<pb::AttachUp>,
     peer: Option<SocketAddr>,
 ) -> Result<Down, Status> {
-    let hello = match inbound.message().await? {
-        Some(pb::AttachUp { msg: Some(Up::Hello(h)) }) => h,
-        _ => {
-            return Err(Status::invalid_argument(
-                "the first message of an attach stream must be `hello`",
-            ));
-        }
-    };
-    kvstore::names::validate_id("hello.worker_id", &hello.worker_id)
-        .map_err(|e| Status::invalid_argument(e.to_string()))?;
-    if !inner.config.join_secret.verify(&hello.worker_id, &hello.join_token) {
-        return Err(Status::unauthenticated(
-            "hello refused: join token does not prove the worker id",
-        ));
-    }
-    match inner.store.get_worker(&hello.worker_id).await {
-        Ok(Some(w)) if w.epoch > hello.epoch => {
-            return Err(Status::failed_precondition(format!(
-                "hello carries epoch {} but the worker's current epoch is {}",
-                hello.epoch, w.epoch
-            )));
-        }
-        Ok(_) => {}
-        // Redis away: accept on the token alone rather than cut warm traffic.
-        Err(e) => {
-            tracing::warn!(error = %e, worker = %hello.worker_id, "cannot check the attach epoch")
-        }
-    }
+    let hello = read_hello(&inner, &mut inbound).await.map_err(|e| refused(e, peer))?;
+    check_epoch(&inner, &hello).await.map_err(|e| refused(e, peer))?;
     let (tx, rx) = mpsc::channel(4096);
     let (control_tx, control) = mpsc::unbounded_channel();
     let link = Arc::new(WorkerLink::new(
@@ -85,8 +70,13 @@ pub(crate) async fn open(
         })),
     };
     let _ = tx.send(Ok(welcome)).await;
-    if !inner.table.attach(link.clone()) {
-        return Err(Status::failed_precondition("a newer session of this worker is attached"));
+    if let Err(attached) = inner.table.attach(link.clone()) {
+        let e = AttachRefused::Superseded {
+            worker: hello.worker_id.clone(),
+            claimed: hello.epoch,
+            attached,
+        };
+        return Err(refused(e, peer));
     }
     tracing::info!(worker = %hello.worker_id, epoch = hello.epoch, ?peer, "worker attached");
     tokio::spawn(async move {
@@ -110,6 +100,97 @@ pub(crate) async fn open(
         inner.table.detach(&link);
     });
     Ok(Down { control, requests: rx })
+}
+
+/// Logs a refusal and turns it into the status the worker sees. Streams that proved nothing
+/// are logged at debug only: anyone can open them, by the thousand.
+fn refused(e: AttachRefused, peer: Option<SocketAddr>) -> Status {
+    match e {
+        AttachRefused::NoHello(_)
+        | AttachRefused::Broken(_)
+        | AttachRefused::NotHello
+        | AttachRefused::Invalid { .. }
+        | AttachRefused::Token { .. } => tracing::debug!(?peer, error = %e, "attach refused"),
+        _ => tracing::info!(?peer, error = %e, "attach refused"),
+    }
+    e.to_status()
+}
+
+/// The stream's first message, which must be a hello with a well-formed worker id and a join
+/// token that proves it, within the hello timeout. Reads nothing from Redis.
+async fn read_hello(
+    inner: &Inner,
+    inbound: &mut Streaming<pb::AttachUp>,
+) -> Result<pb::AttachHello, AttachRefused> {
+    let timeout = inner.config.hello_timeout;
+    let first = tokio::time::timeout(timeout, inbound.message())
+        .await
+        .map_err(|_| AttachRefused::NoHello(timeout))?
+        .map_err(|s| AttachRefused::Broken(s.message().to_string()))?;
+    let hello = match first {
+        Some(pb::AttachUp { msg: Some(Up::Hello(h)) }) => h,
+        Some(_) => return Err(AttachRefused::NotHello),
+        None => return Err(AttachRefused::Broken("closed by the worker".into())),
+    };
+    kvstore::names::validate_id("hello.worker_id", &hello.worker_id)
+        .map_err(|e| AttachRefused::Invalid { field: "hello.worker_id", reason: e.to_string() })?;
+    if let Err(e) = inner.config.join_secrets.verify(&hello.worker_id, &hello.join_token) {
+        return Err(AttachRefused::Token { worker: hello.worker_id, reason: e.to_string() });
+    }
+    Ok(hello)
+}
+
+/// Accepts the hello's epoch only if it is exactly the worker's epoch in Redis; while Redis
+/// cannot be read, only if it is exactly the epoch this replica last learnt from Redis for the
+/// worker. A token holder claiming a newer epoch would otherwise replace the real worker's
+/// stream and take its requests.
+async fn check_epoch(inner: &Inner, hello: &pb::AttachHello) -> Result<(), AttachRefused> {
+    let worker = &hello.worker_id;
+    let claimed = hello.epoch;
+    let mut rereads = EPOCH_REREADS.iter();
+    loop {
+        let current = match inner.store.get_worker(worker).await {
+            Ok(record) => record.map(|w| w.epoch),
+            Err(e) => {
+                return if inner.table.known_epoch(worker) == Some(claimed) {
+                    tracing::warn!(error = %e, %worker, epoch = claimed, "cannot read the worker's epoch; accepting the epoch this replica knows");
+                    Ok(())
+                } else {
+                    Err(AttachRefused::Unverifiable {
+                        worker: worker.clone(),
+                        claimed,
+                        reason: e.to_string(),
+                    })
+                };
+            }
+        };
+        match current {
+            Some(c) if c == claimed => {
+                inner.table.set_epoch(worker, c);
+                return Ok(());
+            }
+            Some(c) if c > claimed => {
+                inner.table.set_epoch(worker, c);
+                return Err(AttachRefused::StaleEpoch {
+                    worker: worker.clone(),
+                    claimed,
+                    current: c,
+                });
+            }
+            // Newer than Redis's, or not registered: read again a little later, in case the
+            // registration that issued it is not visible yet; never accept it unread.
+            _ => match rereads.next() {
+                Some(pause) => tokio::time::sleep(*pause).await,
+                None => {
+                    return Err(AttachRefused::UnissuedEpoch {
+                        worker: worker.clone(),
+                        claimed,
+                        current,
+                    });
+                }
+            },
+        }
+    }
 }
 
 #[cfg(test)]

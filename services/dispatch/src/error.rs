@@ -134,3 +134,112 @@ impl DispatchError {
         }
     }
 }
+
+/// Why a worker's Attach stream was refused. Only a worker that proves its id (join token) and
+/// holds the session the registry issued last (its exact epoch) may take requests: a token
+/// holder claiming any other epoch would otherwise push the real worker's stream aside.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AttachRefused {
+    /// The first message did not arrive in time: an idle stream is ended cheaply, before
+    /// anything is read from Redis.
+    #[error("no `hello` within {} ms of opening the attach stream", .0.as_millis())]
+    NoHello(Duration),
+    /// The stream ended or broke before its hello.
+    #[error("attach stream ended before its `hello`: {0}")]
+    Broken(String),
+    /// The first message was not a hello.
+    #[error("the first message of an attach stream must be `hello`")]
+    NotHello,
+    /// A field of the hello is malformed.
+    #[error("invalid {field}: {reason}")]
+    Invalid {
+        /// The field, as the worker named it.
+        field: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The join token does not prove the worker id.
+    #[error("hello refused: hello.join_token for hello.worker_id {worker:?}: {reason}")]
+    Token {
+        /// The worker id the hello claims.
+        worker: String,
+        /// Why the token was refused (never the token itself).
+        reason: String,
+    },
+    /// The hello's epoch is older than the registry's: a session that has since been replaced.
+    /// FAILED_PRECONDITION: the worker is who it says, but must register again (as the
+    /// registry tells an old session) before it attaches.
+    #[error(
+        "hello.epoch {claimed} of worker {worker:?} is stale: the registry's current epoch is \
+         {current}; register again"
+    )]
+    StaleEpoch {
+        /// The worker.
+        worker: String,
+        /// The epoch the hello carries.
+        claimed: u64,
+        /// The registry's epoch.
+        current: u64,
+    },
+    /// The hello's epoch was never issued by the registry (newer than its epoch for the
+    /// worker, or the worker is not registered). PERMISSION_DENIED, not FAILED_PRECONDITION:
+    /// the token is valid but the caller claims a session it does not hold, and waiting or
+    /// retrying will not make the claim true; only registering makes an epoch.
+    #[error(
+        "hello.epoch {claimed} of worker {worker:?} was not issued by the registry (its current \
+         epoch is {}); attach with the epoch the registry answered `register` with",
+        current.map_or_else(|| "none: the worker is not registered".to_string(), |c| c.to_string())
+    )]
+    UnissuedEpoch {
+        /// The worker.
+        worker: String,
+        /// The epoch the hello carries.
+        claimed: u64,
+        /// The registry's epoch, if the worker is registered.
+        current: Option<u64>,
+    },
+    /// Redis cannot be read to check the epoch, and this replica has not seen the worker at
+    /// that epoch: refused for now rather than taken on the token alone.
+    #[error(
+        "cannot check hello.epoch {claimed} of worker {worker:?}: the store is unreachable \
+         ({reason}) and this replica has not seen the worker at that epoch; retry"
+    )]
+    Unverifiable {
+        /// The worker.
+        worker: String,
+        /// The epoch the hello carries.
+        claimed: u64,
+        /// Why the store could not be read.
+        reason: String,
+    },
+    /// A newer session of the worker is attached here already.
+    #[error(
+        "hello.epoch {claimed} of worker {worker:?} is older than the attached session's {attached}"
+    )]
+    Superseded {
+        /// The worker.
+        worker: String,
+        /// The epoch the hello carries.
+        claimed: u64,
+        /// The epoch of the attached session.
+        attached: u64,
+    },
+}
+
+impl AttachRefused {
+    /// The gRPC status the worker sees.
+    pub fn to_status(&self) -> Status {
+        let code = match self {
+            AttachRefused::NoHello(_) => Code::DeadlineExceeded,
+            AttachRefused::Broken(_) => Code::Cancelled,
+            AttachRefused::NotHello | AttachRefused::Invalid { .. } => Code::InvalidArgument,
+            AttachRefused::Token { .. } => Code::Unauthenticated,
+            AttachRefused::StaleEpoch { .. } | AttachRefused::Superseded { .. } => {
+                Code::FailedPrecondition
+            }
+            AttachRefused::UnissuedEpoch { .. } => Code::PermissionDenied,
+            AttachRefused::Unverifiable { .. } => Code::Unavailable,
+        };
+        Status::new(code, self.to_string())
+    }
+}

@@ -23,11 +23,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use kvstore::Store;
-use service::JoinSecret;
+use service::JoinSecrets;
 use sllm_api::v1::dispatch_server::DispatchServer;
 use tokio_util::sync::CancellationToken;
 
-pub use error::DispatchError;
+pub use error::{AttachRefused, DispatchError};
 pub use grpc::parse_grpc_timeout;
 pub use request::{Event, Events, Input, Job};
 
@@ -38,8 +38,12 @@ pub struct DispatchConfig {
     pub replica_id: String,
     /// The gRPC endpoint workers attach to (http://host:port); empty: the bound address.
     pub advertise: String,
-    /// Secret worker join tokens are checked against on Attach.
-    pub join_secret: JoinSecret,
+    /// Secrets worker join tokens are checked against on Attach (several while one is being
+    /// rotated).
+    pub join_secrets: JoinSecrets,
+    /// Longest wait for an Attach stream's `hello` (then DEADLINE_EXCEEDED): a stream that
+    /// proves nothing is not kept open.
+    pub hello_timeout: Duration,
     /// Most requests held per model while no instance has room.
     pub max_queue: usize,
     /// Longest a request waits for an instance (a client's shorter deadline wins).
@@ -81,11 +85,16 @@ pub struct DispatchConfig {
 
 impl DispatchConfig {
     /// Defaults for replica `replica_id`.
-    pub fn new(replica_id: impl Into<String>, join_secret: JoinSecret) -> DispatchConfig {
+    pub fn new(
+        replica_id: impl Into<String>,
+        join_secrets: impl Into<JoinSecrets>,
+    ) -> DispatchConfig {
         DispatchConfig {
             replica_id: replica_id.into(),
             advertise: String::new(),
-            join_secret,
+            join_secrets: join_secrets.into(),
+            // An agent sends its hello as the stream's first frame; seconds cover a slow link.
+            hello_timeout: Duration::from_secs(5),
             max_queue: 256,
             // ServerlessLLM's: long enough to load a large checkpoint from cold.
             max_hold: Duration::from_secs(300),
@@ -246,7 +255,7 @@ impl Dispatch {
         let (reporter, health) = tonic_health::server::health_reporter();
         reporter.set_serving::<DispatchServer<Dispatch>>().await;
         let grpc_server = tonic::transport::Server::builder()
-            .max_concurrent_streams(Some(1 << 16))
+            .max_concurrent_streams(Some(service::MAX_CONCURRENT_STREAMS))
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .add_service(health)
             .add_service(service::reflection_v1()?)

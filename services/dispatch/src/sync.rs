@@ -13,7 +13,8 @@ use tokio_util::sync::CancellationToken;
 use crate::Inner;
 use crate::table::Loaded;
 
-/// Reads deployments and ready instances into the table; retries until Redis answers.
+/// Reads deployments, ready instances and workers' epochs into the table; retries until Redis
+/// answers.
 /// Returns the event position the table is current as of.
 pub(crate) async fn load(inner: &Arc<Inner>, shutdown: &CancellationToken) -> Position {
     let attempt = || async {
@@ -41,6 +42,9 @@ async fn try_load(inner: &Arc<Inner>) -> kvstore::Result<Position> {
     let mut starting = inner.store.instances_in(InstanceStatus::Pending).await?;
     starting.extend(inner.store.instances_in(InstanceStatus::Loading).await?);
     let mut unplaceable = inner.store.unplaceable_models().await?;
+    // The workers' epochs, so that a worker already registered can re-attach here at exactly
+    // its epoch even if Redis becomes unreachable before its first Attach.
+    let workers = inner.store.list_workers().await?;
     let deployments: Vec<Loaded> = deployments
         .into_iter()
         .map(|d| Loaded {
@@ -55,6 +59,9 @@ async fn try_load(inner: &Arc<Inner>) -> kvstore::Result<Position> {
     let starting: Vec<(String, String)> =
         starting.into_iter().map(|i| (i.model, i.instance_id)).collect();
     inner.table.reload(&deployments, &ready, &starting);
+    for w in &workers {
+        inner.table.set_epoch(&w.worker_id, w.epoch);
+    }
     tracing::info!(models = deployments.len(), ready = ready.len(), "routing table loaded");
     Ok(position)
 }
@@ -177,6 +184,12 @@ fn apply(inner: &Inner, e: &kvstore::Event) {
             }
         }
         "worker.lost" => table.worker_lost(&e.entity),
+        "worker.registered" | "worker.ready" => {
+            if let Some(epoch) = e.field("epoch").and_then(|v| v.parse().ok()) {
+                table.saw_epoch(&e.entity, epoch);
+            }
+        }
+        "worker.removed" => table.forget_epoch(&e.entity),
         _ => {}
     }
 }

@@ -281,6 +281,10 @@ impl WorkerLink {
 pub(crate) struct Table {
     models: RwLock<HashMap<String, Arc<ModelRoute>>>,
     workers: RwLock<HashMap<String, Arc<WorkerLink>>>,
+    /// Each worker's epoch as this replica last learnt it from Redis (a full read, an event,
+    /// or an Attach checked against its record): while Redis is unreachable, only a worker at
+    /// exactly this epoch may attach. One entry per registered worker; a removed worker's goes.
+    epochs: Mutex<HashMap<String, u64>>,
     /// Most requests one instance holds at a time.
     pub(crate) instance_limit: u32,
 }
@@ -298,8 +302,38 @@ impl Table {
         Table {
             models: RwLock::default(),
             workers: RwLock::default(),
+            epochs: Mutex::default(),
             instance_limit: instance_limit.max(1),
         }
+    }
+
+    /// Records that Redis holds `epoch` for `worker` as of a read made just now (replacing
+    /// what was known: Redis is the authority, even when it lost state and counts again).
+    pub(crate) fn set_epoch(&self, worker: &str, epoch: u64) {
+        if let Ok(mut epochs) = self.epochs.lock() {
+            epochs.insert(worker.to_string(), epoch);
+        }
+    }
+
+    /// Records an epoch read from the event stream, which may lag behind a direct read: it
+    /// only ever moves the known epoch forward.
+    pub(crate) fn saw_epoch(&self, worker: &str, epoch: u64) {
+        if let Ok(mut epochs) = self.epochs.lock() {
+            let known = epochs.entry(worker.to_string()).or_insert(epoch);
+            *known = (*known).max(epoch);
+        }
+    }
+
+    /// Forgets a worker removed from Redis.
+    pub(crate) fn forget_epoch(&self, worker: &str) {
+        if let Ok(mut epochs) = self.epochs.lock() {
+            epochs.remove(worker);
+        }
+    }
+
+    /// The epoch this replica last learnt for `worker` from Redis, if any.
+    pub(crate) fn known_epoch(&self, worker: &str) -> Option<u64> {
+        self.epochs.lock().ok()?.get(worker).copied()
     }
 
     pub(crate) fn model(&self, name: &str) -> Option<Arc<ModelRoute>> {
@@ -467,18 +501,20 @@ impl Table {
         }
     }
 
-    /// Attaches a worker (replacing an older link of an older or equal epoch). Returns false
-    /// if a newer epoch is attached already. New requests go to the new link; requests in
-    /// flight on the old one finish there if both come from the same agent run (the worker
-    /// only moved its registry session), and fail at once (to be retried) if not.
-    pub(crate) fn attach(self: &Arc<Self>, link: Arc<WorkerLink>) -> bool {
+    /// Attaches a worker (replacing an older link of an older or equal epoch). Fails with the
+    /// attached epoch if a newer one is attached already. New requests go to the new link;
+    /// requests in flight on the old one finish there if both come from the same agent run
+    /// (the worker only moved its registry session), and fail at once (to be retried) if not.
+    pub(crate) fn attach(self: &Arc<Self>, link: Arc<WorkerLink>) -> Result<(), u64> {
         let link_run_id = link.run_id.clone();
         let old = {
-            let Ok(mut workers) = self.workers.write() else { return false };
+            // A poisoned lock means a panic while the map was changed; the map itself is
+            // still whole (every change is one insert or remove), so keep serving.
+            let mut workers = self.workers.write().unwrap_or_else(|e| e.into_inner());
             if let Some(existing) = workers.get(&link.worker_id)
                 && existing.epoch > link.epoch
             {
-                return false;
+                return Err(existing.epoch);
             }
             let old = workers.insert(link.worker_id.clone(), link);
             telemetry::metrics::DISPATCH.attached.set(workers.len() as i64);
@@ -492,7 +528,7 @@ impl Table {
         for route in self.models() {
             self.pump(&route);
         }
-        true
+        Ok(())
     }
 
     /// Detaches `link` if it is still the worker's current one.
@@ -557,4 +593,24 @@ pub(crate) struct Loaded {
     pub(crate) deleting: bool,
     pub(crate) target: f64,
     pub(crate) unplaceable: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The event stream may lag behind a direct read: it never moves a known epoch back, while
+    /// a direct read (Redis's word now) always wins, even after Redis lost its state.
+    #[test]
+    fn events_only_move_a_known_epoch_forward_and_direct_reads_replace_it() {
+        let table = Table::new(1);
+        assert_eq!(table.known_epoch("w"), None);
+        table.saw_epoch("w", 3);
+        table.saw_epoch("w", 2);
+        assert_eq!(table.known_epoch("w"), Some(3));
+        table.set_epoch("w", 1);
+        assert_eq!(table.known_epoch("w"), Some(1));
+        table.forget_epoch("w");
+        assert_eq!(table.known_epoch("w"), None);
+    }
 }

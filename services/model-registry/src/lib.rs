@@ -41,6 +41,7 @@ impl Registry {
         let (reporter, health) = tonic_health::server::health_reporter();
         reporter.set_serving::<ModelRegistryServer<Registry>>().await;
         tonic::transport::Server::builder()
+            .max_concurrent_streams(Some(service::MAX_CONCURRENT_STREAMS))
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .add_service(health)
             .add_service(service::reflection_v1()?)

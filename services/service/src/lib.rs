@@ -13,8 +13,9 @@ pub mod serve;
 pub mod status;
 pub mod tls;
 
-pub use join_token::JoinSecret;
+pub use join_token::{JoinSecret, JoinSecrets, TokenError};
 pub use serve::{
-    Listener, reflection_v1, reflection_v1alpha, serve_http, serve_metrics, shutdown_signal,
+    Listener, MAX_CONCURRENT_STREAMS, reflection_v1, reflection_v1alpha, serve_http, serve_metrics,
+    serve_metrics_guarded, shutdown_signal,
 };
 pub use status::{field_status, to_status};

@@ -11,6 +11,19 @@ use tokio_stream::Stream;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
 
+/// Most concurrent streams one HTTP/2 connection may hold open on an sllm gRPC server (the
+/// SETTINGS_MAX_CONCURRENT_STREAMS every server advertises; a client past it waits for a
+/// stream to end, it is not refused).
+///
+/// Large enough for the request path: a gateway or SDK channel multiplexes many Generate
+/// streams on one connection (one instance alone takes up to 256 at once, and a cold model
+/// holds up to 256 more per replica), and a host of simulated agents shares one connection
+/// for hundreds of Session and Attach streams; 4,096 lets one connection drive sixteen busy
+/// instances. Small enough that one connection cannot open streams without bound: each costs
+/// a task and buffers, and a stream that never authenticates holds them until its first-message
+/// deadline (5 s) passes, so one connection pins at most this many at a time.
+pub const MAX_CONCURRENT_STREAMS: u32 = 4096;
+
 /// A bound TCP listener, with TLS for the HTTP servers on it if configured.
 pub struct Listener {
     inner: TcpListener,
@@ -201,13 +214,30 @@ pub async fn serve_metrics(
     listener: Listener,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> std::io::Result<()> {
+    serve_metrics_guarded(listener, crate::auth::ApiKeys::default(), shutdown).await
+}
+
+/// Like [`serve_metrics`], but a scrape must send `authorization: Bearer <admin key>` when
+/// `keys` holds any (401 without a valid key, 403 with an inference key).
+pub async fn serve_metrics_guarded(
+    listener: Listener,
+    keys: crate::auth::ApiKeys,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> std::io::Result<()> {
+    use axum::http::{StatusCode, header};
     let app = axum::Router::new().route(
         "/metrics",
-        axum::routing::get(|| async {
-            (
-                [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-                telemetry::metrics::gather(),
-            )
+        axum::routing::get(move |headers: axum::http::HeaderMap| async move {
+            let checked =
+                keys.check_header(headers.get(header::AUTHORIZATION), crate::auth::Needed::Admin);
+            let (status, body) = match checked {
+                Ok(()) => (StatusCode::OK, telemetry::metrics::gather()),
+                Err(crate::auth::Refused::Unauthenticated(m)) => (StatusCode::UNAUTHORIZED, m),
+                Err(crate::auth::Refused::PermissionDenied(m)) => (StatusCode::FORBIDDEN, m),
+            };
+            let content_type =
+                if status == StatusCode::OK { "text/plain; version=0.0.4" } else { "text/plain" };
+            (status, [(header::CONTENT_TYPE, content_type)], body)
         }),
     );
     serve_http(listener, app, shutdown).await

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::ValueEnum;
 use kvstore::{Store, StoreConfig};
-use service::{JoinSecret, Listener};
+use service::{JoinSecrets, Listener};
 use tokio_util::sync::CancellationToken;
 
 /// Services `sllm serve` can run.
@@ -79,12 +79,30 @@ pub struct ServeArgs {
     #[arg(long, env = "SLLM_RATE_LIMIT_BURST")]
     pub rate_limit_burst: Option<u32>,
     /// API keys clients must send (`authorization: Bearer <key>`), as `key:scope,...` with
-    /// scope `inference` or `admin`; unset: no keys are checked.
+    /// scope `inference` or `admin`; unset (and no --api-keys-file): no keys are checked.
+    /// Prefer --api-keys-file: a command line is visible to every user of the host.
     #[arg(long, env = "SLLM_API_KEYS", hide_env_values = true, default_value = "")]
     pub api_keys: String,
-    /// Secret that worker join tokens are checked against (at least 16 bytes).
+    /// File of API keys, one `key:scope` per line (`#` comments); added to --api-keys.
+    #[arg(long, env = "SLLM_API_KEYS_FILE")]
+    pub api_keys_file: Option<std::path::PathBuf>,
+    /// Secret that worker join tokens are checked against (at least 16 bytes). Prefer
+    /// --join-secret-file or SLLM_JOIN_SECRET: a command line is visible to every user.
     #[arg(long, env = "SLLM_JOIN_SECRET", hide_env_values = true)]
     pub join_secret: Option<String>,
+    /// File of join secrets, one per line (`#` comments): tokens under any of them are
+    /// accepted, so a secret is rotated by adding the new one, re-issuing tokens, then
+    /// removing the old one; the first line is the one this process would mint with.
+    #[arg(long, env = "SLLM_JOIN_SECRET_FILE")]
+    pub join_secret_file: Option<std::path::PathBuf>,
+    /// Also accept join tokens of the legacy format (a bare HMAC of the node id, which never
+    /// expires), while an old fleet migrates.
+    #[arg(long, env = "SLLM_ACCEPT_LEGACY_JOIN_TOKENS", value_parser = clap::builder::BoolishValueParser::new())]
+    pub accept_legacy_join_tokens: bool,
+    /// With API keys configured, make gRPC reflection and `/metrics` need an admin key too
+    /// (off by default, so `grpcurl list` and a local Prometheus work without one).
+    #[arg(long, env = "SLLM_PROTECT_INTROSPECTION", value_parser = clap::builder::BoolishValueParser::new())]
+    pub protect_introspection: bool,
     /// Worker lease in milliseconds: a worker silent for longer is lost.
     #[arg(long, env = "SLLM_LEASE_MS", default_value_t = 3000)]
     pub lease_ms: u64,
@@ -109,6 +127,11 @@ pub struct ServeArgs {
     /// starts; lower it for small models to replace hung engines sooner).
     #[arg(long, env = "SLLM_SCALER_START_TIMEOUT_S", default_value_t = 900.0)]
     pub scaler_start_timeout_s: f64,
+    /// Let the sampled flag of a client's `traceparent` decide whether its request is traced
+    /// (default: the operator's sampler, OTEL_TRACES_SAMPLER, decides for every request; a
+    /// traced request continues the client's trace id either way). See docs/observability.md.
+    #[arg(long, env = "SLLM_TRUST_CLIENT_SAMPLING", value_parser = clap::builder::BoolishValueParser::new())]
+    pub trust_client_sampling: bool,
     /// PEM certificate chain: serve gRPC, the OpenAI API and /metrics over TLS (with --tls-key).
     #[arg(long, env = "SLLM_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<std::path::PathBuf>,
@@ -164,6 +187,11 @@ pub async fn start(
     args: ServeArgs,
     shutdown: CancellationToken,
 ) -> Result<(Bound, impl std::future::Future<Output = Result<()>>)> {
+    // The environment variable is read by telemetry itself (for every binary); the flag can
+    // only switch trust on, so an explicit SLLM_TRUST_CLIENT_SAMPLING=false is kept.
+    if args.trust_client_sampling {
+        telemetry::set_trust_client_sampling(true);
+    }
     let all = args.services.contains(&ServiceName::All);
     let wants = |s: ServiceName| all || args.services.contains(&s);
     let mut config = StoreConfig::new(&args.redis_url).with_namespace(&args.namespace);
@@ -182,28 +210,45 @@ pub async fn start(
         ),
         _ => None,
     };
+    // Credentials first: a bad file stops the start before anything connects or binds.
+    let secrets = crate::secrets::join_secrets(
+        args.join_secret.as_deref(),
+        args.join_secret_file.as_deref(),
+    )?
+    .map(|s| s.accept_legacy(args.accept_legacy_join_tokens));
+    let secret = || -> Result<JoinSecrets> {
+        secrets.clone().context(
+            "--join-secret-file, SLLM_JOIN_SECRET or --join-secret is required by \
+             worker-registry and dispatch",
+        )
+    };
+    if args.accept_legacy_join_tokens
+        && (wants(ServiceName::WorkerRegistry) || wants(ServiceName::Dispatch))
+    {
+        tracing::warn!(
+            "--accept-legacy-join-tokens: join tokens without an expiry are accepted; re-issue \
+             every worker's token with `sllm join-token` and drop the flag"
+        );
+    }
+    let keys = crate::secrets::api_keys(&args.api_keys, args.api_keys_file.as_deref())?;
     let store = Store::connect(config)
         .await
         .with_context(|| format!("cannot use Redis at {}", args.redis_url))?;
     let replica_id = args.replica_id.clone().unwrap_or_else(default_replica_id);
     let grpc = Listener::bind(&args.grpc_addr).await?;
     let grpc_addr = grpc.local_addr();
-    let secret = || -> Result<JoinSecret> {
-        let s = args.join_secret.clone().context(
-            "--join-secret (or SLLM_JOIN_SECRET) is required by worker-registry and dispatch",
-        )?;
-        JoinSecret::new(s).map_err(anyhow::Error::msg)
-    };
-
-    let keys = service::auth::ApiKeys::parse(&args.api_keys).map_err(anyhow::Error::msg)?;
+    warn_if_exposed("gRPC", grpc_addr, tls.is_some(), keys.enabled());
     let (reporter, health) = tonic_health::server::health_reporter();
     let mut server = tonic::transport::Server::builder();
     if let Some(tls) = &tls {
         server = server.tls_config(tls.grpc.clone()).context("TLS for gRPC")?;
     }
     let mut router = server
-        .layer(service::auth::AuthLayer(keys.clone()))
-        .max_concurrent_streams(Some(1 << 20))
+        .layer(
+            service::auth::AuthLayer::new(keys.clone())
+                .protect_reflection(args.protect_introspection),
+        )
+        .max_concurrent_streams(Some(service::MAX_CONCURRENT_STREAMS))
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .add_service(health)
         .add_service(service::reflection_v1()?)
@@ -219,9 +264,13 @@ pub async fn start(
             l = l.with_tls(tls.http.clone());
         }
         metrics = Some(l.local_addr());
+        // Metrics are read-only and open by default (--protect-introspection closes them):
+        // only clear text is worth a warning here.
+        warn_if_exposed("/metrics", l.local_addr(), tls.is_some(), true);
+        let guard = if args.protect_introspection { keys.clone() } else { Default::default() };
         let s = shutdown.clone();
         background.push(Box::pin(async move {
-            service::serve_metrics(l, s).await.context("the metrics endpoint failed")
+            service::serve_metrics_guarded(l, guard, s).await.context("the metrics endpoint failed")
         }));
     }
 
@@ -286,6 +335,7 @@ pub async fn start(
             http = http.with_tls(tls.http.clone());
         }
         openai = Some(http.local_addr());
+        warn_if_exposed("the OpenAI API", http.local_addr(), tls.is_some(), keys.enabled());
         let position = d.load(&shutdown).await;
         reporter
             .set_serving::<sllm_api::v1::dispatch_server::DispatchServer<dispatch::Dispatch>>()
@@ -337,9 +387,31 @@ fn default_replica_id() -> String {
     format!("{host}-{}", std::process::id())
 }
 
+/// Warns when `what` listens beyond this host without TLS or without API keys: a production
+/// setup would have both, a laptop needs neither.
+fn warn_if_exposed(what: &str, address: std::net::SocketAddr, tls: bool, keys: bool) {
+    if address.ip().is_loopback() {
+        return;
+    }
+    if !tls {
+        tracing::warn!(
+            %address,
+            "{what} listens on a non-loopback address without TLS: API keys, join tokens and \
+             prompts cross the network in clear text (set --tls-cert and --tls-key)"
+        );
+    }
+    if !keys {
+        tracing::warn!(
+            %address,
+            "{what} listens on a non-loopback address without API keys: anyone who reaches it \
+             may deploy, delete and call models (set --api-keys-file)"
+        );
+    }
+}
+
 fn registry_config(
     args: &ServeArgs,
-    secret: JoinSecret,
+    secret: JoinSecrets,
 ) -> Result<worker_registry::RegistryConfig> {
     if args.heartbeat_ms == 0 || args.lease_ms <= args.heartbeat_ms {
         anyhow::bail!(

@@ -202,6 +202,11 @@ pub async fn run(args: UpArgs) -> Result<()> {
         max_message_bytes: 4 << 20,
         api_keys: String::new(),
         join_secret: Some(secret.clone()),
+        join_secret_file: None,
+        accept_legacy_join_tokens: false,
+        api_keys_file: None,
+        // A local demo cluster: grpcurl and Prometheus work without keys.
+        protect_introspection: false,
         lease_ms: 3000,
         heartbeat_ms: 1000,
         lost_worker_retention_s: 3600.0,
@@ -209,6 +214,8 @@ pub async fn run(args: UpArgs) -> Result<()> {
         scaler_tick_ms: 1000,
         scaler_lease_ms: 3000,
         scaler_start_timeout_s: 900.0,
+        // SLLM_TRUST_CLIENT_SAMPLING, read by telemetry, still applies.
+        trust_client_sampling: false,
         // A local demo cluster on loopback: plain text.
         tls_cert: None,
         tls_key: None,

@@ -42,10 +42,21 @@ pub struct WorkerArgs {
     /// This host's node id (with --count N, the prefix of N ids: ID-0 … ID-(N-1)).
     #[arg(long, env = "SLLM_NODE_ID")]
     node_id: String,
-    /// Join token proving the node id (see `sllm join-token`).
-    #[arg(long, env = "SLLM_JOIN_TOKEN", hide_env_values = true)]
+    /// Join token proving the node id (see `sllm join-token`). Prefer --join-token-file: a
+    /// command line is visible to every user of the host.
+    #[arg(
+        long,
+        env = "SLLM_JOIN_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "join_token_file"
+    )]
     join_token: Option<String>,
-    /// Join secret to compute tokens from (for simulated fleets; a real host gets a token).
+    /// File holding the join token (see `sllm join-token`); read again before every
+    /// registration and attach, so a re-issued token is used without restarting the worker.
+    #[arg(long, env = "SLLM_JOIN_TOKEN_FILE")]
+    join_token_file: Option<std::path::PathBuf>,
+    /// Join secret to compute tokens from: a development convenience for simulated fleets. A
+    /// GPU host gets a token (--join-token-file) and never holds the fleet's secret.
     #[arg(long, env = "SLLM_JOIN_SECRET", hide_env_values = true)]
     join_secret: Option<String>,
     /// Address to register (default: the source address the registry sees).
@@ -130,14 +141,20 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
         Some(s) => Some(service::JoinSecret::new(s.clone()).map_err(anyhow::Error::msg)?),
         None => None,
     };
+    // Read once now, so a missing or empty file stops the start with its flag named.
+    let file_token = match &args.join_token_file {
+        Some(path) => Some(crate::secrets::join_token(path)?),
+        None => None,
+    };
+    let given = file_token.as_ref().or(args.join_token.as_ref());
     let token_for = |node: &str| -> Result<String> {
-        match (&args.join_token, &secret) {
+        match (given, &secret) {
             (Some(t), _) if args.count == 1 => Ok(t.clone()),
             (_, Some(s)) => Ok(s.token_for(node)),
             (Some(_), None) => {
                 bail!("--count > 1 needs --join-secret: one token proves one node id")
             }
-            (None, None) => bail!("--join-token (or --join-secret) is required"),
+            (None, None) => bail!("--join-token-file (or --join-token) is required"),
         }
     };
     let tls = service::tls::ClientTls {
@@ -158,6 +175,9 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
         let node =
             if args.count == 1 { args.node_id.clone() } else { format!("{}-{i}", args.node_id) };
         let mut config = AgentConfig::new(args.registries.clone(), node.clone(), token_for(&node)?);
+        if args.count == 1 {
+            config.join_token_file = args.join_token_file.clone();
+        }
         config.address = if args.count == 1 { args.address.clone() } else { format!("sim-{node}") };
         config.tls = Some(tls.clone());
         let (backend, events): (Arc<dyn worker::Backend>, _) = match args.backend {

@@ -14,6 +14,7 @@ mod cmd_serve;
 mod cmd_sim_engine;
 mod cmd_up;
 mod cmd_worker;
+mod secrets;
 
 use clap::{Parser, Subcommand};
 
@@ -47,7 +48,7 @@ enum Command {
     Status(cmd_client::StatusArgs),
     /// Generate text, streaming tokens as they come.
     Generate(cmd_client::GenerateArgs),
-    /// Print the join token that proves a node id under the cluster's join secret.
+    /// Print a join token that proves a node id under the cluster's join secret until it expires.
     JoinToken(JoinTokenArgs),
     /// Serve the GPU simulator as an OpenAI-compatible HTTP engine (for the engine backend).
     SimEngine(cmd_sim_engine::SimEngineArgs),
@@ -58,9 +59,30 @@ struct JoinTokenArgs {
     /// The node id the token is for.
     #[arg(long)]
     node_id: String,
-    /// The cluster's join secret (at least 16 bytes).
+    /// File of the cluster's join secrets, one per line; the first one signs (the same file
+    /// `sllm serve --join-secret-file` reads).
+    #[arg(long, env = "SLLM_JOIN_SECRET_FILE")]
+    join_secret_file: Option<std::path::PathBuf>,
+    /// The cluster's join secret (at least 16 bytes), for development; prefer
+    /// --join-secret-file or SLLM_JOIN_SECRET: a command line is visible to every user.
     #[arg(long, env = "SLLM_JOIN_SECRET", hide_env_values = true)]
-    join_secret: String,
+    join_secret: Option<String>,
+    /// How long the token is valid: 30d, 12h, 90m, 3600s.
+    #[arg(long, default_value = "30d", value_parser = secrets::parse_ttl)]
+    ttl: std::time::Duration,
+}
+
+/// `sllm join-token`: the token on stdout (for `$(…)` and files), its expiry on stderr.
+fn join_token(a: JoinTokenArgs) -> anyhow::Result<()> {
+    let secrets = secrets::join_secrets(a.join_secret.as_deref(), a.join_secret_file.as_deref())?
+        .ok_or_else(|| {
+        anyhow::anyhow!("--join-secret-file (or SLLM_JOIN_SECRET, --join-secret) is required")
+    })?;
+    kvstore::names::validate_id("--node-id", &a.node_id)?;
+    let expiry = service::join_token::now_unix_s().saturating_add(a.ttl.as_secs());
+    println!("{}", secrets.minting().token_expiring_at(&a.node_id, expiry));
+    eprintln!("sllm: token for {} expires at {}", a.node_id, service::join_token::utc(expiry));
+    Ok(())
 }
 
 fn main() -> std::process::ExitCode {
@@ -94,11 +116,7 @@ fn main() -> std::process::ExitCode {
             Command::Status(a) => cmd_client::status(a).await,
             Command::Generate(a) => cmd_client::generate(a).await,
             Command::SimEngine(a) => cmd_sim_engine::run(a).await,
-            Command::JoinToken(a) => {
-                let secret = service::JoinSecret::new(a.join_secret).map_err(anyhow::Error::msg)?;
-                println!("{}", secret.token_for(&a.node_id));
-                Ok(())
-            }
+            Command::JoinToken(a) => join_token(a),
         };
         // Flush pending spans while the runtime still runs the exporter's connection.
         drop(telemetry_guard);

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kvstore::Store;
-use service::JoinSecret;
+use service::JoinSecrets;
 use sllm_api::v1::worker_registry_server::WorkerRegistryServer;
 use tokio_util::sync::CancellationToken;
 
@@ -31,8 +31,8 @@ pub struct RegistryConfig {
     pub heartbeat_interval: Duration,
     /// How often this replica looks for expired leases.
     pub reap_interval: Duration,
-    /// Secret that join tokens are checked against.
-    pub join_secret: JoinSecret,
+    /// Secrets that join tokens are checked against (several while one is being rotated).
+    pub join_secrets: JoinSecrets,
     /// Longest wait for a new session's `register` message.
     pub register_timeout: Duration,
     /// How long a lost worker's record is kept (for `sllm workers` and post-mortems) before it
@@ -41,14 +41,16 @@ pub struct RegistryConfig {
 }
 
 impl RegistryConfig {
-    /// Defaults (1 s heartbeats, 3 s lease, lost workers kept 1 h) with the given secret.
-    pub fn new(join_secret: JoinSecret) -> RegistryConfig {
+    /// Defaults (1 s heartbeats, 3 s lease, lost workers kept 1 h) with the given secret(s).
+    pub fn new(join_secrets: impl Into<JoinSecrets>) -> RegistryConfig {
         RegistryConfig {
             lease: Duration::from_secs(3),
             heartbeat_interval: Duration::from_secs(1),
             reap_interval: Duration::from_millis(500),
-            join_secret,
-            register_timeout: Duration::from_secs(10),
+            join_secrets: join_secrets.into(),
+            // An agent sends `register` as the stream's first frame; a stream that has not
+            // within seconds proves nothing, and is not kept open.
+            register_timeout: Duration::from_secs(5),
             lost_retention: DEFAULT_LOST_RETENTION,
         }
     }
@@ -110,7 +112,7 @@ impl Registry {
         let (reporter, health) = tonic_health::server::health_reporter();
         reporter.set_serving::<WorkerRegistryServer<Registry>>().await;
         let router = tonic::transport::Server::builder()
-            .max_concurrent_streams(Some(1 << 20))
+            .max_concurrent_streams(Some(service::MAX_CONCURRENT_STREAMS))
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .add_service(health)
             .add_service(service::reflection_v1()?)

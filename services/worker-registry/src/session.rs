@@ -99,13 +99,17 @@ async fn open(
     let kv_inventory = convert::inventory_from_pb(&inventory)?;
     let running = inventory.running.clone();
     convert::running_from_pb(&running)?;
-    let token_ok = config.join_secret.verify(&register.node_id, &register.join_token);
+    // The node id's shape, then its token, before any Redis call: a stranger's session costs
+    // this replica a hash, never a script run.
+    kvstore::names::validate_id("node_id", &register.node_id)
+        .map_err(|e| service::to_status(e, "register"))?;
+    config.join_secrets.verify(&register.node_id, &register.join_token)?;
     let registration = registry
         .inner
         .store
         .register_worker(
             &register.node_id,
-            token_ok,
+            true,
             &address,
             config.lease,
             &kv_inventory,

@@ -32,8 +32,12 @@ pub struct AgentConfig {
     pub registries: Vec<String>,
     /// This host's node id.
     pub node_id: String,
-    /// Its join token.
+    /// Its join token (used while `join_token_file` is unset or cannot be read).
     pub join_token: String,
+    /// A file holding the join token, read again before every registration and attach, so a
+    /// re-issued token (a rotated join secret, an expiring token) is picked up without a
+    /// restart.
+    pub join_token_file: Option<std::path::PathBuf>,
     /// The address it registers (empty: the registry uses the connection's source IP).
     pub address: String,
     /// First reconnect delay; doubles (with jitter) up to `backoff_max`.
@@ -72,6 +76,7 @@ impl AgentConfig {
             registries,
             node_id: node_id.into(),
             join_token: join_token.into(),
+            join_token_file: None,
             address: String::new(),
             backoff_base: Duration::from_millis(50),
             backoff_max: Duration::from_secs(5),
@@ -116,15 +121,18 @@ impl Agent {
         shutdown: CancellationToken,
     ) -> Agent {
         let (tx, rx) = watch::channel(AgentState::Disconnected { last_error: "starting".into() });
+        let token =
+            Arc::new(TokenSource::new(config.join_token.clone(), config.join_token_file.clone()));
         let attachments = crate::attach::Attachments::new(
             config.node_id.clone(),
-            config.join_token.clone(),
+            token.clone(),
             backend.clone(),
             config.tls.clone(),
         );
         let runner = Runner {
             config,
             attachments,
+            token,
             backend,
             events,
             channel,
@@ -162,9 +170,52 @@ impl Agent {
 /// How many recent command ids are remembered to recognise a repeated delivery.
 const SEEN_COMMANDS: usize = 4096;
 
+/// Where the agent's join token comes from: its file when there is one, read at each use (a
+/// rare event: a registration or an attach), else the token it was given.
+#[derive(Debug)]
+pub(crate) struct TokenSource {
+    /// The token given, then the last one read from the file: used while the file cannot be
+    /// read, so a file being rewritten does not cost a reconnect.
+    last: std::sync::Mutex<String>,
+    file: Option<std::path::PathBuf>,
+}
+
+impl TokenSource {
+    fn new(token: String, file: Option<std::path::PathBuf>) -> TokenSource {
+        TokenSource { last: std::sync::Mutex::new(token), file }
+    }
+
+    fn last(&self) -> String {
+        // A poisoned lock still holds a whole String (it is only ever replaced whole).
+        self.last.lock().map(|t| t.clone()).unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// The token to present now.
+    pub(crate) fn current(&self) -> String {
+        let Some(path) = &self.file else { return self.last() };
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "cannot read the join token file; using the last token read");
+                return self.last();
+            }
+        };
+        let line = text.lines().map(str::trim).find(|l| !l.is_empty() && !l.starts_with('#'));
+        let Some(token) = line else {
+            tracing::warn!(file = %path.display(), "the join token file holds no token; using the last token read");
+            return self.last();
+        };
+        if let Ok(mut last) = self.last.lock() {
+            token.clone_into(&mut last);
+        }
+        token.to_string()
+    }
+}
+
 struct Runner {
     config: AgentConfig,
     attachments: crate::attach::Attachments,
+    token: Arc<TokenSource>,
     backend: Arc<dyn Backend>,
     events: mpsc::UnboundedReceiver<InstanceEvent>,
     channel: Option<Channel>,
@@ -288,7 +339,7 @@ impl Runner {
         self.take_queued_events();
         let register = pb::Register {
             node_id: self.config.node_id.clone(),
-            join_token: self.config.join_token.clone(),
+            join_token: self.token.current(),
             address: self.config.address.clone(),
             inventory: Some(self.backend.inventory()),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),

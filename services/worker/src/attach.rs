@@ -26,7 +26,7 @@ const RETIRE_GRACE: Duration = Duration::from_secs(300);
 /// The set of Attach streams, one per Dispatch endpoint, for the current epoch.
 pub(crate) struct Attachments {
     node: String,
-    token: String,
+    token: Arc<crate::agent::TokenSource>,
     backend: Arc<dyn Backend>,
     tls: Option<tonic::transport::ClientTlsConfig>,
     epoch: u64,
@@ -49,7 +49,7 @@ struct LinkHandle {
 impl Attachments {
     pub(crate) fn new(
         node: String,
-        token: String,
+        token: Arc<crate::agent::TokenSource>,
         backend: Arc<dyn Backend>,
         tls: Option<tonic::transport::ClientTlsConfig>,
     ) -> Attachments {
@@ -137,7 +137,7 @@ impl Drop for Attachments {
 struct Link {
     endpoint: String,
     node: String,
-    token: String,
+    token: Arc<crate::agent::TokenSource>,
     epoch: u64,
     run_id: String,
     backend: Arc<dyn Backend>,
@@ -196,7 +196,7 @@ impl Link {
         let hello = pb::AttachHello {
             worker_id: self.node.clone(),
             epoch: self.epoch,
-            join_token: self.token.clone(),
+            join_token: self.token.current(),
             run_id: self.run_id.clone(),
         };
         tx.send(pb::AttachUp { msg: Some(Up::Hello(hello)) }).await.map_err(|e| e.to_string())?;
