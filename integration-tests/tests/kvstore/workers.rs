@@ -203,6 +203,15 @@ async fn a_returning_workers_report_wins_over_redis() {
     assert_consistent(&store).await;
 }
 
+/// Deletes every key of `store`'s namespace, as a Redis restarted without persistence would
+/// (not FLUSHALL: the cluster variant of this suite shares its Redis between tests).
+async fn lose_everything(redis: &Redis, store: &kvstore::Store) {
+    let mut raw = redis.raw().await.unwrap();
+    for key in key_names(redis, store).await {
+        let _: () = redis::cmd("DEL").arg(key).query_async(&mut raw).await.unwrap();
+    }
+}
+
 /// Instances a worker reports that were never placed on it are not adopted: the worker is told
 /// to stop them, and nothing about them is written.
 #[tokio::test]
@@ -238,8 +247,7 @@ async fn instances_the_store_lost_are_rebuilt_from_the_workers_report() {
     let first = store.ensure_lineage().await.unwrap();
     store.register_worker("w1", true, "10.0.0.2-w1", LEASE, &inventory(4), "t").await.unwrap();
     // Redis loses everything (restarted without persistence).
-    let mut raw = redis.raw().await.unwrap();
-    let _: () = redis::cmd("FLUSHALL").query_async(&mut raw).await.unwrap();
+    lose_everything(&redis, &store).await;
     let reg =
         store.register_worker("w1", true, "10.0.0.2-w1", LEASE, &inventory(4), "t").await.unwrap();
     assert!(store.recovering().await.unwrap(), "the loss is noticed at the first registration");
@@ -273,7 +281,7 @@ async fn instances_the_store_lost_are_rebuilt_from_the_workers_report() {
 
     // A store that never knew a lineage (a fresh cluster, or a replica started after the loss)
     // opens no window: an empty Redis is not taken for a lost one.
-    let _: () = redis::cmd("FLUSHALL").query_async(&mut raw).await.unwrap();
+    lose_everything(&redis, &store).await;
     let fresh = redis.store_with(|c| c.namespace = store.config().namespace.clone()).await.unwrap();
     fresh.register_worker("w1", true, "10.0.0.2-w1", LEASE, &inventory(4), "t").await.unwrap();
     assert!(!fresh.recovering().await.unwrap());

@@ -121,3 +121,53 @@ async fn a_rogue_worker_cannot_adopt_instances_that_are_not_its_own() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(store.get_instance(&victim.instance_id).await.unwrap().unwrap(), after);
 }
+
+/// A rogue worker with a valid token claims a GPU-resident copy of every model, to win every
+/// placement: the claim cannot fit in the GPU memory it reports, so it is refused naming the
+/// field, and nothing of it reaches Redis.
+#[tokio::test]
+async fn a_worker_claiming_more_in_gpu_memory_than_it_has_is_refused() {
+    let redis = RedisServer::start().unwrap();
+    let store = redis.store().await.unwrap();
+    let registry =
+        RegistryReplica::start(store.clone(), Duration::from_secs(3), Duration::from_millis(300))
+            .await
+            .unwrap();
+    store.ensure_lineage().await.unwrap();
+    let keys = || async {
+        let mut raw = redis.raw().await.unwrap();
+        redis::cmd("DBSIZE").query_async::<i64>(&mut raw).await.unwrap()
+    };
+    let before = keys().await;
+    let token = service::JoinSecret::new(JOIN_SECRET).unwrap().token_for("w-rogue");
+    let register = pb::Register {
+        node_id: "w-rogue".into(),
+        join_token: token,
+        address: "10.6.6.7".into(),
+        inventory: Some(pb::Inventory {
+            gpus: vec![pb::Gpu { index: 0, name: "sim".into(), memory_bytes: 80 << 30 }],
+            checkpoints: (0..100)
+                .map(|i| pb::CachedCheckpoint {
+                    model: format!("model-{i}"),
+                    size_bytes: 40 << 30,
+                    tier: pb::CheckpointTier::Gpu as i32,
+                })
+                .collect(),
+            ..Default::default()
+        }),
+        agent_version: "rogue".into(),
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tx.send(pb::WorkerMessage { epoch: 0, body: Some(Up::Register(register)) }).await.unwrap();
+    let mut client = pb::worker_registry_client::WorkerRegistryClient::connect(registry.endpoint())
+        .await
+        .unwrap();
+    let err = match client.session(ReceiverStream::new(rx)).await {
+        Err(e) => e,
+        Ok(r) => r.into_inner().message().await.expect_err("the registration is refused"),
+    };
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("inventory.checkpoints.tier"), "{}", err.message());
+    assert!(store.get_worker("w-rogue").await.unwrap().is_none());
+    assert_eq!(keys().await, before, "nothing reached Redis");
+}
