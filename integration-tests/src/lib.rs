@@ -262,6 +262,23 @@ impl Drop for SimWorker {
     }
 }
 
+/// A deployment of the simulator's backend, one GPU an instance, `min`..=`max` instances and a
+/// keep-alive of a minute: what most tests deploy.
+pub fn sim_deployment(model: &str, min: u32, max: u32) -> kvstore::DeploymentSpec {
+    kvstore::DeploymentSpec {
+        model: model.into(),
+        backend: "sim".into(),
+        num_gpus: 1,
+        autoscaling: kvstore::AutoScaling {
+            min_instances: min,
+            max_instances: max,
+            keep_alive_s: 60,
+            ..Default::default()
+        },
+        backend_config: String::new(),
+    }
+}
+
 /// Polls `f` every 10 ms until it returns Some, or fails after `within`.
 pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut f: F) -> Result<T>
 where

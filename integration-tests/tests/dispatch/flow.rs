@@ -178,21 +178,7 @@ async fn unread_answers_leave_the_control_planes_memory_flat() {
         "worker(s) started",
     )
     .unwrap();
-    store
-        .create_deployment(&kvstore::DeploymentSpec {
-            model: "m".into(),
-            backend: "sim".into(),
-            num_gpus: 1,
-            autoscaling: kvstore::AutoScaling {
-                min_instances: 1,
-                max_instances: 1,
-                keep_alive_s: 60,
-                ..Default::default()
-            },
-            backend_config: String::new(),
-        })
-        .await
-        .unwrap();
+    store.create_deployment(&sllm_integration_tests::sim_deployment("m", 1, 1)).await.unwrap();
     sllm_integration_tests::eventually(Duration::from_secs(20), "instance ready", || async {
         let all = store.model_instances("m").await.unwrap();
         all.iter().any(|i| i.status == kvstore::InstanceStatus::Ready).then_some(())

@@ -59,18 +59,7 @@ impl Cluster {
 
     pub async fn deploy(&self, model: &str, min: u32, max: u32) {
         self.store
-            .create_deployment(&kvstore::DeploymentSpec {
-                model: model.into(),
-                backend: "sim".into(),
-                num_gpus: 1,
-                autoscaling: kvstore::AutoScaling {
-                    min_instances: min,
-                    max_instances: max,
-                    keep_alive_s: 60,
-                    ..Default::default()
-                },
-                backend_config: String::new(),
-            })
+            .create_deployment(&sllm_integration_tests::sim_deployment(model, min, max))
             .await
             .unwrap();
     }

@@ -26,20 +26,7 @@ async fn a_rogue_worker_cannot_adopt_instances_that_are_not_its_own() {
     let sim = worker::SimConfig { time_scale: 0.01, ..worker::SimConfig::default() };
     let mut real = SimWorker::start(vec![registry.endpoint()], "w-real", sim).unwrap();
     real.ready(0).await.unwrap();
-    store
-        .create_deployment(&kvstore::DeploymentSpec {
-            model: "m".into(),
-            backend: "sim".into(),
-            num_gpus: 1,
-            autoscaling: kvstore::AutoScaling {
-                min_instances: 1,
-                max_instances: 1,
-                ..Default::default()
-            },
-            backend_config: String::new(),
-        })
-        .await
-        .unwrap();
+    store.create_deployment(&sllm_integration_tests::sim_deployment("m", 1, 1)).await.unwrap();
     let victim = eventually(Duration::from_secs(10), "m ready on w-real", || async {
         let all = store.model_instances("m").await.unwrap();
         all.into_iter().find(|i| i.status == kvstore::InstanceStatus::Ready)

@@ -53,21 +53,7 @@ async fn mesh() -> Mesh {
     };
     let mut worker = SimWorker::start(vec![registry.endpoint()], "w1", sim).unwrap();
     worker.ready(0).await.unwrap();
-    store
-        .create_deployment(&kvstore::DeploymentSpec {
-            model: "m".into(),
-            backend: "sim".into(),
-            num_gpus: 1,
-            autoscaling: kvstore::AutoScaling {
-                min_instances: 1,
-                max_instances: 1,
-                keep_alive_s: 60,
-                ..Default::default()
-            },
-            backend_config: String::new(),
-        })
-        .await
-        .unwrap();
+    store.create_deployment(&sllm_integration_tests::sim_deployment("m", 1, 1)).await.unwrap();
     let m = Mesh { redis, store, _registry: registry, _scaler: scaler, dispatch, worker };
     eventually(Duration::from_secs(15), "a request served by w1", || async {
         generate(&m.dispatch).await.ok()
