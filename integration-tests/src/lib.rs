@@ -262,6 +262,74 @@ impl Drop for SimWorker {
     }
 }
 
+/// A worker's `Session` driven by hand, message by message: for tests of what the registry
+/// believes, refuses and commands, with nothing of the agent in between.
+pub struct RawSession {
+    /// What the test sends up.
+    pub tx: tokio::sync::mpsc::Sender<sllm_api::v1::WorkerMessage>,
+    /// What the registry sends down.
+    pub inbound: tonic::Streaming<sllm_api::v1::RegistryMessage>,
+    /// The epoch of `Registered`.
+    pub epoch: u64,
+}
+
+impl RawSession {
+    /// Opens a session and sends `first` (normally a `Register`); the registry's refusal, or
+    /// its `Registered` as the session.
+    pub async fn open(
+        endpoint: &str,
+        first: sllm_api::v1::WorkerMessage,
+    ) -> Result<RawSession, tonic::Status> {
+        use sllm_api::v1::registry_message::Body as Down;
+        let mut client = sllm_api::v1::worker_registry_client::WorkerRegistryClient::connect(
+            endpoint.to_string(),
+        )
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("cannot connect: {e}")))?;
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        // The receiver is alive: it was just made and is handed over below.
+        let _ = tx.send(first).await;
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+        let mut inbound = client.session(stream).await?.into_inner();
+        match inbound.message().await? {
+            Some(sllm_api::v1::RegistryMessage { body: Some(Down::Registered(r)) }) => {
+                Ok(RawSession { tx, inbound, epoch: r.epoch })
+            }
+            other => Err(tonic::Status::internal(format!("expected Registered, got {other:?}"))),
+        }
+    }
+
+    /// Sends `body` at the session's epoch.
+    pub async fn send(&self, body: sllm_api::v1::worker_message::Body) {
+        self.send_epoch(self.epoch, body).await;
+    }
+
+    /// Sends `body` at `epoch`.
+    pub async fn send_epoch(&self, epoch: u64, body: sllm_api::v1::worker_message::Body) {
+        // The registry may already have closed the stream; the next read says why.
+        let _ = self.tx.send(sllm_api::v1::WorkerMessage { epoch, body: Some(body) }).await;
+    }
+
+    /// The next message that is not a heartbeat ack, or the status the stream ended with
+    /// (DEADLINE_EXCEEDED when the registry says nothing for 10 s).
+    pub async fn next(&mut self) -> Result<Option<sllm_api::v1::RegistryMessage>, tonic::Status> {
+        use sllm_api::v1::registry_message::Body as Down;
+        loop {
+            let m = tokio::time::timeout(Duration::from_secs(10), self.inbound.message())
+                .await
+                .map_err(|_| {
+                tonic::Status::deadline_exceeded("the registry said nothing for 10 s")
+            })??;
+            if !matches!(
+                m,
+                Some(sllm_api::v1::RegistryMessage { body: Some(Down::HeartbeatAck(_)) })
+            ) {
+                return Ok(m);
+            }
+        }
+    }
+}
+
 /// A deployment of the simulator's backend, one GPU an instance, `min`..=`max` instances and a
 /// keep-alive of a minute: what most tests deploy.
 pub fn sim_deployment(model: &str, min: u32, max: u32) -> kvstore::DeploymentSpec {
@@ -371,6 +439,16 @@ impl Proc {
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Its resident memory (VmRSS), in KiB.
+    pub fn rss_kib(&self) -> Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .context("no VmRSS line")
     }
 
     /// Sends SIGKILL and reaps it.

@@ -63,7 +63,7 @@ impl Cluster {
 
     /// Resident memory of each service process, in KiB.
     fn rss(&self) -> BTreeMap<&'static str, u64> {
-        self.procs.iter().map(|(name, p)| (*name, rss_kib(p.pid()))).collect()
+        self.procs.iter().map(|(name, p)| (*name, p.rss_kib().unwrap())).collect()
     }
 
     /// Lines of `service`'s /metrics that name a model of the churn (all of them deleted).
@@ -129,15 +129,6 @@ impl Drop for Cluster {
             }
         }
     }
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
 }
 
 /// One worker's whole life over the real protocol: register, ready, placeable, then its stream

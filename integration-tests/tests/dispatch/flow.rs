@@ -123,16 +123,6 @@ async fn a_request_on_a_worker_declared_lost_completes_elsewhere_at_once() {
     drop(w1);
 }
 
-/// Resident memory of a process, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 /// The real `sllm serve all` with a worker as fast as it can be, and 64 clients that read
 /// nothing of 32,768-token answers: the control plane's memory stays flat (nothing on the
 /// path buffers what the clients do not read), and each client still gets its whole answer
@@ -206,7 +196,7 @@ async fn unread_answers_leave_the_control_planes_memory_flat() {
         }
     });
     futures::future::join_all(read).await;
-    let before = rss_kib(serve.pid());
+    let before = serve.rss_kib().unwrap();
 
     let mut unread = Vec::new();
     for i in 0..STREAMS {
@@ -221,7 +211,7 @@ async fn unread_answers_leave_the_control_planes_memory_flat() {
     let mut peak = before;
     for _ in 0..30 {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        peak = peak.max(rss_kib(serve.pid()));
+        peak = peak.max(serve.rss_kib().unwrap());
     }
     let payload_kib: u64 =
         (0..STREAMS).map(|i| expected_text(7, &format!("p{i}"), TOKENS).len() as u64).sum::<u64>()

@@ -335,14 +335,12 @@ async fn an_instance_stuck_loading_is_failed_and_replaced() {
 /// starts elsewhere, with the reason in `sllm status`.
 #[tokio::test]
 async fn an_instance_stuck_pending_is_failed_and_replaced() {
-    use sllm_api::v1::registry_message::Body as Down;
     use sllm_api::v1::worker_message::Body as Up;
     let c = Cluster::start().await;
     // The deaf worker holds the checkpoint in host memory, so it is the first choice.
     let node = "w-deaf";
     let token =
         service::JoinSecret::new(sllm_integration_tests::JOIN_SECRET).unwrap().token_for(node);
-    let (tx, rx) = tokio::sync::mpsc::channel(16);
     let register = pb::Register {
         node_id: node.into(),
         join_token: token,
@@ -359,22 +357,11 @@ async fn an_instance_stuck_pending_is_failed_and_replaced() {
         }),
         agent_version: "deaf".into(),
     };
-    tx.send(pb::WorkerMessage { epoch: 0, body: Some(Up::Register(register)) }).await.unwrap();
-    let channel = tonic::transport::Endpoint::from_shared(c.registry.endpoint())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut client = pb::worker_registry_client::WorkerRegistryClient::new(channel);
-    let mut inbound =
-        client.session(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
-    let epoch = match inbound.message().await.unwrap() {
-        Some(pb::RegistryMessage { body: Some(Down::Registered(r)) }) => r.epoch,
-        other => panic!("expected Registered, got {other:?}"),
-    };
-    tx.send(pb::WorkerMessage { epoch, body: Some(Up::Ready(pb::WorkerReady {})) }).await.unwrap();
+    let first = pb::WorkerMessage { epoch: 0, body: Some(Up::Register(register)) };
+    let mut session =
+        sllm_integration_tests::RawSession::open(&c.registry.endpoint(), first).await.unwrap();
+    session.send(Up::Ready(pb::WorkerReady {})).await;
     // It heartbeats and reads its commands, and does nothing else.
-    let beats = tx.clone();
     let deaf = tokio::spawn(async move {
         let mut seq = 0;
         let mut tick = tokio::time::interval(Duration::from_millis(200));
@@ -382,12 +369,9 @@ async fn an_instance_stuck_pending_is_failed_and_replaced() {
             tokio::select! {
                 _ = tick.tick() => {
                     seq += 1;
-                    let beat = Up::Heartbeat(pb::Heartbeat { seq });
-                    if beats.send(pb::WorkerMessage { epoch, body: Some(beat) }).await.is_err() {
-                        return;
-                    }
+                    session.send(Up::Heartbeat(pb::Heartbeat { seq })).await;
                 }
-                m = inbound.message() => if !matches!(m, Ok(Some(_))) { return },
+                m = session.inbound.message() => if !matches!(m, Ok(Some(_))) { return },
             }
         }
     });

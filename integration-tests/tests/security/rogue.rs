@@ -8,9 +8,8 @@ use sllm_api::v1 as pb;
 use sllm_api::v1::registry_message::Body as Down;
 use sllm_api::v1::worker_message::Body as Up;
 use sllm_integration_tests::{
-    JOIN_SECRET, RedisServer, RegistryReplica, Served, SimWorker, eventually,
+    JOIN_SECRET, RawSession, RedisServer, RegistryReplica, Served, SimWorker, eventually,
 };
-use tokio_stream::wrappers::ReceiverStream;
 
 #[tokio::test]
 async fn a_rogue_worker_cannot_adopt_instances_that_are_not_its_own() {
@@ -54,25 +53,13 @@ async fn a_rogue_worker_cannot_adopt_instances_that_are_not_its_own() {
         }),
         agent_version: "rogue".into(),
     };
-    let (tx, rx) = tokio::sync::mpsc::channel(8);
-    tx.send(pb::WorkerMessage { epoch: 0, body: Some(Up::Register(register)) }).await.unwrap();
-    let mut client = pb::worker_registry_client::WorkerRegistryClient::connect(registry.endpoint())
-        .await
-        .unwrap();
-    let mut inbound = client.session(ReceiverStream::new(rx)).await.unwrap().into_inner();
-    let epoch = match inbound.message().await.unwrap() {
-        Some(pb::RegistryMessage { body: Some(Down::Registered(r)) }) => r.epoch,
-        other => panic!("expected Registered, got {other:?}"),
-    };
-    tx.send(pb::WorkerMessage { epoch, body: Some(Up::Ready(pb::WorkerReady {})) }).await.unwrap();
+    let first = pb::WorkerMessage { epoch: 0, body: Some(Up::Register(register)) };
+    let mut rogue = RawSession::open(&registry.endpoint(), first).await.unwrap();
+    rogue.send(Up::Ready(pb::WorkerReady {})).await;
     let mut unknown = Vec::new();
     let mut stops = Vec::new();
     while stops.len() < 2 {
-        let msg = tokio::time::timeout(Duration::from_secs(5), inbound.message())
-            .await
-            .expect("the registry answers")
-            .unwrap();
-        match msg.and_then(|m| m.body) {
+        match rogue.next().await.unwrap().and_then(|m| m.body) {
             Some(Down::Placeable(p)) => unknown = p.unknown_instances,
             Some(Down::Command(pb::Command {
                 action: Some(pb::command::Action::Stop(s)), ..
@@ -93,9 +80,9 @@ async fn a_rogue_worker_cannot_adopt_instances_that_are_not_its_own() {
     assert_eq!(after, before);
     assert!(store.get_instance("made-up-1").await.unwrap().is_none());
     assert!(store.model_instances("other").await.unwrap().is_empty());
-    let rogue = store.get_worker("w-rogue").await.unwrap().unwrap();
-    assert!(rogue.instance_ids.is_empty(), "{rogue:?}");
-    assert_eq!(rogue.free_gpus, [0]);
+    let record = store.get_worker("w-rogue").await.unwrap().unwrap();
+    assert!(record.instance_ids.is_empty(), "{record:?}");
+    assert_eq!(record.free_gpus, [0]);
 
     // A report about the victim from the rogue is refused, and changes nothing.
     let report = pb::InstanceReport {
@@ -104,7 +91,7 @@ async fn a_rogue_worker_cannot_adopt_instances_that_are_not_its_own() {
         reason: "rogue says so".into(),
         ..Default::default()
     };
-    tx.send(pb::WorkerMessage { epoch, body: Some(Up::InstanceReport(report)) }).await.unwrap();
+    rogue.send(Up::InstanceReport(report)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(store.get_instance(&victim.instance_id).await.unwrap().unwrap(), after);
 }
@@ -144,15 +131,8 @@ async fn a_worker_claiming_more_in_gpu_memory_than_it_has_is_refused() {
         }),
         agent_version: "rogue".into(),
     };
-    let (tx, rx) = tokio::sync::mpsc::channel(8);
-    tx.send(pb::WorkerMessage { epoch: 0, body: Some(Up::Register(register)) }).await.unwrap();
-    let mut client = pb::worker_registry_client::WorkerRegistryClient::connect(registry.endpoint())
-        .await
-        .unwrap();
-    let err = match client.session(ReceiverStream::new(rx)).await {
-        Err(e) => e,
-        Ok(r) => r.into_inner().message().await.expect_err("the registration is refused"),
-    };
+    let first = pb::WorkerMessage { epoch: 0, body: Some(Up::Register(register)) };
+    let err = RawSession::open(&registry.endpoint(), first).await.err().expect("refused");
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
     assert!(err.message().contains("inventory.checkpoints.tier"), "{}", err.message());
     assert!(store.get_worker("w-rogue").await.unwrap().is_none());

@@ -10,8 +10,7 @@ use crate::*;
 #[tokio::test]
 async fn a_silent_worker_is_lost_within_its_lease() {
     let (_redis, store, replica) = cluster().await;
-    let s =
-        RawSession::register(&replica.endpoint(), "w1", &token("w1"), "10.0.0.1").await.unwrap();
+    let s = raw_register(&replica.endpoint(), "w1", &token("w1"), "10.0.0.1").await.unwrap();
     s.send(Up::Ready(pb::WorkerReady {})).await;
     // The stream stays open but no heartbeat comes.
     let start = Instant::now();

@@ -47,8 +47,7 @@ async fn a_worker_joins_reports_its_inventory_and_becomes_ready() {
 #[tokio::test]
 async fn a_worker_stays_unplaceable_until_it_says_ready() {
     let (_redis, store, replica) = cluster().await;
-    let s =
-        RawSession::register(&replica.endpoint(), "w1", &token("w1"), "10.0.0.1").await.unwrap();
+    let s = raw_register(&replica.endpoint(), "w1", &token("w1"), "10.0.0.1").await.unwrap();
     let rec = store.get_worker("w1").await.unwrap().unwrap();
     assert_eq!(rec.status, WorkerStatus::Initializing);
     s.send(Up::Ready(pb::WorkerReady {})).await;
@@ -69,8 +68,7 @@ async fn a_wrong_or_missing_token_is_refused_and_nothing_is_stored() {
         redis::cmd("DBSIZE").query_async::<i64>(&mut raw).await.unwrap()
     };
     for bad in [token("someone-else"), String::new(), "zz".repeat(32), "not hex at all".into()] {
-        let err =
-            RawSession::register(&replica.endpoint(), "w1", &bad, "10.0.0.1").await.err().unwrap();
+        let err = raw_register(&replica.endpoint(), "w1", &bad, "10.0.0.1").await.err().unwrap();
         assert_eq!(err.code(), Code::Unauthenticated, "{}", err.message());
         assert!(err.message().contains("join token"), "{}", err.message());
     }
@@ -88,8 +86,7 @@ async fn protocol_violations_are_refused_with_the_field_named() {
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("first message"), "{}", err.message());
 
-    let err =
-        RawSession::register(&ep, "bad:id", &token("bad:id"), "10.0.0.1").await.err().unwrap();
+    let err = raw_register(&ep, "bad:id", &token("bad:id"), "10.0.0.1").await.err().unwrap();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("register.node_id"), "{}", err.message());
 
@@ -106,14 +103,14 @@ async fn protocol_violations_are_refused_with_the_field_named() {
     assert!(err.message().contains("inventory.checkpoints[0].tier"), "{}", err.message());
 
     // A message stamped with another epoch ends the session.
-    let mut s = RawSession::register(&ep, "w3", &token("w3"), "10.0.0.3").await.unwrap();
+    let mut s = raw_register(&ep, "w3", &token("w3"), "10.0.0.3").await.unwrap();
     s.send_epoch(s.epoch + 7, Up::Heartbeat(pb::Heartbeat { seq: 1 })).await;
     let err = s.next().await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("epoch"), "{}", err.message());
 
     // A report in a state a worker cannot report.
-    let mut s = RawSession::register(&ep, "w4", &token("w4"), "10.0.0.4").await.unwrap();
+    let mut s = raw_register(&ep, "w4", &token("w4"), "10.0.0.4").await.unwrap();
     s.send(Up::InstanceReport(pb::InstanceReport {
         instance_id: "i1".into(),
         state: pb::InstanceState::Pending as i32,
@@ -130,9 +127,8 @@ async fn protocol_violations_are_refused_with_the_field_named() {
 async fn a_duplicate_node_id_fences_the_older_session_on_any_replica() {
     let (_redis, store, replica) = cluster().await;
     let other = RegistryReplica::start(store.clone(), LEASE, HEARTBEAT).await.unwrap();
-    let mut a =
-        RawSession::register(&replica.endpoint(), "w1", &token("w1"), "10.0.0.1").await.unwrap();
-    let b = RawSession::register(&other.endpoint(), "w1", &token("w1"), "10.0.0.1").await.unwrap();
+    let mut a = raw_register(&replica.endpoint(), "w1", &token("w1"), "10.0.0.1").await.unwrap();
+    let b = raw_register(&other.endpoint(), "w1", &token("w1"), "10.0.0.1").await.unwrap();
     assert_eq!((a.epoch, b.epoch), (1, 2));
     a.send(Up::Heartbeat(pb::Heartbeat { seq: 1 })).await;
     let err = a.next().await.unwrap_err();
@@ -146,9 +142,8 @@ async fn a_duplicate_node_id_fences_the_older_session_on_any_replica() {
     );
 
     // On the same replica the older session is closed at once.
-    let mut c =
-        RawSession::register(&other.endpoint(), "w9", &token("w9"), "10.0.0.9").await.unwrap();
-    let _d = RawSession::register(&other.endpoint(), "w9", &token("w9"), "10.0.0.9").await.unwrap();
+    let mut c = raw_register(&other.endpoint(), "w9", &token("w9"), "10.0.0.9").await.unwrap();
+    let _d = raw_register(&other.endpoint(), "w9", &token("w9"), "10.0.0.9").await.unwrap();
     let err = c.next().await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable);
     assert_eq!(store.get_worker("w9").await.unwrap().unwrap().epoch, 2);
@@ -157,12 +152,9 @@ async fn a_duplicate_node_id_fences_the_older_session_on_any_replica() {
 #[tokio::test]
 async fn an_address_held_by_a_live_node_is_refused_naming_it() {
     let (_redis, store, replica) = cluster().await;
-    let _a =
-        RawSession::register(&replica.endpoint(), "w1", &token("w1"), "10.9.9.9").await.unwrap();
-    let err = RawSession::register(&replica.endpoint(), "w2", &token("w2"), "10.9.9.9")
-        .await
-        .err()
-        .unwrap();
+    let _a = raw_register(&replica.endpoint(), "w1", &token("w1"), "10.9.9.9").await.unwrap();
+    let err =
+        raw_register(&replica.endpoint(), "w2", &token("w2"), "10.9.9.9").await.err().unwrap();
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("w1"), "{}", err.message());
     assert!(store.get_worker("w2").await.unwrap().is_none());

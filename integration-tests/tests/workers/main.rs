@@ -14,12 +14,8 @@ use std::time::Duration;
 use kvstore::{Acquired, AutoScaling, DeploymentSpec, LeaderLease, Placement, Store};
 use prost::Message;
 use sllm_api::v1 as pb;
-use sllm_api::v1::registry_message::Body as Down;
 use sllm_api::v1::worker_message::Body as Up;
 use sllm_integration_tests::{JOIN_SECRET, RedisServer, RegistryReplica};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Status, Streaming};
 
 pub const LEASE: Duration = Duration::from_millis(1500);
 pub const HEARTBEAT: Duration = Duration::from_millis(300);
@@ -35,60 +31,16 @@ pub fn token(node: &str) -> String {
     service::JoinSecret::new(JOIN_SECRET).unwrap().token_for(node)
 }
 
-/// A session driven by hand, message by message.
-pub struct RawSession {
-    pub tx: mpsc::Sender<pb::WorkerMessage>,
-    pub inbound: Streaming<pb::RegistryMessage>,
-    pub epoch: u64,
-}
+pub use sllm_integration_tests::RawSession;
 
-impl RawSession {
-    /// Opens a session and sends `first`; returns the registry's first answer.
-    pub async fn open(endpoint: &str, first: pb::WorkerMessage) -> Result<RawSession, Status> {
-        let mut client =
-            pb::worker_registry_client::WorkerRegistryClient::connect(endpoint.to_string())
-                .await
-                .unwrap();
-        let (tx, rx) = mpsc::channel(16);
-        tx.send(first).await.unwrap();
-        let mut inbound = client.session(ReceiverStream::new(rx)).await?.into_inner();
-        match inbound.message().await? {
-            Some(pb::RegistryMessage { body: Some(Down::Registered(r)) }) => {
-                Ok(RawSession { tx, inbound, epoch: r.epoch })
-            }
-            other => panic!("expected Registered, got {other:?}"),
-        }
-    }
-
-    pub async fn register(
-        endpoint: &str,
-        node: &str,
-        token: &str,
-        address: &str,
-    ) -> Result<RawSession, Status> {
-        Self::open(endpoint, register(node, token, address)).await
-    }
-
-    pub async fn send(&self, body: Up) {
-        self.send_epoch(self.epoch, body).await;
-    }
-
-    pub async fn send_epoch(&self, epoch: u64, body: Up) {
-        // The registry may already have closed the stream; the next read says why.
-        let _ = self.tx.send(pb::WorkerMessage { epoch, body: Some(body) }).await;
-    }
-
-    /// The next message that is not a heartbeat ack, or the status the stream ended with.
-    pub async fn next(&mut self) -> Result<Option<pb::RegistryMessage>, Status> {
-        loop {
-            let m = tokio::time::timeout(Duration::from_secs(10), self.inbound.message())
-                .await
-                .expect("registry answers within 10 s")?;
-            if !matches!(m, Some(pb::RegistryMessage { body: Some(Down::HeartbeatAck(_)) })) {
-                return Ok(m);
-            }
-        }
-    }
+/// Opens a session that registers `node` with two GPUs (see [`register`]).
+pub async fn raw_register(
+    endpoint: &str,
+    node: &str,
+    token: &str,
+    address: &str,
+) -> Result<RawSession, tonic::Status> {
+    RawSession::open(endpoint, register(node, token, address)).await
 }
 
 pub fn register(node: &str, token: &str, address: &str) -> pb::WorkerMessage {
