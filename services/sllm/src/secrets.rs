@@ -74,27 +74,21 @@ pub fn join_token(path: &Path) -> Result<String> {
     }
 }
 
-/// A lifetime like `30d`, `12h`, `90m`, `3600s` or `3600` (seconds); more than zero.
+/// A lifetime like `30d`, `12h`, `90m`, `1h 30m` (humantime's units) or a bare number of
+/// seconds; at least a second.
 pub fn parse_ttl(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let (digits, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
-        Some(i) => text.split_at(i),
-        None => (text, "s"),
+    let d = if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        text.parse().map(Duration::from_secs).map_err(|_| format!("{text:?} is too long"))?
+    } else {
+        humantime::parse_duration(text)
+            .map_err(|e| format!("{text:?} is not a lifetime like 30d or 12h: {e}"))?
     };
-    let n: u64 =
-        digits.parse().map_err(|_| format!("{text:?} is not a lifetime like 30d or 12h"))?;
-    let scale = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        other => return Err(format!("unknown unit {other:?} in {text:?} (s, m, h, d)")),
-    };
-    match n.checked_mul(scale) {
-        Some(0) => Err("a lifetime must be more than zero".into()),
-        Some(s) => Ok(Duration::from_secs(s)),
-        None => Err(format!("{text:?} is too long")),
+    // Tokens carry whole seconds.
+    if d < Duration::from_secs(1) {
+        return Err("a lifetime must be at least a second".into());
     }
+    Ok(d)
 }
 
 #[cfg(test)]
@@ -109,7 +103,9 @@ mod tests {
         assert_eq!(parse_ttl("12h"), Ok(Duration::from_secs(12 * 3600)));
         assert_eq!(parse_ttl("90m"), Ok(Duration::from_secs(5400)));
         assert_eq!(parse_ttl("60"), Ok(Duration::from_secs(60)));
-        for bad in ["", "0", "0d", "d", "-1d", "1w", "1.5h", "99999999999999999999d"] {
+        assert_eq!(parse_ttl("1w"), Ok(Duration::from_secs(7 * 86_400)));
+        assert_eq!(parse_ttl("1.5h"), Ok(Duration::from_secs(5400)));
+        for bad in ["", "0", "0d", "d", "-1d", "10ms", "99999999999999999999d"] {
             assert!(parse_ttl(bad).is_err(), "{bad:?}");
         }
     }
