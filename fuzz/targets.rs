@@ -105,11 +105,16 @@ pub fn headers(bytes: &[u8]) {
     }
 
     if let Ok(s) = std::str::from_utf8(bytes) {
-        // traceparent: whatever parses names a real span and writes back as itself.
-        if let Some((cx, _)) = telemetry::trace::SpanContext::parse(s) {
-            assert!(cx.trace_id != 0 && cx.span_id != 0, "{s:?}");
-            let again = telemetry::trace::SpanContext::parse(&cx.traceparent()).map(|(c, _)| c);
-            assert_eq!(again, Some(cx), "{s:?}");
+        // traceparent: whatever the propagator accepts names a real span, and its canonical
+        // form reads back as itself.
+        if let Some(canonical) = telemetry::propagation::parse(s) {
+            assert!(!canonical.contains("-00000000000000000000000000000000-"), "{s:?}");
+            assert!(!canonical.contains("-0000000000000000-"), "{s:?}");
+            assert_eq!(
+                telemetry::propagation::parse(&canonical).as_ref(),
+                Some(&canonical),
+                "{s:?}"
+            );
         }
 
         // authorization: the key is a trimmed, non-empty part of the value, and the caller id

@@ -76,7 +76,8 @@ pub const REDIS_POOL_CONNECTIONS: &str = "sllm_redis_pool_connections";
 // Trace export (every binary).
 /// Spans delivered to the OTLP endpoint.
 pub const TRACE_SPANS_EXPORTED_TOTAL: &str = "sllm_trace_spans_exported_total";
-/// Spans lost: the export queue was full, or the endpoint refused or did not answer.
+/// Spans lost because the endpoint refused them or did not answer (the SDK's batch processor
+/// logs the spans it drops from a full queue itself).
 pub const TRACE_SPANS_DROPPED_TOTAL: &str = "sllm_trace_spans_dropped_total";
 /// Export calls that failed.
 pub const TRACE_EXPORT_FAILURES_TOTAL: &str = "sllm_trace_export_failures_total";
@@ -172,12 +173,8 @@ pub struct Traces {
 pub static TRACES: LazyLock<Traces> = LazyLock::new(|| Traces {
     exported: counter(TRACE_SPANS_EXPORTED_TOTAL, "Spans delivered to the OTLP endpoint.", &[])
         .with_label_values(&[] as &[&str]),
-    dropped: counter(
-        TRACE_SPANS_DROPPED_TOTAL,
-        "Spans lost to a full queue or a failed export.",
-        &[],
-    )
-    .with_label_values(&[] as &[&str]),
+    dropped: counter(TRACE_SPANS_DROPPED_TOTAL, "Spans lost to a failed export.", &[])
+        .with_label_values(&[] as &[&str]),
     export_failures: counter(TRACE_EXPORT_FAILURES_TOTAL, "Trace export calls that failed.", &[])
         .with_label_values(&[] as &[&str]),
 });

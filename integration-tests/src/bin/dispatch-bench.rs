@@ -331,6 +331,7 @@ impl pb::dispatch_server::Dispatch for Direct {
                 ..Default::default()
             },
             openai: None,
+            traceparent: String::new(),
         });
         let stream = tokio_stream::wrappers::ReceiverStream::new(out).map(|o| {
             let event = match o {

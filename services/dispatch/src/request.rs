@@ -459,9 +459,9 @@ impl Driver {
                         tracing::warn!(worker = %link.worker_id, "worker skipped for a while after repeated failures");
                     }
                     // The log line names the trace; the trace records the failure on the attempt.
-                    let trace_id = span.context().map(|cx| format!("{:032x}", cx.trace_id));
+                    let trace_id = span.trace_id();
                     tracing::info!(model = %self.route.name, instance = %instance.instance_id, worker = %link.worker_id, attempt, tokens_sent, %why, trace_id = trace_id.as_deref().unwrap_or("-"), "attempt failed");
-                    span.event("attempt failed", &[("tokens_sent", tokens_sent.into())]);
+                    span.event("attempt failed", &[("tokens_sent", tokens_sent)]);
                     // Once the client has had any event (a chat role, say), a retry would repeat it.
                     let delivered = (tokens_sent > 0 || ttft.is_some()).then_some(tokens_sent);
                     match retry.after(&why, delivered) {
@@ -497,9 +497,7 @@ impl Driver {
         // A `tracing` span, so that what runs while held (kvstore calls) nests under it; cold
         // requests are few, its cost does not matter.
         let span = if self.span.is_recording() {
-            let s = tracing::info_span!("queue wait", gen_ai.request.model = %self.route.name);
-            self.span.adopt(&s);
-            s
+            tracing::info_span!(parent: self.span.tracing(), "queue wait", gen_ai.request.model = %self.route.name)
         } else {
             tracing::Span::none()
         };

@@ -173,6 +173,7 @@ fn job(body: &Value, input: worker::Input) -> Job {
             ..Default::default()
         },
         openai: None,
+        traceparent: String::new(),
     }
 }
 

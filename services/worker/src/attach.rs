@@ -244,7 +244,7 @@ impl Link {
                         let id = r.request_id;
                         // Traced only as part of a traced request (Dispatch sends a context);
                         // recorded directly, not through `tracing`: the request path's cost.
-                        let mut span = Span::remote_child("worker generate", Kind::Server, &r.traceparent);
+                        let span = Span::remote_child("worker generate", Kind::Server, &r.traceparent);
                         if span.is_recording() {
                             span.set("sllm.worker", &self.node);
                             span.set("sllm.instance", &r.instance_id);
@@ -309,7 +309,7 @@ async fn serve_request(
     tx: mpsc::Sender<pb::AttachUp>,
     done: mpsc::UnboundedSender<u64>,
     credit: Option<Arc<Semaphore>>,
-    mut span: Span,
+    span: Span,
 ) {
     let id = r.request_id;
     let input = match r.input {
@@ -322,6 +322,7 @@ async fn serve_request(
         input,
         params: r.params.unwrap_or_default(),
         openai: r.openai,
+        traceparent: span.traceparent(),
     };
     let mut out = backend.generate(job);
     // An output taken while merging text that must be sent next.

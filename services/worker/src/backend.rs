@@ -84,6 +84,9 @@ pub struct Job {
     pub params: pb::SamplingParams,
     /// The client's OpenAI request, for backends that pass it on to an engine as it is.
     pub openai: Option<pb::OpenAiRequest>,
+    /// W3C trace context of the worker's span when the request is traced ('' if not): an
+    /// engine backend passes it on, so an engine that traces (vLLM, SGLang) joins the trace.
+    pub traceparent: String,
 }
 
 /// Why a generation ended.

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use telemetry::trace::{Kind, Span};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -352,8 +353,12 @@ impl EngineBackend {
         tx: &mpsc::Sender<Output>,
     ) -> Result<(), Failure> {
         let call = openai::call(self.config.kind.dialect(), served, job)?;
-        let req = hyper::Request::post(format!("http://127.0.0.1:{port}{}", call.path))
-            .header("content-type", "application/json")
+        let mut req = hyper::Request::post(format!("http://127.0.0.1:{port}{}", call.path))
+            .header("content-type", "application/json");
+        if !job.traceparent.is_empty() {
+            req = req.header("traceparent", &job.traceparent);
+        }
+        let req = req
             .body(Full::new(Bytes::from(call.body.to_string())))
             .map_err(|e| Failure::unavailable(e.to_string()))?;
         let stream = call.stream;
@@ -519,6 +524,13 @@ impl Backend for EngineBackend {
         let port =
             free_port().map_err(|e| BackendError::Unsupported(format!("no free port: {e}")))?;
         let line = self.command_line(&spec, port)?;
+        // The cold start's stages on the worker, in the trace of the decision that started it
+        // when that one is traced: the engine process starting, then its health wait.
+        let load = Span::remote_child("load instance", Kind::Internal, &spec.traceparent);
+        load.set("sllm.instance", &spec.instance_id);
+        load.set("gen_ai.request.model", &spec.model);
+        load.set("sllm.port", u32::from(port));
+        let spawning = load.child("start engine process", Kind::Internal);
         self.with_state(|s| {
             for g in &spec.gpus {
                 if *g >= self.config.gpus || s.busy_gpus.contains(g) {
@@ -545,7 +557,13 @@ impl Backend for EngineBackend {
             .process_group(0)
             .kill_on_drop(false)
             .spawn()
-            .map_err(|e| BackendError::Unsupported(format!("cannot start the engine: {e}")))?;
+            .map_err(|e| {
+                let e = format!("cannot start the engine: {e}");
+                load.fail(&e);
+                BackendError::Unsupported(e)
+            })?;
+        drop(spawning);
+        let waiting = load.child("wait for engine health", Kind::Internal);
         let pgid = child.id().unwrap_or(0);
         self.with_state(|s| {
             s.busy_gpus.extend(spec.gpus.iter().copied());
@@ -601,6 +619,12 @@ impl Backend for EngineBackend {
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             };
+            if let Some(why) = &failed {
+                waiting.fail(why);
+                load.fail(why);
+            }
+            drop(waiting);
+            drop(load);
             if let Some(why) = failed {
                 let last = tail
                     .lock()

@@ -550,7 +550,7 @@ mod tests {
     use super::*;
 
     fn job(openai: Option<pb::OpenAiRequest>, input: Input, params: pb::SamplingParams) -> Job {
-        Job { instance_id: "i".into(), input, params, openai }
+        Job { instance_id: "i".into(), input, params, openai, traceparent: String::new() }
     }
 
     fn relayed_job(endpoint: pb::OpenAiEndpoint, body: Value) -> Job {

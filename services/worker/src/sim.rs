@@ -544,13 +544,16 @@ impl Backend for SimBackend {
         self.emit(InstanceEvent::Loading { instance_id: spec.instance_id.clone() });
         let load = self.config.load_time(&spec.model);
         let this = self.clone();
-        let span = tracing::info_span!(
+        // Part of the trace of the decision that started it, when that one is traced.
+        let span = telemetry::trace::Span::remote_child(
             "load instance",
-            sllm.instance = %spec.instance_id,
-            gen_ai.request.model = %spec.model,
-            sllm.load_ms = load.as_millis() as u64,
+            telemetry::trace::Kind::Internal,
+            &spec.traceparent,
         );
-        telemetry::propagation::set_parent(&span, &spec.traceparent);
+        span.set("sllm.instance", &spec.instance_id);
+        span.set("gen_ai.request.model", &spec.model);
+        span.set("sllm.load_ms", load.as_millis() as u64);
+        let span = span.tracing().clone();
         let task = async move {
             let t0 = Instant::now();
             if this.config.hang_load.contains(&spec.model) {
@@ -654,6 +657,7 @@ mod tests {
 
     fn job(instance: &str, prompt: &str, max_tokens: u32, seed: u64) -> Job {
         Job {
+            traceparent: String::new(),
             instance_id: instance.into(),
             input: Input::Prompt(prompt.into()),
             params: pb::SamplingParams { max_tokens, seed: Some(seed), ..Default::default() },
