@@ -658,12 +658,17 @@ pub struct ReceivedSpan {
     pub attributes: std::collections::HashMap<String, String>,
 }
 
-/// An OTLP/gRPC trace receiver (what Jaeger or a collector would be), keeping every span.
+/// An OTLP trace receiver (what Jaeger or a collector would be) speaking both protocols,
+/// keeping every span.
 pub struct OtlpReceiver {
-    /// Its endpoint, for OTEL_EXPORTER_OTLP_ENDPOINT.
+    /// Its OTLP/gRPC endpoint, for OTEL_EXPORTER_OTLP_ENDPOINT.
     pub endpoint: String,
+    /// Its OTLP/HTTP endpoint (`POST /v1/traces`, protobuf), for OTEL_EXPORTER_OTLP_ENDPOINT
+    /// with OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf.
+    pub http_endpoint: String,
     spans: std::sync::Arc<std::sync::Mutex<Vec<ReceivedSpan>>>,
     _task: tokio::task::JoinHandle<()>,
+    _http_task: tokio::task::JoinHandle<()>,
 }
 
 #[derive(Clone)]
@@ -684,47 +689,90 @@ impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::Tra
         >,
         tonic::Status,
     > {
-        use opentelemetry_proto::tonic::common::v1::any_value::Value;
-        let text = |v: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>| match v
-            .as_ref()
-            .and_then(|v| v.value.as_ref())
-        {
-            Some(Value::StringValue(s)) => s.clone(),
-            Some(Value::IntValue(i)) => i.to_string(),
-            Some(Value::DoubleValue(d)) => d.to_string(),
-            Some(Value::BoolValue(b)) => b.to_string(),
-            other => format!("{other:?}"),
-        };
-        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
-        let mut out = Vec::new();
-        for rs in request.into_inner().resource_spans {
-            let service = rs
-                .resource
-                .as_ref()
-                .and_then(|r| r.attributes.iter().find(|a| a.key == "service.name"))
-                .map(|a| text(&a.value))
-                .unwrap_or_default();
-            for ss in rs.scope_spans {
-                for s in ss.spans {
-                    out.push(ReceivedSpan {
-                        trace_id: hex(&s.trace_id),
-                        span_id: hex(&s.span_id),
-                        parent_span_id: hex(&s.parent_span_id),
-                        name: s.name.clone(),
-                        service: service.clone(),
-                        attributes: s
-                            .attributes
-                            .iter()
-                            .map(|a| (a.key.clone(), text(&a.value)))
-                            .collect(),
-                    });
-                }
-            }
-        }
+        let out = received(request.into_inner());
         if let Ok(mut spans) = self.0.lock() {
             spans.extend(out);
         }
         Ok(tonic::Response::new(Default::default()))
+    }
+}
+
+/// The spans of one export, either protocol.
+fn received(
+    request: opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
+) -> Vec<ReceivedSpan> {
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    let text = |v: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>| match v
+        .as_ref()
+        .and_then(|v| v.value.as_ref())
+    {
+        Some(Value::StringValue(s)) => s.clone(),
+        Some(Value::IntValue(i)) => i.to_string(),
+        Some(Value::DoubleValue(d)) => d.to_string(),
+        Some(Value::BoolValue(b)) => b.to_string(),
+        other => format!("{other:?}"),
+    };
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let mut out = Vec::new();
+    for rs in request.resource_spans {
+        let service = rs
+            .resource
+            .as_ref()
+            .and_then(|r| r.attributes.iter().find(|a| a.key == "service.name"))
+            .map(|a| text(&a.value))
+            .unwrap_or_default();
+        for ss in rs.scope_spans {
+            for s in ss.spans {
+                out.push(ReceivedSpan {
+                    trace_id: hex(&s.trace_id),
+                    span_id: hex(&s.span_id),
+                    parent_span_id: hex(&s.parent_span_id),
+                    name: s.name.clone(),
+                    service: service.clone(),
+                    attributes: s
+                        .attributes
+                        .iter()
+                        .map(|a| (a.key.clone(), text(&a.value)))
+                        .collect(),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Answers one OTLP/HTTP request: `POST /v1/traces` with a protobuf body.
+async fn otlp_http(
+    req: hyper::Request<hyper::body::Incoming>,
+    spans: std::sync::Arc<std::sync::Mutex<Vec<ReceivedSpan>>>,
+) -> Result<hyper::Response<http_body_util::Full<bytes::Bytes>>, std::convert::Infallible> {
+    use http_body_util::BodyExt;
+    use prost::Message;
+    let reply = |status: u16, body: Vec<u8>| {
+        let mut r = hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(body)));
+        *r.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or_default();
+        r.headers_mut()
+            .insert("content-type", http::HeaderValue::from_static("application/x-protobuf"));
+        r
+    };
+    if req.method() != hyper::Method::POST || req.uri().path() != "/v1/traces" {
+        return Ok(reply(404, Vec::new()));
+    }
+    let Ok(body) = req.into_body().collect().await.map(|b| b.to_bytes()) else {
+        return Ok(reply(400, Vec::new()));
+    };
+    match opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest::decode(body)
+    {
+        Ok(request) => {
+            let out = received(request);
+            if let Ok(mut s) = spans.lock() {
+                s.extend(out);
+            }
+            let answer =
+                opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse::default();
+            Ok(reply(200, answer.encode_to_vec()))
+        }
+        Err(_) => Ok(reply(400, Vec::new())),
     }
 }
 
@@ -747,7 +795,21 @@ impl OtlpReceiver {
                 .serve_with_incoming(listener.incoming())
                 .await;
         });
-        Ok(OtlpReceiver { endpoint, spans, _task: task })
+        let http = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let http_endpoint = format!("http://{}", http.local_addr()?);
+        let kept = spans.clone();
+        let http_task = tokio::spawn(async move {
+            while let Ok((stream, _)) = http.accept().await {
+                let kept = kept.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| otlp_http(req, kept.clone()));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Ok(OtlpReceiver { endpoint, http_endpoint, spans, _task: task, _http_task: http_task })
     }
 
     /// Every span received so far.

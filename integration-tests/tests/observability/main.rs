@@ -20,12 +20,16 @@ struct Mesh {
     worker_metrics: String,
 }
 
-async fn mesh(otlp: &OtlpReceiver) -> Mesh {
+/// A control plane and a worker exporting traces to `otlp` over `protocol` (`grpc` or
+/// `http/protobuf`).
+async fn mesh(otlp: &OtlpReceiver, protocol: &str) -> Mesh {
     let redis = RedisServer::start().unwrap();
     let url = redis.url();
+    let endpoint = if protocol == "grpc" { &otlp.endpoint } else { &otlp.http_endpoint };
     let env = [
         ("SLLM_JOIN_SECRET", JOIN_SECRET),
-        ("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.endpoint.as_str()),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", protocol),
         ("OTEL_BSP_SCHEDULE_DELAY", "100"),
     ];
     let (control, _) = Proc::sllm(
@@ -156,9 +160,18 @@ async fn scrape(addr: &str) -> HashMap<String, f64> {
 }
 
 #[tokio::test]
-async fn one_trace_per_request_across_dispatch_scaler_and_worker() {
+async fn one_trace_per_request_across_dispatch_scaler_and_worker_over_otlp_grpc() {
+    one_trace_per_request("grpc").await;
+}
+
+#[tokio::test]
+async fn one_trace_per_request_across_dispatch_scaler_and_worker_over_otlp_http() {
+    one_trace_per_request("http/protobuf").await;
+}
+
+async fn one_trace_per_request(protocol: &str) {
     let otlp = OtlpReceiver::start().await.unwrap();
-    let m = mesh(&otlp).await;
+    let m = mesh(&otlp, protocol).await;
     let mut models =
         pb::model_registry_client::ModelRegistryClient::connect(format!("http://{}", m.grpc))
             .await
@@ -277,6 +290,10 @@ async fn one_trace_per_request_across_dispatch_scaler_and_worker() {
         "{control:?}"
     );
     assert!(control.keys().any(|k| k.starts_with("sllm_redis_command_duration_seconds_count")));
+    assert!(
+        control.get("sllm_trace_spans_exported_total").is_some_and(|n| *n >= 1.0),
+        "the exports are counted: {control:?}"
+    );
     let worker = scrape(&m.worker_metrics).await;
     assert!(!worker.is_empty());
 }
