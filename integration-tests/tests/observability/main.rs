@@ -99,7 +99,8 @@ async fn mesh(otlp: &OtlpReceiver, protocol: &str) -> Mesh {
     }
 }
 
-async fn generate(grpc: &str, traceparent: &str) -> pb::Usage {
+/// A traced Generate: its usage, and the request id the client was shown.
+async fn generate(grpc: &str, traceparent: &str) -> (pb::Usage, String) {
     let mut client =
         pb::dispatch_client::DispatchClient::connect(format!("http://{grpc}")).await.unwrap();
     let mut req = tonic::Request::new(pb::GenerateRequest {
@@ -110,10 +111,13 @@ async fn generate(grpc: &str, traceparent: &str) -> pb::Usage {
         timeout_ms: 20_000,
     });
     req.metadata_mut().insert("traceparent", traceparent.parse().unwrap());
-    let mut s = client.generate(req).await.unwrap().into_inner();
+    let response = client.generate(req).await.unwrap();
+    let id = response.metadata().get("x-request-id").expect("x-request-id").to_str().unwrap();
+    let id = id.to_string();
+    let mut s = response.into_inner();
     while let Some(e) = s.message().await.unwrap() {
         if let Some(pb::generate_event::Event::Finished(f)) = e.event {
-            return f.usage.unwrap();
+            return (f.usage.unwrap(), id);
         }
     }
     panic!("no finish");
@@ -194,10 +198,15 @@ async fn one_trace_per_request(protocol: &str) {
 
     let cold_trace = "0af7651916cd43dd8448eb211c80319c";
     let client_span = "b7ad6b7169203331";
-    let usage = generate(&m.grpc, &format!("00-{cold_trace}-{client_span}-01")).await;
+    let (usage, cold_id) = generate(&m.grpc, &format!("00-{cold_trace}-{client_span}-01")).await;
     assert!(usage.queue_us > 0, "the first request waited for the cold start");
     let warm_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
-    generate(&m.grpc, &format!("00-{warm_trace}-00f067aa0ba902b7-01")).await;
+    let (_, warm_id) = generate(&m.grpc, &format!("00-{warm_trace}-00f067aa0ba902b7-01")).await;
+    // Request ids are UUIDv7s: they sort by arrival.
+    let (cold_uuid, warm_uuid) =
+        (uuid::Uuid::parse_str(&cold_id).unwrap(), uuid::Uuid::parse_str(&warm_id).unwrap());
+    assert_eq!(cold_uuid.get_version_num(), 7, "{cold_id}");
+    assert!(cold_uuid < warm_uuid, "{cold_id} then {warm_id}");
 
     let cold: Vec<ReceivedSpan> =
         eventually(Duration::from_secs(10), "the cold trace's spans", || async {
@@ -223,6 +232,11 @@ async fn one_trace_per_request(protocol: &str) {
     assert_eq!(request.parent_span_id, client_span, "the request continues the client's trace");
     assert_eq!(request.attributes.get("gen_ai.request.model").map(String::as_str), Some("m"));
     assert_eq!(request.attributes.get("sllm.outcome").map(String::as_str), Some("ok"));
+    assert_eq!(
+        request.attributes.get("sllm.request_id"),
+        Some(&cold_id),
+        "the id the client was shown finds its trace"
+    );
     let queue = one(&cold, "queue wait");
     assert_eq!(queue.parent_span_id, request.span_id);
     assert!(
@@ -243,6 +257,9 @@ async fn one_trace_per_request(protocol: &str) {
         "the start command carries the decision's context"
     );
     assert_eq!(load.service, "sllm-worker");
+    let instance = load.attributes.get("sllm.instance").unwrap();
+    let placed = instance.strip_prefix("m-").and_then(|u| uuid::Uuid::parse_str(u).ok());
+    assert_eq!(placed.map(|u| u.get_version_num()), Some(7), "instance id {instance}");
     let attempt = one(&cold, "generate on an instance");
     assert_eq!(attempt.parent_span_id, request.span_id);
     let on_worker = one(&cold, "worker generate");

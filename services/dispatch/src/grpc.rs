@@ -95,7 +95,9 @@ impl dispatch_server::Dispatch for Dispatch {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
+        let id = uuid::Uuid::now_v7().to_string();
         let job = Job {
+            id: id.clone(),
             model: req.model,
             input,
             params: req.params.unwrap_or_default(),
@@ -107,7 +109,11 @@ impl dispatch_server::Dispatch for Dispatch {
         };
         let events = self.submit(job).await.map_err(|e| e.to_status())?;
         let stream = ReceiverStream::new(events).map(|r| r.map(to_pb).map_err(|e| e.to_status()));
-        Ok(Response::new(Box::pin(stream)))
+        let mut response = Response::new(Box::pin(stream) as EventStream);
+        if let Ok(v) = id.parse() {
+            response.metadata_mut().insert("x-request-id", v);
+        }
+        Ok(response)
     }
 
     async fn attach(

@@ -207,7 +207,9 @@ struct Answer {
 
 impl Answer {
     fn new(prefix: &str) -> Answer {
-        Answer { id: format!("{prefix}-{:016x}", rand::random::<u64>()), created: now_s() as i64 }
+        // A UUIDv7 in the hex form vLLM's ids use: ids sort by arrival.
+        let id = format!("{prefix}-{}", uuid::Uuid::now_v7().simple());
+        Answer { id, created: now_s() as i64 }
     }
 }
 
@@ -271,6 +273,7 @@ fn common(
         model: model.clone(),
     };
     let job = Job {
+        id: answer.id.clone(),
         model,
         input: Input::Prompt(String::new()),
         params,

@@ -45,6 +45,10 @@ pub enum Input {
 /// An inference request as both client protocols hand it over.
 #[derive(Debug, Clone)]
 pub struct Job {
+    /// The request's id, shown to its client (the OpenAI `id`; the gRPC `x-request-id`
+    /// response header) and recorded on its span and in its log lines. A UUIDv7: ids sort by
+    /// arrival.
+    pub id: String,
     /// Deployment name (`name:backend` accepted).
     pub model: String,
     /// Input.
@@ -118,6 +122,7 @@ impl Dispatch {
             span.set("rpc.system", if job.entry.starts_with("sllm.") { "grpc" } else { "http" });
             span.set("gen_ai.operation.name", operation);
             span.set("gen_ai.request.model", &job.model);
+            span.set("sllm.request_id", &job.id);
             span.set("gen_ai.request.max_tokens", job.params.max_tokens);
         }
         let model = job.model.clone();
@@ -460,7 +465,7 @@ impl Driver {
                     }
                     // The log line names the trace; the trace records the failure on the attempt.
                     let trace_id = span.trace_id();
-                    tracing::info!(model = %self.route.name, instance = %instance.instance_id, worker = %link.worker_id, attempt, tokens_sent, %why, trace_id = trace_id.as_deref().unwrap_or("-"), "attempt failed");
+                    tracing::info!(request = %self.job.id, model = %self.route.name, instance = %instance.instance_id, worker = %link.worker_id, attempt, tokens_sent, %why, trace_id = trace_id.as_deref().unwrap_or("-"), "attempt failed");
                     span.event("attempt failed", &[("tokens_sent", tokens_sent)]);
                     // Once the client has had any event (a chat role, say), a retry would repeat it.
                     let delivered = (tokens_sent > 0 || ttft.is_some()).then_some(tokens_sent);

@@ -1028,16 +1028,17 @@ async fn read_events(
     }
 }
 
-/// A new instance id: the model name made id-safe, plus random hex.
+/// A new instance id: the model name made id-safe (so an operator reading keys and logs sees
+/// whose it is), then a UUIDv7 (so a model's instances sort by when they were placed).
 fn new_instance_id(model: &str) -> String {
     let base: String = model
         .chars()
         .map(
             |c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' { c } else { '.' },
         )
-        .take(100)
+        .take(kvstore::names::MAX_ID - 37)
         .collect();
-    format!("{base}-{:08x}", rand::random::<u32>())
+    format!("{base}-{}", uuid::Uuid::now_v7())
 }
 
 /// A duration in words: "900 s", "1500 ms".

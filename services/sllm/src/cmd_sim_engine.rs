@@ -225,7 +225,8 @@ async fn serve(e: Engine, body: &Value, input: worker::Input, chat: bool) -> Res
         return engine_error(StatusCode::BAD_REQUEST, &message);
     }
     let mut out = e.sim.generate(job);
-    let id = format!("{}-{:016x}", if chat { "chatcmpl" } else { "cmpl" }, rand::random::<u64>());
+    let id =
+        format!("{}-{}", if chat { "chatcmpl" } else { "cmpl" }, uuid::Uuid::new_v4().simple());
     let model = e.model.clone();
     let object = if chat { "chat.completion.chunk" } else { "text_completion" };
     let piece = move |choice: Value| json!({ "id": id, "object": object, "created": 0, "model": model, "choices": [choice] });

@@ -59,7 +59,7 @@ impl Attachments {
             backend,
             tls,
             epoch: 0,
-            run_id: format!("{:016x}", rand::random::<u64>()),
+            run_id: uuid::Uuid::now_v7().to_string(),
             live: HashMap::new(),
             retired: Vec::new(),
         }
