@@ -48,6 +48,12 @@ impl Event {
         self.fields.get(name).map(String::as_str)
     }
 
+    /// When Redis appended it (ms since the epoch, by Redis's clock): the time part of its
+    /// stream entry id. One clock for every event, whichever process caused it.
+    pub fn time_ms(&self) -> Option<u64> {
+        self.id.split_once('-').and_then(|(ms, _)| ms.parse().ok())
+    }
+
     fn parse(key: &str, entry: &StreamId) -> Result<Event> {
         let text = |field: &str| -> Result<String> {
             let v = entry.map.get(field).ok_or_else(|| Error::Malformed {
@@ -198,5 +204,24 @@ impl BlockingReader {
                 Err(Error::Redis(e))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_event_s_time_is_its_stream_id_s() {
+        let event = |id: &str| Event {
+            id: id.into(),
+            seq: 1,
+            kind: "instance.ready".into(),
+            entity: "i1".into(),
+            fields: HashMap::new(),
+        };
+        assert_eq!(event("1700000000123-4").time_ms(), Some(1_700_000_000_123));
+        assert_eq!(event("not-an-id").time_ms(), None);
+        assert_eq!(event("").time_ms(), None);
     }
 }

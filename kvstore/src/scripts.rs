@@ -210,8 +210,10 @@ impl Store {
             tracing::Instrument::instrument(inv.invoke_async(&mut conn.conn), span).await;
         let metrics = &*telemetry::metrics::REDIS;
         metrics.duration.with_label_values(&[name]).observe(start.elapsed().as_secs_f64());
+        // Looked up on success too: an operation's error count shows, as 0, from its first call.
+        let errors = metrics.errors.with_label_values(&[name]);
         if r.is_err() {
-            metrics.errors.with_label_values(&[name]).inc();
+            errors.inc();
         }
         let value = conn.check(r)?;
         let items = match value {

@@ -106,6 +106,16 @@ pub const MAX_GPU_MEMORY_BYTES: u64 = 4 << 40;
 pub const MAX_HOST_MEMORY_BYTES: u64 = 256 << 40;
 
 impl Tier {
+    /// The tier's word, as in JSON (and in metric labels).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Gpu => "gpu",
+            Tier::HostMemory => "host_memory",
+            Tier::Disk => "disk",
+            Tier::Remote => "remote",
+        }
+    }
+
     /// The fastest load bandwidth a worker may claim for this tier (bytes/s): a few times what
     /// today's fastest hardware does (HBM, PCIe 5 x16, NVMe RAID, 400 Gb/s networks), so that
     /// no claim can make a worker look faster than any real one.
@@ -591,4 +601,16 @@ fn lease_ms(lease: Duration) -> Result<String> {
 /// if it ever did.
 fn json<T: Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tier_s_word_is_its_json() {
+        for tier in [Tier::Gpu, Tier::HostMemory, Tier::Disk, Tier::Remote] {
+            assert_eq!(json(&tier), format!("\"{}\"", tier.as_str()));
+        }
+    }
 }

@@ -46,6 +46,16 @@ pub const SCALER_WORKERS: &str = "sllm_scaler_workers";
 pub const SCALER_DECISIONS_TOTAL: &str = "sllm_scaler_decisions_total";
 /// 1 while this replica leads.
 pub const SCALER_LEADER: &str = "sllm_scaler_leader";
+/// Times this replica lost the leader lease while leading (a renewal refused or overdue).
+pub const SCALER_LEASE_LOST_TOTAL: &str = "sllm_scaler_lease_lost_total";
+/// Instances placed to start (each one a checkpoint to load and an engine to start), by model
+/// and the tier its checkpoint loads from (gpu, host_memory, disk, remote).
+pub const SCALER_COLD_STARTS_TOTAL: &str = "sllm_scaler_cold_starts_total";
+/// How long each stage of a cold start took, by model and stage: `placing` (a request's demand
+/// event until its instance is placed), `pending` (placed until the worker reports loading) and
+/// `loading` (loading until ready: the checkpoint load and the engine start). Timed by the
+/// Redis clock that stamps the events.
+pub const SCALER_COLD_START_STAGE_SECONDS: &str = "sllm_scaler_cold_start_stage_seconds";
 
 // WorkerRegistry.
 /// Sessions held by this replica.
@@ -138,6 +148,9 @@ pub struct Scaler {
     pub workers: IntGaugeVec,
     pub decisions: IntCounterVec,
     pub leader: IntGaugeVec,
+    pub lease_lost: IntCounter,
+    pub cold_starts: IntCounterVec,
+    pub cold_start_stage: HistogramVec,
 }
 
 /// The WorkerRegistry's metrics.
@@ -225,6 +238,19 @@ pub static SCALER: LazyLock<Scaler> = LazyLock::new(|| Scaler {
     workers: gauge(SCALER_WORKERS, "Workers by state.", &["state"]),
     decisions: counter(SCALER_DECISIONS_TOTAL, "Scaling decisions.", &["direction", "reason"]),
     leader: gauge(SCALER_LEADER, "1 while this replica leads.", &[]),
+    lease_lost: counter(SCALER_LEASE_LOST_TOTAL, "Leader leases lost while leading.", &[])
+        .with_label_values(&[] as &[&str]),
+    cold_starts: counter(
+        SCALER_COLD_STARTS_TOTAL,
+        "Instances placed to start.",
+        &["model", "tier"],
+    ),
+    cold_start_stage: histogram(
+        SCALER_COLD_START_STAGE_SECONDS,
+        "Duration of each cold-start stage.",
+        &["model", "stage"],
+        long(),
+    ),
 });
 
 /// The WorkerRegistry's metrics, registered on first use.

@@ -3,6 +3,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod dashboard;
+
 use std::collections::HashMap;
 use std::time::Duration;
 

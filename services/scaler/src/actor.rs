@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::ScalerConfig;
 use crate::clocks::Clocks;
+use crate::coldstart::ColdStarts;
 use crate::policy;
 use crate::view::View;
 
@@ -65,6 +66,8 @@ pub(crate) struct Leader {
     view: View,
     models: HashMap<String, ModelState>,
     clocks: Clocks,
+    /// The stages of cold starts being timed.
+    cold: ColdStarts,
     /// Load bandwidths measured from this leader's own placements.
     measured: crate::bandwidth::Measured,
 }
@@ -83,6 +86,7 @@ impl Leader {
             view: View::default(),
             models: HashMap::new(),
             clocks: Clocks::default(),
+            cold: ColdStarts::default(),
             measured: crate::bandwidth::Measured::default(),
         }
     }
@@ -125,6 +129,11 @@ impl Leader {
         leading.set(1);
         let outcome = leader.run(&mut rx, &shutdown).await;
         leading.set(0);
+        // A follower publishes nothing: summed over replicas, the gauges are the leader's alone.
+        let m = &*telemetry::metrics::SCALER;
+        m.instances.reset();
+        m.desired.reset();
+        m.workers.reset();
         if matches!(outcome, StepDown::Shutdown) {
             let _ = leader.store.release_leader(&leader.lease).await;
         }
@@ -284,6 +293,7 @@ impl Leader {
             self.decide(&m, trigger).await?;
         }
         self.clocks.forget_gone(&self.view);
+        self.cold.forget_gone(&self.view);
         Ok(())
     }
 
@@ -296,6 +306,17 @@ impl Leader {
         for e in events {
             match e.kind.as_str() {
                 "demand" => {
+                    if let Some(at) = e.time_ms() {
+                        let live = self.view.instances_of(&e.entity).any(|i| {
+                            matches!(
+                                i.status,
+                                InstanceStatus::Pending
+                                    | InstanceStatus::Loading
+                                    | InstanceStatus::Ready
+                            )
+                        });
+                        self.cold.demand(&e.entity, at, live);
+                    }
                     let queued = e.field("queued").and_then(|q| q.parse().ok()).unwrap_or(1);
                     self.models.entry(e.entity.clone()).or_default().event_demand =
                         Some((queued, Instant::now()));
@@ -316,6 +337,7 @@ impl Leader {
                             self.view.deployments.remove(&e.entity);
                             self.view.unplaceable.remove(&e.entity);
                             self.models.remove(&e.entity);
+                            self.cold.deployment_gone(&e.entity);
                         }
                         Err(err) => {
                             tracing::warn!(error = %err, "cannot read deployment {}", e.entity)
@@ -337,6 +359,12 @@ impl Leader {
                         }
                     };
                     let model = e.field("model").unwrap_or_default().to_string();
+                    match (e.kind.as_str(), e.time_ms()) {
+                        ("instance.pending", Some(at)) => self.cold.placed(&model, &e.entity, at),
+                        ("instance.loading", Some(at)) => self.cold.loading(&e.entity, at),
+                        ("instance.ready", Some(at)) => self.cold.ready(&model, &e.entity, at),
+                        _ => self.cold.ended(&e.entity),
+                    }
                     match rec.as_ref().map(|r| r.status) {
                         Some(InstanceStatus::Ready) => {
                             self.measured.ready(&e.entity);
@@ -725,6 +753,10 @@ impl Leader {
         match created {
             Ok(version) => {
                 self.measured.placed(&instance_id, &worker, tier, bytes);
+                telemetry::metrics::SCALER
+                    .cold_starts
+                    .with_label_values(&[model, tier.as_str()])
+                    .inc();
                 if let Some(w) = self.view.workers.get_mut(&worker) {
                     w.free_gpus.retain(|g| !gpus.contains(g));
                 }

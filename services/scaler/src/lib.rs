@@ -13,6 +13,7 @@
 mod actor;
 mod bandwidth;
 mod clocks;
+mod coldstart;
 mod grpc;
 pub mod policy;
 mod view;
@@ -124,6 +125,7 @@ impl Scaler {
                     match outcome {
                         actor::StepDown::Shutdown => return,
                         actor::StepDown::LostLease => {
+                            telemetry::metrics::SCALER.lease_lost.inc();
                             tracing::warn!(replica = %self.config.replica_id, "lost the lead");
                         }
                     }

@@ -73,6 +73,13 @@ struct Inner {
 impl Registry {
     /// A replica over `store`.
     pub fn new(store: Store, config: RegistryConfig) -> Registry {
+        // No sessions and no losses are readings too: the series exist from the start, so a
+        // dashboard shows 0 rather than no data.
+        let m = &*telemetry::metrics::WORKER_REGISTRY;
+        m.sessions.with_label_values(&[] as &[&str]);
+        for reason in ["dropped", "expired"] {
+            m.lost.with_label_values(&[reason]);
+        }
         let (dispatchers, _) = tokio::sync::watch::channel(Vec::new());
         Registry {
             inner: Arc::new(Inner {
