@@ -304,7 +304,7 @@ async fn every_metric_the_dashboard_queries_is_served_by_a_running_cluster() {
     assert!(!queries.is_empty());
 
     let otlp = OtlpReceiver::start().await.unwrap();
-    let m = mesh(&otlp).await;
+    let m = mesh(&otlp, "grpc").await;
     let mut models =
         pb::model_registry_client::ModelRegistryClient::connect(format!("http://{}", m.grpc))
             .await
@@ -331,7 +331,7 @@ async fn every_metric_the_dashboard_queries_is_served_by_a_running_cluster() {
     .unwrap();
 
     let cold = generate(&m.grpc, "00-1bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").await;
-    assert!(cold.queue_us > 0, "the first request waited for a cold start");
+    assert!(cold.0.queue_us > 0, "the first request waited for a cold start");
     for _ in 0..3 {
         generate(&m.grpc, "00-2bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").await;
     }
