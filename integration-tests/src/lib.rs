@@ -472,6 +472,27 @@ impl Proc {
         self.child.try_wait().ok().flatten()
     }
 
+    /// Sends the signal `sig` (`TERM`, `INT`, …) and returns at once.
+    pub fn send_signal(&self, sig: &str) {
+        let _ =
+            Command::new("kill").arg(format!("-{sig}")).arg(self.child.id().to_string()).status();
+    }
+
+    /// Waits, without blocking the async runtime, up to `within` for it to exit; its exit
+    /// status if it did.
+    pub async fn exited(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.exit_status() {
+                return Some(status);
+            }
+            if start.elapsed() > within {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     fn signal(&mut self, sig: &str, within: Duration) -> bool {
         let _ =
             Command::new("kill").arg(format!("-{sig}")).arg(self.child.id().to_string()).status();

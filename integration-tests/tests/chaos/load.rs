@@ -217,15 +217,23 @@ impl Load {
 }
 
 async fn one(ch: tonic::transport::Channel, model: &str, prompt: &str) -> Attempt {
+    generate(ch, model, prompt, MAX_TOKENS, None).await
+}
+
+/// One streamed generation of `max_tokens` tokens, checked against the text the simulator
+/// generates for `prompt`; `first` hears of its first chunk.
+pub async fn generate(
+    ch: tonic::transport::Channel,
+    model: &str,
+    prompt: &str,
+    max_tokens: u32,
+    mut first: Option<tokio::sync::oneshot::Sender<()>>,
+) -> Attempt {
     let mut client = pb::dispatch_client::DispatchClient::new(ch);
     let req = pb::GenerateRequest {
         model: model.into(),
         input: Some(pb::generate_request::Input::Prompt(prompt.into())),
-        params: Some(pb::SamplingParams {
-            max_tokens: MAX_TOKENS,
-            seed: Some(SEED),
-            ..Default::default()
-        }),
+        params: Some(pb::SamplingParams { max_tokens, seed: Some(SEED), ..Default::default() }),
         progress: false,
         timeout_ms: 15_000,
     };
@@ -243,6 +251,9 @@ async fn one(ch: tonic::transport::Channel, model: &str, prompt: &str) -> Attemp
                     pb::generate_event::Event::Chunk(c) => {
                         text.push_str(&c.text);
                         tokens += c.tokens;
+                        if let Some(first) = first.take() {
+                            let _ = first.send(());
+                        }
                     }
                     pb::generate_event::Event::Finished(_) => finished = true,
                     pb::generate_event::Event::Progress(_) => {}
@@ -250,7 +261,7 @@ async fn one(ch: tonic::transport::Channel, model: &str, prompt: &str) -> Attemp
                 Ok(Some(_)) => {}
                 Ok(None) if finished => {
                     let want: String =
-                        (0..MAX_TOKENS).map(|i| worker::sim::token_text(SEED, prompt, i)).collect();
+                        (0..max_tokens).map(|i| worker::sim::token_text(SEED, prompt, i)).collect();
                     return if text == want {
                         Attempt::Completed
                     } else {

@@ -94,6 +94,8 @@ impl Mesh {
             "127.0.0.1:0",
             "--metrics-addr",
             "127.0.0.1:0",
+            "--health-addr",
+            "127.0.0.1:0",
             "--replica-id",
             name,
         ];
@@ -135,6 +137,37 @@ impl Mesh {
             Proc::sllm(&args, &[("SLLM_JOIN_SECRET", JOIN_SECRET)], "worker(s) started").unwrap();
         self.procs.insert(node.to_string(), proc);
         self.workers.push(node.to_string());
+    }
+
+    /// SIGTERMs the process `name` (a graceful stop, as Kubernetes does on a rollout) and
+    /// returns at once; [`Mesh::exited`] waits for it.
+    pub fn terminate(&mut self, name: &str) {
+        self.procs.get(name).unwrap_or_else(|| panic!("no process {name}")).send_signal("TERM");
+        self.workers.retain(|w| w != name);
+    }
+
+    /// Waits up to `within` for the process `name` to exit; its exit status if it did.
+    pub async fn exited(
+        &mut self,
+        name: &str,
+        within: Duration,
+    ) -> Option<std::process::ExitStatus> {
+        let p = self.procs.get_mut(name).unwrap_or_else(|| panic!("no process {name}"));
+        p.exited(within).await
+    }
+
+    /// The plain-text gRPC health endpoint (`--health-addr`) of the service process `name`.
+    pub async fn health_endpoint(&self, name: &str) -> String {
+        let p = &self.procs[name];
+        let addr = eventually(Duration::from_secs(5), "the health listener's address", || async {
+            p.output()
+                .lines()
+                .find_map(|l| l.strip_prefix("sllm: gRPC health on "))
+                .map(|a| a.trim().to_string())
+        })
+        .await
+        .unwrap();
+        format!("http://{addr}")
     }
 
     /// SIGKILLs the process `name`.

@@ -5,6 +5,7 @@
 //! The hello must come within [`crate::DispatchConfig::hello_timeout`], and the token is checked
 //! before Redis is read, so a stream that proves nothing costs a timer and no Redis command.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -23,16 +24,20 @@ use crate::table::{FromWorker, WorkerLink};
 
 /// What goes down to a worker: control messages (cancels, credit grants) before requests, so a
 /// cancel is never stuck behind a queue of requests nor dropped for lack of room. Ends when the
-/// request queue closes.
+/// request queue closes, or when the replica closes (the end of a graceful stop).
 pub struct Down {
     control: mpsc::UnboundedReceiver<pb::AttachDown>,
     requests: mpsc::Receiver<Result<pb::AttachDown, Status>>,
+    closed: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
 }
 
 impl Stream for Down {
     type Item = Result<pb::AttachDown, Status>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.closed.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(None);
+        }
         if let Poll::Ready(Some(m)) = self.control.poll_recv(cx) {
             return Poll::Ready(Some(Ok(m)));
         }
@@ -79,11 +84,14 @@ pub(crate) async fn open(
         return Err(refused(e, peer));
     }
     tracing::info!(worker = %hello.worker_id, epoch = hello.epoch, ?peer, "worker attached");
+    let closed = inner.closed.clone();
+    let down = Down { control, requests: rx, closed: Box::pin(closed.clone().cancelled_owned()) };
     tokio::spawn(async move {
         loop {
             let msg = tokio::select! {
                 m = inbound.message() => m,
                 _ = tx.closed() => break,
+                _ = closed.cancelled() => break,
             };
             match msg {
                 Ok(Some(pb::AttachUp { msg: Some(m) })) => match m {
@@ -99,7 +107,7 @@ pub(crate) async fn open(
         tracing::info!(worker = %link.worker_id, epoch = link.epoch, "worker detached");
         inner.table.detach(&link);
     });
-    Ok(Down { control, requests: rx })
+    Ok(down)
 }
 
 /// Logs a refusal and turns it into the status the worker sees. Streams that proved nothing
@@ -219,7 +227,8 @@ mod tests {
             link.cancel(id);
         }
         link.grant(2, 16);
-        let mut down = Down { control, requests: rx };
+        let closed = tokio_util::sync::CancellationToken::new();
+        let mut down = Down { control, requests: rx, closed: Box::pin(closed.cancelled_owned()) };
         let mut order = Vec::new();
         for _ in 0..5 {
             match down.next().await.unwrap().unwrap().msg.unwrap() {

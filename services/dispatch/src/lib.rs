@@ -19,7 +19,7 @@ mod sync;
 mod table;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use kvstore::Store;
@@ -134,6 +134,29 @@ pub(crate) struct Inner {
     /// Model names found not deployed, and when: not read again for a moment.
     unknown: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
     limiter: Option<ratelimit::Limiter>,
+    /// Client requests accepted and not yet ended (what a drain waits for).
+    pub(crate) requests: Arc<AtomicUsize>,
+    /// Cancelled when the replica starts draining: it stops registering for new Attach streams.
+    pub(crate) draining: CancellationToken,
+    /// Cancelled when the replica closes: its Attach streams end.
+    pub(crate) closed: CancellationToken,
+}
+
+/// One client request from its submission until its driver ends; counted in
+/// `Inner::requests` so that a drain knows when the last one is over.
+pub(crate) struct Accepted(Arc<AtomicUsize>);
+
+impl Accepted {
+    fn new(count: &Arc<AtomicUsize>) -> Accepted {
+        count.fetch_add(1, Ordering::Relaxed);
+        Accepted(count.clone())
+    }
+}
+
+impl Drop for Accepted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// How long a name found not deployed is answered from memory.
@@ -233,6 +256,9 @@ impl Dispatch {
                 config,
                 request_ids: AtomicU64::new(1),
                 unknown: std::sync::Mutex::default(),
+                requests: Arc::new(AtomicUsize::new(0)),
+                draining: CancellationToken::new(),
+                closed: CancellationToken::new(),
             }),
         }
     }
@@ -263,10 +289,16 @@ impl Dispatch {
             .add_service(self.service(4 << 20))
             .serve_with_incoming_shutdown(grpc.incoming(), shutdown.clone().cancelled_owned());
         let http_server = openai::serve(self.clone(), http, shutdown.clone());
-        let (g, h, ()) = tokio::join!(
+        // The Attach streams end with the replica, or the server would wait for them forever.
+        let close = async {
+            shutdown.cancelled().await;
+            self.close();
+        };
+        let (g, h, (), ()) = tokio::join!(
             grpc_server,
             http_server,
-            sync::run(self.inner.clone(), position, advertise, shutdown.clone())
+            sync::run(self.inner.clone(), position, advertise, shutdown.clone()),
+            close
         );
         g?;
         h?;
@@ -305,6 +337,36 @@ impl Dispatch {
         shutdown: CancellationToken,
     ) -> std::io::Result<()> {
         openai::serve(self.clone(), listener, shutdown).await
+    }
+
+    /// Starts a graceful stop: the replica stops registering itself for new Attach streams (its
+    /// listeners are the caller's to close), then waits until every client request it accepted
+    /// has ended, or `grace` has passed. Returns how many requests were still going. Routing,
+    /// demand reports and the Attach streams carry on meanwhile, so held requests still start
+    /// and streams still finish; [`Dispatch::close`] ends the Attach streams afterwards.
+    pub async fn drain(&self, grace: Duration) -> usize {
+        self.inner.draining.cancel();
+        let deadline = tokio::time::Instant::now() + grace;
+        loop {
+            let left = self.in_flight();
+            if left == 0 || tokio::time::Instant::now() >= deadline {
+                return left;
+            }
+            // Polled, not signalled: the request path pays one atomic add and one subtract.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Client requests accepted and not yet ended.
+    pub fn in_flight(&self) -> usize {
+        self.inner.requests.load(Ordering::Relaxed)
+    }
+
+    /// Ends every Attach stream (the workers keep their other replicas' streams), so a gRPC
+    /// server shutting down gracefully is not held open by them.
+    pub fn close(&self) {
+        self.inner.draining.cancel();
+        self.inner.closed.cancel();
     }
 
     /// Names of the deployments this replica routes (not being deleted), sorted.

@@ -126,8 +126,10 @@ impl Dispatch {
             span.set("gen_ai.request.max_tokens", job.params.max_tokens);
         }
         let model = job.model.clone();
+        // Counted from here until its driver ends, so that a drain waits for it.
+        let accepted = crate::Accepted::new(&self.inner.requests);
         // On success the request's driver takes the span; on error it is still here.
-        let result = self.admit(job, &mut span).await;
+        let result = self.admit(job, &mut span, accepted).await;
         if let Err(e) = &result {
             let outcome = outcome_of(e);
             span.set("sllm.outcome", outcome);
@@ -146,7 +148,12 @@ impl Dispatch {
         result
     }
 
-    async fn admit(&self, mut job: Job, span: &mut Span) -> Result<Events, DispatchError> {
+    async fn admit(
+        &self,
+        mut job: Job,
+        span: &mut Span,
+        accepted: crate::Accepted,
+    ) -> Result<Events, DispatchError> {
         let inner = &self.inner;
         validate(&mut job, &inner.config)?;
         let route = match inner.table.model(&job.model) {
@@ -192,7 +199,16 @@ impl Dispatch {
         // The request's spans are parents by hand, not entered at every poll: entering and
         // leaving a span costs more than the rest of a warm request's tracing together.
         let span = std::mem::take(span);
-        let driver = Driver { inner: inner.clone(), route, job, tx, start, hold_deadline, span };
+        let driver = Driver {
+            inner: inner.clone(),
+            route,
+            job,
+            tx,
+            start,
+            hold_deadline,
+            span,
+            _accepted: accepted,
+        };
         tokio::spawn(driver.run(first));
         Ok(rx)
     }
@@ -374,6 +390,8 @@ struct Driver {
     hold_deadline: Option<Instant>,
     /// The request's span (not recording when the request is not traced).
     span: Span,
+    /// Counts the request as in flight until the driver ends.
+    _accepted: crate::Accepted,
 }
 
 impl Driver {

@@ -224,13 +224,15 @@ async fn report_demand(inner: Arc<Inner>, shutdown: CancellationToken) {
     }
 }
 
-/// Keeps this replica listed so workers attach to it.
+/// Keeps this replica listed so workers attach to it; stops once it drains (the listing then
+/// lapses within its TTL, and workers keep the streams they have but dial no new one).
 async fn register(inner: Arc<Inner>, advertise: String, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
+            _ = inner.draining.cancelled() => return,
             _ = tick.tick() => {}
         }
         if let Err(e) = inner

@@ -30,8 +30,14 @@ pub struct ServeArgs {
     /// Services to run in this process.
     #[arg(required = true, value_enum)]
     pub services: Vec<ServiceName>,
-    /// Redis URL: redis://host:port/db, rediss://… (TLS) or unix:///path/to/redis.sock.
-    #[arg(long, env = "SLLM_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    /// Redis URL: redis://host:port/db, rediss://… (TLS) or unix:///path/to/redis.sock. It
+    /// may hold a password: `--help` does not print the environment's value.
+    #[arg(
+        long,
+        env = "SLLM_REDIS_URL",
+        hide_env_values = true,
+        default_value = "redis://127.0.0.1:6379"
+    )]
     pub redis_url: String,
     /// Namespace of every Redis key (several clusters can share one Redis).
     #[arg(long, env = "SLLM_NAMESPACE", default_value = "sllm")]
@@ -48,6 +54,17 @@ pub struct ServeArgs {
     /// Address Prometheus scrapes `/metrics` on ("off" for none).
     #[arg(long, env = "SLLM_METRICS_ADDR", default_value = "127.0.0.1:9464")]
     pub metrics_addr: String,
+    /// Address of a plain-text gRPC listener that serves only `grpc.health.v1` ("off" for
+    /// none): for probes that cannot speak TLS or present a client certificate (the kubelet's
+    /// gRPC probes), and that must keep answering while the process drains.
+    #[arg(long, env = "SLLM_HEALTH_ADDR", default_value = "off")]
+    pub health_addr: String,
+    /// On SIGTERM or SIGINT: the longest wait, in seconds, for Dispatch's accepted requests to
+    /// finish. Listeners close and health turns NOT_SERVING at once, the Scaler leader hands
+    /// over its lease and the WorkerRegistry sends its workers to another replica; then the
+    /// process exits (0) as soon as no request is left.
+    #[arg(long, env = "SLLM_DRAIN_GRACE_S", default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    pub drain_grace_s: u64,
     /// Endpoint workers use to attach to this Dispatch (default: http://<grpc address>).
     #[arg(long, env = "SLLM_DISPATCH_ADVERTISE")]
     pub dispatch_advertise: Option<String>,
@@ -157,9 +174,11 @@ pub struct Bound {
     pub grpc: std::net::SocketAddr,
     pub openai: Option<std::net::SocketAddr>,
     pub metrics: Option<std::net::SocketAddr>,
+    pub health: Option<std::net::SocketAddr>,
 }
 
 pub async fn run(args: ServeArgs) -> Result<()> {
+    let grace = Duration::from_secs(args.drain_grace_s);
     let shutdown = CancellationToken::new();
     let (bound, task) = start(args, shutdown.clone()).await?;
     println!("sllm: serving gRPC on {}", bound.grpc);
@@ -169,20 +188,34 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     if let Some(m) = bound.metrics {
         println!("sllm: metrics on http://{m}/metrics");
     }
+    if let Some(h) = bound.health {
+        println!("sllm: gRPC health on {h}");
+    }
     tokio::pin!(task);
     tokio::select! {
-        _ = service::shutdown_signal() => tracing::info!("shutting down"),
+        _ = service::shutdown_signal() => {
+            tracing::info!(grace_s = grace.as_secs(), "shutting down: draining");
+        }
         r = &mut task => return r,
     }
     shutdown.cancel();
-    match tokio::time::timeout(Duration::from_secs(5), task).await {
+    // The task ends by itself once drained; past the grace (plus a moment for the last bytes
+    // and connections to close) whatever is left is dropped.
+    match tokio::time::timeout(grace + Duration::from_secs(5), task).await {
         Ok(r) => r,
-        Err(_) => Ok(()),
+        Err(_) => {
+            tracing::warn!("still not stopped after the drain grace; exiting");
+            Ok(())
+        }
     }
 }
 
 /// Binds and starts the services; returns their addresses and the task that runs them until
-/// `shutdown`.
+/// `shutdown` and then stops them gracefully: health turns NOT_SERVING and the listeners close
+/// at once, the Scaler leader releases its lease, the WorkerRegistry closes its sessions (the
+/// workers join another replica), and Dispatch lets the requests it accepted finish (at most
+/// `--drain-grace-s`) before it ends its workers' Attach streams; the task ends when the last
+/// connection has closed.
 pub async fn start(
     args: ServeArgs,
     shutdown: CancellationToken,
@@ -239,6 +272,11 @@ pub async fn start(
     let grpc_addr = grpc.local_addr();
     warn_if_exposed("gRPC", grpc_addr, tls.is_some(), keys.enabled());
     let (reporter, health) = tonic_health::server::health_reporter();
+    // What runs until the drain is over (Dispatch's routing and Attach streams, /metrics, the
+    // health listener), where everything else stops at `shutdown`.
+    let stop = CancellationToken::new();
+    // Services whose health turns NOT_SERVING at `shutdown` (readiness probes ask for them).
+    let mut serving: Vec<&'static str> = Vec::new();
     let mut server = tonic::transport::Server::builder();
     if let Some(tls) = &tls {
         server = server.tls_config(tls.grpc.clone()).context("TLS for gRPC")?;
@@ -250,7 +288,7 @@ pub async fn start(
         )
         .max_concurrent_streams(Some(service::MAX_CONCURRENT_STREAMS))
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .add_service(health)
+        .add_service(health.clone())
         .add_service(service::reflection_v1()?)
         .add_service(service::reflection_v1alpha()?);
     let mut background: Vec<
@@ -258,6 +296,7 @@ pub async fn start(
     > = Vec::new();
     let mut openai = None;
     let mut metrics = None;
+    let mut dispatch = None;
     if args.metrics_addr != "off" {
         let mut l = Listener::bind(&args.metrics_addr).await?;
         if let Some(tls) = &tls {
@@ -268,20 +307,33 @@ pub async fn start(
         // only clear text is worth a warning here.
         warn_if_exposed("/metrics", l.local_addr(), tls.is_some(), true);
         let guard = if args.protect_introspection { keys.clone() } else { Default::default() };
-        let s = shutdown.clone();
+        let s = stop.clone();
         background.push(Box::pin(async move {
             service::serve_metrics_guarded(l, guard, s).await.context("the metrics endpoint failed")
         }));
+    }
+    let mut health_bound = None;
+    if args.health_addr != "off" {
+        let l = Listener::bind(&args.health_addr).await?;
+        health_bound = Some(l.local_addr());
+        let s = stop.clone();
+        let server = tonic::transport::Server::builder()
+            .add_service(health)
+            .serve_with_incoming_shutdown(l.incoming(), s.cancelled_owned());
+        background
+            .push(Box::pin(async move { server.await.context("the health listener failed") }));
     }
 
     if wants(ServiceName::ModelRegistry) {
         let r = model_registry::Registry::new(store.clone());
         reporter.set_serving::<sllm_api::v1::model_registry_server::ModelRegistryServer<model_registry::Registry>>().await;
+        serving.push(<sllm_api::v1::model_registry_server::ModelRegistryServer<model_registry::Registry> as tonic::server::NamedService>::NAME);
         router = router.add_service(r.service().max_decoding_message_size(args.max_message_bytes));
     }
     if wants(ServiceName::WorkerRegistry) {
         let r = worker_registry::Registry::new(store.clone(), registry_config(&args, secret()?)?);
         reporter.set_serving::<sllm_api::v1::worker_registry_server::WorkerRegistryServer<worker_registry::Registry>>().await;
+        serving.push(<sllm_api::v1::worker_registry_server::WorkerRegistryServer<worker_registry::Registry> as tonic::server::NamedService>::NAME);
         router = router.add_service(r.service().max_decoding_message_size(args.max_message_bytes));
         let (r2, s) = (r.clone(), shutdown.clone());
         background.push(Box::pin(async move {
@@ -305,6 +357,7 @@ pub async fn start(
             .context("--scaler-start-timeout-s must be a positive number of seconds")?;
         let sc = scaler::Scaler::new(store.clone(), config);
         reporter.set_serving::<sllm_api::v1::scaler_server::ScalerServer<scaler::Scaler>>().await;
+        serving.push(<sllm_api::v1::scaler_server::ScalerServer<scaler::Scaler> as tonic::server::NamedService>::NAME);
         router = router.add_service(sc.service().max_decoding_message_size(args.max_message_bytes));
         let s = shutdown.clone();
         background.push(Box::pin(async move {
@@ -340,20 +393,47 @@ pub async fn start(
         reporter
             .set_serving::<sllm_api::v1::dispatch_server::DispatchServer<dispatch::Dispatch>>()
             .await;
+        serving.push(<sllm_api::v1::dispatch_server::DispatchServer<dispatch::Dispatch> as tonic::server::NamedService>::NAME);
         router = router.add_service(d.service(args.max_message_bytes));
         let scheme = if tls.is_some() { "https" } else { "http" };
         let advertise =
             args.dispatch_advertise.clone().unwrap_or_else(|| format!("{scheme}://{grpc_addr}"));
-        let (d2, s) = (d.clone(), shutdown.clone());
+        let (d2, s) = (d.clone(), stop.clone());
         background.push(Box::pin(async move {
             d2.run_background(position, advertise, s).await;
             Ok(())
         }));
-        let s = shutdown.clone();
+        let (d2, s) = (d.clone(), shutdown.clone());
         background.push(Box::pin(async move {
-            d.serve_openai(http, s).await.context("the OpenAI API failed")
+            d2.serve_openai(http, s).await.context("the OpenAI API failed")
         }));
+        dispatch = Some(d);
     }
+
+    // The graceful stop, once `shutdown` comes.
+    let grace = Duration::from_secs(args.drain_grace_s);
+    let (s, st) = (shutdown.clone(), stop.clone());
+    background.push(Box::pin(async move {
+        s.cancelled().await;
+        for name in serving {
+            reporter.set_service_status(name, tonic_health::ServingStatus::NotServing).await;
+        }
+        if let Some(d) = dispatch {
+            let accepted = d.in_flight();
+            let left = d.drain(grace).await;
+            if left > 0 {
+                tracing::warn!(
+                    left,
+                    "the drain grace passed with requests still going; they end now"
+                );
+            } else {
+                tracing::info!(accepted, "drained: every accepted request has ended");
+            }
+            d.close();
+        }
+        st.cancel();
+        Ok(())
+    }));
 
     let server_shutdown = shutdown.clone();
     let task = async move {
@@ -366,7 +446,7 @@ pub async fn start(
         let (a, b) = tokio::join!(server, futures_all(background));
         a.and(b)
     };
-    Ok((Bound { grpc: grpc_addr, openai, metrics }, task))
+    Ok((Bound { grpc: grpc_addr, openai, metrics, health: health_bound }, task))
 }
 
 async fn futures_all(

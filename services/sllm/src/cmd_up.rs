@@ -192,6 +192,9 @@ pub async fn run(args: UpArgs) -> Result<()> {
         grpc_addr: args.grpc_addr.clone(),
         openai_addr: args.openai_addr.clone(),
         metrics_addr: args.metrics_addr.clone(),
+        health_addr: "off".into(),
+        // Ctrl-C on a local demo: requests in flight get a few seconds.
+        drain_grace_s: 5,
         dispatch_advertise: None,
         max_queue: 256,
         max_hold_s: 300,

@@ -82,6 +82,12 @@ pub struct WorkerArgs {
     /// Seconds between SIGTERM and SIGKILL when stopping an engine.
     #[arg(long, default_value_t = 10)]
     stop_grace_s: u64,
+    /// On SIGTERM or SIGINT: the longest wait, in seconds, for the instances' in-flight
+    /// requests to finish. The worker leaves its session at once (Dispatch sends it nothing
+    /// new and moves requests that had no output yet), keeps its Attach streams while its
+    /// instances drain, stops them, then exits (0).
+    #[arg(long, env = "SLLM_DRAIN_GRACE_S", default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    drain_grace_s: u64,
     /// Longest wait for a streamed answer's first event from an engine, in seconds (a loaded
     /// GPU queues and prefills before it); past it the request fails and the engine's health
     /// is checked again.
@@ -180,6 +186,7 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
         }
         config.address = if args.count == 1 { args.address.clone() } else { format!("sim-{node}") };
         config.tls = Some(tls.clone());
+        config.drain_grace = Duration::from_secs(args.drain_grace_s);
         let (backend, events): (Arc<dyn worker::Backend>, _) = match args.backend {
             BackendKind::Sim => {
                 let defaults = SimConfig::default();
@@ -231,8 +238,14 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
     }
     println!("sllm: {} worker(s) started", agents.len());
     service::shutdown_signal().await;
+    tracing::info!(grace_s = args.drain_grace_s, "shutting down: draining");
     shutdown.cancel();
-    // Let sessions close so the registry marks the workers lost at once.
+    // Each agent leaves its session (the registry marks the worker lost at once), drains its
+    // instances and stops them; then the process exits.
+    for agent in &mut agents {
+        agent.stopped().await;
+    }
+    // Let the last frames leave.
     tokio::time::sleep(Duration::from_millis(100)).await;
     Ok(())
 }

@@ -11,11 +11,16 @@ use service::auth::ApiKeys;
 
 /// Reads `path` for `flag`, warning when other users may read it too.
 fn read(flag: &str, path: &Path) -> Result<String> {
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("{flag}: cannot read {}", path.display()))?;
+    // Group access is fine when the group is this process's own: a Kubernetes Secret volume
+    // with an fsGroup gives its files to the pod's group, mode 0440 at least. (`/proc/self`
+    // belongs to the process's effective user and group.)
+    let own_group = std::fs::metadata("/proc/self").map(|m| m.gid()).ok();
     if let Ok(meta) = std::fs::metadata(path)
-        && meta.permissions().mode() & 0o077 != 0
+        && (meta.permissions().mode() & 0o007 != 0
+            || (meta.permissions().mode() & 0o070 != 0 && Some(meta.gid()) != own_group))
     {
         tracing::warn!(
             file = %path.display(),

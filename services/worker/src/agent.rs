@@ -50,6 +50,11 @@ pub struct AgentConfig {
     pub drop_session_after: Option<Duration>,
     /// TLS for `https://` registries and Dispatch replicas.
     pub tls: Option<tonic::transport::ClientTlsConfig>,
+    /// On shutdown: how long the instances' in-flight requests may take to finish before the
+    /// instances stop. The agent leaves its session first (the worker is lost at once, so
+    /// Dispatch routes nothing new here and moves requests that had no output yet), keeps its
+    /// Attach streams while the backend drains, then stops. Zero: stop at once, streams and all.
+    pub drain_grace: Duration,
 }
 
 /// `endpoint` with `tls` applied when its scheme is `https`.
@@ -83,6 +88,7 @@ impl AgentConfig {
             connect_timeout: Duration::from_secs(2),
             drop_session_after: None,
             tls: None,
+            drain_grace: Duration::ZERO,
         }
     }
 }
@@ -145,6 +151,13 @@ impl Agent {
         Agent { state: rx }
     }
 
+    /// Waits until the agent has stopped: after `shutdown`, once its instances drained (see
+    /// [`AgentConfig::drain_grace`]).
+    pub async fn stopped(&mut self) {
+        // The runner owns the sender: the channel closes when it returns.
+        while self.state.changed().await.is_ok() {}
+    }
+
     /// The current state.
     pub fn state(&self) -> AgentState {
         self.state.borrow().clone()
@@ -169,6 +182,10 @@ impl Agent {
 
 /// How many recent command ids are remembered to recognise a repeated delivery.
 const SEEN_COMMANDS: usize = 4096;
+
+/// Past the drain grace, how long the agent still waits for its instances to stop (an engine
+/// gets SIGTERM, then SIGKILL after its stop grace: `sllm worker --stop-grace-s`, 10 s).
+const DRAIN_STOP_ALLOWANCE: Duration = Duration::from_secs(30);
 
 /// Where the agent's join token comes from: its file when there is one, read at each use (a
 /// rare event: a registration or an attach), else the token it was given.
@@ -246,12 +263,14 @@ impl Runner {
                 self.config.registries[next_registry % self.config.registries.len()].clone()
             };
             next_registry += 1;
+            // Shutdown drops the session at once: the registry sees the stream end and marks
+            // the worker lost, which is what stops new requests coming here.
             let end = tokio::select! {
                 _ = shutdown.cancelled() => SessionEnd::Shutdown,
                 end = self.session(&endpoint) => end,
             };
             let delay = match end {
-                SessionEnd::Shutdown => return,
+                SessionEnd::Shutdown => break,
                 SessionEnd::Lost(why) => {
                     tracing::warn!(node = %self.config.node_id, %endpoint, %why, "session lost; reconnecting");
                     self.state.send_replace(AgentState::Disconnected { last_error: why });
@@ -265,10 +284,38 @@ impl Runner {
                 }
             };
             tokio::select! {
-                _ = shutdown.cancelled() => return,
+                _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep(delay) => {}
             }
         }
+        self.drain().await;
+    }
+
+    /// Lets every instance finish its in-flight requests (at most `drain_grace`) and stop, while
+    /// the Attach streams (owned by `self`) carry their output. The backend refuses new requests
+    /// for a draining instance; Dispatch retries those elsewhere, as it does the requests that
+    /// had no output when the worker was lost.
+    async fn drain(&self) {
+        let grace = self.config.drain_grace;
+        let running = self.backend.inventory().running;
+        if grace.is_zero() || running.is_empty() {
+            return;
+        }
+        tracing::info!(node = %self.config.node_id, instances = running.len(), grace_s = grace.as_secs_f64(), "draining: in-flight requests finish, then the instances stop");
+        for r in &running {
+            self.backend.drain(&r.instance_id, grace);
+        }
+        // The backend stops each instance once its requests are done or the grace has passed;
+        // stopping an engine takes its own stop grace on top, which this bound leaves room for.
+        let deadline = Instant::now() + grace + DRAIN_STOP_ALLOWANCE;
+        while Instant::now() < deadline {
+            if self.backend.inventory().running.is_empty() {
+                tracing::info!(node = %self.config.node_id, "drained: every instance stopped");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tracing::warn!(node = %self.config.node_id, "instances still running after the drain grace; leaving them");
     }
 
     fn backoff(&self) -> impl Iterator<Item = Duration> + use<> {
