@@ -84,6 +84,8 @@ pub struct Job {
     pub params: pb::SamplingParams,
     /// The client's OpenAI request, for backends that pass it on to an engine as it is.
     pub openai: Option<pb::OpenAiRequest>,
+    /// The LoRA adapter the request names, if any: the instance answers with it.
+    pub adapter: Option<pb::LoraAdapter>,
 }
 
 /// Why a generation ended.
@@ -199,4 +201,7 @@ pub trait Backend: Send + Sync + 'static {
     fn drain(&self, instance_id: &str, grace: Duration);
     /// Runs one request, streaming its output. Dropping the receiver cancels it.
     fn generate(&self, job: Job) -> tokio::sync::mpsc::Receiver<Output>;
+    /// Unloads a LoRA adapter removed from its deployment, where the engine can (returns at
+    /// once; nothing to do by default).
+    fn unload_adapter(&self, _instance_id: &str, _name: &str) {}
 }

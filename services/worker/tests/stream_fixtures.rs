@@ -88,7 +88,7 @@ fn job(relay: bool, chat: bool) -> Job {
         top_logprobs: if relay { 0 } else { 2 },
         ..Default::default()
     };
-    Job { instance_id: "i".into(), input, params, openai }
+    Job { instance_id: "i".into(), input, params, openai, adapter: None }
 }
 
 #[derive(Debug, Default)]
