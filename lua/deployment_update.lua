@@ -1,4 +1,5 @@
--- deployment_update: replace fields of an active deployment (its scaling policy), optionally
+-- deployment_update: replace fields of an active deployment (its scaling policy, or its
+-- backend_config when LoRA adapters are added or removed), optionally
 -- only if the stored version is the expected one.
 -- KEYS:   1 events
 -- ARGV:   4 name; 5 expected version (0 = any); 6.. field, value pairs

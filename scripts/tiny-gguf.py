@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Writes a tiny llama-architecture GGUF model for tests that run a real llama.cpp server.
 
-    tiny-gguf.py --vocab PATH --out PATH [--seed N]
+    tiny-gguf.py --vocab PATH --out PATH [--seed N] [--lora]
 
 The weights are random (seeded, so the same arguments give the same bytes every run) and the
 model is small enough to load in a fraction of a second and generate about a thousand tokens a
@@ -79,16 +79,62 @@ def field_value(gguf, field):
     return field.parts[field.data[0]].tolist()[0], main, None
 
 
+def write_lora(gguf, np, args) -> None:
+    """A LoRA adapter for the tiny model, as llama.cpp's convert_lora_to_gguf.py lays one out:
+    general.type "adapter", adapter.type "lora", and for each adapted weight W (ggml ne =
+    [in, out]) a pair W.lora_a (ne [in, r]) and W.lora_b (ne [r, out]). Strong enough that
+    greedy decoding with it differs from the base model's."""
+    rank = 4
+    rng = np.random.default_rng(1000 + args.seed)
+    head_dim = N_EMBD // N_HEAD
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{args.out.name}.", dir=args.out.parent)
+    os.close(fd)
+    try:
+        w = gguf.GGUFWriter(tmp, "llama")
+        w.add_type(gguf.GGUFType.ADAPTER)
+        w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(rank))
+        for i in range(N_LAYER):
+            for name, out_dim in (("attn_q", N_HEAD * head_dim), ("attn_v", N_HEAD_KV * head_dim),
+                                  ("attn_output", N_EMBD)):
+                base = f"blk.{i}.{name}.weight"
+                a = (rng.standard_normal((rank, N_EMBD), dtype=np.float32) * 0.5).astype(np.float32)
+                b = (rng.standard_normal((out_dim, rank), dtype=np.float32) * 0.5).astype(np.float32)
+                w.add_tensor(base + ".lora_a", a)
+                w.add_tensor(base + ".lora_b", b)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, args.out)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    print(f"tiny-gguf: wrote the LoRA adapter {args.out} (rank {rank}, seed {args.seed})", file=sys.stderr)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--vocab", required=True, type=Path, help="a llama.cpp vocab GGUF (ggml-vocab-llama-spm.gguf)")
     ap.add_argument("--out", required=True, type=Path, help="the model file to write")
     ap.add_argument("--seed", type=int, default=0, help="seed for the random weights (default 0)")
     ap.add_argument("--gguf-py", help="folder holding llama.cpp's gguf package")
+    ap.add_argument("--lora", action="store_true",
+                    help="write a random LoRA adapter for the tiny model instead (rank 4 on every "
+                         "attention projection; --vocab only locates the gguf package)")
     args = ap.parse_args()
 
     gguf = import_gguf(args.gguf_py, args.vocab)
     import numpy as np
+
+    if args.lora:
+        write_lora(gguf, np, args)
+        return
 
     vt = gguf.GGUFValueType
     reader = gguf.GGUFReader(str(args.vocab))

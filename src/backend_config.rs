@@ -161,16 +161,8 @@ pub fn engine_args(
             }
             k if LOADER_HINTS.contains(&k) => continue,
             "lora_adapters" => {
-                let Some(adapters) = v.as_object() else {
-                    return Err(err(key, format!("must map adapter names to paths, got {v}")));
-                };
-                let mut pairs = Vec::new();
-                for (name, path) in adapters {
-                    let path = path
-                        .as_str()
-                        .ok_or_else(|| err(&format!("{key}.{name}"), "must be a path".into()))?;
-                    pairs.push((name.clone(), path.to_string()));
-                }
+                let pairs: Vec<(String, String)> =
+                    lora_adapters(config)?.into_iter().map(|a| (a.name, a.path)).collect();
                 if pairs.is_empty() {
                     continue;
                 }
@@ -190,6 +182,9 @@ pub fn engine_args(
                             out.args.push("--lora".into());
                             out.args.push(p.clone());
                         }
+                        // Each request picks its adapter (by position); the base model's
+                        // requests get none.
+                        push_once(&mut out.args, "--lora-init-without-apply");
                     }
                     None => {
                         return Err(err(
@@ -211,10 +206,20 @@ pub fn engine_args(
             (Some(Engine::Sglang), "max_model_len") => "context-length".into(),
             (Some(Engine::Llamacpp), "enable_lora") => {
                 // llama.cpp serves the adapters it is given; there is nothing to switch on.
-                if v.as_bool() == Some(true) {
+                if v.is_boolean() {
                     continue;
                 }
                 return Err(err(key, format!("must be true or false, got {v}")));
+            }
+            (_, "enable_lora")
+                if v.as_bool() == Some(false)
+                    && config
+                        .get("lora_adapters")
+                        .and_then(Value::as_object)
+                        .is_some_and(|m| !m.is_empty()) =>
+            {
+                // Adapters switch LoRA on (the deploy warned that enable_lora said otherwise).
+                continue;
             }
             _ => key.replace('_', "-"),
         };
@@ -282,6 +287,52 @@ pub fn engine_args(
     Ok(out)
 }
 
+/// A LoRA adapter a deployment serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Adapter {
+    /// What requests name it by (`model: "base:name"`, or `lora_adapter_name`).
+    pub name: String,
+    /// Where its weights are, as the engine reads them (a path or a hub name).
+    pub path: String,
+}
+
+/// Checks an adapter's name: 1..=64 characters from `[A-Za-z0-9._-]`, starting with a letter
+/// or digit (no `/` or `:`, which name a base model and an adapter of it).
+pub fn validate_adapter_name(name: &str) -> Result<(), String> {
+    let ok_chars = name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    let first_ok = name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
+    if name.is_empty() || name.len() > 64 || !ok_chars || !first_ok {
+        return Err(format!(
+            "adapter name {name:?} must be 1..=64 characters from [A-Za-z0-9._-], starting with \
+             a letter or digit"
+        ));
+    }
+    Ok(())
+}
+
+/// The LoRA adapters `config` names (`lora_adapters`: {name: path}), in the config's order.
+pub fn lora_adapters(config: &Map<String, Value>) -> Result<Vec<Adapter>, KeyError> {
+    let key = "lora_adapters";
+    let err = |key: String, reason: String| KeyError { key, reason };
+    let adapters = match config.get(key) {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Object(m)) => m,
+        Some(v) => {
+            return Err(err(key.into(), format!("must map adapter names to paths, got {v}")));
+        }
+    };
+    let mut out = Vec::with_capacity(adapters.len());
+    for (name, path) in adapters {
+        validate_adapter_name(name).map_err(|r| err(format!("{key}.{name}"), r))?;
+        let path = path
+            .as_str()
+            .filter(|p| !p.is_empty())
+            .ok_or_else(|| err(format!("{key}.{name}"), format!("must be a path, got {path}")))?;
+        out.push(Adapter { name: name.clone(), path: path.to_string() });
+    }
+    Ok(out)
+}
+
 fn push_once(args: &mut Vec<String>, flag: &str) {
     if !args.iter().any(|a| a == flag) {
         args.push(flag.to_string());
@@ -290,7 +341,7 @@ fn push_once(args: &mut Vec<String>, flag: &str) {
 
 /// ServerlessLLM's keys for its transformers backend.
 const TRANSFORMERS_KEYS: &[&str] =
-    &["pretrained_model_name_or_path", "device_map", "torch_dtype", "hf_model_class"];
+    &["pretrained_model_name_or_path", "device_map", "torch_dtype", "hf_model_class", "precision"];
 
 /// Checks a deployment's backend_config for its backend at deploy time: for vllm, sglang and
 /// llamacpp every key must become one of that engine's flags; for ServerlessLLM's
@@ -315,7 +366,21 @@ pub fn check(backend: &str, config: &Map<String, Value>) -> Result<(), KeyError>
             }
         }
     }
-    engine_args(None, config).map(|_| ())
+    // The simulator, transformers and custom backends take adapters by name; the keys pass no
+    // flag there.
+    lora_adapters(config)?;
+    if let Some(v) = config.get("enable_lora").filter(|v| !v.is_null() && !v.is_boolean()) {
+        return Err(KeyError {
+            key: "enable_lora".into(),
+            reason: format!("must be true or false, got {v}"),
+        });
+    }
+    let rest: Map<String, Value> = config
+        .iter()
+        .filter(|(k, _)| !["lora_adapters", "enable_lora"].contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    engine_args(None, &rest).map(|_| ())
 }
 
 #[cfg(test)]
@@ -384,6 +449,34 @@ mod tests {
         assert_eq!(a.model, None, "empty means the model's own name");
         let a = args(Engine::Sglang, json!({"max_model_len": 8192})).unwrap();
         assert_eq!(a.args, ["--context-length", "8192"]);
+    }
+
+    #[test]
+    fn lora_adapters_become_each_engines_flags_and_are_checked_by_name() {
+        let a = args(
+            Engine::Llamacpp,
+            json!({"lora_adapters": {"a": "/l/a.gguf", "b": "/l/b.gguf"}, "enable_lora": false}),
+        )
+        .unwrap();
+        assert_eq!(
+            a.args,
+            ["--lora", "/l/a.gguf", "--lora", "/l/b.gguf", "--lora-init-without-apply"]
+        );
+        // Adapters switch LoRA on even where enable_lora says false (the deploy warns).
+        let a = args(Engine::Vllm, json!({"enable_lora": false, "lora_adapters": {"a": "/a"}}))
+            .unwrap();
+        assert_eq!(a.args, ["--enable-lora", "--lora-modules", "a=/a"]);
+        // The simulator and custom backends take adapters by name, with no flag.
+        let sim = json!({"lora_adapters": {"a": "/a"}, "enable_lora": true});
+        assert!(check("sim", sim.as_object().unwrap()).is_ok());
+        for (config, key) in [
+            (json!({"lora_adapters": {"a:b": "/p"}}), "lora_adapters.a:b"),
+            (json!({"lora_adapters": {"a": ""}}), "lora_adapters.a"),
+            (json!({"lora_adapters": ["a"]}), "lora_adapters"),
+            (json!({"enable_lora": "yes"}), "enable_lora"),
+        ] {
+            assert_eq!(check("sim", config.as_object().unwrap()).unwrap_err().key, key);
+        }
     }
 
     #[test]

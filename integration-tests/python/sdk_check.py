@@ -63,6 +63,10 @@ with sllm.Client(endpoint) as client:
     except sllm.SllmError as e:
         check(e.code == grpc.StatusCode.NOT_FOUND and "nope" in e.message, "unknown model gives NOT_FOUND")
 
+    vectors = client.embed("sdk-model", ["a b", "c"], dimensions=8)
+    check(len(vectors) == 2 and len(vectors[0]) == 8 and vectors[0] != vectors[1], "embed")
+    check(client.embed("sdk-model", "a b", dimensions=8) == vectors[:1], "embed one text")
+
     gone = client.delete("sdk-model")
     check(gone.state == sllm.v1.common_pb2.DEPLOYMENT_STATE_DELETING, "delete")
 

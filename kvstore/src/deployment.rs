@@ -232,6 +232,32 @@ impl Store {
         reply.u64(0)
     }
 
+    /// Replaces a deployment's backend_config (a JSON object as text), as `update_autoscaling`
+    /// replaces its policy: only while active, and only at `expected_version` unless that is 0.
+    /// Returns the new version.
+    pub async fn update_backend_config(
+        &self,
+        model: &str,
+        backend_config: &str,
+        expected_version: u64,
+    ) -> Result<u64> {
+        names::validate_model_name("model", model)?;
+        match serde_json::from_str::<serde_json::Value>(backend_config) {
+            Ok(serde_json::Value::Object(_)) => {}
+            _ => return Err(Error::invalid("backend_config", "must be a JSON object")),
+        }
+        let expected = expected_version.to_string();
+        let args = [
+            Arg::Str(model),
+            Arg::Str(&expected),
+            Arg::Str("backend_config"),
+            Arg::Str(backend_config),
+        ];
+        let reply =
+            self.run_ok("deployment_update", &self.scripts().deployment_update, &args).await?;
+        reply.u64(0)
+    }
+
     /// Marks an active deployment deleting. Returns the new version.
     pub async fn mark_deployment_deleting(&self, model: &str) -> Result<u64> {
         names::validate_model_name("model", model)?;

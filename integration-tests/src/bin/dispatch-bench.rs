@@ -319,6 +319,7 @@ impl pb::dispatch_server::Dispatch for Direct {
             },
             openai: None,
             traceparent: String::new(),
+            adapter: None,
         });
         let stream = tokio_stream::wrappers::ReceiverStream::new(out).map(|o| {
             let event = match o {
@@ -331,6 +332,13 @@ impl pb::dispatch_server::Dispatch for Direct {
             Ok(pb::GenerateEvent { event: Some(event) })
         });
         Ok(tonic::Response::new(Box::pin(stream)))
+    }
+
+    async fn embed(
+        &self,
+        _: tonic::Request<pb::EmbedRequest>,
+    ) -> Result<tonic::Response<pb::EmbedResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("the benchmark's direct path measures Generate only"))
     }
 
     async fn attach(

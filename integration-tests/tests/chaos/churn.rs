@@ -189,7 +189,7 @@ async fn deploy_and_delete(
         .await
         .unwrap_or_else(|s| panic!("deploy {model}: {s}"));
     models
-        .delete(pb::DeleteRequest { model: model.clone() })
+        .delete(pb::DeleteRequest { model: model.clone(), ..Default::default() })
         .await
         .unwrap_or_else(|s| panic!("delete {model}: {s}"));
 }

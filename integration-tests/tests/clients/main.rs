@@ -4,9 +4,11 @@
 #![allow(clippy::unwrap_used)]
 
 mod cli;
+mod embeddings;
 mod grpcurl;
 mod quickstart;
 mod sdk;
+mod serverlessllm;
 
 use std::path::{Path, PathBuf};
 use std::process::Output;

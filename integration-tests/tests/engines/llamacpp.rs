@@ -285,3 +285,232 @@ async fn a_real_llama_cpp_server_behind_sllm_answers_as_it_does_alone() {
         tokio::process::Command::new("kill").args(["-KILL", &replaced.to_string()]).status().await;
     direct.kill();
 }
+
+/// Embeddings from a real llama-server run with `--embeddings --pooling mean` (set in the
+/// deployment's backend_config), through sllm over HTTP (the official client) and gRPC
+/// `Embed`, compared with the same server called directly.
+#[tokio::test]
+async fn llama_cpp_embeddings_through_sllm_match_the_server_alone() {
+    let server = llama_server();
+    let models = tempfile::tempdir().unwrap();
+    let model = tiny_model(&server, models.path());
+    let c = cluster().await;
+    let registry = Served::model_registry(c.store.clone()).await.unwrap();
+    let mut client =
+        pb::model_registry_client::ModelRegistryClient::new(registry.channel().await.unwrap());
+    let config = serde_json::json!({
+        "pretrained_model_name_or_path": "tiny.gguf",
+        "embeddings": true,
+        "pooling": "mean",
+        "parallel": 1,
+        "threads": 1,
+        "ctx_size": 1024,
+    });
+    client
+        .deploy(pb::DeployRequest {
+            spec: Some(pb::DeploymentSpec {
+                model: "tiny-embed".into(),
+                backend: "llamacpp".into(),
+                num_gpus: 1,
+                auto_scaling_config: None,
+                backend_config: Some(sllm_api::json::json_to_struct(&config)),
+            }),
+        })
+        .await
+        .unwrap();
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let line = format!(
+        "exec {} -m {} --alias tiny-embed --host 127.0.0.1 --port {port} --embeddings --pooling mean --parallel 1 --threads 1 --ctx-size 1024 2>&1",
+        server.display(),
+        model.display()
+    );
+    let mut direct = Proc::spawn(
+        std::process::Command::new("sh").arg("-c").arg(line),
+        "listening on http",
+        Duration::from_secs(20),
+    )
+    .unwrap();
+    let path = format!(
+        "{}:{}",
+        server.parent().unwrap().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let (_agent, _) = Proc::sllm(
+        &[
+            "worker",
+            "--backend",
+            "engine",
+            "--engine",
+            "llamacpp",
+            "--registry",
+            &c.registry.endpoint(),
+            "--node-id",
+            "llama-embed-host",
+            "--gpus",
+            "1",
+            "--model-dir",
+            &models.path().display().to_string(),
+            "--stop-grace-s",
+            "1",
+        ],
+        &[("SLLM_JOIN_SECRET", JOIN_SECRET), ("PATH", &path)],
+        "started",
+    )
+    .unwrap();
+
+    // gRPC first (it starts the engine), then the official client over HTTP.
+    let mut dispatch = c.dispatch.client().await.unwrap();
+    let r = dispatch
+        .embed(pb::EmbedRequest {
+            model: "tiny-embed".into(),
+            input: vec!["Hello there".into(), "Something else".into()],
+            dimensions: None,
+            timeout_ms: 60_000,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.embeddings.len(), 2);
+    assert!(!r.embeddings[0].values.is_empty());
+    assert_ne!(r.embeddings[0].values, r.embeddings[1].values);
+    assert!(r.prompt_tokens > 0);
+
+    let out = tokio::process::Command::new(sllm_integration_tests::python().unwrap())
+        .arg(repo().join("integration-tests/python/llamacpp_embeddings_check.py"))
+        .arg(c.dispatch.openai_base())
+        .arg(format!("http://127.0.0.1:{port}/v1"))
+        .arg("tiny-embed")
+        .arg(serde_json::to_string(&r.embeddings[0].values).unwrap())
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("all llama.cpp embeddings checks passed"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    direct.kill();
+}
+
+/// LoRA on a real llama-server: a deployment's adapter (`scripts/tiny-gguf.py --lora`) is
+/// given to the engine at start, and each request picks it or not, through sllm, with the
+/// same text as the server alone with the adapter at scale 1 or 0.
+#[tokio::test]
+async fn llama_cpp_lora_adapters_answer_as_the_server_alone() {
+    let server = llama_server();
+    let models = tempfile::tempdir().unwrap();
+    let model = tiny_model(&server, models.path());
+    let cache = server.parent().unwrap().parent().unwrap();
+    let lora = models.path().join("shout.gguf");
+    let status = std::process::Command::new(sllm_integration_tests::python().unwrap())
+        .arg(repo().join("scripts/tiny-gguf.py"))
+        .arg("--vocab")
+        .arg(cache.join("models/ggml-vocab-llama-spm.gguf"))
+        .arg("--out")
+        .arg(&lora)
+        .arg("--lora")
+        .status()
+        .unwrap();
+    assert!(status.success(), "tiny-gguf.py --lora failed");
+
+    let c = cluster().await;
+    let registry = Served::model_registry(c.store.clone()).await.unwrap();
+    let mut client =
+        pb::model_registry_client::ModelRegistryClient::new(registry.channel().await.unwrap());
+    let config = serde_json::json!({
+        "pretrained_model_name_or_path": "tiny.gguf",
+        "lora_adapters": {"shout": lora.display().to_string()},
+        "parallel": 1,
+        "threads": 1,
+        "ctx_size": 1024,
+    });
+    client
+        .deploy(pb::DeployRequest {
+            spec: Some(pb::DeploymentSpec {
+                model: "tiny-lora".into(),
+                backend: "llamacpp".into(),
+                num_gpus: 1,
+                auto_scaling_config: Some(pb::AutoScalingConfig {
+                    metric: "concurrency".into(),
+                    target: 1.0,
+                    min_instances: 0,
+                    max_instances: 1,
+                    keep_alive: 300,
+                }),
+                backend_config: Some(sllm_api::json::json_to_struct(&config)),
+            }),
+        })
+        .await
+        .unwrap();
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let line = format!(
+        "exec {} -m {} --alias tiny-lora --host 127.0.0.1 --port {port} --lora {} --parallel 1 --threads 1 --ctx-size 1024 2>&1",
+        server.display(),
+        model.display(),
+        lora.display()
+    );
+    let mut direct = Proc::spawn(
+        std::process::Command::new("sh").arg("-c").arg(line),
+        "listening on http",
+        Duration::from_secs(20),
+    )
+    .unwrap();
+    let path = format!(
+        "{}:{}",
+        server.parent().unwrap().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let (_agent, _) = Proc::sllm(
+        &[
+            "worker",
+            "--backend",
+            "engine",
+            "--engine",
+            "llamacpp",
+            "--registry",
+            &c.registry.endpoint(),
+            "--node-id",
+            "llama-lora-host",
+            "--gpus",
+            "1",
+            "--model-dir",
+            &models.path().display().to_string(),
+            "--stop-grace-s",
+            "1",
+        ],
+        &[("SLLM_JOIN_SECRET", JOIN_SECRET), ("PATH", &path)],
+        "started",
+    )
+    .unwrap();
+
+    let complete = |base: String, body: serde_json::Value| async move {
+        let o = tokio::process::Command::new("curl")
+            .args(["-s", "--max-time", "60", "-H", "Content-Type: application/json", "-d"])
+            .arg(body.to_string())
+            .arg(format!("{base}/completions"))
+            .output()
+            .await
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout)
+            .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&o.stdout)));
+        v["choices"][0]["text"].as_str().unwrap_or_else(|| panic!("{v}")).to_string()
+    };
+    let ask = |model: &str| serde_json::json!({"model": model, "prompt": "Hello", "max_tokens": 8, "temperature": 0});
+    let sllm_base = c.dispatch.openai_base();
+    let direct_base = format!("http://127.0.0.1:{port}/v1");
+    let with_scale = |scale: f64| {
+        let mut b = ask("tiny-lora");
+        b["lora"] = serde_json::json!([{"id": 0, "scale": scale}]);
+        b
+    };
+    let shout = complete(sllm_base.clone(), ask("tiny-lora:shout")).await;
+    let plain = complete(sllm_base.clone(), ask("tiny-lora")).await;
+    assert_ne!(shout, plain, "the adapter changes the text");
+    assert_eq!(shout, complete(direct_base.clone(), with_scale(1.0)).await);
+    assert_eq!(plain, complete(direct_base.clone(), with_scale(0.0)).await);
+    assert_eq!(shout, complete(sllm_base.clone(), ask("shout")).await, "by its name alone");
+    direct.kill();
+}

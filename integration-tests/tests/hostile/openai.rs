@@ -36,7 +36,25 @@ fn known(field: &str) -> bool {
     field == "body" || field == "input" || FIELDS.contains(&field) || field.starts_with("messages[")
 }
 
+const EMBEDDING_FIELDS: &[&str] = &["model", "input", "encoding_format", "dimensions", "user"];
+
 proptest! {
+    /// Any embeddings body is refused naming one of its fields (or the body), or accepted;
+    /// never a panic.
+    #[test]
+    fn any_embeddings_body_is_accepted_or_refused_naming_a_field(
+        body in prop_oneof![any::<String>(), object_with(EMBEDDING_FIELDS).prop_map(|v| v.to_string())],
+    ) {
+        if let Err(e) = dispatch::openai::check_embeddings_body(&body, &config()) {
+            let field = named_field(&e);
+            prop_assert!(
+                field.as_deref().is_some_and(|f| f == "body" || f == "prompt"
+                    || EMBEDDING_FIELDS.iter().any(|k| f == *k || f.starts_with(&format!("{k}[")))),
+                "{:?} from {}", e, body
+            );
+        }
+    }
+
     /// Any body — arbitrary text, or an object built from the API's fields with values of
     /// any type — is refused naming a field, or accepted; never a panic.
     #[test]

@@ -141,6 +141,7 @@ async fn update_changes_scaling_without_disturbing_running_instances() {
                 ..Default::default()
             }),
             expected_version: 1,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -162,6 +163,7 @@ async fn update_changes_scaling_without_disturbing_running_instances() {
                 ..Default::default()
             }),
             expected_version: 1,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -171,6 +173,7 @@ async fn update_changes_scaling_without_disturbing_running_instances() {
             model: "m".into(),
             auto_scaling_config: None,
             expected_version: 0,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -185,6 +188,7 @@ async fn update_changes_scaling_without_disturbing_running_instances() {
                 ..Default::default()
             }),
             expected_version: 0,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -199,9 +203,13 @@ async fn deleting_a_model_drains_and_removes_its_instances_then_the_record() {
     c.deploy("m", 2, 2, 1.0, 0).await;
     c.settled("m", 2, Duration::from_secs(10)).await;
     let mut client = c.client().await;
-    let resp = client.delete(pb::DeleteRequest { model: "m".into() }).await.unwrap().into_inner();
+    let resp = client
+        .delete(pb::DeleteRequest { model: "m".into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(resp.deployment.unwrap().state, pb::DeploymentState::Deleting as i32);
-    let err = client.delete(pb::DeleteRequest { model: "m".into() }).await;
+    let err = client.delete(pb::DeleteRequest { model: "m".into(), ..Default::default() }).await;
     if let Err(err) = err {
         // Either still deleting (FAILED_PRECONDITION) or already gone (NOT_FOUND).
         assert!(matches!(err.code(), Code::FailedPrecondition | Code::NotFound), "{err:?}");
@@ -216,6 +224,9 @@ async fn deleting_a_model_drains_and_removes_its_instances_then_the_record() {
     assert_eq!(c.store.get_worker("w1").await.unwrap().unwrap().free_gpus, [0, 1, 2, 3]);
     let err = client.get(pb::GetRequest { model: "m".into() }).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
-    let err = client.delete(pb::DeleteRequest { model: "never".into() }).await.unwrap_err();
+    let err = client
+        .delete(pb::DeleteRequest { model: "never".into(), ..Default::default() })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
 }

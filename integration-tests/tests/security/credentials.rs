@@ -363,6 +363,7 @@ async fn keys_and_secrets_from_files_scopes_per_rpc_and_protected_introspection(
         model: "m".into(),
         auto_scaling_config: Some(policy.clone()),
         expected_version: 0,
+        ..Default::default()
     };
     // Each call: PERMISSION_DENIED with the inference key (naming admin), UNAUTHENTICATED
     // with none, and through with the admin key.
@@ -385,7 +386,7 @@ async fn keys_and_secrets_from_files_scopes_per_rpc_and_protected_introspection(
     admin_only!(scaler.get_scale_status(pb::GetScaleStatusRequest { model: "m".into() }));
     admin_only!(scaler.list_scale_status(pb::ListScaleStatusRequest {}));
     admin_only!(scaler.get_leader(pb::GetLeaderRequest {}));
-    admin_only!(models.delete(pb::DeleteRequest { model: "m".into() }));
+    admin_only!(models.delete(pb::DeleteRequest { model: "m".into(), ..Default::default() }));
 
     // Reflection, protected: an admin key is needed to read the schema.
     {

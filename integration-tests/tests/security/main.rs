@@ -102,12 +102,16 @@ async fn api_keys_guard_grpc_http_and_the_cli_by_scope() {
     let (ok, _, err) = run(sllm, &["deploy", "n", "--endpoint", &grpc, "--api-key", INFER]).await;
     assert!(!ok && err.contains("PermissionDenied"), "{err}");
     // Worker addresses and inventory, and the Scaler's state, are for operators (admin).
-    for cmd in ["workers", "status"] {
-        let (ok, _, err) = run(sllm, &[cmd, "--endpoint", &grpc, "--api-key", INFER]).await;
-        assert!(!ok && err.contains("PermissionDenied"), "{cmd}: {err}");
-        let (ok, out, err) = run(sllm, &[cmd, "--endpoint", &grpc, "--api-key", ADMIN]).await;
-        assert!(ok, "{cmd}: {out}{err}");
+    for cmd in [&["workers"][..], &["status", "--detail"], &["status", "m"]] {
+        let args = |key| [cmd, &["--endpoint", &grpc, "--api-key", key]].concat();
+        let (ok, _, err) = run(sllm, &args(INFER)).await;
+        assert!(!ok && err.contains("PermissionDenied"), "{cmd:?}: {err}");
+        let (ok, out, err) = run(sllm, &args(ADMIN)).await;
+        assert!(ok, "{cmd:?}: {out}{err}");
     }
+    // The model list ServerlessLLM's `sllm status` prints is what /v1/models shows anyone.
+    let (ok, out, err) = run(sllm, &["status", "--endpoint", &grpc, "--api-key", INFER]).await;
+    assert!(ok && out.contains("- m"), "{out}{err}");
 
     // The Python SDK sends api_key.
     let script = format!(
@@ -151,5 +155,46 @@ async fn api_keys_guard_grpc_http_and_the_cli_by_scope() {
     )
     .await;
     assert!(body.ends_with("401"), "{body}");
+
+    // ServerlessLLM's admin API on the same port needs the admin scope; embeddings and one
+    // model's card need inference.
+    let post = |path: &'static str, key: Option<&'static str>, body: &'static str| {
+        let http = http.clone();
+        async move {
+            let mut args =
+                vec!["-s", "-w", "\n%{http_code}", "-H", "Content-Type: application/json"];
+            let auth = key.map(|k| format!("Authorization: Bearer {k}"));
+            if let Some(a) = &auth {
+                args.extend(["-H", a.as_str()]);
+            }
+            let url = format!("{http}{path}");
+            args.extend(["-d", body, url.as_str()]);
+            run("curl", &args).await.1
+        }
+    };
+    let register = r#"{"model": "r", "backend": "sim"}"#;
+    assert!(post("/register", None, register).await.ends_with("401"));
+    let body = post("/register", Some(INFER), register).await;
+    assert!(body.ends_with("403") && body.contains("admin"), "{body}");
+    for path in ["/update", "/delete"] {
+        let body = post(path, Some(INFER), r#"{"model": "m"}"#).await;
+        assert!(body.ends_with("403"), "{path}: {body}");
+    }
+    let body = post("/register", Some(ADMIN), register).await;
+    assert!(body.ends_with("200") && body.contains("\"ok\""), "{body}");
+    assert!(post("/v1/embeddings", None, r#"{"model": "r", "input": "x"}"#).await.ends_with("401"));
+    let (_, body, _) = run(
+        "curl",
+        &[
+            "-s",
+            "-w",
+            "\n%{http_code}",
+            "-H",
+            &format!("Authorization: Bearer {INFER}"),
+            &format!("{http}/v1/models/m"),
+        ],
+    )
+    .await;
+    assert!(body.ends_with("200") && body.contains("\"id\":\"m\""), "{body}");
     drop(proc);
 }

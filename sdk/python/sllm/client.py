@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator, Optional, Sequence, Union
+from typing import Any, AsyncIterator, Iterator, List, Optional, Sequence, Union
 
 import grpc
 from google.protobuf import json_format, struct_pb2
@@ -347,12 +347,31 @@ class Client:
         except grpc.RpcError as e:
             raise _raise(e) from None
 
-    def delete(self, model: str) -> common_pb2.Deployment:
-        """Deletes a model: its instances drain, then it is removed."""
+    def delete(self, model: str, lora_adapters: Optional[Sequence[str]] = None) -> common_pb2.Deployment:
+        """Deletes a model: its instances drain, then it is removed. With lora_adapters, only
+        those adapters are removed and the model stays."""
+        req = model_registry_pb2.DeleteRequest(model=model, lora_adapters=list(lora_adapters or []))
         try:
-            return self._models.Delete(model_registry_pb2.DeleteRequest(model=model), timeout=self._timeout).deployment
+            return self._models.Delete(req, timeout=self._timeout).deployment
         except grpc.RpcError as e:
             raise _raise(e) from None
+
+    def embed(
+        self,
+        model: str,
+        texts: Union[str, Sequence[str]],
+        *,
+        dimensions: Optional[int] = None,
+        timeout: Optional[float] = None,
+    ) -> List[List[float]]:
+        """One vector per text, in order (a single string gives a list of one)."""
+        inputs = [texts] if isinstance(texts, str) else list(texts)
+        req = dispatch_pb2.EmbedRequest(model=model, input=inputs, dimensions=dimensions)
+        try:
+            resp = self._dispatch.Embed(req, timeout=timeout)
+        except grpc.RpcError as e:
+            raise _raise(e) from None
+        return [list(e.values) for e in sorted(resp.embeddings, key=lambda e: e.index)]
 
     def get(self, model: str) -> common_pb2.Deployment:
         try:

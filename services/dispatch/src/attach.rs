@@ -236,6 +236,7 @@ mod tests {
                 pb::attach_down::Msg::Credit(c) => order.push(format!("credit {}", c.request_id)),
                 pb::attach_down::Msg::Request(r) => order.push(format!("request {}", r.request_id)),
                 pb::attach_down::Msg::Welcome(_) => order.push("welcome".into()),
+                pb::attach_down::Msg::UnloadAdapter(u) => order.push(format!("unload {}", u.name)),
             }
         }
         assert_eq!(order, ["cancel 1", "cancel 2", "credit 2", "request 1", "request 2"]);

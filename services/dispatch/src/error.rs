@@ -18,6 +18,16 @@ pub enum DispatchError {
     /// No such deployment.
     #[error("model {0:?} is not deployed")]
     NotFound(String),
+    /// The deployment has no LoRA adapter of that name.
+    #[error("model {model:?} has no LoRA adapter {adapter:?} (it has: {have})")]
+    NoAdapter {
+        /// The deployment.
+        model: String,
+        /// The adapter asked for.
+        adapter: String,
+        /// The adapters it has, or "none".
+        have: String,
+    },
     /// No deployment record, but instances of the model run: the store lost its state.
     #[error("{}", service::convert::missing_deployment_words(.0, *.1))]
     Missing(String, usize),
@@ -79,7 +89,9 @@ impl DispatchError {
     pub fn to_status(&self) -> Status {
         let code = match self {
             DispatchError::Invalid { .. } => Code::InvalidArgument,
-            DispatchError::NotFound(_) | DispatchError::Missing(..) => Code::NotFound,
+            DispatchError::NotFound(_)
+            | DispatchError::NoAdapter { .. }
+            | DispatchError::Missing(..) => Code::NotFound,
             DispatchError::Deleting(_) | DispatchError::Unplaceable { .. } => {
                 Code::FailedPrecondition
             }
@@ -112,9 +124,9 @@ impl DispatchError {
     pub fn http(&self) -> (u16, &'static str, Option<&'static str>) {
         match self {
             DispatchError::Invalid { .. } => (400, "invalid_request_error", None),
-            DispatchError::NotFound(_) | DispatchError::Missing(..) => {
-                (404, "invalid_request_error", Some("model_not_found"))
-            }
+            DispatchError::NotFound(_)
+            | DispatchError::NoAdapter { .. }
+            | DispatchError::Missing(..) => (404, "invalid_request_error", Some("model_not_found")),
             DispatchError::Deleting(_) => (409, "invalid_request_error", Some("model_deleting")),
             DispatchError::Unplaceable { .. } => (503, "server_error", Some("model_unplaceable")),
             DispatchError::QueueFull { .. } => (429, "rate_limit_error", Some("queue_full")),

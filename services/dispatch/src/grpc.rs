@@ -106,6 +106,8 @@ impl dispatch_server::Dispatch for Dispatch {
             traceparent,
             entry: "sllm.v1.Dispatch/Generate",
             openai: None,
+            adapter_name: None,
+            adapter: None,
         };
         let events = self.submit(job).await.map_err(|e| e.to_status())?;
         let stream = ReceiverStream::new(events).map(|r| r.map(to_pb).map_err(|e| e.to_status()));
@@ -116,6 +118,57 @@ impl dispatch_server::Dispatch for Dispatch {
         Ok(response)
     }
 
+    async fn embed(
+        &self,
+        request: Request<pb::EmbedRequest>,
+    ) -> Result<Response<pb::EmbedResponse>, Status> {
+        let header_deadline = request.extensions().get::<Entry>().and_then(|e| e.deadline);
+        let traceparent = request
+            .metadata()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        let req = request.into_inner();
+        if req.input.is_empty() {
+            return Err(service::field_status("input", "must hold at least one text"));
+        }
+        if let Some(i) = req.input.iter().position(String::is_empty) {
+            return Err(service::field_status(&format!("input[{i}]"), "must not be empty"));
+        }
+        let mut body = serde_json::json!({
+            "model": req.model,
+            "input": req.input,
+            "encoding_format": "float",
+        });
+        if let Some(d) = req.dimensions {
+            body["dimensions"] = serde_json::json!(d);
+        }
+        let id = format!("embd-{}", uuid::Uuid::now_v7().simple());
+        let mut job = crate::openai::parse_embeddings(
+            &body.to_string(),
+            traceparent,
+            id,
+            "sllm.v1.Dispatch/Embed",
+        )
+        .map_err(|e| e.to_status())?;
+        let field_deadline = (req.timeout_ms > 0)
+            .then(|| deadline_after(Duration::from_millis(req.timeout_ms)))
+            .flatten();
+        job.deadline = match (header_deadline, field_deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let events = self.submit(job).await.map_err(|e| e.to_status())?;
+        let answer = match crate::openai::collect(events).await.map_err(|e| e.to_status())? {
+            crate::openai::Collected::Relayed(body) => body,
+            crate::openai::Collected::Text(..) => {
+                return Err(Status::unavailable("the backend answered with text, not embeddings"));
+            }
+        };
+        embed_response(&answer).map(Response::new)
+    }
+
     async fn attach(
         &self,
         request: Request<Streaming<pb::AttachUp>>,
@@ -124,4 +177,34 @@ impl dispatch_server::Dispatch for Dispatch {
         let down = attach::open(self.inner.clone(), request.into_inner(), peer).await?;
         Ok(Response::new(down))
     }
+}
+
+/// An engine's OpenAI embeddings answer as an EmbedResponse.
+fn embed_response(body: &str) -> Result<pb::EmbedResponse, Status> {
+    let bad = |why: &str| Status::internal(format!("the engine's embeddings answer {why}"));
+    let v: serde_json::Value = serde_json::from_str(body).map_err(|_| bad("is not JSON"))?;
+    let data =
+        v.get("data").and_then(serde_json::Value::as_array).ok_or_else(|| bad("has no data"))?;
+    let mut embeddings = Vec::with_capacity(data.len());
+    for (i, d) in data.iter().enumerate() {
+        let values = d
+            .get("embedding")
+            .and_then(serde_json::Value::as_array)
+            .ok_or_else(|| bad("has an item without a float vector"))?
+            .iter()
+            .map(|x| x.as_f64().map(|f| f as f32))
+            .collect::<Option<Vec<f32>>>()
+            .ok_or_else(|| bad("has a vector with a value that is not a number"))?;
+        let index = d.get("index").and_then(serde_json::Value::as_u64).unwrap_or(i as u64);
+        embeddings.push(pb::Embedding { index: index as u32, values });
+    }
+    embeddings.sort_by_key(|e| e.index);
+    Ok(pb::EmbedResponse {
+        embeddings,
+        prompt_tokens: v
+            .pointer("/usage/prompt_tokens")
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0) as u32,
+        model: v.get("model").and_then(serde_json::Value::as_str).unwrap_or_default().to_string(),
+    })
 }

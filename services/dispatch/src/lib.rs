@@ -7,6 +7,7 @@
 //! It must never call another service; what it learns of deployments and instances comes from
 //! kvstore's event stream, and what it reports (demand, its own address) goes back there.
 
+mod admin;
 mod attach;
 mod error;
 mod grpc;
@@ -30,6 +31,21 @@ use tokio_util::sync::CancellationToken;
 pub use error::{AttachRefused, DispatchError};
 pub use grpc::parse_grpc_timeout;
 pub use request::{Event, Events, Input, Job};
+
+/// One entry of `/v1/models`: a deployment or one of its LoRA adapters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Listed {
+    /// What requests name it by: the deployment's name, or `base:adapter`.
+    pub id: String,
+    /// When the deployment was created, seconds since the Unix epoch.
+    pub created: u64,
+    /// The deployment's name, or the adapter's path.
+    pub root: String,
+    /// For an adapter, its base deployment.
+    pub parent: Option<String>,
+    /// For an adapter, its name.
+    pub adapter: Option<String>,
+}
 
 /// Settings of a Dispatch replica.
 #[derive(Debug, Clone)]
@@ -367,6 +383,41 @@ impl Dispatch {
     pub fn close(&self) {
         self.inner.draining.cancel();
         self.inner.closed.cancel();
+    }
+
+    /// The deployments this replica routes (not being deleted) and their LoRA adapters, sorted
+    /// by name, each adapter after its base model.
+    pub fn listing(&self) -> Vec<Listed> {
+        let mut routes: Vec<_> = self
+            .inner
+            .table
+            .models()
+            .into_iter()
+            .filter(|m| !m.deleting.load(Ordering::Relaxed))
+            .collect();
+        routes.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut out = Vec::new();
+        for route in routes {
+            let mut info = route.info();
+            info.adapters.sort_by(|a, b| a.name.cmp(&b.name));
+            out.push(Listed {
+                id: route.name.clone(),
+                created: info.created_s,
+                root: route.name.clone(),
+                parent: None,
+                adapter: None,
+            });
+            for a in info.adapters {
+                out.push(Listed {
+                    id: format!("{}:{}", route.name, a.name),
+                    created: info.created_s,
+                    root: a.path,
+                    parent: Some(route.name.clone()),
+                    adapter: Some(a.name),
+                });
+            }
+        }
+        out
     }
 
     /// Names of the deployments this replica routes (not being deleted), sorted.

@@ -38,13 +38,19 @@ pub(crate) async fn serve(
 pub fn router(dispatch: Dispatch) -> axum::Router {
     axum::Router::new()
         .route("/v1/models", get(models))
+        .route("/v1/models/{*id}", get(model))
+        .route("/register", post(crate::admin::register))
+        .route("/update", post(crate::admin::update))
+        .route("/delete", post(crate::admin::delete))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/embeddings", post(embeddings))
         .route("/health", get(|| async { "ok" }))
         .fallback(|| async {
             error_response(&DispatchError::invalid(
                 "path",
-                "no such endpoint; see /v1/models, /v1/completions, /v1/chat/completions",
+                "no such endpoint; see /v1/models, /v1/completions, /v1/chat/completions, \
+                 /v1/embeddings",
             ))
             .with_status(404)
         })
@@ -71,9 +77,10 @@ fn error_json(e: &DispatchError) -> Value {
     let (_, kind, code) = e.http();
     let param = match e {
         DispatchError::Invalid { field, .. } => Value::String(field.clone()),
-        DispatchError::NotFound(_) | DispatchError::Missing(..) | DispatchError::Deleting(_) => {
-            Value::String("model".into())
-        }
+        DispatchError::NotFound(_)
+        | DispatchError::NoAdapter { .. }
+        | DispatchError::Missing(..)
+        | DispatchError::Deleting(_) => Value::String("model".into()),
         _ => Value::Null,
     };
     json!({ "error": { "message": e.to_string(), "type": kind, "param": param, "code": code } })
@@ -88,10 +95,13 @@ impl stack::Surface for Http {
 
     fn classify(method: &axum::http::Method, path: &str) -> (Needed, bool) {
         match path {
-            "/v1/completions" | "/v1/chat/completions" => {
+            "/v1/completions" | "/v1/chat/completions" | "/v1/embeddings" => {
                 (Needed::Inference, method == axum::http::Method::POST)
             }
             "/v1/models" => (Needed::Read, false),
+            p if p.starts_with("/v1/models/") => (Needed::Read, false),
+            // ServerlessLLM's admin API.
+            "/register" | "/update" | "/delete" => (Needed::Admin, false),
             _ => (Needed::Nothing, false),
         }
     }
@@ -149,13 +159,50 @@ fn error_response(e: &DispatchError) -> Response {
     resp
 }
 
+/// Every deployment and each of its LoRA adapters (`base:adapter`, with `parent` the base), in
+/// OpenAI's shape (`data`) and under `models`, where ServerlessLLM's CLI reads them.
 async fn models(State(d): State<Dispatch>) -> Response {
-    let data: Vec<Value> = d
-        .models()
-        .into_iter()
-        .map(|m| json!({ "id": m, "object": "model", "created": 0, "owned_by": "sllm" }))
+    let data: Vec<Value> = d.listing().iter().map(model_card).collect();
+    Json(json!({ "object": "list", "data": data, "models": data })).into_response()
+}
+
+/// One model card: a deployment, or an adapter with `parent` its base model and `root` its path.
+fn model_card(m: &crate::Listed) -> Value {
+    json!({
+        "id": m.id,
+        "object": "model",
+        "created": m.created,
+        "owned_by": "sllm",
+        "root": m.root,
+        "parent": m.parent,
+    })
+}
+
+/// `GET /v1/models/{id}`: a deployment by name, or an adapter by `base:adapter` or by its
+/// name alone when one deployment has it.
+async fn model(
+    State(d): State<Dispatch>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    let listing = d.listing();
+    if let Some(m) = listing.iter().find(|m| m.id == id) {
+        return Json(model_card(m)).into_response();
+    }
+    let named: Vec<&crate::Listed> = listing
+        .iter()
+        .filter(|m| m.parent.is_some() && m.adapter.as_deref() == Some(&id))
         .collect();
-    Json(json!({ "object": "list", "data": data })).into_response()
+    match named.as_slice() {
+        [one] => Json(model_card(one)).into_response(),
+        [] => error_response(&DispatchError::NotFound(id)).with_status(404),
+        many => error_response(&DispatchError::invalid(
+            "model",
+            format!(
+                "adapter {id:?} belongs to several models ({}): name it as base:adapter",
+                many.iter().filter_map(|m| m.parent.as_deref()).collect::<Vec<_>>().join(", ")
+            ),
+        )),
+    }
 }
 
 /// A string or a list of strings (OpenAI accepts both for `stop` and `prompt`).
@@ -179,6 +226,8 @@ struct CommonBody {
     #[serde(default)]
     stream: bool,
     stream_options: Option<Value>,
+    /// ServerlessLLM's way to name a LoRA adapter of `model`.
+    lora_adapter_name: Option<String>,
 }
 
 impl CommonBody {
@@ -282,6 +331,8 @@ fn common(
         traceparent,
         entry,
         openai: Some(openai),
+        adapter_name: c.lora_adapter_name.clone(),
+        adapter: None,
     };
     Ok((c, job))
 }
@@ -375,6 +426,16 @@ pub fn check_body(
     } else {
         parse_completion(raw, String::new(), &answer)?
     };
+    crate::request::validate(&mut job, config)
+}
+
+/// Checks an embeddings body as `/v1/embeddings` would under `config`'s limits, without
+/// serving it: for property tests and fuzzing. A refusal names the offending field.
+pub fn check_embeddings_body(
+    raw: &str,
+    config: &crate::DispatchConfig,
+) -> Result<(), DispatchError> {
+    let mut job = parse_embeddings(raw, String::new(), "check".into(), "POST /v1/embeddings")?;
     crate::request::validate(&mut job, config)
 }
 
@@ -484,6 +545,132 @@ async fn chat_completions(State(d): State<Dispatch>, headers: HeaderMap, raw: St
     }
 }
 
+/// The texts of an embeddings `input`, for the prompt limit (token ids count four bytes each):
+/// a string, a list of strings, a list of token ids, or a list of such lists; never empty.
+fn embedding_input_size(input: Option<&Value>) -> Result<usize, DispatchError> {
+    let what = "must be a non-empty string, a list of strings, a list of token ids, or a list \
+                of such lists";
+    let ids = |items: &[Value]| -> Option<usize> {
+        (!items.is_empty() && items.iter().all(|t| t.as_u64().is_some())).then(|| items.len() * 4)
+    };
+    match input {
+        None | Some(Value::Null) => Err(DispatchError::invalid("input", "is required")),
+        Some(Value::String(s)) if !s.is_empty() => Ok(s.len()),
+        Some(Value::Array(items)) if !items.is_empty() => {
+            if let Some(n) = ids(items) {
+                return Ok(n);
+            }
+            let mut size = 0;
+            for (i, item) in items.iter().enumerate() {
+                size += match item {
+                    Value::String(s) if !s.is_empty() => s.len(),
+                    Value::Array(a) => ids(a).ok_or_else(|| {
+                        DispatchError::invalid(
+                            &format!("input[{i}]"),
+                            "must be a list of token ids",
+                        )
+                    })?,
+                    _ => {
+                        return Err(DispatchError::invalid(
+                            &format!("input[{i}]"),
+                            "must be a non-empty string or a list of token ids",
+                        ));
+                    }
+                };
+            }
+            Ok(size)
+        }
+        Some(_) => Err(DispatchError::invalid("input", what)),
+    }
+}
+
+/// An embeddings body (`/v1/embeddings`, or gRPC Embed's) as a job: `model` and `input`
+/// checked, `encoding_format` and `dimensions` checked for what they may be; every field goes
+/// to the engine as sent.
+pub(crate) fn parse_embeddings(
+    raw: &str,
+    traceparent: String,
+    response_id: String,
+    entry: &'static str,
+) -> Result<Job, DispatchError> {
+    let body = body_json(raw)?;
+    let model = match body.get("model") {
+        Some(Value::String(m)) if !m.is_empty() => m.clone(),
+        None | Some(Value::Null) => return Err(DispatchError::invalid("model", "is required")),
+        Some(v) => {
+            return Err(DispatchError::invalid("model", format!("must be a string, got {v}")));
+        }
+    };
+    let size = embedding_input_size(body.get("input"))?;
+    match body.get("encoding_format") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(f)) if f == "float" || f == "base64" => {}
+        Some(v) => {
+            return Err(DispatchError::invalid(
+                "encoding_format",
+                format!("must be \"float\" or \"base64\", got {v}"),
+            ));
+        }
+    }
+    match body.get("dimensions") {
+        None | Some(Value::Null) => {}
+        Some(v) if v.as_u64().is_some_and(|n| (1..=65_536).contains(&n)) => {}
+        Some(v) => {
+            return Err(DispatchError::invalid(
+                "dimensions",
+                format!("must be a whole number from 1 to 65536, got {v}"),
+            ));
+        }
+    }
+    let openai = pb::OpenAiRequest {
+        endpoint: pb::OpenAiEndpoint::Embeddings as i32,
+        body: raw.to_string(),
+        response_id: response_id.clone(),
+        created: now_s() as i64,
+        model: model.clone(),
+    };
+    Ok(Job {
+        id: response_id,
+        model,
+        // Only its size matters here (the prompt limit); the engine reads the body.
+        input: Input::Prompt(" ".repeat(size)),
+        params: pb::SamplingParams { max_tokens: 1, ..Default::default() },
+        progress: false,
+        deadline: None,
+        traceparent,
+        entry,
+        openai: Some(openai),
+        adapter_name: match body.get("lora_adapter_name") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(v) => {
+                return Err(DispatchError::invalid(
+                    "lora_adapter_name",
+                    format!("must be a string, got {v}"),
+                ));
+            }
+        },
+        adapter: None,
+    })
+}
+
+/// `POST /v1/embeddings`: routed, held and limited as generation is; the engine's answer comes
+/// back as it wrote it (with sllm's `model`).
+async fn embeddings(State(d): State<Dispatch>, headers: HeaderMap, raw: String) -> Response {
+    let result = async {
+        let id = format!("embd-{}", uuid::Uuid::now_v7().simple());
+        let job = parse_embeddings(&raw, traceparent(&headers), id, "POST /v1/embeddings")?;
+        collect(d.submit(job).await?).await
+    };
+    match result.await {
+        Ok(Collected::Relayed(body)) => json_body(body),
+        Ok(Collected::Text(..)) => error_response(&DispatchError::Unavailable(
+            "the backend answered with text, not embeddings".into(),
+        )),
+        Err(e) => error_response(&e),
+    }
+}
+
 /// An engine's JSON answer, relayed as it is.
 fn json_body(body: String) -> Response {
     ([(axum::http::header::CONTENT_TYPE, "application/json")], body).into_response()
@@ -505,13 +692,13 @@ fn usage_json(u: &pb::Usage) -> Value {
 }
 
 /// A whole answer: the engine's own body, or text to put in OpenAI's shape.
-enum Collected {
+pub(crate) enum Collected {
     Relayed(String),
     Text(String, pb::FinishReason, pb::Usage),
 }
 
 /// Waits for the whole answer.
-async fn collect(mut events: Events) -> Result<Collected, DispatchError> {
+pub(crate) async fn collect(mut events: Events) -> Result<Collected, DispatchError> {
     let mut text = String::new();
     let mut relayed = None;
     while let Some(item) = events.recv().await {

@@ -67,6 +67,10 @@ pub struct Job {
     pub entry: &'static str,
     /// The client's OpenAI request, which an engine gets as it is (HTTP API requests only).
     pub openai: Option<pb::OpenAiRequest>,
+    /// A LoRA adapter named apart from `model` (ServerlessLLM's `lora_adapter_name`).
+    pub adapter_name: Option<String>,
+    /// The LoRA adapter the request resolved to (set by `submit`).
+    pub adapter: Option<pb::LoraAdapter>,
 }
 
 /// What the client receives.
@@ -109,10 +113,7 @@ enum Attempt {
 impl Dispatch {
     /// Validates and admits a request. Errors that need no waiting (bad input, unknown model,
     /// full queue) come back here, before any output; the rest arrive on the stream.
-    pub async fn submit(&self, mut job: Job) -> Result<Events, DispatchError> {
-        if let Some((name, _backend)) = job.model.split_once(':') {
-            job.model = name.to_string();
-        }
+    pub async fn submit(&self, job: Job) -> Result<Events, DispatchError> {
         let operation =
             if matches!(job.input, Input::Chat(_)) { "chat" } else { "text_completion" };
         // Sampled out (or no exporter): no span at all, and none below it. The request path's
@@ -136,6 +137,7 @@ impl Dispatch {
             let label = if matches!(
                 e,
                 DispatchError::NotFound(_)
+                    | DispatchError::NoAdapter { .. }
                     | DispatchError::Missing(..)
                     | DispatchError::Invalid { .. }
             ) {
@@ -155,6 +157,7 @@ impl Dispatch {
         accepted: crate::Accepted,
     ) -> Result<Events, DispatchError> {
         let inner = &self.inner;
+        self.resolve_adapter(&mut job).await?;
         validate(&mut job, &inner.config)?;
         let route = match inner.table.model(&job.model) {
             Some(r) => r,
@@ -164,7 +167,8 @@ impl Dispatch {
             return Err(DispatchError::Deleting(job.model.clone()));
         }
         let start = Instant::now();
-        let first = match inner.table.try_slot(&route) {
+        let adapter = job.adapter.as_ref().map(|a| a.name.clone());
+        let first = match inner.table.try_slot(&route, adapter.as_deref()) {
             Some(slot) => Next::Slot(slot),
             None => {
                 if let Some(reason) = route.unplaceable()
@@ -222,7 +226,91 @@ enum Next {
     Ticket(Ticket),
 }
 
+/// Backends ServerlessLLM's `name:backend` form names.
+const BACKEND_WORDS: &[&str] = &["vllm", "sglang", "llamacpp", "transformers", "sim"];
+
 impl Dispatch {
+    /// Resolves what a request names into its deployment (`job.model`) and LoRA adapter
+    /// (`job.adapter`): `base`, `base:adapter` (or ServerlessLLM's `name:backend`), an
+    /// adapter's name alone when one deployment has it, and `lora_adapter_name` beside any of
+    /// them. Demand, limits and routing are then the base model's.
+    async fn resolve_adapter(&self, job: &mut Job) -> Result<(), DispatchError> {
+        let table = &self.inner.table;
+        let mut named = job.adapter_name.take().filter(|n| !n.is_empty());
+        let conflict = |named: &Option<String>, other: &str| -> Result<(), DispatchError> {
+            match named {
+                Some(n) if n != other => Err(DispatchError::invalid(
+                    "lora_adapter_name",
+                    format!("names adapter {n:?}, but model names {other:?}"),
+                )),
+                _ => Ok(()),
+            }
+        };
+        if table.model(&job.model).is_none() {
+            if let Some((base, suffix)) = job.model.split_once(':') {
+                let (base, suffix) = (base.to_string(), suffix.to_string());
+                let route = match table.model(&base) {
+                    Some(r) => r,
+                    None => self.confirm_deployed(&base).await?,
+                };
+                if route.info().adapters.iter().any(|a| a.name == suffix) {
+                    conflict(&named, &suffix)?;
+                    named = Some(suffix);
+                } else if !BACKEND_WORDS.contains(&suffix.as_str()) {
+                    named = Some(suffix);
+                }
+                job.model = base;
+            } else {
+                let owners: Vec<String> = table
+                    .models()
+                    .iter()
+                    .filter(|r| !r.deleting.load(Ordering::Relaxed))
+                    .filter(|r| r.info().adapters.iter().any(|a| a.name == job.model))
+                    .map(|r| r.name.clone())
+                    .collect();
+                match owners.as_slice() {
+                    [] => {}
+                    [base] => {
+                        conflict(&named, &job.model)?;
+                        named = Some(std::mem::replace(&mut job.model, base.clone()));
+                    }
+                    many => {
+                        return Err(DispatchError::invalid(
+                            "model",
+                            format!(
+                                "LoRA adapter {:?} belongs to several models ({}): name it as \
+                                 base:adapter",
+                                job.model,
+                                many.join(", ")
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        let Some(name) = named else { return Ok(()) };
+        let route = match table.model(&job.model) {
+            Some(r) => r,
+            None => self.confirm_deployed(&job.model).await?,
+        };
+        let info = route.info();
+        match info.adapters.iter().find(|a| a.name == name) {
+            Some(a) => {
+                job.adapter = Some(pb::LoraAdapter { name: a.name.clone(), path: a.path.clone() });
+                Ok(())
+            }
+            None => Err(DispatchError::NoAdapter {
+                model: job.model.clone(),
+                adapter: name,
+                have: if info.adapters.is_empty() {
+                    "none".into()
+                } else {
+                    info.adapters.iter().map(|a| a.name.as_str()).collect::<Vec<_>>().join(", ")
+                },
+            }),
+        }
+    }
+
     /// A model missing from the table may have been deployed a moment ago (its event not yet
     /// read): one kvstore read settles it before answering NOT_FOUND. Only this miss path reads.
     async fn confirm_deployed(&self, model: &str) -> Result<Arc<ModelRoute>, DispatchError> {
@@ -236,6 +324,7 @@ impl Dispatch {
                 let deleting = d.status == kvstore::DeploymentStatus::Deleting;
                 self.inner.table.upsert_model(model, deleting);
                 self.inner.table.set_target(model, d.spec.autoscaling.target);
+                self.inner.table.set_info(model, crate::table::RouteInfo::of(&d));
                 self.inner
                     .table
                     .model(model)
@@ -262,7 +351,9 @@ impl Dispatch {
 fn outcome_of(e: &DispatchError) -> &'static str {
     match e {
         DispatchError::Invalid { .. } => "invalid",
-        DispatchError::NotFound(_) | DispatchError::Missing(..) => "not_found",
+        DispatchError::NotFound(_)
+        | DispatchError::NoAdapter { .. }
+        | DispatchError::Missing(..) => "not_found",
         DispatchError::Deleting(_) => "deleting",
         DispatchError::Unplaceable { .. } => "unplaceable",
         DispatchError::QueueFull { .. } => "queue_full",
@@ -641,7 +732,14 @@ impl Driver {
             traceparent: span.traceparent(),
             openai: self.job.openai.clone(),
             window,
+            adapter: self.job.adapter.clone(),
         };
+        if let Some(a) = &self.job.adapter
+            && let Ok(mut held) = instance.adapters.lock()
+        {
+            // The instance loads it for this request: later ones for it prefer this instance.
+            held.insert(a.name.clone());
+        }
         let down = pb::AttachDown { msg: Some(pb::attach_down::Msg::Request(request)) };
         if link.tx.send(Ok(down)).await.is_err() {
             return Attempt::Failed(Fault::Instance("the worker's attach stream is closed".into()));

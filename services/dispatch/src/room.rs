@@ -114,12 +114,16 @@ impl Drop for Ticket {
 
 impl Table {
     /// A place for a request that arrived now, if one is free and nobody is waiting before it.
-    pub(crate) fn try_slot(self: &Arc<Self>, route: &Arc<ModelRoute>) -> Option<Slot> {
+    pub(crate) fn try_slot(
+        self: &Arc<Self>,
+        route: &Arc<ModelRoute>,
+        adapter: Option<&str>,
+    ) -> Option<Slot> {
         if route.waiting.load(Ordering::Acquire) > 0 {
             return None;
         }
         let limit = route.limit(self.instance_limit);
-        self.reserve(route, &HashSet::new(), limit).map(|r| Slot::new(self, route, r))
+        self.reserve_for(route, &HashSet::new(), limit, adapter).map(|r| Slot::new(self, route, r))
     }
 
     /// Joins the queue: at its end, or (a request that was sent and failed, admitted long ago)

@@ -241,7 +241,10 @@ impl Surface for Grpc {
     fn classify(_: &http::Method, path: &str) -> (service::auth::Needed, bool) {
         // The key was checked by the server's `AuthLayer` (CHECKS_KEYS is false): what the call
         // needs is not looked up twice per request.
-        (service::auth::Needed::Nothing, path == "/sllm.v1.Dispatch/Generate")
+        (
+            service::auth::Needed::Nothing,
+            path == "/sllm.v1.Dispatch/Generate" || path == "/sllm.v1.Dispatch/Embed",
+        )
     }
 
     fn deadline(headers: &http::HeaderMap) -> Result<Option<Instant>, DispatchError> {

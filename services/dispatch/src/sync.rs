@@ -48,6 +48,7 @@ async fn try_load(inner: &Arc<Inner>) -> kvstore::Result<Position> {
     let deployments: Vec<Loaded> = deployments
         .into_iter()
         .map(|d| Loaded {
+            info: crate::table::RouteInfo::of(&d),
             deleting: d.status == kvstore::DeploymentStatus::Deleting,
             target: d.spec.autoscaling.target,
             unplaceable: unplaceable.remove(&d.spec.model).filter(|r| !r.is_empty()),
@@ -96,7 +97,7 @@ async fn events(inner: Arc<Inner>, position: Position, shutdown: CancellationTok
                         adopt_ready(&inner, &e.entity).await;
                     }
                     if e.kind == "deployment.created" || e.kind == "deployment.updated" {
-                        read_target(&inner, &e.entity).await;
+                        read_deployment(&inner, &e.entity).await;
                     }
                 }
             }
@@ -136,10 +137,13 @@ async fn adopt_ready(inner: &Inner, model: &str) {
 }
 
 /// The deployment's `target`, which sizes how many requests an instance takes while more
-/// are starting.
-async fn read_target(inner: &Inner, model: &str) {
+/// are starting, and its listing (creation time, LoRA adapters).
+async fn read_deployment(inner: &Inner, model: &str) {
     match inner.store.get_deployment(model).await {
-        Ok(Some(d)) => inner.table.set_target(model, d.spec.autoscaling.target),
+        Ok(Some(d)) => {
+            inner.table.set_target(model, d.spec.autoscaling.target);
+            inner.table.set_info(model, crate::table::RouteInfo::of(&d));
+        }
         Ok(None) => {}
         Err(e) => tracing::warn!(%model, error = %e, "cannot read a deployment's target"),
     }

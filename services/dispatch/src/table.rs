@@ -35,6 +35,8 @@ pub(crate) struct Routable {
     pub(crate) instance_id: String,
     pub(crate) worker_id: String,
     pub(crate) in_flight: AtomicU32,
+    /// LoRA adapters this replica has sent it requests for: it holds them loaded.
+    pub(crate) adapters: Mutex<HashSet<String>>,
 }
 
 /// A model's metric series, looked up once when the model is added, so the request path never
@@ -103,6 +105,30 @@ pub(crate) struct ModelRoute {
     pub(crate) progress: broadcast::Sender<pb::Progress>,
     /// When this replica last raised a demand event for the model.
     pub(crate) last_demand_event: Mutex<Option<Instant>>,
+    /// What `/v1/models` shows of the deployment besides its name.
+    pub(crate) info: RwLock<RouteInfo>,
+}
+
+/// A deployment's listing: when it was created and the LoRA adapters it serves.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct RouteInfo {
+    /// Creation time, seconds since the Unix epoch.
+    pub(crate) created_s: u64,
+    /// Its LoRA adapters, in the deployment's order.
+    pub(crate) adapters: Vec<sllm_api::backend_config::Adapter>,
+}
+
+impl RouteInfo {
+    /// The listing of a stored deployment.
+    pub(crate) fn of(d: &kvstore::DeploymentRecord) -> RouteInfo {
+        let adapters = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(
+            &d.spec.backend_config,
+        )
+        .ok()
+        .and_then(|config| sllm_api::backend_config::lora_adapters(&config).ok())
+        .unwrap_or_default();
+        RouteInfo { created_s: d.created_ms / 1000, adapters }
+    }
 }
 
 impl ModelRoute {
@@ -121,7 +147,13 @@ impl ModelRoute {
             in_flight: AtomicU64::new(0),
             progress: broadcast::channel(16).0,
             last_demand_event: Mutex::new(None),
+            info: RwLock::new(RouteInfo::default()),
         }
+    }
+
+    /// The deployment's listing.
+    pub(crate) fn info(&self) -> RouteInfo {
+        self.info.read().map(|i| i.clone()).unwrap_or_default()
     }
 
     /// Whether the Scaler reported that no worker can take the model, and why.
@@ -253,6 +285,14 @@ impl WorkerLink {
         let _ = self.control.send(pb::AttachDown { msg: Some(msg) });
     }
 
+    /// Tells the worker an instance may unload LoRA adapter `name`.
+    pub(crate) fn unload_adapter(&self, instance_id: &str, name: String) {
+        let unload = pb::UnloadAdapter { instance_id: instance_id.to_string(), name };
+        let msg = pb::attach_down::Msg::UnloadAdapter(unload);
+        // A stream that is gone takes the adapter with its instance.
+        let _ = self.control.send(pb::AttachDown { msg: Some(msg) });
+    }
+
     /// Lets the worker send `chunks` more messages of a request.
     pub(crate) fn grant(&self, request_id: u64, chunks: u32) {
         let msg = pb::attach_down::Msg::Credit(pb::CreditGrant { request_id, chunks });
@@ -381,6 +421,7 @@ impl Table {
                 instance_id: instance_id.to_string(),
                 worker_id: worker_id.to_string(),
                 in_flight: AtomicU32::new(0),
+                adapters: Mutex::new(HashSet::new()),
             }));
         }
         self.pump(&route);
@@ -422,6 +463,32 @@ impl Table {
             *u = reason;
         }
         self.pump(&route);
+    }
+
+    /// Sets the deployment's listing. Adapters it no longer has are unloaded from the
+    /// instances this replica sent requests for them.
+    pub(crate) fn set_info(&self, model: &str, info: RouteInfo) {
+        let Some(route) = self.model(model) else { return };
+        if let Ok(mut i) = route.info.write() {
+            *i = info;
+        }
+        let kept: HashSet<String> = route.info().adapters.into_iter().map(|a| a.name).collect();
+        let Ok(instances) = route.instances.read() else { return };
+        let workers = self.workers.read().map(|w| w.clone()).unwrap_or_default();
+        for i in instances.iter() {
+            let gone: Vec<String> = match i.adapters.lock() {
+                Ok(mut held) => {
+                    let gone = held.iter().filter(|a| !kept.contains(*a)).cloned().collect();
+                    held.retain(|a| kept.contains(a));
+                    gone
+                }
+                Err(_) => continue,
+            };
+            let Some(link) = workers.get(&i.worker_id) else { continue };
+            for name in gone {
+                link.unload_adapter(&i.instance_id, name);
+            }
+        }
     }
 
     /// Sets the deployment's `target`.
@@ -469,6 +536,7 @@ impl Table {
                 u.clone_from(&d.unplaceable);
             }
             self.set_target(&d.name, d.target);
+            self.set_info(&d.name, d.info.clone());
         }
         let mut by_model: HashMap<&str, Vec<(&str, &str)>> = HashMap::new();
         for (model, instance, worker) in ready {
@@ -489,6 +557,7 @@ impl Table {
                             instance_id: instance.to_string(),
                             worker_id: worker.to_string(),
                             in_flight: AtomicU32::new(0),
+                            adapters: Mutex::new(HashSet::new()),
                         })
                     });
                     list.push(r);
@@ -551,6 +620,42 @@ impl Table {
         exclude: &HashSet<String>,
         limit: u32,
     ) -> Option<(Arc<Routable>, Arc<WorkerLink>)> {
+        self.reserve_for(route, exclude, limit, None)
+    }
+
+    /// [`Table::reserve`] for a request naming LoRA adapter `adapter`: instances that hold it
+    /// already come first (the least loaded of them), then any other.
+    pub(crate) fn reserve_for(
+        &self,
+        route: &ModelRoute,
+        exclude: &HashSet<String>,
+        limit: u32,
+        adapter: Option<&str>,
+    ) -> Option<(Arc<Routable>, Arc<WorkerLink>)> {
+        if let Some(adapter) = adapter {
+            let holders: HashSet<String> = route
+                .instances
+                .read()
+                .ok()?
+                .iter()
+                .filter(|i| i.adapters.lock().is_ok_and(|a| a.contains(adapter)))
+                .map(|i| i.instance_id.clone())
+                .collect();
+            let others: HashSet<String> = route
+                .instances
+                .read()
+                .ok()?
+                .iter()
+                .map(|i| i.instance_id.clone())
+                .filter(|id| !holders.contains(id))
+                .chain(exclude.iter().cloned())
+                .collect();
+            if !holders.is_empty()
+                && let Some(r) = self.reserve_for(route, &others, limit, None)
+            {
+                return Some(r);
+            }
+        }
         let instances = route.instances.read().ok()?;
         let workers = self.workers.read().ok()?;
         let now = clock_ms();
@@ -593,6 +698,7 @@ pub(crate) struct Loaded {
     pub(crate) deleting: bool,
     pub(crate) target: f64,
     pub(crate) unplaceable: Option<String>,
+    pub(crate) info: RouteInfo,
 }
 
 #[cfg(test)]

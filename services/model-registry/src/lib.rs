@@ -75,6 +75,74 @@ impl Registry {
         out
     }
 
+    /// Adds (`add`: name, path) and removes (`remove`: names) LoRA adapters of `model` in its
+    /// backend_config, checked as a deploy checks them. With `expected_version` 0 a concurrent
+    /// change is retried over; otherwise it is refused. Returns the new version.
+    async fn change_adapters(
+        &self,
+        model: &str,
+        add: &[(String, String)],
+        remove: &[String],
+        expected_version: u64,
+    ) -> Result<u64, Status> {
+        for attempt in 0..6 {
+            let record = self
+                .store
+                .get_deployment(model)
+                .await
+                .map_err(|e| service::to_status(e, ""))?
+                .ok_or_else(|| not_found(model))?;
+            if expected_version != 0 && record.version != expected_version {
+                return Err(Status::aborted(format!(
+                    "model {model:?} changed meanwhile: expected version {expected_version}, it \
+                     is at {}",
+                    record.version
+                )));
+            }
+            let mut config: serde_json::Map<String, serde_json::Value> =
+                if record.spec.backend_config.is_empty() {
+                    serde_json::Map::new()
+                } else {
+                    serde_json::from_str(&record.spec.backend_config).map_err(|e| {
+                        Status::internal(format!("stored backend_config is not an object: {e}"))
+                    })?
+                };
+            let mut adapters = match config.remove("lora_adapters") {
+                Some(serde_json::Value::Object(m)) => m,
+                _ => serde_json::Map::new(),
+            };
+            for name in remove {
+                if adapters.remove(name).is_none() {
+                    let have: Vec<&str> = adapters.keys().map(String::as_str).collect();
+                    return Err(Status::not_found(format!(
+                        "model {model:?} has no LoRA adapter {name:?} (it has: {})",
+                        if have.is_empty() { "none".to_string() } else { have.join(", ") }
+                    )));
+                }
+            }
+            for (name, path) in add {
+                adapters.insert(name.clone(), serde_json::Value::String(path.clone()));
+            }
+            config.insert("lora_adapters".into(), serde_json::Value::Object(adapters));
+            sllm_api::backend_config::check(&record.spec.backend, &config).map_err(|e| {
+                service::field_status(&format!("backend_config.{}", e.key), e.reason)
+            })?;
+            let text = serde_json::Value::Object(config).to_string();
+            match self.store.update_backend_config(model, &text, record.version).await {
+                Ok(v) => {
+                    tracing::info!(%model, added = add.len(), removed = remove.len(), "LoRA adapters changed");
+                    return Ok(v);
+                }
+                Err(e)
+                    if expected_version == 0
+                        && attempt < 5
+                        && matches!(e.refusal(), Some(kvstore::Refusal::StaleVersion { .. })) => {}
+                Err(e) => return Err(update_refusal(e, model, expected_version)),
+            }
+        }
+        Err(Status::aborted(format!("model {model:?} kept changing; try again")))
+    }
+
     async fn deployment(&self, model: &str) -> Result<pb::Deployment, Status> {
         let d = self.store.get_deployment(model).await.map_err(|e| service::to_status(e, ""))?;
         let instances =
@@ -111,6 +179,20 @@ impl Registry {
         self.store.mark_deployment_deleting(model).await.map_err(|e| service::to_status(e, ""))?;
         tracing::warn!(%model, instances = instances.len(), "deleting a model whose deployment record was lost");
         Ok(true)
+    }
+}
+
+/// A refused update of `model`, as the user sees it.
+fn update_refusal(e: kvstore::Error, model: &str, expected_version: u64) -> Status {
+    match e.refusal() {
+        Some(kvstore::Refusal::NotFound) => not_found(model),
+        Some(kvstore::Refusal::StaleVersion { current }) => Status::aborted(format!(
+            "model {model:?} changed meanwhile: expected version {expected_version}, it is at {current}"
+        )),
+        Some(kvstore::Refusal::WrongState { current }) => Status::failed_precondition(format!(
+            "model {model:?} is {current}; it cannot be updated"
+        )),
+        _ => service::to_status(e, ""),
     }
 }
 
@@ -151,25 +233,38 @@ impl ModelRegistry for Registry {
     ) -> Result<Response<pb::UpdateResponse>, Status> {
         let req = request.into_inner();
         let model = model_name(&req.model);
-        let config = req
-            .auto_scaling_config
-            .as_ref()
-            .ok_or_else(|| service::field_status("auto_scaling_config", "is required"))?;
-        let autoscaling = convert::autoscaling_from_pb(Some(config), "auto_scaling_config")?;
-        self.store.update_autoscaling(model, &autoscaling, req.expected_version).await.map_err(
-            |e| match e.refusal() {
-                Some(kvstore::Refusal::NotFound) => not_found(model),
-                Some(kvstore::Refusal::StaleVersion { current }) => Status::aborted(format!(
-                    "model {model:?} changed meanwhile: expected version {}, it is at {current}",
-                    req.expected_version
-                )),
-                Some(kvstore::Refusal::WrongState { current }) => Status::failed_precondition(
-                    format!("model {model:?} is {current}; it cannot be updated"),
-                ),
-                _ => service::to_status(e, ""),
-            },
-        )?;
-        tracing::info!(%model, ?autoscaling, "updated");
+        let adapters_change =
+            !req.add_lora_adapters.is_empty() || !req.remove_lora_adapters.is_empty();
+        let autoscaling = match req.auto_scaling_config.as_ref() {
+            Some(config) => {
+                Some(convert::autoscaling_from_pb(Some(config), "auto_scaling_config")?)
+            }
+            None if adapters_change => None,
+            None => {
+                return Err(service::field_status(
+                    "auto_scaling_config",
+                    "is required (unless the update adds or removes LoRA adapters)",
+                ));
+            }
+        };
+        if let Some(a) = &autoscaling {
+            a.validate().map_err(|e| service::to_status(e, ""))?;
+        }
+        let mut expected = req.expected_version;
+        if adapters_change {
+            let mut add: Vec<(String, String)> =
+                req.add_lora_adapters.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            add.sort();
+            expected =
+                self.change_adapters(model, &add, &req.remove_lora_adapters, expected).await?;
+        }
+        if let Some(autoscaling) = autoscaling {
+            self.store
+                .update_autoscaling(model, &autoscaling, expected)
+                .await
+                .map_err(|e| update_refusal(e, model, req.expected_version))?;
+            tracing::info!(%model, ?autoscaling, "updated");
+        }
         Ok(Response::new(pb::UpdateResponse {
             deployment: Some(self.deployment(model).await?),
             warnings: vec![],
@@ -180,8 +275,14 @@ impl ModelRegistry for Registry {
         &self,
         request: Request<pb::DeleteRequest>,
     ) -> Result<Response<pb::DeleteResponse>, Status> {
-        let name = request.into_inner().model;
-        let model = model_name(&name);
+        let req = request.into_inner();
+        let model = model_name(&req.model);
+        if !req.lora_adapters.is_empty() {
+            self.change_adapters(model, &[], &req.lora_adapters, 0).await?;
+            return Ok(Response::new(pb::DeleteResponse {
+                deployment: Some(self.deployment(model).await?),
+            }));
+        }
         // Read first: with nothing to drain, the Scaler may remove the record as soon as it is
         // marked, and the answer must still describe what was deleted.
         let before = self.deployment(model).await.ok();

@@ -7,9 +7,9 @@
 //!
 //! | Call | Needs |
 //! |---|---|
-//! | `Dispatch/Generate`, OpenAI `POST /v1/completions`, `/v1/chat/completions` | inference (or admin) |
-//! | `ModelRegistry/Get`, `ModelRegistry/List`, OpenAI `GET /v1/models` | inference (or admin) |
-//! | `ModelRegistry/Deploy`, `Update`, `Delete` | admin |
+//! | `Dispatch/Generate`, `Embed`, OpenAI `POST /v1/completions`, `/v1/chat/completions`, `/v1/embeddings` | inference (or admin) |
+//! | `ModelRegistry/Get`, `ModelRegistry/List`, OpenAI `GET /v1/models`, `/v1/models/{id}` | inference (or admin) |
+//! | `ModelRegistry/Deploy`, `Update`, `Delete`; ServerlessLLM's `POST /register`, `/update`, `/delete` | admin |
 //! | `WorkerRegistry/ListWorkers`, `GetWorker` (addresses, inventory) | admin |
 //! | `Scaler/GetScaleStatus`, `ListScaleStatus`, `GetLeader` | admin |
 //! | any other `sllm.v1` method (fail closed: a new RPC is admin until placed here) | admin |
@@ -247,6 +247,7 @@ pub fn bearer(header: &str) -> Option<&str> {
 pub fn needed_for_grpc(path: &str) -> Needed {
     match path {
         "/sllm.v1.Dispatch/Generate"
+        | "/sllm.v1.Dispatch/Embed"
         | "/sllm.v1.ModelRegistry/Get"
         | "/sllm.v1.ModelRegistry/List" => Needed::Inference,
         // Workers prove themselves with join tokens on these streams.

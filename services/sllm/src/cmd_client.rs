@@ -119,12 +119,21 @@ fn deployment_json(d: &pb::Deployment) -> serde_json::Value {
 
 // ---------------------------------------------------------------------------------------------
 
-/// Flags of `sllm deploy`.
+/// Flags of `sllm deploy`: sllm's short form (`sllm deploy NAME --max 4`) and ServerlessLLM's
+/// (`sllm deploy --model NAME --config FILE --max-instances 4 --lora-adapters a=/p`).
 #[derive(clap::Args, Debug)]
 pub struct DeployArgs {
-    /// Model (deployment) name, e.g. facebook/opt-1.3b; overrides the config file's.
+    /// Model (deployment) name, e.g. facebook/opt-1.3b. Alone: a simulated model with sllm's
+    /// defaults; with --config it renames the file's model.
+    #[arg(conflicts_with = "model_flag")]
     model: Option<String>,
-    /// A ServerlessLLM deploy JSON file; flags given as well override its values.
+    /// ServerlessLLM's form: the model's name and checkpoint
+    /// (backend_config.pretrained_model_name_or_path), over ServerlessLLM's defaults
+    /// (backend vllm, 1 GPU, 0..10 instances).
+    #[arg(long = "model", id = "model_flag", value_name = "MODEL")]
+    model_flag: Option<String>,
+    /// A ServerlessLLM deploy JSON file, merged over ServerlessLLM's defaults as its CLI merges
+    /// it; flags given as well override its values.
     #[arg(long)]
     config: Option<std::path::PathBuf>,
     /// Refuse unknown fields in the config file instead of warning.
@@ -137,10 +146,10 @@ pub struct DeployArgs {
     #[arg(long)]
     num_gpus: Option<i32>,
     /// Instances kept with no demand (0: scale to zero).
-    #[arg(long = "min")]
+    #[arg(long = "min", visible_alias = "min-instances")]
     min_instances: Option<i32>,
     /// Most instances.
-    #[arg(long = "max")]
+    #[arg(long = "max", visible_alias = "max-instances")]
     max_instances: Option<i32>,
     /// Requests (queued + in flight) one instance absorbs.
     #[arg(long)]
@@ -148,9 +157,18 @@ pub struct DeployArgs {
     /// Seconds below demand before scaling down.
     #[arg(long)]
     keep_alive: Option<i32>,
-    /// Backend settings as a JSON object.
+    /// Backend settings as a JSON object, merged over the file's.
     #[arg(long)]
     backend_config: Option<String>,
+    /// Switch LoRA on for the model (backend_config.enable_lora), for adapters added later.
+    #[arg(long)]
+    enable_lora: bool,
+    /// LoRA adapters, each NAME=PATH (several per value may be separated by commas or spaces).
+    #[arg(long, num_args = 1.., value_name = "NAME=PATH")]
+    lora_adapters: Vec<String>,
+    /// Model precision for quantization (backend_config.precision; e.g. int8, nf4).
+    #[arg(long)]
+    precision: Option<String>,
     /// Wait until min_instances instances are ready (with a spinner).
     #[arg(long)]
     wait: bool,
@@ -161,52 +179,132 @@ pub struct DeployArgs {
     conn: Conn,
 }
 
-pub async fn deploy(a: DeployArgs) -> Result<()> {
-    let mut spec = match &a.config {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read {}", path.display()))?;
-            let parsed = deploy_config::parse(&text, a.strict)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-            for w in parsed.warnings {
-                eprintln!("warning: {}: {w}", path.display());
+/// `--lora-adapters` values as ServerlessLLM's CLI reads them: items split on commas and
+/// spaces.
+fn adapter_items(values: &[String]) -> Vec<String> {
+    values
+        .iter()
+        .flat_map(|v| {
+            v.replace(',', " ").split_whitespace().map(str::to_string).collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// `--lora-adapters NAME=PATH…` as a backend_config object.
+fn adapters_object(values: &[String]) -> Result<serde_json::Value> {
+    let mut out = serde_json::Map::new();
+    for item in adapter_items(values) {
+        let Some((name, path)) = item.split_once('=') else {
+            bail!("--lora-adapters: {item:?} is not NAME=PATH");
+        };
+        out.insert(name.to_string(), json!(path));
+    }
+    Ok(serde_json::Value::Object(out))
+}
+
+/// The deploy document the flags describe, before the server checks it.
+fn deploy_document(a: &DeployArgs) -> Result<serde_json::Value> {
+    let mut doc = if a.config.is_some() || a.model_flag.is_some() {
+        let file = match &a.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read {}", path.display()))?;
+                Some(
+                    serde_json::from_str::<serde_json::Value>(&text)
+                        .map_err(|e| anyhow::anyhow!("{}: not valid JSON: {e}", path.display()))?,
+                )
             }
-            parsed.spec
-        }
-        None => pb::DeploymentSpec { backend: "sim".into(), num_gpus: 1, ..Default::default() },
+            None => None,
+        };
+        deploy_config::merge_over_defaults(file.as_ref(), a.model_flag.as_deref())
+    } else {
+        json!({
+            "backend": "sim",
+            "num_gpus": 1,
+            "auto_scaling_config": {"metric": "concurrency", "target": 1, "min_instances": 0, "max_instances": 1, "keep_alive": 0},
+        })
+    };
+    let Some(obj) = doc.as_object_mut() else {
+        // from_json refuses it with the file's words.
+        return Ok(doc);
     };
     if let Some(m) = &a.model {
-        spec.model = m.clone();
-    }
-    if spec.model.is_empty() {
-        bail!("no model name: give it as an argument or in the config file's \"model\"");
+        obj.insert("model".into(), json!(m));
     }
     if let Some(b) = &a.backend {
-        spec.backend = b.clone();
+        obj.insert("backend".into(), json!(b));
     }
     if let Some(n) = a.num_gpus {
-        spec.num_gpus = n;
+        obj.insert("num_gpus".into(), json!(n));
     }
-    let mut scaling = spec.auto_scaling_config.clone().unwrap_or(pb::AutoScalingConfig {
-        metric: "concurrency".into(),
-        target: 1.0,
-        min_instances: 0,
-        max_instances: 1,
-        keep_alive: 0,
-    });
-    scaling.min_instances = a.min_instances.unwrap_or(scaling.min_instances);
-    scaling.max_instances = a.max_instances.unwrap_or(scaling.max_instances);
-    scaling.target = a.target.unwrap_or(scaling.target);
-    scaling.keep_alive = a.keep_alive.unwrap_or(scaling.keep_alive);
-    spec.auto_scaling_config = Some(scaling.clone());
-    if let Some(bc) = &a.backend_config {
-        let v: serde_json::Value =
-            serde_json::from_str(bc).context("--backend-config is not JSON")?;
-        if !v.is_object() {
-            bail!("--backend-config must be a JSON object");
+    let scaling = [
+        ("target", a.target.map(|t| json!(t))),
+        ("min_instances", a.min_instances.map(|n| json!(n))),
+        ("max_instances", a.max_instances.map(|n| json!(n))),
+        ("keep_alive", a.keep_alive.map(|n| json!(n))),
+    ];
+    if scaling.iter().any(|(_, v)| v.is_some()) {
+        let s = obj.entry("auto_scaling_config").or_insert_with(|| json!({}));
+        if let Some(s) = s.as_object_mut() {
+            for (k, v) in scaling {
+                if let Some(v) = v {
+                    s.insert(k.into(), v);
+                }
+            }
         }
-        spec.backend_config = Some(service::convert::json_to_struct(&v));
     }
+    let mut bc_updates = serde_json::Map::new();
+    if let Some(text) = &a.backend_config {
+        let v: serde_json::Value =
+            serde_json::from_str(text).context("--backend-config is not JSON")?;
+        let serde_json::Value::Object(m) = v else {
+            bail!("--backend-config must be a JSON object")
+        };
+        bc_updates.extend(m);
+    }
+    if !a.lora_adapters.is_empty() {
+        bc_updates.insert("lora_adapters".into(), adapters_object(&a.lora_adapters)?);
+    }
+    if a.enable_lora {
+        bc_updates.insert("enable_lora".into(), json!(true));
+    }
+    if let Some(p) = &a.precision {
+        bc_updates.insert("precision".into(), json!(p));
+    }
+    if !bc_updates.is_empty() {
+        let bc = obj.entry("backend_config").or_insert_with(|| json!({}));
+        if bc.is_object() {
+            // lora_adapters replaces the file's whole, as ServerlessLLM's CLI does.
+            if let Some(m) = bc.as_object_mut()
+                && bc_updates.contains_key("lora_adapters")
+            {
+                m.remove("lora_adapters");
+            }
+            deploy_config::deep_update(bc, &serde_json::Value::Object(bc_updates));
+        }
+    }
+    Ok(doc)
+}
+
+pub async fn deploy(a: DeployArgs) -> Result<()> {
+    let doc = deploy_document(&a)?;
+    let parsed = deploy_config::from_json(&doc, a.strict).map_err(|e| match &a.config {
+        Some(path) => anyhow::anyhow!("{}: {e}", path.display()),
+        None => anyhow::anyhow!("{e}"),
+    })?;
+    for w in &parsed.warnings {
+        match &a.config {
+            Some(path) => eprintln!("warning: {}: {w}", path.display()),
+            None => eprintln!("warning: {w}"),
+        }
+    }
+    let spec = parsed.spec;
+    if spec.model.is_empty() {
+        bail!(
+            "no model name: give it as an argument, with --model, or in the config file's \"model\""
+        );
+    }
+    let scaling = spec.auto_scaling_config.clone().unwrap_or_default();
     let channel = a.conn.channel().await?;
     let mut client = pb::model_registry_client::ModelRegistryClient::new(channel);
     let resp = client
@@ -306,10 +404,10 @@ pub struct UpdateArgs {
     /// Model name.
     model: String,
     /// New min_instances.
-    #[arg(long = "min")]
+    #[arg(long = "min", visible_alias = "min-instances")]
     min_instances: Option<i32>,
     /// New max_instances.
-    #[arg(long = "max")]
+    #[arg(long = "max", visible_alias = "max-instances")]
     max_instances: Option<i32>,
     /// New target.
     #[arg(long)]
@@ -317,6 +415,13 @@ pub struct UpdateArgs {
     /// New keep_alive (seconds).
     #[arg(long)]
     keep_alive: Option<i32>,
+    /// LoRA adapters to add, each NAME=PATH; running instances load one when a request first
+    /// names it.
+    #[arg(long, num_args = 1.., value_name = "NAME=PATH")]
+    lora_adapters: Vec<String>,
+    /// LoRA adapters to remove, by name.
+    #[arg(long, num_args = 1.., value_name = "NAME")]
+    remove_lora_adapters: Vec<String>,
     #[command(flatten)]
     conn: Conn,
 }
@@ -334,11 +439,21 @@ pub async fn update(a: UpdateArgs) -> Result<()> {
     s.target = a.target.unwrap_or(s.target);
     s.keep_alive = a.keep_alive.unwrap_or(s.keep_alive);
     let resp = client
-        .update(a.conn.req(pb::UpdateRequest {
-            model: a.model.clone(),
-            auto_scaling_config: Some(s),
-            expected_version: current.version,
-        }))
+        .update(
+            a.conn.req(pb::UpdateRequest {
+                model: a.model.clone(),
+                auto_scaling_config: Some(s),
+                expected_version: current.version,
+                add_lora_adapters: match adapters_object(&a.lora_adapters)? {
+                    serde_json::Value::Object(m) => m
+                        .into_iter()
+                        .map(|(k, v)| (k, v.as_str().unwrap_or_default().to_string()))
+                        .collect(),
+                    _ => Default::default(),
+                },
+                remove_lora_adapters: adapter_items(&a.remove_lora_adapters),
+            }),
+        )
         .await
         .map_err(server)?
         .into_inner();
@@ -353,22 +468,53 @@ pub async fn update(a: UpdateArgs) -> Result<()> {
 /// Flags of `sllm delete`.
 #[derive(clap::Args, Debug)]
 pub struct DeleteArgs {
-    /// Model name.
-    model: String,
+    /// Model names: each is deleted (its instances drain, then it is removed).
+    #[arg(required = true, num_args = 1..)]
+    models: Vec<String>,
+    /// Remove only these LoRA adapters of the (one) model, by name (NAME=PATH is read as
+    /// NAME, as ServerlessLLM's CLI reads it).
+    #[arg(long, num_args = 1.., value_name = "NAME")]
+    lora_adapters: Vec<String>,
     #[command(flatten)]
     conn: Conn,
 }
 
 pub async fn delete(a: DeleteArgs) -> Result<()> {
     let mut client = pb::model_registry_client::ModelRegistryClient::new(a.conn.channel().await?);
-    let d = client
-        .delete(a.conn.req(pb::DeleteRequest { model: a.model.clone() }))
-        .await
-        .map_err(server)?
-        .into_inner();
-    match a.conn.output {
-        Output::Json => print_json(&deployment_json(&d.deployment.unwrap_or_default())),
-        Output::Table => println!("deleting {}: its instances drain, then it is removed", a.model),
+    let adapters: Vec<String> = adapter_items(&a.lora_adapters)
+        .into_iter()
+        .map(|i| i.split_once('=').map(|(n, _)| n.to_string()).unwrap_or(i))
+        .collect();
+    if !a.lora_adapters.is_empty() && a.models.len() != 1 {
+        bail!("--lora-adapters removes adapters of one model; {} were named", a.models.len());
+    }
+    let mut done = Vec::new();
+    let mut failed = Vec::new();
+    for model in &a.models {
+        let req = pb::DeleteRequest { model: model.clone(), lora_adapters: adapters.clone() };
+        match client.delete(a.conn.req(req)).await {
+            Ok(d) => {
+                let d = d.into_inner().deployment.unwrap_or_default();
+                if a.conn.output == Output::Table {
+                    if adapters.is_empty() {
+                        println!("deleting {model}: its instances drain, then it is removed");
+                    } else {
+                        println!("removed LoRA adapter(s) {} from {model}", adapters.join(", "));
+                    }
+                }
+                done.push(deployment_json(&d));
+            }
+            Err(e) => {
+                eprintln!("sllm: {model}: {:?}: {}", e.code(), e.message());
+                failed.push(format!("{model} ({:?}: {})", e.code(), e.message()));
+            }
+        }
+    }
+    if a.conn.output == Output::Json {
+        print_json(&json!(done));
+    }
+    if !failed.is_empty() {
+        bail!("{} of {} not deleted: {}", failed.len(), a.models.len(), failed.join("; "));
     }
     Ok(())
 }
@@ -449,13 +595,19 @@ pub async fn workers(a: ListArgs) -> Result<()> {
 /// Flags of `sllm status`.
 #[derive(clap::Args, Debug)]
 pub struct StatusArgs {
-    /// One model (default: all).
+    /// One model, in detail (default: every model, listed as ServerlessLLM lists them).
     model: Option<String>,
+    /// Every model in detail: desired vs. actual instances and the Scaler's last decision.
+    #[arg(long)]
+    detail: bool,
     #[command(flatten)]
     conn: Conn,
 }
 
 pub async fn status(a: StatusArgs) -> Result<()> {
+    if a.model.is_none() && !a.detail && a.conn.output == Output::Table {
+        return status_list(&a.conn).await;
+    }
     let channel = a.conn.channel().await?;
     let mut client = pb::scaler_client::ScalerClient::new(channel);
     let list = match &a.model {
@@ -522,6 +674,25 @@ pub async fn status(a: StatusArgs) -> Result<()> {
                     );
                 }
             }
+        }
+    }
+    Ok(())
+}
+
+/// `sllm status` as ServerlessLLM's prints it: one `- name` line per model.
+async fn status_list(conn: &Conn) -> Result<()> {
+    let mut client = pb::model_registry_client::ModelRegistryClient::new(conn.channel().await?);
+    let list = client.list(conn.req(pb::ListRequest {})).await.map_err(server)?.into_inner();
+    if list.deployments.is_empty() {
+        println!("No models currently deployed.");
+        return Ok(());
+    }
+    println!("Model status retrieved successfully:");
+    for d in &list.deployments {
+        let name = d.spec.as_ref().map(|s| s.model.as_str()).unwrap_or_default();
+        match pb::DeploymentState::try_from(d.state) {
+            Ok(pb::DeploymentState::Active) => println!("- {name}"),
+            _ => println!("- {name} ({})", state_word(d.state)),
         }
     }
     Ok(())

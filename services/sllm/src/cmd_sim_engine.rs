@@ -1,6 +1,8 @@
 //! `sllm sim-engine`: the GPU simulator served as an OpenAI-compatible HTTP engine (`/health`,
-//! `/v1/models`, `/v1/completions`, `/v1/chat/completions`, SSE), so the engine backend is
-//! tested through the same process supervision and HTTP path a vLLM server would use.
+//! `/v1/models`, `/v1/completions`, `/v1/chat/completions`, SSE, and vLLM's LoRA surface:
+//! `--lora-modules`, `/v1/load_lora_adapter`, `/v1/unload_lora_adapter`, an adapter served as a
+//! model of its own name), so the engine backend is tested through the same process supervision
+//! and HTTP path a vLLM server would use.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -51,6 +53,9 @@ pub struct SimEngineArgs {
     /// The name it serves requests under, as vLLM's `--served-model-name` (default: --model).
     #[arg(long)]
     served_model_name: Option<String>,
+    /// LoRA adapters served from the start, each NAME=PATH (as vLLM's `--lora-modules`).
+    #[arg(long, num_args = 1.., value_name = "NAME=PATH")]
+    lora_modules: Vec<String>,
 }
 
 #[derive(Clone)]
@@ -67,6 +72,8 @@ struct Engine {
     requests: Arc<AtomicU64>,
     error_after: Option<u32>,
     stall_after: Option<u32>,
+    /// LoRA adapters it serves, name -> path.
+    adapters: Arc<std::sync::Mutex<std::collections::BTreeMap<String, String>>>,
 }
 
 pub async fn run(a: SimEngineArgs) -> Result<()> {
@@ -112,12 +119,21 @@ pub async fn run(a: SimEngineArgs) -> Result<()> {
         requests: Arc::new(AtomicU64::new(0)),
         error_after: a.error_after_tokens,
         stall_after: a.stall_after_tokens,
+        adapters: Arc::new(std::sync::Mutex::new(
+            a.lora_modules
+                .iter()
+                .filter_map(|m| m.split_once('='))
+                .map(|(n, p)| (n.to_string(), p.to_string()))
+                .collect(),
+        )),
     };
     let app = axum::Router::new()
         .route("/health", axum::routing::get(health))
         .route("/v1/models", axum::routing::get(models))
         .route("/v1/completions", axum::routing::post(completions))
         .route("/v1/chat/completions", axum::routing::post(chat))
+        .route("/v1/load_lora_adapter", axum::routing::post(load_lora))
+        .route("/v1/unload_lora_adapter", axum::routing::post(unload_lora))
         .route(
             "/debug/last-request",
             axum::routing::get(|State(e): State<Engine>| async move {
@@ -148,9 +164,43 @@ async fn health(State(e): State<Engine>) -> StatusCode {
 }
 
 async fn models(State(e): State<Engine>) -> Json<Value> {
-    Json(
-        json!({ "object": "list", "data": [{ "id": e.model, "object": "model", "owned_by": "sim" }] }),
-    )
+    let mut data = vec![json!({ "id": e.model, "object": "model", "owned_by": "sim" })];
+    if let Ok(adapters) = e.adapters.lock() {
+        for (name, path) in adapters.iter() {
+            data.push(json!({ "id": name, "object": "model", "owned_by": "sim", "root": path, "parent": e.model }));
+        }
+    }
+    Json(json!({ "object": "list", "data": data }))
+}
+
+/// vLLM's `POST /v1/load_lora_adapter {lora_name, lora_path}`.
+async fn load_lora(State(e): State<Engine>, Json(body): Json<Value>) -> Response {
+    let (Some(name), Some(path)) = (body["lora_name"].as_str(), body["lora_path"].as_str()) else {
+        return engine_error(StatusCode::BAD_REQUEST, "lora_name and lora_path are required");
+    };
+    let Ok(mut adapters) = e.adapters.lock() else {
+        return engine_error(StatusCode::INTERNAL_SERVER_ERROR, "adapters unavailable");
+    };
+    if adapters.contains_key(name) {
+        let m = format!("The lora adapter '{name}' has already been loaded.");
+        return engine_error(StatusCode::BAD_REQUEST, &m);
+    }
+    adapters.insert(name.to_string(), path.to_string());
+    format!("Success: LoRA adapter '{name}' added successfully.").into_response()
+}
+
+/// vLLM's `POST /v1/unload_lora_adapter {lora_name}`.
+async fn unload_lora(State(e): State<Engine>, Json(body): Json<Value>) -> Response {
+    let name = body["lora_name"].as_str().unwrap_or_default();
+    match e.adapters.lock().map(|mut a| a.remove(name)) {
+        Ok(Some(_)) => {
+            format!("Success: LoRA adapter '{name}' removed successfully.").into_response()
+        }
+        _ => engine_error(
+            StatusCode::NOT_FOUND,
+            &format!("The lora adapter '{name}' cannot be found."),
+        ),
+    }
 }
 
 /// The simulator's job for an OpenAI body: max_tokens (16 if unset, as vLLM's completions),
@@ -174,6 +224,7 @@ fn job(body: &Value, input: worker::Input) -> Job {
         },
         openai: None,
         traceparent: String::new(),
+        adapter: None,
     }
 }
 
@@ -209,7 +260,14 @@ async fn serve(e: Engine, body: &Value, input: worker::Input, chat: bool) -> Res
     if !e.ready.load(Ordering::Relaxed) {
         return engine_error(StatusCode::SERVICE_UNAVAILABLE, "the model is loading");
     }
-    let job = job(body, input);
+    let mut job = job(body, input);
+    // As vLLM: an adapter is asked for as a model of its own name.
+    let asked = body["model"].as_str().unwrap_or_default();
+    if asked != e.model
+        && let Some(path) = e.adapters.lock().ok().and_then(|a| a.get(asked).cloned())
+    {
+        job.adapter = Some(sllm_api::v1::LoraAdapter { name: asked.to_string(), path });
+    }
     let prompt_words = match &job.input {
         worker::Input::Prompt(p) => p.split_whitespace().count(),
         worker::Input::Chat(m) => m.iter().map(|m| m.content.split_whitespace().count()).sum(),

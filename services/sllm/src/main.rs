@@ -38,13 +38,14 @@ enum Command {
     Deploy(cmd_client::DeployArgs),
     /// Change a model's scaling policy without disturbing its running instances.
     Update(cmd_client::UpdateArgs),
-    /// Delete a model: its instances drain, then it is removed.
+    /// Delete models (their instances drain, then they are removed), or only LoRA adapters.
     Delete(cmd_client::DeleteArgs),
     /// List deployed models with their instances.
     Models(cmd_client::ListArgs),
     /// List GPU workers.
     Workers(cmd_client::ListArgs),
-    /// Show desired vs. actual instances and the Scaler's last decision.
+    /// List models (as ServerlessLLM does); with a model name or --detail, desired vs. actual
+    /// instances and the Scaler's last decision.
     Status(cmd_client::StatusArgs),
     /// Generate text, streaming tokens as they come.
     Generate(cmd_client::GenerateArgs),

@@ -261,6 +261,9 @@ impl Link {
                             credit.add_permits((c.chunks as usize).min(Semaphore::MAX_PERMITS / 2));
                         }
                     }
+                    Ok(Some(pb::AttachDown { msg: Some(Down::UnloadAdapter(u)) })) => {
+                        self.backend.unload_adapter(&u.instance_id, &u.name);
+                    }
                     Ok(Some(pb::AttachDown { msg: Some(Down::Cancel(c)) })) => {
                         if let Some((task, _)) = running.0.remove(&c.request_id) {
                             // Dropping the generation's receiver stops the backend.
@@ -323,6 +326,7 @@ async fn serve_request(
         params: r.params.unwrap_or_default(),
         openai: r.openai,
         traceparent: span.traceparent(),
+        adapter: r.adapter,
     };
     let mut out = backend.generate(job);
     // An output taken while merging text that must be sent next.

@@ -87,6 +87,8 @@ pub struct Job {
     /// W3C trace context of the worker's span when the request is traced ('' if not): an
     /// engine backend passes it on, so an engine that traces (vLLM, SGLang) joins the trace.
     pub traceparent: String,
+    /// The LoRA adapter the request names, if any: the instance answers with it.
+    pub adapter: Option<pb::LoraAdapter>,
 }
 
 /// Why a generation ended.
@@ -202,4 +204,7 @@ pub trait Backend: Send + Sync + 'static {
     fn drain(&self, instance_id: &str, grace: Duration);
     /// Runs one request, streaming its output. Dropping the receiver cancels it.
     fn generate(&self, job: Job) -> tokio::sync::mpsc::Receiver<Output>;
+    /// Unloads a LoRA adapter removed from its deployment, where the engine can (returns at
+    /// once; nothing to do by default).
+    fn unload_adapter(&self, _instance_id: &str, _name: &str) {}
 }

@@ -139,6 +139,10 @@ enum Phase {
 
 struct EngineInstance {
     model: String,
+    /// LoRA adapters given at start, in flag order (llama.cpp selects them by position).
+    start_adapters: Vec<String>,
+    /// LoRA adapters loaded since, through the engine's runtime endpoint.
+    loaded_adapters: HashSet<String>,
     gpus: Vec<u32>,
     port: u16,
     pgid: u32,
@@ -158,6 +162,16 @@ pub struct EngineBackend {
     state: Arc<Mutex<State>>,
     events: mpsc::UnboundedSender<InstanceEvent>,
     http: Client<HttpConnector, Full<Bytes>>,
+}
+
+/// The LoRA adapters a starting instance is given on its command line, in order.
+fn start_adapters(spec: &StartSpec) -> Vec<String> {
+    match spec.backend_config.as_ref().map(sllm_api::json::struct_to_json) {
+        Some(serde_json::Value::Object(m)) => sllm_api::backend_config::lora_adapters(&m)
+            .map(|a| a.into_iter().map(|a| a.name).collect())
+            .unwrap_or_default(),
+        _ => Vec::new(),
+    }
 }
 
 /// Quotes a word for `sh`.
@@ -352,7 +366,12 @@ impl EngineBackend {
         job: &Job,
         tx: &mpsc::Sender<Output>,
     ) -> Result<(), Failure> {
-        let call = openai::call(self.config.kind.dialect(), served, job)?;
+        let mut call = openai::call(self.config.kind.dialect(), served, job)?;
+        if self.config.kind == EngineKind::Llamacpp {
+            self.select_llamacpp_adapter(&job.instance_id, job.adapter.as_ref(), &mut call)?;
+        } else if let Some(adapter) = &job.adapter {
+            self.use_adapter(port, &job.instance_id, adapter, &mut call).await?;
+        }
         let mut req = hyper::Request::post(format!("http://127.0.0.1:{port}{}", call.path))
             .header("content-type", "application/json");
         if !job.traceparent.is_empty() {
@@ -403,6 +422,133 @@ impl EngineBackend {
             first_event_limit: limits.first_byte_timeout,
         };
         openai::relay_stream(resp.into_body().into_data_stream(), reader, limits, tx).await
+    }
+
+    /// Sets which of a llama.cpp instance's adapters (given at start, selected by position)
+    /// `call` uses: `adapter` at scale 1 and every other at 0, on every request, so the base
+    /// model's requests get none whatever the server's own default scales are.
+    fn select_llamacpp_adapter(
+        &self,
+        instance_id: &str,
+        adapter: Option<&pb::LoraAdapter>,
+        call: &mut openai::Call,
+    ) -> Result<(), Failure> {
+        let started_with =
+            self.with_state(|s| s.instances.get(instance_id).map(|i| i.start_adapters.clone()));
+        let started_with = started_with.unwrap_or_default();
+        if let Some(a) = adapter
+            && !started_with.contains(&a.name)
+        {
+            return Err(Failure::unsupported(
+                "model",
+                format!(
+                    "LoRA adapter {:?} was added after this llama.cpp instance started, and \
+                     llama.cpp loads adapters only at start; instances started since serve it",
+                    a.name
+                ),
+            ));
+        }
+        if started_with.is_empty() {
+            return Ok(());
+        }
+        let scales: Vec<serde_json::Value> = started_with
+            .iter()
+            .enumerate()
+            .map(|(id, name)| {
+                let on = adapter.is_some_and(|a| a.name == *name);
+                serde_json::json!({ "id": id, "scale": if on { 1.0 } else { 0.0 } })
+            })
+            .collect();
+        if let Some(body) = call.body.as_object_mut() {
+            body.insert("lora".into(), serde_json::Value::Array(scales));
+        }
+        Ok(())
+    }
+
+    /// Points `call` at LoRA adapter `adapter` of the instance on `port`, loading it into the
+    /// engine first if the instance did not start with it and has not loaded it since (vLLM's
+    /// and SGLang's runtime endpoints). llama.cpp takes adapters only at start, each by its
+    /// position among them.
+    async fn use_adapter(
+        &self,
+        port: u16,
+        instance_id: &str,
+        adapter: &pb::LoraAdapter,
+        call: &mut openai::Call,
+    ) -> Result<(), Failure> {
+        let loaded = self
+            .with_state(|s| {
+                let i = s.instances.get(instance_id)?;
+                Some(
+                    i.start_adapters.contains(&adapter.name)
+                        || i.loaded_adapters.contains(&adapter.name),
+                )
+            })
+            .unwrap_or(false);
+        let load_path = match self.config.kind {
+            EngineKind::Vllm => "/v1/load_lora_adapter",
+            EngineKind::Sglang => "/load_lora_adapter",
+            EngineKind::Llamacpp => {
+                return self.select_llamacpp_adapter(instance_id, Some(adapter), call);
+            }
+            EngineKind::Custom => {
+                return Err(Failure::unsupported(
+                    "model",
+                    "LoRA adapters need the vllm, sglang or llamacpp engine",
+                ));
+            }
+        };
+        if !loaded {
+            let body = serde_json::json!({ "lora_name": adapter.name, "lora_path": adapter.path });
+            let req = hyper::Request::post(format!("http://127.0.0.1:{port}{load_path}"))
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(body.to_string())))
+                .map_err(|e| Failure::unavailable(e.to_string()))?;
+            let resp =
+                match tokio::time::timeout(self.config.request_timeout, self.http.request(req))
+                    .await
+                {
+                    Err(_) => {
+                        return Err(Failure::unavailable(
+                            "the engine did not load the adapter in time",
+                        ));
+                    }
+                    Ok(Err(e)) => {
+                        return Err(Failure::unavailable(format!("engine unreachable: {e}")));
+                    }
+                    Ok(Ok(r)) => r,
+                };
+            let status = resp.status();
+            let text = resp
+                .into_body()
+                .collect()
+                .await
+                .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+                .unwrap_or_default();
+            // Loaded meanwhile by another request is loaded.
+            if !status.is_success() && !text.contains("already") {
+                return Err(openai::http_failure(status.as_u16(), text));
+            }
+            tracing::info!(instance = %instance_id, adapter = %adapter.name, "LoRA adapter loaded");
+            self.with_state(|s| {
+                if let Some(i) = s.instances.get_mut(instance_id) {
+                    i.loaded_adapters.insert(adapter.name.clone());
+                }
+            });
+        }
+        if let Some(body) = call.body.as_object_mut() {
+            match self.config.kind {
+                // vLLM serves each adapter as a model of its own name.
+                EngineKind::Vllm => {
+                    body.insert("model".into(), serde_json::json!(adapter.name));
+                }
+                // SGLang names the adapter beside the base model.
+                _ => {
+                    body.insert("lora_path".into(), serde_json::json!(adapter.name));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// After a stall: an engine that no longer answers its health check is failed, so the
@@ -551,6 +697,8 @@ impl Backend for EngineBackend {
             .arg("-c")
             .arg(script)
             .env("CUDA_VISIBLE_DEVICES", gpus.join(","))
+            // Adapters added to a live deployment are loaded through vLLM's runtime endpoint.
+            .env("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -571,6 +719,8 @@ impl Backend for EngineBackend {
                 spec.instance_id.clone(),
                 EngineInstance {
                     model: spec.model.clone(),
+                    start_adapters: start_adapters(&spec),
+                    loaded_adapters: HashSet::new(),
                     gpus: spec.gpus.clone(),
                     port,
                     pgid,
@@ -700,6 +850,45 @@ impl Backend for EngineBackend {
                 }
             }
             this.stop_instance(&id, "drained").await;
+        });
+    }
+
+    fn unload_adapter(&self, instance_id: &str, name: &str) {
+        let path = match self.config.kind {
+            EngineKind::Vllm => "/v1/unload_lora_adapter",
+            EngineKind::Sglang => "/unload_lora_adapter",
+            // llama.cpp cannot unload; Dispatch no longer sends requests for it.
+            EngineKind::Llamacpp | EngineKind::Custom => return,
+        };
+        let port = self.with_state(|s| {
+            let i = s.instances.get_mut(instance_id)?;
+            i.loaded_adapters.remove(name);
+            i.start_adapters.retain(|a| a != name);
+            Some(i.port)
+        });
+        let Some(port) = port else { return };
+        let this = self.clone();
+        let (id, name) = (instance_id.to_string(), name.to_string());
+        tokio::spawn(async move {
+            let body = serde_json::json!({ "lora_name": name });
+            let Ok(req) = hyper::Request::post(format!("http://127.0.0.1:{port}{path}"))
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(body.to_string())))
+            else {
+                return;
+            };
+            match tokio::time::timeout(Duration::from_secs(30), this.http.request(req)).await {
+                Ok(Ok(r)) if r.status().is_success() => {
+                    tracing::info!(instance = %id, adapter = %name, "LoRA adapter unloaded");
+                }
+                // Not loaded there (another replica had it unloaded, or it never was): fine.
+                Ok(Ok(r)) => {
+                    tracing::debug!(instance = %id, adapter = %name, status = %r.status(), "LoRA adapter not unloaded")
+                }
+                _ => {
+                    tracing::warn!(instance = %id, adapter = %name, "the engine did not answer an unload")
+                }
+            }
         });
     }
 

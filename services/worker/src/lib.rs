@@ -9,6 +9,7 @@
 pub mod agent;
 mod attach;
 pub mod backend;
+pub mod embed;
 pub mod engine;
 pub mod openai;
 pub mod sim;

@@ -82,6 +82,25 @@ fn relayed(served: &str, job: &Job, o: &pb::OpenAiRequest) -> Result<Call, Failu
         Err(e) => return Err(invalid("body", format!("not JSON: {e}"))),
     };
     body.insert("model".into(), Value::String(served.to_string()));
+    // ServerlessLLM's adapter field is sllm's to read (it became the job's adapter); no engine
+    // knows it.
+    body.remove("lora_adapter_name");
+    if o.endpoint == pb::OpenAiEndpoint::Embeddings as i32 {
+        // One JSON answer, no tokens to bound.
+        return Ok(Call {
+            path: "/v1/embeddings",
+            body: Value::Object(body),
+            stream: false,
+            relay: Some(Relay {
+                id: o.response_id.clone(),
+                created: o.created,
+                model: o.model.clone(),
+                include_usage: false,
+            }),
+            logprobs: false,
+            max_tokens: job.params.max_tokens,
+        });
+    }
     if !body.contains_key("max_tokens") && !body.contains_key("max_completion_tokens") {
         body.insert("max_tokens".into(), json!(job.params.max_tokens));
     }
@@ -301,11 +320,14 @@ impl Reader {
         }
     }
 
-    /// Sets sllm's `id`, `model` and `created` on an answer for an OpenAI client.
+    /// Sets sllm's `id`, `model` and `created` on an answer for an OpenAI client (an
+    /// embeddings list has no `id` or `created`: only its `model`).
     fn stamp(relay: &Relay, v: &mut Value) {
         if let Some(m) = v.as_object_mut() {
-            m.insert("id".into(), json!(relay.id));
-            m.insert("created".into(), json!(relay.created));
+            if m.get("object").and_then(Value::as_str) != Some("list") {
+                m.insert("id".into(), json!(relay.id));
+                m.insert("created".into(), json!(relay.created));
+            }
             m.insert("model".into(), json!(relay.model));
         }
     }
@@ -550,7 +572,14 @@ mod tests {
     use super::*;
 
     fn job(openai: Option<pb::OpenAiRequest>, input: Input, params: pb::SamplingParams) -> Job {
-        Job { instance_id: "i".into(), input, params, openai, traceparent: String::new() }
+        Job {
+            instance_id: "i".into(),
+            input,
+            params,
+            openai,
+            traceparent: String::new(),
+            adapter: None,
+        }
     }
 
     fn relayed_job(endpoint: pb::OpenAiEndpoint, body: Value) -> Job {

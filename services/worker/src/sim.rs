@@ -169,6 +169,16 @@ pub fn token_text(seed: u64, prompt: &str, i: u32) -> String {
     format!(" {}", WORDS[(h % WORDS.len() as u64) as usize])
 }
 
+/// A LoRA adapter's mark on the simulator's text (FNV-1a of its name).
+pub fn adapter_seed(name: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
 /// What the simulator generates for one request: its prompt text, limits and seed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SimRequest {
@@ -198,6 +208,8 @@ const SIM_OPENAI_FIELDS: &[&str] = &[
     "stream",
     "stream_options",
     "user",
+    // ServerlessLLM's adapter field; Dispatch resolved it into the job's adapter.
+    "lora_adapter_name",
 ];
 
 impl SimRequest {
@@ -253,11 +265,15 @@ impl SimRequest {
             Input::Prompt(p) => p.clone(),
             Input::Chat(messages) => render_chat(messages),
         };
-        let seed = match (p.temperature, p.seed) {
+        let mut seed = match (p.temperature, p.seed) {
             (Some(0.0), _) => 0,
             (_, Some(seed)) => seed,
             _ => rand::random(),
         };
+        // Each LoRA adapter writes its own text, so a test can tell which one answered.
+        if let Some(a) = &job.adapter {
+            seed ^= adapter_seed(&a.name);
+        }
         Ok(SimRequest { prompt, max_tokens: p.max_tokens, stop: p.stop.clone(), seed })
     }
 }
@@ -349,7 +365,67 @@ impl SimBackend {
         })
     }
 
+    /// Answers an embeddings request: one prefill's time, then the vectors as one event.
+    async fn run_embedding(&self, job: Job, body: pb::OpenAiRequest, tx: mpsc::Sender<Output>) {
+        let instance_id = job.instance_id.clone();
+        let (answer, prompt_tokens) = match crate::embed::answer(&body.body, &body.model) {
+            Ok(a) => a,
+            Err(f) => {
+                let _ = tx.send(Output::Error(f)).await;
+                return;
+            }
+        };
+        let admitted = self.with_state(|s| {
+            let inst = s.instances.get_mut(&instance_id)?;
+            if inst.phase != Phase::Ready {
+                return None;
+            }
+            inst.in_flight += 1;
+            s.running_requests += 1;
+            Some(inst.cancel.clone())
+        });
+        let Some(cancel) = admitted else {
+            let _ = tx
+                .send(Output::Error(Failure::unavailable(format!(
+                    "instance {instance_id} is not serving"
+                ))))
+                .await;
+            return;
+        };
+        let prefill = self.config.scaled(self.config.prefill_per_token * prompt_tokens);
+        let outcome = sleep_or_cancel(prefill, &cancel).await;
+        self.with_state(|s| {
+            s.running_requests = s.running_requests.saturating_sub(1);
+            if let Some(inst) = s.instances.get_mut(&instance_id) {
+                inst.in_flight = inst.in_flight.saturating_sub(1);
+            }
+        });
+        match outcome {
+            Ok(()) => {
+                let text = Output::Text {
+                    text: String::new(),
+                    tokens: 0,
+                    events: vec![answer],
+                    logprobs: Vec::new(),
+                };
+                if tx.send(text).await.is_ok() {
+                    let done =
+                        Output::Done { finish: Finish::Stop, prompt_tokens, completion_tokens: 0 };
+                    let _ = tx.send(done).await;
+                }
+            }
+            Err(reason) => {
+                let _ = tx.send(Output::Error(Failure::unavailable(reason))).await;
+            }
+        }
+    }
+
     async fn run_request(&self, job: Job, tx: mpsc::Sender<Output>) {
+        if let Some(body) = job.openai.clone()
+            && body.endpoint == pb::OpenAiEndpoint::Embeddings as i32
+        {
+            return self.run_embedding(job, body, tx).await;
+        }
         let instance_id = job.instance_id.clone();
         let req = match SimRequest::from_job(&job) {
             Ok(r) => r,
@@ -662,6 +738,7 @@ mod tests {
             input: Input::Prompt(prompt.into()),
             params: pb::SamplingParams { max_tokens, seed: Some(seed), ..Default::default() },
             openai: None,
+            adapter: None,
         }
     }
 
@@ -711,6 +788,21 @@ mod tests {
         assert_eq!(hot.load_time("m"), Duration::from_secs(1));
         assert_eq!(cold.load_time("m"), Duration::from_secs(24));
         assert!(c.load_time("never-seen") >= Duration::from_secs(4));
+    }
+
+    #[test]
+    fn each_lora_adapter_writes_its_own_text() {
+        let mut j = job("i", "hello", 4, 7);
+        j.params.temperature = Some(0.0);
+        let base = SimRequest::from_job(&j).unwrap().seed;
+        let with = |name: &str| {
+            let mut j = j.clone();
+            j.adapter = Some(pb::LoraAdapter { name: name.into(), path: "/p".into() });
+            SimRequest::from_job(&j).unwrap().seed
+        };
+        assert_ne!(with("a"), base);
+        assert_ne!(with("a"), with("b"));
+        assert_eq!(with("a"), with("a"));
     }
 
     #[test]

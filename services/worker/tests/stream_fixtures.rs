@@ -88,7 +88,14 @@ fn job(relay: bool, chat: bool) -> Job {
         top_logprobs: if relay { 0 } else { 2 },
         ..Default::default()
     };
-    Job { instance_id: "i".into(), input, params, openai, traceparent: String::new() }
+    Job {
+        instance_id: "i".into(),
+        input,
+        params,
+        openai,
+        traceparent: String::new(),
+        adapter: None,
+    }
 }
 
 #[derive(Debug, Default)]

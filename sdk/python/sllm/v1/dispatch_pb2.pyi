@@ -19,6 +19,7 @@ class OpenAiEndpoint(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     OPEN_AI_ENDPOINT_UNSPECIFIED: _ClassVar[OpenAiEndpoint]
     OPEN_AI_ENDPOINT_COMPLETIONS: _ClassVar[OpenAiEndpoint]
     OPEN_AI_ENDPOINT_CHAT_COMPLETIONS: _ClassVar[OpenAiEndpoint]
+    OPEN_AI_ENDPOINT_EMBEDDINGS: _ClassVar[OpenAiEndpoint]
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
@@ -26,6 +27,37 @@ FINISH_REASON_CANCELLED: FinishReason
 OPEN_AI_ENDPOINT_UNSPECIFIED: OpenAiEndpoint
 OPEN_AI_ENDPOINT_COMPLETIONS: OpenAiEndpoint
 OPEN_AI_ENDPOINT_CHAT_COMPLETIONS: OpenAiEndpoint
+OPEN_AI_ENDPOINT_EMBEDDINGS: OpenAiEndpoint
+
+class EmbedRequest(_message.Message):
+    __slots__ = ("model", "input", "dimensions", "timeout_ms")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    input: _containers.RepeatedScalarFieldContainer[str]
+    dimensions: int
+    timeout_ms: int
+    def __init__(self, model: _Optional[str] = ..., input: _Optional[_Iterable[str]] = ..., dimensions: _Optional[int] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
+
+class Embedding(_message.Message):
+    __slots__ = ("index", "values")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    values: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, index: _Optional[int] = ..., values: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class EmbedResponse(_message.Message):
+    __slots__ = ("embeddings", "prompt_tokens", "model")
+    EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    embeddings: _containers.RepeatedCompositeFieldContainer[Embedding]
+    prompt_tokens: int
+    model: str
+    def __init__(self, embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., prompt_tokens: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
 
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content")
@@ -238,16 +270,26 @@ class WorkerError(_message.Message):
     def __init__(self, request_id: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., http_status: _Optional[int] = ..., body: _Optional[str] = ...) -> None: ...
 
 class AttachDown(_message.Message):
-    __slots__ = ("welcome", "request", "cancel", "credit")
+    __slots__ = ("welcome", "request", "cancel", "credit", "unload_adapter")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     CANCEL_FIELD_NUMBER: _ClassVar[int]
     CREDIT_FIELD_NUMBER: _ClassVar[int]
+    UNLOAD_ADAPTER_FIELD_NUMBER: _ClassVar[int]
     welcome: AttachWelcome
     request: InferenceRequest
     cancel: CancelRequest
     credit: CreditGrant
-    def __init__(self, welcome: _Optional[_Union[AttachWelcome, _Mapping]] = ..., request: _Optional[_Union[InferenceRequest, _Mapping]] = ..., cancel: _Optional[_Union[CancelRequest, _Mapping]] = ..., credit: _Optional[_Union[CreditGrant, _Mapping]] = ...) -> None: ...
+    unload_adapter: UnloadAdapter
+    def __init__(self, welcome: _Optional[_Union[AttachWelcome, _Mapping]] = ..., request: _Optional[_Union[InferenceRequest, _Mapping]] = ..., cancel: _Optional[_Union[CancelRequest, _Mapping]] = ..., credit: _Optional[_Union[CreditGrant, _Mapping]] = ..., unload_adapter: _Optional[_Union[UnloadAdapter, _Mapping]] = ...) -> None: ...
+
+class UnloadAdapter(_message.Message):
+    __slots__ = ("instance_id", "name")
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    name: str
+    def __init__(self, instance_id: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
 
 class AttachWelcome(_message.Message):
     __slots__ = ("dispatch_id",)
@@ -256,7 +298,7 @@ class AttachWelcome(_message.Message):
     def __init__(self, dispatch_id: _Optional[str] = ...) -> None: ...
 
 class InferenceRequest(_message.Message):
-    __slots__ = ("request_id", "instance_id", "model", "prompt", "chat", "params", "traceparent", "openai", "window")
+    __slots__ = ("request_id", "instance_id", "model", "prompt", "chat", "params", "traceparent", "openai", "adapter", "window")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -265,6 +307,7 @@ class InferenceRequest(_message.Message):
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
     OPENAI_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
     WINDOW_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     instance_id: str
@@ -274,8 +317,17 @@ class InferenceRequest(_message.Message):
     params: SamplingParams
     traceparent: str
     openai: OpenAiRequest
+    adapter: LoraAdapter
     window: int
-    def __init__(self, request_id: _Optional[int] = ..., instance_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., traceparent: _Optional[str] = ..., openai: _Optional[_Union[OpenAiRequest, _Mapping]] = ..., window: _Optional[int] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[int] = ..., instance_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., traceparent: _Optional[str] = ..., openai: _Optional[_Union[OpenAiRequest, _Mapping]] = ..., adapter: _Optional[_Union[LoraAdapter, _Mapping]] = ..., window: _Optional[int] = ...) -> None: ...
+
+class LoraAdapter(_message.Message):
+    __slots__ = ("name", "path")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    path: str
+    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ...) -> None: ...
 
 class OpenAiRequest(_message.Message):
     __slots__ = ("endpoint", "body", "response_id", "created", "model")

@@ -41,6 +41,11 @@ class DispatchStub:
                 request_serializer=sllm_dot_v1_dot_dispatch__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=sllm_dot_v1_dot_dispatch__pb2.GenerateEvent.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/sllm.v1.Dispatch/Embed',
+                request_serializer=sllm_dot_v1_dot_dispatch__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=sllm_dot_v1_dot_dispatch__pb2.EmbedResponse.FromString,
+                _registered_method=True)
         self.Attach = channel.stream_stream(
                 '/sllm.v1.Dispatch/Attach',
                 request_serializer=sllm_dot_v1_dot_dispatch__pb2.AttachUp.SerializeToString,
@@ -64,6 +69,15 @@ class DispatchServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Embed(self, request, context):
+        """Embed one or more texts with an embedding model: the same routing, cold
+        start, limits and API keys as Generate. INVALID_ARGUMENT names the field
+        (or the engine's refusal, e.g. a model that does not embed).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Attach(self, request_iterator, context):
         """A worker's inference stream to this Dispatch replica, multiplexed by
         request id. The first message must be `hello`.
@@ -79,6 +93,11 @@ def add_DispatchServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=sllm_dot_v1_dot_dispatch__pb2.GenerateRequest.FromString,
                     response_serializer=sllm_dot_v1_dot_dispatch__pb2.GenerateEvent.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=sllm_dot_v1_dot_dispatch__pb2.EmbedRequest.FromString,
+                    response_serializer=sllm_dot_v1_dot_dispatch__pb2.EmbedResponse.SerializeToString,
             ),
             'Attach': grpc.stream_stream_rpc_method_handler(
                     servicer.Attach,
@@ -115,6 +134,33 @@ class Dispatch:
             '/sllm.v1.Dispatch/Generate',
             sllm_dot_v1_dot_dispatch__pb2.GenerateRequest.SerializeToString,
             sllm_dot_v1_dot_dispatch__pb2.GenerateEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sllm.v1.Dispatch/Embed',
+            sllm_dot_v1_dot_dispatch__pb2.EmbedRequest.SerializeToString,
+            sllm_dot_v1_dot_dispatch__pb2.EmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,

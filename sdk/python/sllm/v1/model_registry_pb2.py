@@ -25,31 +25,35 @@ _sym_db = _symbol_database.Default()
 from sllm.v1 import common_pb2 as sllm_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1csllm/v1/model_registry.proto\x12\x07sllm.v1\x1a\x14sllm/v1/common.proto\"6\n\rDeployRequest\x12%\n\x04spec\x18\x01 \x01(\x0b\x32\x17.sllm.v1.DeploymentSpec\"K\n\x0e\x44\x65ployResponse\x12\'\n\ndeployment\x18\x01 \x01(\x0b\x32\x13.sllm.v1.Deployment\x12\x10\n\x08warnings\x18\x02 \x03(\t\"q\n\rUpdateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x37\n\x13\x61uto_scaling_config\x18\x02 \x01(\x0b\x32\x1a.sllm.v1.AutoScalingConfig\x12\x18\n\x10\x65xpected_version\x18\x03 \x01(\x04\"K\n\x0eUpdateResponse\x12\'\n\ndeployment\x18\x01 \x01(\x0b\x32\x13.sllm.v1.Deployment\x12\x10\n\x08warnings\x18\x02 \x03(\t\"\x1e\n\rDeleteRequest\x12\r\n\x05model\x18\x01 \x01(\t\"9\n\x0e\x44\x65leteResponse\x12\'\n\ndeployment\x18\x01 \x01(\x0b\x32\x13.sllm.v1.Deployment\"\x1b\n\nGetRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\r\n\x0bListRequest\"8\n\x0cListResponse\x12(\n\x0b\x64\x65ployments\x18\x01 \x03(\x0b\x32\x13.sllm.v1.Deployment2\xa6\x02\n\rModelRegistry\x12\x39\n\x06\x44\x65ploy\x12\x16.sllm.v1.DeployRequest\x1a\x17.sllm.v1.DeployResponse\x12\x39\n\x06Update\x12\x16.sllm.v1.UpdateRequest\x1a\x17.sllm.v1.UpdateResponse\x12\x39\n\x06\x44\x65lete\x12\x16.sllm.v1.DeleteRequest\x1a\x17.sllm.v1.DeleteResponse\x12/\n\x03Get\x12\x13.sllm.v1.GetRequest\x1a\x13.sllm.v1.Deployment\x12\x33\n\x04List\x12\x14.sllm.v1.ListRequest\x1a\x15.sllm.v1.ListResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1csllm/v1/model_registry.proto\x12\x07sllm.v1\x1a\x14sllm/v1/common.proto\"6\n\rDeployRequest\x12%\n\x04spec\x18\x01 \x01(\x0b\x32\x17.sllm.v1.DeploymentSpec\"K\n\x0e\x44\x65ployResponse\x12\'\n\ndeployment\x18\x01 \x01(\x0b\x32\x13.sllm.v1.Deployment\x12\x10\n\x08warnings\x18\x02 \x03(\t\"\x8f\x02\n\rUpdateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x37\n\x13\x61uto_scaling_config\x18\x02 \x01(\x0b\x32\x1a.sllm.v1.AutoScalingConfig\x12\x18\n\x10\x65xpected_version\x18\x03 \x01(\x04\x12\x46\n\x11\x61\x64\x64_lora_adapters\x18\x04 \x03(\x0b\x32+.sllm.v1.UpdateRequest.AddLoraAdaptersEntry\x12\x1c\n\x14remove_lora_adapters\x18\x05 \x03(\t\x1a\x36\n\x14\x41\x64\x64LoraAdaptersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"K\n\x0eUpdateResponse\x12\'\n\ndeployment\x18\x01 \x01(\x0b\x32\x13.sllm.v1.Deployment\x12\x10\n\x08warnings\x18\x02 \x03(\t\"5\n\rDeleteRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rlora_adapters\x18\x02 \x03(\t\"9\n\x0e\x44\x65leteResponse\x12\'\n\ndeployment\x18\x01 \x01(\x0b\x32\x13.sllm.v1.Deployment\"\x1b\n\nGetRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\r\n\x0bListRequest\"8\n\x0cListResponse\x12(\n\x0b\x64\x65ployments\x18\x01 \x03(\x0b\x32\x13.sllm.v1.Deployment2\xa6\x02\n\rModelRegistry\x12\x39\n\x06\x44\x65ploy\x12\x16.sllm.v1.DeployRequest\x1a\x17.sllm.v1.DeployResponse\x12\x39\n\x06Update\x12\x16.sllm.v1.UpdateRequest\x1a\x17.sllm.v1.UpdateResponse\x12\x39\n\x06\x44\x65lete\x12\x16.sllm.v1.DeleteRequest\x1a\x17.sllm.v1.DeleteResponse\x12/\n\x03Get\x12\x13.sllm.v1.GetRequest\x1a\x13.sllm.v1.Deployment\x12\x33\n\x04List\x12\x14.sllm.v1.ListRequest\x1a\x15.sllm.v1.ListResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sllm.v1.model_registry_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_UPDATEREQUEST_ADDLORAADAPTERSENTRY']._loaded_options = None
+  _globals['_UPDATEREQUEST_ADDLORAADAPTERSENTRY']._serialized_options = b'8\001'
   _globals['_DEPLOYREQUEST']._serialized_start=63
   _globals['_DEPLOYREQUEST']._serialized_end=117
   _globals['_DEPLOYRESPONSE']._serialized_start=119
   _globals['_DEPLOYRESPONSE']._serialized_end=194
-  _globals['_UPDATEREQUEST']._serialized_start=196
-  _globals['_UPDATEREQUEST']._serialized_end=309
-  _globals['_UPDATERESPONSE']._serialized_start=311
-  _globals['_UPDATERESPONSE']._serialized_end=386
-  _globals['_DELETEREQUEST']._serialized_start=388
-  _globals['_DELETEREQUEST']._serialized_end=418
-  _globals['_DELETERESPONSE']._serialized_start=420
-  _globals['_DELETERESPONSE']._serialized_end=477
-  _globals['_GETREQUEST']._serialized_start=479
-  _globals['_GETREQUEST']._serialized_end=506
-  _globals['_LISTREQUEST']._serialized_start=508
-  _globals['_LISTREQUEST']._serialized_end=521
-  _globals['_LISTRESPONSE']._serialized_start=523
-  _globals['_LISTRESPONSE']._serialized_end=579
-  _globals['_MODELREGISTRY']._serialized_start=582
-  _globals['_MODELREGISTRY']._serialized_end=876
+  _globals['_UPDATEREQUEST']._serialized_start=197
+  _globals['_UPDATEREQUEST']._serialized_end=468
+  _globals['_UPDATEREQUEST_ADDLORAADAPTERSENTRY']._serialized_start=414
+  _globals['_UPDATEREQUEST_ADDLORAADAPTERSENTRY']._serialized_end=468
+  _globals['_UPDATERESPONSE']._serialized_start=470
+  _globals['_UPDATERESPONSE']._serialized_end=545
+  _globals['_DELETEREQUEST']._serialized_start=547
+  _globals['_DELETEREQUEST']._serialized_end=600
+  _globals['_DELETERESPONSE']._serialized_start=602
+  _globals['_DELETERESPONSE']._serialized_end=659
+  _globals['_GETREQUEST']._serialized_start=661
+  _globals['_GETREQUEST']._serialized_end=688
+  _globals['_LISTREQUEST']._serialized_start=690
+  _globals['_LISTREQUEST']._serialized_end=703
+  _globals['_LISTRESPONSE']._serialized_start=705
+  _globals['_LISTRESPONSE']._serialized_end=761
+  _globals['_MODELREGISTRY']._serialized_start=764
+  _globals['_MODELREGISTRY']._serialized_end=1058
 # @@protoc_insertion_point(module_scope)

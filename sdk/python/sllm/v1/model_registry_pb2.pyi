@@ -22,14 +22,25 @@ class DeployResponse(_message.Message):
     def __init__(self, deployment: _Optional[_Union[_common_pb2.Deployment, _Mapping]] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class UpdateRequest(_message.Message):
-    __slots__ = ("model", "auto_scaling_config", "expected_version")
+    __slots__ = ("model", "auto_scaling_config", "expected_version", "add_lora_adapters", "remove_lora_adapters")
+    class AddLoraAdaptersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     MODEL_FIELD_NUMBER: _ClassVar[int]
     AUTO_SCALING_CONFIG_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ADD_LORA_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    REMOVE_LORA_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     model: str
     auto_scaling_config: _common_pb2.AutoScalingConfig
     expected_version: int
-    def __init__(self, model: _Optional[str] = ..., auto_scaling_config: _Optional[_Union[_common_pb2.AutoScalingConfig, _Mapping]] = ..., expected_version: _Optional[int] = ...) -> None: ...
+    add_lora_adapters: _containers.ScalarMap[str, str]
+    remove_lora_adapters: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., auto_scaling_config: _Optional[_Union[_common_pb2.AutoScalingConfig, _Mapping]] = ..., expected_version: _Optional[int] = ..., add_lora_adapters: _Optional[_Mapping[str, str]] = ..., remove_lora_adapters: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class UpdateResponse(_message.Message):
     __slots__ = ("deployment", "warnings")
@@ -40,10 +51,12 @@ class UpdateResponse(_message.Message):
     def __init__(self, deployment: _Optional[_Union[_common_pb2.Deployment, _Mapping]] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DeleteRequest(_message.Message):
-    __slots__ = ("model",)
+    __slots__ = ("model", "lora_adapters")
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    LORA_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     model: str
-    def __init__(self, model: _Optional[str] = ...) -> None: ...
+    lora_adapters: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., lora_adapters: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DeleteResponse(_message.Message):
     __slots__ = ("deployment",)

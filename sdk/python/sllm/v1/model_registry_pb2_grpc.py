@@ -78,8 +78,9 @@ class ModelRegistryServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Update(self, request, context):
-        """Change a deployment's scaling policy without disturbing its running
-        instances. NOT_FOUND if absent; ABORTED if expected_version is stale.
+        """Change a deployment's scaling policy, or add and remove its LoRA adapters,
+        without disturbing its running instances. NOT_FOUND if absent; ABORTED if
+        expected_version is stale.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -87,7 +88,8 @@ class ModelRegistryServicer:
 
     def Delete(self, request, context):
         """Mark a deployment deleting: its instances are drained and stopped, then
-        the record goes. FAILED_PRECONDITION if it is already being deleted.
+        the record goes. FAILED_PRECONDITION if it is already being deleted. With
+        lora_adapters, only those adapters are removed and the deployment stays.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
