@@ -27,6 +27,9 @@ pub const DISPATCH_QUEUE_WAIT_SECONDS: &str = "sllm_dispatch_queue_wait_seconds"
 pub const DISPATCH_IN_FLIGHT: &str = "sllm_dispatch_in_flight";
 /// Attempts that failed before the first token and were retried, by model.
 pub const DISPATCH_RETRIES_TOTAL: &str = "sllm_dispatch_retries_total";
+/// Streams moved to another instance after output was sent, by model and reason (failure:
+/// the instance was lost; drain: it was being taken away).
+pub const DISPATCH_MIGRATIONS_TOTAL: &str = "sllm_dispatch_migrations_total";
 /// Tokens streamed to clients, by model.
 pub const DISPATCH_TOKENS_TOTAL: &str = "sllm_dispatch_tokens_total";
 /// Requests refused by a caller's rate limit.
@@ -136,6 +139,7 @@ pub struct Dispatch {
     pub queue_wait: HistogramVec,
     pub in_flight: IntGaugeVec,
     pub retries: IntCounterVec,
+    pub migrations: IntCounterVec,
     pub tokens: IntCounterVec,
     pub attached: IntGauge,
     pub rate_limited: IntCounter,
@@ -223,6 +227,11 @@ pub static DISPATCH: LazyLock<Dispatch> = LazyLock::new(|| Dispatch {
         DISPATCH_RETRIES_TOTAL,
         "Attempts that failed before the first token.",
         &["model"],
+    ),
+    migrations: counter(
+        DISPATCH_MIGRATIONS_TOTAL,
+        "Streams moved to another instance after output was sent.",
+        &["model", "reason"],
     ),
     tokens: counter(DISPATCH_TOKENS_TOTAL, "Tokens streamed to clients.", &["model"]),
     attached: gauge(DISPATCH_ATTACHED_WORKERS, "Workers attached to this replica.", &[])

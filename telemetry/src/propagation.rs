@@ -43,6 +43,28 @@ fn inject(cx: &Context) -> String {
     fields.0.remove("traceparent").unwrap_or_default()
 }
 
+/// W3C baggage as the SDK's Baggage propagator reads it, written back in its canonical form
+/// ('' when empty or malformed): what sllm passes on to an engine with the trace context.
+pub fn baggage(header: &str) -> String {
+    if header.is_empty() {
+        return String::new();
+    }
+    struct Header<'a>(&'a str);
+    impl Extractor for Header<'_> {
+        fn get(&self, key: &str) -> Option<&str> {
+            (key == "baggage").then_some(self.0)
+        }
+        fn keys(&self) -> Vec<&str> {
+            vec!["baggage"]
+        }
+    }
+    let propagator = opentelemetry_sdk::propagation::BaggagePropagator::new();
+    let cx = propagator.extract(&Header(header));
+    let mut fields = Fields(HashMap::new());
+    propagator.inject_context(&cx, &mut fields);
+    fields.0.remove("baggage").unwrap_or_default()
+}
+
 /// The `traceparent` the propagator reads in `traceparent`, written back in its canonical form
 /// (None when it names no valid span): what sllm continues when a client sends it.
 pub fn parse(traceparent: &str) -> Option<String> {

@@ -320,6 +320,8 @@ impl pb::dispatch_server::Dispatch for Direct {
             openai: None,
             traceparent: String::new(),
             adapter: None,
+            baggage: String::new(),
+            continuation: None,
         });
         let stream = tokio_stream::wrappers::ReceiverStream::new(out).map(|o| {
             let event = match o {

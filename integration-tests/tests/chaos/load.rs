@@ -260,8 +260,7 @@ pub async fn generate(
                 },
                 Ok(Some(_)) => {}
                 Ok(None) if finished => {
-                    let want: String =
-                        (0..max_tokens).map(|i| worker::sim::token_text(SEED, prompt, i)).collect();
+                    let want: String = worker::sim::text(SEED, prompt, max_tokens);
                     return if text == want {
                         Attempt::Completed
                     } else {

@@ -7,7 +7,7 @@ use kvstore::{InstanceStatus, WorkerStatus};
 use rand::seq::IndexedRandom;
 use sllm_integration_tests::{RedisServer, eventually};
 
-use crate::load::{Attempt, Load};
+use crate::load::Load;
 use crate::mesh::{LEASE, Mesh, SCALER_LEASE};
 
 const MODELS: [&str; 3] = ["m0", "m1", "m2"];
@@ -148,13 +148,11 @@ async fn sigkill_workers_and_services_under_load_loses_nothing() {
         "{:?}",
         ledger.failures(Some("warm"), None)
     );
-    // A worker's death is visible to a client only if tokens had already reached it.
-    for e in ledger.failures(Some("workers killed"), None) {
-        let Attempt::Failed { code, message, tokens } = &e.attempt else { unreachable!() };
-        assert_eq!(*code, tonic::Code::Unavailable, "{e:?}");
-        assert!(*tokens > 0, "failed before the first token, not retried: {e:?}");
-        assert!(message.contains(&format!("{tokens} token")), "{e:?}");
-    }
+    // A worker's death is invisible to clients: before the first token the request is
+    // retried, after it the stream moves to another instance of its model (each has two) and
+    // continues; the ledger checked every text against the uninterrupted generation.
+    let broken = ledger.failures(Some("workers killed"), None);
+    assert!(broken.is_empty(), "streams broken by a worker's death: {broken:?}");
     // Clients of the surviving Dispatch see no failure while services die.
     for phase in ["dispatch-b killed", "worker-registry killed", "scaler leader killed", "settled"]
     {

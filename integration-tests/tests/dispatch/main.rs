@@ -7,6 +7,7 @@ mod cold;
 mod failures;
 mod flow;
 mod limits;
+mod migration;
 mod openai;
 mod room;
 mod warm;
@@ -34,6 +35,13 @@ impl Cluster {
     }
 
     pub async fn start_with(adjust: impl FnOnce(&mut dispatch::DispatchConfig)) -> Cluster {
+        Self::start_configured(adjust, |_| {}).await
+    }
+
+    pub async fn start_configured(
+        adjust: impl FnOnce(&mut dispatch::DispatchConfig),
+        adjust_scaler: impl FnOnce(&mut scaler::ScalerConfig),
+    ) -> Cluster {
         let redis = RedisServer::start().unwrap();
         let store = redis.store().await.unwrap();
         let registry = RegistryReplica::start(
@@ -46,6 +54,7 @@ impl Cluster {
         let mut sc = scaler::ScalerConfig::new("s1");
         sc.tick = Duration::from_millis(100);
         sc.drain_grace = Duration::from_secs(2);
+        adjust_scaler(&mut sc);
         let scaler = Served::scaler(store.clone(), sc).await.unwrap();
         let dispatch = DispatchReplica::start(store.clone(), "d1", adjust).await.unwrap();
         Cluster { redis, store, registry, scaler, dispatch }
@@ -133,5 +142,5 @@ pub async fn generate(c: &Cluster, req: pb::GenerateRequest) -> Result<Outcome, 
 
 /// The deterministic text the simulator produces.
 pub fn expected_text(seed: u64, prompt: &str, n: u32) -> String {
-    (0..n).map(|i| worker::sim::token_text(seed, prompt, i)).collect()
+    worker::sim::text(seed, prompt, n)
 }

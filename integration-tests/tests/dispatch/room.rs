@@ -68,7 +68,11 @@ async fn a_burst_of_cold_requests_admits_exactly_the_cap() {
 /// its share, the earliest requests on the first instance ready.
 #[tokio::test]
 async fn held_requests_are_released_in_order_and_spread_over_the_instances_started_for_them() {
-    let c = Cluster::start().await;
+    // Where each request was admitted is the subject. This test's one-thread runtime runs the
+    // registry, four workers and 64 streams of 1,000 tokens/s; its workers fall behind their
+    // leases under that load and are declared lost, and a stream moving off a lost worker would
+    // finish on another instance: moves are off here (`migration` tests them).
+    let c = Cluster::start_with(|d| d.max_migrations = 0).await;
     let mut workers = Vec::new();
     for k in 1..=4u64 {
         let mut sim = fast_sim();

@@ -195,8 +195,9 @@ async fn a_real_llama_cpp_server_behind_sllm_answers_as_it_does_alone() {
     });
     assert!(!retried, "no request to the engine was retried:\n{metrics}");
 
-    // The engine killed mid-stream: the client's stream ends with an error, not a finish, and
-    // the Scaler puts a new engine in its place.
+    // The engine killed mid-stream: the Scaler puts a new engine in its place, and the
+    // client's stream moves there and continues after what it had (live migration): it ends
+    // with a normal finish, not an error, under one id.
     let killed = engine_pids(models.path(), direct_pid).await;
     assert_eq!(killed.len(), 1, "one engine runs for sllm: {killed:?}");
     let body = serde_json::json!({"model": "tiny", "prompt": "Go on", "max_tokens": 900, "stream": true, "ignore_eos": true});
@@ -223,8 +224,16 @@ async fn a_real_llama_cpp_server_behind_sllm_answers_as_it_does_alone() {
         seen.push(l);
     }
     let tail = seen.join("\n");
-    assert!(tail.contains("\"error\""), "the stream ends with an error event:\n{tail:.2000}");
-    assert!(!tail.contains("\"finish_reason\":\"length\""), "not a normal finish:\n{tail:.2000}");
+    assert!(!tail.contains("\"error\""), "the stream ends without an error:\n{tail:.2000}");
+    assert!(tail.contains("\"finish_reason\":\"length\""), "a normal finish:\n{tail:.2000}");
+    assert!(tail.trim_end().ends_with("data: [DONE]"), "the stream is complete:\n{tail:.2000}");
+    let ids: std::collections::BTreeSet<&str> = seen
+        .iter()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| d.split("\"id\":\"").nth(1))
+        .filter_map(|rest| rest.split('"').next())
+        .collect();
+    assert_eq!(ids.len(), 1, "one id across the move: {ids:?}");
     let replaced = eventually(Duration::from_secs(20), "a new engine", || async {
         let pids = engine_pids(models.path(), direct_pid).await;
         (pids.len() == 1 && pids[0] != killed[0]).then(|| pids[0])
@@ -506,6 +515,18 @@ async fn llama_cpp_lora_adapters_answer_as_the_server_alone() {
         b["lora"] = serde_json::json!([{"id": 0, "scale": scale}]);
         b
     };
+    // Dispatch learns a deployment's adapters from its event stream, a moment after the deploy.
+    eventually(Duration::from_secs(10), "the adapter listed", || async {
+        let o = tokio::process::Command::new("curl")
+            .args(["-s", "--max-time", "5"])
+            .arg(format!("{sllm_base}/models"))
+            .output()
+            .await
+            .ok()?;
+        String::from_utf8_lossy(&o.stdout).contains("tiny-lora:shout").then_some(())
+    })
+    .await
+    .unwrap();
     let shout = complete(sllm_base.clone(), ask("tiny-lora:shout")).await;
     let plain = complete(sllm_base.clone(), ask("tiny-lora")).await;
     assert_ne!(shout, plain, "the adapter changes the text");

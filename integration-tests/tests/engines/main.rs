@@ -161,7 +161,7 @@ async fn an_engine_starts_serves_streams_cancels_and_drains() {
     })
     .await
     .unwrap();
-    let expected: String = (0..6).map(|i| worker::sim::token_text(7, "hello engine", i)).collect();
+    let expected = worker::sim::text(7, "hello engine", 6);
     assert_eq!(out.0, expected);
     assert_eq!(out.1.usage.unwrap().completion_tokens, 6);
 

@@ -110,7 +110,7 @@ async fn an_openai_body_reaches_the_engine_intact_and_its_events_come_back() {
         chunks.iter().map(|ch| ch["id"].as_str().unwrap()).collect();
     assert_eq!(ids.len(), 1, "one id: {sse}");
     let text: String = chunks.iter().filter_map(|ch| ch["choices"][0]["text"].as_str()).collect();
-    let expected: String = (0..5).map(|i| worker::sim::token_text(7, "hello engine", i)).collect();
+    let expected = worker::sim::text(7, "hello engine", 5);
     assert_eq!(text, expected);
     assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], "length");
 
@@ -315,4 +315,95 @@ async fn grpc_sampling_parameters_reach_the_engine_and_logprobs_come_back() {
     let err = client.generate(bad).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("json_schema"), "{}", err.message());
+}
+
+/// The text of an OpenAI stream's events: completions' `text`, chat's `delta.content`.
+fn streamed_text(sse: &str) -> String {
+    events(sse)
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .filter_map(|v| {
+            let c = &v["choices"][0];
+            c["text"].as_str().or(c["delta"]["content"].as_str()).map(str::to_string)
+        })
+        .collect()
+}
+
+/// The usage event of an OpenAI stream.
+fn streamed_usage(sse: &str) -> Value {
+    events(sse)
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .find(|v| v["usage"].is_object())
+        .map(|v| v["usage"].clone())
+        .unwrap_or(Value::Null)
+}
+
+/// Two engine processes serve the model; each crashes after 60 tokens in all. A stream of 80
+/// tokens therefore loses its engine midway whichever it starts on, and continues on the other:
+/// the OpenAI client gets one stream whose text is exactly the uninterrupted generation's, and
+/// whose usage counts every token it received once. For chat, the continuation is the engine's
+/// own `continue_final_message`.
+#[tokio::test]
+async fn an_openai_stream_whose_engine_crashes_continues_on_another_engine() {
+    let c = cluster().await;
+    let _w = engine_worker(&c, "--crash-after-tokens 60", Duration::from_secs(20)).await;
+    c.store
+        .create_deployment(&kvstore::DeploymentSpec {
+            model: "m".into(),
+            backend: "custom".into(),
+            num_gpus: 1,
+            autoscaling: kvstore::AutoScaling {
+                min_instances: 2,
+                max_instances: 2,
+                keep_alive_s: 60,
+                ..Default::default()
+            },
+            backend_config: String::new(),
+        })
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(15), "two engines ready", || async {
+        let all = c.store.model_instances("m").await.unwrap();
+        (all.iter().filter(|i| i.status == InstanceStatus::Ready).count() == 2).then_some(())
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+
+    let completion = json!({
+        "model": "m", "prompt": "hello engine", "max_tokens": 80, "seed": 7,
+        "stream": true, "stream_options": {"include_usage": true},
+    });
+    let (status, sse) = post(&c, "/v1/completions", &completion).await;
+    assert_eq!(status, 200, "{sse}");
+    assert_eq!(streamed_text(&sse), worker::sim::text(7, "hello engine", 80), "{sse}");
+    let usage = streamed_usage(&sse);
+    assert_eq!(usage["completion_tokens"], 80, "{sse}");
+    assert_eq!(usage["prompt_tokens"], 2, "the continued text is not counted as prompt: {sse}");
+    assert!(!sse.contains("\"error\""), "{sse}");
+
+    // The crashed engine is replaced; the chat stream then loses its engine too.
+    eventually(Duration::from_secs(15), "two engines ready again", || async {
+        let all = c.store.model_instances("m").await.unwrap();
+        (all.iter().filter(|i| i.status == InstanceStatus::Ready).count() == 2).then_some(())
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let chat = json!({
+        "model": "m", "max_tokens": 80, "seed": 7, "stream": true,
+        "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "a story"}],
+    });
+    let (status, sse) = post(&c, "/v1/chat/completions", &chat).await;
+    assert_eq!(status, 200, "{sse}");
+    let expected = worker::sim::text(7, "system: be brief\nuser: a story\nassistant:", 80);
+    assert_eq!(streamed_text(&sse), expected, "{sse}");
+    assert!(!sse.contains("\"error\""), "{sse}");
+    let ids: std::collections::BTreeSet<String> = events(&sse)
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .filter_map(|v| v["id"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(ids.len(), 1, "one id across the move: {ids:?}");
 }

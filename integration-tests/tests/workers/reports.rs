@@ -133,7 +133,7 @@ async fn an_instance_that_becomes_ready_while_its_registry_replica_dies_ends_rea
     })
     .await
     .unwrap();
-    let want: String = (0..4).map(|i| worker::sim::token_text(7, "hello", i)).collect();
+    let want = worker::sim::text(7, "hello", 4);
     assert_eq!(text, want);
     let bad = store.check_invariants().await.unwrap();
     assert!(bad.is_empty(), "{bad:?}");

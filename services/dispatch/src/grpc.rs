@@ -82,6 +82,9 @@ impl dispatch_server::Dispatch for Dispatch {
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
             .to_string();
+        let baggage = telemetry::propagation::baggage(
+            request.metadata().get("baggage").and_then(|v| v.to_str().ok()).unwrap_or_default(),
+        );
         let req = request.into_inner();
         let input = match req.input {
             Some(pb::generate_request::Input::Prompt(p)) => Input::Prompt(p),
@@ -104,6 +107,7 @@ impl dispatch_server::Dispatch for Dispatch {
             progress: req.progress,
             deadline,
             traceparent,
+            baggage,
             entry: "sllm.v1.Dispatch/Generate",
             openai: None,
             adapter_name: None,

@@ -74,6 +74,10 @@ pub struct DispatchConfig {
     pub retry_after: Duration,
     /// Attempts per request (a worker failing before the first token costs one).
     pub max_attempts: u32,
+    /// Times a stream may move to another instance after output was sent (its instance lost
+    /// or draining): the new instance continues after the text already sent. 0: never; the
+    /// stream ends with UNAVAILABLE instead.
+    pub max_migrations: u32,
     /// max_tokens when a request leaves it 0.
     pub default_max_tokens: u32,
     /// Largest max_tokens accepted.
@@ -119,6 +123,7 @@ impl DispatchConfig {
             window: 32,
             retry_after: Duration::from_secs(1),
             max_attempts: 3,
+            max_migrations: 3,
             default_max_tokens: 256,
             max_tokens_limit: 32_768,
             max_prompt_bytes: 1 << 20,

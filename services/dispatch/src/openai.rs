@@ -329,6 +329,7 @@ fn common(
         progress: false,
         deadline: None,
         traceparent,
+        baggage: String::new(),
         entry,
         openai: Some(openai),
         adapter_name: c.lora_adapter_name.clone(),
@@ -466,7 +467,10 @@ async fn accept(
     answer: &Answer,
 ) -> Result<(CommonBody, String, Events), Response> {
     let result = async {
-        let (c, job) = parse(raw, traceparent(headers), answer)?;
+        let (c, mut job) = parse(raw, traceparent(headers), answer)?;
+        job.baggage = telemetry::propagation::baggage(
+            headers.get("baggage").and_then(|v| v.to_str().ok()).unwrap_or_default(),
+        );
         let model = job.model.clone();
         let events = d.submit(job).await?;
         Ok((c, model, events))
@@ -638,6 +642,7 @@ pub(crate) fn parse_embeddings(
         progress: false,
         deadline: None,
         traceparent,
+        baggage: String::new(),
         entry,
         openai: Some(openai),
         adapter_name: match body.get("lora_adapter_name") {

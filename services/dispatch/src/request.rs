@@ -63,6 +63,8 @@ pub struct Job {
     /// The caller's W3C trace context (gRPC metadata or HTTP header); the request's spans join
     /// its trace.
     pub traceparent: String,
+    /// The caller's W3C baggage, passed on to an engine with the trace context ('' if none).
+    pub baggage: String,
     /// Name of the entry point, for the request's span (e.g. `sllm.v1.Dispatch/Generate`).
     pub entry: &'static str,
     /// The client's OpenAI request, which an engine gets as it is (HTTP API requests only).
@@ -498,6 +500,10 @@ impl Driver {
         let mut retry = Retry::new(config.max_attempts);
         let mut exclude = HashSet::new();
         let mut tokens_sent = 0u32;
+        // What the client has received, kept while the stream may still move to another
+        // instance; and how often it moved.
+        let mut delivered = String::new();
+        let mut migrations = 0u32;
         let mut ttft: Option<Duration> = None;
         let mut queued = Duration::ZERO;
         let mut next = Some(first);
@@ -544,9 +550,14 @@ impl Driver {
                 span.set("sllm.instance", &instance.instance_id);
                 span.set("sllm.worker", &link.worker_id);
             }
-            let outcome = self
-                .attempt(&instance, &link, &mut tokens_sent, &mut ttft, queued, &mut span)
-                .await;
+            let mut progress = Progress {
+                tokens_sent: &mut tokens_sent,
+                delivered: &mut delivered,
+                ttft: &mut ttft,
+                migrations,
+                queued,
+            };
+            let outcome = self.attempt(&instance, &link, &mut progress, &mut span).await;
             // The place goes back before the client hears the end: the next request may use it.
             drop(slot);
             match outcome {
@@ -569,16 +580,51 @@ impl Driver {
                 }
                 Attempt::Failed(Fault::Instance(why)) => {
                     span.fail(why.as_str());
-                    if link.breaker.failure(config.breaker_threshold, config.breaker_cooldown) {
+                    // An instance drained away says nothing about its worker's health.
+                    if why != MOVED_OFF
+                        && link.breaker.failure(config.breaker_threshold, config.breaker_cooldown)
+                    {
                         tracing::warn!(worker = %link.worker_id, "worker skipped for a while after repeated failures");
                     }
                     // The log line names the trace; the trace records the failure on the attempt.
                     let trace_id = span.trace_id();
                     tracing::info!(request = %self.job.id, model = %self.route.name, instance = %instance.instance_id, worker = %link.worker_id, attempt, tokens_sent, %why, trace_id = trace_id.as_deref().unwrap_or("-"), "attempt failed");
                     span.event("attempt failed", &[("tokens_sent", tokens_sent)]);
-                    // Once the client has had any event (a chat role, say), a retry would repeat it.
-                    let delivered = (tokens_sent > 0 || ttft.is_some()).then_some(tokens_sent);
-                    match retry.after(&why, delivered) {
+                    // Once the client has had any event (a chat role, say), a retry would repeat
+                    // it: the generation moves instead, continuing after what was sent.
+                    let sent = (tokens_sent > 0 || ttft.is_some()).then_some(tokens_sent);
+                    if sent.is_some() && migrations < config.max_migrations && self.movable() {
+                        migrations += 1;
+                        let reason = if why == MOVED_OFF { "drain" } else { "failure" };
+                        telemetry::metrics::DISPATCH
+                            .migrations
+                            .with_label_values(&[self.route.name.as_str(), reason])
+                            .inc();
+                        self.span.set("sllm.migrations", migrations);
+                        span.event("moved", &[("tokens_sent", tokens_sent)]);
+                        tracing::info!(request = %self.job.id, model = %self.route.name, instance = %instance.instance_id, tokens_sent, %why, "the stream moves to another instance");
+                        let ok = self
+                            .send_progress(
+                                pb::progress::Stage::Migrated,
+                                pb::Progress {
+                                    worker_id: link.worker_id.clone(),
+                                    instance_id: instance.instance_id.clone(),
+                                    message: format!("moving after {tokens_sent} tokens: {why}"),
+                                    ..Default::default()
+                                },
+                            )
+                            .await;
+                        if !ok {
+                            return "cancelled";
+                        }
+                        // Only the instance just left: the others it passed through may serve
+                        // again (a worker declared lost that came back), and a stream must never
+                        // wait for an instance it has ruled out.
+                        exclude.clear();
+                        exclude.insert(instance.instance_id.clone());
+                        continue;
+                    }
+                    match retry.after(&why, sent) {
                         Verdict::GiveUp(e) => {
                             let _ = self.tx.send(Err(e)).await;
                             return "unavailable";
@@ -699,15 +745,37 @@ impl Driver {
         if ok { Ok(slot) } else { Err(None) }
     }
 
+    /// Whether the stream may move to another instance mid-way: moves are allowed, and the
+    /// input is text an instance can continue (not a prompt of token ids). An OpenAI request
+    /// that is not streamed gets the engine's body as it is, which a second engine's body
+    /// cannot extend: it is retried whole instead, as before anything reached the client.
+    fn movable(&self) -> bool {
+        if self.inner.config.max_migrations == 0 {
+            return false;
+        }
+        match &self.job.openai {
+            Some(o) => serde_json::from_str::<serde_json::Value>(&o.body).is_ok_and(|b| {
+                let streamed = b.get("stream").and_then(|s| s.as_bool()).unwrap_or(false);
+                let token_ids = b
+                    .get("prompt")
+                    .and_then(|p| p.as_array())
+                    .is_some_and(|items| items.iter().any(|t| t.is_number() || t.is_array()));
+                streamed && !token_ids
+            }),
+            None => true,
+        }
+    }
+
     async fn attempt(
         &self,
         instance: &Routable,
         link: &WorkerLink,
-        tokens_sent: &mut u32,
-        ttft: &mut Option<Duration>,
-        queued: Duration,
+        progress: &mut Progress<'_>,
         span: &mut Span,
     ) -> Attempt {
+        let (tokens_sent, ttft, queued) =
+            (&mut *progress.tokens_sent, &mut *progress.ttft, progress.queued);
+        let keep = self.inner.config.max_migrations > progress.migrations;
         let request_id = self.inner.next_request_id();
         let window = self.inner.config.window;
         // The worker sends at most `window` chunks ahead of what the client has read; the
@@ -722,17 +790,22 @@ impl Driver {
             Input::Prompt(p) => pb::inference_request::Input::Prompt(p.clone()),
             Input::Chat(c) => pb::inference_request::Input::Chat(c.clone()),
         };
-        let max_tokens = self.job.params.max_tokens;
+        // A moved stream continues after what its client has: only the rest of max_tokens.
+        let continuation = (*tokens_sent > 0 || !progress.delivered.is_empty())
+            .then(|| pb::Continuation { text: progress.delivered.clone(), tokens: *tokens_sent });
+        let max_tokens = self.job.params.max_tokens.saturating_sub(*tokens_sent);
         let request = pb::InferenceRequest {
             request_id,
             instance_id: instance.instance_id.clone(),
             model: self.route.name.clone(),
             input: Some(input),
-            params: Some(self.job.params.clone()),
+            params: Some(pb::SamplingParams { max_tokens, ..self.job.params.clone() }),
             traceparent: span.traceparent(),
             openai: self.job.openai.clone(),
             window,
             adapter: self.job.adapter.clone(),
+            continuation,
+            baggage: self.job.baggage.clone(),
         };
         if let Some(a) = &self.job.adapter
             && let Ok(mut held) = instance.adapters.lock()
@@ -749,6 +822,8 @@ impl Driver {
         let mut attempt_tokens = 0u32;
         // A message taken while merging chunks that must be handled next.
         let mut held: Option<FromWorker> = None;
+        // Whether the instance leaving routing (draining, stopped, lost) moves this stream.
+        let mut watch_leaving = keep;
         loop {
             let m = match held.take() {
                 Some(m) => Some(m),
@@ -761,6 +836,16 @@ impl Driver {
                     _ = sleep_until(self.job.deadline) => {
                         link.cancel(request_id);
                         return Attempt::Deadline;
+                    }
+                    // Drain by migration: a stream leaves an instance being taken away at once
+                    // when another instance can take it over; with none, it finishes here.
+                    _ = instance.leaving.cancelled(), if watch_leaving => {
+                        if self.route.ready_count() > 0 && self.movable() {
+                            link.cancel(request_id);
+                            return Attempt::Failed(Fault::Instance(MOVED_OFF.into()));
+                        }
+                        watch_leaving = false;
+                        continue;
                     }
                 },
             };
@@ -803,6 +888,9 @@ impl Driver {
                     }
                     let tokens = c.tokens;
                     *tokens_sent += tokens;
+                    if keep {
+                        progress.delivered.push_str(&c.text);
+                    }
                     self.route.metrics.tokens.inc_by(u64::from(tokens));
                     let event = Event::Chunk {
                         text: c.text,
@@ -833,6 +921,7 @@ impl Driver {
                             .as_micros() as u64,
                         queue_us: queued.as_micros() as u64,
                         instance_id: instance.instance_id.clone(),
+                        migrations: progress.migrations,
                     };
                     span.set("gen_ai.usage.output_tokens", usage.completion_tokens);
                     let _ = self.tx.send(Ok(Event::Finished { reason, usage })).await;
@@ -842,9 +931,9 @@ impl Driver {
                     span.set("error.type", "worker_error");
                     return Attempt::Failed(Fault::of_worker_error(e));
                 }
-                // Output already went to the client: this attempt cannot move; the stream
-                // decides (it ends if the worker is really gone).
-                Some(FromWorker::Lost) if ttft.is_some() => {}
+                // Output already went to the client: the stream moves when it may; otherwise
+                // the stream decides (it ends if the worker is really gone).
+                Some(FromWorker::Lost) if ttft.is_some() && !(keep && self.movable()) => {}
                 Some(FromWorker::Lost) => {
                     link.cancel(request_id);
                     return Attempt::Failed(Fault::Instance(
@@ -868,6 +957,23 @@ impl Driver {
             }
         }
     }
+}
+
+/// Why an attempt ended when its instance left routing and the stream moved on.
+const MOVED_OFF: &str = "its instance is leaving (draining, stopped or lost)";
+
+/// What one request has done so far, across its attempts.
+struct Progress<'a> {
+    /// Tokens the client has received.
+    tokens_sent: &'a mut u32,
+    /// Their text, kept while the stream may move.
+    delivered: &'a mut String,
+    /// When the first output reached the client.
+    ttft: &'a mut Option<Duration>,
+    /// Times the stream moved so far.
+    migrations: u32,
+    /// Time held for a cold start.
+    queued: Duration,
 }
 
 struct PendingGuard<'a> {

@@ -37,6 +37,9 @@ pub(crate) struct Routable {
     pub(crate) in_flight: AtomicU32,
     /// LoRA adapters this replica has sent it requests for: it holds them loaded.
     pub(crate) adapters: Mutex<HashSet<String>>,
+    /// Cancelled when the instance leaves routing (draining, stopped, failed, lost): streams
+    /// on it move to another instance when one is ready.
+    pub(crate) leaving: tokio_util::sync::CancellationToken,
 }
 
 /// A model's metric series, looked up once when the model is added, so the request path never
@@ -422,6 +425,7 @@ impl Table {
                 worker_id: worker_id.to_string(),
                 in_flight: AtomicU32::new(0),
                 adapters: Mutex::new(HashSet::new()),
+                leaving: Default::default(),
             }));
         }
         self.pump(&route);
@@ -445,7 +449,13 @@ impl Table {
         };
         for route in routes {
             if let Ok(mut list) = route.instances.write() {
-                list.retain(|i| i.instance_id != instance_id);
+                list.retain(|i| {
+                    let keep = i.instance_id != instance_id;
+                    if !keep {
+                        i.leaving.cancel();
+                    }
+                    keep
+                });
             }
             let was_starting =
                 route.starting.lock().map(|mut s| s.remove(instance_id)).unwrap_or(false);
@@ -549,18 +559,22 @@ impl Table {
         for route in self.models() {
             let fresh = by_model.remove(route.name.as_str()).unwrap_or_default();
             if let Ok(mut list) = route.instances.write() {
-                let old: HashMap<String, Arc<Routable>> =
+                let mut old: HashMap<String, Arc<Routable>> =
                     list.drain(..).map(|r| (r.instance_id.clone(), r)).collect();
                 for (instance, worker) in fresh {
-                    let r = old.get(instance).cloned().unwrap_or_else(|| {
+                    let r = old.remove(instance).unwrap_or_else(|| {
                         Arc::new(Routable {
                             instance_id: instance.to_string(),
                             worker_id: worker.to_string(),
                             in_flight: AtomicU32::new(0),
                             adapters: Mutex::new(HashSet::new()),
+                            leaving: Default::default(),
                         })
                     });
                     list.push(r);
+                }
+                for gone in old.values() {
+                    gone.leaving.cancel();
                 }
             }
             if let Ok(mut s) = route.starting.lock() {

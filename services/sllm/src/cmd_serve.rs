@@ -86,6 +86,11 @@ pub struct ServeArgs {
     /// Chunks a worker may send for a request ahead of what the client has read.
     #[arg(long, env = "SLLM_STREAM_WINDOW", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub stream_window: u32,
+    /// Times a stream may move to another instance of its model after output was sent, when
+    /// its instance is lost or drained: the new instance continues after the text already
+    /// sent, so the client sees one stream. 0: the stream ends with UNAVAILABLE instead.
+    #[arg(long, env = "SLLM_MAX_MIGRATIONS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub max_migrations: u32,
     /// Inference requests per second allowed to each caller (API key, or IP address without
     /// one) across all Dispatch replicas, each deciding locally on a share it leases in the
     /// background (docs/operations.md states the bound); 0: unlimited.
@@ -371,6 +376,7 @@ pub async fn start(
         config.max_hold = Duration::from_secs(args.max_hold_s);
         config.instance_limit = args.instance_limit;
         config.window = args.stream_window;
+        config.max_migrations = args.max_migrations;
         if args.rate_limit > 0.0 {
             let limit = kvstore::ratelimit::RateLimit {
                 per_second: args.rate_limit,

@@ -225,6 +225,8 @@ fn job(body: &Value, input: worker::Input) -> Job {
         openai: None,
         traceparent: String::new(),
         adapter: None,
+        baggage: String::new(),
+        continuation: None,
     }
 }
 
@@ -261,6 +263,17 @@ async fn serve(e: Engine, body: &Value, input: worker::Input, chat: bool) -> Res
         return engine_error(StatusCode::SERVICE_UNAVAILABLE, "the model is loading");
     }
     let mut job = job(body, input);
+    // vLLM's `continue_final_message`: the last (assistant) message is continued, not
+    // answered; its text counts as prompt, as an engine counts it.
+    let mut prefilled = 0u32;
+    if let worker::Input::Chat(messages) = &mut job.input
+        && body["continue_final_message"].as_bool() == Some(true)
+        && messages.last().is_some_and(|m| m.role == "assistant")
+        && let Some(last) = messages.pop()
+    {
+        prefilled = last.content.split_whitespace().count() as u32;
+        job.continuation = Some(sllm_api::v1::Continuation { text: last.content, tokens: 0 });
+    }
     // As vLLM: an adapter is asked for as a model of its own name.
     let asked = body["model"].as_str().unwrap_or_default();
     if asked != e.model
@@ -327,6 +340,7 @@ async fn serve(e: Engine, body: &Value, input: worker::Input, chat: bool) -> Res
                         }
                     }
                     Output::Done { finish, prompt_tokens, completion_tokens } => {
+                        let prompt_tokens = prompt_tokens + prefilled;
                         let end = if chat {
                             json!({ "index": 0, "delta": {}, "finish_reason": word(finish) })
                         } else {
@@ -362,6 +376,7 @@ async fn serve(e: Engine, body: &Value, input: worker::Input, chat: bool) -> Res
         match o {
             Output::Text { text: t, .. } => text.push_str(&t),
             Output::Done { finish, completion_tokens, prompt_tokens } => {
+                let prompt_tokens = prompt_tokens + prefilled;
                 let choice = if chat {
                     json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": word(finish)})
                 } else {

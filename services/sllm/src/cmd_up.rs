@@ -200,6 +200,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
         max_hold_s: 300,
         instance_limit: 256,
         stream_window: 32,
+        max_migrations: 3,
         rate_limit: 0.0,
         rate_limit_burst: None,
         max_message_bytes: 4 << 20,

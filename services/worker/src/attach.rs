@@ -327,6 +327,8 @@ async fn serve_request(
         openai: r.openai,
         traceparent: span.traceparent(),
         adapter: r.adapter,
+        baggage: r.baggage,
+        continuation: r.continuation,
     };
     let mut out = backend.generate(job);
     // An output taken while merging text that must be sent next.

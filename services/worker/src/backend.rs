@@ -89,6 +89,11 @@ pub struct Job {
     pub traceparent: String,
     /// The LoRA adapter the request names, if any: the instance answers with it.
     pub adapter: Option<pb::LoraAdapter>,
+    /// The client's W3C baggage, which an engine backend passes on with `traceparent`.
+    pub baggage: String,
+    /// Set when the request moved here mid-stream: the text to continue after, and its
+    /// tokens (counted as generated in the usage the backend reports).
+    pub continuation: Option<pb::Continuation>,
 }
 
 /// Why a generation ended.

@@ -377,6 +377,9 @@ impl EngineBackend {
         if !job.traceparent.is_empty() {
             req = req.header("traceparent", &job.traceparent);
         }
+        if !job.baggage.is_empty() {
+            req = req.header("baggage", &job.baggage);
+        }
         let req = req
             .body(Full::new(Bytes::from(call.body.to_string())))
             .map_err(|e| Failure::unavailable(e.to_string()))?;

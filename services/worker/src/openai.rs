@@ -47,6 +47,9 @@ pub struct Call {
     pub logprobs: bool,
     /// Most tokens the engine may generate.
     pub max_tokens: u32,
+    /// Tokens of the text this answer continues (a request moved here mid-stream): the usage
+    /// passed on counts them as generated, not as prompt.
+    pub continued: u32,
 }
 
 /// What an OpenAI client's answer must carry.
@@ -68,10 +71,53 @@ fn invalid(field: &str, why: impl std::fmt::Display) -> Failure {
 
 /// The request `job` becomes for an engine that serves the model as `served`.
 pub fn call(dialect: Dialect, served: &str, job: &Job) -> Result<Call, Failure> {
-    match &job.openai {
-        Some(o) => relayed(served, job, o),
-        None => built(dialect, served, job),
+    let mut call = match &job.openai {
+        Some(o) => relayed(served, job, o)?,
+        None => built(dialect, served, job)?,
+    };
+    if let Some(c) = &job.continuation {
+        continue_after(dialect, &mut call, &c.text, job.params.max_tokens)?;
+        call.continued = c.tokens;
     }
+    Ok(call)
+}
+
+/// Makes `call` continue a generation that produced `text` elsewhere (the request moved here
+/// from a lost or draining instance), with `left` tokens to go: a completion's prompt gets the
+/// text appended; a chat gets it as a final assistant message that the engine continues
+/// (vLLM's and SGLang's `continue_final_message`; llama.cpp's server continues a final
+/// assistant message by itself).
+fn continue_after(dialect: Dialect, call: &mut Call, text: &str, left: u32) -> Result<(), Failure> {
+    let Some(body) = call.body.as_object_mut() else {
+        return Err(invalid("body", "must be a JSON object"));
+    };
+    let cannot = |field: &str| {
+        invalid(field, "a prompt of token ids cannot be continued on another instance")
+    };
+    if let Some(messages) = body.get_mut("messages").and_then(Value::as_array_mut) {
+        messages.push(json!({ "role": "assistant", "content": text }));
+        if dialect != Dialect::Llamacpp {
+            body.insert("continue_final_message".into(), Value::Bool(true));
+            body.insert("add_generation_prompt".into(), Value::Bool(false));
+        }
+    } else {
+        match body.get_mut("prompt") {
+            Some(Value::String(p)) => p.push_str(text),
+            Some(Value::Array(items)) => match items.as_mut_slice() {
+                [Value::String(p)] => p.push_str(text),
+                _ => return Err(cannot("prompt")),
+            },
+            _ => return Err(cannot("prompt")),
+        }
+    }
+    let key = if body.contains_key("max_completion_tokens") {
+        "max_completion_tokens"
+    } else {
+        "max_tokens"
+    };
+    body.insert(key.into(), json!(left));
+    call.max_tokens = left;
+    Ok(())
 }
 
 /// An OpenAI client's body, passed on with `model` rewritten.
@@ -99,6 +145,7 @@ fn relayed(served: &str, job: &Job, o: &pb::OpenAiRequest) -> Result<Call, Failu
             }),
             logprobs: false,
             max_tokens: job.params.max_tokens,
+            continued: 0,
         });
     }
     if !body.contains_key("max_tokens") && !body.contains_key("max_completion_tokens") {
@@ -131,6 +178,7 @@ fn relayed(served: &str, job: &Job, o: &pb::OpenAiRequest) -> Result<Call, Failu
         }),
         logprobs: false,
         max_tokens: job.params.max_tokens,
+        continued: 0,
     })
 }
 
@@ -220,6 +268,7 @@ fn built(dialect: Dialect, served: &str, job: &Job) -> Result<Call, Failure> {
         relay: None,
         logprobs: p.logprobs,
         max_tokens: p.max_tokens,
+        continued: 0,
     })
 }
 
@@ -300,8 +349,11 @@ impl Reader {
 
     /// The end of a stream (or of a body): how it finished and what it counted.
     fn done(&self) -> Output {
-        let completion_tokens = self.completion_tokens.unwrap_or(self.counted);
-        let finish = self.finish.unwrap_or(if completion_tokens >= self.call.max_tokens {
+        // Counted as the client sees them: a continued answer's earlier text included.
+        let c = self.call.continued;
+        let completion_tokens = self.completion_tokens.unwrap_or(self.counted + c);
+        let here = completion_tokens.saturating_sub(c);
+        let finish = self.finish.unwrap_or(if here >= self.call.max_tokens {
             Finish::Length
         } else {
             Finish::Stop
@@ -309,7 +361,20 @@ impl Reader {
         Output::Done { finish, prompt_tokens: self.prompt_tokens, completion_tokens }
     }
 
-    fn take_usage(&mut self, v: &Value) {
+    /// Reads the engine's usage, if `v` carries it; for a continued answer, rewrites it as
+    /// the client sees it (the continued text's tokens as generated, not prompt).
+    fn take_usage(&mut self, v: &mut Value) {
+        let c = u64::from(self.call.continued);
+        if c > 0
+            && let Some(u) = v.get_mut("usage").and_then(Value::as_object_mut)
+        {
+            let prompt = u.get("prompt_tokens").and_then(Value::as_u64);
+            let completion = u.get("completion_tokens").and_then(Value::as_u64);
+            if let (Some(p), Some(g)) = (prompt, completion) {
+                u.insert("prompt_tokens".into(), json!(p.saturating_sub(c)));
+                u.insert("completion_tokens".into(), json!(g + c));
+            }
+        }
         if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
             if let Some(n) = u.get("prompt_tokens").and_then(Value::as_u64) {
                 self.prompt_tokens = n as u32;
@@ -359,7 +424,7 @@ impl Reader {
                 body: data.to_string(),
             });
         }
-        self.take_usage(&v);
+        self.take_usage(&mut v);
         let choice = v.get("choices").and_then(|c| c.get(0));
         let mut text = String::new();
         let mut content = false;
@@ -421,7 +486,7 @@ impl Reader {
                 body: body.to_string(),
             });
         }
-        self.take_usage(&v);
+        self.take_usage(&mut v);
         let choice = v.get("choices").and_then(|c| c.get(0)).cloned().unwrap_or(Value::Null);
         let text = choice
             .get("text")
@@ -579,6 +644,8 @@ mod tests {
             openai,
             traceparent: String::new(),
             adapter: None,
+            baggage: String::new(),
+            continuation: None,
         }
     }
 

@@ -158,15 +158,55 @@ const WORDS: &[&str] = &[
     "quiet",
 ];
 
-/// The `i`-th token of the deterministic text for `seed` and `prompt`.
-pub fn token_text(seed: u64, prompt: &str, i: u32) -> String {
-    // FNV-1a over the inputs: stable across runs and platforms.
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in seed.to_le_bytes().iter().chain(prompt.as_bytes()).chain(&i.to_le_bytes()) {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
+/// The simulator's language model: each token is a function of the seed and the whole text
+/// before it (prompt and tokens so far), as in a real autoregressive model. So a generation
+/// continued from its prompt plus the text it had produced goes on exactly as it would have.
+/// The state is FNV-1a over that text: stable across runs and platforms, one pass over it.
+#[derive(Debug, Clone)]
+pub struct TextModel {
+    h: u64,
+}
+
+impl TextModel {
+    /// A model about to continue `context` (the prompt, then any text already generated).
+    pub fn new(seed: u64, context: &str) -> TextModel {
+        let mut m = TextModel { h: 0xcbf2_9ce4_8422_2325 };
+        m.feed(&seed.to_le_bytes());
+        m.feed(context.as_bytes());
+        m
     }
-    format!(" {}", WORDS[(h % WORDS.len() as u64) as usize])
+
+    fn feed(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.h ^= u64::from(*b);
+            self.h = self.h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    /// The next token, which becomes part of the context.
+    pub fn next_token(&mut self) -> String {
+        // One more mixing step, so that neighbouring contexts do not pick neighbouring words.
+        let mut x = self.h ^ (self.h >> 29);
+        x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        let token = format!(" {}", WORDS[((x ^ (x >> 32)) % WORDS.len() as u64) as usize]);
+        self.feed(token.as_bytes());
+        token
+    }
+}
+
+/// The first `n` tokens the simulator generates for `seed` and `prompt`, as one text.
+pub fn text(seed: u64, prompt: &str, n: u32) -> String {
+    let mut m = TextModel::new(seed, prompt);
+    (0..n).map(|_| m.next_token()).collect()
+}
+
+/// The `i`-th token the simulator generates for `seed` and `prompt`.
+pub fn token_text(seed: u64, prompt: &str, i: u32) -> String {
+    let mut m = TextModel::new(seed, prompt);
+    for _ in 0..i {
+        m.next_token();
+    }
+    m.next_token()
 }
 
 /// A LoRA adapter's mark on the simulator's text (FNV-1a of its name).
@@ -184,6 +224,9 @@ pub fn adapter_seed(name: &str) -> u64 {
 pub struct SimRequest {
     /// The prompt (a chat conversation as `role: content` lines).
     pub prompt: String,
+    /// Text already generated elsewhere that this generation continues (the request moved
+    /// here from a lost or draining instance), and its tokens.
+    pub continued: Option<(String, u32)>,
     /// Most tokens to generate.
     pub max_tokens: u32,
     /// Generation stops at any of these.
@@ -274,7 +317,8 @@ impl SimRequest {
         if let Some(a) = &job.adapter {
             seed ^= adapter_seed(&a.name);
         }
-        Ok(SimRequest { prompt, max_tokens: p.max_tokens, stop: p.stop.clone(), seed })
+        let continued = job.continuation.as_ref().map(|c| (c.text.clone(), c.tokens));
+        Ok(SimRequest { prompt, continued, max_tokens: p.max_tokens, stop: p.stop.clone(), seed })
     }
 }
 
@@ -365,6 +409,39 @@ impl SimBackend {
         })
     }
 
+    /// Takes a request onto `instance_id` if it is serving (its cancel token); otherwise tells
+    /// the requester so on `tx`.
+    async fn admit(
+        &self,
+        instance_id: &str,
+        tx: &mpsc::Sender<Output>,
+    ) -> Option<CancellationToken> {
+        let admitted = self.with_state(|s| {
+            let inst = s.instances.get_mut(instance_id)?;
+            if inst.phase != Phase::Ready {
+                return None;
+            }
+            inst.in_flight += 1;
+            s.running_requests += 1;
+            Some(inst.cancel.clone())
+        });
+        if admitted.is_none() {
+            let why = format!("instance {instance_id} is not serving");
+            let _ = tx.send(Output::Error(Failure::unavailable(why))).await;
+        }
+        admitted
+    }
+
+    /// Ends a request [`SimBackend::admit`] took.
+    fn release(&self, instance_id: &str) {
+        self.with_state(|s| {
+            s.running_requests = s.running_requests.saturating_sub(1);
+            if let Some(inst) = s.instances.get_mut(instance_id) {
+                inst.in_flight = inst.in_flight.saturating_sub(1);
+            }
+        });
+    }
+
     /// Answers an embeddings request: one prefill's time, then the vectors as one event.
     async fn run_embedding(&self, job: Job, body: pb::OpenAiRequest, tx: mpsc::Sender<Output>) {
         let instance_id = job.instance_id.clone();
@@ -375,31 +452,10 @@ impl SimBackend {
                 return;
             }
         };
-        let admitted = self.with_state(|s| {
-            let inst = s.instances.get_mut(&instance_id)?;
-            if inst.phase != Phase::Ready {
-                return None;
-            }
-            inst.in_flight += 1;
-            s.running_requests += 1;
-            Some(inst.cancel.clone())
-        });
-        let Some(cancel) = admitted else {
-            let _ = tx
-                .send(Output::Error(Failure::unavailable(format!(
-                    "instance {instance_id} is not serving"
-                ))))
-                .await;
-            return;
-        };
+        let Some(cancel) = self.admit(&instance_id, &tx).await else { return };
         let prefill = self.config.scaled(self.config.prefill_per_token * prompt_tokens);
         let outcome = sleep_or_cancel(prefill, &cancel).await;
-        self.with_state(|s| {
-            s.running_requests = s.running_requests.saturating_sub(1);
-            if let Some(inst) = s.instances.get_mut(&instance_id) {
-                inst.in_flight = inst.in_flight.saturating_sub(1);
-            }
-        });
+        self.release(&instance_id);
         match outcome {
             Ok(()) => {
                 let text = Output::Text {
@@ -434,27 +490,13 @@ impl SimBackend {
                 return;
             }
         };
-        let admitted = self.with_state(|s| {
-            let inst = s.instances.get_mut(&instance_id)?;
-            if inst.phase != Phase::Ready {
-                return None;
-            }
-            inst.in_flight += 1;
-            s.running_requests += 1;
-            Some(inst.cancel.clone())
-        });
-        let Some(cancel) = admitted else {
-            let _ = tx
-                .send(Output::Error(Failure::unavailable(format!(
-                    "instance {instance_id} is not serving"
-                ))))
-                .await;
-            return;
-        };
+        let Some(cancel) = self.admit(&instance_id, &tx).await else { return };
         let prompt_tokens = req.prompt.split_whitespace().count().max(1) as u32;
         let prefill = self.config.scaled(self.config.prefill_per_token * prompt_tokens);
         let mut produced = 0u32;
-        let mut text = String::new();
+        let (before, before_tokens) = req.continued.clone().unwrap_or_default();
+        let mut model = TextModel::new(req.seed, &format!("{}{before}", req.prompt));
+        let mut text = before;
         let outcome: Result<Finish, String> = async {
             sleep_or_cancel(prefill, &cancel).await?;
             while produced < req.max_tokens {
@@ -475,7 +517,7 @@ impl SimBackend {
                     Some(true) => return Err("simulated crash".to_string()),
                     Some(false) => {}
                 }
-                let token = token_text(req.seed, &req.prompt, produced);
+                let token = model.next_token();
                 text.push_str(&token);
                 if req.stop.iter().any(|s| !s.is_empty() && text.contains(s.as_str())) {
                     return Ok(Finish::Stop);
@@ -488,16 +530,15 @@ impl SimBackend {
             Ok(Finish::Length)
         }
         .await;
-        self.with_state(|s| {
-            s.running_requests = s.running_requests.saturating_sub(1);
-            if let Some(inst) = s.instances.get_mut(&instance_id) {
-                inst.in_flight = inst.in_flight.saturating_sub(1);
-            }
-        });
+        self.release(&instance_id);
         match outcome {
             Ok(finish) => {
                 let _ = tx
-                    .send(Output::Done { finish, prompt_tokens, completion_tokens: produced })
+                    .send(Output::Done {
+                        finish,
+                        prompt_tokens,
+                        completion_tokens: produced + before_tokens,
+                    })
                     .await;
             }
             Err(reason) => {
@@ -734,6 +775,8 @@ mod tests {
     fn job(instance: &str, prompt: &str, max_tokens: u32, seed: u64) -> Job {
         Job {
             traceparent: String::new(),
+            baggage: String::new(),
+            continuation: None,
             instance_id: instance.into(),
             input: Input::Prompt(prompt.into()),
             params: pb::SamplingParams { max_tokens, seed: Some(seed), ..Default::default() },
@@ -803,6 +846,18 @@ mod tests {
         assert_ne!(with("a"), base);
         assert_ne!(with("a"), with("b"));
         assert_eq!(with("a"), with("a"));
+    }
+
+    #[test]
+    fn a_generation_continued_from_its_own_text_goes_on_exactly() {
+        let whole = text(7, "hello", 50);
+        for k in [0, 1, 17, 49, 50] {
+            let head = text(7, "hello", k);
+            let tail = text(7, &format!("hello{head}"), 50 - k);
+            assert_eq!(format!("{head}{tail}"), whole, "cut at {k}");
+        }
+        assert_ne!(text(7, "hello", 50), text(8, "hello", 50));
+        assert_ne!(text(7, "hello", 50), text(7, "hellp", 50));
     }
 
     #[test]

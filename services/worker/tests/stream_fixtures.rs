@@ -95,6 +95,8 @@ fn job(relay: bool, chat: bool) -> Job {
         openai,
         traceparent: String::new(),
         adapter: None,
+        baggage: String::new(),
+        continuation: None,
     }
 }
 

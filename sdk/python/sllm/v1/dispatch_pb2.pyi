@@ -140,11 +140,13 @@ class Progress(_message.Message):
         STAGE_STARTING: _ClassVar[Progress.Stage]
         STAGE_LOADING: _ClassVar[Progress.Stage]
         STAGE_ROUTED: _ClassVar[Progress.Stage]
+        STAGE_MIGRATED: _ClassVar[Progress.Stage]
     STAGE_UNSPECIFIED: Progress.Stage
     STAGE_QUEUED: Progress.Stage
     STAGE_STARTING: Progress.Stage
     STAGE_LOADING: Progress.Stage
     STAGE_ROUTED: Progress.Stage
+    STAGE_MIGRATED: Progress.Stage
     STAGE_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -192,18 +194,20 @@ class Finished(_message.Message):
     def __init__(self, reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "completion_tokens", "time_to_first_token_us", "queue_us", "instance_id")
+    __slots__ = ("prompt_tokens", "completion_tokens", "time_to_first_token_us", "queue_us", "instance_id", "migrations")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TIME_TO_FIRST_TOKEN_US_FIELD_NUMBER: _ClassVar[int]
     QUEUE_US_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    MIGRATIONS_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     completion_tokens: int
     time_to_first_token_us: int
     queue_us: int
     instance_id: str
-    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., time_to_first_token_us: _Optional[int] = ..., queue_us: _Optional[int] = ..., instance_id: _Optional[str] = ...) -> None: ...
+    migrations: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., time_to_first_token_us: _Optional[int] = ..., queue_us: _Optional[int] = ..., instance_id: _Optional[str] = ..., migrations: _Optional[int] = ...) -> None: ...
 
 class AttachUp(_message.Message):
     __slots__ = ("hello", "chunk", "finished", "error")
@@ -298,7 +302,7 @@ class AttachWelcome(_message.Message):
     def __init__(self, dispatch_id: _Optional[str] = ...) -> None: ...
 
 class InferenceRequest(_message.Message):
-    __slots__ = ("request_id", "instance_id", "model", "prompt", "chat", "params", "traceparent", "openai", "adapter", "window")
+    __slots__ = ("request_id", "instance_id", "model", "prompt", "chat", "params", "traceparent", "openai", "adapter", "window", "continuation", "baggage")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -309,6 +313,8 @@ class InferenceRequest(_message.Message):
     OPENAI_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     WINDOW_FIELD_NUMBER: _ClassVar[int]
+    CONTINUATION_FIELD_NUMBER: _ClassVar[int]
+    BAGGAGE_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     instance_id: str
     model: str
@@ -319,7 +325,17 @@ class InferenceRequest(_message.Message):
     openai: OpenAiRequest
     adapter: LoraAdapter
     window: int
-    def __init__(self, request_id: _Optional[int] = ..., instance_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., traceparent: _Optional[str] = ..., openai: _Optional[_Union[OpenAiRequest, _Mapping]] = ..., adapter: _Optional[_Union[LoraAdapter, _Mapping]] = ..., window: _Optional[int] = ...) -> None: ...
+    continuation: Continuation
+    baggage: str
+    def __init__(self, request_id: _Optional[int] = ..., instance_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., traceparent: _Optional[str] = ..., openai: _Optional[_Union[OpenAiRequest, _Mapping]] = ..., adapter: _Optional[_Union[LoraAdapter, _Mapping]] = ..., window: _Optional[int] = ..., continuation: _Optional[_Union[Continuation, _Mapping]] = ..., baggage: _Optional[str] = ...) -> None: ...
+
+class Continuation(_message.Message):
+    __slots__ = ("text", "tokens")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    tokens: int
+    def __init__(self, text: _Optional[str] = ..., tokens: _Optional[int] = ...) -> None: ...
 
 class LoraAdapter(_message.Message):
     __slots__ = ("name", "path")
