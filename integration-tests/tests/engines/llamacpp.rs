@@ -31,6 +31,55 @@ fn llama_server() -> PathBuf {
     PathBuf::from(out.lines().last().expect("it prints the binary's path").trim())
 }
 
+/// `llama-server` on its own, on a free port, with `flags` (the comparison for sllm's answers).
+fn llama_alone(server: &Path, model: &Path, flags: &str) -> (Proc, u16) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let line = format!(
+        "exec {} -m {} --host 127.0.0.1 --port {port} {flags} 2>&1",
+        server.display(),
+        model.display()
+    );
+    let direct = Proc::spawn(
+        std::process::Command::new("sh").arg("-c").arg(line),
+        "listening on http",
+        Duration::from_secs(20),
+    )
+    .unwrap();
+    (direct, port)
+}
+
+/// An `sllm worker` running llama.cpp engines from `models`, as `node`, with one GPU.
+fn llama_worker(c: &Cluster, server: &Path, models: &Path, node: &str) -> Proc {
+    let path = format!(
+        "{}:{}",
+        server.parent().unwrap().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let (agent, _) = Proc::sllm(
+        &[
+            "worker",
+            "--backend",
+            "engine",
+            "--engine",
+            "llamacpp",
+            "--registry",
+            &c.registry.endpoint(),
+            "--node-id",
+            node,
+            "--gpus",
+            "1",
+            "--model-dir",
+            &models.display().to_string(),
+            "--stop-grace-s",
+            "1",
+        ],
+        &[("SLLM_JOIN_SECRET", JOIN_SECRET), ("PATH", &path)],
+        "started",
+    )
+    .unwrap();
+    agent
+}
+
 /// Writes the tiny model as `dir/tiny.gguf`.
 fn tiny_model(server: &Path, dir: &Path) -> PathBuf {
     let cache = server.parent().unwrap().parent().unwrap();
@@ -121,18 +170,8 @@ async fn a_real_llama_cpp_server_behind_sllm_answers_as_it_does_alone() {
     deploy_tiny(&registry).await.unwrap();
 
     // The same server, called directly, for comparison.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let line = format!(
-        "exec {} -m {} --alias tiny --host 127.0.0.1 --port {port} --parallel 1 --threads 1 --ctx-size 1024 2>&1",
-        server.display(),
-        model.display()
-    );
-    let mut direct = Proc::spawn(
-        std::process::Command::new("sh").arg("-c").arg(line),
-        "listening on http",
-        Duration::from_secs(20),
-    )
-    .unwrap();
+    let (mut direct, port) =
+        llama_alone(&server, &model, "--alias tiny --parallel 1 --threads 1 --ctx-size 1024");
     let direct_pid = direct.pid();
 
     // The real agent, with llama-server on its PATH.
@@ -328,45 +367,12 @@ async fn llama_cpp_embeddings_through_sllm_match_the_server_alone() {
         .await
         .unwrap();
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let line = format!(
-        "exec {} -m {} --alias tiny-embed --host 127.0.0.1 --port {port} --embeddings --pooling mean --parallel 1 --threads 1 --ctx-size 1024 2>&1",
-        server.display(),
-        model.display()
+    let (mut direct, port) = llama_alone(
+        &server,
+        &model,
+        "--alias tiny-embed --embeddings --pooling mean --parallel 1 --threads 1 --ctx-size 1024",
     );
-    let mut direct = Proc::spawn(
-        std::process::Command::new("sh").arg("-c").arg(line),
-        "listening on http",
-        Duration::from_secs(20),
-    )
-    .unwrap();
-    let path = format!(
-        "{}:{}",
-        server.parent().unwrap().display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
-    let (_agent, _) = Proc::sllm(
-        &[
-            "worker",
-            "--backend",
-            "engine",
-            "--engine",
-            "llamacpp",
-            "--registry",
-            &c.registry.endpoint(),
-            "--node-id",
-            "llama-embed-host",
-            "--gpus",
-            "1",
-            "--model-dir",
-            &models.path().display().to_string(),
-            "--stop-grace-s",
-            "1",
-        ],
-        &[("SLLM_JOIN_SECRET", JOIN_SECRET), ("PATH", &path)],
-        "started",
-    )
-    .unwrap();
+    let _agent = llama_worker(&c, &server, models.path(), "llama-embed-host");
 
     // gRPC first (it starts the engine), then the official client over HTTP.
     let mut dispatch = c.dispatch.client().await.unwrap();
@@ -454,46 +460,15 @@ async fn llama_cpp_lora_adapters_answer_as_the_server_alone() {
         .await
         .unwrap();
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let line = format!(
-        "exec {} -m {} --alias tiny-lora --host 127.0.0.1 --port {port} --lora {} --parallel 1 --threads 1 --ctx-size 1024 2>&1",
-        server.display(),
-        model.display(),
-        lora.display()
+    let (mut direct, port) = llama_alone(
+        &server,
+        &model,
+        &format!(
+            "--alias tiny-lora --lora {lora} --parallel 1 --threads 1 --ctx-size 1024",
+            lora = lora.display()
+        ),
     );
-    let mut direct = Proc::spawn(
-        std::process::Command::new("sh").arg("-c").arg(line),
-        "listening on http",
-        Duration::from_secs(20),
-    )
-    .unwrap();
-    let path = format!(
-        "{}:{}",
-        server.parent().unwrap().display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
-    let (_agent, _) = Proc::sllm(
-        &[
-            "worker",
-            "--backend",
-            "engine",
-            "--engine",
-            "llamacpp",
-            "--registry",
-            &c.registry.endpoint(),
-            "--node-id",
-            "llama-lora-host",
-            "--gpus",
-            "1",
-            "--model-dir",
-            &models.path().display().to_string(),
-            "--stop-grace-s",
-            "1",
-        ],
-        &[("SLLM_JOIN_SECRET", JOIN_SECRET), ("PATH", &path)],
-        "started",
-    )
-    .unwrap();
+    let _agent = llama_worker(&c, &server, models.path(), "llama-lora-host");
 
     let complete = |base: String, body: serde_json::Value| async move {
         let o = tokio::process::Command::new("curl")

@@ -7,10 +7,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use serde_json::Value;
-use sllm_api::v1 as pb;
 use sllm_integration_tests::{OtlpReceiver, eventually};
 
-use crate::{generate, mesh, scrape};
+use crate::{deploy_cold, generate, mesh, scrape};
 
 const DASHBOARD: &str =
     concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/grafana/sllm-dashboard.json");
@@ -305,24 +304,7 @@ async fn every_metric_the_dashboard_queries_is_served_by_a_running_cluster() {
 
     let otlp = OtlpReceiver::start().await.unwrap();
     let m = mesh(&otlp, "grpc").await;
-    let mut models =
-        pb::model_registry_client::ModelRegistryClient::connect(format!("http://{}", m.grpc))
-            .await
-            .unwrap();
-    let spec = pb::DeploymentSpec {
-        model: "m".into(),
-        backend: "sim".into(),
-        num_gpus: 1,
-        auto_scaling_config: Some(pb::AutoScalingConfig {
-            target: 1.0,
-            min_instances: 0,
-            max_instances: 1,
-            keep_alive: 60,
-            ..Default::default()
-        }),
-        backend_config: None,
-    };
-    models.deploy(pb::DeployRequest { spec: Some(spec) }).await.unwrap();
+    deploy_cold(&m.grpc).await;
     eventually(Duration::from_secs(10), "the worker attached to Dispatch", || async {
         let control = scrape(&m.control_metrics).await;
         (control.get("sllm_dispatch_attached_workers") == Some(&1.0)).then_some(())

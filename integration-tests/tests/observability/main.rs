@@ -101,6 +101,29 @@ async fn mesh(otlp: &OtlpReceiver, protocol: &str) -> Mesh {
     }
 }
 
+/// Deploys `m` (simulated, at most one instance, none until asked for) through the
+/// ModelRegistry at `grpc`.
+async fn deploy_cold(grpc: &str) {
+    let mut models =
+        pb::model_registry_client::ModelRegistryClient::connect(format!("http://{grpc}"))
+            .await
+            .unwrap();
+    let spec = pb::DeploymentSpec {
+        model: "m".into(),
+        backend: "sim".into(),
+        num_gpus: 1,
+        auto_scaling_config: Some(pb::AutoScalingConfig {
+            target: 1.0,
+            min_instances: 0,
+            max_instances: 1,
+            keep_alive: 60,
+            ..Default::default()
+        }),
+        backend_config: None,
+    };
+    models.deploy(pb::DeployRequest { spec: Some(spec) }).await.unwrap();
+}
+
 /// A traced Generate: its usage, and the request id the client was shown.
 async fn generate(grpc: &str, traceparent: &str) -> (pb::Usage, String) {
     let mut client =
@@ -178,23 +201,7 @@ async fn one_trace_per_request_across_dispatch_scaler_and_worker_over_otlp_http(
 async fn one_trace_per_request(protocol: &str) {
     let otlp = OtlpReceiver::start().await.unwrap();
     let m = mesh(&otlp, protocol).await;
-    let mut models =
-        pb::model_registry_client::ModelRegistryClient::connect(format!("http://{}", m.grpc))
-            .await
-            .unwrap();
-    let spec = pb::DeploymentSpec {
-        model: "m".into(),
-        backend: "sim".into(),
-        num_gpus: 1,
-        auto_scaling_config: Some(pb::AutoScalingConfig {
-            target: 1.0,
-            max_instances: 1,
-            keep_alive: 60,
-            ..Default::default()
-        }),
-        backend_config: None,
-    };
-    models.deploy(pb::DeployRequest { spec: Some(spec) }).await.unwrap();
+    deploy_cold(&m.grpc).await;
     // Let the worker attach to Dispatch before the first request.
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
