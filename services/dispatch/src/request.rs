@@ -503,7 +503,14 @@ impl Driver {
         // What the client has received, kept while the stream may still move to another
         // instance; and how often it moved.
         let mut delivered = String::new();
+        let mut delivered_ids = Vec::new();
         let mut migrations = 0u32;
+        // Tokens delivered when the stream last moved, failed continuations since, and their
+        // pauses.
+        let mut sent_at_move = 0u32;
+        let mut stalled_tries = 0u32;
+        let mut pauses =
+            service::retry::backoff(Duration::from_millis(10), Duration::from_millis(200));
         let mut ttft: Option<Duration> = None;
         let mut queued = Duration::ZERO;
         let mut next = Some(first);
@@ -553,6 +560,7 @@ impl Driver {
             let mut progress = Progress {
                 tokens_sent: &mut tokens_sent,
                 delivered: &mut delivered,
+                delivered_ids: &mut delivered_ids,
                 ttft: &mut ttft,
                 migrations,
                 queued,
@@ -593,8 +601,24 @@ impl Driver {
                     // Once the client has had any event (a chat role, say), a retry would repeat
                     // it: the generation moves instead, continuing after what was sent.
                     let sent = (tokens_sent > 0 || ttft.is_some()).then_some(tokens_sent);
-                    if sent.is_some() && migrations < config.max_migrations && self.movable() {
+                    // A continuation that failed before adding anything (its new instance was
+                    // dead too, and nothing else had room yet) tries again after a pause, within
+                    // the attempt budget, instead of using up the moves.
+                    let stalled = migrations > 0 && tokens_sent == sent_at_move;
+                    if sent.is_some() && stalled && self.movable() {
+                        stalled_tries += 1;
+                        if stalled_tries < config.max_attempts {
+                            exclude.clear();
+                            exclude.insert(instance.instance_id.clone());
+                            tokio::time::sleep(pauses.next().unwrap_or(Duration::from_millis(200)))
+                                .await;
+                            continue;
+                        }
+                    } else if sent.is_some() && migrations < config.max_migrations && self.movable()
+                    {
                         migrations += 1;
+                        sent_at_move = tokens_sent;
+                        stalled_tries = 0;
                         let reason = if why == MOVED_OFF { "drain" } else { "failure" };
                         telemetry::metrics::DISPATCH
                             .migrations
@@ -791,8 +815,12 @@ impl Driver {
             Input::Chat(c) => pb::inference_request::Input::Chat(c.clone()),
         };
         // A moved stream continues after what its client has: only the rest of max_tokens.
-        let continuation = (*tokens_sent > 0 || !progress.delivered.is_empty())
-            .then(|| pb::Continuation { text: progress.delivered.clone(), tokens: *tokens_sent });
+        let continuation =
+            (*tokens_sent > 0 || !progress.delivered.is_empty()).then(|| pb::Continuation {
+                text: progress.delivered.clone(),
+                tokens: *tokens_sent,
+                token_ids: progress.delivered_ids.clone(),
+            });
         let max_tokens = self.job.params.max_tokens.saturating_sub(*tokens_sent);
         let request = pb::InferenceRequest {
             request_id,
@@ -862,6 +890,7 @@ impl Driver {
                                 c.tokens += more.tokens;
                                 c.events.extend(more.events);
                                 c.logprobs.extend(more.logprobs);
+                                c.token_ids.extend(more.token_ids);
                             }
                             Ok(other) => {
                                 held = Some(other);
@@ -890,6 +919,7 @@ impl Driver {
                     *tokens_sent += tokens;
                     if keep {
                         progress.delivered.push_str(&c.text);
+                        progress.delivered_ids.extend_from_slice(&c.token_ids);
                     }
                     self.route.metrics.tokens.inc_by(u64::from(tokens));
                     let event = Event::Chunk {
@@ -968,6 +998,8 @@ struct Progress<'a> {
     tokens_sent: &'a mut u32,
     /// Their text, kept while the stream may move.
     delivered: &'a mut String,
+    /// Their ids, as far as the engine reported them.
+    delivered_ids: &'a mut Vec<u32>,
     /// When the first output reached the client.
     ttft: &'a mut Option<Duration>,
     /// Times the stream moved so far.

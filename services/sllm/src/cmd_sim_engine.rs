@@ -272,7 +272,8 @@ async fn serve(e: Engine, body: &Value, input: worker::Input, chat: bool) -> Res
         && let Some(last) = messages.pop()
     {
         prefilled = last.content.split_whitespace().count() as u32;
-        job.continuation = Some(sllm_api::v1::Continuation { text: last.content, tokens: 0 });
+        job.continuation =
+            Some(sllm_api::v1::Continuation { text: last.content, ..Default::default() });
     }
     // As vLLM: an adapter is asked for as a model of its own name.
     let asked = body["model"].as_str().unwrap_or_default();

@@ -351,16 +351,23 @@ async fn serve_request(
             }
         }
         let msg = match o {
-            Output::Text { mut text, mut tokens, mut events, mut logprobs } => {
+            Output::Text { mut text, mut tokens, mut events, mut logprobs, mut token_ids } => {
                 // Text already waiting goes up in one message: under load the stream carries
                 // fewer, larger chunks instead of falling behind. Engine events stay one each.
                 while text.len() < 16 * 1024 {
                     match out.try_recv() {
-                        Ok(Output::Text { text: t, tokens: n, events: e, logprobs: l }) => {
+                        Ok(Output::Text {
+                            text: t,
+                            tokens: n,
+                            events: e,
+                            logprobs: l,
+                            token_ids: i,
+                        }) => {
                             text.push_str(&t);
                             tokens += n;
                             events.extend(e);
                             logprobs.extend(l);
+                            token_ids.extend(i);
                         }
                         Ok(other) => {
                             held = Some(other);
@@ -373,7 +380,14 @@ async fn serve_request(
                     .tokens
                     .with_label_values(&[] as &[&str])
                     .inc_by(u64::from(tokens));
-                Up::Chunk(pb::WorkerChunk { request_id: id, text, tokens, events, logprobs })
+                Up::Chunk(pb::WorkerChunk {
+                    request_id: id,
+                    text,
+                    tokens,
+                    events,
+                    logprobs,
+                    token_ids,
+                })
             }
             Output::Done { finish, prompt_tokens, completion_tokens } => {
                 span.set("gen_ai.usage.output_tokens", completion_tokens);

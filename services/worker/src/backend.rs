@@ -175,6 +175,8 @@ pub enum Output {
         events: Vec<String>,
         /// Log-probabilities of its tokens, when asked for over gRPC.
         logprobs: Vec<pb::TokenLogprob>,
+        /// The ids of its tokens, when the engine reports them (see `WorkerChunk.token_ids`).
+        token_ids: Vec<u32>,
     },
     /// The request ended.
     Done {
@@ -192,7 +194,13 @@ pub enum Output {
 impl Output {
     /// Plain text with no engine events.
     pub fn text(text: impl Into<String>, tokens: u32) -> Output {
-        Output::Text { text: text.into(), tokens, events: Vec::new(), logprobs: Vec::new() }
+        Output::Text {
+            text: text.into(),
+            tokens,
+            events: Vec::new(),
+            logprobs: Vec::new(),
+            token_ids: Vec::new(),
+        }
     }
 }
 

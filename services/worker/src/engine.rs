@@ -367,6 +367,7 @@ impl EngineBackend {
         tx: &mpsc::Sender<Output>,
     ) -> Result<(), Failure> {
         let mut call = openai::call(self.config.kind.dialect(), served, job)?;
+        openai::ask_for_token_ids(self.config.kind.dialect(), &mut call);
         if self.config.kind == EngineKind::Llamacpp {
             self.select_llamacpp_adapter(&job.instance_id, job.adapter.as_ref(), &mut call)?;
         } else if let Some(adapter) = &job.adapter {

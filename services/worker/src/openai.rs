@@ -50,6 +50,37 @@ pub struct Call {
     /// Tokens of the text this answer continues (a request moved here mid-stream): the usage
     /// passed on counts them as generated, not as prompt.
     pub continued: u32,
+    /// Whether to read the generated tokens' ids (a llama.cpp completion stream, whose
+    /// log-probabilities carry them), and whether sllm asked for those log-probabilities itself
+    /// (so the client, who did not, never sees them).
+    pub ids: Option<IdsFrom>,
+}
+
+/// How a [`Call`] learns its tokens' ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdsFrom {
+    /// From log-probabilities the client asked for too.
+    ClientLogprobs,
+    /// From log-probabilities sllm added to the request: removed before the client sees them.
+    AddedLogprobs,
+}
+
+/// Asks a llama.cpp completion stream for its tokens' ids (carried by its log-probabilities), so
+/// that a stream that moves continues from them exactly.
+pub fn ask_for_token_ids(dialect: Dialect, call: &mut Call) {
+    let Some(body) = call.body.as_object_mut() else { return };
+    let completion =
+        call.path == "/v1/completions" && body.get("prompt").is_some_and(Value::is_string);
+    if dialect != Dialect::Llamacpp || !call.stream || !completion {
+        return;
+    }
+    let asked = body.get("logprobs").is_some_and(|l| l.as_u64().is_some_and(|n| n > 0));
+    if asked {
+        call.ids = Some(IdsFrom::ClientLogprobs);
+    } else {
+        body.insert("logprobs".into(), json!(1));
+        call.ids = Some(IdsFrom::AddedLogprobs);
+    }
 }
 
 /// What an OpenAI client's answer must carry.
@@ -76,7 +107,9 @@ pub fn call(dialect: Dialect, served: &str, job: &Job) -> Result<Call, Failure> 
         None => built(dialect, served, job)?,
     };
     if let Some(c) = &job.continuation {
-        continue_after(dialect, &mut call, &c.text, job.params.max_tokens)?;
+        // Ids only when they cover the whole text.
+        let ids = if c.token_ids.len() == c.tokens as usize { &c.token_ids[..] } else { &[] };
+        continue_after(dialect, &mut call, &c.text, ids, job.params.max_tokens)?;
         call.continued = c.tokens;
     }
     Ok(call)
@@ -87,7 +120,13 @@ pub fn call(dialect: Dialect, served: &str, job: &Job) -> Result<Call, Failure> 
 /// text appended; a chat gets it as a final assistant message that the engine continues
 /// (vLLM's and SGLang's `continue_final_message`; llama.cpp's server continues a final
 /// assistant message by itself).
-fn continue_after(dialect: Dialect, call: &mut Call, text: &str, left: u32) -> Result<(), Failure> {
+fn continue_after(
+    dialect: Dialect,
+    call: &mut Call,
+    text: &str,
+    ids: &[u32],
+    left: u32,
+) -> Result<(), Failure> {
     let Some(body) = call.body.as_object_mut() else {
         return Err(invalid("body", "must be a JSON object"));
     };
@@ -102,6 +141,13 @@ fn continue_after(dialect: Dialect, call: &mut Call, text: &str, left: u32) -> R
         }
     } else {
         match body.get_mut("prompt") {
+            // The engine takes a prompt of text then ids (llama.cpp's mixed prompts): the
+            // continuation starts from exactly the tokens generated.
+            Some(Value::String(p)) if !ids.is_empty() && dialect == Dialect::Llamacpp => {
+                let mut mixed = vec![Value::String(std::mem::take(p))];
+                mixed.extend(ids.iter().map(|i| json!(i)));
+                body.insert("prompt".into(), Value::Array(mixed));
+            }
             Some(Value::String(p)) => p.push_str(text),
             Some(Value::Array(items)) => match items.as_mut_slice() {
                 [Value::String(p)] => p.push_str(text),
@@ -146,6 +192,7 @@ fn relayed(served: &str, job: &Job, o: &pb::OpenAiRequest) -> Result<Call, Failu
             logprobs: false,
             max_tokens: job.params.max_tokens,
             continued: 0,
+            ids: None,
         });
     }
     if !body.contains_key("max_tokens") && !body.contains_key("max_completion_tokens") {
@@ -179,6 +226,7 @@ fn relayed(served: &str, job: &Job, o: &pb::OpenAiRequest) -> Result<Call, Failu
         logprobs: false,
         max_tokens: job.params.max_tokens,
         continued: 0,
+        ids: None,
     })
 }
 
@@ -269,6 +317,7 @@ fn built(dialect: Dialect, served: &str, job: &Job) -> Result<Call, Failure> {
         logprobs: p.logprobs,
         max_tokens: p.max_tokens,
         continued: 0,
+        ids: None,
     })
 }
 
@@ -429,7 +478,22 @@ impl Reader {
         let mut text = String::new();
         let mut content = false;
         let mut logprobs = Vec::new();
+        let mut token_ids = Vec::new();
         if let Some(c) = choice {
+            if self.call.ids.is_some() {
+                token_ids = c
+                    .get("logprobs")
+                    .and_then(|l| l.get("content"))
+                    .and_then(Value::as_array)
+                    .map(|items| {
+                        items
+                            .iter()
+                            .filter_map(|t| t.get("id")?.as_u64())
+                            .map(|i| i as u32)
+                            .collect()
+                    })
+                    .unwrap_or_default();
+            }
             let delta = c.get("delta");
             let piece = c
                 .get("text")
@@ -465,12 +529,18 @@ impl Reader {
                     m.remove("usage");
                 }
             }
+            if self.call.ids == Some(IdsFrom::AddedLogprobs)
+                && let Some(c) = v.get_mut("choices").and_then(|c| c.get_mut(0))
+                && let Some(c) = c.as_object_mut()
+            {
+                c.insert("logprobs".into(), Value::Null);
+            }
             Self::stamp(relay, &mut v);
             events.push(v.to_string());
         } else if text.is_empty() && logprobs.is_empty() {
             return Step::Output(None);
         }
-        Step::Output(Some(Output::Text { text, tokens, events, logprobs }))
+        Step::Output(Some(Output::Text { text, tokens, events, logprobs, token_ids }))
     }
 
     /// Reads a whole (not streamed) answer: its output, then its end.
@@ -508,7 +578,8 @@ impl Reader {
         }
         let logprobs =
             if self.call.logprobs { token_logprobs(choice.get("logprobs")) } else { Vec::new() };
-        Ok((Output::Text { text, tokens, events, logprobs }, self.done()))
+        let token_ids = Vec::new();
+        Ok((Output::Text { text, tokens, events, logprobs, token_ids }, self.done()))
     }
 }
 

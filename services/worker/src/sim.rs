@@ -459,6 +459,7 @@ impl SimBackend {
         match outcome {
             Ok(()) => {
                 let text = Output::Text {
+                    token_ids: Vec::new(),
                     text: String::new(),
                     tokens: 0,
                     events: vec![answer],
