@@ -113,18 +113,31 @@ async fn engine_pids(models: &Path, except: u32) -> Vec<u32> {
 }
 
 async fn deploy_tiny(registry: &Served) -> Result<(), tonic::Status> {
+    deploy_llama(registry, "tiny", serde_json::json!({})).await
+}
+
+/// Deploys `model`: the tiny GGUF on llama.cpp, one slot and thread, scaled 0..=1, with
+/// `extra` added to its backend_config.
+async fn deploy_llama(
+    registry: &Served,
+    model: &str,
+    extra: serde_json::Value,
+) -> Result<(), tonic::Status> {
     let mut client =
         pb::model_registry_client::ModelRegistryClient::new(registry.channel().await.unwrap());
-    let config = serde_json::json!({
+    let mut config = serde_json::json!({
         "pretrained_model_name_or_path": "tiny.gguf",
         "parallel": 1,
         "threads": 1,
         "ctx_size": 1024,
     });
+    if let (Some(c), Some(e)) = (config.as_object_mut(), extra.as_object()) {
+        c.extend(e.clone());
+    }
     client
         .deploy(pb::DeployRequest {
             spec: Some(pb::DeploymentSpec {
-                model: "tiny".into(),
+                model: model.into(),
                 backend: "llamacpp".into(),
                 num_gpus: 1,
                 auto_scaling_config: Some(pb::AutoScalingConfig {
@@ -370,28 +383,16 @@ async fn llama_cpp_embeddings_through_sllm_match_the_server_alone() {
     let model = tiny_model(&server, models.path());
     let c = cluster().await;
     let registry = Served::model_registry(c.store.clone()).await.unwrap();
-    let mut client =
-        pb::model_registry_client::ModelRegistryClient::new(registry.channel().await.unwrap());
-    let config = serde_json::json!({
-        "pretrained_model_name_or_path": "tiny.gguf",
+    deploy_llama(
+        &registry,
+        "tiny-embed",
+        serde_json::json!({
         "embeddings": true,
-        "pooling": "mean",
-        "parallel": 1,
-        "threads": 1,
-        "ctx_size": 1024,
-    });
-    client
-        .deploy(pb::DeployRequest {
-            spec: Some(pb::DeploymentSpec {
-                model: "tiny-embed".into(),
-                backend: "llamacpp".into(),
-                num_gpus: 1,
-                auto_scaling_config: None,
-                backend_config: Some(sllm_api::json::json_to_struct(&config)),
-            }),
-        })
-        .await
-        .unwrap();
+        "pooling": "mean"
+        }),
+    )
+    .await
+    .unwrap();
 
     let (mut direct, port) = llama_alone(
         &server,
@@ -458,33 +459,15 @@ async fn llama_cpp_lora_adapters_answer_as_the_server_alone() {
 
     let c = cluster().await;
     let registry = Served::model_registry(c.store.clone()).await.unwrap();
-    let mut client =
-        pb::model_registry_client::ModelRegistryClient::new(registry.channel().await.unwrap());
-    let config = serde_json::json!({
-        "pretrained_model_name_or_path": "tiny.gguf",
-        "lora_adapters": {"shout": lora.display().to_string()},
-        "parallel": 1,
-        "threads": 1,
-        "ctx_size": 1024,
-    });
-    client
-        .deploy(pb::DeployRequest {
-            spec: Some(pb::DeploymentSpec {
-                model: "tiny-lora".into(),
-                backend: "llamacpp".into(),
-                num_gpus: 1,
-                auto_scaling_config: Some(pb::AutoScalingConfig {
-                    metric: "concurrency".into(),
-                    target: 1.0,
-                    min_instances: 0,
-                    max_instances: 1,
-                    keep_alive: 300,
-                }),
-                backend_config: Some(sllm_api::json::json_to_struct(&config)),
-            }),
-        })
-        .await
-        .unwrap();
+    deploy_llama(
+        &registry,
+        "tiny-lora",
+        serde_json::json!({
+        "lora_adapters": {"shout": lora.display().to_string()}
+        }),
+    )
+    .await
+    .unwrap();
 
     let (mut direct, port) = llama_alone(
         &server,
