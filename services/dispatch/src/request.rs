@@ -208,6 +208,7 @@ impl Dispatch {
         let driver = Driver {
             inner: inner.clone(),
             route,
+            movable: std::sync::OnceLock::new(),
             job,
             tx,
             start,
@@ -485,6 +486,9 @@ struct Driver {
     span: Span,
     /// Counts the request as in flight until the driver ends.
     _accepted: crate::Accepted,
+    /// Whether its stream may move to another instance mid-way ([`movable`]), worked out when
+    /// first needed: a stream with no trouble never needs to know.
+    movable: std::sync::OnceLock<bool>,
 }
 
 impl Driver {
@@ -769,25 +773,8 @@ impl Driver {
         if ok { Ok(slot) } else { Err(None) }
     }
 
-    /// Whether the stream may move to another instance mid-way: moves are allowed, and the
-    /// input is text an instance can continue (not a prompt of token ids). An OpenAI request
-    /// that is not streamed gets the engine's body as it is, which a second engine's body
-    /// cannot extend: it is retried whole instead, as before anything reached the client.
     fn movable(&self) -> bool {
-        if self.inner.config.max_migrations == 0 {
-            return false;
-        }
-        match &self.job.openai {
-            Some(o) => serde_json::from_str::<serde_json::Value>(&o.body).is_ok_and(|b| {
-                let streamed = b.get("stream").and_then(|s| s.as_bool()).unwrap_or(false);
-                let token_ids = b
-                    .get("prompt")
-                    .and_then(|p| p.as_array())
-                    .is_some_and(|items| items.iter().any(|t| t.is_number() || t.is_array()));
-                streamed && !token_ids
-            }),
-            None => true,
-        }
+        *self.movable.get_or_init(|| movable(&self.job, &self.inner.config))
     }
 
     async fn attempt(
@@ -986,6 +973,27 @@ impl Driver {
                 }
             }
         }
+    }
+}
+
+/// Whether a request's stream may move to another instance mid-way: moves are allowed, and
+/// the input is text an instance can continue (not a prompt of token ids). An OpenAI request
+/// that is not streamed gets the engine's body as it is, which a second engine's body cannot
+/// extend: it is retried whole instead, as before anything reached the client.
+fn movable(job: &Job, config: &crate::DispatchConfig) -> bool {
+    if config.max_migrations == 0 {
+        return false;
+    }
+    match &job.openai {
+        Some(o) => serde_json::from_str::<serde_json::Value>(&o.body).is_ok_and(|b| {
+            let streamed = b.get("stream").and_then(|s| s.as_bool()).unwrap_or(false);
+            let token_ids = b
+                .get("prompt")
+                .and_then(|p| p.as_array())
+                .is_some_and(|items| items.iter().any(|t| t.is_number() || t.is_array()));
+            streamed && !token_ids
+        }),
+        None => true,
     }
 }
 
