@@ -6,41 +6,31 @@
 use std::collections::HashMap;
 
 use opentelemetry::Context;
-use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::TraceContextExt;
-use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::propagation::{BaggagePropagator, TraceContextPropagator};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-/// A lone `traceparent`, as the mesh carries it (a proto field, a Redis event field).
-struct Traceparent<'a>(&'a str);
-
-impl Extractor for Traceparent<'_> {
-    fn get(&self, key: &str) -> Option<&str> {
-        (key == "traceparent").then_some(self.0)
-    }
-
-    fn keys(&self) -> Vec<&str> {
-        vec!["traceparent"]
-    }
+/// What `propagator` reads in a carrier holding only `key: value` (a `traceparent` as the mesh
+/// carries it in a proto or Redis field; a `baggage` header).
+fn read(propagator: &impl TextMapPropagator, key: &str, value: &str) -> Context {
+    propagator.extract(&HashMap::from([(key.to_string(), value.to_string())]))
 }
 
-struct Fields(HashMap<String, String>);
-
-impl Injector for Fields {
-    fn set(&mut self, key: &str, value: String) {
-        self.0.insert(key.to_string(), value);
-    }
+/// `key` as `propagator` writes it for `cx` ('' when it writes nothing).
+fn write(propagator: &impl TextMapPropagator, cx: &Context, key: &str) -> String {
+    let mut carrier = HashMap::new();
+    propagator.inject_context(cx, &mut carrier);
+    carrier.remove(key).unwrap_or_default()
 }
 
 /// The context a `traceparent` names (an empty one when it is malformed).
 pub(crate) fn extract(traceparent: &str) -> Context {
-    TraceContextPropagator::new().extract(&Traceparent(traceparent))
+    read(&TraceContextPropagator::new(), "traceparent", traceparent)
 }
 
 fn inject(cx: &Context) -> String {
-    let mut fields = Fields(HashMap::new());
-    TraceContextPropagator::new().inject_context(cx, &mut fields);
-    fields.0.remove("traceparent").unwrap_or_default()
+    write(&TraceContextPropagator::new(), cx, "traceparent")
 }
 
 /// W3C baggage as the SDK's Baggage propagator reads it, written back in its canonical form
@@ -49,20 +39,8 @@ pub fn baggage(header: &str) -> String {
     if header.is_empty() {
         return String::new();
     }
-    struct Header<'a>(&'a str);
-    impl Extractor for Header<'_> {
-        fn get(&self, key: &str) -> Option<&str> {
-            (key == "baggage").then_some(self.0)
-        }
-        fn keys(&self) -> Vec<&str> {
-            vec!["baggage"]
-        }
-    }
-    let propagator = opentelemetry_sdk::propagation::BaggagePropagator::new();
-    let cx = propagator.extract(&Header(header));
-    let mut fields = Fields(HashMap::new());
-    propagator.inject_context(&cx, &mut fields);
-    fields.0.remove("baggage").unwrap_or_default()
+    let propagator = BaggagePropagator::new();
+    write(&propagator, &read(&propagator, "baggage", header), "baggage")
 }
 
 /// The `traceparent` the propagator reads in `traceparent`, written back in its canonical form
@@ -88,4 +66,26 @@ pub fn set_parent(span: &tracing::Span, traceparent: &str) {
         return;
     }
     let _ = span.set_parent(extract(traceparent));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_valid_traceparent_reads_back_as_itself_and_a_bad_one_as_nothing() {
+        let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        assert_eq!(parse(tp).as_deref(), Some(tp));
+        assert_eq!(parse("00-zz-b7ad6b7169203331-01"), None);
+        assert_eq!(parse(""), None);
+    }
+
+    #[test]
+    fn baggage_is_read_by_the_sdk_and_written_back_whole() {
+        let b = baggage("tenant=acme,region=eu%2Dwest");
+        let mut entries: Vec<&str> = b.split(',').collect();
+        entries.sort();
+        assert_eq!(entries, ["region=eu-west", "tenant=acme"], "{b}");
+        assert_eq!(baggage(""), "");
+    }
 }
