@@ -83,6 +83,17 @@ async fn an_openai_body_reaches_the_engine_intact_and_its_events_come_back() {
     let (status, answer) = post(&c, "/v1/chat/completions", &body).await;
     assert_eq!(status, 200, "{answer}");
     assert_eq!(engine_json(&endpoint, "/debug/last-request").await, body);
+    // A client's W3C baggage reaches the engine, as the SDK's propagator writes it.
+    let o = tokio::process::Command::new("curl")
+        .args(["-s", "-H", "Content-Type: application/json", "-H", "baggage: tenant=acme"])
+        .args(["-d", r#"{"model": "m", "prompt": "hi", "max_tokens": 1}"#])
+        .arg(format!("{}/completions", c.dispatch.openai_base()))
+        .output()
+        .await
+        .unwrap();
+    assert!(o.status.success());
+    let headers = engine_json(&endpoint, "/debug/last-headers").await;
+    assert_eq!(headers["baggage"], "tenant=acme", "{headers}");
     let answer: Value = serde_json::from_str(&answer).unwrap();
     assert_eq!(answer["object"], "chat.completion");
     assert_eq!(answer["model"], "m");

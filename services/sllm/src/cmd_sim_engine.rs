@@ -68,6 +68,8 @@ struct Engine {
     max_model_len: Option<u64>,
     /// The body of the last request, as it arrived (for tests: what reached the engine).
     last_request: Arc<std::sync::Mutex<Value>>,
+    /// The trace-context headers of the last request (`traceparent`, `baggage`).
+    last_headers: Arc<std::sync::Mutex<Value>>,
     /// Generation requests received.
     requests: Arc<AtomicU64>,
     error_after: Option<u32>,
@@ -116,6 +118,7 @@ pub async fn run(a: SimEngineArgs) -> Result<()> {
         crash_after: a.crash_after_tokens,
         max_model_len: a.max_model_len,
         last_request: Arc::new(std::sync::Mutex::new(Value::Null)),
+        last_headers: Arc::new(std::sync::Mutex::new(Value::Null)),
         requests: Arc::new(AtomicU64::new(0)),
         error_after: a.error_after_tokens,
         stall_after: a.stall_after_tokens,
@@ -134,6 +137,12 @@ pub async fn run(a: SimEngineArgs) -> Result<()> {
         .route("/v1/chat/completions", axum::routing::post(chat))
         .route("/v1/load_lora_adapter", axum::routing::post(load_lora))
         .route("/v1/unload_lora_adapter", axum::routing::post(unload_lora))
+        .route(
+            "/debug/last-headers",
+            axum::routing::get(|State(e): State<Engine>| async move {
+                Json(e.last_headers.lock().map(|v| v.clone()).unwrap_or(Value::Null))
+            }),
+        )
         .route(
             "/debug/last-request",
             axum::routing::get(|State(e): State<Engine>| async move {
@@ -230,12 +239,30 @@ fn job(body: &Value, input: worker::Input) -> Job {
     }
 }
 
-async fn completions(State(e): State<Engine>, Json(body): Json<Value>) -> Response {
+/// Keeps the trace-context headers a request came with, for `/debug/last-headers`.
+fn keep_headers(e: &Engine, headers: &axum::http::HeaderMap) {
+    let get = |k: &str| headers.get(k).and_then(|v| v.to_str().ok()).map(str::to_string);
+    if let Ok(mut last) = e.last_headers.lock() {
+        *last = json!({ "traceparent": get("traceparent"), "baggage": get("baggage") });
+    }
+}
+
+async fn completions(
+    State(e): State<Engine>,
+    headers: axum::http::HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    keep_headers(&e, &headers);
     let prompt = body["prompt"].as_str().unwrap_or_default().to_string();
     serve(e, &body, worker::Input::Prompt(prompt), false).await
 }
 
-async fn chat(State(e): State<Engine>, Json(body): Json<Value>) -> Response {
+async fn chat(
+    State(e): State<Engine>,
+    headers: axum::http::HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    keep_headers(&e, &headers);
     let messages = body["messages"]
         .as_array()
         .into_iter()
