@@ -271,7 +271,7 @@ fn common(
     endpoint: pb::OpenAiEndpoint,
     answer: &Answer,
 ) -> Result<(CommonBody, Job), DispatchError> {
-    let c: CommonBody = serde_json::from_value(body.clone()).map_err(|e| {
+    let c = CommonBody::deserialize(body).map_err(|e| {
         // Name the field: the first one that fails on its own.
         let field = body.as_object().and_then(|o| {
             o.iter().find_map(|(k, v)| {
@@ -383,7 +383,7 @@ fn parse_chat(
     let (c, mut job) =
         common(&body, raw, traceparent, pb::OpenAiEndpoint::ChatCompletions, answer)?;
     let messages: Vec<ChatMessage> = match body.get("messages") {
-        Some(m) => serde_json::from_value(m.clone()).map_err(|e| {
+        Some(m) => Vec::<ChatMessage>::deserialize(m).map_err(|e| {
             DispatchError::invalid("messages", format!("must be a list of {{role, content}}: {e}"))
         })?,
         None => return Err(DispatchError::invalid("messages", "is required")),

@@ -120,7 +120,7 @@ pub struct WorkerArgs {
     metrics_addr: Option<String>,
     /// Run this many simulated workers in this process.
     #[arg(long, default_value_t = 1)]
-    count: usize,
+    pub count: usize,
     /// PEM CA bundle that https:// registries' and Dispatch replicas' certificates must chain
     /// to (default: the bundled web roots).
     #[arg(long, env = "SLLM_TLS_CA")]

@@ -22,6 +22,12 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "sllm", version, about, long_about = None, propagate_version = true)]
 struct Cli {
+    /// Threads of the async runtime. Default: 1 for one `sllm worker` (a relay: on one thread
+    /// a request never wakes a second one, and the host's cores stay with its engines), the
+    /// number of cores for everything else (a simulated fleet, the control plane). With 1,
+    /// everything runs on one thread.
+    #[arg(long, global = true, env = "SLLM_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    threads: Option<u16>,
     #[command(subcommand)]
     command: Command,
 }
@@ -88,7 +94,21 @@ fn join_token(a: JoinTokenArgs) -> anyhow::Result<()> {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let threads = cli.threads.unwrap_or(match cli.command {
+        Command::Worker(ref w) if w.count == 1 => 1,
+        _ => 0,
+    });
+    let mut builder = match threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            if n > 1 {
+                b.worker_threads(usize::from(n));
+            }
+            b
+        }
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("sllm: cannot start the async runtime: {e}");

@@ -372,6 +372,8 @@ pub struct Reader {
     completion_tokens: Option<u32>,
     counted: u32,
     finish: Option<Finish>,
+    /// `id`, `model` and `created` of a relayed answer, as JSON values, written once.
+    stamps: (String, String, String),
 }
 
 /// What one event amounted to.
@@ -388,7 +390,15 @@ pub enum Step {
 impl Reader {
     /// A reader for the answer to `call`.
     pub fn new(call: Call) -> Reader {
-        Reader { call, prompt_tokens: 0, completion_tokens: None, counted: 0, finish: None }
+        let stamps = match &call.relay {
+            Some(r) => (
+                Value::String(r.id.clone()).to_string(),
+                Value::String(r.model.clone()).to_string(),
+                r.created.to_string(),
+            ),
+            None => Default::default(),
+        };
+        Reader { call, prompt_tokens: 0, completion_tokens: None, counted: 0, finish: None, stamps }
     }
 
     /// Tokens passed on so far.
@@ -454,6 +464,9 @@ impl Reader {
         }
         if data.is_empty() {
             return Step::Output(None);
+        }
+        if let Some(step) = self.relay_event(data) {
+            return step;
         }
         let mut v: Value = match serde_json::from_str(data) {
             Ok(v) => v,
@@ -543,6 +556,135 @@ impl Reader {
         Step::Output(Some(Output::Text { text, tokens, events, logprobs, token_ids }))
     }
 
+    /// Reads one event of an OpenAI client's stream without building a JSON tree: the event's
+    /// top-level fields are kept as the engine wrote them (only `id`, `model` and `created` are
+    /// set, `usage` dropped when the client did not ask for it, and log-probabilities sllm asked
+    /// for itself set to null), and the few fields sllm reads are borrowed from it. This is the
+    /// request path's per-token work, so it allocates only the event it passes on.
+    ///
+    /// None: an event it does not read this way (an error report, a continued answer whose usage
+    /// is rewritten, JSON it cannot borrow from), which [`Reader::event`] reads in full instead.
+    fn relay_event(&mut self, data: &str) -> Option<Step> {
+        let relay = self.call.relay.as_ref()?;
+        if self.call.continued > 0 {
+            return None;
+        }
+        let top: fast::Top<'_> = serde_json::from_str(data).ok()?;
+        let mut choices = None;
+        let mut usage = None;
+        let mut list = false;
+        for (k, v) in &top.0 {
+            match *k {
+                "error" if v.get() != "null" => return None,
+                "object" => match v.get() {
+                    "\"error\"" => return None,
+                    "\"list\"" => list = true,
+                    _ => {}
+                },
+                "choices" => choices = Some(*v),
+                "usage" if v.get() != "null" => usage = Some(*v),
+                _ => {}
+            }
+        }
+        let parsed: Vec<fast::Choice<'_>> = match choices {
+            Some(c) => serde_json::from_str(c.get()).ok()?,
+            None => Vec::new(),
+        };
+        let usage: Option<fast::Usage> = match usage {
+            Some(u) => Some(serde_json::from_str(u.get()).ok()?),
+            None => None,
+        };
+        if let Some(u) = &usage {
+            if let Some(n) = u.prompt_tokens {
+                self.prompt_tokens = n as u32;
+            }
+            if let Some(n) = u.completion_tokens {
+                self.completion_tokens = Some(n as u32);
+            }
+        }
+        let mut token_ids = Vec::new();
+        let mut text = String::new();
+        let mut content = false;
+        if let Some(c) = parsed.first() {
+            if self.call.ids.is_some() {
+                let lp: Option<fast::Logprobs> = match c.logprobs {
+                    Some(l) => serde_json::from_str(l.get()).ok()?,
+                    None => None,
+                };
+                token_ids = lp
+                    .and_then(|l| l.content)
+                    .map(|items| items.iter().filter_map(|t| t.id).map(|i| i as u32).collect())
+                    .unwrap_or_default();
+            }
+            let piece = c.text.as_deref().or_else(|| c.delta.as_ref()?.content.as_deref());
+            if let Some(t) = piece {
+                text.push_str(t);
+            }
+            content = !text.is_empty() || c.delta.as_ref().is_some_and(fast::Delta::has_output);
+            if let Some(f) = c.finish_reason.as_deref() {
+                self.finish = Some(finish_of(f));
+            }
+        }
+        let tokens = u32::from(content);
+        self.counted += tokens;
+        if !relay.include_usage && usage.is_some() && parsed.is_empty() {
+            // The usage event sllm asked for on the client's behalf.
+            return Some(Step::Output(None));
+        }
+        // The event as the client gets it, its fields in the engine's order.
+        let mut out = String::with_capacity(data.len() + relay.id.len() + relay.model.len());
+        let field = |out: &mut String, k: &str, v: &str| {
+            out.push(if out.is_empty() { '{' } else { ',' });
+            out.push('"');
+            out.push_str(k);
+            out.push_str("\":");
+            out.push_str(v);
+        };
+        let (id, model, created) = &self.stamps;
+        let (mut has_id, mut has_created, mut has_model) = (list, list, false);
+        for (k, v) in &top.0 {
+            match *k {
+                "id" if !list => {
+                    has_id = true;
+                    field(&mut out, k, id);
+                }
+                "created" if !list => {
+                    has_created = true;
+                    field(&mut out, k, created);
+                }
+                "model" => {
+                    has_model = true;
+                    field(&mut out, k, model);
+                }
+                "usage" if !relay.include_usage => {}
+                "choices" if self.call.ids == Some(IdsFrom::AddedLogprobs) => {
+                    field(&mut out, k, &fast::null_first_logprobs(v.get(), &parsed));
+                }
+                _ => field(&mut out, k, v.get()),
+            }
+        }
+        if !has_id {
+            field(&mut out, "id", id);
+        }
+        if !has_created {
+            field(&mut out, "created", created);
+        }
+        if !has_model {
+            field(&mut out, "model", model);
+        }
+        if out.is_empty() {
+            out.push('{');
+        }
+        out.push('}');
+        Some(Step::Output(Some(Output::Text {
+            text,
+            tokens,
+            events: vec![out],
+            logprobs: Vec::new(),
+            token_ids,
+        })))
+    }
+
     /// Reads a whole (not streamed) answer: its output, then its end.
     pub fn body(&mut self, body: &str) -> Result<(Output, Output), Failure> {
         let mut v: Value = serde_json::from_str(body).map_err(|e| {
@@ -627,6 +769,102 @@ fn token_logprobs(v: Option<&Value>) -> Vec<pb::TokenLogprob> {
                 .collect(),
         })
         .collect()
+}
+
+/// Borrowed views of an engine's stream event: the fields sllm reads, nothing copied.
+mod fast {
+    use std::borrow::Cow;
+
+    use serde::Deserialize;
+    use serde::de::{Deserializer, MapAccess, Visitor};
+    use serde_json::value::RawValue;
+
+    /// An event's top-level fields in the engine's order, each value as written.
+    pub(super) struct Top<'a>(pub(super) Vec<(&'a str, &'a RawValue)>);
+
+    impl<'de> Deserialize<'de> for Top<'de> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct Fields;
+            impl<'de> Visitor<'de> for Fields {
+                type Value = Top<'de>;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("a JSON object")
+                }
+                fn visit_map<M: MapAccess<'de>>(self, mut m: M) -> Result<Top<'de>, M::Error> {
+                    let mut fields = Vec::with_capacity(8);
+                    // A key with escapes cannot be borrowed: the event is read in full instead.
+                    while let Some(kv) = m.next_entry::<&'de str, &'de RawValue>()? {
+                        fields.push(kv);
+                    }
+                    Ok(Top(fields))
+                }
+            }
+            d.deserialize_map(Fields)
+        }
+    }
+
+    #[derive(Deserialize)]
+    pub(super) struct Choice<'a> {
+        #[serde(borrow)]
+        pub(super) text: Option<Cow<'a, str>>,
+        #[serde(borrow)]
+        pub(super) delta: Option<Delta<'a>>,
+        #[serde(borrow)]
+        pub(super) finish_reason: Option<Cow<'a, str>>,
+        #[serde(borrow)]
+        pub(super) logprobs: Option<&'a RawValue>,
+    }
+
+    #[derive(Deserialize)]
+    pub(super) struct Delta<'a> {
+        #[serde(borrow)]
+        pub(super) content: Option<Cow<'a, str>>,
+        #[serde(borrow)]
+        tool_calls: Option<&'a RawValue>,
+        #[serde(borrow)]
+        reasoning_content: Option<&'a RawValue>,
+        #[serde(borrow)]
+        reasoning: Option<&'a RawValue>,
+    }
+
+    impl Delta<'_> {
+        /// Whether the delta carries output other than content (a tool call, reasoning).
+        pub(super) fn has_output(&self) -> bool {
+            self.tool_calls.is_some() || self.reasoning_content.is_some() || self.reasoning.is_some()
+        }
+    }
+
+    #[derive(Deserialize)]
+    pub(super) struct Usage {
+        pub(super) prompt_tokens: Option<u64>,
+        pub(super) completion_tokens: Option<u64>,
+    }
+
+    #[derive(Deserialize)]
+    pub(super) struct Logprobs {
+        pub(super) content: Option<Vec<TokenId>>,
+    }
+
+    #[derive(Deserialize)]
+    pub(super) struct TokenId {
+        pub(super) id: Option<u64>,
+    }
+
+    /// `choices` (as written) with the first choice's `logprobs` replaced by null: the span of
+    /// that value is found by its place in the text it was borrowed from.
+    pub(super) fn null_first_logprobs(choices: &str, parsed: &[Choice<'_>]) -> String {
+        let Some(lp) = parsed.first().and_then(|c| c.logprobs) else {
+            return choices.to_string();
+        };
+        let Some(start) = (lp.get().as_ptr() as usize).checked_sub(choices.as_ptr() as usize) else {
+            return choices.to_string();
+        };
+        let end = start + lp.get().len();
+        match (choices.get(..start), choices.get(end..)) {
+            (Some(before), Some(after)) => format!("{before}null{after}"),
+            _ => choices.to_string(),
+        }
+    }
 }
 
 /// Time limits on a streamed answer.
