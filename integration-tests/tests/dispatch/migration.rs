@@ -121,6 +121,66 @@ async fn a_chat_whose_worker_dies_at_a_random_token_continues_byte_for_byte() {
     dies_at_a_random_token(chat("m", "a story", 300)).await;
 }
 
+/// Over the OpenAI API, a chat stream whose worker dies midway goes on, and its last chunks
+/// (the finish, the usage) say `"migrations": 1`, a field OpenAI clients keep; no other chunk
+/// carries it.
+#[tokio::test]
+async fn an_openai_stream_says_on_its_last_chunks_that_it_moved() {
+    use tokio::io::AsyncBufReadExt;
+    let c = Cluster::start().await;
+    let (w1, w2) = two_instances(&c, Duration::from_millis(200)).await; // 2 ms a token
+    let body = serde_json::json!({
+        "model": "m", "max_tokens": 300, "seed": 7, "stream": true,
+        "stream_options": {"include_usage": true},
+        "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "a story"}],
+    });
+    let mut curl = tokio::process::Command::new("curl")
+        .args(["-sN", "--max-time", "30", "-H", "Content-Type: application/json", "-d"])
+        .arg(body.to_string())
+        .arg(format!("{}/chat/completions", c.dispatch.openai_base()))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(curl.stdout.take().unwrap()).lines();
+    let mut events = Vec::new();
+    while events.len() < 20 {
+        let line = lines.next_line().await.unwrap().expect("the stream goes on");
+        if let Some(data) = line.strip_prefix("data: ") {
+            events.push(data.to_string());
+        }
+    }
+    let _alive = match (w1.backend.requests_running(), w2.backend.requests_running()) {
+        (1, 0) => {
+            drop(w1);
+            w2
+        }
+        (0, 1) => {
+            drop(w2);
+            w1
+        }
+        other => panic!("running on each worker: {other:?}"),
+    };
+    while let Some(line) = lines.next_line().await.unwrap() {
+        if let Some(data) = line.strip_prefix("data: ") {
+            events.push(data.to_string());
+        }
+    }
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<serde_json::Value> =
+        events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    let text: String =
+        chunks.iter().filter_map(|ch| ch["choices"][0]["delta"]["content"].as_str()).collect();
+    let whole = expected_text(7, "system: be brief\nuser: a story\nassistant:", 300);
+    assert_eq!(text, whole, "the moved stream is the uninterrupted one");
+    let marked: Vec<&serde_json::Value> =
+        chunks.iter().filter(|ch| ch.get("migrations").is_some()).collect();
+    assert_eq!(marked.len(), 2, "{marked:?}");
+    assert_eq!(marked[0]["choices"][0]["finish_reason"], "length");
+    assert_eq!(marked[1]["usage"]["completion_tokens"], 300);
+    assert!(marked.iter().all(|ch| ch["migrations"] == 1), "{marked:?}");
+    assert_eq!(chunks.iter().filter(|ch| ch["choices"][0]["delta"]["role"].is_string()).count(), 1);
+}
+
 /// Scale-down drains an instance with streams on it: they move to the other instance at once,
 /// so the instance stops within seconds instead of after its streams, and no stream breaks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

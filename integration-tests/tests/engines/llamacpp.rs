@@ -2,7 +2,7 @@
 //! tiny generated GGUF model (`scripts/tiny-gguf.py`: random weights, a real 32k SentencePiece
 //! tokenizer, a ChatML chat template), behind the real `sllm worker --backend engine --engine
 //! llamacpp`, driven with the official `openai` client and compared with the same llama-server
-//! called directly; then the engine killed mid-stream, and hung.
+//! called directly; then the engine killed mid-stream (a completion, then a chat), and hung.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -344,6 +344,84 @@ async fn a_real_llama_cpp_server_behind_sllm_answers_as_it_does_alone() {
             }
         }
     };
+    eventually(Duration::from_secs(20), "the new engine serves", || async {
+        answered(4).await.and_then(Result::ok)
+    })
+    .await
+    .unwrap();
+
+    // A chat killed mid-stream the same way: it continues as a completion of the conversation
+    // as the server's chat template writes it (its /apply-template) followed by the ids
+    // generated, and a greedy answer is token for token the server's own chat answer.
+    let messages = serde_json::json!([
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "a story"},
+    ]);
+    let greedy = serde_json::json!({"model": "tiny", "messages": messages, "max_tokens": 400, "temperature": 0, "ignore_eos": true});
+    let alone = tokio::process::Command::new("curl")
+        .args(["-s", "--max-time", "30", "-H", "Content-Type: application/json", "-d"])
+        .arg(greedy.to_string())
+        .arg(format!("http://127.0.0.1:{port}/v1/chat/completions"))
+        .output()
+        .await
+        .unwrap();
+    let alone: serde_json::Value = serde_json::from_slice(&alone.stdout).unwrap();
+    let alone = alone["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    let mut body = greedy.clone();
+    body["stream"] = serde_json::json!(true);
+    let mut curl = tokio::process::Command::new("curl")
+        .args(["-sN", "--max-time", "30", "-H", "Content-Type: application/json", "-d"])
+        .arg(body.to_string())
+        .arg(format!("{}/chat/completions", c.dispatch.openai_base()))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(curl.stdout.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    let mut events = 0;
+    while let Some(l) = lines.next_line().await.unwrap() {
+        events += usize::from(l.starts_with("data: {"));
+        seen.push(l);
+        if events == 40 {
+            break;
+        }
+    }
+    assert_eq!(events, 40, "the chat stream started");
+    let _ =
+        tokio::process::Command::new("kill").args(["-KILL", &replaced.to_string()]).status().await;
+    while let Some(l) = lines.next_line().await.unwrap() {
+        seen.push(l);
+    }
+    let tail = seen.join("\n");
+    assert!(!tail.contains("\"error\""), "the chat ends without an error:\n{tail:.2000}");
+    assert!(tail.trim_end().ends_with("data: [DONE]"), "the chat is complete:\n{tail:.2000}");
+    let chunks: Vec<serde_json::Value> = seen
+        .iter()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+        .collect();
+    let ids: std::collections::BTreeSet<&str> =
+        chunks.iter().filter_map(|v| v["id"].as_str()).collect();
+    assert_eq!(ids.len(), 1, "one id across the move: {ids:?}");
+    assert!(chunks.iter().all(|v| v["object"] == "chat.completion.chunk"), "chat chunks only");
+    let roles = chunks.iter().filter(|v| v["choices"][0]["delta"]["role"].is_string()).count();
+    assert_eq!(roles, 1, "one role chunk");
+    let last = chunks.iter().rev().find(|v| !v["choices"][0]["finish_reason"].is_null()).unwrap();
+    assert_eq!(last["choices"][0]["finish_reason"], "length");
+    assert_eq!(last["migrations"], 1, "the last chunk says the stream moved: {last}");
+    let streamed: String =
+        chunks.iter().filter_map(|v| v["choices"][0]["delta"]["content"].as_str()).collect();
+    let moved =
+        telemetry::metrics::DISPATCH.migrations.with_label_values(&["tiny", "failure"]).get();
+    assert_eq!(moved, 2, "the chat moved once");
+    assert_eq!(streamed, alone, "the moved greedy chat is the server's own chat answer");
+    assert!(!tail.contains("\"logprobs\":{"), "no log-probabilities the client did not ask for");
+    let replaced = eventually(Duration::from_secs(20), "another new engine", || async {
+        let pids = engine_pids(models.path(), direct_pid).await;
+        (pids.len() == 1 && pids[0] != replaced).then(|| pids[0])
+    })
+    .await
+    .unwrap();
     eventually(Duration::from_secs(20), "the new engine serves", || async {
         answered(4).await.and_then(Result::ok)
     })

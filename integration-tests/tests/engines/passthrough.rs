@@ -393,6 +393,16 @@ async fn an_openai_stream_whose_engine_crashes_continues_on_another_engine() {
     assert_eq!(usage["completion_tokens"], 80, "{sse}");
     assert_eq!(usage["prompt_tokens"], 2, "the continued text is not counted as prompt: {sse}");
     assert!(!sse.contains("\"error\""), "{sse}");
+    // The stream's last events say it moved; no other does.
+    let marked: Vec<Value> = events(&sse)
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .filter(|v| v.get("migrations").is_some())
+        .collect();
+    assert_eq!(marked.len(), 2, "the finish and the usage events: {sse}");
+    assert_eq!(marked[0]["choices"][0]["finish_reason"], "length");
+    assert!(marked[1]["usage"].is_object());
+    assert!(marked.iter().all(|v| v["migrations"] == 1), "{marked:?}");
 
     // The crashed engine is replaced; the chat stream then loses its engine too.
     eventually(Duration::from_secs(15), "two engines ready again", || async {
@@ -417,4 +427,139 @@ async fn an_openai_stream_whose_engine_crashes_continues_on_another_engine() {
         .filter_map(|v| v["id"].as_str().map(str::to_string))
         .collect();
     assert_eq!(ids.len(), 1, "one id across the move: {ids:?}");
+    let roles = events(&sse)
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .filter(|v| v["choices"][0]["delta"]["role"].is_string())
+        .count();
+    assert_eq!(roles, 1, "the continuation's own role chunk is not sent again: {sse}");
+}
+
+/// What the official `openai` client saw of a stream (`python/migration_check.py`).
+async fn openai_client_reads(c: &Cluster, kind: &str) -> Value {
+    let out = tokio::process::Command::new(sllm_integration_tests::python().unwrap())
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/migration_check.py"))
+        .args([c.dispatch.openai_base().as_str(), "m", kind])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap()
+}
+
+/// Waits until `n` instances of `m` are ready, and Dispatch routes to them.
+async fn ready_instances(c: &Cluster, n: usize) -> Vec<String> {
+    let ids = eventually(Duration::from_secs(15), "instances ready", || async {
+        let all = c.store.model_instances("m").await.unwrap();
+        let ready: Vec<String> = all
+            .into_iter()
+            .filter(|i| i.status == InstanceStatus::Ready)
+            .map(|i| i.instance_id)
+            .collect();
+        (ready.len() == n).then_some(ready)
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    ids
+}
+
+/// The body of the continuation among the engines' last requests: the one whose prompt is a
+/// list of token ids.
+async fn continuation_request(w: &EngineWorker, instances: &[String]) -> Value {
+    for i in instances {
+        // The crashed engine answers nothing.
+        let Some(e) = w.backend.endpoint(i) else { continue };
+        let Some(last) = curl(&format!("{e}/debug/last-request")).await else { continue };
+        let last: Value = serde_json::from_str(&last).unwrap();
+        if last["prompt"].as_array().is_some_and(|p| p.iter().all(Value::is_u64)) {
+            return last;
+        }
+    }
+    panic!("no engine received a prompt of token ids");
+}
+
+/// vLLM engines (`sllm sim-engine --merges`: text tokenised with merged pairs, as by BPE, and
+/// generated from token ids), each crashing after 60 tokens in all: a completion and a chat of
+/// 80 tokens lose their engine midway and continue on the other from the token ids vLLM
+/// reported (`return_token_ids`, asked for on the client's behalf and never shown to it): the
+/// official client reads the uninterrupted text byte for byte, in one stream whose last chunks
+/// say `migrations: 1`. Continued from its text instead (vLLM's `continue_final_message`, a
+/// prompt with the text appended), the tokenised text would hold merged pairs the generation
+/// never produced, and the answer would go another way.
+#[tokio::test]
+async fn a_vllm_stream_whose_engine_crashes_continues_from_its_token_ids() {
+    use worker::vocab::{encode, ids_text};
+    let c = cluster().await;
+    let w = engine_worker_with(&c, "--crash-after-tokens 60 --merges", |ec| {
+        ec.kind = worker::engine::EngineKind::Vllm;
+        ec.ready_timeout = Duration::from_secs(20);
+    })
+    .await;
+    c.store
+        .create_deployment(&kvstore::DeploymentSpec {
+            model: "m".into(),
+            backend: "vllm".into(),
+            num_gpus: 1,
+            autoscaling: kvstore::AutoScaling {
+                min_instances: 2,
+                max_instances: 2,
+                keep_alive_s: 60,
+                ..Default::default()
+            },
+            backend_config: String::new(),
+        })
+        .await
+        .unwrap();
+    // The text an uninterrupted generation gives, and what a continuation from the text after
+    // `k` tokens would give instead.
+    let whole = |prompt: &str| ids_text(7, &encode(prompt, true), 80);
+    let from_text = |prompt: &str, k: u32| {
+        let head = ids_text(7, &encode(prompt, true), k);
+        format!("{head}{}", ids_text(7, &encode(&format!("{prompt}{head}"), true), 80 - k))
+    };
+
+    let instances = ready_instances(&c, 2).await;
+    let seen = openai_client_reads(&c, "completion").await;
+    assert_eq!(seen["text"], whole("hello engine"), "{seen}");
+    assert_eq!(
+        (seen["finish"].clone(), seen["ids"].clone()),
+        (json!("length"), json!(1)),
+        "{seen}"
+    );
+    assert_eq!(seen["finish_migrations"], 1, "the finish chunk says the stream moved: {seen}");
+    assert_eq!(seen["usage_migrations"], 1, "so does the usage chunk: {seen}");
+    let prompt_tokens = encode("hello engine", true).len();
+    assert_eq!(seen["usage"]["prompt_tokens"], prompt_tokens, "{seen}");
+    assert_eq!(seen["usage"]["completion_tokens"], 80, "{seen}");
+    assert_eq!(seen["unasked_ids"], false, "no token ids the client did not ask for: {seen}");
+    let cont = continuation_request(&w, &instances).await;
+    let k = 80 - cont["max_tokens"].as_u64().unwrap() as u32;
+    let mut ids = encode("hello engine", true);
+    let mut m = worker::vocab::TokenModel::new(7, &ids);
+    ids.extend((0..k).map(|_| m.next_token().0));
+    assert_eq!(cont["prompt"], json!(ids), "the prompt's ids, then the {k} generated");
+    assert_ne!(from_text("hello engine", k), whole("hello engine"), "text would not do");
+
+    // The crashed engine is replaced; the chat stream then loses its engine too, and goes on
+    // as a completion of its templated prompt's ids and its own, read as chat chunks.
+    let instances = ready_instances(&c, 2).await;
+    let seen = openai_client_reads(&c, "chat").await;
+    let template = "system: be brief\nuser: a story\nassistant:";
+    assert_eq!(seen["text"], whole(template), "{seen}");
+    assert_eq!((seen["roles"].clone(), seen["ids"].clone()), (json!(1), json!(1)), "{seen}");
+    assert_eq!(
+        (seen["finish_migrations"].clone(), seen["usage_migrations"].clone()),
+        (json!(1), json!(1)),
+        "{seen}"
+    );
+    assert_eq!(seen["usage"]["completion_tokens"], 80, "{seen}");
+    assert_eq!(seen["usage"]["prompt_tokens"], encode(template, true).len(), "{seen}");
+    assert_eq!(seen["unasked_ids"], false, "{seen}");
+    let cont = continuation_request(&w, &instances).await;
+    let k = 80 - cont["max_tokens"].as_u64().unwrap() as u32;
+    assert!(cont.get("messages").is_none(), "a completion: {cont}");
+    assert_eq!(cont["prompt"].as_array().unwrap().len(), encode(template, true).len() + k as usize);
+    assert_ne!(from_text(template, k), whole(template), "text would not do");
 }

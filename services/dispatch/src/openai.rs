@@ -757,6 +757,48 @@ fn stream_error(e: &DispatchError) -> String {
     error_json(e).to_string()
 }
 
+/// Marks a stream's last events — the one with its `finish_reason`, and its usage event —
+/// with `"migrations": N` when it moved to another instance N times on the way (a field of
+/// sllm's own, which OpenAI clients keep: the `openai` package's `chunk.model_extra`). Says
+/// whether it marked the event.
+fn moved(event: &mut Value, migrations: u32) -> bool {
+    let choices = event.get("choices").and_then(Value::as_array);
+    // The usage event has no choices (vLLM's continuous usage rides on every chunk).
+    let usage =
+        event.get("usage").is_some_and(Value::is_object) && choices.is_none_or(|c| c.is_empty());
+    let finish = choices
+        .is_some_and(|c| c.iter().any(|c| c.get("finish_reason").is_some_and(|f| !f.is_null())));
+    let last = usage || finish;
+    match event.as_object_mut() {
+        Some(m) if migrations > 0 && last => {
+            m.insert("migrations".into(), json!(migrations));
+            true
+        }
+        _ => false,
+    }
+}
+
+/// [`moved`] for an engine's events, as text: only a stream that moved pays for reading them,
+/// and only its last events are written again.
+fn say_moved(events: Vec<String>, migrations: u32) -> Vec<String> {
+    if migrations == 0 {
+        return events;
+    }
+    events
+        .into_iter()
+        .map(|e| match serde_json::from_str::<Value>(&e) {
+            Ok(mut v) => {
+                if moved(&mut v, migrations) {
+                    v.to_string()
+                } else {
+                    e
+                }
+            }
+            Err(_) => e,
+        })
+        .collect()
+}
+
 fn completion_chunk(
     answer: &Answer,
     model: &str,
@@ -767,9 +809,9 @@ fn completion_chunk(
     let base = |choices: Value| json!({ "id": answer.id, "object": "text_completion", "created": answer.created, "model": model, "choices": choices });
     match item {
         // An engine's events, relayed as they are (its finish and usage events among them).
-        Ok(Event::Chunk { events, .. }) if !events.is_empty() => {
+        Ok(Event::Chunk { events, migrations, .. }) if !events.is_empty() => {
             *relayed = true;
-            events
+            say_moved(events, migrations)
         }
         Ok(Event::Chunk { text, .. }) => {
             vec![
@@ -781,12 +823,15 @@ fn completion_chunk(
         }
         Ok(Event::Finished { .. }) if *relayed => vec![],
         Ok(Event::Finished { reason, usage }) => {
-            let mut out = vec![base(
+            let mut end = base(
                 json!([{ "text": "", "index": 0, "logprobs": null, "finish_reason": finish_word(reason) }]),
-            ).to_string()];
+            );
+            moved(&mut end, usage.migrations);
+            let mut out = vec![end.to_string()];
             if include_usage {
                 let mut u = base(json!([]));
                 u["usage"] = usage_json(&usage);
+                moved(&mut u, usage.migrations);
                 out.push(u.to_string());
             }
             out
@@ -809,9 +854,9 @@ fn chat_chunk(
     match item {
         // An engine's events, relayed as they are (its role, finish and usage events among
         // them).
-        Ok(Event::Chunk { events, .. }) if !events.is_empty() => {
+        Ok(Event::Chunk { events, migrations, .. }) if !events.is_empty() => {
             *relayed = true;
-            return events;
+            return say_moved(events, migrations);
         }
         Ok(Event::Finished { .. }) if *relayed => return Vec::new(),
         _ => {}
@@ -824,10 +869,15 @@ fn chat_chunk(
             out.push(base(json!([{ "index": 0, "delta": { "content": text }, "logprobs": null, "finish_reason": null }])));
         }
         Ok(Event::Finished { reason, usage }) => {
-            out.push(base(json!([{ "index": 0, "delta": {}, "logprobs": null, "finish_reason": finish_word(reason) }])));
+            let mut end = base(
+                json!([{ "index": 0, "delta": {}, "logprobs": null, "finish_reason": finish_word(reason) }]),
+            );
+            moved(&mut end, usage.migrations);
+            out.push(end);
             if include_usage {
                 let mut u = base(json!([]));
                 u["usage"] = usage_json(&usage);
+                moved(&mut u, usage.migrations);
                 out.push(u);
             }
         }

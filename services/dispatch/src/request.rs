@@ -91,6 +91,9 @@ pub enum Event {
         events: Vec<String>,
         /// Log-probabilities of its tokens (gRPC requests that asked).
         logprobs: Vec<pb::TokenLogprob>,
+        /// Times the stream moved to another instance before this text: the OpenAI API says
+        /// so on its last events.
+        migrations: u32,
     },
     /// The end.
     Finished {
@@ -508,6 +511,7 @@ impl Driver {
         // instance; and how often it moved.
         let mut delivered = String::new();
         let mut delivered_ids = Vec::new();
+        let mut prompt_ids = Vec::new();
         let mut migrations = 0u32;
         // Tokens delivered when the stream last moved, failed continuations since, and their
         // pauses.
@@ -565,6 +569,7 @@ impl Driver {
                 tokens_sent: &mut tokens_sent,
                 delivered: &mut delivered,
                 delivered_ids: &mut delivered_ids,
+                prompt_ids: &mut prompt_ids,
                 ttft: &mut ttft,
                 migrations,
                 queued,
@@ -807,6 +812,7 @@ impl Driver {
                 text: progress.delivered.clone(),
                 tokens: *tokens_sent,
                 token_ids: progress.delivered_ids.clone(),
+                prompt_token_ids: progress.prompt_ids.clone(),
             });
         let max_tokens = self.job.params.max_tokens.saturating_sub(*tokens_sent);
         let request = pb::InferenceRequest {
@@ -878,6 +884,7 @@ impl Driver {
                                 c.events.extend(more.events);
                                 c.logprobs.extend(more.logprobs);
                                 c.token_ids.extend(more.token_ids);
+                                c.prompt_token_ids.extend(more.prompt_token_ids);
                             }
                             Ok(other) => {
                                 held = Some(other);
@@ -907,6 +914,10 @@ impl Driver {
                     if keep {
                         progress.delivered.push_str(&c.text);
                         progress.delivered_ids.extend_from_slice(&c.token_ids);
+                        // The first instance's prompt, as its engine read it.
+                        if progress.prompt_ids.is_empty() {
+                            *progress.prompt_ids = c.prompt_token_ids;
+                        }
                     }
                     self.route.metrics.tokens.inc_by(u64::from(tokens));
                     let event = Event::Chunk {
@@ -914,6 +925,7 @@ impl Driver {
                         tokens,
                         events: c.events,
                         logprobs: c.logprobs,
+                        migrations: progress.migrations,
                     };
                     if self.tx.send(Ok(event)).await.is_err() {
                         link.cancel(request_id);
@@ -1008,6 +1020,8 @@ struct Progress<'a> {
     delivered: &'a mut String,
     /// Their ids, as far as the engine reported them.
     delivered_ids: &'a mut Vec<u32>,
+    /// The prompt's ids, when the first instance's engine reported them.
+    prompt_ids: &'a mut Vec<u32>,
     /// When the first output reached the client.
     ttft: &'a mut Option<Duration>,
     /// Times the stream moved so far.

@@ -2,7 +2,11 @@
 //! `/v1/models`, `/v1/completions`, `/v1/chat/completions`, SSE, and vLLM's LoRA surface:
 //! `--lora-modules`, `/v1/load_lora_adapter`, `/v1/unload_lora_adapter`, an adapter served as a
 //! model of its own name), so the engine backend is tested through the same process supervision
-//! and HTTP path a vLLM server would use.
+//! and HTTP path a vLLM server would use. Like vLLM it takes a completion's prompt as token ids
+//! and answers `return_token_ids` with the prompt's ids (`prompt_token_ids`, on the first
+//! event) and each event's (`token_ids`), in the simulator's vocabulary ([`worker::vocab`]);
+//! with `--merges` it tokenises text as a BPE vocabulary does and generates from the ids, so
+//! that a continuation from re-tokenised text goes another way than one from the ids.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -56,6 +60,11 @@ pub struct SimEngineArgs {
     /// LoRA adapters served from the start, each NAME=PATH (as vLLM's `--lora-modules`).
     #[arg(long, num_args = 1.., value_name = "NAME=PATH")]
     lora_modules: Vec<String>,
+    /// Tokenise text with merged pairs of words, as a BPE vocabulary does, and generate from
+    /// token ids: generated text tokenised again is not the ids generated, so a generation
+    /// continued from its text goes another way than one continued from its ids.
+    #[arg(long)]
+    merges: bool,
 }
 
 #[derive(Clone)]
@@ -76,6 +85,8 @@ struct Engine {
     stall_after: Option<u32>,
     /// LoRA adapters it serves, name -> path.
     adapters: Arc<std::sync::Mutex<std::collections::BTreeMap<String, String>>>,
+    /// `--merges`.
+    merges: bool,
 }
 
 pub async fn run(a: SimEngineArgs) -> Result<()> {
@@ -129,6 +140,7 @@ pub async fn run(a: SimEngineArgs) -> Result<()> {
                 .map(|(n, p)| (n.to_string(), p.to_string()))
                 .collect(),
         )),
+        merges: a.merges,
     };
     let app = axum::Router::new()
         .route("/health", axum::routing::get(health))
@@ -253,8 +265,38 @@ async fn completions(
     Json(body): Json<Value>,
 ) -> Response {
     keep_headers(&e, &headers);
-    let prompt = body["prompt"].as_str().unwrap_or_default().to_string();
-    serve(e, &body, worker::Input::Prompt(prompt), false).await
+    // As vLLM's: text, a list of one text, or token ids (a list, or a list of one list).
+    let ids = |items: &[Value]| -> Option<Vec<u32>> {
+        items.iter().map(|i| i.as_u64().and_then(|i| u32::try_from(i).ok())).collect()
+    };
+    let (prompt, prompt_ids) = match &body["prompt"] {
+        Value::String(p) => (p.clone(), None),
+        Value::Array(items) => match items.as_slice() {
+            [Value::String(p)] => (p.clone(), None),
+            [Value::Array(inner)] => match ids(inner) {
+                Some(ids) => (String::new(), Some(ids)),
+                None => return engine_error(StatusCode::BAD_REQUEST, "prompt: not token ids"),
+            },
+            items => match ids(items) {
+                Some(ids) => (String::new(), Some(ids)),
+                None => return engine_error(StatusCode::BAD_REQUEST, "prompt: not token ids"),
+            },
+        },
+        _ => {
+            return engine_error(StatusCode::BAD_REQUEST, "prompt: must be text or token ids");
+        }
+    };
+    let prompt = match &prompt_ids {
+        Some(ids) => match worker::vocab::decode(ids) {
+            Ok(text) => text,
+            Err(id) => {
+                let m = format!("Token id {id} is out of vocabulary");
+                return engine_error(StatusCode::BAD_REQUEST, &m);
+            }
+        },
+        None => prompt,
+    };
+    serve(e, &body, worker::Input::Prompt(prompt), prompt_ids, false).await
 }
 
 async fn chat(
@@ -272,7 +314,7 @@ async fn chat(
             content: m["content"].as_str().unwrap_or_default().to_string(),
         })
         .collect();
-    serve(e, &body, worker::Input::Chat(messages), true).await
+    serve(e, &body, worker::Input::Chat(messages), None, true).await
 }
 
 /// An error in the shape vLLM's OpenAI server gives.
@@ -281,7 +323,13 @@ fn engine_error(status: StatusCode, message: &str) -> Response {
     (status, Json(body)).into_response()
 }
 
-async fn serve(e: Engine, body: &Value, input: worker::Input, chat: bool) -> Response {
+async fn serve(
+    e: Engine,
+    body: &Value,
+    input: worker::Input,
+    ids: Option<Vec<u32>>,
+    chat: bool,
+) -> Response {
     if let Ok(mut last) = e.last_request.lock() {
         *last = body.clone();
     }
@@ -309,21 +357,39 @@ async fn serve(e: Engine, body: &Value, input: worker::Input, chat: bool) -> Res
     {
         job.adapter = Some(sllm_api::v1::LoraAdapter { name: asked.to_string(), path });
     }
-    let prompt_words = match &job.input {
-        worker::Input::Prompt(p) => p.split_whitespace().count(),
-        worker::Input::Chat(m) => m.iter().map(|m| m.content.split_whitespace().count()).sum(),
+    let mut req = match worker::sim::SimRequest::from_job(&job) {
+        Ok(r) => r,
+        Err(f) => return engine_error(StatusCode::BAD_REQUEST, &f.message),
+    };
+    // The prompt as token ids: as given, else the text (a chat as its template writes it, with
+    // what it continues) tokenised. With --merges the model runs on them.
+    let prompt_ids = ids.unwrap_or_else(|| {
+        let continued = req.continued.as_ref().map(|(t, _)| t.as_str()).unwrap_or_default();
+        worker::vocab::encode(&format!("{}{continued}", req.prompt), e.merges)
+    });
+    req.with_ids = true;
+    if e.merges {
+        req.prompt_ids = Some(prompt_ids.clone());
+        prefilled = 0;
+    }
+    let prompt_words = match (&req.prompt_ids, &job.input) {
+        (Some(ids), _) => ids.len(),
+        (None, worker::Input::Prompt(p)) => p.split_whitespace().count(),
+        (None, worker::Input::Chat(m)) => {
+            m.iter().map(|m| m.content.split_whitespace().count()).sum()
+        }
     } as u64;
     if let Some(len) = e.max_model_len
-        && prompt_words + u64::from(job.params.max_tokens) > len
+        && prompt_words + u64::from(req.max_tokens) > len
     {
         let message = format!(
             "This model's maximum context length is {len} tokens. However, you requested {} tokens ({prompt_words} in the messages, {} in the completion).",
-            prompt_words + u64::from(job.params.max_tokens),
-            job.params.max_tokens
+            prompt_words + u64::from(req.max_tokens),
+            req.max_tokens
         );
         return engine_error(StatusCode::BAD_REQUEST, &message);
     }
-    let mut out = e.sim.generate(job);
+    let mut out = e.sim.generate_request("engine", req);
     let id =
         format!("{}-{}", if chat { "chatcmpl" } else { "cmpl" }, uuid::Uuid::new_v4().simple());
     let model = e.model.clone();
@@ -331,12 +397,31 @@ async fn serve(e: Engine, body: &Value, input: worker::Input, chat: bool) -> Res
     let piece = move |choice: Value| json!({ "id": id, "object": object, "created": 0, "model": model, "choices": [choice] });
     let word = |f: worker::Finish| if f == worker::Finish::Stop { "stop" } else { "length" };
     let include_usage = body["stream_options"]["include_usage"].as_bool().unwrap_or(false);
+    // vLLM's `return_token_ids`: the prompt's ids once (a completion's first choice, a chat's
+    // first chunk), each event's own.
+    let return_ids = body["return_token_ids"].as_bool().unwrap_or(false);
     if body["stream"].as_bool().unwrap_or(false) {
         let (tx, rx) = tokio::sync::mpsc::channel::<Value>(64);
         tokio::spawn(async move {
+            let mut prompt_ids = Some(prompt_ids);
+            let chat_prompt_ids = if chat { prompt_ids.take() } else { None };
+            // A completion's choice says its prompt's ids on the first event, null after.
+            let mut with_ids = |mut choice: Value, ids: Vec<u32>| {
+                if return_ids {
+                    if !chat {
+                        choice["prompt_token_ids"] = json!(prompt_ids.take());
+                    }
+                    choice["token_ids"] = json!(ids);
+                }
+                choice
+            };
             if chat {
                 let role = json!({ "index": 0, "delta": { "role": "assistant", "content": "" }, "finish_reason": null });
-                let _ = tx.send(piece(role)).await;
+                let mut first = piece(role);
+                if return_ids {
+                    first["prompt_token_ids"] = json!(chat_prompt_ids);
+                }
+                let _ = tx.send(first).await;
             }
             let mut sent = 0u32;
             while let Some(o) = out.recv().await {
@@ -351,7 +436,7 @@ async fn serve(e: Engine, body: &Value, input: worker::Input, chat: bool) -> Res
                     return;
                 }
                 let v = match o {
-                    Output::Text { text, tokens, .. } => {
+                    Output::Text { text, tokens, token_ids, .. } => {
                         sent += tokens;
                         let n = e.produced.fetch_add(u64::from(tokens), Ordering::Relaxed)
                             + u64::from(tokens);
@@ -360,11 +445,15 @@ async fn serve(e: Engine, body: &Value, input: worker::Input, chat: bool) -> Res
                             std::process::exit(3);
                         }
                         if chat {
-                            piece(
+                            piece(with_ids(
                                 json!({ "index": 0, "delta": { "content": text }, "finish_reason": null }),
-                            )
+                                token_ids,
+                            ))
                         } else {
-                            piece(json!({ "index": 0, "text": text, "finish_reason": null }))
+                            piece(with_ids(
+                                json!({ "index": 0, "text": text, "finish_reason": null }),
+                                token_ids,
+                            ))
                         }
                     }
                     Output::Done { finish, prompt_tokens, completion_tokens } => {
@@ -374,7 +463,9 @@ async fn serve(e: Engine, body: &Value, input: worker::Input, chat: bool) -> Res
                         } else {
                             json!({ "index": 0, "text": "", "finish_reason": word(finish) })
                         };
-                        if tx.send(piece(end)).await.is_err() || !include_usage {
+                        if tx.send(piece(with_ids(end, Vec::new()))).await.is_err()
+                            || !include_usage
+                        {
                             return;
                         }
                         let mut u = piece(Value::Null);
@@ -400,19 +491,32 @@ async fn serve(e: Engine, body: &Value, input: worker::Input, chat: bool) -> Res
         return Sse::new(stream).into_response();
     }
     let mut text = String::new();
+    let mut ids = Vec::new();
     while let Some(o) = out.recv().await {
         match o {
-            Output::Text { text: t, .. } => text.push_str(&t),
+            Output::Text { text: t, token_ids, .. } => {
+                text.push_str(&t);
+                ids.extend(token_ids);
+            }
             Output::Done { finish, completion_tokens, prompt_tokens } => {
                 let prompt_tokens = prompt_tokens + prefilled;
-                let choice = if chat {
+                let mut choice = if chat {
                     json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": word(finish)})
                 } else {
                     json!({"index": 0, "text": text, "finish_reason": word(finish)})
                 };
+                if return_ids {
+                    choice["token_ids"] = json!(ids);
+                    if !chat {
+                        choice["prompt_token_ids"] = json!(prompt_ids);
+                    }
+                }
                 let mut v = piece(choice);
                 v["object"] = json!(if chat { "chat.completion" } else { "text_completion" });
                 v["usage"] = json!({ "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens });
+                if return_ids && chat {
+                    v["prompt_token_ids"] = json!(prompt_ids);
+                }
                 return Json(v).into_response();
             }
             Output::Error(f) => {

@@ -69,8 +69,10 @@ pub struct WorkerArgs {
     /// With --backend engine: which engine.
     #[arg(long, value_enum, env = "SLLM_ENGINE", required_if_eq("backend", "engine"))]
     engine: Option<EngineName>,
-    /// With --engine custom: the launch command; {model}, {port}, {num_gpus} and {args} are
-    /// filled in (e.g. "my-server --model {model} --port {port} {args}").
+    /// The launch command; {model}, {name}, {port}, {num_gpus} and {args} are filled in (e.g.
+    /// "my-server --model {model} --port {port} {args}"). Required with --engine custom; with
+    /// vllm, sglang or llamacpp it replaces the built-in command (a wrapper script, another
+    /// install), while that engine's flag checks and request fields still apply.
     #[arg(long, default_value = "")]
     engine_command: String,
     /// Directory of model checkpoints (reported to the Scaler with their sizes).

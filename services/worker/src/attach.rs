@@ -351,7 +351,14 @@ async fn serve_request(
             }
         }
         let msg = match o {
-            Output::Text { mut text, mut tokens, mut events, mut logprobs, mut token_ids } => {
+            Output::Text {
+                mut text,
+                mut tokens,
+                mut events,
+                mut logprobs,
+                mut token_ids,
+                mut prompt_token_ids,
+            } => {
                 // Text already waiting goes up in one message: under load the stream carries
                 // fewer, larger chunks instead of falling behind. Engine events stay one each.
                 while text.len() < 16 * 1024 {
@@ -362,12 +369,14 @@ async fn serve_request(
                             events: e,
                             logprobs: l,
                             token_ids: i,
+                            prompt_token_ids: p,
                         }) => {
                             text.push_str(&t);
                             tokens += n;
                             events.extend(e);
                             logprobs.extend(l);
                             token_ids.extend(i);
+                            prompt_token_ids.extend(p);
                         }
                         Ok(other) => {
                             held = Some(other);
@@ -387,6 +396,7 @@ async fn serve_request(
                     events,
                     logprobs,
                     token_ids,
+                    prompt_token_ids,
                 })
             }
             Output::Done { finish, prompt_tokens, completion_tokens } => {

@@ -177,6 +177,9 @@ pub enum Output {
         logprobs: Vec<pb::TokenLogprob>,
         /// The ids of its tokens, when the engine reports them (see `WorkerChunk.token_ids`).
         token_ids: Vec<u32>,
+        /// The prompt's token ids, on the first output of an engine that reports them (see
+        /// `WorkerChunk.prompt_token_ids`).
+        prompt_token_ids: Vec<u32>,
     },
     /// The request ended.
     Done {
@@ -200,6 +203,7 @@ impl Output {
             events: Vec::new(),
             logprobs: Vec::new(),
             token_ids: Vec::new(),
+            prompt_token_ids: Vec::new(),
         }
     }
 }

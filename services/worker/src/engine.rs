@@ -88,7 +88,9 @@ impl EngineKind {
 pub struct EngineConfig {
     /// Which engine.
     pub kind: EngineKind,
-    /// The launch command for `Custom` (same placeholders as the templates).
+    /// The launch command (same placeholders as the templates): required for `Custom`; for a
+    /// known engine it replaces the built-in template, while the engine's flag table and
+    /// request dialect still apply.
     pub command: String,
     /// GPUs on this host.
     pub gpus: u32,
@@ -253,10 +255,11 @@ impl EngineBackend {
 
     /// The shell command line that starts `spec`'s engine on `port`.
     fn command_line(&self, spec: &StartSpec, port: u16) -> Result<String, BackendError> {
-        let template = if self.config.kind == EngineKind::Custom {
-            self.config.command.as_str()
-        } else {
+        // A command given replaces a known engine's template (a wrapper, another install).
+        let template = if self.config.command.is_empty() {
             self.config.kind.template()
+        } else {
+            self.config.command.as_str()
         };
         if template.is_empty() {
             return Err(BackendError::Unsupported(
@@ -366,8 +369,14 @@ impl EngineBackend {
         job: &Job,
         tx: &mpsc::Sender<Output>,
     ) -> Result<(), Failure> {
-        let mut call = openai::call(self.config.kind.dialect(), served, job)?;
-        openai::ask_for_token_ids(self.config.kind.dialect(), &mut call);
+        let dialect = self.config.kind.dialect();
+        // A llama.cpp chat that moved here continues from its token ids after its templated
+        // prompt, which the engine itself writes.
+        let template = match openai::template_body(dialect, served, job)? {
+            Some(body) => self.apply_template(port, &body).await,
+            None => None,
+        };
+        let mut call = openai::call_with_template(dialect, served, job, template.as_deref())?;
         if self.config.kind == EngineKind::Llamacpp {
             self.select_llamacpp_adapter(&job.instance_id, job.adapter.as_ref(), &mut call)?;
         } else if let Some(adapter) = &job.adapter {
@@ -426,6 +435,43 @@ impl EngineBackend {
             first_event_limit: limits.first_byte_timeout,
         };
         openai::relay_stream(resp.into_body().into_data_stream(), reader, limits, tx).await
+    }
+
+    /// The conversation in `body` as llama.cpp's chat template writes it (`POST
+    /// /apply-template`: what its chat endpoint would tokenise). None when the engine cannot
+    /// say; the chat then continues from its text.
+    async fn apply_template(&self, port: u16, body: &serde_json::Value) -> Option<String> {
+        let limit = self.config.first_byte_timeout;
+        let asked = async {
+            let req = hyper::Request::post(format!("http://127.0.0.1:{port}/apply-template"))
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(body.to_string())))
+                .map_err(|e| e.to_string())?;
+            let resp = self.http.request(req).await.map_err(|e| e.to_string())?;
+            let status = resp.status();
+            let bytes = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+            if !status.is_success() {
+                return Err(format!("{status}: {}", String::from_utf8_lossy(&bytes)));
+            }
+            let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
+            v.get("prompt")
+                .and_then(serde_json::Value::as_str)
+                .map(str::to_string)
+                .ok_or_else(|| "no prompt in the answer".to_string())
+        };
+        match tokio::time::timeout(limit, asked).await {
+            Ok(Ok(prompt)) => Some(prompt),
+            Ok(Err(why)) => {
+                tracing::info!(%why, "the engine did not apply its chat template: the chat continues from its text");
+                None
+            }
+            Err(_) => {
+                tracing::info!(
+                    "the engine did not apply its chat template in time: the chat continues from its text"
+                );
+                None
+            }
+        }
     }
 
     /// Sets which of a llama.cpp instance's adapters (given at start, selected by position)

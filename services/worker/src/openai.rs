@@ -3,7 +3,10 @@
 //! parameters), and the engine's answer read back — server-sent events through a maintained
 //! parser (UTF-8 and CRLF safe), or one JSON body — into outputs. The engine's events go up
 //! unchanged but for `id`, `model` and `created`, which sllm sets so that every answer of a
-//! request agrees with itself across retries.
+//! request agrees with itself across retries, and for the token ids sllm asked for on the
+//! client's behalf, which it removes. Those ids let a stream that moved here from another
+//! instance continue exactly ([`call_with_template`]); a chat continued as a completion of its
+//! templated prompt's ids has its events written back as the chat's chunks.
 //!
 //! It never invents sampling fields: what the client did not send, the engine decides, with one
 //! exception written down in docs/engines.md — a request without `max_tokens` gets the limit
@@ -50,37 +53,184 @@ pub struct Call {
     /// Tokens of the text this answer continues (a request moved here mid-stream): the usage
     /// passed on counts them as generated, not as prompt.
     pub continued: u32,
-    /// Whether to read the generated tokens' ids (a llama.cpp completion stream, whose
-    /// log-probabilities carry them), and whether sllm asked for those log-probabilities itself
-    /// (so the client, who did not, never sees them).
-    pub ids: Option<IdsFrom>,
+    /// Where the generated tokens' ids are read from, when the engine is asked for them (so
+    /// that a stream that moves continues from them exactly).
+    pub ids: Option<Ids>,
+    /// Set for a chat continued through the completions endpoint from its token ids: the
+    /// engine's completion events reach the client as the chat's chunks.
+    pub as_chat: bool,
+    /// The engine family, for how it writes the fields sllm removes.
+    pub dialect: Dialect,
 }
 
-/// How a [`Call`] learns its tokens' ids.
+/// How a [`Call`] learns its generated tokens' ids.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum IdsFrom {
-    /// From log-probabilities the client asked for too.
-    ClientLogprobs,
-    /// From log-probabilities sllm added to the request: removed before the client sees them.
-    AddedLogprobs,
+pub struct Ids {
+    /// Where the engine writes them.
+    pub from: IdsIn,
+    /// Whether sllm asked for them itself: the client, who did not, never sees them.
+    pub added: bool,
 }
 
-/// Asks a llama.cpp completion stream for its tokens' ids (carried by its log-probabilities), so
-/// that a stream that moves continues from them exactly.
-pub fn ask_for_token_ids(dialect: Dialect, call: &mut Call) {
+/// Where an engine writes its tokens' ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdsIn {
+    /// Each choice's `token_ids`, and the prompt's as `prompt_token_ids` on the first event
+    /// (vLLM's and SGLang's `return_token_ids`).
+    TokenIds,
+    /// The `id` of each log-probability (llama.cpp), whose `bytes` say what text each is.
+    Logprobs,
+}
+
+/// Fields of a chat body that make the engine's answer more than the plain text of its tokens
+/// (tool calls, constrained output): such a chat continues from its text, never from ids
+/// through the completions endpoint, so that the engine's own parsing of the answer is kept.
+const CHAT_SHAPING: &[&str] = &[
+    "tools",
+    "functions",
+    "response_format",
+    "structured_outputs",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "json_schema",
+    "grammar",
+    "regex",
+    "ebnf",
+    "structural_tag",
+];
+
+/// Fields of a chat body that a completion request has no use for: the conversation and what
+/// shaped its template (already in the templated prompt's ids), and chat's own output options.
+const CHAT_ONLY: &[&str] = &[
+    "messages",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "functions",
+    "function_call",
+    "response_format",
+    "add_generation_prompt",
+    "continue_final_message",
+    "chat_template",
+    "chat_template_kwargs",
+    "documents",
+    "mm_processor_kwargs",
+    "media_io_kwargs",
+    "reasoning_effort",
+    "reasoning_format",
+    "include_reasoning",
+    "thinking_token_budget",
+    "add_special_tokens",
+    "return_prompt_text",
+    "echo",
+    "modalities",
+    "audio",
+    "prediction",
+    "web_search_options",
+    "logprobs",
+    "top_logprobs",
+    "max_completion_tokens",
+];
+
+/// Whether a field is set to something (not absent, null, false, an empty string or list, or
+/// `{"type": "text"}`, the plain-text response format).
+fn is_set(body: &Map<String, Value>, key: &str) -> bool {
+    match body.get(key) {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+        Some(Value::String(s)) => !s.is_empty(),
+        Some(Value::Array(a)) => a.iter().any(|x| !x.is_null() && x.as_str() != Some("")),
+        Some(v) => v.get("type").and_then(Value::as_str) != Some("text"),
+    }
+}
+
+/// Whether a chat can continue from its token ids through the completions endpoint (see
+/// [`CHAT_SHAPING`]): text messages only, one choice, no echo, nothing that shapes the answer.
+fn chat_continues_from_ids(body: &Map<String, Value>) -> bool {
+    let text_only = body.get("messages").and_then(Value::as_array).is_some_and(|messages| {
+        messages.iter().all(|m| match m.get("content") {
+            None | Some(Value::Null) | Some(Value::String(_)) => true,
+            Some(Value::Array(parts)) => {
+                parts.iter().all(|p| p.get("type").and_then(Value::as_str) == Some("text"))
+            }
+            Some(_) => false,
+        })
+    });
+    text_only
+        && !CHAT_SHAPING.iter().any(|k| is_set(body, k))
+        && !is_set(body, "echo")
+        && body.get("n").and_then(Value::as_u64).is_none_or(|n| n <= 1)
+}
+
+/// The text of a completion prompt given as text (a string, or a list of one string).
+fn text_prompt(body: &Map<String, Value>) -> Option<&str> {
+    match body.get("prompt")? {
+        Value::String(p) => Some(p),
+        Value::Array(items) => match items.as_slice() {
+            [Value::String(p)] => Some(p),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// Asks the engine for the generated tokens' ids where it can give them and a moved stream
+/// could use them: vLLM (`return_token_ids`) for completions and for chats a completion can
+/// continue ([`chat_continues_from_ids`]), SGLang for completions, llama.cpp (one
+/// log-probability a token, which carries its id) for both. Not for answers that are not
+/// streamed (never moved), nor — on vLLM and SGLang — with stop strings or echo: their text
+/// then lags behind or runs ahead of their ids.
+fn ask_for_token_ids(dialect: Dialect, call: &mut Call) {
     let Some(body) = call.body.as_object_mut() else { return };
-    let completion =
-        call.path == "/v1/completions" && body.get("prompt").is_some_and(Value::is_string);
-    if dialect != Dialect::Llamacpp || !call.stream || !completion {
+    let chat = body.contains_key("messages");
+    if !call.stream || (chat && !chat_continues_from_ids(body)) {
         return;
     }
-    let asked = body.get("logprobs").is_some_and(|l| l.as_u64().is_some_and(|n| n > 0));
-    if asked {
-        call.ids = Some(IdsFrom::ClientLogprobs);
-    } else {
-        body.insert("logprobs".into(), json!(1));
-        call.ids = Some(IdsFrom::AddedLogprobs);
+    if !chat && text_prompt(body).is_none() {
+        return;
     }
+    call.ids = match dialect {
+        Dialect::Llamacpp if chat => match body.get("logprobs") {
+            // `top_logprobs` without `logprobs` is the client's error to get.
+            None | Some(Value::Null) | Some(Value::Bool(false)) if is_set(body, "top_logprobs") => {
+                None
+            }
+            None | Some(Value::Null) | Some(Value::Bool(false)) => {
+                body.insert("logprobs".into(), Value::Bool(true));
+                body.insert("top_logprobs".into(), json!(1));
+                Some(Ids { from: IdsIn::Logprobs, added: true })
+            }
+            // Zero top log-probabilities: llama.cpp then sends none, so no ids either.
+            Some(_) if body.get("top_logprobs").and_then(Value::as_u64) == Some(0) => None,
+            Some(_) => Some(Ids { from: IdsIn::Logprobs, added: false }),
+        },
+        Dialect::Llamacpp => {
+            if body.get("logprobs").and_then(Value::as_u64).is_some_and(|n| n > 0) {
+                Some(Ids { from: IdsIn::Logprobs, added: false })
+            } else {
+                body.insert("logprobs".into(), json!(1));
+                Some(Ids { from: IdsIn::Logprobs, added: true })
+            }
+        }
+        Dialect::Vllm | Dialect::Sglang => {
+            // A chat's log-probabilities are shaped differently from a completion's, which
+            // would continue it; SGLang's chats are not known to give ids.
+            let chat_logprobs = chat && is_set(body, "logprobs");
+            if is_set(body, "stop") || is_set(body, "echo") || chat_logprobs {
+                return;
+            }
+            if chat && dialect == Dialect::Sglang {
+                return;
+            }
+            let asked = body.get("return_token_ids") == Some(&Value::Bool(true));
+            if !asked {
+                body.insert("return_token_ids".into(), Value::Bool(true));
+            }
+            Some(Ids { from: IdsIn::TokenIds, added: !asked })
+        }
+        Dialect::Other => None,
+    };
 }
 
 /// What an OpenAI client's answer must carry.
@@ -100,74 +250,170 @@ fn invalid(field: &str, why: impl std::fmt::Display) -> Failure {
     Failure::unsupported(field, why)
 }
 
-/// The request `job` becomes for an engine that serves the model as `served`.
+/// The request `job` becomes for an engine that serves the model as `served`: its body (the
+/// client's, or one built from a gRPC request's parameters), asking for token ids where they
+/// help ([`ask_for_token_ids`]), continued where the job moved here mid-stream.
 pub fn call(dialect: Dialect, served: &str, job: &Job) -> Result<Call, Failure> {
-    let mut call = match &job.openai {
-        Some(o) => relayed(served, job, o)?,
-        None => built(dialect, served, job)?,
-    };
+    call_with_template(dialect, served, job, None)
+}
+
+/// [`call`], with `template`: the chat's prompt after the engine's chat template
+/// (llama.cpp's `POST /apply-template`, asked for when [`template_body`] says so), with which
+/// a moved chat continues exactly from its token ids.
+pub fn call_with_template(
+    dialect: Dialect,
+    served: &str,
+    job: &Job,
+    template: Option<&str>,
+) -> Result<Call, Failure> {
+    let mut call = base(dialect, served, job)?;
+    ask_for_token_ids(dialect, &mut call);
     if let Some(c) = &job.continuation {
-        // Ids only when they cover the whole text.
-        let ids = if c.token_ids.len() == c.tokens as usize { &c.token_ids[..] } else { &[] };
-        continue_after(dialect, &mut call, &c.text, ids, job.params.max_tokens)?;
+        continue_after(&mut call, c, template, job.params.max_tokens)?;
         call.continued = c.tokens;
     }
     Ok(call)
 }
 
-/// Makes `call` continue a generation that produced `text` elsewhere (the request moved here
-/// from a lost or draining instance), with `left` tokens to go: a completion's prompt gets the
-/// text appended; a chat gets it as a final assistant message that the engine continues
-/// (vLLM's and SGLang's `continue_final_message`; llama.cpp's server continues a final
-/// assistant message by itself).
+fn base(dialect: Dialect, served: &str, job: &Job) -> Result<Call, Failure> {
+    match &job.openai {
+        Some(o) => relayed(dialect, served, job, o),
+        None => built(dialect, served, job),
+    }
+}
+
+/// The ids a continuation may start from: all of its tokens' ids, or none when the engine
+/// did not report every one.
+fn covering_ids(c: &pb::Continuation) -> &[u32] {
+    if c.tokens > 0 && c.token_ids.len() == c.tokens as usize { &c.token_ids } else { &[] }
+}
+
+/// For a llama.cpp chat that moved here and can continue from its token ids: the body to send
+/// to the engine's `POST /apply-template`, whose `prompt` is the conversation as its chat
+/// template writes it (see [`call_with_template`]). None for anything else.
+pub fn template_body(dialect: Dialect, served: &str, job: &Job) -> Result<Option<Value>, Failure> {
+    let Some(c) = &job.continuation else { return Ok(None) };
+    if dialect != Dialect::Llamacpp || covering_ids(c).is_empty() {
+        return Ok(None);
+    }
+    let call = base(dialect, served, job)?;
+    let exact = call.stream
+        && call
+            .body
+            .as_object()
+            .is_some_and(|b| b.contains_key("messages") && chat_continues_from_ids(b));
+    Ok(exact.then_some(call.body))
+}
+
+/// Makes `call` continue a generation that produced `c.text` elsewhere (the request moved here
+/// from a lost or draining instance), with `left` tokens to go:
+///
+/// - where the engine reported every token's id, from the ids, exactly: a completion's prompt
+///   becomes its ids followed by the generated ones (vLLM, SGLang), or its text followed by
+///   them (llama.cpp's mixed prompts); a chat becomes a completion of its templated prompt's
+///   ids (vLLM reports them; llama.cpp's `template`, as text) followed by the generated ones,
+///   whose events reach the client as the chat's chunks;
+/// - otherwise from the text: a completion's prompt gets it appended; a chat gets it as a final
+///   assistant message that the engine continues (vLLM's and SGLang's
+///   `continue_final_message`; llama.cpp's server continues a final assistant message by
+///   itself).
 fn continue_after(
-    dialect: Dialect,
     call: &mut Call,
-    text: &str,
-    ids: &[u32],
+    c: &pb::Continuation,
+    template: Option<&str>,
     left: u32,
 ) -> Result<(), Failure> {
+    let dialect = call.dialect;
+    let ids = covering_ids(c);
+    let ids_json = || ids.iter().map(|i| json!(i));
     let Some(body) = call.body.as_object_mut() else {
         return Err(invalid("body", "must be a JSON object"));
     };
     let cannot = |field: &str| {
         invalid(field, "a prompt of token ids cannot be continued on another instance")
     };
-    if let Some(messages) = body.get_mut("messages").and_then(Value::as_array_mut) {
-        messages.push(json!({ "role": "assistant", "content": text }));
-        if dialect != Dialect::Llamacpp {
-            body.insert("continue_final_message".into(), Value::Bool(true));
-            body.insert("add_generation_prompt".into(), Value::Bool(false));
-        }
-    } else {
-        match body.get_mut("prompt") {
-            // The engine takes a prompt of text then ids (llama.cpp's mixed prompts): the
-            // continuation starts from exactly the tokens generated.
-            Some(Value::String(p)) if !ids.is_empty() && dialect == Dialect::Llamacpp => {
-                let mut mixed = vec![Value::String(std::mem::take(p))];
-                mixed.extend(ids.iter().map(|i| json!(i)));
-                body.insert("prompt".into(), Value::Array(mixed));
-            }
-            Some(Value::String(p)) => p.push_str(text),
-            Some(Value::Array(items)) => match items.as_mut_slice() {
-                [Value::String(p)] => p.push_str(text),
-                _ => return Err(cannot("prompt")),
-            },
-            _ => return Err(cannot("prompt")),
-        }
-    }
-    let key = if body.contains_key("max_completion_tokens") {
+    // The client has had the prompt echoed once.
+    body.remove("echo");
+    let mut key = if body.contains_key("max_completion_tokens") {
         "max_completion_tokens"
     } else {
         "max_tokens"
     };
+    if body.contains_key("messages") {
+        let prompt: Option<Vec<Value>> = match (dialect, template) {
+            _ if ids.is_empty() || !chat_continues_from_ids(body) => None,
+            (Dialect::Vllm, _) if !c.prompt_token_ids.is_empty() => {
+                Some(c.prompt_token_ids.iter().map(|i| json!(i)).chain(ids_json()).collect())
+            }
+            (Dialect::Llamacpp, Some(t)) => {
+                Some(std::iter::once(json!(t)).chain(ids_json()).collect())
+            }
+            _ => None,
+        };
+        match prompt {
+            Some(prompt) => {
+                // llama.cpp's completions take the count of log-probabilities that carry the
+                // ids; vLLM's ids come with `return_token_ids`, which stays.
+                let logprobs = (call.ids.is_some_and(|i| i.from == IdsIn::Logprobs)).then(|| {
+                    match body.get("top_logprobs").and_then(Value::as_u64) {
+                        Some(n) => n.max(1),
+                        None if call.ids.is_some_and(|i| i.added) => 1,
+                        None => 20,
+                    }
+                });
+                for k in CHAT_ONLY {
+                    body.remove(*k);
+                }
+                if let Some(n) = logprobs {
+                    body.insert("logprobs".into(), json!(n));
+                }
+                body.insert("prompt".into(), Value::Array(prompt));
+                call.path = "/v1/completions";
+                call.as_chat = call.relay.is_some();
+                key = "max_tokens";
+            }
+            None => {
+                let messages = body.get_mut("messages").and_then(Value::as_array_mut);
+                if let Some(messages) = messages {
+                    messages.push(json!({ "role": "assistant", "content": c.text }));
+                }
+                if dialect != Dialect::Llamacpp {
+                    body.insert("continue_final_message".into(), Value::Bool(true));
+                    body.insert("add_generation_prompt".into(), Value::Bool(false));
+                }
+            }
+        }
+    } else {
+        let Some(p) = text_prompt(body).map(str::to_string) else { return Err(cannot("prompt")) };
+        let prompt = match dialect {
+            // The engine takes a prompt of text then ids (llama.cpp's mixed prompts): the
+            // continuation starts from exactly the tokens generated.
+            Dialect::Llamacpp if !ids.is_empty() => {
+                Value::Array(std::iter::once(json!(p)).chain(ids_json()).collect())
+            }
+            Dialect::Vllm | Dialect::Sglang
+                if !ids.is_empty() && !c.prompt_token_ids.is_empty() =>
+            {
+                Value::Array(
+                    c.prompt_token_ids.iter().map(|i| json!(i)).chain(ids_json()).collect(),
+                )
+            }
+            _ => Value::String(p + &c.text),
+        };
+        body.insert("prompt".into(), prompt);
+    }
     body.insert(key.into(), json!(left));
     call.max_tokens = left;
     Ok(())
 }
 
 /// An OpenAI client's body, passed on with `model` rewritten.
-fn relayed(served: &str, job: &Job, o: &pb::OpenAiRequest) -> Result<Call, Failure> {
+fn relayed(
+    dialect: Dialect,
+    served: &str,
+    job: &Job,
+    o: &pb::OpenAiRequest,
+) -> Result<Call, Failure> {
     let mut body: Map<String, Value> = match serde_json::from_str(&o.body) {
         Ok(Value::Object(m)) => m,
         Ok(_) => return Err(invalid("body", "must be a JSON object")),
@@ -193,6 +439,8 @@ fn relayed(served: &str, job: &Job, o: &pb::OpenAiRequest) -> Result<Call, Failu
             max_tokens: job.params.max_tokens,
             continued: 0,
             ids: None,
+            as_chat: false,
+            dialect,
         });
     }
     if !body.contains_key("max_tokens") && !body.contains_key("max_completion_tokens") {
@@ -227,6 +475,8 @@ fn relayed(served: &str, job: &Job, o: &pb::OpenAiRequest) -> Result<Call, Failu
         max_tokens: job.params.max_tokens,
         continued: 0,
         ids: None,
+        as_chat: false,
+        dialect,
     })
 }
 
@@ -318,6 +568,8 @@ fn built(dialect: Dialect, served: &str, job: &Job) -> Result<Call, Failure> {
         max_tokens: p.max_tokens,
         continued: 0,
         ids: None,
+        as_chat: false,
+        dialect,
     })
 }
 
@@ -372,8 +624,30 @@ pub struct Reader {
     completion_tokens: Option<u32>,
     counted: u32,
     finish: Option<Finish>,
+    ids: IdsRead,
     /// `id`, `model` and `created` of a relayed answer, as JSON values, written once.
     stamps: (String, String, String),
+}
+
+/// What the reader knows of the generated tokens' ids so far.
+#[derive(Debug, Default)]
+struct IdsRead {
+    /// Ids read whose tokens' text the engine has not sent yet (held back as a possible stop
+    /// string or an incomplete character): they go up with the text when it comes, so that a
+    /// stream cut in between continues from tokens whose text the client has.
+    held: Vec<u32>,
+    /// The text the held ids stand for, from their log-probabilities' bytes, to check against
+    /// the text when it comes (None: not known).
+    held_bytes: Option<Vec<u8>>,
+    /// The ids stopped matching the text (a token the engine reported no id for, or text the
+    /// engine rewrote: tool calls, reasoning): none go up any more, and a moved stream
+    /// continues from its text.
+    lost: bool,
+    /// The prompt's ids were read.
+    prompt_seen: bool,
+    /// The prompt's ids, read from an event that had nothing else to pass on (a chat's first
+    /// chunk, for a gRPC request): they go up with the first output.
+    prompt_pending: Vec<u32>,
 }
 
 /// What one event amounted to.
@@ -398,7 +672,16 @@ impl Reader {
             ),
             None => Default::default(),
         };
-        Reader { call, prompt_tokens: 0, completion_tokens: None, counted: 0, finish: None, stamps }
+        let ids = IdsRead { held_bytes: Some(Vec::new()), ..IdsRead::default() };
+        Reader {
+            call,
+            prompt_tokens: 0,
+            completion_tokens: None,
+            counted: 0,
+            finish: None,
+            ids,
+            stamps,
+        }
     }
 
     /// Tokens passed on so far.
@@ -490,23 +773,10 @@ impl Reader {
         let choice = v.get("choices").and_then(|c| c.get(0));
         let mut text = String::new();
         let mut content = false;
+        // Content that is not the tokens' plain text.
+        let mut shaped = false;
         let mut logprobs = Vec::new();
-        let mut token_ids = Vec::new();
         if let Some(c) = choice {
-            if self.call.ids.is_some() {
-                token_ids = c
-                    .get("logprobs")
-                    .and_then(|l| l.get("content"))
-                    .and_then(Value::as_array)
-                    .map(|items| {
-                        items
-                            .iter()
-                            .filter_map(|t| t.get("id")?.as_u64())
-                            .map(|i| i as u32)
-                            .collect()
-                    })
-                    .unwrap_or_default();
-            }
             let delta = c.get("delta");
             let piece = c
                 .get("text")
@@ -515,12 +785,12 @@ impl Reader {
             if let Some(t) = piece {
                 text.push_str(t);
             }
-            content = !text.is_empty()
-                || delta.is_some_and(|d| {
-                    ["tool_calls", "reasoning_content", "reasoning"]
-                        .iter()
-                        .any(|k| d.get(*k).is_some_and(|x| !x.is_null()))
-                });
+            shaped = delta.is_some_and(|d| {
+                ["tool_calls", "function_call", "reasoning_content", "reasoning"]
+                    .iter()
+                    .any(|k| d.get(*k).is_some_and(|x| !x.is_null()))
+            });
+            content = !text.is_empty() || shaped;
             if let Some(f) = c.get("finish_reason").and_then(Value::as_str) {
                 self.finish = Some(finish_of(f));
             }
@@ -528,7 +798,18 @@ impl Reader {
                 logprobs = token_logprobs(c.get("logprobs"));
             }
         }
-        let tokens = u32::from(content);
+        let (token_ids, mut prompt_token_ids) = self.read_ids(&v, &text, shaped);
+        // A chat continued here opens with the engine's role chunk, which its client had at
+        // the start: it is not sent twice.
+        if self.call.continued > 0 && !content && token_ids.is_empty() && is_role_chunk(&v) {
+            return Step::Output(None);
+        }
+        // Where ids are read, each is a token; otherwise each event with content is one.
+        let tokens = if self.call.ids.is_some() && !self.ids.lost {
+            token_ids.len() as u32
+        } else {
+            u32::from(content)
+        };
         self.counted += tokens;
         let mut events = Vec::new();
         if let Some(relay) = &self.call.relay {
@@ -542,31 +823,137 @@ impl Reader {
                     m.remove("usage");
                 }
             }
-            if self.call.ids == Some(IdsFrom::AddedLogprobs)
-                && let Some(c) = v.get_mut("choices").and_then(|c| c.get_mut(0))
-                && let Some(c) = c.as_object_mut()
-            {
-                c.insert("logprobs".into(), Value::Null);
+            self.strip_ids(&mut v);
+            if self.call.as_chat {
+                as_chat_chunk(&mut v);
             }
             Self::stamp(relay, &mut v);
             events.push(v.to_string());
-        } else if text.is_empty() && logprobs.is_empty() {
+        } else if text.is_empty() && logprobs.is_empty() && token_ids.is_empty() {
+            self.ids.prompt_pending.append(&mut prompt_token_ids);
             return Step::Output(None);
         }
-        Step::Output(Some(Output::Text { text, tokens, events, logprobs, token_ids }))
+        if !self.ids.prompt_pending.is_empty() {
+            prompt_token_ids = std::mem::take(&mut self.ids.prompt_pending);
+        }
+        Step::Output(Some(Output::Text {
+            text,
+            tokens,
+            events,
+            logprobs,
+            token_ids,
+            prompt_token_ids,
+        }))
+    }
+
+    /// Reads an event's token ids (see [`IdsRead`]): those to pass on with its text, and the
+    /// prompt's (on the first event of a request's first call: a continued call's prompt holds
+    /// the tokens it continues). `shaped`: the event carries more than its tokens' text.
+    fn read_ids(&mut self, v: &Value, text: &str, shaped: bool) -> (Vec<u32>, Vec<u32>) {
+        let Some(ids) = self.call.ids else { return (Vec::new(), Vec::new()) };
+        let choice = v.get("choices").and_then(|c| c.get(0));
+        let mut prompt = Vec::new();
+        if ids.from == IdsIn::TokenIds && self.call.continued == 0 && !self.ids.prompt_seen {
+            // A completion's choice carries them; a chat's first chunk, at its top level.
+            let found = choice
+                .and_then(|c| c.get("prompt_token_ids"))
+                .filter(|p| p.is_array())
+                .or_else(|| v.get("prompt_token_ids").filter(|p| p.is_array()));
+            if let Some(p) = found {
+                self.ids.prompt_seen = true;
+                prompt = u32s(p).unwrap_or_default();
+            }
+        }
+        if self.ids.lost {
+            return (Vec::new(), prompt);
+        }
+        if shaped {
+            self.ids.lost = true;
+            return (Vec::new(), prompt);
+        }
+        let Some(c) = choice else { return (Vec::new(), prompt) };
+        let (here, bytes) = match ids.from {
+            IdsIn::TokenIds => match c.get("token_ids") {
+                None | Some(Value::Null) => (Some(Vec::new()), None),
+                Some(t) => (u32s(t), None),
+            },
+            IdsIn::Logprobs => logprob_ids(c.get("logprobs")),
+        };
+        let Some(here) = here else {
+            self.ids.lost = true;
+            return (Vec::new(), prompt);
+        };
+        self.ids.held.extend(here);
+        match (&mut self.ids.held_bytes, bytes) {
+            (Some(held), Some(b)) => held.extend(b),
+            (held, _) => *held = None,
+        }
+        if text.is_empty() {
+            return (Vec::new(), prompt);
+        }
+        let matches = self.ids.held_bytes.as_deref().is_none_or(|b| b == text.as_bytes());
+        if self.ids.held.is_empty() || !matches {
+            self.ids.lost = true;
+            return (Vec::new(), prompt);
+        }
+        self.ids.held_bytes = Some(Vec::new());
+        (std::mem::take(&mut self.ids.held), prompt)
+    }
+
+    /// Removes from an event for the client the ids it did not ask for: the log-probabilities
+    /// sllm added, or the `token_ids` and `prompt_token_ids` (vLLM writes them as null when
+    /// not asked for; SGLang leaves them out). A continued call's prompt ids are never the
+    /// client's prompt: they go too.
+    fn strip_ids(&self, v: &mut Value) {
+        let Some(ids) = self.call.ids else { return };
+        let vllm = self.call.dialect == Dialect::Vllm;
+        let strip = |m: &mut Map<String, Value>, key: &str| {
+            if vllm {
+                if let Some(x) = m.get_mut(key) {
+                    *x = Value::Null;
+                }
+            } else {
+                m.remove(key);
+            }
+        };
+        let prompt = ids.added || self.call.continued > 0;
+        if ids.from == IdsIn::TokenIds
+            && prompt
+            && let Some(m) = v.as_object_mut()
+        {
+            strip(m, "prompt_token_ids");
+        }
+        let choices = v.get_mut("choices").and_then(Value::as_array_mut);
+        for c in choices.into_iter().flatten().filter_map(Value::as_object_mut) {
+            match ids.from {
+                IdsIn::Logprobs if ids.added => {
+                    c.insert("logprobs".into(), Value::Null);
+                }
+                IdsIn::Logprobs => {}
+                IdsIn::TokenIds => {
+                    if prompt {
+                        strip(c, "prompt_token_ids");
+                    }
+                    if ids.added {
+                        strip(c, "token_ids");
+                    }
+                }
+            }
+        }
     }
 
     /// Reads one event of an OpenAI client's stream without building a JSON tree: the event's
     /// top-level fields are kept as the engine wrote them (only `id`, `model` and `created` are
-    /// set, `usage` dropped when the client did not ask for it, and log-probabilities sllm asked
-    /// for itself set to null), and the few fields sllm reads are borrowed from it. This is the
-    /// request path's per-token work, so it allocates only the event it passes on.
+    /// set, and `usage` dropped when the client did not ask for it), and the few fields sllm
+    /// reads are borrowed from it. This is the request path's per-token work, so it allocates
+    /// only the event it passes on.
     ///
-    /// None: an event it does not read this way (an error report, a continued answer whose usage
-    /// is rewritten, JSON it cannot borrow from), which [`Reader::event`] reads in full instead.
+    /// None: an event it does not read this way (an error report, a call whose token ids are
+    /// read, a continued answer, JSON it cannot borrow from), which [`Reader::event`] reads in
+    /// full instead.
     fn relay_event(&mut self, data: &str) -> Option<Step> {
         let relay = self.call.relay.as_ref()?;
-        if self.call.continued > 0 {
+        if self.call.continued > 0 || self.call.ids.is_some() || self.call.as_chat {
             return None;
         }
         let top: fast::Top<'_> = serde_json::from_str(data).ok()?;
@@ -602,20 +989,9 @@ impl Reader {
                 self.completion_tokens = Some(n as u32);
             }
         }
-        let mut token_ids = Vec::new();
         let mut text = String::new();
         let mut content = false;
         if let Some(c) = parsed.first() {
-            if self.call.ids.is_some() {
-                let lp: Option<fast::Logprobs> = match c.logprobs {
-                    Some(l) => serde_json::from_str(l.get()).ok()?,
-                    None => None,
-                };
-                token_ids = lp
-                    .and_then(|l| l.content)
-                    .map(|items| items.iter().filter_map(|t| t.id).map(|i| i as u32).collect())
-                    .unwrap_or_default();
-            }
             let piece = c.text.as_deref().or_else(|| c.delta.as_ref()?.content.as_deref());
             if let Some(t) = piece {
                 text.push_str(t);
@@ -657,9 +1033,6 @@ impl Reader {
                     field(&mut out, k, model);
                 }
                 "usage" if !relay.include_usage => {}
-                "choices" if self.call.ids == Some(IdsFrom::AddedLogprobs) => {
-                    field(&mut out, k, &fast::null_first_logprobs(v.get(), &parsed));
-                }
                 _ => field(&mut out, k, v.get()),
             }
         }
@@ -681,7 +1054,8 @@ impl Reader {
             tokens,
             events: vec![out],
             logprobs: Vec::new(),
-            token_ids,
+            token_ids: Vec::new(),
+            prompt_token_ids: Vec::new(),
         })))
     }
 
@@ -720,8 +1094,83 @@ impl Reader {
         }
         let logprobs =
             if self.call.logprobs { token_logprobs(choice.get("logprobs")) } else { Vec::new() };
-        let token_ids = Vec::new();
-        Ok((Output::Text { text, tokens, events, logprobs, token_ids }, self.done()))
+        let out = Output::Text {
+            text,
+            tokens,
+            events,
+            logprobs,
+            token_ids: Vec::new(),
+            prompt_token_ids: Vec::new(),
+        };
+        Ok((out, self.done()))
+    }
+}
+
+/// A list of token ids; None if anything in it is not one.
+fn u32s(v: &Value) -> Option<Vec<u32>> {
+    v.as_array()?.iter().map(|i| i.as_u64().and_then(|i| u32::try_from(i).ok())).collect()
+}
+
+/// The token ids in llama.cpp's log-probabilities (`{content: [{id, bytes, top_logprobs:
+/// [{id, bytes}]}]}`), and the bytes of those tokens' own pieces, when each is among its top
+/// candidates (an entry's own `bytes` are the text sent with it, which may hold earlier
+/// tokens' text too). None for the ids when an entry has no id.
+fn logprob_ids(v: Option<&Value>) -> (Option<Vec<u32>>, Option<Vec<u8>>) {
+    let entries = v.and_then(|l| l.get("content")).and_then(Value::as_array);
+    let Some(entries) = entries else { return (Some(Vec::new()), Some(Vec::new())) };
+    let mut ids = Vec::with_capacity(entries.len());
+    let mut bytes = Some(Vec::new());
+    for e in entries {
+        let Some(id) = e.get("id").and_then(Value::as_u64).and_then(|i| u32::try_from(i).ok())
+        else {
+            return (None, None);
+        };
+        ids.push(id);
+        let own = e
+            .get("top_logprobs")
+            .and_then(Value::as_array)
+            .and_then(|tops| {
+                tops.iter().find(|t| t.get("id").and_then(Value::as_u64) == Some(u64::from(id)))
+            })
+            .and_then(|t| t.get("bytes"))
+            .and_then(|b| {
+                b.as_array()?
+                    .iter()
+                    .map(|x| x.as_u64().and_then(|x| u8::try_from(x).ok()))
+                    .collect::<Option<Vec<u8>>>()
+            });
+        match (&mut bytes, own) {
+            (Some(all), Some(b)) => all.extend(b),
+            (all, _) => *all = None,
+        }
+    }
+    (Some(ids), bytes)
+}
+
+/// Whether a chat event only opens the assistant's message: a role, no content, no finish.
+fn is_role_chunk(v: &Value) -> bool {
+    let Some(c) = v.get("choices").and_then(|c| c.get(0)) else { return false };
+    let delta = c.get("delta").and_then(Value::as_object);
+    delta.is_some_and(|d| d.get("role").is_some_and(Value::is_string))
+        && c.get("finish_reason").is_none_or(Value::is_null)
+}
+
+/// A completion event as the chat chunk it continues (a chat moved here continues through the
+/// completions endpoint): `text` becomes the delta's `content`, the object a chunk.
+fn as_chat_chunk(v: &mut Value) {
+    let Some(m) = v.as_object_mut() else { return };
+    if m.contains_key("object") {
+        m.insert("object".into(), json!("chat.completion.chunk"));
+    }
+    let choices = m.get_mut("choices").and_then(Value::as_array_mut);
+    for c in choices.into_iter().flatten().filter_map(Value::as_object_mut) {
+        let text = c.remove("text").filter(|t| t.as_str().is_some_and(|t| !t.is_empty()));
+        c.remove("prompt_token_ids");
+        let delta = match text {
+            Some(t) => json!({ "content": t }),
+            None => json!({}),
+        };
+        c.insert("delta".into(), delta);
     }
 }
 
@@ -811,8 +1260,6 @@ mod fast {
         pub(super) delta: Option<Delta<'a>>,
         #[serde(borrow)]
         pub(super) finish_reason: Option<Cow<'a, str>>,
-        #[serde(borrow)]
-        pub(super) logprobs: Option<&'a RawValue>,
     }
 
     #[derive(Deserialize)]
@@ -822,6 +1269,8 @@ mod fast {
         #[serde(borrow)]
         tool_calls: Option<&'a RawValue>,
         #[serde(borrow)]
+        function_call: Option<&'a RawValue>,
+        #[serde(borrow)]
         reasoning_content: Option<&'a RawValue>,
         #[serde(borrow)]
         reasoning: Option<&'a RawValue>,
@@ -830,7 +1279,10 @@ mod fast {
     impl Delta<'_> {
         /// Whether the delta carries output other than content (a tool call, reasoning).
         pub(super) fn has_output(&self) -> bool {
-            self.tool_calls.is_some() || self.reasoning_content.is_some() || self.reasoning.is_some()
+            self.tool_calls.is_some()
+                || self.function_call.is_some()
+                || self.reasoning_content.is_some()
+                || self.reasoning.is_some()
         }
     }
 
@@ -838,32 +1290,6 @@ mod fast {
     pub(super) struct Usage {
         pub(super) prompt_tokens: Option<u64>,
         pub(super) completion_tokens: Option<u64>,
-    }
-
-    #[derive(Deserialize)]
-    pub(super) struct Logprobs {
-        pub(super) content: Option<Vec<TokenId>>,
-    }
-
-    #[derive(Deserialize)]
-    pub(super) struct TokenId {
-        pub(super) id: Option<u64>,
-    }
-
-    /// `choices` (as written) with the first choice's `logprobs` replaced by null: the span of
-    /// that value is found by its place in the text it was borrowed from.
-    pub(super) fn null_first_logprobs(choices: &str, parsed: &[Choice<'_>]) -> String {
-        let Some(lp) = parsed.first().and_then(|c| c.logprobs) else {
-            return choices.to_string();
-        };
-        let Some(start) = (lp.get().as_ptr() as usize).checked_sub(choices.as_ptr() as usize) else {
-            return choices.to_string();
-        };
-        let end = start + lp.get().len();
-        match (choices.get(..start), choices.get(end..)) {
-            (Some(before), Some(after)) => format!("{before}null{after}"),
-            _ => choices.to_string(),
-        }
     }
 }
 
@@ -1091,5 +1517,244 @@ mod tests {
         };
         assert_eq!(f.kind, FailureKind::Engine);
         assert!(f.message.contains("boom"));
+    }
+
+    /// What a reader passes on for one event: its text, tokens, ids, prompt ids, and the
+    /// event the client gets (if any).
+    fn read(r: &mut Reader, event: Value) -> (String, u32, Vec<u32>, Vec<u32>, Option<Value>) {
+        match r.event(&event.to_string()) {
+            Step::Output(Some(Output::Text {
+                text,
+                tokens,
+                events,
+                token_ids,
+                prompt_token_ids,
+                ..
+            })) => {
+                let relayed = events.first().map(|e| serde_json::from_str(e).unwrap());
+                (text, tokens, token_ids, prompt_token_ids, relayed)
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// `j` moved after `tokens` tokens of `text`, whose engine reported `ids` of them.
+    fn moved(mut j: Job, text: &str, tokens: u32, ids: &[u32], prompt_ids: &[u32]) -> Job {
+        j.continuation = Some(pb::Continuation {
+            text: text.into(),
+            tokens,
+            token_ids: ids.to_vec(),
+            prompt_token_ids: prompt_ids.to_vec(),
+        });
+        j.params.max_tokens = 256 - j.continuation.as_ref().unwrap().tokens;
+        j
+    }
+
+    #[test]
+    fn a_vllm_completion_continues_from_its_prompts_ids_and_its_own() {
+        let body = json!({"model": "m", "prompt": "hello", "stream": true, "max_tokens": 256});
+        let j = relayed_job(pb::OpenAiEndpoint::Completions, body);
+        let c = call(Dialect::Vllm, "m", &j).unwrap();
+        assert_eq!(c.body["return_token_ids"], true, "asked for on the client's behalf");
+        assert_eq!(c.ids, Some(Ids { from: IdsIn::TokenIds, added: true }));
+        let mut r = Reader::new(c);
+        let first = json!({"id": "x", "object": "text_completion", "created": 1, "model": "m",
+            "choices": [{"index": 0, "text": " a", "finish_reason": null, "prompt_token_ids": [5, 6], "token_ids": [9]}]});
+        let (text, tokens, ids, prompt, seen) = read(&mut r, first);
+        assert_eq!((text.as_str(), tokens, ids, prompt), (" a", 1, vec![9], vec![5, 6]));
+        let seen = seen.unwrap();
+        assert!(seen["choices"][0]["token_ids"].is_null(), "as vLLM writes them unasked: {seen}");
+        assert!(seen["choices"][0]["prompt_token_ids"].is_null(), "{seen}");
+        // Text the engine holds back (an incomplete character): its ids wait for it.
+        let held = json!({"choices": [{"index": 0, "text": "", "finish_reason": null, "prompt_token_ids": null, "token_ids": [10]}]});
+        assert_eq!(read(&mut r, held).1, 0);
+        let both = json!({"choices": [{"index": 0, "text": "é", "finish_reason": null, "prompt_token_ids": null, "token_ids": [11]}]});
+        let (_, tokens, ids, prompt, _) = read(&mut r, both);
+        assert_eq!((tokens, ids, prompt), (2, vec![10, 11], vec![]));
+
+        // Moved: the prompt is the ids, exactly; the client never sees the new prompt's ids.
+        let c =
+            call(Dialect::Vllm, "m", &moved(j.clone(), " aé", 3, &[9, 10, 11], &[5, 6])).unwrap();
+        assert_eq!(c.body["prompt"], json!([5, 6, 9, 10, 11]));
+        assert_eq!(c.body["max_tokens"], 253);
+        // Without every id, or without the prompt's: from the text.
+        let c = call(Dialect::Vllm, "m", &moved(j.clone(), " aé", 3, &[9], &[5, 6])).unwrap();
+        assert_eq!(c.body["prompt"], "hello aé");
+        let c = call(Dialect::Sglang, "m", &moved(j.clone(), " aé", 3, &[9, 10, 11], &[])).unwrap();
+        assert_eq!(c.body["prompt"], "hello aé");
+        // SGLang leaves unasked ids out rather than null.
+        let c = call(Dialect::Sglang, "m", &moved(j, " aé", 3, &[9, 10, 11], &[5, 6])).unwrap();
+        assert_eq!(c.body["prompt"], json!([5, 6, 9, 10, 11]));
+        let mut r = Reader::new(c);
+        let ev = json!({"choices": [{"index": 0, "text": " b", "finish_reason": null, "prompt_token_ids": [5, 6, 9, 10, 11], "token_ids": [12]}]});
+        let (_, _, ids, prompt, seen) = read(&mut r, ev);
+        assert_eq!(
+            (ids, prompt),
+            (vec![12], vec![]),
+            "a continued call's prompt is not the client's"
+        );
+        let choice = seen.unwrap()["choices"][0].clone();
+        assert!(choice.get("token_ids").is_none() && choice.get("prompt_token_ids").is_none());
+    }
+
+    #[test]
+    fn token_ids_are_asked_for_only_where_a_continuation_can_use_them() {
+        let asks = |dialect, endpoint, body: Value| {
+            call(dialect, "m", &relayed_job(endpoint, body)).unwrap().ids.is_some()
+        };
+        let cmpl = pb::OpenAiEndpoint::Completions;
+        let chat = pb::OpenAiEndpoint::ChatCompletions;
+        let msgs = json!([{"role": "user", "content": "hi"}]);
+        assert!(!asks(Dialect::Vllm, cmpl, json!({"prompt": "p"})), "not streamed");
+        assert!(
+            !asks(Dialect::Vllm, cmpl, json!({"prompt": "p", "stream": true, "stop": ["x"]})),
+            "stop strings hold text back"
+        );
+        assert!(!asks(Dialect::Vllm, cmpl, json!({"prompt": "p", "stream": true, "echo": true})));
+        assert!(!asks(Dialect::Vllm, cmpl, json!({"prompt": [1, 2], "stream": true})));
+        assert!(!asks(Dialect::Other, cmpl, json!({"prompt": "p", "stream": true})));
+        assert!(asks(Dialect::Vllm, cmpl, json!({"prompt": ["p"], "stream": true, "stop": []})));
+        assert!(asks(Dialect::Vllm, chat, json!({"messages": msgs, "stream": true})));
+        assert!(!asks(Dialect::Sglang, chat, json!({"messages": msgs, "stream": true})));
+        for shaping in [
+            json!({"tools": [{"type": "function", "function": {"name": "f"}}]}),
+            json!({"response_format": {"type": "json_object"}}),
+            json!({"logprobs": true}),
+            json!({"n": 2}),
+        ] {
+            let mut body = json!({"messages": msgs, "stream": true});
+            body.as_object_mut().unwrap().extend(shaping.as_object().unwrap().clone());
+            assert!(!asks(Dialect::Vllm, chat, body.clone()), "{body}");
+        }
+        let image = json!([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]);
+        assert!(!asks(Dialect::Vllm, chat, json!({"messages": image, "stream": true})));
+        assert!(asks(
+            Dialect::Vllm,
+            chat,
+            json!({"messages": msgs, "stream": true, "response_format": {"type": "text"}})
+        ));
+        // A client that asked keeps what it asked for.
+        let c = call(
+            Dialect::Vllm,
+            "m",
+            &relayed_job(cmpl, json!({"prompt": "p", "stream": true, "return_token_ids": true})),
+        )
+        .unwrap();
+        assert_eq!(c.ids, Some(Ids { from: IdsIn::TokenIds, added: false }));
+        let mut r = Reader::new(c);
+        let ev = json!({"choices": [{"index": 0, "text": " a", "prompt_token_ids": [5], "token_ids": [9]}]});
+        let seen = read(&mut r, ev).4.unwrap();
+        assert_eq!(
+            (
+                seen["choices"][0]["prompt_token_ids"].clone(),
+                seen["choices"][0]["token_ids"].clone()
+            ),
+            (json!([5]), json!([9]))
+        );
+    }
+
+    #[test]
+    fn a_vllm_chat_continues_as_a_completion_of_its_templated_ids_and_reads_as_a_chat() {
+        let body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": true,
+            "max_completion_tokens": 256, "temperature": 0, "chat_template_kwargs": {"x": 1}});
+        let j = relayed_job(pb::OpenAiEndpoint::ChatCompletions, body.clone());
+        let mut r = Reader::new(call(Dialect::Vllm, "m", &j).unwrap());
+        let role = json!({"id": "x", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}], "prompt_token_ids": [1, 2, 3]});
+        let (_, tokens, _, prompt, seen) = read(&mut r, role);
+        assert_eq!((tokens, prompt), (0, vec![1, 2, 3]));
+        assert!(seen.unwrap()["prompt_token_ids"].is_null());
+
+        let c =
+            call(Dialect::Vllm, "m", &moved(j.clone(), " a b", 2, &[7, 8], &[1, 2, 3])).unwrap();
+        assert_eq!(c.path, "/v1/completions");
+        assert!(c.as_chat);
+        let b = c.body.as_object().unwrap();
+        assert_eq!(b["prompt"], json!([1, 2, 3, 7, 8]));
+        assert_eq!((b["max_tokens"].clone(), b["temperature"].clone()), (json!(254), json!(0)));
+        assert_eq!(b["return_token_ids"], true);
+        for gone in ["messages", "max_completion_tokens", "chat_template_kwargs"] {
+            assert!(!b.contains_key(gone), "{gone}");
+        }
+        let mut r = Reader::new(c);
+        let ev = json!({"id": "cmpl-y", "object": "text_completion", "created": 1, "model": "m",
+            "choices": [{"index": 0, "text": " c", "finish_reason": "length", "stop_reason": null, "prompt_token_ids": [1, 2, 3, 7, 8], "token_ids": [9]}]});
+        let (text, tokens, ids, prompt, seen) = read(&mut r, ev);
+        assert_eq!((text.as_str(), tokens, ids, prompt), (" c", 1, vec![9], vec![]));
+        let seen = seen.unwrap();
+        assert_eq!(seen["object"], "chat.completion.chunk");
+        assert_eq!(seen["id"], "chatcmpl-1");
+        assert_eq!(seen["choices"][0]["delta"], json!({"content": " c"}));
+        assert_eq!(seen["choices"][0]["finish_reason"], "length");
+        assert!(
+            seen["choices"][0].get("text").is_none() && seen["choices"][0]["token_ids"].is_null()
+        );
+
+        // A gRPC chat: the prompt's ids go up with the first text.
+        let chat = Input::Chat(vec![pb::ChatMessage { role: "user".into(), content: "hi".into() }]);
+        let params = pb::SamplingParams { max_tokens: 8, ..Default::default() };
+        let mut r = Reader::new(call(Dialect::Vllm, "m", &job(None, chat, params)).unwrap());
+        let role = json!({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}], "prompt_token_ids": [1, 2]});
+        assert_eq!(r.event(&role.to_string()), Step::Output(None), "nothing for the client");
+        let ev = json!({"choices": [{"index": 0, "delta": {"content": " a"}, "token_ids": [7]}]});
+        let (text, _, ids, prompt, _) = read(&mut r, ev);
+        assert_eq!((text.as_str(), ids, prompt), (" a", vec![7], vec![1, 2]));
+
+        // A chat whose answer the engine shapes (reasoning) stops giving ids; one with tools
+        // never asks; both continue from their text.
+        let mut r = Reader::new(call(Dialect::Vllm, "m", &j).unwrap());
+        let think = json!({"choices": [{"index": 0, "delta": {"reasoning_content": "hm"}, "token_ids": [4]}]});
+        let (_, tokens, ids, _, _) = read(&mut r, think);
+        assert_eq!((tokens, ids), (1, vec![]), "counted, with no id: the ids no longer cover it");
+        let c = call(Dialect::Vllm, "m", &moved(j, " a b", 2, &[], &[1, 2, 3])).unwrap();
+        assert_eq!(c.path, "/v1/chat/completions");
+        assert_eq!(c.body["continue_final_message"], true);
+        assert_eq!(c.body["messages"][1], json!({"role": "assistant", "content": " a b"}));
+    }
+
+    #[test]
+    fn a_llama_cpp_chat_continues_after_its_template_from_the_ids_its_log_probabilities_carry() {
+        let body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": true, "max_tokens": 256});
+        let j = relayed_job(pb::OpenAiEndpoint::ChatCompletions, body);
+        let c = call(Dialect::Llamacpp, "m", &j).unwrap();
+        assert_eq!(
+            (c.body["logprobs"].clone(), c.body["top_logprobs"].clone()),
+            (json!(true), json!(1))
+        );
+        let mut r = Reader::new(c);
+        let token = |id: u32, text: &str, piece: &str| {
+            let b: Vec<u8> = text.bytes().collect();
+            let p: Vec<u8> = piece.bytes().collect();
+            json!({"choices": [{"index": 0, "delta": {"content": text}, "logprobs": {"content": [
+                {"id": id, "token": text, "bytes": b, "logprob": -0.1, "top_logprobs": [{"id": id, "token": piece, "bytes": p, "logprob": -0.1}]}]}}]})
+        };
+        let (_, tokens, ids, _, seen) = read(&mut r, token(9, " a", " a"));
+        assert_eq!((tokens, ids), (1, vec![9]));
+        assert!(
+            seen.unwrap()["choices"][0]["logprobs"].is_null(),
+            "log-probabilities it did not ask for"
+        );
+        // A token the engine sent no event for (an incomplete character): the next event's text
+        // is more than its own token's, so the ids no longer cover the text.
+        let (_, tokens, ids, _, _) = read(&mut r, token(10, "é b", " b"));
+        assert_eq!((tokens, ids), (1, vec![]));
+        assert_eq!(template_body(Dialect::Llamacpp, "m", &j).unwrap(), None, "not moved");
+        let m = moved(j, " a", 1, &[9], &[]);
+        let sent = template_body(Dialect::Llamacpp, "m", &m).unwrap().unwrap();
+        assert_eq!(sent["messages"], json!([{"role": "user", "content": "hi"}]));
+        let c = call_with_template(Dialect::Llamacpp, "m", &m, Some("<user>hi<bot>")).unwrap();
+        assert_eq!(c.path, "/v1/completions");
+        assert_eq!(c.body["prompt"], json!(["<user>hi<bot>", 9]));
+        assert_eq!(c.body["logprobs"], 1);
+        assert!(c.body.get("top_logprobs").is_none() && c.body.get("messages").is_none());
+        // Without the template, from the text: llama.cpp continues a final assistant message.
+        let c = call(Dialect::Llamacpp, "m", &m).unwrap();
+        assert_eq!(c.path, "/v1/chat/completions");
+        assert_eq!(c.body["messages"][1], json!({"role": "assistant", "content": " a"}));
+        assert!(c.body.get("continue_final_message").is_none());
+        // The continuation's own role chunk: the client had one at the start.
+        let mut r = Reader::new(c);
+        let role = json!({"choices": [{"index": 0, "delta": {"role": "assistant", "content": null}, "finish_reason": null}]});
+        assert_eq!(r.event(&role.to_string()), Step::Output(None));
+        assert_eq!(read(&mut r, token(11, " c", " c")).0, " c");
     }
 }

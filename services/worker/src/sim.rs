@@ -135,7 +135,8 @@ pub struct SimBackend {
     events: mpsc::UnboundedSender<InstanceEvent>,
 }
 
-const WORDS: &[&str] = &[
+/// The simulator's words: every token it generates is one of them, after a space.
+pub(crate) const WORDS: &[&str] = &[
     "the",
     "model",
     "serves",
@@ -185,13 +186,24 @@ impl TextModel {
 
     /// The next token, which becomes part of the context.
     pub fn next_token(&mut self) -> String {
-        // One more mixing step, so that neighbouring contexts do not pick neighbouring words.
-        let mut x = self.h ^ (self.h >> 29);
-        x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        let token = format!(" {}", WORDS[((x ^ (x >> 32)) % WORDS.len() as u64) as usize]);
-        self.feed(token.as_bytes());
-        token
+        self.next_with_id().1
     }
+
+    /// The next token's id in the simulator's vocabulary ([`crate::vocab`]) and its text.
+    pub fn next_with_id(&mut self) -> (u32, String) {
+        let k = pick(self.h);
+        let token = format!(" {}", WORDS[k]);
+        self.feed(token.as_bytes());
+        (crate::vocab::word_id(k), token)
+    }
+}
+
+/// The word a model state picks. One more mixing step, so that neighbouring states do not pick
+/// neighbouring words.
+pub(crate) fn pick(h: u64) -> usize {
+    let mut x = h ^ (h >> 29);
+    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    ((x ^ (x >> 32)) % WORDS.len() as u64) as usize
 }
 
 /// The first `n` tokens the simulator generates for `seed` and `prompt`, as one text.
@@ -233,6 +245,13 @@ pub struct SimRequest {
     pub stop: Vec<String>,
     /// The text's seed.
     pub seed: u64,
+    /// Set when the request runs on token ids (`sllm sim-engine --merges`): the model over ids
+    /// ([`crate::vocab::TokenModel`]) continues these, the whole context, instead of the
+    /// prompt's text.
+    pub prompt_ids: Option<Vec<u32>>,
+    /// Whether each token's output carries its id in the simulator's vocabulary
+    /// (`sllm sim-engine` reports them as vLLM does); Dispatch then keeps them too.
+    pub with_ids: bool,
 }
 
 /// Fields of an OpenAI body the simulator honours (or that carry no meaning for it: `user`
@@ -318,12 +337,21 @@ impl SimRequest {
             seed ^= adapter_seed(&a.name);
         }
         let continued = job.continuation.as_ref().map(|c| (c.text.clone(), c.tokens));
-        Ok(SimRequest { prompt, continued, max_tokens: p.max_tokens, stop: p.stop.clone(), seed })
+        Ok(SimRequest {
+            prompt,
+            continued,
+            max_tokens: p.max_tokens,
+            stop: p.stop.clone(),
+            seed,
+            prompt_ids: None,
+            with_ids: false,
+        })
     }
 }
 
-/// A chat conversation as the simulator's prompt text.
-fn render_chat(messages: &[pb::ChatMessage]) -> String {
+/// A chat conversation as the simulator's prompt text (its chat template): `role: content`
+/// lines, then `assistant:`.
+pub fn render_chat(messages: &[pb::ChatMessage]) -> String {
     let mut out = String::new();
     for m in messages {
         out.push_str(&m.role);
@@ -460,6 +488,7 @@ impl SimBackend {
             Ok(()) => {
                 let text = Output::Text {
                     token_ids: Vec::new(),
+                    prompt_token_ids: Vec::new(),
                     text: String::new(),
                     tokens: 0,
                     events: vec![answer],
@@ -483,20 +512,37 @@ impl SimBackend {
         {
             return self.run_embedding(job, body, tx).await;
         }
-        let instance_id = job.instance_id.clone();
-        let req = match SimRequest::from_job(&job) {
-            Ok(r) => r,
+        match SimRequest::from_job(&job) {
+            Ok(req) => self.run(job.instance_id, req, tx).await,
             Err(f) => {
                 let _ = tx.send(Output::Error(f)).await;
-                return;
             }
-        };
+        }
+    }
+
+    /// Generates `req` on `instance_id`: what [`Backend::generate`] does once it has read the
+    /// job, for a caller that builds the request itself (`sllm sim-engine`).
+    pub fn generate_request(&self, instance_id: &str, req: SimRequest) -> mpsc::Receiver<Output> {
+        let (tx, rx) = mpsc::channel(64);
+        let this = self.clone();
+        let instance_id = instance_id.to_string();
+        tokio::spawn(async move { this.run(instance_id, req, tx).await });
+        rx
+    }
+
+    async fn run(&self, instance_id: String, req: SimRequest, tx: mpsc::Sender<Output>) {
         let Some(cancel) = self.admit(&instance_id, &tx).await else { return };
-        let prompt_tokens = req.prompt.split_whitespace().count().max(1) as u32;
+        let prompt_tokens = match &req.prompt_ids {
+            Some(ids) => ids.len().max(1),
+            None => req.prompt.split_whitespace().count().max(1),
+        } as u32;
         let prefill = self.config.scaled(self.config.prefill_per_token * prompt_tokens);
         let mut produced = 0u32;
         let (before, before_tokens) = req.continued.clone().unwrap_or_default();
-        let mut model = TextModel::new(req.seed, &format!("{}{before}", req.prompt));
+        let mut model = match &req.prompt_ids {
+            Some(ids) => Model::Ids(crate::vocab::TokenModel::new(req.seed, ids)),
+            None => Model::Text(TextModel::new(req.seed, &format!("{}{before}", req.prompt))),
+        };
         let mut text = before;
         let outcome: Result<Finish, String> = async {
             sleep_or_cancel(prefill, &cancel).await?;
@@ -518,12 +564,23 @@ impl SimBackend {
                     Some(true) => return Err("simulated crash".to_string()),
                     Some(false) => {}
                 }
-                let token = model.next_token();
+                let (id, token) = match &mut model {
+                    Model::Text(m) => m.next_with_id(),
+                    Model::Ids(m) => m.next_token(),
+                };
                 text.push_str(&token);
                 if req.stop.iter().any(|s| !s.is_empty() && text.contains(s.as_str())) {
                     return Ok(Finish::Stop);
                 }
-                if tx.send(Output::text(token, 1)).await.is_err() {
+                let out = Output::Text {
+                    text: token,
+                    tokens: 1,
+                    events: Vec::new(),
+                    logprobs: Vec::new(),
+                    token_ids: if req.with_ids { vec![id] } else { Vec::new() },
+                    prompt_token_ids: Vec::new(),
+                };
+                if tx.send(out).await.is_err() {
                     return Err("cancelled".to_string());
                 }
                 produced += 1;
@@ -553,6 +610,12 @@ impl SimBackend {
             }
         }
     }
+}
+
+/// The language model a request runs: over its text, or over its token ids.
+enum Model {
+    Text(TextModel),
+    Ids(crate::vocab::TokenModel),
 }
 
 async fn sleep_or_cancel(d: Duration, cancel: &CancellationToken) -> Result<(), String> {

@@ -234,20 +234,22 @@ class AttachHello(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., epoch: _Optional[int] = ..., join_token: _Optional[str] = ..., run_id: _Optional[str] = ...) -> None: ...
 
 class WorkerChunk(_message.Message):
-    __slots__ = ("request_id", "text", "tokens", "events", "logprobs", "token_ids")
+    __slots__ = ("request_id", "text", "tokens", "events", "logprobs", "token_ids", "prompt_token_ids")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     text: str
     tokens: int
     events: _containers.RepeatedScalarFieldContainer[str]
     logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, request_id: _Optional[int] = ..., text: _Optional[str] = ..., tokens: _Optional[int] = ..., events: _Optional[_Iterable[str]] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[int] = ..., text: _Optional[str] = ..., tokens: _Optional[int] = ..., events: _Optional[_Iterable[str]] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., token_ids: _Optional[_Iterable[int]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class WorkerFinished(_message.Message):
     __slots__ = ("request_id", "reason", "prompt_tokens", "completion_tokens")
@@ -332,14 +334,16 @@ class InferenceRequest(_message.Message):
     def __init__(self, request_id: _Optional[int] = ..., instance_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., traceparent: _Optional[str] = ..., openai: _Optional[_Union[OpenAiRequest, _Mapping]] = ..., adapter: _Optional[_Union[LoraAdapter, _Mapping]] = ..., window: _Optional[int] = ..., continuation: _Optional[_Union[Continuation, _Mapping]] = ..., baggage: _Optional[str] = ...) -> None: ...
 
 class Continuation(_message.Message):
-    __slots__ = ("text", "tokens", "token_ids")
+    __slots__ = ("text", "tokens", "token_ids", "prompt_token_ids")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     text: str
     tokens: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, text: _Optional[str] = ..., tokens: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, text: _Optional[str] = ..., tokens: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class LoraAdapter(_message.Message):
     __slots__ = ("name", "path")
