@@ -176,7 +176,7 @@ async fn serverlessllm_deploy_files_deploy_unchanged() {
     let w = &warned["examples/live_migration/config-qwen-3b.json"];
     assert!(w.contains("placement_config (local_disk, memory_pool): ignored"), "{w}");
     assert!(
-        w.contains("router_config (migration_delta): ignored: sllm has no live migration"),
+        w.contains("router_config (migration_delta): ignored: sllm moves a stream only off a lost or draining instance"),
         "{w}"
     );
     assert!(w.contains("scheduler_config (alpha, beta): ignored"), "{w}");

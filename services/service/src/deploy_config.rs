@@ -2,8 +2,8 @@
 //! `auto_scaling_config` {metric, target, min_instances, max_instances, keep_alive},
 //! `backend_config` (with `enable_lora` and `lora_adapters`), and the `placement_config`,
 //! `router_config` and `scheduler_config` sections, which sllm reads and reports as ignored
-//! (its Scaler places by estimated start time; it has no live migration and no per-model
-//! scheduler weights). Errors name the field; in strict mode an unknown field is an error,
+//! (its Scaler places by estimated start time; it migrates streams only off a lost or
+//! draining instance, and has no per-model scheduler weights). Errors name the field; in strict mode an unknown field is an error,
 //! otherwise a warning.
 //!
 //! ServerlessLLM's CLI never sends a file alone: it deep-merges the file over its own
@@ -35,7 +35,11 @@ const IGNORED: &[(&str, &str)] = &[
         "sllm places each instance on the worker with the lowest estimated start time among \
          those that run the backend; it does not pin models to nodes or storage pools",
     ),
-    ("router_config", "sllm has no live migration between instances"),
+    (
+        "router_config",
+        "sllm moves a stream only off a lost or draining instance (Dispatch's \
+         --max-migrations), never to start a model where its checkpoint is local",
+    ),
     (
         "scheduler_config",
         "sllm's placement weighs checkpoint tier and measured load bandwidth itself",
