@@ -2,7 +2,10 @@
 //! `/v1/models`, `/v1/completions`, `/v1/chat/completions`, SSE, and vLLM's LoRA surface:
 //! `--lora-modules`, `/v1/load_lora_adapter`, `/v1/unload_lora_adapter`, an adapter served as a
 //! model of its own name), so the engine backend is tested through the same process supervision
-//! and HTTP path a vLLM server would use.
+//! and HTTP path a vLLM server would use. It also answers SGLang's metadata endpoints
+//! (`/model_info`, `/server_info` and their older `/get_` names), which gateways such as SMG and
+//! sglang-router read when they register an engine (`scripts/bench peers` puts them in front of
+//! it).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -135,6 +138,10 @@ pub async fn run(a: SimEngineArgs) -> Result<()> {
         .route("/v1/models", axum::routing::get(models))
         .route("/v1/completions", axum::routing::post(completions))
         .route("/v1/chat/completions", axum::routing::post(chat))
+        .route("/model_info", axum::routing::get(model_info))
+        .route("/get_model_info", axum::routing::get(model_info))
+        .route("/server_info", axum::routing::get(server_info))
+        .route("/get_server_info", axum::routing::get(server_info))
         .route("/v1/load_lora_adapter", axum::routing::post(load_lora))
         .route("/v1/unload_lora_adapter", axum::routing::post(unload_lora))
         .route(
@@ -162,7 +169,14 @@ pub async fn run(a: SimEngineArgs) -> Result<()> {
             }),
         )
         .with_state(engine);
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", a.port)).await?;
+    // TCP_NODELAY, as the servers it stands in for set it (vLLM's and SGLang's uvicorn): an SSE
+    // event written after the headers must not wait behind Nagle for the client's delayed ACK.
+    let listener = axum::serve::ListenerExt::tap_io(
+        tokio::net::TcpListener::bind(("127.0.0.1", a.port)).await?,
+        |tcp| {
+            let _ = tcp.set_nodelay(true);
+        },
+    );
     eprintln!("sim-engine: serving {} on 127.0.0.1:{}", a.model, a.port);
     axum::serve(listener, app).with_graceful_shutdown(service::shutdown_signal()).await?;
     Ok(())
@@ -180,6 +194,37 @@ async fn models(State(e): State<Engine>) -> Json<Value> {
         }
     }
     Json(json!({ "object": "list", "data": data }))
+}
+
+/// SGLang's `GET /model_info`: the model it serves, and that it generates text.
+async fn model_info(State(e): State<Engine>) -> Json<Value> {
+    Json(json!({
+        "model_path": e.model,
+        "tokenizer_path": e.model,
+        "is_generation": true,
+        "preferred_sampling_params": null,
+        "weight_version": "default",
+        "has_image_understanding": false,
+        "has_audio_understanding": false,
+    }))
+}
+
+/// SGLang's `GET /server_info`, reduced to the fields that describe one engine on one GPU (a
+/// real server adds every launch argument and its scheduler's state).
+async fn server_info(State(e): State<Engine>) -> Json<Value> {
+    let mut info = json!({
+        "model_path": e.model,
+        "tokenizer_path": e.model,
+        "served_model_name": e.model,
+        "tp_size": 1,
+        "dp_size": 1,
+        "internal_states": [],
+        "version": env!("CARGO_PKG_VERSION"),
+    });
+    if let Some(len) = e.max_model_len {
+        info["context_length"] = json!(len);
+    }
+    Json(info)
 }
 
 /// vLLM's `POST /v1/load_lora_adapter {lora_name, lora_path}`.
