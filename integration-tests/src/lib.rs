@@ -2,6 +2,9 @@
 //! persistence, gone when dropped) and helpers to get a kvstore [`Store`] on it.
 //!
 //! Nothing here mocks Redis; it starts the real server from Debian's `redis-server` package.
+//! The benchmark programs' shared process and `/proc` helpers are in [`bench`].
+
+pub mod bench;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

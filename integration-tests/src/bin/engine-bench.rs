@@ -52,19 +52,18 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
+use sllm_integration_tests::bench::{
+    Http, LoggedChild as Child, after, cache_dir, cmdline, cpu_secs, descendant, env_or,
+    http_client, median, percentile, redis_pid, repo_root,
+};
 use sllm_integration_tests::{JOIN_SECRET, RedisServer, sllm_bin};
 
 /// The deployment's name (llama-server's `--alias`).
@@ -81,184 +80,8 @@ fn main() -> Result<()> {
     rt.block_on(run())
 }
 
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-/// The repository's root (this crate's parent).
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
-}
-
 // ---------------------------------------------------------------------------------------------
 // Processes
-
-/// A child process with its stdout lines collected and its stderr in a file; stopped with
-/// SIGTERM (then SIGKILL) when dropped, so a worker ends its engines.
-struct Child {
-    name: &'static str,
-    child: std::process::Child,
-    lines: Arc<Mutex<Vec<String>>>,
-    log: PathBuf,
-}
-
-impl Child {
-    /// Starts `cmd` and waits up to `within` for a stdout line containing `marker`.
-    fn spawn(
-        name: &'static str,
-        cmd: &mut Command,
-        log: PathBuf,
-        marker: &str,
-        within: Duration,
-    ) -> Result<Child> {
-        let err = std::fs::File::create(&log)?;
-        cmd.stdout(Stdio::piped()).stderr(err).stdin(Stdio::null());
-        let mut child = cmd.spawn().with_context(|| format!("starting {name}"))?;
-        let stdout = child.stdout.take().context("no stdout")?;
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let sink = lines.clone();
-        let wanted = marker.to_string();
-        std::thread::spawn(move || {
-            let mut sent = false;
-            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Ok(mut l) = sink.lock() {
-                    l.push(line.clone());
-                }
-                if !sent && line.contains(&wanted) {
-                    let _ = tx.send(());
-                    sent = true;
-                }
-            }
-        });
-        let c = Child { name, child, lines, log };
-        if rx.recv_timeout(within).is_err() {
-            bail!("{name} printed no {marker:?} within {within:?}; its log:\n{}", c.log_tail(30));
-        }
-        Ok(c)
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// The first stdout line containing `s`.
-    fn line(&self, s: &str) -> Option<String> {
-        self.lines.lock().ok()?.iter().find(|l| l.contains(s)).cloned()
-    }
-
-    /// The last `n` lines of its stderr.
-    fn log_tail(&self, n: usize) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(n)..].join("\n")
-    }
-
-    /// Its stderr lines at WARN or ERROR level.
-    fn warnings(&self) -> Vec<String> {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        text.lines()
-            .map(strip_ansi)
-            .filter(|l| l.contains(" WARN ") || l.contains(" ERROR ") || l.contains("panicked"))
-            .collect()
-    }
-}
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        eprintln!("engine-bench: {} did not stop on SIGTERM; killing it", self.name);
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for d in chars.by_ref() {
-                if d.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-/// Every process (pid, parent pid, command name) in /proc.
-fn processes() -> Vec<(u32, u32, String)> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else { continue };
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
-        let comm = stat[open + 1..close].to_string();
-        let ppid = stat[close + 1..].split_whitespace().nth(1).and_then(|p| p.parse().ok());
-        out.push((pid, ppid.unwrap_or(0), comm));
-    }
-    out
-}
-
-/// The first descendant of `root` whose command name is `comm`.
-fn descendant(root: u32, comm: &str) -> Option<u32> {
-    let procs = processes();
-    let mut frontier = vec![root];
-    while let Some(p) = frontier.pop() {
-        for (pid, ppid, c) in &procs {
-            if *ppid == p {
-                if c == comm {
-                    return Some(*pid);
-                }
-                frontier.push(*pid);
-            }
-        }
-    }
-    None
-}
-
-/// A process's command line, its arguments split.
-fn cmdline(pid: u32) -> Vec<String> {
-    std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|b| {
-            b.split(|c| *c == 0)
-                .filter(|a| !a.is_empty())
-                .map(|a| String::from_utf8_lossy(a).into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// The redis-server listening on `socket`.
-fn redis_pid(socket: &Path) -> Option<u32> {
-    let s = socket.display().to_string();
-    processes()
-        .into_iter()
-        .filter(|(_, _, c)| c.starts_with("redis-server"))
-        .find(|(pid, _, _)| cmdline(*pid).iter().any(|a| a.contains(&s)))
-        .map(|(pid, _, _)| pid)
-}
-
-/// User plus system CPU seconds of one process (its threads, not its children), from
-/// `/proc/PID/stat`, which counts in USER_HZ ticks (100 per second on Linux).
-fn cpu_secs(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return f64::NAN };
-    let fields: Vec<&str> =
-        stat.rsplit(')').next().map(|r| r.split_whitespace().collect()).unwrap_or_default();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(f64::NAN);
-    (ticks(11) + ticks(12)) / 100.0
-}
 
 /// The processes whose CPU is read in every window.
 #[derive(Clone, Copy)]
@@ -283,18 +106,6 @@ impl Pids {
 
 // ---------------------------------------------------------------------------------------------
 // Load
-
-type Http = Client<HttpConnector, Full<Bytes>>;
-
-/// A keep-alive HTTP/1.1 client with TCP_NODELAY (hyper-util's connector leaves it off).
-fn http_client() -> Http {
-    let mut c = HttpConnector::new();
-    c.set_nodelay(true);
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(30))
-        .pool_max_idle_per_host(256)
-        .build(c)
-}
 
 /// One request's figures.
 #[derive(Debug, Clone, Copy)]
@@ -476,19 +287,6 @@ async fn capacity(uri: &hyper::Uri, kind: &Kind, dur: Duration) -> Result<f64> {
     Ok(f64::from(n) / start.elapsed().as_secs_f64())
 }
 
-fn percentile(v: &mut [f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    let i = ((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1;
-    v[i]
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    percentile(&mut v, 0.5)
-}
-
 /// A path's figures over its windows.
 struct PathFigures {
     first_p50: f64,
@@ -581,10 +379,7 @@ struct Inputs {
 }
 
 fn inputs() -> Result<Inputs> {
-    let cache = std::env::var_os("SLLM_CACHE_DIR")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/sllm")))
-        .unwrap_or_default();
+    let cache = cache_dir();
     let llama_server = std::env::var_os("SLLM_LLAMA_SERVER")
         .map(PathBuf::from)
         .unwrap_or_else(|| cache.join("llama-cpp-0.3.36/bin/llama-server"));
@@ -629,13 +424,6 @@ fn llama_version(bin: &Path) -> String {
         }
         Err(e) => format!("unknown ({e})"),
     }
-}
-
-/// The part after `prefix` in `line` (e.g. an address sllm printed).
-fn after(line: Option<String>, prefix: &str) -> Result<String> {
-    let line = line.with_context(|| format!("no line with {prefix:?}"))?;
-    let i = line.find(prefix).context("prefix")? + prefix.len();
-    Ok(line[i..].trim().to_string())
 }
 
 async fn run() -> Result<()> {
@@ -978,7 +766,7 @@ async fn run() -> Result<()> {
     }
     let warnings: Vec<(&str, String)> = [&serve, &worker]
         .iter()
-        .flat_map(|c| c.warnings().into_iter().map(move |w| (c.name, w)))
+        .flat_map(|c| c.warnings().into_iter().map(move |w| (c.name(), w)))
         .collect();
     if warnings.is_empty() {
         println!("sllm logged no warnings or errors during the run");

@@ -52,6 +52,25 @@ async fn engine_json(endpoint: &str, path: &str) -> Value {
     serde_json::from_str(&curl(&format!("{endpoint}{path}")).await.unwrap()).unwrap()
 }
 
+/// The gateways `scripts/bench peers` measures read these when they register an engine.
+#[tokio::test]
+async fn the_simulated_engine_answers_sglangs_metadata_endpoints() {
+    let c = cluster().await;
+    let w = engine_worker(&c, "", Duration::from_secs(20)).await;
+    deploy(&c, "m").await;
+    let endpoint = ready_engine(&c, &w).await;
+    for path in ["/model_info", "/get_model_info"] {
+        let v = engine_json(&endpoint, path).await;
+        assert_eq!(v["model_path"], "m", "{path}: {v}");
+        assert_eq!(v["is_generation"], true, "{path}: {v}");
+    }
+    for path in ["/server_info", "/get_server_info"] {
+        let v = engine_json(&endpoint, path).await;
+        assert_eq!(v["served_model_name"], "m", "{path}: {v}");
+        assert_eq!((v["tp_size"].as_u64(), v["dp_size"].as_u64()), (Some(1), Some(1)), "{v}");
+    }
+}
+
 #[tokio::test]
 async fn an_openai_body_reaches_the_engine_intact_and_its_events_come_back() {
     let c = cluster().await;

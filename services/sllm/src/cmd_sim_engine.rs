@@ -7,6 +7,10 @@
 //! event) and each event's (`token_ids`), in the simulator's vocabulary ([`worker::vocab`]);
 //! with `--merges` it tokenises text as a BPE vocabulary does and generates from the ids, so
 //! that a continuation from re-tokenised text goes another way than one from the ids.
+//! It also answers SGLang's metadata endpoints
+//! (`/model_info`, `/server_info` and their older `/get_` names), which gateways such as SMG and
+//! sglang-router read when they register an engine (`scripts/bench peers` puts them in front of
+//! it).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -147,6 +151,10 @@ pub async fn run(a: SimEngineArgs) -> Result<()> {
         .route("/v1/models", axum::routing::get(models))
         .route("/v1/completions", axum::routing::post(completions))
         .route("/v1/chat/completions", axum::routing::post(chat))
+        .route("/model_info", axum::routing::get(model_info))
+        .route("/get_model_info", axum::routing::get(model_info))
+        .route("/server_info", axum::routing::get(server_info))
+        .route("/get_server_info", axum::routing::get(server_info))
         .route("/v1/load_lora_adapter", axum::routing::post(load_lora))
         .route("/v1/unload_lora_adapter", axum::routing::post(unload_lora))
         .route(
@@ -174,7 +182,14 @@ pub async fn run(a: SimEngineArgs) -> Result<()> {
             }),
         )
         .with_state(engine);
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", a.port)).await?;
+    // TCP_NODELAY, as the servers it stands in for set it (vLLM's and SGLang's uvicorn): an SSE
+    // event written after the headers must not wait behind Nagle for the client's delayed ACK.
+    let listener = axum::serve::ListenerExt::tap_io(
+        tokio::net::TcpListener::bind(("127.0.0.1", a.port)).await?,
+        |tcp| {
+            let _ = tcp.set_nodelay(true);
+        },
+    );
     eprintln!("sim-engine: serving {} on 127.0.0.1:{}", a.model, a.port);
     axum::serve(listener, app).with_graceful_shutdown(service::shutdown_signal()).await?;
     Ok(())
@@ -192,6 +207,37 @@ async fn models(State(e): State<Engine>) -> Json<Value> {
         }
     }
     Json(json!({ "object": "list", "data": data }))
+}
+
+/// SGLang's `GET /model_info`: the model it serves, and that it generates text.
+async fn model_info(State(e): State<Engine>) -> Json<Value> {
+    Json(json!({
+        "model_path": e.model,
+        "tokenizer_path": e.model,
+        "is_generation": true,
+        "preferred_sampling_params": null,
+        "weight_version": "default",
+        "has_image_understanding": false,
+        "has_audio_understanding": false,
+    }))
+}
+
+/// SGLang's `GET /server_info`, reduced to the fields that describe one engine on one GPU (a
+/// real server adds every launch argument and its scheduler's state).
+async fn server_info(State(e): State<Engine>) -> Json<Value> {
+    let mut info = json!({
+        "model_path": e.model,
+        "tokenizer_path": e.model,
+        "served_model_name": e.model,
+        "tp_size": 1,
+        "dp_size": 1,
+        "internal_states": [],
+        "version": env!("CARGO_PKG_VERSION"),
+    });
+    if let Some(len) = e.max_model_len {
+        info["context_length"] = json!(len);
+    }
+    Json(info)
 }
 
 /// vLLM's `POST /v1/load_lora_adapter {lora_name, lora_path}`.
