@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use kvstore::{Store, StoreConfig};
 
+pub mod bench;
+
 /// A private redis-server, killed (and its directory removed) on drop.
 pub struct RedisServer {
     child: Child,
@@ -103,6 +105,11 @@ impl RedisServer {
     /// `unix://…` URL of the server.
     pub fn url(&self) -> String {
         format!("unix://{}", self.socket.display())
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// The socket path.
