@@ -1,4 +1,8 @@
--- Prelude: prepended to every script in this folder by kvstore (scripts.rs); never run alone.
+-- Prelude: what of it a script in this folder uses is prepended to it by kvstore (scripts.rs,
+-- `assemble`): Redis builds all of it anew on every call, so a script carries only the key names
+-- and helpers it names. Keep to the shape that relies on: each `local` starts its line, a
+-- function's closing `end` and K's closing `}` stand alone at the start of a line, each K entry
+-- is one line, and a script reaches a key entry only as `K.<entry>`. Never run alone.
 --
 -- Calling convention shared by every script:
 --   KEYS[1]  the event stream ({ns}:events). Declared so the script is routed to the node that

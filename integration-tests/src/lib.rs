@@ -2,7 +2,7 @@
 //! persistence, gone when dropped) and helpers to get a kvstore [`Store`] on it.
 //!
 //! Nothing here mocks Redis; it starts the real server from Debian's `redis-server` package.
-//! The benchmark programs' shared process and `/proc` helpers are in [`bench`].
+//! What the benchmark programs share (flags, spreads, conditions, processes) is in [`bench`].
 
 pub mod bench;
 
@@ -106,6 +106,11 @@ impl RedisServer {
     /// `unix://…` URL of the server.
     pub fn url(&self) -> String {
         format!("unix://{}", self.socket.display())
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// The socket path.

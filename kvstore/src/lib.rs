@@ -145,4 +145,12 @@ impl Store {
         let r = redis::cmd("INCR").arg(key).query_async(&mut conn.conn).await;
         conn.check(r)
     }
+
+    /// Runs a script that does nothing (`lua/empty.lua`) through the same runner as every
+    /// transition: the fixed cost of a script call, which benchmarks set beside the raw `INCR`
+    /// round trip and the transitions.
+    pub async fn empty_script(&self) -> Result<()> {
+        self.run_ok("empty", &self.scripts().empty, &[]).await?;
+        Ok(())
+    }
 }

@@ -1,6 +1,6 @@
-//! The Lua transitions in `lua/`, each prefixed with `lua/_prelude.lua`, and the one way they are
-//! run: EVALSHA with a fallback to loading the script when Redis answers NOSCRIPT (after a
-//! restart or on a fresh cluster node).
+//! The Lua transitions in `lua/`, each prefixed with what it uses of `lua/_prelude.lua`, and the
+//! one way they are run: EVALSHA with a fallback to loading the script when Redis answers
+//! NOSCRIPT (after a restart or on a fresh cluster node).
 
 use redis::Script;
 
@@ -9,15 +9,108 @@ use crate::{Store, names};
 
 macro_rules! lua {
     ($file:literal) => {
-        Script::new(concat!(
-            include_str!("../../lua/_prelude.lua"),
-            include_str!(concat!("../../lua/", $file, ".lua"))
-        ))
+        Script::new(&assemble(PRELUDE, include_str!(concat!("../../lua/", $file, ".lua"))))
     };
 }
 
 /// The prelude, for tests that check the Lua key builder against [`crate::Keys`].
 pub const PRELUDE: &str = include_str!("../../lua/_prelude.lua");
+
+/// One top-level definition of the prelude: a `local` (value or function) or one entry of the
+/// key table `K`, with the comment lines just above it.
+struct Definition<'a> {
+    /// How a script refers to it: the local's name, or `K.<entry>`.
+    name: String,
+    /// Its lines (0-based, inclusive) in the prelude.
+    lines: std::ops::RangeInclusive<usize>,
+    text: Vec<&'a str>,
+}
+
+/// The script Redis runs for `body`: the prelude's definitions `body` uses, directly or through
+/// another definition, in the prelude's order, then `body`.
+///
+/// Redis keeps nothing from one call of a script to the next, so the prelude's key names and
+/// helpers are built anew on every call; carrying all of them would cost each call the ~30 key
+/// names and closures most scripts never touch (measured: about a fifth of a heartbeat's time
+/// inside Redis). The prelude keeps to a shape this relies on: every `local` starts a line,
+/// a function's closing `end` and the key table's closing `}` stand alone at the start of a
+/// line, each key-table entry is one line, and nothing reaches a key entry but as `K.<entry>`.
+fn assemble(prelude: &str, body: &str) -> String {
+    let lines: Vec<&str> = prelude.lines().collect();
+    let mut definitions: Vec<Definition> = Vec::new();
+    let mut comment_from: Option<usize> = None;
+    let mut in_keys = false;
+    let mut i = 0;
+    while i < lines.len() {
+        let line = lines[i];
+        let from = comment_from.unwrap_or(i);
+        let one = |name: String, end: usize| Definition {
+            name,
+            lines: from..=end,
+            text: lines[from..=end].to_vec(),
+        };
+        if in_keys {
+            if line == "}" {
+                in_keys = false;
+            } else if let Some((entry, _)) = line.trim_start().split_once(" = ") {
+                definitions.push(one(format!("K.{entry}"), i));
+            }
+            comment_from = None;
+        } else if line.starts_with("--") {
+            comment_from.get_or_insert(i);
+        } else if line == "local K = {" {
+            in_keys = true;
+            comment_from = None;
+        } else if let Some(rest) = line.strip_prefix("local function ") {
+            let name = rest.split('(').next().unwrap_or_default().to_string();
+            let end = (i..lines.len()).find(|&j| lines[j] == "end").unwrap_or(lines.len() - 1);
+            definitions.push(one(name, end));
+            comment_from = None;
+            i = end;
+        } else if let Some(rest) = line.strip_prefix("local ") {
+            let name = rest.split([' ', '=']).next().unwrap_or_default().to_string();
+            definitions.push(one(name, i));
+            comment_from = None;
+        } else {
+            comment_from = None;
+        }
+        i += 1;
+    }
+
+    // What the body uses, then what that uses, until nothing new is found.
+    let mut used = vec![false; definitions.len()];
+    let mut reach = vec![body.to_string()];
+    while let Some(text) = reach.pop() {
+        for (d, u) in definitions.iter().zip(used.iter_mut()) {
+            if !*u && refers_to(&text, &d.name) {
+                *u = true;
+                reach.push(d.text.join("\n"));
+            }
+        }
+    }
+    let dropped: Vec<&std::ops::RangeInclusive<usize>> =
+        definitions.iter().zip(&used).filter(|(_, u)| !**u).map(|(d, _)| &d.lines).collect();
+    let mut out = String::with_capacity(prelude.len() + body.len());
+    for (n, line) in lines.iter().enumerate() {
+        if !dropped.iter().any(|r| r.contains(&n)) {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out.push_str(body);
+    out
+}
+
+/// Whether `text` names `name` as a whole word (not inside a longer name).
+fn refers_to(text: &str, name: &str) -> bool {
+    let word = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    text.match_indices(name).any(|(at, _)| {
+        let before = text[..at].chars().next_back();
+        let after = text[at + name.len()..].chars().next();
+        // `K.worker` is not `K.worker_instances`; a local named like a key entry is not it.
+        !before.is_some_and(|c| word(c) || c == '.') && !after.is_some_and(word)
+    })
+}
 
 pub(crate) struct Scripts {
     pub(crate) deployment_create: Script,
@@ -49,6 +142,7 @@ pub(crate) struct Scripts {
     pub(crate) dispatchers_list: Script,
     pub(crate) rate_limit: Script,
     pub(crate) rate_share: Script,
+    pub(crate) empty: Script,
 }
 
 impl Scripts {
@@ -83,6 +177,7 @@ impl Scripts {
             rate_share: lua!("rate_share"),
             dispatcher_register: lua!("dispatcher_register"),
             dispatchers_list: lua!("dispatchers_list"),
+            empty: lua!("empty"),
         }
     }
 }
@@ -274,4 +369,115 @@ pub(crate) fn gpu_csv(field: &'static str, gpus: &[u32]) -> Result<String> {
 pub(crate) fn worker_id<'a>(field: &'static str, id: &'a str) -> Result<&'a str> {
     names::validate_id(field, id)?;
     Ok(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every script in `lua/` but the prelude, as (file name, text).
+    fn scripts() -> Vec<(String, String)> {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../lua");
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(dir).expect("lua/ is readable") {
+            let path = entry.expect("a directory entry").path();
+            let name = path.file_name().unwrap_or_default().to_string_lossy().to_string();
+            if name.ends_with(".lua") && name != "_prelude.lua" {
+                out.push((name, std::fs::read_to_string(&path).expect("a readable script")));
+            }
+        }
+        assert!(out.len() > 20, "found only {} scripts", out.len());
+        out
+    }
+
+    /// The identifiers after `K.` in `text`.
+    fn key_entries(text: &str) -> Vec<String> {
+        text.match_indices("K.")
+            .filter(|(at, _)| {
+                !text[..*at].ends_with(|c: char| c.is_ascii_alphanumeric() || c == '_')
+            })
+            .map(|(at, _)| {
+                text[at + 2..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect::<String>()
+            })
+            .filter(|e| !e.is_empty())
+            .collect()
+    }
+
+    #[test]
+    fn every_script_carries_each_prelude_definition_it_uses() {
+        let functions: Vec<&str> = PRELUDE
+            .lines()
+            .filter_map(|l| l.strip_prefix("local function "))
+            .filter_map(|r| r.split('(').next())
+            .collect();
+        let values: Vec<&str> = PRELUDE
+            .lines()
+            .filter(|l| !l.starts_with("local function ") && l.starts_with("local "))
+            .filter_map(|l| l.strip_prefix("local ")?.split(' ').next())
+            .collect();
+        assert!(functions.contains(&"emit") && values.contains(&"ROOT"), "{functions:?}");
+        for (file, body) in scripts() {
+            assert!(!body.contains("K["), "{file} reaches a key entry other than as K.<entry>");
+            let script = assemble(PRELUDE, &body);
+            for entry in key_entries(&script) {
+                assert!(
+                    script.contains(&format!("\n  {entry} = ")),
+                    "{file} uses K.{entry} but does not define it:\n{script}"
+                );
+            }
+            for f in &functions {
+                if refers_to(&script.replace(&format!("local function {f}("), ""), f) {
+                    assert!(
+                        script.contains(&format!("local function {f}(")),
+                        "{file} uses {f} but does not define it"
+                    );
+                }
+            }
+            for v in &values {
+                if refers_to(&script.replace(&format!("local {v} ="), ""), v) {
+                    assert!(script.contains(&format!("local {v} =")), "{file} uses {v}");
+                }
+            }
+            assert!(script.ends_with(&body), "{file}: the script itself comes last");
+        }
+    }
+
+    #[test]
+    fn a_script_carries_only_what_it_uses() {
+        let heartbeat = assemble(PRELUDE, include_str!("../../lua/worker_heartbeat.lua"));
+        for kept in
+            ["local ROOT =", "  lease_deadlines = ", "  worker = ", "local function now_ms("]
+        {
+            assert!(heartbeat.contains(kept), "{kept:?} missing:\n{heartbeat}");
+        }
+        for dropped in ["  events_seq = ", "  worker_instances = ", "local function emit("] {
+            assert!(!heartbeat.contains(dropped), "{dropped:?} kept:\n{heartbeat}");
+        }
+        // A transition that emits an event carries emit and the key it increments.
+        let transition = assemble(PRELUDE, include_str!("../../lua/instance_transition.lua"));
+        for kept in ["local function emit(", "  events_seq = ", "local LIVE =", "local TERMINAL ="]
+        {
+            assert!(transition.contains(kept), "{kept:?} missing");
+        }
+    }
+
+    #[test]
+    fn a_body_that_uses_everything_gets_the_whole_prelude() {
+        let entries: Vec<String> = PRELUDE
+            .lines()
+            .skip_while(|l| *l != "local K = {")
+            .skip(1)
+            .take_while(|l| *l != "}")
+            .filter_map(|l| Some(format!("K.{}", l.trim_start().split_once(" = ")?.0)))
+            .collect();
+        assert!(entries.len() > 20, "{entries:?}");
+        let body = format!("{PRELUDE}return {{ {} }}\n", entries.join(", "));
+        assert_eq!(assemble(PRELUDE, &body), format!("{PRELUDE}{body}"));
+        let nothing = assemble(PRELUDE, "return { 'ok' }");
+        assert!(!nothing.contains("local function"), "{nothing}");
+        assert!(nothing.contains("local K = {\n}"), "{nothing}");
+    }
 }

@@ -96,6 +96,11 @@ impl Leader {
         &self.lease
     }
 
+    /// The lease, to renew it.
+    pub(crate) fn lease_mut(&mut self) -> &mut LeaderLease {
+        &mut self.lease
+    }
+
     pub(crate) async fn lead(
         store: Store,
         config: ScalerConfig,

@@ -75,19 +75,6 @@ impl ScalerConfig {
     }
 }
 
-/// What [`Scaler::time_passes`] measured.
-#[derive(Debug, Clone, Copy)]
-pub struct PassTimes {
-    /// One tick.
-    pub tick: Duration,
-    /// The counter's growth during the tick.
-    pub tick_count: u64,
-    /// One full resync.
-    pub resync: Duration,
-    /// The counter's growth during the resync.
-    pub resync_count: u64,
-}
-
 /// A Scaler replica. Cheap to clone.
 #[derive(Clone)]
 pub struct Scaler {
@@ -144,14 +131,10 @@ impl Scaler {
         }
     }
 
-    /// Takes the lead, reads the cluster in full, then times one tick and one full resync the
-    /// way the leader runs them, and gives the lead back. For benchmarks and diagnostics; it
-    /// waits for the lease if another replica holds it. `counter` is read before and after
-    /// each pass (e.g. Redis's command count) and the differences are returned.
-    pub async fn time_passes(
-        &self,
-        mut counter: impl AsyncFnMut() -> u64,
-    ) -> Result<PassTimes, String> {
+    /// Takes the lead (waiting for the lease if another replica holds it) for a leader driven
+    /// by hand, one pass at a time, with no event stream and no timers: for benchmarks and
+    /// diagnostics that time the passes the leader runs.
+    pub async fn lead_by_hand(&self) -> Result<HandDriven, String> {
         let lease = loop {
             match self.store.acquire_leader(ROLE, &self.config.replica_id, self.config.lease).await
             {
@@ -160,28 +143,11 @@ impl Scaler {
                 Err(e) => return Err(e.to_string()),
             }
         };
-        let mut leader = actor::Leader::new(self.store.clone(), self.config.clone(), lease);
-        let outcome = async {
-            leader.full_pass("resync").await?;
-            let c0 = counter().await;
-            let start = std::time::Instant::now();
-            leader.tick().await?;
-            let tick = start.elapsed();
-            let c1 = counter().await;
-            let start = std::time::Instant::now();
-            leader.full_pass("resync").await?;
-            let resync = start.elapsed();
-            let c2 = counter().await;
-            Ok(PassTimes {
-                tick,
-                tick_count: c1.saturating_sub(c0),
-                resync,
-                resync_count: c2.saturating_sub(c1),
-            })
-        }
-        .await;
-        let _ = self.store.release_leader(leader.lease()).await;
-        outcome.map_err(|_: actor::StepDown| "lost the lead during the pass".to_string())
+        Ok(HandDriven {
+            store: self.store.clone(),
+            config: self.config.clone(),
+            leader: actor::Leader::new(self.store.clone(), self.config.clone(), lease),
+        })
     }
 
     /// The status API as a gRPC service, to mount on a shared server (run [`Scaler::run`]
@@ -211,4 +177,42 @@ impl Scaler {
         let (result, ()) = tokio::join!(server, leader.run(shutdown));
         Ok(result?)
     }
+}
+
+/// A leader driven by hand ([`Scaler::lead_by_hand`]): each call runs one pass exactly as the
+/// leader's loop runs it. Nothing else runs meanwhile (no event stream, no renewal timer), so
+/// the passes see only what the caller changed in Redis, and the caller renews the lease.
+pub struct HandDriven {
+    store: Store,
+    config: ScalerConfig,
+    leader: actor::Leader,
+}
+
+impl HandDriven {
+    /// A full resync: re-reads the cluster and decides for every model.
+    pub async fn resync(&mut self) -> Result<(), String> {
+        self.leader.full_pass("resync").await.map_err(lost)
+    }
+
+    /// A tick: fresh demand, and a decision for every model from the leader's view.
+    pub async fn tick(&mut self) -> Result<(), String> {
+        self.leader.tick().await.map_err(lost)
+    }
+
+    /// Renews the lease for another lease length.
+    pub async fn renew(&mut self) -> Result<(), String> {
+        self.store
+            .renew_leader(self.leader.lease_mut(), self.config.lease)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Gives the lead back.
+    pub async fn release(self) {
+        let _ = self.store.release_leader(self.leader.lease()).await;
+    }
+}
+
+fn lost(_: actor::StepDown) -> String {
+    "lost the lead during the pass".to_string()
 }
