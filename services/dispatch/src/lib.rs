@@ -15,6 +15,7 @@ pub mod openai;
 mod ratelimit;
 mod request;
 mod room;
+mod sse;
 pub mod stack;
 mod sync;
 mod table;

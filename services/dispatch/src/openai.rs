@@ -3,14 +3,12 @@
 //! `data: [DONE]`), and errors in OpenAI's JSON shape with the matching HTTP status, so the
 //! official `openai` clients work unchanged.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Json;
 use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
-use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures::StreamExt;
@@ -726,9 +724,10 @@ pub(crate) async fn collect(mut events: Events) -> Result<Collected, DispatchErr
     Err(DispatchError::Unavailable("the request ended without an answer".into()))
 }
 
-/// Streams events as server-sent events; `render` turns each into zero or more JSON payloads.
-/// The response starts with the first event: a request that fails before any output (the engine
-/// refused it, no instance came up in time) gets its error status, as from the engine itself.
+/// Streams events as server-sent events; `render` turns each into zero or more JSON payloads,
+/// which go out as one body frame (see [`crate::sse`]). The response starts with the first
+/// event: a request that fails before any output (the engine refused it, no instance came up in
+/// time) gets its error status, as from the engine itself.
 async fn sse<F>(mut events: Events, mut render: F) -> Response
 where
     F: FnMut(Result<Event, DispatchError>) -> Vec<String> + Send + 'static,
@@ -737,14 +736,25 @@ where
         Some(Err(e)) => return error_response(&e),
         first => first,
     };
-    let body = futures::stream::iter(first)
+    let frames = futures::stream::iter(first)
         .chain(ReceiverStream::new(events))
-        .flat_map(move |item| futures::stream::iter(render(item)))
-        .map(|v| Ok::<_, Infallible>(SseEvent::default().data(v)))
-        .chain(futures::stream::once(async { Ok(SseEvent::default().data("[DONE]")) }));
-    Sse::new(body)
-        .keep_alive(axum::response::sse::KeepAlive::new().interval(Duration::from_secs(15)))
-        .into_response()
+        .filter_map(move |item| {
+            let payloads = render(item);
+            let frame = (!payloads.is_empty()).then(|| {
+                let mut out = bytes::BytesMut::new();
+                for p in &payloads {
+                    crate::sse::push_event(&mut out, p);
+                }
+                out.freeze()
+            });
+            std::future::ready(frame)
+        })
+        .chain(futures::stream::once(async {
+            let mut out = bytes::BytesMut::new();
+            crate::sse::push_event(&mut out, crate::sse::DONE);
+            out.freeze()
+        }));
+    crate::sse::response(Box::pin(frames), Duration::from_secs(15))
 }
 
 /// An error inside a stream: the engine's own error event when it sent one, else OpenAI's shape.
