@@ -7,11 +7,5 @@
 --         these fields belong to the Scaler alone and never race with a user's update
 -- Events: deployment.scaled {desired} when desired changed
 -- Reply:  {'ok', previous desired} | {'not_leader'} | {'not_found'}
-local name = ARGV[4]
 if redis.call('HGET', K.leader(ARGV[5]), 'token') ~= ARGV[6] then return { 'not_leader' } end
-local key = K.deployment(name)
-local prev = redis.call('HGET', key, 'desired')
-if not prev then return { 'not_found' } end
-redis.call('HSET', key, 'desired', ARGV[7], 'last_decision', ARGV[8], 'last_error', ARGV[9])
-if prev ~= ARGV[7] then emit('deployment.scaled', name, 'desired', ARGV[7]) end
-return { 'ok', prev }
+return set_desired(ARGV[4], ARGV[7], ARGV[8], ARGV[9])

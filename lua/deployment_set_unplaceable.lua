@@ -7,17 +7,5 @@
 -- Writes: unplaceable (hash model -> reason): field set, or removed when the reason is empty
 -- Events: deployment.unplaceable {reason} when the verdict changed ('' = placeable again)
 -- Reply:  {'ok', '1'} changed | {'noop', '0'} unchanged | {'not_leader'} | {'not_found'}
-local name, reason = ARGV[4], ARGV[7]
 if redis.call('HGET', K.leader(ARGV[5]), 'token') ~= ARGV[6] then return { 'not_leader' } end
-local current = redis.call('HGET', K.unplaceable, name)
-if reason == '' then
-  if not current then return { 'noop', '0' } end
-  redis.call('HDEL', K.unplaceable, name)
-else
-  -- Only a deployment that exists is marked: a mark must never outlive its deployment.
-  if redis.call('EXISTS', K.deployment(name)) == 0 then return { 'not_found' } end
-  if current == reason then return { 'noop', '0' } end
-  redis.call('HSET', K.unplaceable, name, reason)
-end
-emit('deployment.unplaceable', name, 'reason', reason)
-return { 'ok', '1' }
+return set_unplaceable(ARGV[4], ARGV[7])

@@ -7,7 +7,7 @@ use std::fmt;
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Why an operation did not happen.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     /// Input that must not reach a key (or a script) was refused before any Redis call.
     #[error("invalid {field}: {reason}")]

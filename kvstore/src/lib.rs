@@ -9,6 +9,7 @@
 //! `KEYS` on a per-request, per-heartbeat or per-tick path, delete state when it starts, or let a
 //! malformed record reach a caller as anything but [`Error::Malformed`].
 
+pub mod batch;
 pub mod commands;
 pub mod config;
 mod conn;
@@ -29,6 +30,7 @@ pub mod worker;
 
 use std::sync::Arc;
 
+pub use batch::{LeaderWrite, MAX_ITEMS_PER_CALL, Written};
 pub use commands::{CommandEntry, CommandReader, NotifyReader};
 pub use config::StoreConfig;
 pub use demand::Demand;

@@ -34,7 +34,8 @@ struct Definition<'a> {
 /// names and closures most scripts never touch (measured: about a fifth of a heartbeat's time
 /// inside Redis). The prelude keeps to a shape this relies on: every `local` starts a line,
 /// a function's closing `end` and the key table's closing `}` stand alone at the start of a
-/// line, each key-table entry is one line, and nothing reaches a key entry but as `K.<entry>`.
+/// line (as does that of any other table spanning lines), each key-table entry is one line, and
+/// nothing reaches a key entry but as `K.<entry>`.
 fn assemble(prelude: &str, body: &str) -> String {
     let lines: Vec<&str> = prelude.lines().collect();
     let mut definitions: Vec<Definition> = Vec::new();
@@ -64,6 +65,13 @@ fn assemble(prelude: &str, body: &str) -> String {
         } else if let Some(rest) = line.strip_prefix("local function ") {
             let name = rest.split('(').next().unwrap_or_default().to_string();
             let end = (i..lines.len()).find(|&j| lines[j] == "end").unwrap_or(lines.len() - 1);
+            definitions.push(one(name, end));
+            comment_from = None;
+            i = end;
+        } else if let Some(rest) = line.strip_prefix("local ").filter(|_| line.ends_with('{')) {
+            // A table spanning lines, up to its closing `}` alone at the start of a line.
+            let name = rest.split([' ', '=']).next().unwrap_or_default().to_string();
+            let end = (i..lines.len()).find(|&j| lines[j] == "}").unwrap_or(lines.len() - 1);
             definitions.push(one(name, end));
             comment_from = None;
             i = end;
@@ -130,6 +138,7 @@ pub(crate) struct Scripts {
     pub(crate) workers_lost_index: Script,
     pub(crate) instance_create: Script,
     pub(crate) instance_transition: Script,
+    pub(crate) leader_batch: Script,
     pub(crate) leader_acquire: Script,
     pub(crate) leader_renew: Script,
     pub(crate) leader_release: Script,
@@ -165,6 +174,7 @@ impl Scripts {
             workers_lost_index: lua!("workers_lost_index"),
             instance_create: lua!("instance_create"),
             instance_transition: lua!("instance_transition"),
+            leader_batch: lua!("leader_batch"),
             leader_acquire: lua!("leader_acquire"),
             leader_renew: lua!("leader_renew"),
             leader_release: lua!("leader_release"),
@@ -191,6 +201,27 @@ pub(crate) struct Reply {
 }
 
 impl Reply {
+    /// Reads a script's reply: an array of a code and scalar values.
+    pub(crate) fn parse(script: &'static str, value: redis::Value) -> Result<Reply> {
+        let items = match value {
+            redis::Value::Array(items) => items,
+            other => {
+                return Err(Error::Protocol { script, detail: format!("not an array: {other:?}") });
+            }
+        };
+        let mut texts = Vec::with_capacity(items.len());
+        for item in &items {
+            texts.push(value_text(item).ok_or_else(|| Error::Protocol {
+                script,
+                detail: format!("unexpected element {item:?}"),
+            })?);
+        }
+        let mut it = texts.into_iter();
+        let code =
+            it.next().ok_or_else(|| Error::Protocol { script, detail: "empty reply".into() })?;
+        Ok(Reply { script, code, values: it.collect() })
+    }
+
     pub(crate) fn is_ok(&self) -> bool {
         self.code == "ok" || self.code == "noop"
     }
@@ -264,6 +295,26 @@ pub(crate) enum Arg<'a> {
     Bytes(&'a [u8]),
 }
 
+impl Arg<'_> {
+    /// Its length in bytes.
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Arg::Str(s) => s.len(),
+            Arg::Owned(s) => s.len(),
+            Arg::Bytes(b) => b.len(),
+        }
+    }
+
+    /// The same argument, borrowed.
+    pub(crate) fn borrow(&self) -> Arg<'_> {
+        match self {
+            Arg::Str(s) => Arg::Str(s),
+            Arg::Owned(s) => Arg::Str(s),
+            Arg::Bytes(b) => Arg::Bytes(b),
+        }
+    }
+}
+
 impl Store {
     /// Runs `script` with the common arguments (root, events maxlen, terminal TTL) followed by
     /// `args`, and parses its reply.
@@ -273,6 +324,17 @@ impl Store {
         script: &Script,
         args: &[Arg<'_>],
     ) -> Result<Reply> {
+        let value = self.run_value(name, script, args).await?;
+        Reply::parse(name, value)
+    }
+
+    /// Like [`Store::run`], but the reply as Redis gave it.
+    pub(crate) async fn run_value(
+        &self,
+        name: &'static str,
+        script: &Script,
+        args: &[Arg<'_>],
+    ) -> Result<redis::Value> {
         let inner = &self.inner;
         let mut inv = script.prepare_invoke();
         inv.key(inner.keys.events())
@@ -310,28 +372,7 @@ impl Store {
         if r.is_err() {
             errors.inc();
         }
-        let value = conn.check(r)?;
-        let items = match value {
-            redis::Value::Array(items) => items,
-            other => {
-                return Err(Error::Protocol {
-                    script: name,
-                    detail: format!("not an array: {other:?}"),
-                });
-            }
-        };
-        let mut texts = Vec::with_capacity(items.len());
-        for item in &items {
-            texts.push(value_text(item).ok_or_else(|| Error::Protocol {
-                script: name,
-                detail: format!("unexpected element {item:?}"),
-            })?);
-        }
-        let mut it = texts.into_iter();
-        let code = it
-            .next()
-            .ok_or_else(|| Error::Protocol { script: name, detail: "empty reply".into() })?;
-        Ok(Reply { script: name, code, values: it.collect() })
+        conn.check(r)
     }
 
     /// Like [`Store::run`], but a refusal becomes an error.

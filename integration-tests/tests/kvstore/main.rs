@@ -10,6 +10,7 @@ mod common;
 pub use common::*;
 
 mod bad_input;
+mod batch;
 mod demand;
 mod deployments;
 mod instances;

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod models;
+mod passes;
 mod placement;
 mod scaling;
 

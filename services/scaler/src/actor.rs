@@ -3,12 +3,13 @@
 //! reconciles desired against actual. Every write it makes is fenced by its lease; the first
 //! refusal for a stale token makes it step down.
 
-use std::collections::{BTreeSet, HashMap};
+use std::borrow::Cow;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use kvstore::{
-    Actor as By, EventBatch, InstanceRecord, InstanceStatus, LeaderLease, Placement, Refusal,
-    Store, WorkerStatus,
+    EventBatch, InstanceRecord, InstanceStatus, LeaderLease, LeaderWrite, Placement, Refusal,
+    Store, WorkerStatus, Written,
 };
 use prost::Message;
 use sllm_api::v1 as pb;
@@ -70,6 +71,19 @@ pub(crate) struct Leader {
     cold: ColdStarts,
     /// Load bandwidths measured from this leader's own placements.
     measured: crate::bandwidth::Measured,
+    /// While a pass plans: the loads in progress (seconds) on each worker that has any, kept
+    /// as the pass places and drains, so a placement does not walk every worker's instances.
+    queues: Option<BTreeMap<String, f64>>,
+    /// The gauges last published, so a tick sets only those that changed.
+    published: Published,
+}
+
+/// What [`Leader::publish_gauges`] last set.
+#[derive(Default)]
+struct Published {
+    desired: HashMap<String, u32>,
+    instances: HashMap<(String, &'static str), i64>,
+    workers: HashMap<&'static str, i64>,
 }
 
 enum Input {
@@ -88,6 +102,8 @@ impl Leader {
             clocks: Clocks::default(),
             cold: ColdStarts::default(),
             measured: crate::bandwidth::Measured::default(),
+            queues: None,
+            published: Published::default(),
         }
     }
 
@@ -267,36 +283,69 @@ impl Leader {
             }
         }
         self.view.demand = fresh;
-        for m in due {
-            self.decide(&m, "demand").await?;
-        }
+        let due: Vec<String> = due.into_iter().collect();
+        self.decide_many(&due, "demand").await?;
         Ok(())
     }
 
-    /// Instances by model and state, desired counts and workers by state, as metrics.
-    fn publish_gauges(&self) {
+    /// Instances by model and state, desired counts and workers by state, as metrics. Only
+    /// what changed since the last publication is set (a tick over ten thousand models would
+    /// otherwise spend milliseconds re-creating every gauge); what is gone is removed.
+    fn publish_gauges(&mut self) {
         let m = &*telemetry::metrics::SCALER;
-        m.instances.reset();
-        m.desired.reset();
-        m.workers.reset();
+        let published = &mut self.published;
         for d in self.view.deployments.values() {
-            m.desired.with_label_values(&[&d.spec.model]).set(i64::from(d.desired));
-            for i in self.view.instances_of(&d.spec.model) {
-                m.instances.with_label_values(&[&d.spec.model, i.status.as_str()]).inc();
+            let model = &d.spec.model;
+            if published.desired.get(model) != Some(&d.desired) {
+                m.desired.with_label_values(&[model]).set(i64::from(d.desired));
+                published.desired.insert(model.clone(), d.desired);
             }
         }
-        for w in self.view.workers.values() {
-            m.workers.with_label_values(&[w.status.as_str()]).inc();
+        // Every deployment is published now: any more entries are of deployments gone.
+        if published.desired.len() > self.view.deployments.len() {
+            published.desired.retain(|model, _| {
+                let keep = self.view.deployments.contains_key(model);
+                if !keep {
+                    let _ = m.desired.remove_label_values(&[model]);
+                }
+                keep
+            });
         }
+        let mut instances: HashMap<(String, &'static str), i64> = HashMap::new();
+        for i in self.view.instances() {
+            if self.view.deployments.contains_key(&i.model) {
+                *instances.entry((i.model.clone(), i.status.as_str())).or_default() += 1;
+            }
+        }
+        for (key, _) in published.instances.iter().filter(|(k, _)| !instances.contains_key(*k)) {
+            let _ = m.instances.remove_label_values(&[&key.0, key.1]);
+        }
+        for (key, n) in &instances {
+            if published.instances.get(key) != Some(n) {
+                m.instances.with_label_values(&[&key.0, key.1]).set(*n);
+            }
+        }
+        published.instances = instances;
+        let mut workers: HashMap<&'static str, i64> = HashMap::new();
+        for w in self.view.workers.values() {
+            *workers.entry(w.status.as_str()).or_default() += 1;
+        }
+        for (status, _) in published.workers.iter().filter(|(k, _)| !workers.contains_key(*k)) {
+            let _ = m.workers.remove_label_values(&[status]);
+        }
+        for (status, n) in &workers {
+            if published.workers.get(status) != Some(n) {
+                m.workers.with_label_values(&[status]).set(*n);
+            }
+        }
+        published.workers = workers;
     }
 
     async fn decide_all(&mut self, trigger: &str) -> Result<(), StepDown> {
         let models: Vec<String> = self.view.deployments.keys().cloned().collect();
         let view = &self.view;
         self.models.retain(|m, _| view.deployments.contains_key(m));
-        for m in models {
-            self.decide(&m, trigger).await?;
-        }
+        self.decide_many(&models, trigger).await?;
         self.clocks.forget_gone(&self.view);
         self.cold.forget_gone(&self.view);
         Ok(())
@@ -416,21 +465,23 @@ impl Leader {
                 .collect();
             dirty.extend(short);
         }
+        let mut rest = Vec::new();
         for m in dirty {
             if m.is_empty() {
                 continue;
             }
             match traces.get(&m) {
-                // A cold request's demand: the decision joins the request's trace.
+                // A cold request's demand: the decision joins the request's trace, and goes
+                // first.
                 Some(tp) => {
                     let span = tracing::info_span!("scaler decision", gen_ai.request.model = %m, sllm.trigger = trigger);
                     telemetry::propagation::set_parent(&span, tp);
                     tracing::Instrument::instrument(self.decide(&m, trigger), span).await?;
                 }
-                None => self.decide(&m, trigger).await?,
+                None => rest.push(m),
             }
         }
-        Ok(())
+        self.decide_many(&rest, trigger).await
     }
 
     async fn refresh_worker(&mut self, id: &str) {
@@ -482,9 +533,90 @@ impl Leader {
 
     /// Decides for one model and acts.
     async fn decide(&mut self, model: &str, trigger: &str) -> Result<(), StepDown> {
-        let Some(d) = self.view.deployments.get(model).cloned() else { return Ok(()) };
+        self.decide_many(&[model.to_string()], trigger).await
+    }
+
+    /// Decides for `models` and acts. The writes of all of them go out together, a few script
+    /// calls however many models moved ([`Store::write_as_leader`]), in three steps: starts that
+    /// hung are failed first (the backoff and the avoided worker that follow shape the
+    /// placements); then every model's placements, drains, stops and unplaceable marks, each
+    /// applied to the view as it is planned, so the next placement sees the GPUs taken; then
+    /// every desired count, with a decision that names only the placements that were made. A
+    /// refused write is handled as a refusal of its own transition (its change to the view is
+    /// undone; a stale token steps down); the others stand.
+    async fn decide_many(&mut self, models: &[String], trigger: &str) -> Result<(), StepDown> {
         let now = Instant::now();
-        let state = self.models.entry(model.to_string()).or_default();
+        let mut writes = Writes::new(&self.store, &self.lease);
+        for m in models {
+            self.plan_fail_stuck(m, &mut writes);
+        }
+        self.flush(writes).await?;
+
+        let mut writes = Writes::new(&self.store, &self.lease);
+        let mut drafts = Vec::new();
+        let mut recorded = Vec::new();
+        self.queues = None;
+        for m in models {
+            if let Some(d) = self.plan(m, trigger, now, &mut writes) {
+                // A decision that places nothing is complete: its desired count goes with its
+                // drains and stops, after them.
+                if d.placed.is_empty() && self.plan_desired(&d, &[], &mut writes) {
+                    recorded.push((d.model.clone(), d.committed));
+                }
+                drafts.push(d);
+            }
+        }
+        self.queues = None;
+        let applied = self.flush(writes).await?;
+
+        let mut writes = Writes::new(&self.store, &self.lease);
+        for d in drafts.iter().filter(|d| !d.placed.is_empty()) {
+            if self.plan_desired(d, &applied, &mut writes) {
+                recorded.push((d.model.clone(), d.committed));
+            }
+        }
+        self.flush(writes).await?;
+        for (model, committed) in recorded {
+            if let Some(view) = self.view.deployments.get_mut(&model) {
+                view.desired = committed;
+            }
+        }
+
+        for d in drafts.iter().filter(|d| d.deleting) {
+            let model = d.model.as_str();
+            if self.view.instances_of(model).next().is_some() {
+                continue;
+            }
+            match self.store.remove_deployment(model).await {
+                Ok(()) => {
+                    tracing::info!(%model, "deployment removed");
+                    self.view.deployments.remove(model);
+                    // The removal cleared its unplaceable mark too.
+                    self.view.unplaceable.remove(model);
+                    self.models.remove(model);
+                }
+                Err(e) if e.refusal().is_some() => {}
+                Err(e) => tracing::warn!(%model, error = %e, "cannot remove deployment"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Plans one model's decision: its desired count, and the placements, drains, stops and
+    /// unplaceable mark that follow from it, added to `writes`. Returns what the desired-count
+    /// write needs once those writes are done.
+    fn plan(
+        &mut self,
+        model: &str,
+        trigger: &str,
+        now: Instant,
+        writes: &mut Writes,
+    ) -> Option<Draft> {
+        let d = self.view.deployments.get(model)?;
+        if !self.models.contains_key(model) {
+            self.models.insert(model.to_string(), ModelState::default());
+        }
+        let state = self.models.get_mut(model)?;
         if state.last_version != d.version {
             // A user's update gives a model that was given up on a fresh start.
             if state.last_version != 0 && state.gave_up.is_some() {
@@ -513,11 +645,34 @@ impl Leader {
         } else {
             policy::commit(d.desired, wanted, keep_alive, &mut state.below_since, now)
         };
-        self.fail_stuck(model).await?;
-        let unplaceable = self.judge_placeable(&d).await?;
-        let state = self.models.entry(model.to_string()).or_default();
         let gave_up = state.gave_up.clone();
         let waiting = state.retry_at.is_some_and(|t| t > now);
+        let unplaceable = self.plan_verdict(d, writes);
+        // Most models of a large fleet have no instance: one look-up says so.
+        let has_instances = self.view.has_instances(model);
+        let actual = if has_instances { self.view.actual(model) } else { 0 };
+        if committed == d.desired
+            && committed == actual
+            && !deleting
+            && gave_up.as_deref().or(unplaceable.as_deref()).unwrap_or_default() == d.last_error
+            && (!has_instances
+                || self.view.instances_of(model).all(|i| {
+                    matches!(
+                        i.status,
+                        InstanceStatus::Pending | InstanceStatus::Loading | InstanceStatus::Ready
+                    )
+                }))
+        {
+            // Nothing to change, place, drain or settle: the common case of a tick, decided
+            // without copying the deployment. (Settling only forgets clocks of such instances.)
+            if has_instances {
+                for i in self.view.instances_of(model) {
+                    self.clocks.forget(&i.instance_id);
+                }
+            }
+            return None;
+        }
+        let d = d.clone();
 
         let mut reason = String::new();
         if committed != d.desired {
@@ -559,12 +714,11 @@ impl Leader {
         }
 
         // Place what is missing.
-        let actual = self.view.actual(model);
         let mut placed = Vec::new();
         if committed > actual && gave_up.is_none() && !waiting {
             for _ in actual..committed {
-                match self.place_one(&d).await? {
-                    Some(p) => placed.push(p),
+                match self.plan_place_one(&d, writes) {
+                    Some(p) => placed.push((writes.len() - 1, p)),
                     None => break,
                 }
             }
@@ -572,60 +726,81 @@ impl Leader {
                 tracing::debug!(%model, need = d.spec.num_gpus, "no worker can take an instance now");
             }
         }
+
+        // Drain what is surplus.
+        if committed < actual {
+            self.plan_drain_surplus(model, actual - committed, writes);
+        }
+        self.plan_settle_lost_and_stuck(model, writes);
+
+        // Giving up on a model, or a fleet that cannot hold it, is what a user sees as the
+        // reason it does not start.
+        Some(Draft {
+            model: model.to_string(),
+            from: d.desired,
+            committed,
+            actual,
+            reason,
+            placed,
+            error: gave_up.or(unplaceable).unwrap_or_default(),
+            last_error: d.last_error,
+            deleting,
+        })
+    }
+
+    /// Adds the desired-count write of a planned decision, now that its placements' outcomes
+    /// (`applied`, by write) are known. Returns whether there was one.
+    fn plan_desired(&mut self, d: &Draft, applied: &[bool], writes: &mut Writes) -> bool {
+        let placed: Vec<&str> = d
+            .placed
+            .iter()
+            .filter(|(at, _)| applied.get(*at).copied().unwrap_or(false))
+            .map(|(_, what)| what.as_str())
+            .collect();
+        let mut reason = d.reason.clone();
         if !placed.is_empty() {
             if reason.is_empty() {
-                reason = format!("replace {} of {committed}: {actual} running", placed.len());
+                reason =
+                    format!("replace {} of {}: {} running", placed.len(), d.committed, d.actual);
             }
-            if let Some(failure) = self.models.get_mut(model).and_then(|s| s.last_failure.take()) {
+            if let Some(failure) = self.models.get_mut(&d.model).and_then(|s| s.last_failure.take())
+            {
                 reason = format!("{reason}; {failure}");
             }
             reason = format!("{reason}; {}", placed.join("; "));
         }
-
-        // Drain what is surplus.
-        if committed < actual {
-            self.drain_surplus(model, actual - committed).await?;
+        if reason.is_empty() && d.error == d.last_error {
+            return false;
         }
-        self.settle_lost_and_stuck(model).await?;
-
-        // Giving up on a model, or a fleet that cannot hold it, is what a user sees as the
-        // reason it does not start.
-        let error = gave_up.or(unplaceable).unwrap_or_default();
-        if !reason.is_empty() || error != d.last_error {
-            if !reason.is_empty() {
-                tracing::info!(%model, %reason, "scaling decision");
-            }
-            let decision = (!reason.is_empty()).then_some((d.desired, committed, reason));
-            self.write_desired(model, decision, &error).await?;
-            if let Some(view) = self.view.deployments.get_mut(model) {
-                view.desired = committed;
-            }
+        if !reason.is_empty() {
+            tracing::info!(model = %d.model, %reason, "scaling decision");
         }
-
-        if deleting && self.view.instances_of(model).next().is_none() {
-            match self.store.remove_deployment(model).await {
-                Ok(()) => {
-                    tracing::info!(%model, "deployment removed");
-                    self.view.deployments.remove(model);
-                    // The removal cleared its unplaceable mark too.
-                    self.view.unplaceable.remove(model);
-                    self.models.remove(model);
-                }
-                Err(e) if e.refusal().is_some() => {}
-                Err(e) => tracing::warn!(%model, error = %e, "cannot remove deployment"),
-            }
-        }
-        Ok(())
+        let decision = (!reason.is_empty()).then_some((d.from, d.committed, reason));
+        self.plan_write_desired(&d.model, decision, &d.error, writes);
+        true
     }
 
-    /// Records the desired count and the decision (or only the error) in Redis.
+    /// Records the desired count and the decision (or only the error) in Redis, alone.
     async fn write_desired(
         &mut self,
         model: &str,
         decision: Option<(u32, u32, String)>,
         error: &str,
     ) -> Result<(), StepDown> {
-        let Some(d) = self.view.deployments.get(model) else { return Ok(()) };
+        let mut writes = Writes::new(&self.store, &self.lease);
+        self.plan_write_desired(model, decision, error, &mut writes);
+        self.flush(writes).await.map(|_| ())
+    }
+
+    /// Adds the write of the desired count and the decision (or only the error).
+    fn plan_write_desired(
+        &self,
+        model: &str,
+        decision: Option<(u32, u32, String)>,
+        error: &str,
+        writes: &mut Writes,
+    ) {
+        let Some(d) = self.view.deployments.get(model) else { return };
         let (desired, json) = match decision {
             Some((from, to, reason)) => {
                 let json = serde_json::json!({ "from": from, "to": to, "reason": reason, "at_ms": now_ms() });
@@ -633,25 +808,29 @@ impl Leader {
             }
             None => (d.desired, d.last_decision.clone()),
         };
-        match self.store.set_desired(&self.lease, model, desired, &json, error).await {
-            Ok(_) => {
-                if let Some(d) = self.view.deployments.get_mut(model) {
-                    d.desired = desired;
-                    d.last_decision = json;
-                    d.last_error = error.to_string();
-                }
-                Ok(())
-            }
-            Err(e) => self.fenced(e, "set desired"),
-        }
+        writes.push(
+            LeaderWrite::Desired {
+                model: model.to_string(),
+                desired,
+                decision: json.clone(),
+                last_error: error.to_string(),
+            },
+            Then::Desired {
+                model: model.to_string(),
+                desired,
+                decision: json,
+                error: error.into(),
+            },
+        );
     }
 
-    /// Places one new instance of `d`; returns a description of where, or None if no worker
-    /// can take it.
-    async fn place_one(
+    /// Plans one new instance of `d` (taking its GPUs in the view at once); returns a
+    /// description of where, or None if no worker can take it.
+    fn plan_place_one(
         &mut self,
         d: &kvstore::DeploymentRecord,
-    ) -> Result<Option<String>, StepDown> {
+        writes: &mut Writes,
+    ) -> Option<String> {
         let model = d.spec.model.as_str();
         let now = Instant::now();
         let avoid: Vec<String> = self
@@ -672,12 +851,17 @@ impl Leader {
             .unwrap_or(self.config.default_checkpoint_bytes);
         let default_size = self.config.default_checkpoint_bytes;
         let view = &self.view;
-        let queue = |w: &kvstore::WorkerRecord| -> f64 {
-            view.instances_on(&w.worker_id)
-                .filter(|i| matches!(i.status, InstanceStatus::Pending | InstanceStatus::Loading))
-                .map(|i| policy::load_estimate(w, &i.model, default_size).0)
-                .sum()
-        };
+        let queues = self.queues.get_or_insert_with(|| view.queues(default_size));
+        // The model's replicas by worker: few, counted once rather than per worker.
+        let mut replicas: HashMap<&str, usize> = HashMap::new();
+        for i in view.instances_of(model).filter(|i| {
+            matches!(
+                i.status,
+                InstanceStatus::Pending | InstanceStatus::Loading | InstanceStatus::Ready
+            )
+        }) {
+            *replicas.entry(i.worker_id.as_str()).or_default() += 1;
+        }
         // A worker an instance just failed on is avoided while another can take the model;
         // when none can, it gets the replacement after all (failed starts back off on their own).
         let mut candidate = None;
@@ -685,24 +869,33 @@ impl Leader {
             if !skip_avoided && avoid.is_empty() {
                 break;
             }
-            candidate = policy::place(
-                view.workers.values().filter(|w| {
+            // Both in worker id order: each worker's queue is found by walking the two along.
+            let mut queue = queues.iter().peekable();
+            let offers = view
+                .workers
+                .values()
+                .filter(|w| {
                     w.status == WorkerStatus::Ready
                         && w.inventory.runs(&d.spec.backend)
                         && !(skip_avoided && avoid.contains(&w.worker_id))
-                }),
-                model,
-                d.spec.num_gpus,
-                fallback,
-                |w| w.free_gpus.clone(),
-                queue,
-                |w| view.replicas_on(&w.worker_id, model),
-            );
+                })
+                .map(|w| {
+                    while queue.next_if(|(id, _)| id.as_str() < w.worker_id.as_str()).is_some() {}
+                    policy::Offer {
+                        worker: w,
+                        free: Cow::Borrowed(w.free_gpus.as_slice()),
+                        queue: queue
+                            .next_if(|(id, _)| **id == w.worker_id)
+                            .map_or(0.0, |(_, q)| *q),
+                        replicas: replicas.get(w.worker_id.as_str()).copied().unwrap_or(0),
+                    }
+                });
+            candidate = policy::choose(offers, model, d.spec.num_gpus, fallback);
             if candidate.is_some() {
                 break;
             }
         }
-        let Some(c) = candidate else { return Ok(None) };
+        let c = candidate?;
         let (worker, gpus, estimate, tier) =
             (c.worker.worker_id.clone(), c.gpus.clone(), c.estimate, c.tier);
         // The bytes this start loads, for measuring the worker's bandwidth from it.
@@ -750,58 +943,60 @@ impl Leader {
             command_id,
             command: command.encode_to_vec(),
         };
-        let created = tracing::Instrument::instrument(
-            self.store.create_instance(&self.lease, &placement),
-            span,
-        )
-        .await;
-        match created {
-            Ok(version) => {
-                self.measured.placed(&instance_id, &worker, tier, bytes);
-                telemetry::metrics::SCALER
-                    .cold_starts
-                    .with_label_values(&[model, tier.as_str()])
-                    .inc();
-                if let Some(w) = self.view.workers.get_mut(&worker) {
-                    w.free_gpus.retain(|g| !gpus.contains(g));
-                }
-                let now = now_ms();
-                self.view.insert(InstanceRecord {
-                    instance_id: instance_id.clone(),
-                    model: model.to_string(),
-                    worker_id: worker.clone(),
-                    status: InstanceStatus::Pending,
-                    gpus,
-                    reason: String::new(),
-                    version,
-                    created_ms: now,
-                    updated_ms: now,
-                });
-                Ok(Some(format!(
-                    "placed {instance_id} on {worker}: {}, est. {estimate:.1} s",
-                    policy::tier_words(tier)
-                )))
+        // Taken at once, so the next placement of this pass sees the GPUs gone; given back if
+        // the write is refused.
+        if let Some(w) = self.view.workers.get_mut(&worker) {
+            w.free_gpus.retain(|g| !gpus.contains(g));
+        }
+        let now = now_ms();
+        self.view.insert(InstanceRecord {
+            instance_id: instance_id.clone(),
+            model: model.to_string(),
+            worker_id: worker.clone(),
+            status: InstanceStatus::Pending,
+            gpus: gpus.clone(),
+            reason: String::new(),
+            version: 1,
+            created_ms: now,
+            updated_ms: now,
+        });
+        self.requeue(&worker);
+        let what = format!(
+            "placed {instance_id} on {worker}: {}, est. {estimate:.1} s",
+            policy::tier_words(tier)
+        );
+        writes.push(
+            LeaderWrite::Place(placement),
+            Then::Placed(Box::new(Placed {
+                model: model.to_string(),
+                instance_id,
+                worker,
+                gpus,
+                tier,
+                bytes,
+                span,
+            })),
+        );
+        Some(what)
+    }
+
+    /// Brings the planning pass's queue of loads on `worker` up to date with the view.
+    fn requeue(&mut self, worker: &str) {
+        let Some(queues) = self.queues.as_mut() else { return };
+        match self.view.workers.get(worker) {
+            Some(w) => {
+                let q = self.view.queue_on(w, self.config.default_checkpoint_bytes);
+                queues.insert(worker.to_string(), q);
             }
-            Err(e) => match e.refusal() {
-                Some(Refusal::NotLeader) => Err(StepDown::LostLease),
-                Some(_) => {
-                    // The view was stale (GPU taken, worker gone): re-read that worker; the
-                    // next event or tick tries again.
-                    tracing::info!(%model, %worker, error = %e, "placement refused");
-                    self.refresh_worker(&worker).await;
-                    Ok(None)
-                }
-                None => {
-                    tracing::warn!(%model, error = %e, "cannot place an instance");
-                    Ok(None)
-                }
-            },
+            None => {
+                queues.remove(worker);
+            }
         }
     }
 
-    /// Drains `n` instances of `model`: those not yet serving first, then the newest.
-    async fn drain_surplus(&mut self, model: &str, n: u32) -> Result<(), StepDown> {
-        let mut victims: Vec<InstanceRecord> = self
+    /// Plans draining `n` instances of `model`: those not yet serving first, then the newest.
+    fn plan_drain_surplus(&mut self, model: &str, n: u32, writes: &mut Writes) {
+        let mut victims: Vec<(String, String, InstanceStatus, bool, u64)> = self
             .view
             .instances_of(model)
             .filter(|i| {
@@ -810,43 +1005,41 @@ impl Leader {
                     InstanceStatus::Pending | InstanceStatus::Loading | InstanceStatus::Ready
                 )
             })
-            .cloned()
+            .map(|i| {
+                let ready = i.status == InstanceStatus::Ready;
+                (i.instance_id.clone(), i.worker_id.clone(), i.status, ready, i.created_ms)
+            })
             .collect();
-        victims
-            .sort_by_key(|i| (i.status == InstanceStatus::Ready, std::cmp::Reverse(i.created_ms)));
-        for v in victims.into_iter().take(n as usize) {
+        victims.sort_by_key(|v| (v.3, std::cmp::Reverse(v.4)));
+        for (id, worker, previous, _, _) in victims.into_iter().take(n as usize) {
             let command = pb::Command {
-                command_id: format!("drain-{}", v.instance_id),
+                command_id: format!("drain-{id}"),
                 action: Some(pb::command::Action::Drain(pb::DrainInstance {
-                    instance_id: v.instance_id.clone(),
+                    instance_id: id.clone(),
                     grace_ms: self.config.drain_grace.as_millis() as u64,
                 })),
             };
             let body = command.encode_to_vec();
-            let r = self
-                .store
-                .transition_instance(
-                    &v.instance_id,
-                    InstanceStatus::Draining,
-                    By::Leader(&self.lease),
-                    "surplus",
-                    Some((&command.command_id, &body)),
-                )
-                .await;
-            match r {
-                Ok(_) => {
-                    tracing::info!(%model, instance = %v.instance_id, worker = %v.worker_id, "draining");
-                    self.view.set_status(&v.instance_id, InstanceStatus::Draining);
-                    self.clocks.start_draining(&v.instance_id, Instant::now());
-                }
-                Err(e) => self.fenced(e, "drain")?,
+            // Draining at once in the view; back to where it was if the write is refused.
+            self.view.set_status(&id, InstanceStatus::Draining);
+            if matches!(previous, InstanceStatus::Pending | InstanceStatus::Loading) {
+                self.requeue(&worker);
             }
+            writes.push(
+                LeaderWrite::Move {
+                    instance_id: id.clone(),
+                    to: InstanceStatus::Draining,
+                    reason: "surplus".into(),
+                    command: Some((command.command_id, body)),
+                },
+                Then::Drained { model: model.to_string(), instance: id, worker, previous },
+            );
         }
-        Ok(())
     }
 
-    /// Fails instances whose worker stayed lost too long, and stops drains that overran.
-    async fn settle_lost_and_stuck(&mut self, model: &str) -> Result<(), StepDown> {
+    /// Plans failing instances whose worker stayed lost too long, and stopping drains that
+    /// overran.
+    fn plan_settle_lost_and_stuck(&mut self, model: &str, writes: &mut Writes) {
         let now = Instant::now();
         let mut to_fail = Vec::new();
         let mut to_stop = Vec::new();
@@ -870,23 +1063,15 @@ impl Leader {
         for id in to_fail {
             let reason =
                 format!("worker lost for more than {} s", self.config.lost_grace.as_secs());
-            let r = self
-                .store
-                .transition_instance(
-                    &id,
-                    InstanceStatus::Failed,
-                    By::Leader(&self.lease),
-                    &reason,
-                    None,
-                )
-                .await;
-            match r {
-                Ok(_) => {
-                    self.view.remove(&id);
-                    self.clocks.forget(&id);
-                }
-                Err(e) => self.fenced(e, "fail lost instance")?,
-            }
+            writes.push(
+                LeaderWrite::Move {
+                    instance_id: id.clone(),
+                    to: InstanceStatus::Failed,
+                    reason,
+                    command: None,
+                },
+                Then::Ended { instance: id, what: "fail lost instance" },
+            );
         }
         for id in to_stop {
             let command = pb::Command {
@@ -896,40 +1081,30 @@ impl Leader {
                 })),
             };
             let body = command.encode_to_vec();
-            let r = self
-                .store
-                .transition_instance(
-                    &id,
-                    InstanceStatus::Stopped,
-                    By::Leader(&self.lease),
-                    "drain overran its grace",
-                    Some((&command.command_id, &body)),
-                )
-                .await;
-            match r {
-                Ok(_) => {
-                    self.view.remove(&id);
-                    self.clocks.forget(&id);
-                }
-                Err(e) => self.fenced(e, "stop overrunning drain")?,
-            }
+            writes.push(
+                LeaderWrite::Move {
+                    instance_id: id.clone(),
+                    to: InstanceStatus::Stopped,
+                    reason: "drain overran its grace".into(),
+                    command: Some((command.command_id, body)),
+                },
+                Then::Ended { instance: id, what: "stop overrunning drain" },
+            );
         }
-        Ok(())
     }
 
-    /// Fails the model's instances that stayed pending or loading longer than the start timeout
-    /// (an engine that hangs while loading, a start whose report was lost), stopping them on
-    /// their worker, so they are replaced like any failed start. Measured from the placement.
-    async fn fail_stuck(&mut self, model: &str) -> Result<(), StepDown> {
+    /// Plans failing the model's instances that stayed pending or loading longer than the start
+    /// timeout (an engine that hangs while loading, a start whose report was lost), stopping
+    /// them on their worker, so they are replaced like any failed start. Measured from the
+    /// placement.
+    fn plan_fail_stuck(&mut self, model: &str, writes: &mut Writes) {
         let limit = self.config.start_timeout;
         let now = now_ms();
-        let stuck: Vec<InstanceRecord> = self
+        let stuck = self
             .view
             .instances_of(model)
             .filter(|i| matches!(i.status, InstanceStatus::Pending | InstanceStatus::Loading))
-            .filter(|i| now.saturating_sub(i.created_ms) >= limit.as_millis() as u64)
-            .cloned()
-            .collect();
+            .filter(|i| now.saturating_sub(i.created_ms) >= limit.as_millis() as u64);
         for i in stuck {
             let reason = format!("stuck in {} for more than {}", i.status.as_str(), words(limit));
             let command = pb::Command {
@@ -939,42 +1114,27 @@ impl Leader {
                 })),
             };
             let body = command.encode_to_vec();
-            let r = self
-                .store
-                .transition_instance(
-                    &i.instance_id,
-                    InstanceStatus::Failed,
-                    By::Leader(&self.lease),
-                    &reason,
-                    Some((&command.command_id, &body)),
-                )
-                .await;
-            match r {
-                Ok(_) => {
-                    let failed = InstanceRecord {
-                        status: InstanceStatus::Failed,
-                        reason: reason.clone(),
-                        ..i.clone()
-                    };
-                    // Counted as a failed start: backed off, avoided on that worker, and given
-                    // up on after max_load_failures in a row.
-                    self.load_failed(model, &failed, Some(i.status));
-                    self.view.remove(&i.instance_id);
-                    self.refresh_worker(&i.worker_id).await;
-                }
-                Err(e) => self.fenced(e, "fail stuck instance")?,
-            }
+            let failed = InstanceRecord {
+                status: InstanceStatus::Failed,
+                reason: reason.clone(),
+                ..i.clone()
+            };
+            writes.push(
+                LeaderWrite::Move {
+                    instance_id: i.instance_id.clone(),
+                    to: InstanceStatus::Failed,
+                    reason,
+                    command: Some((command.command_id, body)),
+                },
+                Then::FailedStuck { model: model.to_string(), failed, previous: i.status },
+            );
         }
-        Ok(())
     }
 
-    /// Judges whether the live fleet can hold `d` at all and, when the verdict changed, records
-    /// it (the `unplaceable` mark and its event, which Dispatch fails held requests on).
-    /// Returns the reason it cannot be placed, if so.
-    async fn judge_placeable(
-        &mut self,
-        d: &kvstore::DeploymentRecord,
-    ) -> Result<Option<String>, StepDown> {
+    /// Judges whether the live fleet can hold `d` at all and, when the verdict changed, plans
+    /// recording it (the `unplaceable` mark and its event, which Dispatch fails held requests
+    /// on). Returns the reason it cannot be placed, if so.
+    fn plan_verdict(&self, d: &kvstore::DeploymentRecord, writes: &mut Writes) -> Option<String> {
         let model = d.spec.model.as_str();
         let verdict = if d.status == kvstore::DeploymentStatus::Deleting {
             None
@@ -987,48 +1147,289 @@ impl Leader {
             )
         };
         if verdict.as_deref() != self.view.unplaceable.get(model).map(String::as_str) {
-            let reason = verdict.as_deref().unwrap_or("");
-            match self.store.set_unplaceable(&self.lease, model, reason).await {
-                Ok(_) => match &verdict {
-                    Some(why) => {
-                        tracing::warn!(%model, reason = %why, "cannot be placed on any worker");
-                        self.view.unplaceable.insert(model.to_string(), why.clone());
+            writes.push(
+                LeaderWrite::Unplaceable {
+                    model: model.to_string(),
+                    reason: verdict.clone().unwrap_or_default(),
+                },
+                Then::Verdict { model: model.to_string(), verdict: verdict.clone() },
+            );
+        }
+        verdict
+    }
+
+    /// [`Leader::plan_verdict`] for every deployment, recorded: the fleet changed.
+    async fn judge_placeable_all(&mut self) -> Result<(), StepDown> {
+        let mut writes = Writes::new(&self.store, &self.lease);
+        for d in self.view.deployments.values() {
+            self.plan_verdict(d, &mut writes);
+        }
+        self.flush(writes).await.map(|_| ())
+    }
+
+    /// Applies `writes` ([`Store::write_as_leader`]) and does what follows each outcome: on
+    /// success what the write means for the leader's state, on a refusal what its transition's
+    /// refusal means (a change made to the view in advance is undone; a stale token steps
+    /// down). Returns, per write, whether it was applied.
+    async fn flush(&mut self, writes: Writes) -> Result<Vec<bool>, StepDown> {
+        if writes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut writes = writes;
+        let results = match writes.writer.take() {
+            None => self.store.write_as_leader(&self.lease, &writes.writes).await,
+            Some(writer) => {
+                let rest = std::mem::take(&mut writes.writes);
+                if !rest.is_empty() {
+                    let _ = writer.calls.send(rest);
+                }
+                drop(writer.calls);
+                writer.done.await.unwrap_or_default()
+            }
+        };
+        let planned = writes.then.len();
+        let mut results = results;
+        // A writer that stopped short (it panicked) applied none of what it did not report.
+        while results.len() < planned {
+            results.push(Err(kvstore::Error::Protocol {
+                script: "leader_batch",
+                detail: "the pass's writer stopped before this write".into(),
+            }));
+        }
+        if results
+            .iter()
+            .any(|r| r.as_ref().is_err_and(|e| e.refusal().is_some_and(Refusal::is_not_leader)))
+        {
+            return Err(StepDown::LostLease);
+        }
+        let mut applied = Vec::with_capacity(results.len());
+        // Workers a refused placement or a failed start found changed: re-read once each.
+        let mut reread: BTreeSet<String> = BTreeSet::new();
+        for (then, result) in writes.then.into_iter().zip(results) {
+            applied.push(result.is_ok());
+            match then {
+                Then::FailedStuck { model, failed, previous } => match result {
+                    Ok(_) => {
+                        // Counted as a failed start: backed off, avoided on that worker, and
+                        // given up on after max_load_failures in a row.
+                        self.load_failed(&model, &failed, Some(previous));
+                        self.view.remove(&failed.instance_id);
+                        reread.insert(failed.worker_id);
                     }
-                    None => {
-                        tracing::info!(%model, "placeable again");
-                        self.view.unplaceable.remove(model);
+                    Err(e) => self.fenced(e, "fail stuck instance"),
+                },
+                Then::Verdict { model, verdict } => match result {
+                    Ok(_) => match verdict {
+                        Some(why) => {
+                            tracing::warn!(%model, reason = %why, "cannot be placed on any worker");
+                            self.view.unplaceable.insert(model, why);
+                        }
+                        None => {
+                            tracing::info!(%model, "placeable again");
+                            self.view.unplaceable.remove(&model);
+                        }
+                    },
+                    // Not recorded (Redis away, deployment just removed): the next decision
+                    // retries.
+                    Err(e) => self.fenced(e, "record unplaceable"),
+                },
+                Then::Placed(p) => {
+                    let Placed { model, instance_id, worker, gpus, tier, bytes, span } = *p;
+                    match result {
+                        Ok(_) => {
+                            self.measured.placed(&instance_id, &worker, tier, bytes);
+                            telemetry::metrics::SCALER
+                                .cold_starts
+                                .with_label_values(&[model.as_str(), tier.as_str()])
+                                .inc();
+                        }
+                        Err(e) => {
+                            self.view.remove(&instance_id);
+                            if let Some(w) = self.view.workers.get_mut(&worker) {
+                                for g in gpus {
+                                    if !w.free_gpus.contains(&g) {
+                                        w.free_gpus.push(g);
+                                    }
+                                }
+                                w.free_gpus.sort_unstable();
+                            }
+                            span.in_scope(|| match e.refusal() {
+                                // The view was stale (GPU taken, worker gone): re-read that
+                                // worker; the next event or tick tries again.
+                                Some(_) => {
+                                    tracing::info!(%model, %worker, error = %e, "placement refused");
+                                    reread.insert(worker);
+                                }
+                                None => {
+                                    tracing::warn!(%model, error = %e, "cannot place an instance")
+                                }
+                            });
+                        }
+                    }
+                }
+                Then::Drained { model, instance, worker, previous } => match result {
+                    Ok(_) => {
+                        tracing::info!(%model, %instance, %worker, "draining");
+                        self.clocks.start_draining(&instance, Instant::now());
+                    }
+                    Err(e) => {
+                        self.view.set_status(&instance, previous);
+                        self.fenced(e, "drain");
                     }
                 },
-                // Not recorded (Redis away, deployment just removed): the next decision retries.
-                Err(e) => self.fenced(e, "record unplaceable")?,
+                Then::Ended { instance, what } => match result {
+                    Ok(_) => {
+                        self.view.remove(&instance);
+                        self.clocks.forget(&instance);
+                    }
+                    Err(e) => self.fenced(e, what),
+                },
+                Then::Desired { model, desired, decision, error } => match result {
+                    Ok(_) => {
+                        if let Some(d) = self.view.deployments.get_mut(&model) {
+                            d.desired = desired;
+                            d.last_decision = decision;
+                            d.last_error = error;
+                        }
+                    }
+                    Err(e) => self.fenced(e, "set desired"),
+                },
             }
         }
-        Ok(verdict)
-    }
-
-    /// [`Leader::judge_placeable`] for every deployment: the fleet changed.
-    async fn judge_placeable_all(&mut self) -> Result<(), StepDown> {
-        let all: Vec<kvstore::DeploymentRecord> = self.view.deployments.values().cloned().collect();
-        for d in &all {
-            self.judge_placeable(d).await?;
+        for id in reread {
+            self.refresh_worker(&id).await;
         }
-        Ok(())
+        Ok(applied)
     }
 
-    /// A refused write: a stale token means stepping down; anything else is logged.
-    fn fenced(&self, e: kvstore::Error, what: &str) -> Result<(), StepDown> {
+    /// A refused or failed write other than for a stale token (which [`Leader::flush`] steps
+    /// down on): logged.
+    fn fenced(&self, e: kvstore::Error, what: &str) {
         match e.refusal() {
-            Some(Refusal::NotLeader) => Err(StepDown::LostLease),
-            Some(_) => {
-                tracing::info!(error = %e, "{what} refused");
-                Ok(())
-            }
-            None => {
-                tracing::warn!(error = %e, "{what} failed");
-                Ok(())
-            }
+            Some(_) => tracing::info!(error = %e, "{what} refused"),
+            None => tracing::warn!(error = %e, "{what} failed"),
         }
     }
+}
+
+/// Writes planned in one pass, each with what follows its outcome. Once a script call's worth
+/// is planned it is sent at once, while planning goes on: a task applies the calls in order
+/// ([`Store::write_as_leader`]), so Redis applies one part of the pass while the leader plans
+/// the next. [`Leader::flush`] sends the rest and collects every outcome.
+struct Writes {
+    /// Planned and not yet sent.
+    writes: Vec<LeaderWrite>,
+    then: Vec<Then>,
+    /// How many were sent to the writer.
+    sent: usize,
+    writer: Option<Writer>,
+    store: Store,
+    lease: LeaderLease,
+}
+
+/// The task applying a pass's writes in order, a script call at a time.
+struct Writer {
+    calls: mpsc::UnboundedSender<Vec<LeaderWrite>>,
+    done: tokio::task::JoinHandle<Vec<kvstore::Result<Written>>>,
+}
+
+impl Writes {
+    fn new(store: &Store, lease: &LeaderLease) -> Writes {
+        Writes {
+            writes: Vec::new(),
+            then: Vec::new(),
+            sent: 0,
+            writer: None,
+            store: store.clone(),
+            lease: lease.clone(),
+        }
+    }
+
+    fn push(&mut self, write: LeaderWrite, then: Then) {
+        self.writes.push(write);
+        self.then.push(then);
+        if self.writes.len() >= kvstore::MAX_ITEMS_PER_CALL {
+            self.send();
+        }
+    }
+
+    /// Hands the planned writes to the writer, starting it if need be.
+    fn send(&mut self) {
+        let writer = self.writer.get_or_insert_with(|| {
+            let (calls, mut rx) = mpsc::unbounded_channel::<Vec<LeaderWrite>>();
+            let (store, lease) = (self.store.clone(), self.lease.clone());
+            let task = async move {
+                let mut out = Vec::new();
+                while let Some(call) = rx.recv().await {
+                    out.extend(store.write_as_leader(&lease, &call).await);
+                }
+                out
+            };
+            let done =
+                tokio::spawn(tracing::Instrument::instrument(task, tracing::Span::current()));
+            Writer { calls, done }
+        });
+        let call = std::mem::take(&mut self.writes);
+        self.sent += call.len();
+        // The writer ends only once this sender is dropped; an error means it panicked, which
+        // the outcomes collected in `flush` report.
+        let _ = writer.calls.send(call);
+    }
+
+    /// How many writes were planned.
+    fn len(&self) -> usize {
+        self.then.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.then.is_empty()
+    }
+}
+
+/// What follows the outcome of one planned write.
+enum Then {
+    /// A start that hung was failed: counted as a failed start.
+    FailedStuck { model: String, failed: InstanceRecord, previous: InstanceStatus },
+    /// The placeable verdict was recorded.
+    Verdict { model: String, verdict: Option<String> },
+    /// An instance was placed (already in the view, its GPUs taken there).
+    Placed(Box<Placed>),
+    /// An instance was drained (already draining in the view).
+    Drained { model: String, instance: String, worker: String, previous: InstanceStatus },
+    /// An instance on a lost worker was failed, or a drain that overran was stopped.
+    Ended { instance: String, what: &'static str },
+    /// A desired count was recorded.
+    Desired { model: String, desired: u32, decision: String, error: String },
+}
+
+/// A planned placement, for what follows its outcome.
+struct Placed {
+    model: String,
+    instance_id: String,
+    worker: String,
+    gpus: Vec<u32>,
+    tier: kvstore::Tier,
+    bytes: u64,
+    /// The placement's span (its context travels in the start command).
+    span: tracing::Span,
+}
+
+/// A planned decision, for its desired-count write once its placements are done.
+struct Draft {
+    model: String,
+    /// The desired count it started from, and the one it commits.
+    from: u32,
+    committed: u32,
+    /// Instances counting as capacity before the placements.
+    actual: u32,
+    /// Why the desired count changes ('' if it does not).
+    reason: String,
+    /// Its placements: the write's position in the batch, and where it went.
+    placed: Vec<(usize, String)>,
+    /// What stops the model starting ('' for nothing), and what was recorded before.
+    error: String,
+    last_error: String,
+    deleting: bool,
 }
 
 async fn read_events(

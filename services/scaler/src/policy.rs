@@ -29,6 +29,7 @@
 //! worker at all it says nothing (workers may be starting), and a verdict given earlier is
 //! withdrawn.
 
+use std::borrow::Cow;
 use std::time::{Duration, Instant};
 
 use kvstore::{AutoScaling, Tier, WorkerRecord};
@@ -150,7 +151,8 @@ pub struct Candidate<'a> {
 /// Picks the worker for a new instance of `model` needing `num_gpus` GPUs: the lowest
 /// estimate plus [`SPREAD_PENALTY_S`] per replica already there (see the module
 /// documentation). `free(w)` gives the GPUs still free on `w`, `queue(w)` its loads in progress
-/// (seconds) and `replicas(w)` how many instances of the model it already has.
+/// (seconds) and `replicas(w)` how many instances of the model it already has. The same choice
+/// as [`choose`] over the offers these make.
 pub fn place<'a>(
     workers: impl Iterator<Item = &'a WorkerRecord>,
     model: &str,
@@ -160,21 +162,49 @@ pub fn place<'a>(
     queue: impl Fn(&WorkerRecord) -> f64,
     replicas: impl Fn(&WorkerRecord) -> usize,
 ) -> Option<Candidate<'a>> {
-    let mut best: Option<(Candidate<'a>, f64)> = None;
-    for w in workers {
-        let mut gpus = free(w);
-        if gpus.len() < num_gpus as usize {
+    let offers = workers.map(|w| Offer {
+        worker: w,
+        free: Cow::Owned(free(w)),
+        queue: queue(w),
+        replicas: replicas(w),
+    });
+    choose(offers, model, num_gpus, fallback_size)
+}
+
+/// One worker offered to [`choose`], with what the choice needs of it besides its record.
+#[derive(Debug, Clone)]
+pub struct Offer<'a> {
+    /// The worker.
+    pub worker: &'a WorkerRecord,
+    /// The GPUs still free on it.
+    pub free: Cow<'a, [u32]>,
+    /// Its loads in progress (seconds).
+    pub queue: f64,
+    /// Instances of the model it already has.
+    pub replicas: usize,
+}
+
+/// [`place`] over offers the caller keeps at hand (a scan of a whole fleet then costs a few
+/// loads per worker): the offers, in worker id order, each scored as [`place`] documents.
+pub fn choose<'a>(
+    offers: impl Iterator<Item = Offer<'a>>,
+    model: &str,
+    num_gpus: u32,
+    fallback_size: u64,
+) -> Option<Candidate<'a>> {
+    let mut best: Option<(Offer<'a>, f64, f64, Tier)> = None;
+    for o in offers {
+        if o.free.len() < num_gpus as usize {
             continue;
         }
-        gpus.sort_unstable();
-        gpus.truncate(num_gpus as usize);
-        let spread = replicas(w);
+        let w = o.worker;
+        let spread = o.replicas;
         let (load, tier) = replica_estimate(w, model, fallback_size, spread);
-        let estimate = load + queue(w);
+        let estimate = load + o.queue;
         let score = estimate + SPREAD_PENALTY_S * spread as f64;
         let better = match &best {
             None => true,
-            Some((b, b_score)) => {
+            Some((b, b_score, _, _)) => {
                 // Scores within a millisecond count as a tie: then spread, then the id.
                 if (score - b_score).abs() > 1e-3 {
                     score < *b_score
@@ -186,10 +216,16 @@ pub fn place<'a>(
             }
         };
         if better {
-            best = Some((Candidate { worker: w, gpus, estimate, tier, replicas: spread }, score));
+            best = Some((o, score, estimate, tier));
         }
     }
-    best.map(|(c, _)| c)
+    best.map(|(o, _, estimate, tier)| {
+        // The lowest free GPUs: only the chosen worker's are sorted.
+        let mut gpus = o.free.into_owned();
+        gpus.sort_unstable();
+        gpus.truncate(num_gpus as usize);
+        Candidate { worker: o.worker, gpus, estimate, tier, replicas: o.replicas }
+    })
 }
 
 /// The GPU count of the largest of `workers` (the live fleet), or None if there are none.

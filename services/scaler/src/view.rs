@@ -88,6 +88,43 @@ impl View {
         self.instances.get(id)
     }
 
+    /// Every live instance.
+    pub(crate) fn instances(&self) -> impl Iterator<Item = &InstanceRecord> {
+        self.instances.values()
+    }
+
+    /// Seconds of loads in progress on `w` (its pending and loading instances), each estimated
+    /// as [`crate::policy::load_estimate`] with `default_size` for an unknown checkpoint.
+    pub(crate) fn queue_on(&self, w: &WorkerRecord, default_size: u64) -> f64 {
+        self.instances_on(&w.worker_id)
+            .filter(|i| matches!(i.status, InstanceStatus::Pending | InstanceStatus::Loading))
+            .map(|i| crate::policy::load_estimate(w, &i.model, default_size).0)
+            .sum()
+    }
+
+    /// [`View::queue_on`] for every known worker with a load in progress; the others have
+    /// none.
+    pub(crate) fn queues(&self, default_size: u64) -> BTreeMap<String, f64> {
+        let starting: BTreeSet<&str> = self
+            .instances
+            .values()
+            .filter(|i| matches!(i.status, InstanceStatus::Pending | InstanceStatus::Loading))
+            .map(|i| i.worker_id.as_str())
+            .collect();
+        starting
+            .into_iter()
+            .filter_map(|id| {
+                let w = self.workers.get(id)?;
+                Some((id.to_string(), self.queue_on(w, default_size)))
+            })
+            .collect()
+    }
+
+    /// Whether `model` has any live instance.
+    pub(crate) fn has_instances(&self, model: &str) -> bool {
+        self.by_model.contains_key(model)
+    }
+
     /// Live instances of `model`.
     pub(crate) fn instances_of<'a>(
         &'a self,
@@ -114,20 +151,6 @@ impl View {
                 )
             })
             .count() as u32
-    }
-
-    /// How many instances of `model` on `worker` count as its capacity there (pending,
-    /// loading or ready; not draining or lost).
-    pub(crate) fn replicas_on(&self, worker: &str, model: &str) -> usize {
-        self.instances_on(worker)
-            .filter(|i| i.model == model)
-            .filter(|i| {
-                matches!(
-                    i.status,
-                    InstanceStatus::Pending | InstanceStatus::Loading | InstanceStatus::Ready
-                )
-            })
-            .count()
     }
 
     /// Adds or replaces a live instance.
