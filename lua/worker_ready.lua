@@ -11,14 +11,25 @@
 --         under running registries); otherwise it is unknown and the worker stops it, so a
 --         worker cannot make up instances that were never placed on it; free_gpus:<id>
 -- Events: instance.<state> per changed or adopted instance, worker.ready
+-- Repeat: at the same epoch, on a worker already ready (the caller's first call timed out but
+--         ran), it changes nothing and answers {'noop', version, unknown...} as the first did:
+--         reconciling again could undo what happened since (a drain ordered meanwhile).
 -- Reply:  {'ok', version, unknown instance id...} (unknown: reported but placed elsewhere or
---         already ended; the worker should stop them) | {'not_found'} | {'stale_epoch', current}
---         | {'wrong_state', status}
+--         already ended; the worker should stop them) | {'noop', ...} (a repeat)
+--         | {'not_found'} | {'stale_epoch', current} | {'wrong_state', status}
 local id, epoch = ARGV[4], ARGV[5]
 local key = K.worker(id)
 local w = redis.call('HMGET', key, 'epoch', 'status', 'gpu_indexes')
 if not w[2] then return { 'not_found' } end
 if w[1] ~= epoch then return { 'stale_epoch', w[1] } end
+if w[2] == 'ready' then
+  local reply = { 'noop', redis.call('HGET', key, 'version') }
+  for i = 6, #ARGV - 3, 4 do
+    local rec = redis.call('HMGET', K.instance(ARGV[i]), 'status', 'worker_id')
+    if not rec[1] or rec[2] ~= id or TERMINAL[rec[1]] then reply[#reply + 1] = ARGV[i] end
+  end
+  return reply
+end
 if w[2] ~= 'initializing' then return { 'wrong_state', w[2] } end
 local now = now_ms()
 local recovering = redis.call('EXISTS', K.recovering) == 1

@@ -8,6 +8,13 @@
 //! cannot be retried blindly (it may have run), so a lane idle for longer than
 //! [`IDLE_CHECK`] is checked with a PING before it is lent: after a restart the first write
 //! gets a live connection, and busy lanes pay nothing.
+//!
+//! A call that outlasts the response timeout does not break its connection: Redis is slow (a
+//! fork, a slow disk, a starved CPU) and the answer, when it comes, is dropped. Replacing the
+//! lanes then would only add connections and handshakes to a Redis that is already behind. A
+//! lane is replaced on a timeout only when it has had no answer at all for
+//! [`STUCK_AFTER_TIMEOUTS`] response timeouts: a connection whose peer vanished without a
+//! reset (a half-open TCP connection) shows as nothing but timeouts.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -15,6 +22,9 @@ use std::time::{Duration, Instant};
 
 /// A lane unused for this long is checked before use.
 const IDLE_CHECK: Duration = Duration::from_secs(1);
+
+/// A lane that times out after no answer for this many response timeouts is replaced.
+const STUCK_AFTER_TIMEOUTS: u32 = 5;
 
 use deadpool_redis::{Pool, PoolConfig, Runtime, Timeouts};
 use redis::AsyncConnectionConfig;
@@ -46,6 +56,10 @@ struct Pooled {
     lanes: Vec<Mutex<Option<deadpool_redis::Connection>>>,
     /// When each lane was last lent, in ms since `epoch`.
     last_used: Vec<AtomicU64>,
+    /// When each lane last had an answer (or was filled), in ms since `epoch`.
+    last_answer: Vec<AtomicU64>,
+    /// How long a lane may go without an answer before a timeout on it replaces it (ms).
+    stuck_after_ms: u64,
     epoch: Instant,
     next: AtomicUsize,
 }
@@ -95,18 +109,39 @@ impl redis::aio::ConnectionLike for Conn {
 pub(crate) struct Lent<'a> {
     pub(crate) conn: Conn,
     owner: &'a Connections,
+    /// The lane it came from (none for a cluster connection).
+    lane: Option<usize>,
 }
 
 impl Lent<'_> {
     /// Passes a result through. A broken connection empties every lane: when one breaks the
     /// usual cause (Redis restarted, a failover, the network) has broken the others too, and
-    /// each would otherwise fail one more caller before being replaced.
+    /// each would otherwise fail one more caller before being replaced. A timeout replaces
+    /// only its own lane, and only when that lane has answered nothing for a long while.
     pub(crate) fn check<T>(&self, r: redis::RedisResult<T>) -> Result<T> {
+        let (Backend::Pooled(p), Some(lane)) = (&self.owner.backend, self.lane) else {
+            return r.map_err(Error::Redis);
+        };
         match r {
-            Ok(v) => Ok(v),
+            Ok(v) => {
+                p.last_answer[lane].store(p.now_ms(), Ordering::Relaxed);
+                Ok(v)
+            }
             Err(e) => {
-                if is_broken(&e) {
+                // A reply Redis sent (an error reply, a script error) is an answer too.
+                if !is_broken(&e) && !e.is_timeout() {
+                    p.last_answer[lane].store(p.now_ms(), Ordering::Relaxed);
+                } else if is_broken(&e) {
                     self.owner.reset_lanes();
+                } else if p.now_ms().saturating_sub(p.last_answer[lane].load(Ordering::Relaxed))
+                    > p.stuck_after_ms
+                    && p.reset_lane(lane)
+                {
+                    tracing::warn!(
+                        lane,
+                        "a Redis connection answered nothing for {} ms; replacing it",
+                        p.stuck_after_ms
+                    );
                 }
                 Err(Error::Redis(e))
             }
@@ -114,9 +149,10 @@ impl Lent<'_> {
     }
 }
 
-/// Whether an error means the connection itself is unusable.
+/// Whether an error means the connection itself is unusable. A timeout does not: the
+/// connection is fine, Redis is slow (see the module's comment).
 pub(crate) fn is_broken(e: &redis::RedisError) -> bool {
-    e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error() || e.is_timeout()
+    !e.is_timeout() && (e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error())
 }
 
 impl Connections {
@@ -176,11 +212,14 @@ impl Connections {
             .map_err(|e| Error::Pool(e.to_string()))?;
         let lanes = (0..config.lanes.max(1)).map(|_| Mutex::new(None)).collect();
         let last_used = (0..config.lanes.max(1)).map(|_| AtomicU64::new(0)).collect();
+        let last_answer = (0..config.lanes.max(1)).map(|_| AtomicU64::new(0)).collect();
         Ok(Connections {
             backend: Backend::Pooled(Pooled {
                 pool,
                 lanes,
                 last_used,
+                last_answer,
+                stuck_after_ms: (config.response_timeout * STUCK_AFTER_TIMEOUTS).as_millis() as u64,
                 epoch: Instant::now(),
                 next: AtomicUsize::new(0),
             }),
@@ -194,28 +233,32 @@ impl Connections {
             Backend::Cluster(c) => {
                 let mut slot = c.shared.lock().await;
                 if let Some(c) = slot.as_ref() {
-                    return Ok(Lent { conn: Conn::Cluster(c.clone()), owner: self });
+                    return Ok(Lent { conn: Conn::Cluster(c.clone()), owner: self, lane: None });
                 }
                 let conn = c.client.get_async_connection().await.map_err(Error::Redis)?;
                 *slot = Some(conn.clone());
-                return Ok(Lent { conn: Conn::Cluster(conn), owner: self });
+                return Ok(Lent { conn: Conn::Cluster(conn), owner: self, lane: None });
             }
         };
         let i = p.next.fetch_add(1, Ordering::Relaxed) % p.lanes.len();
         let lane = &p.lanes[i];
-        let now = p.epoch.elapsed().as_millis() as u64;
+        let now = p.now_ms();
         let idle = now.saturating_sub(p.last_used[i].swap(now, Ordering::Relaxed));
+        let lent = |conn| Lent { conn: Conn::Shared(conn), owner: self, lane: Some(i) };
         if let Some(mut conn) =
             lane.lock().ok().and_then(|slot| slot.as_ref().map(|c| (**c).clone()))
         {
             if idle < IDLE_CHECK.as_millis() as u64 {
-                return Ok(Lent { conn: Conn::Shared(conn), owner: self });
+                return Ok(lent(conn));
             }
             let pong: redis::RedisResult<()> = redis::cmd("PING").query_async(&mut conn).await;
             match pong {
-                Ok(()) => return Ok(Lent { conn: Conn::Shared(conn), owner: self }),
+                Ok(()) => {
+                    p.last_answer[i].store(p.now_ms(), Ordering::Relaxed);
+                    return Ok(lent(conn));
+                }
                 Err(e) if is_broken(&e) => self.reset_lanes(),
-                Err(_) => return Ok(Lent { conn: Conn::Shared(conn), owner: self }),
+                Err(_) => return Ok(lent(conn)),
             }
         }
         let fresh = p.pool.get().await.map_err(|e| Error::Pool(e.to_string()))?;
@@ -225,17 +268,16 @@ impl Connections {
             && slot.is_none()
         {
             *slot = Some(fresh);
+            p.last_answer[i].store(p.now_ms(), Ordering::Relaxed);
         }
-        Ok(Lent { conn: Conn::Shared(conn), owner: self })
+        Ok(lent(conn))
     }
 
     fn reset_lanes(&self) {
         match &self.backend {
             Backend::Pooled(p) => {
-                for lane in &p.lanes {
-                    if let Ok(mut slot) = lane.lock() {
-                        *slot = None;
-                    }
+                for i in 0..p.lanes.len() {
+                    p.reset_lane(i);
                 }
             }
             // The cluster connection reconnects to the nodes itself.
@@ -259,6 +301,23 @@ impl Connections {
 }
 
 impl Pooled {
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Empties lane `i`; the next operation on it takes a fresh connection from the pool.
+    /// Whether it held one. Its clock of answers starts again, so the calls still waiting on
+    /// the old connection do not replace the new one as they time out.
+    fn reset_lane(&self, i: usize) -> bool {
+        if let Some(t) = self.last_answer.get(i) {
+            t.store(self.now_ms(), Ordering::Relaxed);
+        }
+        match self.lanes.get(i).map(|lane| lane.lock()) {
+            Some(Ok(mut slot)) => slot.take().is_some(),
+            _ => false,
+        }
+    }
+
     /// Publishes the pool's use as a metric (when connections are taken, not per call).
     fn report_pool(&self) {
         let s = self.pool.status();
@@ -343,8 +402,8 @@ fn normalise_url(url: &str) -> Result<String> {
 }
 
 impl crate::Store {
-    /// Runs a read-only command. A read is idempotent, so one that hit a broken connection is
-    /// tried once more on a fresh one before the error reaches the caller.
+    /// Runs a read-only command. A read is idempotent, so one that hit a broken connection, or
+    /// timed out, is tried once more before the error reaches the caller.
     pub(crate) async fn read<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T> {
         let _timer = telemetry::metrics::REDIS.duration.with_label_values(&["read"]).start_timer();
         let mut last = None;
@@ -352,7 +411,7 @@ impl crate::Store {
             let mut conn = self.inner.conns.shared().await?;
             let r = cmd.query_async(&mut conn.conn).await;
             match conn.check(r) {
-                Err(Error::Redis(e)) if is_broken(&e) => last = Some(e),
+                Err(Error::Redis(e)) if is_broken(&e) || e.is_timeout() => last = Some(e),
                 other => return other,
             }
         }
@@ -371,7 +430,7 @@ impl crate::Store {
             let mut conn = self.inner.conns.shared().await?;
             let r = pipe.query_async(&mut conn.conn).await;
             match conn.check(r) {
-                Err(Error::Redis(e)) if is_broken(&e) => last = Some(e),
+                Err(Error::Redis(e)) if is_broken(&e) || e.is_timeout() => last = Some(e),
                 other => return other,
             }
         }

@@ -219,6 +219,12 @@ impl Error {
         self.kind() == ErrorKind::Unavailable
     }
 
+    /// Whether Redis did not answer within the response timeout (it is slow or stalled; the
+    /// call may still run there).
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Error::Redis(e) if e.is_timeout())
+    }
+
     pub(crate) fn invalid(field: &'static str, reason: impl Into<String>) -> Error {
         Error::Invalid { field, reason: reason.into() }
     }

@@ -198,7 +198,9 @@ impl BlockingReader {
                 Ok(reply.and_then(|r| r.keys.into_iter().next()).map(|k| k.ids).unwrap_or_default())
             }
             Err(e) => {
-                if crate::conn::is_broken(&e) {
+                // A blocking read that timed out may still hold its connection blocked: start
+                // afresh rather than queue behind it.
+                if crate::conn::is_broken(&e) || e.is_timeout() {
                     self.conn = None;
                 }
                 Err(Error::Redis(e))

@@ -327,6 +327,25 @@ impl Store {
         inventory: &Inventory,
         agent_version: &str,
     ) -> Result<Registration> {
+        self.register_worker_as("", worker, token_ok, address, lease, inventory, agent_version)
+            .await
+    }
+
+    /// Like [`Store::register_worker`], as the attempt to join named `registration` (unique per
+    /// attempt, e.g. per session). Calling it again with the same `registration` is safe: once
+    /// one call has run, the others change nothing but the lease and answer with the same
+    /// epoch, so a call that timed out (and may have run) can be retried.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn register_worker_as(
+        &self,
+        registration: &str,
+        worker: &str,
+        token_ok: bool,
+        address: &str,
+        lease: Duration,
+        inventory: &Inventory,
+        agent_version: &str,
+    ) -> Result<Registration> {
         let worker = worker_id("node_id", worker)?;
         names::validate_address("address", address)?;
         inventory.validate()?;
@@ -344,6 +363,7 @@ impl Store {
             Arg::Owned(uuid::Uuid::now_v7().to_string()),
             Arg::Str(&known),
             Arg::Owned(self.recovery_window_ms()),
+            Arg::Str(registration),
         ];
         args.extend(fields.iter().flat_map(|(k, v)| [Arg::Str(k), Arg::Str(v)]));
         let reply = self.run_ok("worker_register", &self.scripts().worker_register, &args).await?;
@@ -357,7 +377,8 @@ impl Store {
 
     /// The worker's inventory is complete: reconcile its instances with what it runs (its
     /// report wins) and make it placeable. Returns ids it reported that are not placed on it;
-    /// it should stop them.
+    /// it should stop them. A repeat at the same epoch (a retry after a timeout) changes
+    /// nothing and answers the same.
     pub async fn worker_ready(
         &self,
         worker: &str,

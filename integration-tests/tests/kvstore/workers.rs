@@ -40,14 +40,48 @@ async fn register_then_ready_then_heartbeat() {
 
     assert!(store.worker_ready("w1", reg.epoch, &[]).await.unwrap().is_empty());
     assert_eq!(store.get_worker("w1").await.unwrap().unwrap().status, WorkerStatus::Ready);
-    let err = store.worker_ready("w1", reg.epoch, &[]).await.unwrap_err();
-    assert_eq!(err.refusal(), Some(&Refusal::WrongState { current: "ready".into() }));
+    // Again at the same epoch (a retry after a call that timed out but ran): the same answer,
+    // nothing changed.
+    let version = store.get_worker("w1").await.unwrap().unwrap().version;
+    assert!(store.worker_ready("w1", reg.epoch, &[]).await.unwrap().is_empty());
+    assert_eq!(store.get_worker("w1").await.unwrap().unwrap().version, version);
 
     let deadline = store.heartbeat("w1", reg.epoch, Duration::from_secs(30)).await.unwrap();
     assert!(deadline >= reg.lease_deadline_ms + 20_000);
     assert_eq!(store.get_worker("w1").await.unwrap().unwrap().lease_deadline_ms, Some(deadline));
     let err = store.heartbeat("nobody", 1, LEASE).await.unwrap_err();
     assert_eq!(err.refusal(), Some(&Refusal::NotFound));
+    assert_consistent(&store).await;
+}
+
+#[tokio::test]
+async fn a_registration_run_twice_answers_once_and_bumps_the_epoch_once() {
+    let (_redis, store) = setup().await;
+    let register = |registration: &'static str| {
+        let store = store.clone();
+        async move {
+            store
+                .register_worker_as(registration, "w1", true, "10.0.0.1", LEASE, &inventory(2), "t")
+                .await
+                .unwrap()
+        }
+    };
+    let first = register("r1").await;
+    store.worker_ready("w1", first.epoch, &[]).await.unwrap();
+    // The same registration again (a retry of a call that timed out, or the first call
+    // arriving late): the same epoch, and the worker stays ready.
+    let again = register("r1").await;
+    assert_eq!(again.epoch, first.epoch);
+    let w = store.get_worker("w1").await.unwrap().unwrap();
+    assert_eq!((w.status, w.epoch), (WorkerStatus::Ready, first.epoch));
+    // Another attempt to join is a new session.
+    let next = register("r2").await;
+    assert_eq!(next.epoch, first.epoch + 1);
+    // Once the worker is lost, even a repeat registers it anew.
+    store.worker_lost("w1", next.epoch, LostMode::Dropped, "stream closed").await.unwrap();
+    let after = register("r2").await;
+    assert_eq!(after.epoch, next.epoch + 1);
+    assert_eq!(store.get_worker("w1").await.unwrap().unwrap().status, WorkerStatus::Initializing);
     assert_consistent(&store).await;
 }
 

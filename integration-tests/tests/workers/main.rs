@@ -8,6 +8,7 @@ mod failures;
 mod fleet;
 mod joining;
 mod reports;
+mod stall;
 
 use std::time::Duration;
 

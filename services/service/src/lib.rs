@@ -18,4 +18,4 @@ pub use serve::{
     Listener, MAX_CONCURRENT_STREAMS, reflection_v1, reflection_v1alpha, serve_http, serve_metrics,
     serve_metrics_guarded, shutdown_signal,
 };
-pub use status::{field_status, to_status};
+pub use status::{field_status, to_status, to_status_quiet};

@@ -53,6 +53,36 @@ where
     tokio_retry::RetryIf::start(policy.delays(), op, retryable).await
 }
 
+/// Calls `op` until it succeeds, fails with an error `retryable` rejects, or `within` has
+/// passed since the first call began; [`backoff`] from `base` up to `max` between calls.
+/// Returns the last result. For calls whose worth is bounded by time rather than by a count
+/// (a session's Redis writes are worth retrying for as long as the worker's lease lasts).
+pub async fn retry_for<T, E, F, Fut>(
+    within: Duration,
+    base: Duration,
+    max: Duration,
+    mut op: F,
+    mut retryable: impl FnMut(&E) -> bool,
+) -> Result<T, E>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    let mut delays = backoff(base, max);
+    loop {
+        let e = match op().await {
+            Ok(v) => return Ok(v),
+            Err(e) => e,
+        };
+        let delay = delays.next().unwrap_or(max);
+        if !retryable(&e) || tokio::time::Instant::now() + delay >= deadline {
+            return Err(e);
+        }
+        tokio::time::sleep(delay).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -77,6 +107,60 @@ mod tests {
         assert_eq!(one.delays().count(), 0);
         let zero = Policy { attempts: 0, ..Policy::REDIS_BLIP };
         assert_eq!(zero.delays().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn retry_for_retries_until_its_time_is_up_or_the_error_is_permanent() {
+        let (base, max) = (Duration::from_millis(10), Duration::from_millis(40));
+        let start = tokio::time::Instant::now();
+        let mut calls = 0;
+        let r: Result<(), &str> = retry_for(
+            Duration::from_millis(500),
+            base,
+            max,
+            || {
+                calls += 1;
+                async {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    Err("timed out")
+                }
+            },
+            |_| true,
+        )
+        .await;
+        assert_eq!(r, Err("timed out"));
+        // Calls of 50 ms, at most 40 ms apart, for half a second: no call starts after it.
+        let took = start.elapsed();
+        assert!(took >= Duration::from_millis(400), "gave up after {took:?}");
+        assert!(took < Duration::from_millis(500) + Duration::from_millis(300), "{took:?}");
+        assert!((5..=10).contains(&calls), "{calls} calls");
+        let mut calls = 0;
+        let r: Result<u32, &str> = retry_for(
+            Duration::from_secs(1),
+            base,
+            max,
+            || {
+                calls += 1;
+                let n = calls;
+                async move { if n < 3 { Err("blip") } else { Ok(n) } }
+            },
+            |_| true,
+        )
+        .await;
+        assert_eq!(r, Ok(3));
+        let mut calls = 0;
+        let r: Result<(), &str> = retry_for(
+            Duration::from_secs(1),
+            base,
+            max,
+            || {
+                calls += 1;
+                async { Err("bad input") }
+            },
+            |e| *e != "bad input",
+        )
+        .await;
+        assert_eq!((r, calls), (Err("bad input"), 1));
     }
 
     #[tokio::test]

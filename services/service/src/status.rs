@@ -7,6 +7,16 @@ use tonic::{Code, Status};
 /// Maps a kvstore error to a status. `context` prefixes field names of invalid input (e.g.
 /// `register` turns `node_id` into `register.node_id`); pass "" for none.
 pub fn to_status(err: Error, context: &str) -> Status {
+    let status = to_status_quiet(&err, context);
+    if matches!(status.code(), Code::Internal | Code::Unavailable) {
+        tracing::warn!(error = %err, "request failed");
+    }
+    status
+}
+
+/// Like [`to_status`], without its WARN, for callers that report Redis trouble themselves
+/// (once for many calls, rather than once per call).
+pub fn to_status_quiet(err: &Error, context: &str) -> Status {
     let code = match err.kind() {
         ErrorKind::InvalidArgument => Code::InvalidArgument,
         ErrorKind::NotFound => Code::NotFound,
@@ -17,15 +27,12 @@ pub fn to_status(err: Error, context: &str) -> Status {
         ErrorKind::Unavailable => Code::Unavailable,
         ErrorKind::Internal => Code::Internal,
     };
-    let message = match (&err, context) {
+    let message = match (err, context) {
         (Error::Invalid { field, reason }, ctx) if !ctx.is_empty() => {
             format!("invalid {ctx}.{field}: {reason}")
         }
         _ => err.to_string(),
     };
-    if code == Code::Internal || code == Code::Unavailable {
-        tracing::warn!(error = %err, "request failed");
-    }
     Status::new(code, message)
 }
 

@@ -58,6 +58,7 @@ async fn dispatchers(registry: Registry, shutdown: CancellationToken) {
                     }
                 });
             }
+            Err(e) if e.is_retryable() => registry.inner.trouble.note("list Dispatch replicas", &e),
             Err(e) => tracing::warn!(error = %e, "cannot list Dispatch replicas"),
         }
     }
@@ -110,13 +111,15 @@ async fn notifications(registry: Registry, shutdown: CancellationToken) {
 
 async fn reaper(registry: Registry, shutdown: CancellationToken) {
     let store = &registry.inner.store;
+    let trouble = &registry.inner.trouble;
     let lease = registry.inner.config.lease;
     let mut tick = tokio::time::interval(registry.inner.config.reap_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // While Redis was away no heartbeat could be recorded, so every lease looks expired when it
-    // returns. Workers get one full lease after the outage to renew before any is reaped.
-    let mut in_outage = false;
-    let mut hold_until: Option<tokio::time::Instant> = None;
+    // While Redis is slow or away, heartbeats go unrecorded (a call that outlasts the response
+    // timeout is given up on), so leases lapse that say nothing about their workers. Workers
+    // get one full lease after the last trouble this replica saw to renew before any is
+    // reaped. A worker whose stream breaks meanwhile is still lost at once (`End::Dropped`).
+    let mut holding = false;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -124,19 +127,28 @@ async fn reaper(registry: Registry, shutdown: CancellationToken) {
         }
         let expired = match store.expired_leases(256).await {
             Ok(e) => e,
+            Err(e) if e.is_retryable() => {
+                trouble.note("lease reaper", &e);
+                continue;
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read lease deadlines");
-                in_outage = true;
                 continue;
             }
         };
-        if in_outage {
-            in_outage = false;
-            hold_until = Some(tokio::time::Instant::now() + lease);
-            tracing::info!("Redis is back: leases get one full term to renew before any is reaped");
-        }
-        if hold_until.is_some_and(|t| tokio::time::Instant::now() < t) {
+        if trouble.within(lease) {
+            if !holding && !expired.is_empty() {
+                holding = true;
+                tracing::info!(
+                    expired = expired.len(),
+                    "Redis had trouble within the last lease: leases get one full term to renew before any is reaped"
+                );
+            }
             continue;
+        }
+        if holding {
+            holding = false;
+            tracing::info!("Redis has answered for a full lease: reaping expired leases again");
         }
         for lease in expired {
             match store
@@ -149,6 +161,7 @@ async fn reaper(registry: Registry, shutdown: CancellationToken) {
                 }
                 // Another replica got there first, or the worker re-registered meanwhile.
                 Err(e) if e.refusal().is_some() => {}
+                Err(e) if e.is_retryable() => trouble.note("mark worker lost", &e),
                 Err(e) => {
                     tracing::warn!(worker = %lease.worker_id, error = %e, "cannot mark worker lost")
                 }

@@ -10,6 +10,7 @@ mod background;
 mod grpc;
 mod session;
 mod sessions;
+mod trouble;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -68,6 +69,8 @@ struct Inner {
     sessions: sessions::Sessions,
     /// Endpoints of the live Dispatch replicas, pushed to every session when they change.
     dispatchers: tokio::sync::watch::Sender<Vec<String>>,
+    /// Redis calls that timed out or failed, as this replica saw them.
+    trouble: trouble::Trouble,
 }
 
 impl Registry {
@@ -87,6 +90,7 @@ impl Registry {
                 config,
                 sessions: sessions::Sessions::default(),
                 dispatchers,
+                trouble: trouble::Trouble::default(),
             }),
         }
     }

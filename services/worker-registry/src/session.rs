@@ -5,6 +5,7 @@
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use kvstore::{Actor, Error, InstanceStatus, LostMode, Refusal};
 use prost::Message;
@@ -104,10 +105,13 @@ async fn open(
     kvstore::names::validate_id("node_id", &register.node_id)
         .map_err(|e| service::to_status(e, "register"))?;
     config.join_secrets.verify(&register.node_id, &register.join_token)?;
-    let registration = registry
-        .inner
-        .store
-        .register_worker(
+    // Named, so that a call that timed out (and may have run) can be made again without
+    // bumping the epoch twice: a worker whose Redis was slow is answered late, not refused.
+    let attempt = uuid::Uuid::now_v7().to_string();
+    let store = &registry.inner.store;
+    let registration = retry(&registry, "register", || {
+        store.register_worker_as(
+            &attempt,
             &register.node_id,
             true,
             &address,
@@ -115,8 +119,9 @@ async fn open(
             &kv_inventory,
             &register.agent_version,
         )
-        .await
-        .map_err(|e| service::to_status(e, "register"))?;
+    })
+    .await
+    .map_err(|e| unavailable_or(e, "register", "retry with backoff"))?;
     let worker = register.node_id;
     let poke = Arc::new(Notify::new());
     let close = CancellationToken::new();
@@ -216,6 +221,7 @@ impl Session {
                         .await;
                         None
                     }
+                    // The lease, not one call, decides whether the worker is alive.
                     Err(e) => self.store_error(e, "heartbeat", true),
                 }
             }
@@ -230,7 +236,10 @@ impl Session {
                 if !self.ready {
                     self.running = inv.running;
                 }
-                let r = retry(|| store.update_inventory(&self.worker, self.epoch, &kv)).await;
+                let r = retry(&self.registry, "inventory", || {
+                    store.update_inventory(&self.worker, self.epoch, &kv)
+                })
+                .await;
                 r.err().and_then(|e| self.store_error(e, "inventory", false))
             }
             Some(Up::Ready(_)) => self.ready().await,
@@ -248,7 +257,11 @@ impl Session {
             Err(s) => return Some(End::Protocol(s)),
         };
         let store = self.registry.inner.store.clone();
-        let unknown = match retry(|| store.worker_ready(&self.worker, self.epoch, &running)).await {
+        let r = retry(&self.registry, "ready", || {
+            store.worker_ready(&self.worker, self.epoch, &running)
+        })
+        .await;
+        let unknown = match r {
             Ok(u) => u,
             Err(e) => return self.store_error(e, "ready", false),
         };
@@ -283,7 +296,7 @@ impl Session {
         };
         let store = self.registry.inner.store.clone();
         let actor = Actor::Worker { worker_id: &self.worker, epoch: self.epoch };
-        let r = retry(|| {
+        let r = retry(&self.registry, "instance report", || {
             store.transition_instance(&report.instance_id, status, actor, &report.reason, None)
         })
         .await;
@@ -329,7 +342,9 @@ impl Session {
         };
         let stream_id = self.delivered[pos].1.clone();
         let store = self.registry.inner.store.clone();
-        match retry(|| store.ack_command(&self.worker, &stream_id)).await {
+        match retry(&self.registry, "command ack", || store.ack_command(&self.worker, &stream_id))
+            .await
+        {
             Ok(_) => {
                 self.delivered.drain(..=pos);
                 None
@@ -382,7 +397,8 @@ impl Session {
     }
 
     /// What a kvstore error on `what` means for the session. `tolerate` keeps the session on a
-    /// Redis outage (a heartbeat may fail; the lease decides).
+    /// Redis outage (a heartbeat may fail; the lease decides); other calls come here after
+    /// [`retry`] gave up on Redis, a whole lease later.
     fn store_error(&self, e: Error, what: &str, tolerate: bool) -> Option<End> {
         match e.refusal() {
             Some(Refusal::StaleEpoch { current }) => {
@@ -402,10 +418,10 @@ impl Session {
                 None
             }
             None if tolerate && e.is_retryable() => {
-                tracing::warn!(worker = %self.worker, error = %e, "{what} failed");
+                self.registry.inner.trouble.note(what, &e);
                 None
             }
-            None => Some(End::Unavailable(service::to_status(e, what))),
+            None => Some(End::Unavailable(unavailable_or(e, what, "register again"))),
         }
     }
 
@@ -444,11 +460,37 @@ impl Session {
     }
 }
 
-/// Retries a store call on a retryable error (a Redis blip) with the shared policy.
-async fn retry<T, F, Fut>(f: F) -> kvstore::Result<T>
+/// Retries a store call that Redis did not answer (it timed out, or Redis is unreachable) for
+/// up to one lease, with jittered backoff: a worker is alive until its lease says otherwise,
+/// so what its session says is worth recording for that long, and a worker refused sooner
+/// would come back to join again, adding load to a Redis that is already behind. Every call
+/// retried here is safe to run twice, as a timed-out one may have run: each is fenced by the
+/// session's epoch and answers a repeat as it did the first call (register and ready by
+/// design, an instance report or command ack by being a no-op the second time).
+async fn retry<T, F, Fut>(registry: &Registry, what: &str, f: F) -> kvstore::Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = kvstore::Result<T>>,
 {
-    service::retry::retry_if(service::retry::Policy::REDIS_BLIP, f, Error::is_retryable).await
+    let again = |e: &Error| {
+        let retryable = e.is_retryable();
+        if retryable {
+            registry.inner.trouble.note(what, e);
+        }
+        retryable
+    };
+    let (base, max) = (Duration::from_millis(50), Duration::from_millis(500));
+    service::retry::retry_for(registry.inner.config.lease, base, max, f, again).await
+}
+
+/// The status for a kvstore error on `what`: for Redis trouble (already reported, once for
+/// many calls, by [`crate::trouble`]) an UNAVAILABLE that says so and what to do (`then`).
+fn unavailable_or(e: Error, what: &str, then: &str) -> Status {
+    if !e.is_retryable() {
+        return service::to_status(e, what);
+    }
+    Status::unavailable(format!(
+        "{what}: Redis did not answer in time ({}); {then}",
+        service::to_status_quiet(&e, what).message()
+    ))
 }
