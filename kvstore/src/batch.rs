@@ -114,16 +114,7 @@ impl LeaderWrite {
                 ("instance_create", args)
             }
             LeaderWrite::Move { instance_id, to, reason, command } => {
-                names::validate_id("instance_id", instance_id)?;
-                if matches!(to, InstanceStatus::Pending | InstanceStatus::Lost) {
-                    return Err(Error::invalid(
-                        "state",
-                        format!("{to} is not a target of this transition"),
-                    ));
-                }
-                if reason.len() > 4096 {
-                    return Err(Error::invalid("reason", "must be at most 4096 bytes"));
-                }
+                crate::instance::check_move(instance_id, *to, reason)?;
                 let (cid, body) = match command {
                     Some((cid, body)) => {
                         names::validate_id("command_id", cid)?;

@@ -162,16 +162,7 @@ impl Store {
         reason: &str,
         command: Option<(&str, &[u8])>,
     ) -> Result<Transitioned> {
-        names::validate_id("instance_id", instance_id)?;
-        if matches!(to, InstanceStatus::Pending | InstanceStatus::Lost) {
-            return Err(Error::invalid(
-                "state",
-                format!("{to} is not a target of this transition"),
-            ));
-        }
-        if reason.len() > 4096 {
-            return Err(Error::invalid("reason", "must be at most 4096 bytes"));
-        }
+        check_move(instance_id, to, reason)?;
         let (actor_kind, who, proof) = match actor {
             Actor::Worker { worker_id, epoch } => {
                 names::validate_id("worker_id", worker_id)?;
@@ -256,4 +247,17 @@ impl Store {
         }
         Ok(out)
     }
+}
+
+/// What a transition's caller must get right before it reaches Redis: a valid instance id, a
+/// state an instance can be moved to, and a reason of at most 4 KiB.
+pub(crate) fn check_move(instance_id: &str, to: InstanceStatus, reason: &str) -> Result<()> {
+    names::validate_id("instance_id", instance_id)?;
+    if matches!(to, InstanceStatus::Pending | InstanceStatus::Lost) {
+        return Err(Error::invalid("state", format!("{to} is not a target of this transition")));
+    }
+    if reason.len() > 4096 {
+        return Err(Error::invalid("reason", "must be at most 4096 bytes"));
+    }
+    Ok(())
 }

@@ -126,6 +126,17 @@ async fn sigterm_dispatch_worker_and_scaler_leader_under_load_no_client_error() 
     // The follower polls every lease / 6; an expiry would take a whole lease.
     assert!(takeover < SCALER_LEASE / 2, "new leader after {takeover:?}, lease {SCALER_LEASE:?}");
     println!("scaler: {other} leads {takeover:?} after SIGTERM to {holder}");
+    // Requests go on completing while the lease changes hands. The hand-over can take less
+    // time than one request on a loaded machine: the phase lasts until one has ended in it.
+    {
+        let ledger = &load.ledger;
+        eventually(Duration::from_secs(5), "a request completed during the hand-over", || async {
+            let done = ledger.lock().unwrap().completed_in("scaler leader hands over");
+            (done > 0).then_some(())
+        })
+        .await
+        .unwrap();
+    }
 
     load.phase("settled");
     tokio::time::sleep(Duration::from_secs(1)).await;
