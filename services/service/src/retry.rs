@@ -61,26 +61,19 @@ pub async fn retry_for<T, E, F, Fut>(
     within: Duration,
     base: Duration,
     max: Duration,
-    mut op: F,
-    mut retryable: impl FnMut(&E) -> bool,
+    op: F,
+    retryable: impl FnMut(&E) -> bool,
 ) -> Result<T, E>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, E>>,
 {
     let deadline = tokio::time::Instant::now() + within;
-    let mut delays = backoff(base, max);
-    loop {
-        let e = match op().await {
-            Ok(v) => return Ok(v),
-            Err(e) => e,
-        };
-        let delay = delays.next().unwrap_or(max);
-        if !retryable(&e) || tokio::time::Instant::now() + delay >= deadline {
-            return Err(e);
-        }
-        tokio::time::sleep(delay).await;
-    }
+    // tokio-retry asks for the next delay only after a failed call: a delay that would end
+    // past the deadline ends the retries instead.
+    let delays =
+        backoff(base, max).take_while(move |d| tokio::time::Instant::now() + *d < deadline);
+    tokio_retry::RetryIf::start(delays, op, retryable).await
 }
 
 #[cfg(test)]
