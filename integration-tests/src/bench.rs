@@ -319,6 +319,43 @@ pub fn http_client() -> Http {
         .build(c)
 }
 
+/// Prints a Markdown table: the first column left-aligned, the others right-aligned, each as
+/// wide as its widest cell.
+pub fn print_table(headers: &[String], rows: &[Vec<String>]) {
+    let mut width: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for r in rows {
+        for (w, c) in width.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: &[String]| {
+        let cells: Vec<String> = cells
+            .iter()
+            .zip(&width)
+            .enumerate()
+            .map(|(i, (c, w))| {
+                let pad = w - c.chars().count();
+                if i == 0 {
+                    format!("{c}{}", " ".repeat(pad))
+                } else {
+                    format!("{}{c}", " ".repeat(pad))
+                }
+            })
+            .collect();
+        println!("| {} |", cells.join(" | "));
+    };
+    line(headers);
+    let rule: Vec<String> = width
+        .iter()
+        .enumerate()
+        .map(|(i, w)| if i == 0 { "-".repeat(w + 2) } else { format!("{}:", "-".repeat(w + 1)) })
+        .collect();
+    println!("|{}|", rule.join("|"));
+    for r in rows {
+        line(r);
+    }
+}
+
 /// The value following `name` on the command line, or `default`.
 pub fn arg(name: &str, default: u64) -> Result<u64> {
     match std::env::args().skip_while(|a| a != name).nth(1) {

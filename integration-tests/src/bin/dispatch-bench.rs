@@ -727,18 +727,24 @@ async fn per_token(
     Ok((tokens / secs, tokens / (m1 - m0).max(1) as f64, (cpu1 - cpu0) / tokens.max(1.0) * 1e6))
 }
 
-/// Measures everything; returns, for each sampling ratio, [direct p50, direct p99, via p50,
-/// via p99, direct rps, rps, direct tokens/s, tokens/s, cold-start overhead ms, median rps of
-/// the interleaved windows, median CPU µs per request in them, and the export thread's share];
-/// without an exporter also the rate-limit figures [off p50, off p99, on p50, on p99].
-async fn run(ratios: &[f64]) -> Result<Measured> {
-    // Direct: the simulator behind a bare gRPC server.
-    let (sim, mut events) = worker::SimBackend::new(zero_delay());
+/// The direct path the figures compare Dispatch with: a simulator configured as `config`,
+/// with instance `instance` of `model` on `gpus` started and ready, behind a bare gRPC server
+/// (allowing `max_streams` streams per connection, or tonic's default). Returns the simulator
+/// and its events, to keep while the path is measured, and the server's endpoint.
+async fn direct_path(
+    config: worker::SimConfig,
+    instance: &str,
+    model: &str,
+    gpus: Vec<u32>,
+    max_streams: Option<u32>,
+) -> Result<(worker::SimBackend, tokio::sync::mpsc::UnboundedReceiver<worker::InstanceEvent>, String)>
+{
+    let (sim, mut events) = worker::SimBackend::new(config);
     sim.start(worker::StartSpec {
-        instance_id: "direct".into(),
-        model: "bench".into(),
+        instance_id: instance.into(),
+        model: model.into(),
         backend: "sim".into(),
-        gpus: vec![0],
+        gpus,
         backend_config: None,
         traceparent: String::new(),
     })?;
@@ -748,13 +754,25 @@ async fn run(ratios: &[f64]) -> Result<Measured> {
         }
     }
     let listener = service::Listener::bind("127.0.0.1:0").await?;
-    let direct_ep = format!("http://{}", listener.local_addr());
-    let direct = Direct { sim: sim.clone(), instance: "direct".into() };
+    let endpoint = format!("http://{}", listener.local_addr());
+    let direct = Direct { sim: sim.clone(), instance: instance.into() };
     tokio::spawn(
         tonic::transport::Server::builder()
+            .max_concurrent_streams(max_streams)
             .add_service(pb::dispatch_server::DispatchServer::new(direct))
             .serve_with_incoming(listener.incoming()),
     );
+    Ok((sim, events, endpoint))
+}
+
+/// Measures everything; returns, for each sampling ratio, [direct p50, direct p99, via p50,
+/// via p99, direct rps, rps, direct tokens/s, tokens/s, cold-start overhead ms, median rps of
+/// the interleaved windows, median CPU µs per request in them, and the export thread's share];
+/// without an exporter also the rate-limit figures [off p50, off p99, on p50, on p99].
+async fn run(ratios: &[f64]) -> Result<Measured> {
+    // Direct: the simulator behind a bare gRPC server.
+    let (_sim, _events, direct_ep) =
+        direct_path(zero_delay(), "direct", "bench", vec![0], None).await?;
 
     // Through Dispatch: the full mesh with the same simulator on a worker.
     let redis = RedisServer::start()?;
@@ -959,29 +977,14 @@ async fn paced_delivery(
     store: &kvstore::Store,
     dispatch: &DispatchReplica,
 ) -> Result<(Vec<Vec<f64>>, Option<SimWorker>)> {
-    let (sim, mut events) = worker::SimBackend::new(paced());
-    sim.start(worker::StartSpec {
-        instance_id: "direct-paced".into(),
-        model: "paced".into(),
-        backend: "sim".into(),
-        gpus: (0..PACED_GPUS).collect(),
-        backend_config: None,
-        traceparent: String::new(),
-    })?;
-    while let Some(e) = events.recv().await {
-        if matches!(e, worker::InstanceEvent::Ready { .. }) {
-            break;
-        }
-    }
-    let listener = service::Listener::bind("127.0.0.1:0").await?;
-    let direct_ep = format!("http://{}", listener.local_addr());
-    let direct = Direct { sim, instance: "direct-paced".into() };
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .max_concurrent_streams(Some(service::MAX_CONCURRENT_STREAMS))
-            .add_service(pb::dispatch_server::DispatchServer::new(direct))
-            .serve_with_incoming(listener.incoming()),
-    );
+    let (_sim, _events, direct_ep) = direct_path(
+        paced(),
+        "direct-paced",
+        "paced",
+        (0..PACED_GPUS).collect(),
+        Some(service::MAX_CONCURRENT_STREAMS),
+    )
+    .await?;
     let mut w3 = SimWorker::start(vec![registry.endpoint()], "w3", paced())?;
     w3.ready(0).await?;
     store

@@ -62,7 +62,7 @@ use http_body_util::{BodyExt, Full};
 use serde_json::{Value, json};
 use sllm_integration_tests::bench::{
     Http, LoggedChild as Child, after, cache_dir, cmdline, cpu_secs, descendant, env_or,
-    http_client, median, percentile, redis_pid, repo_root,
+    http_client, median, percentile, print_table, redis_pid, repo_root,
 };
 use sllm_integration_tests::{JOIN_SECRET, RedisServer, sllm_bin};
 
@@ -725,39 +725,9 @@ async fn run() -> Result<()> {
         if same_text { "yes" } else { "NO" }
     );
     println!();
-    let headers = ["measure", "direct", "through sllm", "added by sllm"];
-    let mut width = headers.map(|h| h.chars().count());
-    for r in &rows {
-        for (w, c) in width.iter_mut().zip(r) {
-            *w = (*w).max(c.chars().count());
-        }
-    }
-    let line = |cells: [&str; 4]| {
-        let cells: Vec<String> = cells
-            .iter()
-            .zip(width)
-            .enumerate()
-            .map(|(i, (c, w))| {
-                let pad = w - c.chars().count();
-                if i == 0 {
-                    format!("{c}{}", " ".repeat(pad))
-                } else {
-                    format!("{}{c}", " ".repeat(pad))
-                }
-            })
-            .collect();
-        println!("| {} |", cells.join(" | "));
-    };
-    line(headers);
-    let rule: Vec<String> = width
-        .iter()
-        .enumerate()
-        .map(|(i, w)| if i == 0 { "-".repeat(w + 2) } else { format!("{}:", "-".repeat(w + 1)) })
-        .collect();
-    println!("|{}|", rule.join("|"));
-    for r in &rows {
-        line([&r[0], &r[1], &r[2], &r[3]]);
-    }
+    let headers = ["measure", "direct", "through sllm", "added by sllm"].map(String::from);
+    let rows: Vec<Vec<String>> = rows.iter().map(|r| r.to_vec()).collect();
+    print_table(&headers, &rows);
     println!();
     for (label, f) in [("direct", &d1), ("sllm", &v1), ("direct", &d2), ("sllm", &v2)] {
         for e in f.errors.iter().take(3) {

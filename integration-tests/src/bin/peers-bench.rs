@@ -68,7 +68,7 @@ use http_body_util::{BodyExt, Full};
 use serde_json::{Value, json};
 use sllm_integration_tests::bench::{
     Http, LoggedChild, after, alive, cache_dir, cmdline, cpu_secs, descendants, env_or, free_port,
-    http_client, median, redis_pid, rss_kib, strip_ansi,
+    http_client, median, print_table, redis_pid, rss_kib, strip_ansi,
 };
 use sllm_integration_tests::{JOIN_SECRET, RedisServer, sllm_bin};
 
@@ -1105,41 +1105,6 @@ fn figures() -> Vec<Figure> {
 
 fn pct(x: f64) -> String {
     if x.is_finite() { format!("{:.0}%", x * 100.0) } else { "-".into() }
-}
-
-fn print_table(headers: &[String], rows: &[Vec<String>]) {
-    let mut width: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
-    for r in rows {
-        for (w, c) in width.iter_mut().zip(r) {
-            *w = (*w).max(c.chars().count());
-        }
-    }
-    let line = |cells: &[String]| {
-        let cells: Vec<String> = cells
-            .iter()
-            .zip(&width)
-            .enumerate()
-            .map(|(i, (c, w))| {
-                let pad = w - c.chars().count();
-                if i == 0 {
-                    format!("{c}{}", " ".repeat(pad))
-                } else {
-                    format!("{}{c}", " ".repeat(pad))
-                }
-            })
-            .collect();
-        println!("| {} |", cells.join(" | "));
-    };
-    line(headers);
-    let rule: Vec<String> = width
-        .iter()
-        .enumerate()
-        .map(|(i, w)| if i == 0 { "-".repeat(w + 2) } else { format!("{}:", "-".repeat(w + 1)) })
-        .collect();
-    println!("|{}|", rule.join("|"));
-    for r in rows {
-        line(r);
-    }
 }
 
 fn report(r: Report) {
