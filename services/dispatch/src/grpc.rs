@@ -3,6 +3,7 @@
 use std::pin::Pin;
 use std::time::{Duration, Instant};
 
+use service::batched::Batched;
 use sllm_api::v1 as pb;
 use sllm_api::v1::dispatch_server;
 use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
@@ -68,7 +69,7 @@ fn to_pb(event: Event) -> pb::GenerateEvent {
 #[tonic::async_trait]
 impl dispatch_server::Dispatch for Dispatch {
     type GenerateStream = EventStream;
-    type AttachStream = attach::Down;
+    type AttachStream = Batched<attach::Down>;
 
     async fn generate(
         &self,
@@ -176,10 +177,12 @@ impl dispatch_server::Dispatch for Dispatch {
     async fn attach(
         &self,
         request: Request<Streaming<pb::AttachUp>>,
-    ) -> Result<Response<attach::Down>, Status> {
+    ) -> Result<Response<Batched<attach::Down>>, Status> {
         let peer = request.remote_addr();
         let down = attach::open(self.inner.clone(), request.into_inner(), peer).await?;
-        Ok(Response::new(down))
+        // Requests, credit grants and cancels for many streams share this one: batched, the
+        // grants a turn of the runtime makes go down in one write.
+        Ok(Response::new(Batched::new(down)))
     }
 }
 

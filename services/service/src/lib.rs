@@ -5,6 +5,7 @@
 //! It holds no service logic and must never call another service.
 
 pub mod auth;
+pub mod batched;
 pub mod convert;
 pub mod deploy_config;
 pub mod join_token;

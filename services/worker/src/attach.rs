@@ -201,7 +201,7 @@ impl Link {
         };
         tx.send(pb::AttachUp { msg: Some(Up::Hello(hello)) }).await.map_err(|e| e.to_string())?;
         let mut inbound = DispatchClient::new(channel)
-            .attach(ReceiverStream::new(rx))
+            .attach(service::batched::Batched::new(ReceiverStream::new(rx)))
             .await
             .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
             .into_inner();
