@@ -542,15 +542,19 @@ impl pb::dispatch_server::Dispatch for Direct {
             };
             Some((o, (out, next)))
         });
-        let stream = merged.map(|o| {
+        let stream = merged.filter_map(|o| {
             let event = match o {
+                // An engine's acceptance: nothing a gRPC client is told.
+                Output::Started => return None,
                 Output::Text { text, tokens, logprobs, .. } => {
                     pb::generate_event::Event::Chunk(pb::Chunk { text, tokens, logprobs })
                 }
                 Output::Done { .. } => pb::generate_event::Event::Finished(pb::Finished::default()),
-                Output::Error(e) => return Err(tonic::Status::unavailable(e.message)),
+                Output::Error(e) => {
+                    return Some(Err(tonic::Status::unavailable(e.message)));
+                }
             };
-            Ok(pb::GenerateEvent { event: Some(event) })
+            Some(Ok(pb::GenerateEvent { event: Some(event) }))
         });
         Ok(tonic::Response::new(Box::pin(stream)))
     }

@@ -201,6 +201,64 @@ async fn an_engine_refusal_is_the_clients_error_and_is_not_retried() {
     assert_eq!(status, 200);
 }
 
+/// A stream's head reaches the client when the engine accepts the request, as it would from
+/// the engine itself or a gateway in front of it, not only with the first token: a client
+/// (and its proxies) can tell an accepted request from a queued one while the prompt is read.
+#[tokio::test]
+async fn an_accepted_streams_head_comes_before_its_first_token() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let c = cluster().await;
+    // Each token takes 400 ms: the first comes long after the engine's head.
+    let w = engine_worker_with(&c, "", |ec| {
+        ec.command = format!(
+            "{} sim-engine --port {{port}} --model {{model}} --load-ms 100 --decode-ms 400",
+            sllm_bin().unwrap().display()
+        );
+        ec.ready_timeout = Duration::from_secs(20);
+    })
+    .await;
+    deploy(&c, "m").await;
+    ready_engine(&c, &w).await;
+
+    let base = c.dispatch.openai_base();
+    let addr = base.trim_start_matches("http://").trim_end_matches("/v1");
+    let body =
+        json!({"model": "m", "prompt": "hello", "max_tokens": 1, "stream": true}).to_string();
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let sent = std::time::Instant::now();
+    conn.write_all(request.as_bytes()).await.unwrap();
+    let (mut got, mut head_at, mut data_at) = (Vec::new(), None, None);
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = conn.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got);
+        if head_at.is_none() && text.contains("\r\n\r\n") {
+            head_at = Some(sent.elapsed());
+        }
+        if data_at.is_none() && text.contains("data: ") {
+            data_at = Some(sent.elapsed());
+        }
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("text/event-stream"), "{text}");
+    assert!(text.contains("[DONE]"), "{text}");
+    let (head, data) = (head_at.unwrap(), data_at.unwrap());
+    assert!(
+        data >= head + Duration::from_millis(250),
+        "the head came at {head:?}, only with the first token at {data:?}"
+    );
+}
+
 /// A 10-token gRPC request for `m` that must end in an error: the tokens before it, and it.
 async fn until_error(c: &Cluster) -> (u32, tonic::Status) {
     let mut s = eventually(Duration::from_secs(10), "routed", || async {

@@ -95,6 +95,7 @@ pub(crate) async fn open(
             };
             match msg {
                 Ok(Some(pb::AttachUp { msg: Some(m) })) => match m {
+                    Up::Started(s) => link.deliver(s.request_id, FromWorker::Started, false),
                     Up::Chunk(c) => link.deliver(c.request_id, FromWorker::Chunk(c), false),
                     Up::Finished(f) => link.deliver(f.request_id, FromWorker::Finished(f), true),
                     Up::Error(e) => link.deliver(e.request_id, FromWorker::Error(e), true),

@@ -52,8 +52,11 @@ fn deadline_after(d: Duration) -> Option<Instant> {
     Instant::now().checked_add(d)
 }
 
-fn to_pb(event: Event) -> pb::GenerateEvent {
+/// The gRPC event for `event`; None for what a gRPC client is not told (an engine's
+/// acceptance: its response head went out when the call was answered).
+fn to_pb(event: Event) -> Option<pb::GenerateEvent> {
     let event = match event {
+        Event::Started => return None,
         Event::Progress(p) => pb::generate_event::Event::Progress(p),
         Event::Chunk { text, tokens, logprobs, .. } => {
             pb::generate_event::Event::Chunk(pb::Chunk { text, tokens, logprobs })
@@ -63,7 +66,7 @@ fn to_pb(event: Event) -> pb::GenerateEvent {
             usage: Some(usage),
         }),
     };
-    pb::GenerateEvent { event: Some(event) }
+    Some(pb::GenerateEvent { event: Some(event) })
 }
 
 #[tonic::async_trait]
@@ -115,7 +118,8 @@ impl dispatch_server::Dispatch for Dispatch {
             adapter: None,
         };
         let events = self.submit(job).await.map_err(|e| e.to_status())?;
-        let stream = ReceiverStream::new(events).map(|r| r.map(to_pb).map_err(|e| e.to_status()));
+        let stream = ReceiverStream::new(events)
+            .filter_map(|r| r.map(to_pb).map_err(|e| e.to_status()).transpose());
         let mut response = Response::new(Box::pin(stream) as EventStream);
         if let Ok(v) = id.parse() {
             response.metadata_mut().insert("x-request-id", v);

@@ -517,7 +517,7 @@ async fn chat_completions(State(d): State<Dispatch>, headers: HeaderMap, raw: St
                 let mut first = true;
                 let mut relayed = false;
                 sse(events, move |item| {
-                    let progress = matches!(item, Ok(Event::Progress(_)));
+                    let progress = matches!(item, Ok(Event::Progress(_) | Event::Started));
                     let out = chat_chunk(&answer, &model, item, first, include_usage, &mut relayed);
                     first &= progress;
                     out
@@ -718,7 +718,7 @@ pub(crate) async fn collect(mut events: Events) -> Result<Collected, DispatchErr
                     None => Collected::Text(text, reason, usage),
                 });
             }
-            Event::Progress(_) => {}
+            Event::Progress(_) | Event::Started => {}
         }
     }
     Err(DispatchError::Unavailable("the request ended without an answer".into()))
@@ -726,8 +726,9 @@ pub(crate) async fn collect(mut events: Events) -> Result<Collected, DispatchErr
 
 /// Streams events as server-sent events; `render` turns each into zero or more JSON payloads,
 /// which go out as one body frame (see [`crate::sse`]). The response starts with the first
-/// event: a request that fails before any output (the engine refused it, no instance came up in
-/// time) gets its error status, as from the engine itself.
+/// event — the engine's acceptance, when its answer's head came back, as a gateway in front of
+/// it would answer — so a request that fails before that (the engine refused it, no instance
+/// came up in time) gets its error status, as from the engine itself.
 async fn sse<F>(mut events: Events, mut render: F) -> Response
 where
     F: FnMut(Result<Event, DispatchError>) -> Vec<String> + Send + 'static,
@@ -846,7 +847,7 @@ fn completion_chunk(
             }
             out
         }
-        Ok(Event::Progress(_)) => vec![],
+        Ok(Event::Progress(_) | Event::Started) => vec![],
         Err(e) => vec![stream_error(&e)],
     }
 }
@@ -871,7 +872,7 @@ fn chat_chunk(
         Ok(Event::Finished { .. }) if *relayed => return Vec::new(),
         _ => {}
     }
-    if first && item.is_ok() && !matches!(item, Ok(Event::Progress(_))) {
+    if first && matches!(item, Ok(Event::Chunk { .. } | Event::Finished { .. })) {
         out.push(base(json!([{ "index": 0, "delta": { "role": "assistant", "content": "" }, "logprobs": null, "finish_reason": null }])));
     }
     match item {
@@ -891,7 +892,7 @@ fn chat_chunk(
                 out.push(u);
             }
         }
-        Ok(Event::Progress(_)) => {}
+        Ok(Event::Progress(_) | Event::Started) => {}
         Err(e) => return vec![stream_error(&e)],
     }
     out.into_iter().map(|v| v.to_string()).collect()

@@ -80,6 +80,10 @@ pub struct Job {
 pub enum Event {
     /// Cold-start progress.
     Progress(pb::Progress),
+    /// An engine accepted the request: an OpenAI stream's head may go to the client, as a
+    /// gateway in front of the engine would send it. At most once, before any chunk; gRPC
+    /// clients are not told.
+    Started,
     /// Output text.
     Chunk {
         /// Text.
@@ -520,6 +524,7 @@ impl Driver {
         let mut pauses =
             service::retry::backoff(Duration::from_millis(10), Duration::from_millis(200));
         let mut ttft: Option<Duration> = None;
+        let mut started = false;
         let mut queued = Duration::ZERO;
         let mut next = Some(first);
         loop {
@@ -571,6 +576,7 @@ impl Driver {
                 delivered_ids: &mut delivered_ids,
                 prompt_ids: &mut prompt_ids,
                 ttft: &mut ttft,
+                started: &mut started,
                 migrations,
                 queued,
             };
@@ -795,8 +801,8 @@ impl Driver {
         let request_id = self.inner.next_request_id();
         let window = self.inner.config.window;
         // The worker sends at most `window` chunks ahead of what the client has read; the
-        // room beyond it is for the end and a lost-worker notice.
-        let (wtx, mut wrx) = mpsc::channel(window as usize + 4);
+        // room beyond it is for the engine's acceptance, the end and a lost-worker notice.
+        let (wtx, mut wrx) = mpsc::channel(window as usize + 5);
         let overrun = Arc::new(AtomicBool::new(false));
         if let Ok(mut pending) = link.pending.lock() {
             pending.insert(request_id, Inbox { tx: wtx, overrun: overrun.clone() });
@@ -871,6 +877,16 @@ impl Driver {
                 },
             };
             match m {
+                // The client hears it once, from whichever attempt is first accepted.
+                Some(FromWorker::Started) => {
+                    if self.job.openai.is_some()
+                        && !std::mem::replace(progress.started, true)
+                        && self.tx.send(Ok(Event::Started)).await.is_err()
+                    {
+                        link.cancel(request_id);
+                        return Attempt::ClientGone;
+                    }
+                }
                 Some(FromWorker::Chunk(mut c)) => {
                     let mut messages = 1;
                     // Chunks already waiting go to the client as one: under load it gets fewer,
@@ -1024,6 +1040,8 @@ struct Progress<'a> {
     prompt_ids: &'a mut Vec<u32>,
     /// When the first output reached the client.
     ttft: &'a mut Option<Duration>,
+    /// Whether the client was told an engine accepted the request.
+    started: &'a mut bool,
     /// Times the stream moved so far.
     migrations: u32,
     /// Time held for a cold start.

@@ -16,6 +16,8 @@ use crate::room::Room;
 /// A message from a worker about one request.
 #[derive(Debug)]
 pub(crate) enum FromWorker {
+    /// The engine accepted the request (see `AttachUp.started`).
+    Started,
     Chunk(pb::WorkerChunk),
     Finished(pb::WorkerFinished),
     Error(pb::WorkerError),

@@ -482,6 +482,8 @@ async fn serve(
                     return;
                 }
                 let v = match o {
+                    // The simulated model's own head went out already.
+                    Output::Started => continue,
                     Output::Text { text, tokens, token_ids, .. } => {
                         sent += tokens;
                         let n = e.produced.fetch_add(u64::from(tokens), Ordering::Relaxed)
@@ -540,6 +542,7 @@ async fn serve(
     let mut ids = Vec::new();
     while let Some(o) = out.recv().await {
         match o {
+            Output::Started => {}
             Output::Text { text: t, token_ids, .. } => {
                 text.push_str(&t);
                 ids.extend(token_ids);

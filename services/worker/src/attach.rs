@@ -351,6 +351,7 @@ async fn serve_request(
             }
         }
         let msg = match o {
+            Output::Started => Up::Started(pb::WorkerStarted { request_id: id }),
             Output::Text {
                 mut text,
                 mut tokens,

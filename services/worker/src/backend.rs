@@ -165,6 +165,9 @@ impl Failure {
 /// One output of a generation.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Output {
+    /// The engine accepted a streamed OpenAI request: its answer's head came back with a
+    /// success status, before any text. Optional; at most once, first.
+    Started,
     /// Text of one or more tokens.
     Text {
         /// The text.

@@ -428,6 +428,10 @@ impl EngineBackend {
             }
             return Ok(());
         }
+        // The client may have its answer's head now, as it would from the engine itself.
+        if job.openai.is_some() && tx.send(Output::Started).await.is_err() {
+            return Ok(());
+        }
         let first_left = limits.first_byte_timeout.saturating_sub(started.elapsed());
         let limits = openai::StreamLimits {
             first_event: first_left,

@@ -129,6 +129,7 @@ async fn read(frames: Vec<Vec<u8>>, relay: bool, chat: bool) -> Got {
                 got.events.extend(events);
                 got.logprobs += logprobs.len();
             }
+            Output::Started => panic!("a relayed stream never says it started: its caller does"),
             done @ Output::Done { .. } => got.done = Some(done),
             Output::Error(f) => panic!("errors come back as the result: {f:?}"),
         }

@@ -210,16 +210,18 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., time_to_first_token_us: _Optional[int] = ..., queue_us: _Optional[int] = ..., instance_id: _Optional[str] = ..., migrations: _Optional[int] = ...) -> None: ...
 
 class AttachUp(_message.Message):
-    __slots__ = ("hello", "chunk", "finished", "error")
+    __slots__ = ("hello", "chunk", "finished", "error", "started")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    STARTED_FIELD_NUMBER: _ClassVar[int]
     hello: AttachHello
     chunk: WorkerChunk
     finished: WorkerFinished
     error: WorkerError
-    def __init__(self, hello: _Optional[_Union[AttachHello, _Mapping]] = ..., chunk: _Optional[_Union[WorkerChunk, _Mapping]] = ..., finished: _Optional[_Union[WorkerFinished, _Mapping]] = ..., error: _Optional[_Union[WorkerError, _Mapping]] = ...) -> None: ...
+    started: WorkerStarted
+    def __init__(self, hello: _Optional[_Union[AttachHello, _Mapping]] = ..., chunk: _Optional[_Union[WorkerChunk, _Mapping]] = ..., finished: _Optional[_Union[WorkerFinished, _Mapping]] = ..., error: _Optional[_Union[WorkerError, _Mapping]] = ..., started: _Optional[_Union[WorkerStarted, _Mapping]] = ...) -> None: ...
 
 class AttachHello(_message.Message):
     __slots__ = ("worker_id", "epoch", "join_token", "run_id")
@@ -250,6 +252,12 @@ class WorkerChunk(_message.Message):
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, request_id: _Optional[int] = ..., text: _Optional[str] = ..., tokens: _Optional[int] = ..., events: _Optional[_Iterable[str]] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., token_ids: _Optional[_Iterable[int]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class WorkerStarted(_message.Message):
+    __slots__ = ("request_id",)
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    def __init__(self, request_id: _Optional[int] = ...) -> None: ...
 
 class WorkerFinished(_message.Message):
     __slots__ = ("request_id", "reason", "prompt_tokens", "completion_tokens")
