@@ -230,3 +230,37 @@ async fn deleting_a_model_drains_and_removes_its_instances_then_the_record() {
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
 }
+
+/// Deploys that arrive together share one read of the fleet, and each still gets the warnings
+/// that hold for its own spec: with one 2-GPU worker registered, 32 concurrent deploys asking
+/// for 4 GPUs are told no worker has that many, and 32 asking for 2 are told nothing.
+#[tokio::test]
+async fn concurrent_deploys_each_get_their_own_warnings() {
+    let c = Cluster::start().await;
+    let _w = c.worker("w1", worker::SimConfig { gpus: 2, ..fast_sim() }).await;
+    let client = c.client().await;
+    let deploys = (0..64).map(|i| {
+        let mut client = client.clone();
+        async move {
+            let mut s = spec(&format!("m{i}"), 0, 1, 1.0, 0);
+            s.num_gpus = if i % 2 == 0 { 4 } else { 2 };
+            let warnings = client
+                .deploy(pb::DeployRequest { spec: Some(s) })
+                .await
+                .unwrap()
+                .into_inner()
+                .warnings;
+            (i, warnings)
+        }
+    });
+    for (i, warnings) in futures::future::join_all(deploys).await {
+        if i % 2 == 0 {
+            assert!(
+                warnings.len() == 1 && warnings[0].contains("no registered worker has more than 2"),
+                "m{i}: {warnings:?}"
+            );
+        } else {
+            assert!(warnings.is_empty(), "m{i}: {warnings:?}");
+        }
+    }
+}

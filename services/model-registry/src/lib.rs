@@ -6,8 +6,11 @@
 //! It must never call another service.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
 use kvstore::{InstanceRecord, Store};
 use service::convert;
 use sllm_api::v1 as pb;
@@ -15,16 +18,59 @@ use sllm_api::v1::model_registry_server::{ModelRegistry, ModelRegistryServer};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+/// What a deploy's warnings need of the fleet: how many workers are registered, and the most
+/// GPUs any one of them has.
+#[derive(Clone, Copy)]
+struct Fleet {
+    workers: usize,
+    most_gpus: usize,
+}
+
+type FleetRead = Shared<BoxFuture<'static, Result<Fleet, Arc<kvstore::Error>>>>;
+
 /// The ModelRegistry service. Cheap to clone.
 #[derive(Clone)]
 pub struct Registry {
     store: Store,
+    /// The read of the fleet in flight, if any: deploys that arrive while it runs share it
+    /// instead of each reading every worker's record.
+    fleet_read: Arc<Mutex<Option<FleetRead>>>,
 }
 
 impl Registry {
     /// A registry over `store`.
     pub fn new(store: Store) -> Registry {
-        Registry { store }
+        Registry { store, fleet_read: Arc::default() }
+    }
+
+    /// The fleet as read by the read in flight, or by a new one if none is.
+    async fn fleet(&self) -> Result<Fleet, Arc<kvstore::Error>> {
+        let read = {
+            // A poisoned lock only means a panic while swapping an Option: the value is whole.
+            let mut slot = self.fleet_read.lock().unwrap_or_else(|e| e.into_inner());
+            match &*slot {
+                Some(read) if read.peek().is_none() => read.clone(),
+                _ => {
+                    let store = self.store.clone();
+                    let read = async move {
+                        let workers = store.list_workers().await.map_err(Arc::new)?;
+                        Ok(Fleet {
+                            workers: workers.len(),
+                            most_gpus: workers
+                                .iter()
+                                .map(|w| w.inventory.gpus.len())
+                                .max()
+                                .unwrap_or(0),
+                        })
+                    }
+                    .boxed()
+                    .shared();
+                    *slot = Some(read.clone());
+                    read
+                }
+            }
+        };
+        read.await
     }
 
     /// The gRPC service, to mount on a shared server.
@@ -55,10 +101,9 @@ impl Registry {
     /// Warnings about a spec that is allowed but probably wrong.
     async fn warnings(&self, spec: &kvstore::DeploymentSpec) -> Vec<String> {
         let mut out = Vec::new();
-        match self.store.list_workers().await {
-            Ok(workers) => {
-                let most = workers.iter().map(|w| w.inventory.gpus.len()).max().unwrap_or(0);
-                if workers.is_empty() {
+        match self.fleet().await {
+            Ok(Fleet { workers, most_gpus: most }) => {
+                if workers == 0 {
                     out.push(
                         "no worker has registered yet: the model starts once one joins".to_string(),
                     );
