@@ -1,7 +1,7 @@
 //! Churn: workers that join and leave with fresh node ids and models that are deployed and
 //! deleted leave nothing behind, neither in Redis nor in the services' memory.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -61,9 +61,18 @@ impl Cluster {
         self.procs.insert(service, proc);
     }
 
-    /// Resident memory of each service process, in KiB.
-    fn rss(&self) -> BTreeMap<&'static str, u64> {
-        self.procs.iter().map(|(name, p)| (*name, p.rss_kib().unwrap())).collect()
+    /// Resident memory of each service process, in KiB: the least of five readings 300 ms
+    /// apart, so that pages an allocator holds for a moment are not counted as kept.
+    async fn rss(&self) -> BTreeMap<&'static str, u64> {
+        let mut least: BTreeMap<&'static str, u64> = BTreeMap::new();
+        for _ in 0..5 {
+            for (name, p) in &self.procs {
+                let kib = p.rss_kib().unwrap();
+                least.entry(*name).and_modify(|l| *l = (*l).min(kib)).or_insert(kib);
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        least
     }
 
     /// Lines of `service`'s /metrics that name a model of the churn (all of them deleted).
@@ -77,9 +86,27 @@ impl Cluster {
         String::from_utf8_lossy(&o.stdout).lines().filter(|l| l.contains("model=\"churn-")).count()
     }
 
-    async fn key_count(&self) -> u64 {
+    /// The names of the keys Redis holds.
+    async fn keys(&self) -> BTreeSet<String> {
         let mut raw = self.redis.raw().await.unwrap();
-        redis::cmd("DBSIZE").query_async(&mut raw).await.unwrap()
+        redis::cmd("KEYS").arg("*").query_async(&mut raw).await.unwrap()
+    }
+
+    /// Waits until Redis holds exactly the keys of `expected` (keys with a short TTL, such as
+    /// demand reports, may outlive a round by a moment), and says which differ if it never does.
+    async fn keys_return_to(&self, expected: &BTreeSet<String>, after: &str) {
+        let settled = eventually(Duration::from_secs(20), "Redis keys as at the start", || async {
+            (self.keys().await == *expected).then_some(())
+        })
+        .await;
+        if settled.is_err() {
+            let now = self.keys().await;
+            panic!(
+                "Redis keys after {after}: left behind {:?}, gone {:?}",
+                now.difference(expected).collect::<Vec<_>>(),
+                expected.difference(&now).collect::<Vec<_>>()
+            );
+        }
     }
 
     /// `n` workers join (register, ready, placeable) and leave (their stream ends), `PARALLEL`
@@ -195,51 +222,61 @@ async fn deploy_and_delete(
 }
 
 /// 1,000 workers join and leave with fresh node ids and 1,000 models are deployed and deleted,
-/// twice, after a warm-up round of the same size (in which the services reach their working
-/// size): Redis holds as many keys as at the start, and no service's resident memory ends more
-/// than `max(4 MiB, 10 %)` above its level after the warm-up. (Debug builds under mimalloc
-/// move a few MiB between measurements on their own; a leak of 2 KiB per worker or model
-/// exceeds the bound.)
+/// four times, after two warm-up rounds of the same size (in which the services reach their working
+/// size): Redis holds the same keys as at the start, and no service's resident memory ends more
+/// than `max(6 MiB, 10 %)` above the higher of its levels after the warm-up rounds. (Debug
+/// builds under mimalloc move a few MiB between measurements on their own, and on a loaded
+/// machine the working size can grow in the second round: each deploy reads every worker's
+/// record to warn about specs no worker can hold, 32 deploys at a time. A leak of 2 KiB per
+/// worker or model, 8 MiB over the four rounds, exceeds the bound.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_and_models_that_come_and_go_leave_nothing_behind() {
     let redis = RedisServer::start().unwrap();
     let store = Store::connect(StoreConfig::new(redis.url()).with_namespace("sllm")).await.unwrap();
     let cluster = Cluster::start(redis, store);
-    // The Scaler holds the lead and Dispatch has registered before anything is counted.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let keys_at_start = cluster.key_count().await;
+    // The Scaler holds the lead and Dispatch has registered and reported before anything is
+    // counted: the same keys a second apart, among them the Scaler's lease.
+    let mut keys_at_start = cluster.keys().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = cluster.keys().await;
+        if now == keys_at_start && now.contains("{sllm}:leader:scaler") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the services' keys never settled: {now:?}");
+        keys_at_start = now;
+    }
 
-    cluster.churn(0, CHURN).await;
-    // Allocators hand freed pages back after a short delay.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let warm = cluster.rss();
-    let keys_warm = cluster.key_count().await;
-    assert_eq!(keys_warm, keys_at_start, "Redis keys after the warm-up round");
+    let mut warm: BTreeMap<&'static str, u64> = BTreeMap::new();
+    for round in 0..2 {
+        cluster.churn(round, CHURN).await;
+        cluster.keys_return_to(&keys_at_start, "a warm-up round").await;
+        // Allocators hand freed pages back after a short delay.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        for (name, kib) in cluster.rss().await {
+            warm.entry(name).and_modify(|w| *w = (*w).max(kib)).or_insert(kib);
+        }
+    }
 
-    for round in 1..=2 {
+    for round in 2..6 {
         cluster.churn(round, CHURN).await;
     }
+    cluster
+        .keys_return_to(&keys_at_start, &format!("{} workers and models came and went", 4 * CHURN))
+        .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let after = cluster.rss();
-    let keys_after = cluster.key_count().await;
+    let after = cluster.rss().await;
 
-    println!(
-        "Redis keys: start {keys_at_start}, after warm-up {keys_warm}, after churn {keys_after}"
-    );
+    println!("Redis keys at the start, after the warm-up and after churn: {keys_at_start:?}");
     println!("{:<16} {:>12} {:>12} {:>10}", "service", "warm KiB", "after KiB", "growth");
     for (name, w) in &warm {
         let a = after[name];
         println!("{name:<16} {w:>12} {a:>12} {:>10}", a as i64 - *w as i64);
     }
-    assert_eq!(
-        keys_after,
-        keys_at_start,
-        "Redis keys after {} workers and models came and went",
-        2 * CHURN
-    );
     let grew = |name: &str| {
         let (w, a) = (warm[name], after[name]);
-        let allowed = (w / 10).max(4 * 1024);
+        let allowed = (w / 10).max(6 * 1024);
         (a > w + allowed).then(|| format!("{name}: {w} KiB -> {a} KiB (allowed +{allowed} KiB)"))
     };
     for name in ["worker-registry", "model-registry"] {

@@ -525,29 +525,31 @@ async fn openai_client_reads(c: &Cluster, kind: &str) -> Value {
     serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap()
 }
 
-/// Waits until `n` instances of `m` are ready, and Dispatch routes to them.
-async fn ready_instances(c: &Cluster, n: usize) -> Vec<String> {
-    let ids = eventually(Duration::from_secs(15), "instances ready", || async {
+/// Waits until `n` instances of `m` are ready, their engines answer, and Dispatch routes to
+/// them. (An engine that has just crashed stays ready in the store until its agent reports it.)
+async fn ready_instances(c: &Cluster, w: &EngineWorker, n: usize) {
+    eventually(Duration::from_secs(15), "instances ready", || async {
         let all = c.store.model_instances("m").await.unwrap();
-        let ready: Vec<String> = all
-            .into_iter()
-            .filter(|i| i.status == InstanceStatus::Ready)
-            .map(|i| i.instance_id)
-            .collect();
-        (ready.len() == n).then_some(ready)
+        let mut answering = 0;
+        for i in all.iter().filter(|i| i.status == InstanceStatus::Ready) {
+            let e = w.backend.endpoint(&i.instance_id)?;
+            curl(&format!("{e}/health")).await?;
+            answering += 1;
+        }
+        (answering == n).then_some(())
     })
     .await
     .unwrap();
     tokio::time::sleep(Duration::from_millis(800)).await;
-    ids
 }
 
 /// The body of the continuation among the engines' last requests: the one whose prompt is a
-/// list of token ids.
-async fn continuation_request(w: &EngineWorker, instances: &[String]) -> Value {
-    for i in instances {
+/// list of token ids. Every instance of `m` the store knows now is asked, including one started
+/// while the stream ran.
+async fn continuation_request(c: &Cluster, w: &EngineWorker) -> Value {
+    for i in c.store.model_instances("m").await.unwrap() {
         // The crashed engine answers nothing.
-        let Some(e) = w.backend.endpoint(i) else { continue };
+        let Some(e) = w.backend.endpoint(&i.instance_id) else { continue };
         let Some(last) = curl(&format!("{e}/debug/last-request")).await else { continue };
         let last: Value = serde_json::from_str(&last).unwrap();
         if last["prompt"].as_array().is_some_and(|p| p.iter().all(Value::is_u64)) {
@@ -597,7 +599,7 @@ async fn a_vllm_stream_whose_engine_crashes_continues_from_its_token_ids() {
         format!("{head}{}", ids_text(7, &encode(&format!("{prompt}{head}"), true), 80 - k))
     };
 
-    let instances = ready_instances(&c, 2).await;
+    ready_instances(&c, &w, 2).await;
     let seen = openai_client_reads(&c, "completion").await;
     assert_eq!(seen["text"], whole("hello engine"), "{seen}");
     assert_eq!(
@@ -611,7 +613,7 @@ async fn a_vllm_stream_whose_engine_crashes_continues_from_its_token_ids() {
     assert_eq!(seen["usage"]["prompt_tokens"], prompt_tokens, "{seen}");
     assert_eq!(seen["usage"]["completion_tokens"], 80, "{seen}");
     assert_eq!(seen["unasked_ids"], false, "no token ids the client did not ask for: {seen}");
-    let cont = continuation_request(&w, &instances).await;
+    let cont = continuation_request(&c, &w).await;
     let k = 80 - cont["max_tokens"].as_u64().unwrap() as u32;
     let mut ids = encode("hello engine", true);
     let mut m = worker::vocab::TokenModel::new(7, &ids);
@@ -621,7 +623,7 @@ async fn a_vllm_stream_whose_engine_crashes_continues_from_its_token_ids() {
 
     // The crashed engine is replaced; the chat stream then loses its engine too, and goes on
     // as a completion of its templated prompt's ids and its own, read as chat chunks.
-    let instances = ready_instances(&c, 2).await;
+    ready_instances(&c, &w, 2).await;
     let seen = openai_client_reads(&c, "chat").await;
     let template = "system: be brief\nuser: a story\nassistant:";
     assert_eq!(seen["text"], whole(template), "{seen}");
@@ -634,7 +636,7 @@ async fn a_vllm_stream_whose_engine_crashes_continues_from_its_token_ids() {
     assert_eq!(seen["usage"]["completion_tokens"], 80, "{seen}");
     assert_eq!(seen["usage"]["prompt_tokens"], encode(template, true).len(), "{seen}");
     assert_eq!(seen["unasked_ids"], false, "{seen}");
-    let cont = continuation_request(&w, &instances).await;
+    let cont = continuation_request(&c, &w).await;
     let k = 80 - cont["max_tokens"].as_u64().unwrap() as u32;
     assert!(cont.get("messages").is_none(), "a completion: {cont}");
     assert_eq!(cont["prompt"].as_array().unwrap().len(), encode(template, true).len() + k as usize);
