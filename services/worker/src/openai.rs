@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use eventsource_stream::Eventsource;
 use futures::{Stream, StreamExt};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 use sllm_api::v1 as pb;
 use tokio::sync::mpsc;
@@ -1008,7 +1009,29 @@ impl Reader {
             return Some(Step::Output(None));
         }
         // The event as the client gets it, its fields in the engine's order.
-        let mut out = String::with_capacity(data.len() + relay.id.len() + relay.model.len());
+        let out = self.restamped(&top.0, list, data.len(), !relay.include_usage);
+        Some(Step::Output(Some(Output::Text {
+            text,
+            tokens,
+            events: vec![out],
+            logprobs: Vec::new(),
+            token_ids: Vec::new(),
+            prompt_token_ids: Vec::new(),
+        })))
+    }
+
+    /// `fields` (an answer's or an event's top level, as the engine wrote them) with sllm's
+    /// `id`, `created` (neither for a `list`) and `model`, in the engine's order; `usage`
+    /// left out when `drop_usage`. `len` is the engine's text's length, to size the result.
+    fn restamped(
+        &self,
+        fields: &[(&str, &RawValue)],
+        list: bool,
+        len: usize,
+        drop_usage: bool,
+    ) -> String {
+        let (id, model, created) = &self.stamps;
+        let mut out = String::with_capacity(len + id.len() + model.len());
         let field = |out: &mut String, k: &str, v: &str| {
             out.push(if out.is_empty() { '{' } else { ',' });
             out.push('"');
@@ -1016,9 +1039,8 @@ impl Reader {
             out.push_str("\":");
             out.push_str(v);
         };
-        let (id, model, created) = &self.stamps;
         let (mut has_id, mut has_created, mut has_model) = (list, list, false);
-        for (k, v) in &top.0 {
+        for (k, v) in fields {
             match *k {
                 "id" if !list => {
                     has_id = true;
@@ -1032,7 +1054,7 @@ impl Reader {
                     has_model = true;
                     field(&mut out, k, model);
                 }
-                "usage" if !relay.include_usage => {}
+                "usage" if drop_usage => {}
                 _ => field(&mut out, k, v.get()),
             }
         }
@@ -1049,18 +1071,84 @@ impl Reader {
             out.push('{');
         }
         out.push('}');
-        Some(Step::Output(Some(Output::Text {
+        out
+    }
+
+    /// Reads a whole answer for an OpenAI client as [`Reader::relay_event`] reads an event:
+    /// without building a JSON tree, its top-level fields passed on as the engine wrote them
+    /// with sllm's `id`, `model` and `created`.
+    ///
+    /// None: an answer it does not read this way (an error report, log-probabilities to read,
+    /// a continued answer, JSON it cannot borrow from), which [`Reader::body`] reads in full.
+    fn relay_body(&mut self, body: &str) -> Option<(Output, Output)> {
+        self.call.relay.as_ref()?;
+        if self.call.continued > 0 || self.call.ids.is_some() || self.call.logprobs {
+            return None;
+        }
+        let top: fast::Top<'_> = serde_json::from_str(body).ok()?;
+        let mut choices = None;
+        let mut usage = None;
+        let mut list = false;
+        for (k, v) in &top.0 {
+            match *k {
+                "error" if v.get() != "null" => return None,
+                "object" => match v.get() {
+                    "\"error\"" => return None,
+                    "\"list\"" => list = true,
+                    _ => {}
+                },
+                "choices" => choices = Some(*v),
+                "usage" if v.get() != "null" => usage = Some(*v),
+                _ => {}
+            }
+        }
+        let parsed: Vec<fast::Choice<'_>> = match choices {
+            Some(c) => serde_json::from_str(c.get()).ok()?,
+            None => Vec::new(),
+        };
+        if let Some(u) = usage {
+            let u: fast::Usage = serde_json::from_str(u.get()).ok()?;
+            if let Some(n) = u.prompt_tokens {
+                self.prompt_tokens = n as u32;
+            }
+            if let Some(n) = u.completion_tokens {
+                self.completion_tokens = Some(n as u32);
+            }
+        }
+        let mut text = String::new();
+        if let Some(c) = parsed.first() {
+            let piece = c.text.as_deref().or_else(|| c.message.as_ref()?.content.as_deref());
+            if let Some(t) = piece {
+                text.push_str(t);
+            }
+            if let Some(f) = c.finish_reason.as_deref() {
+                self.finish = Some(finish_of(f));
+            }
+        }
+        let tokens = self.completion_tokens.unwrap_or(u32::from(!text.is_empty()));
+        self.counted = tokens;
+        let event = self.restamped(&top.0, list, body.len(), false);
+        let out = Output::Text {
             text,
             tokens,
-            events: vec![out],
+            events: vec![event],
             logprobs: Vec::new(),
             token_ids: Vec::new(),
             prompt_token_ids: Vec::new(),
-        })))
+        };
+        Some((out, self.done()))
     }
 
     /// Reads a whole (not streamed) answer: its output, then its end.
     pub fn body(&mut self, body: &str) -> Result<(Output, Output), Failure> {
+        match self.relay_body(body) {
+            Some(read) => Ok(read),
+            None => self.tree_body(body),
+        }
+    }
+
+    /// Reads a whole answer by way of a JSON tree: any answer [`Reader::relay_body`] does not.
+    fn tree_body(&mut self, body: &str) -> Result<(Output, Output), Failure> {
         let mut v: Value = serde_json::from_str(body).map_err(|e| {
             Failure::new(FailureKind::Engine, format!("the engine's answer is not JSON: {e}"))
         })?;
@@ -1258,6 +1346,9 @@ mod fast {
         pub(super) text: Option<Cow<'a, str>>,
         #[serde(borrow)]
         pub(super) delta: Option<Delta<'a>>,
+        /// A whole chat answer's message (its `content` as a delta's).
+        #[serde(borrow)]
+        pub(super) message: Option<Delta<'a>>,
         #[serde(borrow)]
         pub(super) finish_reason: Option<Cow<'a, str>>,
     }
@@ -1517,6 +1608,99 @@ mod tests {
         };
         assert_eq!(f.kind, FailureKind::Engine);
         assert!(f.message.contains("boom"));
+    }
+
+    /// Whole answers read without a tree give what the tree reading gives: the same text,
+    /// tokens and end, and the same answer for the client (sllm's id, model and created; every
+    /// other field as the engine wrote it, usage kept), for completions, chat, tool calls,
+    /// embeddings and answers without usage; answers the fast reading leaves (errors, a
+    /// usage that is not an object) still come out as before.
+    #[test]
+    fn whole_answers_read_without_a_tree_match_the_tree_reading() {
+        let answers = [
+            (
+                pb::OpenAiEndpoint::Completions,
+                json!({"model": "m", "prompt": "p", "max_tokens": 5}),
+                r#"{"id":"cmpl-x","object":"text_completion","created":1,"model":"m","choices":[{"index":0,"text":"Hé \"x\"","logprobs":null,"finish_reason":"length","stop_reason":null}],"usage":{"prompt_tokens":3,"completion_tokens":5,"total_tokens":8},"system_fingerprint":null}"#,
+            ),
+            (
+                pb::OpenAiEndpoint::ChatCompletions,
+                json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]}),
+                r#"{"choices":[{"finish_reason":"stop","index":0,"message":{"role":"assistant","content":"hello there"}}],"created":7,"model":"m","object":"chat.completion","usage":{"completion_tokens":2,"prompt_tokens":9,"total_tokens":11},"id":"chatcmpl-abc","timings":{"prompt_ms":0.25}}"#,
+            ),
+            (
+                pb::OpenAiEndpoint::ChatCompletions,
+                json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]}),
+                r#"{"id":"c","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":null,"tool_calls":[{"id":"t","type":"function","function":{"name":"f","arguments":"{}"}}]},"finish_reason":"tool_calls"}],"usage":{"prompt_tokens":4,"completion_tokens":6,"total_tokens":10}}"#,
+            ),
+            (
+                pb::OpenAiEndpoint::Completions,
+                json!({"model": "m", "prompt": "p", "max_tokens": 5}),
+                r#"{"object":"text_completion","choices":[{"index":0,"text":"ab","finish_reason":"stop"}]}"#,
+            ),
+            (
+                pb::OpenAiEndpoint::Embeddings,
+                json!({"model": "m", "input": "p"}),
+                r#"{"object":"list","data":[{"object":"embedding","index":0,"embedding":[0.5,-1e-3]}],"model":"m","usage":{"prompt_tokens":2,"total_tokens":2}}"#,
+            ),
+            (
+                pb::OpenAiEndpoint::Completions,
+                json!({"model": "m", "prompt": "p", "max_tokens": 5}),
+                r#"{"object":"text_completion","choices":[{"index":0,"text":"ab","finish_reason":"stop"}],"usage":"none"}"#,
+            ),
+        ];
+        for (n, (endpoint, body, answer)) in answers.into_iter().enumerate() {
+            let reader = || {
+                Reader::new(call(Dialect::Vllm, "m", &relayed_job(endpoint, body.clone())).unwrap())
+            };
+            let tree = reader().tree_body(answer).unwrap();
+            // All but the last (its usage is not an object) are read without a tree.
+            assert_eq!(reader().relay_body(answer).is_some(), n < 5, "{answer}");
+            let mut fast_reader = reader();
+            let fast = fast_reader.body(answer).unwrap();
+            let events = |o: &Output| match o {
+                Output::Text { events, .. } => events
+                    .iter()
+                    .map(|e| serde_json::from_str::<Value>(e).unwrap())
+                    .collect::<Vec<_>>(),
+                other => panic!("{other:?}"),
+            };
+            assert_eq!(events(&fast.0), events(&tree.0), "{answer}");
+            assert_eq!(fast.1, tree.1, "{answer}");
+            let (Output::Text { text: a, tokens: n, .. }, Output::Text { text: b, tokens: m, .. }) =
+                (&fast.0, &tree.0)
+            else {
+                unreachable!()
+            };
+            assert_eq!((a, n), (b, m), "{answer}");
+            let client = &events(&fast.0)[0];
+            if client["object"] != "list" {
+                assert_eq!(
+                    (client["id"].clone(), client["created"].clone()),
+                    (json!("chatcmpl-1"), json!(42))
+                );
+            }
+            assert_eq!(client["model"], "m:vllm");
+        }
+        // The engine's own words pass as written, not as a tree writes them again.
+        let answer = r#"{"object":"text_completion","choices":[{"index":0,"text":"x","finish_reason":"stop"}],"timings":{"prompt_ms":1.50}}"#;
+        let (Output::Text { events, .. }, _) = reader_for_completions().body(answer).unwrap()
+        else {
+            panic!("text")
+        };
+        assert!(events[0].contains(r#""timings":{"prompt_ms":1.50}"#), "{}", events[0]);
+        // An error answer is still the engine's error.
+        let err = reader_for_completions()
+            .body(r#"{"object":"error","message":"boom","type":"BadRequestError","code":400}"#)
+            .unwrap_err();
+        assert!(err.message.contains("boom"), "{}", err.message);
+    }
+
+    fn reader_for_completions() -> Reader {
+        let body = json!({"model": "m", "prompt": "p", "max_tokens": 5});
+        Reader::new(
+            call(Dialect::Vllm, "m", &relayed_job(pb::OpenAiEndpoint::Completions, body)).unwrap(),
+        )
     }
 
     /// What a reader passes on for one event: its text, tokens, ids, prompt ids, and the
