@@ -953,11 +953,49 @@ impl Reader {
     /// read, a continued answer, JSON it cannot borrow from), which [`Reader::event`] reads in
     /// full instead.
     fn relay_event(&mut self, data: &str) -> Option<Step> {
-        let relay = self.call.relay.as_ref()?;
+        let include_usage = self.call.relay.as_ref()?.include_usage;
         if self.call.continued > 0 || self.call.ids.is_some() || self.call.as_chat {
             return None;
         }
         let top: fast::Top<'_> = serde_json::from_str(data).ok()?;
+        let (parsed, usage, list) = self.read_top(&top)?;
+        let mut text = String::new();
+        let mut content = false;
+        if let Some(c) = parsed.first() {
+            let piece = c.text.as_deref().or_else(|| c.delta.as_ref()?.content.as_deref());
+            if let Some(t) = piece {
+                text.push_str(t);
+            }
+            content = !text.is_empty() || c.delta.as_ref().is_some_and(fast::Delta::has_output);
+            if let Some(f) = c.finish_reason.as_deref() {
+                self.finish = Some(finish_of(f));
+            }
+        }
+        let tokens = u32::from(content);
+        self.counted += tokens;
+        if !include_usage && usage.is_some() && parsed.is_empty() {
+            // The usage event sllm asked for on the client's behalf.
+            return Some(Step::Output(None));
+        }
+        // The event as the client gets it, its fields in the engine's order.
+        let out = self.restamped(&top.0, list, data.len(), !include_usage);
+        Some(Step::Output(Some(Output::Text {
+            text,
+            tokens,
+            events: vec![out],
+            logprobs: Vec::new(),
+            token_ids: Vec::new(),
+            prompt_token_ids: Vec::new(),
+        })))
+    }
+
+    /// What sllm reads of an answer's or an event's top level, borrowed: its choices, its usage
+    /// (whose counts it takes) and whether it is a `list`. None: an error report, or fields it
+    /// cannot borrow.
+    fn read_top<'a>(
+        &mut self,
+        top: &fast::Top<'a>,
+    ) -> Option<(Vec<fast::Choice<'a>>, Option<fast::Usage>, bool)> {
         let mut choices = None;
         let mut usage = None;
         let mut list = false;
@@ -974,7 +1012,7 @@ impl Reader {
                 _ => {}
             }
         }
-        let parsed: Vec<fast::Choice<'_>> = match choices {
+        let parsed: Vec<fast::Choice<'a>> = match choices {
             Some(c) => serde_json::from_str(c.get()).ok()?,
             None => Vec::new(),
         };
@@ -990,34 +1028,7 @@ impl Reader {
                 self.completion_tokens = Some(n as u32);
             }
         }
-        let mut text = String::new();
-        let mut content = false;
-        if let Some(c) = parsed.first() {
-            let piece = c.text.as_deref().or_else(|| c.delta.as_ref()?.content.as_deref());
-            if let Some(t) = piece {
-                text.push_str(t);
-            }
-            content = !text.is_empty() || c.delta.as_ref().is_some_and(fast::Delta::has_output);
-            if let Some(f) = c.finish_reason.as_deref() {
-                self.finish = Some(finish_of(f));
-            }
-        }
-        let tokens = u32::from(content);
-        self.counted += tokens;
-        if !relay.include_usage && usage.is_some() && parsed.is_empty() {
-            // The usage event sllm asked for on the client's behalf.
-            return Some(Step::Output(None));
-        }
-        // The event as the client gets it, its fields in the engine's order.
-        let out = self.restamped(&top.0, list, data.len(), !relay.include_usage);
-        Some(Step::Output(Some(Output::Text {
-            text,
-            tokens,
-            events: vec![out],
-            logprobs: Vec::new(),
-            token_ids: Vec::new(),
-            prompt_token_ids: Vec::new(),
-        })))
+        Some((parsed, usage, list))
     }
 
     /// `fields` (an answer's or an event's top level, as the engine wrote them) with sllm's
@@ -1086,35 +1097,7 @@ impl Reader {
             return None;
         }
         let top: fast::Top<'_> = serde_json::from_str(body).ok()?;
-        let mut choices = None;
-        let mut usage = None;
-        let mut list = false;
-        for (k, v) in &top.0 {
-            match *k {
-                "error" if v.get() != "null" => return None,
-                "object" => match v.get() {
-                    "\"error\"" => return None,
-                    "\"list\"" => list = true,
-                    _ => {}
-                },
-                "choices" => choices = Some(*v),
-                "usage" if v.get() != "null" => usage = Some(*v),
-                _ => {}
-            }
-        }
-        let parsed: Vec<fast::Choice<'_>> = match choices {
-            Some(c) => serde_json::from_str(c.get()).ok()?,
-            None => Vec::new(),
-        };
-        if let Some(u) = usage {
-            let u: fast::Usage = serde_json::from_str(u.get()).ok()?;
-            if let Some(n) = u.prompt_tokens {
-                self.prompt_tokens = n as u32;
-            }
-            if let Some(n) = u.completion_tokens {
-                self.completion_tokens = Some(n as u32);
-            }
-        }
+        let (parsed, _, list) = self.read_top(&top)?;
         let mut text = String::new();
         if let Some(c) = parsed.first() {
             let piece = c.text.as_deref().or_else(|| c.message.as_ref()?.content.as_deref());
