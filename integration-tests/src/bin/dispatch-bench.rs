@@ -491,20 +491,23 @@ impl pb::dispatch_server::Dispatch for Direct {
     ) -> Result<tonic::Response<EventStream>, tonic::Status> {
         let r = r.into_inner();
         let params = r.params.unwrap_or_default();
-        let out = self.sim.generate(Job {
-            instance_id: self.instance.clone(),
-            input: worker::Input::Prompt("ping".into()),
-            params: pb::SamplingParams {
-                max_tokens: params.max_tokens,
-                seed: Some(1),
-                ..Default::default()
-            },
-            openai: None,
-            traceparent: String::new(),
-            adapter: None,
-            baggage: String::new(),
-            continuation: None,
-        });
+        let out = self
+            .sim
+            .generate(Job {
+                instance_id: self.instance.clone(),
+                input: worker::Input::Prompt("ping".into()),
+                params: pb::SamplingParams {
+                    max_tokens: params.max_tokens,
+                    seed: Some(1),
+                    ..Default::default()
+                },
+                openai: None,
+                traceparent: String::new(),
+                adapter: None,
+                baggage: String::new(),
+                continuation: None,
+            })
+            .spawn();
         // Text already waiting goes out as one message of up to 16 KiB, as the worker agent
         // and Dispatch send it: both paths deliver the same way.
         let merged = futures::stream::unfold((out, None), |(mut out, held)| async move {

@@ -18,7 +18,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Endpoint;
 
-use crate::backend::{Backend, Finish, Input, Job, Output};
+use crate::backend::{Backend, Finish, Generation, Input, Job, Output};
 
 /// Longest a retired stream (one of an older epoch) stays open for the requests it carries.
 const RETIRE_GRACE: Duration = Duration::from_secs(300);
@@ -330,7 +330,29 @@ async fn serve_request(
         baggage: r.baggage,
         continuation: r.continuation,
     };
-    let mut out = backend.generate(job);
+    let Generation { run, output } = backend.generate(job);
+    // The backend's work runs in this task, beside the relay of its output. Once it ends it
+    // waits here while the relay reads what it left; a relay that ends first cancels it.
+    let run = async move {
+        run.await;
+        std::future::pending::<()>().await
+    };
+    tokio::select! {
+        () = relay(id, output, tx, credit, &span) => {}
+        () = run => {}
+    }
+    let _ = done.send(id);
+}
+
+/// Sends a request's output up the Attach stream as it comes, each text chunk once `credit`
+/// allows, until the output ends or Dispatch stops listening.
+async fn relay(
+    id: u64,
+    mut out: mpsc::Receiver<Output>,
+    tx: mpsc::Sender<pb::AttachUp>,
+    credit: Option<Arc<Semaphore>>,
+    span: &Span,
+) {
     // An output taken while merging text that must be sent next.
     let mut held: Option<Output> = None;
     loop {
@@ -430,5 +452,4 @@ async fn serve_request(
             break;
         }
     }
-    let _ = done.send(id);
 }

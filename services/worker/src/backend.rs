@@ -211,6 +211,27 @@ impl Output {
     }
 }
 
+/// One request as a backend sets it up: the work that runs it and the output it streams.
+///
+/// The work is a future for the reader of the output to poll beside its reading, in its own
+/// task: each output then reaches the reader without waking another task (a task per request
+/// and a wake-up per token fewer on the agent's path). Dropping the work cancels the request.
+pub struct Generation {
+    /// The request's work; it ends when the request does.
+    pub run: futures::future::BoxFuture<'static, ()>,
+    /// Its output, in order.
+    pub output: tokio::sync::mpsc::Receiver<Output>,
+}
+
+impl Generation {
+    /// Runs the work in a task of its own and returns the output; dropping the output cancels
+    /// the request.
+    pub fn spawn(self) -> tokio::sync::mpsc::Receiver<Output> {
+        tokio::spawn(self.run);
+        self.output
+    }
+}
+
 /// Runs model instances on one host. Methods return at once; progress arrives as
 /// [`InstanceEvent`]s on the channel the backend was created with.
 pub trait Backend: Send + Sync + 'static {
@@ -222,8 +243,8 @@ pub trait Backend: Send + Sync + 'static {
     fn stop(&self, instance_id: &str);
     /// Lets in-flight requests finish (at most `grace`), accepts no new ones, then stops.
     fn drain(&self, instance_id: &str, grace: Duration);
-    /// Runs one request, streaming its output. Dropping the receiver cancels it.
-    fn generate(&self, job: Job) -> tokio::sync::mpsc::Receiver<Output>;
+    /// Sets up one request: its work and the output it streams (see [`Generation`]).
+    fn generate(&self, job: Job) -> Generation;
     /// Unloads a LoRA adapter removed from its deployment, where the engine can (returns at
     /// once; nothing to do by default).
     fn unload_adapter(&self, _instance_id: &str, _name: &str) {}

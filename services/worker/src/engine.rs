@@ -25,7 +25,7 @@ use tokio::io::AsyncBufReadExt;
 use tokio::sync::mpsc;
 
 use crate::backend::{
-    Backend, BackendError, Failure, FailureKind, InstanceEvent, Job, Output, StartSpec,
+    Backend, BackendError, Failure, FailureKind, Generation, InstanceEvent, Job, Output, StartSpec,
 };
 use crate::openai;
 
@@ -155,6 +155,22 @@ struct EngineInstance {
 struct State {
     instances: HashMap<String, EngineInstance>,
     busy_gpus: HashSet<u32>,
+}
+
+/// A request counted in its instance's `in_flight`, counted out when this drops.
+struct InFlight<'a> {
+    backend: &'a EngineBackend,
+    instance_id: &'a str,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.backend.with_state(|s| {
+            if let Some(inst) = s.instances.get_mut(self.instance_id) {
+                inst.in_flight = inst.in_flight.saturating_sub(1);
+            }
+        });
+    }
 }
 
 /// The engine backend. Cheap to clone.
@@ -346,12 +362,11 @@ impl EngineBackend {
                 .await;
             return;
         };
+        // Counted out when this drops: also when the request's work is dropped midway (its
+        // reader gone), so a drain never waits for a request that no longer runs.
+        let in_flight = InFlight { backend: self, instance_id: &job.instance_id };
         let result = self.stream_request(port, &model, &job, &tx).await;
-        self.with_state(|s| {
-            if let Some(inst) = s.instances.get_mut(&job.instance_id) {
-                inst.in_flight = inst.in_flight.saturating_sub(1);
-            }
-        });
+        drop(in_flight);
         if let Err(f) = result {
             if f.kind == FailureKind::Stalled {
                 self.recheck(&job.instance_id);
@@ -946,11 +961,10 @@ impl Backend for EngineBackend {
         });
     }
 
-    fn generate(&self, job: Job) -> mpsc::Receiver<Output> {
-        let (tx, rx) = mpsc::channel(64);
+    fn generate(&self, job: Job) -> Generation {
+        let (tx, output) = mpsc::channel(64);
         let this = self.clone();
-        tokio::spawn(async move { this.run_request(job, tx).await });
-        rx
+        Generation { run: Box::pin(async move { this.run_request(job, tx).await }), output }
     }
 }
 

@@ -17,7 +17,7 @@ pub mod vocab;
 
 pub use agent::{Agent, AgentConfig, AgentState};
 pub use backend::{
-    Backend, BackendError, Failure, FailureKind, Finish, Input, InstanceEvent, Job, Output,
-    StartSpec,
+    Backend, BackendError, Failure, FailureKind, Finish, Generation, Input, InstanceEvent, Job,
+    Output, StartSpec,
 };
 pub use sim::{SimBackend, SimConfig};

@@ -13,7 +13,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::{
-    Backend, BackendError, Failure, Finish, Input, InstanceEvent, Job, Output, StartSpec,
+    Backend, BackendError, Failure, Finish, Generation, Input, InstanceEvent, Job, Output,
+    StartSpec,
 };
 
 /// Storage tiers, fastest first (the API's numbering).
@@ -443,7 +444,7 @@ impl SimBackend {
         &self,
         instance_id: &str,
         tx: &mpsc::Sender<Output>,
-    ) -> Option<CancellationToken> {
+    ) -> Option<(CancellationToken, Admitted)> {
         let admitted = self.with_state(|s| {
             let inst = s.instances.get_mut(instance_id)?;
             if inst.phase != Phase::Ready {
@@ -457,7 +458,9 @@ impl SimBackend {
             let why = format!("instance {instance_id} is not serving");
             let _ = tx.send(Output::Error(Failure::unavailable(why))).await;
         }
-        admitted
+        let admitted_as =
+            || Admitted { backend: self.clone(), instance_id: instance_id.to_string() };
+        admitted.map(|cancel| (cancel, admitted_as()))
     }
 
     /// Ends a request [`SimBackend::admit`] took.
@@ -480,10 +483,10 @@ impl SimBackend {
                 return;
             }
         };
-        let Some(cancel) = self.admit(&instance_id, &tx).await else { return };
+        let Some((cancel, admitted)) = self.admit(&instance_id, &tx).await else { return };
         let prefill = self.config.scaled(self.config.prefill_per_token * prompt_tokens);
         let outcome = sleep_or_cancel(prefill, &cancel).await;
-        self.release(&instance_id);
+        drop(admitted);
         match outcome {
             Ok(()) => {
                 let text = Output::Text {
@@ -531,7 +534,7 @@ impl SimBackend {
     }
 
     async fn run(&self, instance_id: String, req: SimRequest, tx: mpsc::Sender<Output>) {
-        let Some(cancel) = self.admit(&instance_id, &tx).await else { return };
+        let Some((cancel, admitted)) = self.admit(&instance_id, &tx).await else { return };
         let prompt_tokens = match &req.prompt_ids {
             Some(ids) => ids.len().max(1),
             None => req.prompt.split_whitespace().count().max(1),
@@ -588,7 +591,7 @@ impl SimBackend {
             Ok(Finish::Length)
         }
         .await;
-        self.release(&instance_id);
+        drop(admitted);
         match outcome {
             Ok(finish) => {
                 let _ = tx
@@ -609,6 +612,19 @@ impl SimBackend {
                 let _ = tx.send(Output::Error(Failure::unavailable(reason))).await;
             }
         }
+    }
+}
+
+/// A request [`SimBackend::admit`] took, ended when this drops: also when the request's work
+/// is dropped midway (its reader gone).
+struct Admitted {
+    backend: SimBackend,
+    instance_id: String,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.backend.release(&self.instance_id);
     }
 }
 
@@ -784,11 +800,10 @@ impl Backend for SimBackend {
         });
     }
 
-    fn generate(&self, job: Job) -> mpsc::Receiver<Output> {
-        let (tx, rx) = mpsc::channel(64);
+    fn generate(&self, job: Job) -> Generation {
+        let (tx, output) = mpsc::channel(64);
         let this = self.clone();
-        tokio::spawn(async move { this.run_request(job, tx).await });
-        rx
+        Generation { run: Box::pin(async move { this.run_request(job, tx).await }), output }
     }
 
     fn drain(&self, instance_id: &str, grace: Duration) {
@@ -947,7 +962,7 @@ mod tests {
         assert_eq!(hot.tier, Tier::Gpu as i32, "a loaded checkpoint is resident in GPU memory");
 
         let req = job("i1", "say hi", 5, 1);
-        let mut out = sim.generate(req.clone());
+        let mut out = sim.generate(req.clone()).spawn();
         let mut text = String::new();
         let mut done = None;
         while let Some(o) = out.recv().await {
@@ -969,7 +984,7 @@ mod tests {
             Some(InstanceEvent::Stopped { instance_id: "i1".into(), reason: "stopped".into() })
         );
         assert!(sim.inventory().running.is_empty());
-        let mut out = sim.generate(req);
+        let mut out = sim.generate(req).spawn();
         assert!(matches!(out.recv().await, Some(Output::Error(_))));
     }
 
@@ -993,7 +1008,7 @@ mod tests {
         sim.start(spec("i1", "hot", &[0])).expect("starts");
         events.recv().await;
         events.recv().await;
-        let mut out = sim.generate(job("i1", "p", 10, 0));
+        let mut out = sim.generate(job("i1", "p", 10, 0)).spawn();
         let mut tokens = 0;
         let mut last = None;
         while let Some(o) = out.recv().await {
@@ -1024,6 +1039,37 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_request_dropped_midway_does_not_hold_up_a_drain() {
+        let mut config = fast();
+        config.time_scale = 1.0;
+        config.checkpoints.insert("hot".into(), (1, Tier::Gpu));
+        config.decode_per_token = Duration::from_millis(20);
+        let (sim, mut events) = SimBackend::new(config);
+        sim.start(spec("i1", "hot", &[0])).expect("starts");
+        events.recv().await;
+        events.recv().await;
+        // Polled in place, as the agent runs it, and dropped after its first token: the reader
+        // went away (Dispatch cancelled the request).
+        let Generation { run, mut output } = sim.generate(job("i1", "p", 500, 0));
+        tokio::select! {
+            () = run => panic!("500 tokens at 20 ms each ended early"),
+            o = output.recv() => assert!(matches!(o, Some(Output::Text { .. })), "{o:?}"),
+        }
+        drop(output);
+        let started = std::time::Instant::now();
+        sim.drain("i1", Duration::from_secs(5));
+        assert_eq!(
+            events.recv().await,
+            Some(InstanceEvent::Stopped { instance_id: "i1".into(), reason: "drained".into() })
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "the drain waited {:?} for a request that no longer runs",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test]
     async fn drain_waits_for_in_flight_requests() {
         let mut config = fast();
         config.time_scale = 1.0;
@@ -1033,7 +1079,7 @@ mod tests {
         sim.start(spec("i1", "hot", &[0])).expect("starts");
         events.recv().await;
         events.recv().await;
-        let mut out = sim.generate(job("i1", "p", 5, 0));
+        let mut out = sim.generate(job("i1", "p", 5, 0)).spawn();
         tokio::time::sleep(Duration::from_millis(10)).await;
         sim.drain("i1", Duration::from_secs(5));
         let mut n = 0;
