@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use service::batched::Batched;
 use sllm_api::v1 as pb;
 use sllm_api::v1::dispatch_server;
-use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::request::{Event, Input, Job};
@@ -118,8 +118,7 @@ impl dispatch_server::Dispatch for Dispatch {
             adapter: None,
         };
         let events = self.submit(job).await.map_err(|e| e.to_status())?;
-        let stream = ReceiverStream::new(events)
-            .filter_map(|r| r.map(to_pb).map_err(|e| e.to_status()).transpose());
+        let stream = events.filter_map(|r| r.map(to_pb).map_err(|e| e.to_status()).transpose());
         let mut response = Response::new(Box::pin(stream) as EventStream);
         if let Ok(v) = id.parse() {
             response.metadata_mut().insert("x-request-id", v);

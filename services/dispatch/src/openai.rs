@@ -15,7 +15,6 @@ use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sllm_api::v1 as pb;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::DispatchError;
@@ -738,7 +737,7 @@ where
         first => first,
     };
     let frames = futures::stream::iter(first)
-        .chain(ReceiverStream::new(events))
+        .chain(events)
         .filter_map(move |item| {
             let payloads = render(item);
             let frame = (!payloads.is_empty()).then(|| {

@@ -3,8 +3,11 @@
 //! the first token; cancelled on the worker when the client goes away.
 
 use std::collections::HashSet;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use sllm_api::v1 as pb;
@@ -109,7 +112,50 @@ pub enum Event {
 }
 
 /// The stream of a submitted request.
-pub type Events = mpsc::Receiver<Result<Event, DispatchError>>;
+///
+/// The request's driver runs inside it, polled by whoever reads the events: one task fewer per
+/// request, and no wake-up of another task per event. A reader that goes away before the end
+/// leaves the driver to finish in a task of its own, where it sees the reader gone and cancels
+/// the request on its worker, as it always has.
+pub struct Events {
+    rx: mpsc::Receiver<Result<Event, DispatchError>>,
+    driver: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+}
+
+impl Events {
+    /// The next event; `None` once the request has ended and every event was read.
+    pub async fn recv(&mut self) -> Option<Result<Event, DispatchError>> {
+        std::future::poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Event, DispatchError>>> {
+        if let Some(driver) = &mut self.driver
+            && driver.as_mut().poll(cx).is_ready()
+        {
+            self.driver = None;
+        }
+        self.rx.poll_recv(cx)
+    }
+}
+
+impl futures::Stream for Events {
+    type Item = Result<Event, DispatchError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.get_mut().poll_recv(cx)
+    }
+}
+
+impl Drop for Events {
+    fn drop(&mut self) {
+        // Outside a runtime (the process is ending) the driver ends here, unrun.
+        if let Some(driver) = self.driver.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(driver);
+        }
+    }
+}
 
 enum Attempt {
     Done,
@@ -223,8 +269,7 @@ impl Dispatch {
             span,
             _accepted: accepted,
         };
-        tokio::spawn(driver.run(first));
-        Ok(rx)
+        Ok(Events { rx, driver: Some(Box::pin(driver.run(first))) })
     }
 }
 
