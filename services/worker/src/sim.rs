@@ -1038,8 +1038,9 @@ mod tests {
         assert!(sim.inventory().running.is_empty(), "its GPU is free again");
     }
 
-    #[tokio::test]
-    async fn a_request_dropped_midway_does_not_hold_up_a_drain() {
+    /// A simulator serving instance `i1` (model `hot`, already on its GPU) at 20 ms a token,
+    /// its loading and ready events read.
+    async fn serving_at_20ms_a_token() -> (SimBackend, mpsc::UnboundedReceiver<InstanceEvent>) {
         let mut config = fast();
         config.time_scale = 1.0;
         config.checkpoints.insert("hot".into(), (1, Tier::Gpu));
@@ -1048,6 +1049,12 @@ mod tests {
         sim.start(spec("i1", "hot", &[0])).expect("starts");
         events.recv().await;
         events.recv().await;
+        (sim, events)
+    }
+
+    #[tokio::test]
+    async fn a_request_dropped_midway_does_not_hold_up_a_drain() {
+        let (sim, mut events) = serving_at_20ms_a_token().await;
         // Polled in place, as the agent runs it, and dropped after its first token: the reader
         // went away (Dispatch cancelled the request).
         let Generation { run, mut output } = sim.generate(job("i1", "p", 500, 0));
@@ -1071,14 +1078,7 @@ mod tests {
 
     #[tokio::test]
     async fn drain_waits_for_in_flight_requests() {
-        let mut config = fast();
-        config.time_scale = 1.0;
-        config.checkpoints.insert("hot".into(), (1, Tier::Gpu));
-        config.decode_per_token = Duration::from_millis(20);
-        let (sim, mut events) = SimBackend::new(config);
-        sim.start(spec("i1", "hot", &[0])).expect("starts");
-        events.recv().await;
-        events.recv().await;
+        let (sim, mut events) = serving_at_20ms_a_token().await;
         let mut out = sim.generate(job("i1", "p", 5, 0)).spawn();
         tokio::time::sleep(Duration::from_millis(10)).await;
         sim.drain("i1", Duration::from_secs(5));
