@@ -178,6 +178,39 @@ async fn an_engine_starts_serves_streams_cancels_and_drains() {
     .await
     .unwrap();
 
+    // The same through the OpenAI API: an HTTP client that closes its connection mid-stream.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = c.dispatch.openai_base();
+        let addr = addr.trim_start_matches("http://").trim_end_matches("/v1").to_string();
+        let body = r#"{"model":"m","prompt":"hello engine","max_tokens":5000,"stream":true}"#;
+        let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let head = format!(
+            "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n",
+            body.len()
+        );
+        conn.write_all(format!("{head}{body}").as_bytes()).await.unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&seen).contains("data: ") {
+            let n = conn.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the stream ended before its first event");
+            seen.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(curl(&format!("{endpoint}/debug/running")).await.as_deref(), Some("1"));
+        drop(conn);
+    }
+    eventually(
+        Duration::from_secs(5),
+        "the engine stopped generating for the HTTP client",
+        || async {
+            (curl(&format!("{endpoint}/debug/running")).await.as_deref() == Some("0")).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+
     // Drain: the instance stops and its engine process is gone.
     c.store
         .update_autoscaling(
