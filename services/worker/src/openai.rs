@@ -182,6 +182,12 @@ fn text_prompt(body: &Map<String, Value>) -> Option<&str> {
 /// log-probability a token, which carries its id) for both. Not for answers that are not
 /// streamed (never moved), nor — on vLLM and SGLang — with stop strings or echo: their text
 /// then lags behind or runs ahead of their ids.
+///
+/// The log-probabilities sllm adds on llama.cpp are the sampler's own (`post_sampling_probs`):
+/// the same ids, but read from the few candidates sampling left, where the default ranks and
+/// normalizes every logit of the vocabulary again for each token. That default made a 64-token
+/// stream of a 32k-vocabulary model cost the server 45% more CPU (the client never sees these
+/// log-probabilities, so their kind does not matter).
 fn ask_for_token_ids(dialect: Dialect, call: &mut Call) {
     let Some(body) = call.body.as_object_mut() else { return };
     let chat = body.contains_key("messages");
@@ -200,6 +206,7 @@ fn ask_for_token_ids(dialect: Dialect, call: &mut Call) {
             None | Some(Value::Null) | Some(Value::Bool(false)) => {
                 body.insert("logprobs".into(), Value::Bool(true));
                 body.insert("top_logprobs".into(), json!(1));
+                body.insert("post_sampling_probs".into(), Value::Bool(true));
                 Some(Ids { from: IdsIn::Logprobs, added: true })
             }
             // Zero top log-probabilities: llama.cpp then sends none, so no ids either.
@@ -211,6 +218,7 @@ fn ask_for_token_ids(dialect: Dialect, call: &mut Call) {
                 Some(Ids { from: IdsIn::Logprobs, added: false })
             } else {
                 body.insert("logprobs".into(), json!(1));
+                body.insert("post_sampling_probs".into(), Value::Bool(true));
                 Some(Ids { from: IdsIn::Logprobs, added: true })
             }
         }
@@ -1183,9 +1191,10 @@ fn u32s(v: &Value) -> Option<Vec<u32>> {
 }
 
 /// The token ids in llama.cpp's log-probabilities (`{content: [{id, bytes, top_logprobs:
-/// [{id, bytes}]}]}`), and the bytes of those tokens' own pieces, when each is among its top
-/// candidates (an entry's own `bytes` are the text sent with it, which may hold earlier
-/// tokens' text too). None for the ids when an entry has no id.
+/// [{id, bytes}]}]}`, or `top_probs` for the sampler's probabilities), and the bytes of those
+/// tokens' own pieces, when each is among its top candidates (an entry's own `bytes` are the
+/// text sent with it, which may hold earlier tokens' text too). None for the ids when an entry
+/// has no id.
 fn logprob_ids(v: Option<&Value>) -> (Option<Vec<u32>>, Option<Vec<u8>>) {
     let entries = v.and_then(|l| l.get("content")).and_then(Value::as_array);
     let Some(entries) = entries else { return (Some(Vec::new()), Some(Vec::new())) };
@@ -1199,6 +1208,7 @@ fn logprob_ids(v: Option<&Value>) -> (Option<Vec<u32>>, Option<Vec<u8>>) {
         ids.push(id);
         let own = e
             .get("top_logprobs")
+            .or_else(|| e.get("top_probs"))
             .and_then(Value::as_array)
             .and_then(|tops| {
                 tops.iter().find(|t| t.get("id").and_then(Value::as_u64) == Some(u64::from(id)))
@@ -1800,7 +1810,16 @@ mod tests {
             chat,
             json!({"messages": msgs, "stream": true, "response_format": {"type": "text"}})
         ));
-        // A client that asked keeps what it asked for.
+        // A client that asked keeps what it asked for: on llama.cpp, log-probabilities over
+        // the whole vocabulary.
+        for (endpoint, body) in [
+            (cmpl, json!({"prompt": "p", "stream": true, "logprobs": 2})),
+            (chat, json!({"messages": msgs, "stream": true, "logprobs": true, "top_logprobs": 2})),
+        ] {
+            let c = call(Dialect::Llamacpp, "m", &relayed_job(endpoint, body)).unwrap();
+            assert_eq!(c.ids, Some(Ids { from: IdsIn::Logprobs, added: false }));
+            assert!(c.body.get("post_sampling_probs").is_none(), "{}", c.body);
+        }
         let c = call(
             Dialect::Vllm,
             "m",
@@ -1887,12 +1906,17 @@ mod tests {
             (c.body["logprobs"].clone(), c.body["top_logprobs"].clone()),
             (json!(true), json!(1))
         );
+        assert_eq!(
+            c.body["post_sampling_probs"], true,
+            "the sampler's, not the whole vocabulary's"
+        );
         let mut r = Reader::new(c);
+        // The sampler's probabilities, as llama.cpp sends them with `post_sampling_probs`.
         let token = |id: u32, text: &str, piece: &str| {
             let b: Vec<u8> = text.bytes().collect();
             let p: Vec<u8> = piece.bytes().collect();
             json!({"choices": [{"index": 0, "delta": {"content": text}, "logprobs": {"content": [
-                {"id": id, "token": text, "bytes": b, "logprob": -0.1, "top_logprobs": [{"id": id, "token": piece, "bytes": p, "logprob": -0.1}]}]}}]})
+                {"id": id, "token": text, "bytes": b, "prob": 0.9, "top_probs": [{"id": id, "token": piece, "bytes": p, "prob": 0.9}]}]}}]})
         };
         let (_, tokens, ids, _, seen) = read(&mut r, token(9, " a", " a"));
         assert_eq!((tokens, ids), (1, vec![9]));
@@ -1911,7 +1935,10 @@ mod tests {
         let c = call_with_template(Dialect::Llamacpp, "m", &m, Some("<user>hi<bot>")).unwrap();
         assert_eq!(c.path, "/v1/completions");
         assert_eq!(c.body["prompt"], json!(["<user>hi<bot>", 9]));
-        assert_eq!(c.body["logprobs"], 1);
+        assert_eq!(
+            (c.body["logprobs"].clone(), c.body["post_sampling_probs"].clone()),
+            (json!(1), json!(true))
+        );
         assert!(c.body.get("top_logprobs").is_none() && c.body.get("messages").is_none());
         // Without the template, from the text: llama.cpp continues a final assistant message.
         let c = call(Dialect::Llamacpp, "m", &m).unwrap();
