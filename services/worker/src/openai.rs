@@ -659,6 +659,10 @@ struct IdsRead {
     prompt_pending: Vec<u32>,
 }
 
+/// A choice's token ids as an event carries them (None: one of them unreadable), and the
+/// bytes of their pieces (None: not known), to check against its text.
+type FoundIds = (Option<Vec<u32>>, Option<Vec<u8>>);
+
 /// What one event amounted to.
 #[derive(Debug, PartialEq)]
 pub enum Step {
@@ -757,9 +761,14 @@ impl Reader {
         if data.is_empty() {
             return Step::Output(None);
         }
-        if let Some(step) = self.relay_event(data) {
-            return step;
+        match self.relay_event(data) {
+            Some(step) => step,
+            None => self.tree_event(data),
         }
+    }
+
+    /// Reads an event by way of a JSON tree: any event [`Reader::relay_event`] does not.
+    fn tree_event(&mut self, data: &str) -> Step {
         let mut v: Value = match serde_json::from_str(data) {
             Ok(v) => v,
             Err(e) => {
@@ -861,18 +870,47 @@ impl Reader {
     fn read_ids(&mut self, v: &Value, text: &str, shaped: bool) -> (Vec<u32>, Vec<u32>) {
         let Some(ids) = self.call.ids else { return (Vec::new(), Vec::new()) };
         let choice = v.get("choices").and_then(|c| c.get(0));
-        let mut prompt = Vec::new();
-        if ids.from == IdsIn::TokenIds && self.call.continued == 0 && !self.ids.prompt_seen {
+        let mut prompt = None;
+        if self.wants_prompt_ids(ids) {
             // A completion's choice carries them; a chat's first chunk, at its top level.
             let found = choice
                 .and_then(|c| c.get("prompt_token_ids"))
                 .filter(|p| p.is_array())
                 .or_else(|| v.get("prompt_token_ids").filter(|p| p.is_array()));
-            if let Some(p) = found {
-                self.ids.prompt_seen = true;
-                prompt = u32s(p).unwrap_or_default();
-            }
+            prompt = found.map(|p| u32s(p).unwrap_or_default());
         }
+        self.take_ids(prompt, text, shaped, || {
+            let c = choice?;
+            Some(match ids.from {
+                IdsIn::TokenIds => match c.get("token_ids") {
+                    None | Some(Value::Null) => (Some(Vec::new()), None),
+                    Some(t) => (u32s(t), None),
+                },
+                IdsIn::Logprobs => logprob_ids(c.get("logprobs")),
+            })
+        })
+    }
+
+    /// Whether the prompt's ids are still to be read: on a request's first call, until read.
+    fn wants_prompt_ids(&self, ids: Ids) -> bool {
+        ids.from == IdsIn::TokenIds && self.call.continued == 0 && !self.ids.prompt_seen
+    }
+
+    /// [`Reader::read_ids`]'s bookkeeping, for ids found either way (a tree or borrowed):
+    /// `prompt`, the prompt's ids if the event carries them and they are wanted; `here`, the
+    /// event's first choice's ids and their pieces' bytes (None: no choice; None for the ids:
+    /// one of them unreadable), asked for only while the ids still match the text.
+    fn take_ids(
+        &mut self,
+        prompt: Option<Vec<u32>>,
+        text: &str,
+        shaped: bool,
+        here: impl FnOnce() -> Option<FoundIds>,
+    ) -> (Vec<u32>, Vec<u32>) {
+        if prompt.is_some() {
+            self.ids.prompt_seen = true;
+        }
+        let prompt = prompt.unwrap_or_default();
         if self.ids.lost {
             return (Vec::new(), prompt);
         }
@@ -880,14 +918,7 @@ impl Reader {
             self.ids.lost = true;
             return (Vec::new(), prompt);
         }
-        let Some(c) = choice else { return (Vec::new(), prompt) };
-        let (here, bytes) = match ids.from {
-            IdsIn::TokenIds => match c.get("token_ids") {
-                None | Some(Value::Null) => (Some(Vec::new()), None),
-                Some(t) => (u32s(t), None),
-            },
-            IdsIn::Logprobs => logprob_ids(c.get("logprobs")),
-        };
+        let Some((here, bytes)) = here() else { return (Vec::new(), prompt) };
         let Some(here) = here else {
             self.ids.lost = true;
             return (Vec::new(), prompt);
@@ -957,44 +988,157 @@ impl Reader {
     /// reads are borrowed from it. This is the request path's per-token work, so it allocates
     /// only the event it passes on.
     ///
-    /// None: an event it does not read this way (an error report, a call whose token ids are
-    /// read, a continued answer, JSON it cannot borrow from), which [`Reader::event`] reads in
-    /// full instead.
+    /// The token ids sllm asked for are read the same way (vLLM's and SGLang's `token_ids`,
+    /// llama.cpp's log-probabilities), and left out of what the client gets by rewriting only
+    /// the fields that hold them: on vLLM and llama.cpp streams, every event comes this way.
+    ///
+    /// None: an event it does not read this way (an error report, a continued answer, a chat
+    /// continued as a completion, log-probabilities for a gRPC client, JSON it cannot borrow
+    /// from), which [`Reader::tree_event`] reads in full instead.
     fn relay_event(&mut self, data: &str) -> Option<Step> {
         let include_usage = self.call.relay.as_ref()?.include_usage;
-        if self.call.continued > 0 || self.call.ids.is_some() || self.call.as_chat {
+        if self.call.continued > 0 || self.call.as_chat || self.call.logprobs {
             return None;
         }
         let top: fast::Top<'_> = serde_json::from_str(data).ok()?;
         let (parsed, usage, list) = self.read_top(&top)?;
+        let first = parsed.first();
+        // Everything that could send the event to the tree is read before anything changes.
+        let ids = match self.call.ids {
+            Some(ids) => {
+                Some((self.borrowed_ids(ids, &top, first)?, self.client_choices(ids, &top)?))
+            }
+            None => None,
+        };
         let mut text = String::new();
-        let mut content = false;
-        if let Some(c) = parsed.first() {
+        let mut shaped = false;
+        if let Some(c) = first {
             let piece = c.text.as_deref().or_else(|| c.delta.as_ref()?.content.as_deref());
             if let Some(t) = piece {
                 text.push_str(t);
             }
-            content = !text.is_empty() || c.delta.as_ref().is_some_and(fast::Delta::has_output);
+            shaped = c.delta.as_ref().is_some_and(fast::Delta::has_output);
             if let Some(f) = c.finish_reason.as_deref() {
                 self.finish = Some(finish_of(f));
             }
         }
-        let tokens = u32::from(content);
+        let content = !text.is_empty() || shaped;
+        let (token_ids, prompt_token_ids, choices) = match ids {
+            Some(((prompt, here), choices)) => {
+                let (token_ids, prompt) = self.take_ids(prompt, &text, shaped, || here);
+                (token_ids, prompt, choices)
+            }
+            None => (Vec::new(), Vec::new(), None),
+        };
+        // Where ids are read, each is a token; otherwise each event with content is one.
+        let tokens = if self.call.ids.is_some() && !self.ids.lost {
+            token_ids.len() as u32
+        } else {
+            u32::from(content)
+        };
         self.counted += tokens;
         if !include_usage && usage.is_some() && parsed.is_empty() {
             // The usage event sllm asked for on the client's behalf.
             return Some(Step::Output(None));
         }
-        // The event as the client gets it, its fields in the engine's order.
-        let out = self.restamped(&top.0, list, data.len(), !include_usage);
+        // The event as the client gets it, its fields in the engine's order, without the ids
+        // sllm asked for (see `strip_ids`).
+        let added = self.call.ids.is_some_and(|i| i.added && i.from == IdsIn::TokenIds);
+        let vllm = self.call.dialect == Dialect::Vllm;
+        let fields = top.raw().filter_map(|(k, v)| match (k, &choices) {
+            ("choices", Some(c)) => Some((k, c.as_str())),
+            // vLLM writes them as null when not asked for; SGLang leaves them out.
+            ("prompt_token_ids", _) if added && vllm => Some((k, "null")),
+            ("prompt_token_ids", _) if added => None,
+            _ => Some((k, v)),
+        });
+        let out = self.restamped(fields, list, data.len(), !include_usage);
         Some(Step::Output(Some(Output::Text {
             text,
             tokens,
             events: vec![out],
             logprobs: Vec::new(),
-            token_ids: Vec::new(),
-            prompt_token_ids: Vec::new(),
+            token_ids,
+            prompt_token_ids,
         })))
+    }
+
+    /// [`Reader::read_ids`]'s reading of an event's ids without a tree: the prompt's, where
+    /// they are wanted and the event carries them, and its first choice's (`first`). None:
+    /// ids written in a way only the tree reads.
+    fn borrowed_ids(
+        &self,
+        ids: Ids,
+        top: &fast::Top<'_>,
+        first: Option<&fast::Choice<'_>>,
+    ) -> Option<(Option<Vec<u32>>, Option<FoundIds>)> {
+        let array = |p: &&RawValue| p.get().starts_with('[');
+        let mut prompt = None;
+        if self.wants_prompt_ids(ids) {
+            let found = first
+                .and_then(|c| c.prompt_token_ids)
+                .filter(array)
+                .or_else(|| top.get("prompt_token_ids").filter(array));
+            prompt = found.map(|p| serde_json::from_str::<Vec<u32>>(p.get()).unwrap_or_default());
+        }
+        let here = match first {
+            None => None,
+            Some(c) => Some(match ids.from {
+                IdsIn::TokenIds => match c.token_ids {
+                    None => (Some(Vec::new()), None),
+                    Some(t) => (serde_json::from_str::<Vec<u32>>(t.get()).ok(), None),
+                },
+                IdsIn::Logprobs => borrowed_logprob_ids(c.logprobs)?,
+            }),
+        };
+        Some((prompt, here))
+    }
+
+    /// The event's `choices` as the client gets them (see [`Reader::strip_ids`]), for an event
+    /// of a call sllm asked ids of: Some(None) when they pass as written, None when only the
+    /// tree can write them.
+    fn client_choices(&self, ids: Ids, top: &fast::Top<'_>) -> Option<Option<String>> {
+        let Some(raw) = top.get("choices").filter(|_| ids.added) else { return Some(None) };
+        let choices: Vec<fast::Top<'_>> = serde_json::from_str(raw.get()).ok()?;
+        let vllm = self.call.dialect == Dialect::Vllm;
+        let mut out = String::with_capacity(raw.get().len());
+        out.push('[');
+        for (i, c) in choices.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            let mut fields = 0;
+            let mut field = |out: &mut String, k: &str, v: &str| {
+                out.push(if fields == 0 { '{' } else { ',' });
+                fields += 1;
+                out.push('"');
+                out.push_str(k);
+                out.push_str("\":");
+                out.push_str(v);
+            };
+            let mut logprobs = false;
+            for (k, v) in c.raw() {
+                let v = match (ids.from, k) {
+                    (IdsIn::Logprobs, "logprobs") => {
+                        logprobs = true;
+                        "null"
+                    }
+                    (IdsIn::TokenIds, "prompt_token_ids" | "token_ids") if vllm => "null",
+                    (IdsIn::TokenIds, "prompt_token_ids" | "token_ids") => continue,
+                    _ => v,
+                };
+                field(&mut out, k, v);
+            }
+            if ids.from == IdsIn::Logprobs && !logprobs {
+                field(&mut out, "logprobs", "null");
+            }
+            if fields == 0 {
+                out.push('{');
+            }
+            out.push('}');
+        }
+        out.push(']');
+        Some(Some(out))
     }
 
     /// What sllm reads of an answer's or an event's top level, borrowed: its choices, its usage
@@ -1042,9 +1186,9 @@ impl Reader {
     /// `fields` (an answer's or an event's top level, as the engine wrote them) with sllm's
     /// `id`, `created` (neither for a `list`) and `model`, in the engine's order; `usage`
     /// left out when `drop_usage`. `len` is the engine's text's length, to size the result.
-    fn restamped(
+    fn restamped<'f>(
         &self,
-        fields: &[(&str, &RawValue)],
+        fields: impl IntoIterator<Item = (&'f str, &'f str)>,
         list: bool,
         len: usize,
         drop_usage: bool,
@@ -1060,7 +1204,7 @@ impl Reader {
         };
         let (mut has_id, mut has_created, mut has_model) = (list, list, false);
         for (k, v) in fields {
-            match *k {
+            match k {
                 "id" if !list => {
                     has_id = true;
                     field(&mut out, k, id);
@@ -1074,7 +1218,7 @@ impl Reader {
                     field(&mut out, k, model);
                 }
                 "usage" if drop_usage => {}
-                _ => field(&mut out, k, v.get()),
+                _ => field(&mut out, k, v),
             }
         }
         if !has_id {
@@ -1118,7 +1262,7 @@ impl Reader {
         }
         let tokens = self.completion_tokens.unwrap_or(u32::from(!text.is_empty()));
         self.counted = tokens;
-        let event = self.restamped(&top.0, list, body.len(), false);
+        let event = self.restamped(top.raw(), list, body.len(), false);
         let out = Output::Text {
             text,
             tokens,
@@ -1195,7 +1339,7 @@ fn u32s(v: &Value) -> Option<Vec<u32>> {
 /// tokens' own pieces, when each is among its top candidates (an entry's own `bytes` are the
 /// text sent with it, which may hold earlier tokens' text too). None for the ids when an entry
 /// has no id.
-fn logprob_ids(v: Option<&Value>) -> (Option<Vec<u32>>, Option<Vec<u8>>) {
+fn logprob_ids(v: Option<&Value>) -> FoundIds {
     let entries = v.and_then(|l| l.get("content")).and_then(Value::as_array);
     let Some(entries) = entries else { return (Some(Vec::new()), Some(Vec::new())) };
     let mut ids = Vec::with_capacity(entries.len());
@@ -1208,6 +1352,7 @@ fn logprob_ids(v: Option<&Value>) -> (Option<Vec<u32>>, Option<Vec<u8>>) {
         ids.push(id);
         let own = e
             .get("top_logprobs")
+            .filter(|t| !t.is_null())
             .or_else(|| e.get("top_probs"))
             .and_then(Value::as_array)
             .and_then(|tops| {
@@ -1226,6 +1371,35 @@ fn logprob_ids(v: Option<&Value>) -> (Option<Vec<u32>>, Option<Vec<u8>>) {
         }
     }
     (Some(ids), bytes)
+}
+
+/// [`logprob_ids`] without a tree, from the log-probabilities as written (`None` for null or
+/// none). None: log-probabilities only the tree reads.
+fn borrowed_logprob_ids(v: Option<&RawValue>) -> Option<FoundIds> {
+    let none = || Some((Some(Vec::new()), Some(Vec::new())));
+    let Some(v) = v else { return none() };
+    let l: fast::Logprobs = serde_json::from_str(v.get()).ok()?;
+    let Some(entries) = l.content else { return none() };
+    let mut ids = Vec::with_capacity(entries.len());
+    let mut bytes = Some(Vec::new());
+    for e in &entries {
+        let Some(id) = e.id.and_then(|i| u32::try_from(i).ok()) else {
+            return Some((None, None));
+        };
+        ids.push(id);
+        let own = e
+            .top_logprobs
+            .as_ref()
+            .or(e.top_probs.as_ref())
+            .and_then(|tops| tops.iter().find(|t| t.id == Some(u64::from(id))))
+            .and_then(|t| t.bytes.as_ref())
+            .and_then(|b| b.iter().map(|x| u8::try_from(*x).ok()).collect::<Option<Vec<u8>>>());
+        match (&mut bytes, own) {
+            (Some(all), Some(b)) => all.extend(b),
+            (all, _) => *all = None,
+        }
+    }
+    Some((Some(ids), bytes))
 }
 
 /// Whether a chat event only opens the assistant's message: a role, no content, no finish.
@@ -1309,8 +1483,21 @@ mod fast {
     use serde::de::{Deserializer, MapAccess, Visitor};
     use serde_json::value::RawValue;
 
-    /// An event's top-level fields in the engine's order, each value as written.
+    /// An event's top-level fields (or any object's) in the engine's order, each value as
+    /// written.
     pub(super) struct Top<'a>(pub(super) Vec<(&'a str, &'a RawValue)>);
+
+    impl<'a> Top<'a> {
+        /// The fields, each value's text as written.
+        pub(super) fn raw(&self) -> impl Iterator<Item = (&'a str, &'a str)> + '_ {
+            self.0.iter().map(|(k, v)| (*k, v.get()))
+        }
+
+        /// The value of `key` (the last, as a tree would keep it).
+        pub(super) fn get(&self, key: &str) -> Option<&'a RawValue> {
+            self.0.iter().rev().find(|(k, _)| *k == key).map(|(_, v)| *v)
+        }
+    }
 
     impl<'de> Deserialize<'de> for Top<'de> {
         fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -1344,6 +1531,34 @@ mod fast {
         pub(super) message: Option<Delta<'a>>,
         #[serde(borrow)]
         pub(super) finish_reason: Option<Cow<'a, str>>,
+        /// vLLM's and SGLang's ids (`return_token_ids`).
+        #[serde(borrow)]
+        pub(super) token_ids: Option<&'a RawValue>,
+        #[serde(borrow)]
+        pub(super) prompt_token_ids: Option<&'a RawValue>,
+        /// llama.cpp's log-probabilities, which carry its ids.
+        #[serde(borrow)]
+        pub(super) logprobs: Option<&'a RawValue>,
+    }
+
+    /// llama.cpp's log-probabilities of an event, as far as its ids go.
+    #[derive(Deserialize)]
+    pub(super) struct Logprobs {
+        pub(super) content: Option<Vec<Entry>>,
+    }
+
+    /// One token's: its id and its top candidates (`top_probs` for the sampler's).
+    #[derive(Deserialize)]
+    pub(super) struct Entry {
+        pub(super) id: Option<u64>,
+        pub(super) top_logprobs: Option<Vec<Candidate>>,
+        pub(super) top_probs: Option<Vec<Candidate>>,
+    }
+
+    #[derive(Deserialize)]
+    pub(super) struct Candidate {
+        pub(super) id: Option<u64>,
+        pub(super) bytes: Option<Vec<u64>>,
     }
 
     #[derive(Deserialize)]
@@ -1687,6 +1902,188 @@ mod tests {
             .body(r#"{"object":"error","message":"boom","type":"BadRequestError","code":400}"#)
             .unwrap_err();
         assert!(err.message.contains("boom"), "{}", err.message);
+    }
+
+    /// Stream events read without a tree give what the tree reading gives, on the engines sllm
+    /// asks for token ids: the same text, tokens, ids and end, and the same events for the
+    /// client (the ids it did not ask for left out, the rest as the engine wrote it).
+    #[test]
+    fn stream_events_with_token_ids_read_without_a_tree_match_the_tree_reading() {
+        let cmpl = pb::OpenAiEndpoint::Completions;
+        let chat = pb::OpenAiEndpoint::ChatCompletions;
+        let msgs = json!([{"role": "user", "content": "hi"}]);
+        let stream = json!({"model": "m", "prompt": "p", "stream": true, "max_tokens": 5});
+        // A llama.cpp token: its id and the bytes of its piece among the top candidates.
+        let lp = |id: u32, piece: &[u8], top: &str| {
+            let tops = format!("top_{top}");
+            let kind = if top == "probs" { "prob" } else { "logprob" };
+            json!({"content": [{"id": id, "token": "", "bytes": piece, kind: -0.5,
+                tops: [{"id": id, "token": "", "bytes": piece, kind: -0.5}]}]})
+        };
+        let text = |t: &str, logprobs: Value| {
+            json!({"choices": [{"text": t, "index": 0, "logprobs": logprobs, "finish_reason": null}],
+                "created": 1, "model": "tiny", "system_fingerprint": "b1", "object": "text_completion", "id": "cmpl-x"})
+        };
+        let delta = |d: Value, logprobs: Value| {
+            json!({"choices": [{"finish_reason": null, "index": 0, "delta": d, "logprobs": logprobs}],
+                "created": 1, "id": "chatcmpl-x", "model": "tiny", "object": "chat.completion.chunk"})
+        };
+        let end = json!({"choices": [{"text": "", "index": 0, "logprobs": null, "finish_reason": "length"}], "id": "cmpl-x"});
+        let usage = json!({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}, "id": "cmpl-x"});
+        let vllm = |t: &str, ids: Value, prompt: Value| {
+            json!({"id": "cmpl-v", "object": "text_completion", "created": 2, "model": "m",
+                "choices": [{"index": 0, "text": t, "logprobs": null, "finish_reason": null, "stop_reason": null,
+                    "prompt_token_ids": prompt, "token_ids": ids}], "usage": null})
+        };
+        let cases: Vec<(Dialect, pb::OpenAiEndpoint, Value, Vec<Value>)> = vec![
+            // llama.cpp, the sampler's probabilities sllm adds: a character in two tokens,
+            // held back, then a token whose piece is not among its candidates.
+            (
+                Dialect::Llamacpp,
+                cmpl,
+                stream.clone(),
+                vec![
+                    text(" a", lp(9, b" a", "probs")),
+                    text("", lp(10, &[0xc3], "probs")),
+                    text("é", lp(11, &[0xa9], "probs")),
+                    text(
+                        " b",
+                        json!({"content": [{"id": 12, "bytes": [32, 98], "prob": 0.1, "top_probs": [{"id": 3, "bytes": [120], "prob": 0.9}]}]}),
+                    ),
+                    end.clone(),
+                    usage.clone(),
+                ],
+            ),
+            // Text the ids do not cover: the ids stop.
+            (
+                Dialect::Llamacpp,
+                cmpl,
+                stream.clone(),
+                vec![
+                    text(" a", lp(9, b" a", "probs")),
+                    text("é b", lp(10, b" b", "probs")),
+                    text(" c", lp(11, b" c", "probs")),
+                    end.clone(),
+                ],
+            ),
+            // A client that asked for log-probabilities gets them.
+            (
+                Dialect::Llamacpp,
+                cmpl,
+                json!({"model": "m", "prompt": "p", "stream": true, "logprobs": 1, "stream_options": {"include_usage": true}}),
+                vec![text(" a", lp(9, b" a", "logprobs")), end.clone(), usage.clone()],
+            ),
+            // A chat: its role chunk, tokens, then a tool call (the ids stop).
+            (
+                Dialect::Llamacpp,
+                chat,
+                json!({"model": "m", "messages": msgs, "stream": true}),
+                vec![
+                    delta(json!({"role": "assistant", "content": null}), Value::Null),
+                    delta(json!({"content": " a"}), lp(9, b" a", "probs")),
+                    json!({"choices": [{"finish_reason": null, "index": 0, "delta": {"content": " b"}}], "id": "c"}),
+                    delta(
+                        json!({"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]}),
+                        lp(10, b"{}", "probs"),
+                    ),
+                    delta(json!({"content": " c"}), lp(11, b" c", "probs")),
+                ],
+            ),
+            // vLLM: the prompt's ids on the first event, then each token's.
+            (
+                Dialect::Vllm,
+                cmpl,
+                json!({"model": "m", "prompt": "p", "stream": true, "stream_options": {"include_usage": true}}),
+                vec![
+                    vllm(" a", json!([9]), json!([1, 2])),
+                    vllm("", json!([10]), Value::Null),
+                    vllm("é", json!([11]), Value::Null),
+                    vllm(" b", json!("x"), Value::Null),
+                    json!({"id": "cmpl-v", "object": "text_completion", "created": 2, "model": "m", "choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 4, "total_tokens": 6}}),
+                ],
+            ),
+            // vLLM's chat: the prompt's ids at the top of the first chunk.
+            (
+                Dialect::Vllm,
+                chat,
+                json!({"model": "m", "messages": msgs, "stream": true}),
+                vec![
+                    json!({"id": "c", "object": "chat.completion.chunk", "created": 2, "model": "m", "prompt_token_ids": [1, 2, 3],
+                    "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]}),
+                    json!({"id": "c", "object": "chat.completion.chunk", "created": 2, "model": "m",
+                    "choices": [{"index": 0, "delta": {"content": " a"}, "logprobs": null, "finish_reason": null, "token_ids": [9]}]}),
+                ],
+            ),
+            // A client that asked for vLLM's ids keeps them.
+            (
+                Dialect::Vllm,
+                cmpl,
+                json!({"model": "m", "prompt": "p", "stream": true, "return_token_ids": true}),
+                vec![vllm(" a", json!([9]), json!([1, 2])), vllm(" b", json!([10]), Value::Null)],
+            ),
+            // SGLang leaves out the ids a client did not ask for.
+            (
+                Dialect::Sglang,
+                cmpl,
+                stream.clone(),
+                vec![
+                    json!({"id": "s", "object": "text_completion", "created": 3, "model": "m",
+                    "choices": [{"index": 0, "text": " a", "logprobs": null, "finish_reason": null, "prompt_token_ids": [1], "token_ids": [9]}]}),
+                    json!({"id": "s", "object": "text_completion", "created": 3, "model": "m",
+                    "choices": [{"index": 0, "text": " b", "logprobs": null, "finish_reason": "length", "token_ids": [10]}]}),
+                ],
+            ),
+        ];
+        let parsed = |step: &Step| match step {
+            Step::Output(Some(Output::Text { events, .. })) => {
+                events.iter().map(|e| serde_json::from_str::<Value>(e).unwrap()).collect::<Vec<_>>()
+            }
+            _ => Vec::new(),
+        };
+        let without_events = |step: Step| match step {
+            Step::Output(Some(Output::Text {
+                text,
+                tokens,
+                logprobs,
+                token_ids,
+                prompt_token_ids,
+                ..
+            })) => Step::Output(Some(Output::Text {
+                text,
+                tokens,
+                events: Vec::new(),
+                logprobs,
+                token_ids,
+                prompt_token_ids,
+            })),
+            other => other,
+        };
+        for (dialect, endpoint, body, events) in cases {
+            let reader =
+                || Reader::new(call(dialect, "m", &relayed_job(endpoint, body.clone())).unwrap());
+            let (mut fast, mut tree) = (reader(), reader());
+            assert!(fast.call.ids.is_some(), "{body}");
+            for e in &events {
+                let data = e.to_string();
+                let a =
+                    fast.relay_event(&data).unwrap_or_else(|| panic!("read with a tree: {data}"));
+                let b = tree.tree_event(&data);
+                assert_eq!(parsed(&a), parsed(&b), "{dialect:?} {data}");
+                if let Some(client) = parsed(&a).first() {
+                    assert_eq!(
+                        (client["id"].clone(), client["model"].clone()),
+                        (json!("chatcmpl-1"), json!("m:vllm"))
+                    );
+                }
+                assert_eq!(without_events(a), without_events(b), "{dialect:?} {data}");
+            }
+            assert_eq!(fast.event("[DONE]"), tree.event("[DONE]"), "{body}");
+        }
+        // What the fast reading cannot read is read by the tree: an id that is not a number.
+        let mut r = Reader::new(call(Dialect::Llamacpp, "m", &relayed_job(cmpl, stream)).unwrap());
+        let odd = text(" a", json!({"content": [{"id": -1, "bytes": [32, 97]}]})).to_string();
+        assert_eq!(r.relay_event(&odd), None);
+        assert_eq!(read(&mut r, serde_json::from_str(&odd).unwrap()).2, Vec::<u32>::new());
     }
 
     fn reader_for_completions() -> Reader {
