@@ -7,17 +7,20 @@
 //! process), with the model deployed through `sllm deploy` (backend `llamacpp`, one instance);
 //! the worker starts the llama-server. Two paths to that one engine process take turns:
 //!
-//! - direct: HTTP to the llama-server's own `/v1/completions` (its port read from the command
-//!   line the worker started it with, so both paths use one engine with one configuration);
-//! - through sllm: the same body to Dispatch's `/v1/completions`, over the worker's Attach
-//!   stream, to the same llama-server.
+//! - direct: HTTP to the llama-server's own `/v1/completions` and `/v1/chat/completions` (its
+//!   port read from the command line the worker started it with, so both paths use one engine
+//!   with one configuration);
+//! - through sllm: the same body to Dispatch's endpoint of the same name, over the worker's
+//!   Attach stream, to the same llama-server.
 //!
 //! Figures:
 //!
 //! 1. One-token completions (`max_tokens: 1`, not streamed): latency p50 / p99 per path and the
 //!    latency sllm adds.
 //! 2. 64-token streams (`stream: true`, `max_tokens: 64`, `ignore_eos: true`): time to the first
-//!    body byte and to the end of the stream, p50 / p99, and what sllm adds.
+//!    body byte and to the end of the stream, p50 / p99, and what sllm adds; as completions,
+//!    then as chats (one user message, through the model's ChatML template), where sllm asks
+//!    for the tokens' ids in the chat's own form.
 //! 3. CPU per request of the Dispatch process (`sllm serve all`), the agent (`sllm worker`), the
 //!    engine and redis-server, from `/proc/PID/stat` (each process alone, children excluded), in
 //!    both kinds of window: in the direct windows sllm's processes do only their background work.
@@ -169,8 +172,9 @@ async fn one(
                 return Err(format!("error event: {event}"));
             } else {
                 let v: Value = serde_json::from_str(event).map_err(|e| format!("{e}: {event}"))?;
-                let has_text = v["choices"][0]["text"].as_str().is_some_and(|t| !t.is_empty());
-                tokens += u32::from(has_text);
+                let c = &v["choices"][0];
+                let piece = c["text"].as_str().or_else(|| c["delta"]["content"].as_str());
+                tokens += u32::from(piece.is_some_and(|t| !t.is_empty()));
             }
         }
         if !done {
@@ -193,18 +197,19 @@ fn tail(s: &str, n: usize) -> String {
     chars[chars.len().saturating_sub(n)..].iter().collect()
 }
 
-/// A request kind: its body and whether it streams.
+/// A request kind: its body, whether it streams, and the OpenAI endpoint it goes to.
 #[derive(Clone)]
 struct Kind {
     body: Bytes,
     stream: bool,
+    path: &'static str,
 }
 
 fn one_token() -> Kind {
     let body = json!({
         "model": MODEL, "prompt": PROMPT, "max_tokens": 1, "temperature": 0, "seed": 1,
     });
-    Kind { body: Bytes::from(body.to_string()), stream: false }
+    Kind { body: Bytes::from(body.to_string()), stream: false, path: "/v1/completions" }
 }
 
 fn streamed() -> Kind {
@@ -212,7 +217,16 @@ fn streamed() -> Kind {
         "model": MODEL, "prompt": PROMPT, "max_tokens": STREAM_TOKENS, "temperature": 0,
         "seed": 1, "stream": true, "ignore_eos": true,
     });
-    Kind { body: Bytes::from(body.to_string()), stream: true }
+    Kind { body: Bytes::from(body.to_string()), stream: true, path: "/v1/completions" }
+}
+
+fn chat_streamed() -> Kind {
+    let body = json!({
+        "model": MODEL, "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": STREAM_TOKENS, "temperature": 0, "seed": 1, "stream": true,
+        "ignore_eos": true,
+    });
+    Kind { body: Bytes::from(body.to_string()), stream: true, path: "/v1/chat/completions" }
 }
 
 /// What one window measured.
@@ -558,8 +572,14 @@ async fn run() -> Result<()> {
         redis: redis_pid(redis.socket()),
     };
 
-    let direct: hyper::Uri = format!("http://127.0.0.1:{port}/v1/completions").parse()?;
-    let via: hyper::Uri = format!("http://{openai}/v1/completions").parse()?;
+    // Each path's URI for a kind of request.
+    let (direct_at, via_at) = (format!("http://127.0.0.1:{port}"), format!("http://{openai}"));
+    let at = |base: &str, kind: &Kind| -> Result<hyper::Uri> {
+        Ok(format!("{base}{}", kind.path).parse()?)
+    };
+    let (direct, via) = (at(&direct_at, &one_token())?, at(&via_at, &one_token())?);
+    let (direct_chat, via_chat) =
+        (at(&direct_at, &chat_streamed())?, at(&via_at, &chat_streamed())?);
 
     // Routable through sllm (the ready event reaches Dispatch a moment after the registry).
     let client = http_client();
@@ -607,8 +627,9 @@ async fn run() -> Result<()> {
     if !same_text {
         eprintln!("engine-bench: DIFFERENT answers\n  direct: {a}\n  sllm:   {b}");
     }
-    for kind in [one_token(), streamed()] {
-        for uri in [&direct, &via] {
+    for kind in [one_token(), streamed(), chat_streamed()] {
+        for base in [&direct_at, &via_at] {
+            let uri = &at(base, &kind)?;
             for _ in 0..20 {
                 one(&client, uri, &kind.body, kind.stream, Instant::now())
                     .await
@@ -622,17 +643,27 @@ async fn run() -> Result<()> {
     eprintln!("engine-bench: capacity ...");
     let cap1 = capacity(&direct, &one_token(), Duration::from_secs(3)).await?;
     let cap2 = capacity(&direct, &streamed(), Duration::from_secs(4)).await?;
+    let cap3 = capacity(&direct_chat, &chat_streamed(), Duration::from_secs(4)).await?;
     let rate1 = (cap1 * load).round().max(1.0);
     let rate2 = ((cap2 * load) * 10.0).round().max(1.0) / 10.0;
+    let rate3 = ((cap3 * load) * 10.0).round().max(1.0) / 10.0;
     eprintln!(
-        "engine-bench: capacity {cap1:.0} req/s (1 token), {cap2:.1} streams/s (64 tokens); \
-         open loop at {rate1:.0} req/s and {rate2:.1} streams/s"
+        "engine-bench: capacity {cap1:.0} req/s (1 token), {cap2:.1} streams/s (64 tokens), \
+         {cap3:.1} chat streams/s; open loop at {rate1:.0} req/s, {rate2:.1} and {rate3:.1} \
+         streams/s"
     );
 
-    eprintln!("engine-bench: 1/2 one-token completions at {rate1:.0} req/s ...");
+    eprintln!("engine-bench: 1/3 one-token completions at {rate1:.0} req/s ...");
     let (d1, v1) = interleaved(&direct, &via, &one_token(), rate1, window, rounds, pids).await;
-    eprintln!("engine-bench: 2/2 64-token streams at {rate2:.1} streams/s ...");
-    let (d2, v2) = interleaved(&direct, &via, &streamed(), rate2, window * 2, rounds, pids).await;
+    eprintln!("engine-bench: 2/3 64-token streams at {rate2:.1} streams/s ...");
+    let streams = at(&direct_at, &streamed())?;
+    let via_streams = at(&via_at, &streamed())?;
+    let (d2, v2) =
+        interleaved(&streams, &via_streams, &streamed(), rate2, window * 2, rounds, pids).await;
+    eprintln!("engine-bench: 3/3 64-token chat streams at {rate3:.1} streams/s ...");
+    let chats = chat_streamed();
+    let (d3, v3) =
+        interleaved(&direct_chat, &via_chat, &chats, rate3, window * 2, rounds, pids).await;
 
     // ---- the table
     let us = |x: f64| {
@@ -665,7 +696,13 @@ async fn run() -> Result<()> {
     lat("  first byte p99".into(), d2.first_p99, v2.first_p99);
     lat("  whole stream p50".into(), d2.total_p50, v2.total_p50);
     lat("  whole stream p99".into(), d2.total_p99, v2.total_p99);
-    for (label, d, v) in [("1-token", &d1, &v1), ("64-token stream", &d2, &v2)] {
+    let r3 = format!("{rate3:.1} streams/s");
+    lat(format!("64-token chat stream, {r3}: first byte p50"), d3.first_p50, v3.first_p50);
+    lat("  first byte p99".into(), d3.first_p99, v3.first_p99);
+    lat("  whole stream p50".into(), d3.total_p50, v3.total_p50);
+    lat("  whole stream p99".into(), d3.total_p99, v3.total_p99);
+    let kinds = [("1-token", &d1, &v1), ("64-token stream", &d2, &v2), ("chat stream", &d3, &v3)];
+    for (label, d, v) in kinds {
         let names = [
             "Dispatch (`sllm serve all`)",
             "agent (`sllm worker`)",
@@ -681,7 +718,7 @@ async fn run() -> Result<()> {
             ]);
         }
     }
-    for (label, d, v) in [("1-token", &d1, &v1), ("64-token stream", &d2, &v2)] {
+    for (label, d, v) in kinds {
         rows.push([
             format!("requests / errors, {label}"),
             format!("{} / {}", d.requests, d.errors.len()),
@@ -706,13 +743,13 @@ async fn run() -> Result<()> {
          prompt {PROMPT:?}, temperature 0, seed 1"
     );
     println!(
-        "- direct: POST /v1/completions to that llama-server; through sllm: POST \
-         /v1/completions to `sllm serve all`'s OpenAI API → Attach stream → `sllm worker` → the \
-         same llama-server"
+        "- direct: POST /v1/completions (/v1/chat/completions for the chat streams, one user \
+         message) to that llama-server; through sllm: the same to `sllm serve all`'s OpenAI API \
+         → Attach stream → `sllm worker` → the same llama-server"
     );
     println!(
         "- load: open loop at {:.0}% of one connection's closed-loop capacity ({cap1:.0} req/s \
-         1-token, {cap2:.1} streams/s 64-token); keep-alive + TCP_NODELAY; latency from the \
+         1-token, {cap2:.1} streams/s 64-token, {cap3:.1} chat streams/s); keep-alive + TCP_NODELAY; latency from the \
          scheduled send; {rounds} rounds of interleaved direct/sllm windows ({:.0} s, {:.0} s); \
          p50 = median of the windows' p50, p99 over all of a path's requests; CPU from \
          /proc/PID/stat over the windows / requests (direct windows: sllm's idle background)",
@@ -729,7 +766,8 @@ async fn run() -> Result<()> {
     let rows: Vec<Vec<String>> = rows.iter().map(|r| r.to_vec()).collect();
     print_table(&headers, &rows);
     println!();
-    for (label, f) in [("direct", &d1), ("sllm", &v1), ("direct", &d2), ("sllm", &v2)] {
+    let all = [("direct", &d1), ("sllm", &v1), ("direct", &d2), ("sllm", &v2)];
+    for (label, f) in all.into_iter().chain([("direct", &d3), ("sllm", &v3)]) {
         for e in f.errors.iter().take(3) {
             println!("error ({label}): {e}");
         }
