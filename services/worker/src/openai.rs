@@ -1043,13 +1043,13 @@ impl Reader {
         }
         // The event as the client gets it, its fields in the engine's order, without the ids
         // sllm asked for (see `strip_ids`).
-        let added = self.call.ids.is_some_and(|i| i.added && i.from == IdsIn::TokenIds);
+        let strip_prompt_ids = self.call.ids.is_some_and(|i| i.added && i.from == IdsIn::TokenIds);
         let vllm = self.call.dialect == Dialect::Vllm;
         let fields = top.raw().filter_map(|(k, v)| match (k, &choices) {
             ("choices", Some(c)) => Some((k, c.as_str())),
             // vLLM writes them as null when not asked for; SGLang leaves them out.
-            ("prompt_token_ids", _) if added && vllm => Some((k, "null")),
-            ("prompt_token_ids", _) if added => None,
+            ("prompt_token_ids", _) if strip_prompt_ids && vllm => Some((k, "null")),
+            ("prompt_token_ids", _) if strip_prompt_ids => None,
             _ => Some((k, v)),
         });
         let out = self.restamped(fields, list, data.len(), !include_usage);
@@ -1107,15 +1107,7 @@ impl Reader {
             if i > 0 {
                 out.push(',');
             }
-            let mut fields = 0;
-            let mut field = |out: &mut String, k: &str, v: &str| {
-                out.push(if fields == 0 { '{' } else { ',' });
-                fields += 1;
-                out.push('"');
-                out.push_str(k);
-                out.push_str("\":");
-                out.push_str(v);
-            };
+            let start = out.len();
             let mut logprobs = false;
             for (k, v) in c.raw() {
                 let v = match (ids.from, k) {
@@ -1127,12 +1119,14 @@ impl Reader {
                     (IdsIn::TokenIds, "prompt_token_ids" | "token_ids") => continue,
                     _ => v,
                 };
-                field(&mut out, k, v);
+                let after_first = out.len() > start;
+                push_field(&mut out, after_first, k, v);
             }
             if ids.from == IdsIn::Logprobs && !logprobs {
-                field(&mut out, "logprobs", "null");
+                let after_first = out.len() > start;
+                push_field(&mut out, after_first, "logprobs", "null");
             }
-            if fields == 0 {
+            if out.len() == start {
                 out.push('{');
             }
             out.push('}');
@@ -1195,13 +1189,7 @@ impl Reader {
     ) -> String {
         let (id, model, created) = &self.stamps;
         let mut out = String::with_capacity(len + id.len() + model.len());
-        let field = |out: &mut String, k: &str, v: &str| {
-            out.push(if out.is_empty() { '{' } else { ',' });
-            out.push('"');
-            out.push_str(k);
-            out.push_str("\":");
-            out.push_str(v);
-        };
+        let field = |out: &mut String, k: &str, v: &str| push_field(out, !out.is_empty(), k, v);
         let (mut has_id, mut has_created, mut has_model) = (list, list, false);
         for (k, v) in fields {
             match k {
@@ -1330,6 +1318,17 @@ impl Reader {
 }
 
 /// A list of token ids; None if anything in it is not one.
+/// Writes one field of a JSON object being written out by hand: `"k":v` after its `{` (the
+/// first) or a `,`. `k` is a key borrowed as the engine wrote it (so it needs no escaping); `v`
+/// is JSON text.
+fn push_field(out: &mut String, after_first: bool, k: &str, v: &str) {
+    out.push(if after_first { ',' } else { '{' });
+    out.push('"');
+    out.push_str(k);
+    out.push_str("\":");
+    out.push_str(v);
+}
+
 fn u32s(v: &Value) -> Option<Vec<u32>> {
     v.as_array()?.iter().map(|i| i.as_u64().and_then(|i| u32::try_from(i).ok())).collect()
 }
