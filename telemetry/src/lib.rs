@@ -20,6 +20,7 @@ use std::sync::atomic::Ordering;
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::propagation::{BaggagePropagator, TraceContextPropagator};
 use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_subscriber::filter::FilterExt;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -107,8 +108,15 @@ fn resource(service: &str) -> opentelemetry_sdk::Resource {
 /// inside the Tokio runtime (the gRPC exporter's connection runs on it). Safe to call more than
 /// once: only the first call installs.
 pub fn init(service: &str, default_filter: &str) -> Guard {
+    // The request path's spans are for traces: they name no request and carry their
+    // attributes in the SDK span, so a log line would gain only a `sllm{otel.name=..}` prefix,
+    // for formatting their fields at every traced request.
+    let not_request_spans =
+        tracing_subscriber::filter::filter_fn(|m| !(m.is_span() && m.target() == "sllm"));
     let logs = tracing_subscriber::fmt::layer().with_target(false).with_filter(
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter)),
+        EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| EnvFilter::new(default_filter))
+            .and(not_request_spans),
     );
     let (provider, failed, protocol) = if export::wanted() {
         match export::build() {

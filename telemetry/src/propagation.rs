@@ -58,6 +58,11 @@ pub fn traceparent(span: &tracing::Span) -> String {
     inject(&span.context())
 }
 
+/// The `traceparent` naming the span of `cx` (empty when it has none).
+pub(crate) fn traceparent_of(cx: &Context) -> String {
+    inject(cx)
+}
+
 /// Makes `span` a child of the remote span `traceparent`, sent by another sllm process (ignored
 /// when empty or malformed; a context that was not sampled stops `span` from being recorded).
 /// Call it before `span` has children.

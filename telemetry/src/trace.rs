@@ -179,13 +179,14 @@ impl Attr for usize {
 
 /// A span of the request path: a `tracing` span when the request is traced, nothing at all
 /// otherwise (every method is then a no-op). It ends when dropped.
-#[derive(Debug, Clone)]
-pub struct Span(tracing::Span);
-
-impl Default for Span {
-    fn default() -> Span {
-        Span::none()
-    }
+///
+/// A recorded span is started in the SDK as soon as it is made, and keeps its OpenTelemetry
+/// context beside the `tracing` span: attributes, status and events go to the SDK span through
+/// it, not through a lookup of the `tracing` span in the subscriber's registry at every call.
+#[derive(Debug, Clone, Default)]
+pub struct Span {
+    span: Option<tracing::Span>,
+    cx: Context,
 }
 
 /// The caller's span context in a `traceparent` (None when empty or malformed), read by the
@@ -206,7 +207,13 @@ fn span(name: &'static str, kind: Kind) -> tracing::Span {
 impl Span {
     /// A span that records nothing.
     pub fn none() -> Span {
-        Span(tracing::Span::none())
+        Span::default()
+    }
+
+    /// `span` started in the SDK, with its context kept.
+    fn started(span: tracing::Span) -> Span {
+        let cx = span.context();
+        if cx.has_active_span() { Span { span: Some(span), cx } } else { Span::none() }
     }
 
     /// The span of a request arriving with `traceparent` (may be empty), where the decision to
@@ -240,9 +247,9 @@ impl Span {
         }
         // Start it now, while the sampler knows the decision is made.
         DECIDED.set(true);
-        let _ = s.context();
+        let started = Span::started(s);
         DECIDED.set(false);
-        Span(s)
+        started
     }
 
     /// A span that continues the remote context `traceparent`, sent by another sllm process
@@ -256,7 +263,7 @@ impl Span {
             Some(sc) if sc.is_sampled() => {
                 let s = span(name, kind);
                 let _ = s.set_parent(Context::new().with_remote_span_context(sc));
-                Span(s)
+                Span::started(s)
             }
             _ => Span::none(),
         }
@@ -264,12 +271,10 @@ impl Span {
 
     /// A child of this span (nothing when this one records nothing).
     pub fn child(&self, name: &'static str, kind: Kind) -> Span {
-        if self.0.is_none() {
-            return Span::none();
-        }
-        Span(tracing::info_span!(
+        let Some(parent) = &self.span else { return Span::none() };
+        Span::started(tracing::info_span!(
             target: "sllm",
-            parent: &self.0,
+            parent: parent,
             "sllm",
             otel.name = name,
             otel.kind = kind.name()
@@ -278,48 +283,51 @@ impl Span {
 
     /// Whether this span records anything.
     pub fn is_recording(&self) -> bool {
-        !self.0.is_none()
+        self.span.is_some()
     }
 
-    /// The `tracing` span, for instrumenting work (a future, a `tracing` child) under this one.
+    /// The `tracing` span, for instrumenting work (a future, a `tracing` child) under this one
+    /// (a disabled one when this span records nothing).
     pub fn tracing(&self) -> &tracing::Span {
-        &self.0
+        static NONE: std::sync::LazyLock<tracing::Span> =
+            std::sync::LazyLock::new(tracing::Span::none);
+        self.span.as_ref().unwrap_or(&NONE)
     }
 
     /// This span's trace id in hex, when it records.
     pub fn trace_id(&self) -> Option<String> {
-        if self.0.is_none() {
-            return None;
-        }
-        let cx = self.0.context();
-        let sc = cx.span().span_context().clone();
+        self.span.as_ref()?;
+        let sc = self.cx.span().span_context().clone();
         sc.is_valid().then(|| sc.trace_id().to_string())
     }
 
     /// The `traceparent` naming this span (empty when it records nothing).
     pub fn traceparent(&self) -> String {
-        crate::propagation::traceparent(&self.0)
+        if self.span.is_none() {
+            return String::new();
+        }
+        crate::propagation::traceparent_of(&self.cx)
     }
 
     /// Sets attribute `key` (replacing an earlier value).
     pub fn set(&self, key: &'static str, value: impl Attr) {
-        if !self.0.is_none() {
-            self.0.set_attribute(key, value.value());
+        if self.span.is_some() {
+            self.cx.span().set_attribute(KeyValue::new(key, value.value()));
         }
     }
 
     /// Marks the span failed, with why.
     pub fn fail(&self, message: &str) {
-        if !self.0.is_none() {
-            self.0.set_status(Status::error(message.to_string()));
+        if self.span.is_some() {
+            self.cx.span().set_status(Status::error(message.to_string()));
         }
     }
 
     /// Adds a timestamped event, e.g. what a log line says.
     pub fn event<V: Attr + Copy>(&self, name: &'static str, attrs: &[(&'static str, V)]) {
-        if !self.0.is_none() {
+        if self.span.is_some() {
             let attrs = attrs.iter().map(|(k, v)| KeyValue::new(*k, v.value())).collect();
-            self.0.add_event(name, attrs);
+            self.cx.span().add_event(name, attrs);
         }
     }
 }
