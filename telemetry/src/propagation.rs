@@ -29,7 +29,8 @@ pub(crate) fn extract(traceparent: &str) -> Context {
     read(&TraceContextPropagator::new(), "traceparent", traceparent)
 }
 
-fn inject(cx: &Context) -> String {
+/// The `traceparent` naming the span of `cx` ('' when it has none).
+pub(crate) fn inject(cx: &Context) -> String {
     write(&TraceContextPropagator::new(), cx, "traceparent")
 }
 
@@ -56,11 +57,6 @@ pub fn traceparent(span: &tracing::Span) -> String {
         return String::new();
     }
     inject(&span.context())
-}
-
-/// The `traceparent` naming the span of `cx` (empty when it has none).
-pub(crate) fn traceparent_of(cx: &Context) -> String {
-    inject(cx)
 }
 
 /// Makes `span` a child of the remote span `traceparent`, sent by another sllm process (ignored

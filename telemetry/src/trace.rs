@@ -306,10 +306,11 @@ impl Span {
         if self.span.is_none() {
             return String::new();
         }
-        crate::propagation::traceparent_of(&self.cx)
+        crate::propagation::inject(&self.cx)
     }
 
-    /// Sets attribute `key` (replacing an earlier value).
+    /// Sets attribute `key`. Set each key once: the SDK keeps every value it is given, and a
+    /// trace viewer shows them all.
     pub fn set(&self, key: &'static str, value: impl Attr) {
         if self.span.is_some() {
             self.cx.span().set_attribute(KeyValue::new(key, value.value()));
