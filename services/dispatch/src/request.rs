@@ -268,6 +268,8 @@ impl Dispatch {
             hold_deadline,
             span,
             _accepted: accepted,
+            attempts: 0,
+            migrations: 0,
         };
         Ok(Events { rx, driver: Some(Box::pin(driver.run(first))) })
     }
@@ -541,11 +543,22 @@ struct Driver {
     /// Whether its stream may move to another instance mid-way ([`movable`]), worked out when
     /// first needed: a stream with no trouble never needs to know.
     movable: std::sync::OnceLock<bool>,
+    /// Attempts begun and moves made so far, for the request's span once it ends (the SDK keeps
+    /// every value an attribute is given, so each is set once).
+    attempts: u32,
+    migrations: u32,
 }
 
 impl Driver {
     async fn run(mut self, first: Next) {
         let outcome = self.serve(first).await;
+        // Only a retried or moved request says how many: the usual answer is one, and none.
+        if self.attempts > 1 {
+            self.span.set("sllm.attempts", self.attempts);
+        }
+        if self.migrations > 0 {
+            self.span.set("sllm.migrations", self.migrations);
+        }
         self.span.set("sllm.outcome", outcome);
         stack::record(&self.route.name, outcome, Some(self.start));
     }
@@ -604,10 +617,7 @@ impl Driver {
                 }
             };
             let attempt = retry.begin();
-            // Only a retried request says how many attempts it took: the usual answer is one.
-            if attempt > 1 {
-                self.span.set("sllm.attempts", attempt);
-            }
+            self.attempts = attempt;
             let (instance, link) = (slot.instance.clone(), slot.link.clone());
             let mut span = self.span.child("generate on an instance", Kind::Internal);
             if span.is_recording() {
@@ -684,7 +694,7 @@ impl Driver {
                             .migrations
                             .with_label_values(&[self.route.name.as_str(), reason])
                             .inc();
-                        self.span.set("sllm.migrations", migrations);
+                        self.migrations = migrations;
                         span.event("moved", &[("tokens_sent", tokens_sent)]);
                         tracing::info!(request = %self.job.id, model = %self.route.name, instance = %instance.instance_id, tokens_sent, %why, "the stream moves to another instance");
                         let ok = self
