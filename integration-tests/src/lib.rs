@@ -683,8 +683,10 @@ pub struct ReceivedSpan {
     pub name: String,
     /// The exporting service's `service.name`.
     pub service: String,
-    /// String forms of its attributes.
+    /// String forms of its attributes (the last value of a key given more than once).
     pub attributes: std::collections::HashMap<String, String>,
+    /// Its attributes' keys as sent, in order: a key given more than once is here more than once.
+    pub keys: Vec<String>,
 }
 
 /// An OTLP trace receiver (what Jaeger or a collector would be) speaking both protocols,
@@ -763,6 +765,7 @@ fn received(
                         .iter()
                         .map(|a| (a.key.clone(), text(&a.value)))
                         .collect(),
+                    keys: s.attributes.iter().map(|a| a.key.clone()).collect(),
                 });
             }
         }

@@ -22,9 +22,25 @@ struct Mesh {
     worker_metrics: String,
 }
 
-/// A control plane and a worker exporting traces to `otlp` over `protocol` (`grpc` or
+/// A control plane and a simulated worker exporting traces to `otlp` over `protocol` (`grpc` or
 /// `http/protobuf`).
 async fn mesh(otlp: &OtlpReceiver, protocol: &str) -> Mesh {
+    let sim = [
+        "--backend",
+        "sim",
+        "--time-scale",
+        "0.02",
+        "--decode-ms",
+        "2",
+        "--checkpoint",
+        "m=12GB@disk",
+    ];
+    mesh_with(otlp, protocol, &sim).await
+}
+
+/// A control plane and a worker started with `backend` (its backend's arguments), exporting
+/// traces to `otlp` over `protocol`.
+async fn mesh_with(otlp: &OtlpReceiver, protocol: &str, backend: &[&str]) -> Mesh {
     let redis = RedisServer::start().unwrap();
     let url = redis.url();
     let endpoint = if protocol == "grpc" { &otlp.endpoint } else { &otlp.http_endpoint };
@@ -60,30 +76,11 @@ async fn mesh(otlp: &OtlpReceiver, protocol: &str) -> Mesh {
     };
     let grpc = find("sllm: serving gRPC on");
     let control_metrics = find("sllm: metrics on");
-    let (worker, _) = Proc::sllm(
-        &[
-            "worker",
-            "--backend",
-            "sim",
-            "--registry",
-            &format!("http://{grpc}"),
-            "--node-id",
-            "w1",
-            "--address",
-            "10.0.0.1",
-            "--time-scale",
-            "0.02",
-            "--decode-ms",
-            "2",
-            "--checkpoint",
-            "m=12GB@disk",
-            "--metrics-addr",
-            "127.0.0.1:0",
-        ],
-        &env,
-        "metrics on",
-    )
-    .unwrap();
+    let registry = format!("http://{grpc}");
+    let mut args = vec!["worker", "--registry", &registry, "--node-id", "w1", "--address"];
+    args.extend(["10.0.0.1", "--metrics-addr", "127.0.0.1:0"]);
+    args.extend(backend);
+    let (worker, _) = Proc::sllm(&args, &env, "metrics on").unwrap();
     let worker_metrics = worker
         .output()
         .lines()
@@ -124,14 +121,19 @@ async fn deploy_cold(grpc: &str) {
     models.deploy(pb::DeployRequest { spec: Some(spec) }).await.unwrap();
 }
 
-/// A traced Generate: its usage, and the request id the client was shown.
+/// A traced Generate of four tokens: its usage, and the request id the client was shown.
 async fn generate(grpc: &str, traceparent: &str) -> (pb::Usage, String) {
+    generate_tokens(grpc, traceparent, 4).await
+}
+
+/// A traced Generate of `max_tokens`: its usage, and the request id the client was shown.
+async fn generate_tokens(grpc: &str, traceparent: &str, max_tokens: u32) -> (pb::Usage, String) {
     let mut client =
         pb::dispatch_client::DispatchClient::connect(format!("http://{grpc}")).await.unwrap();
     let mut req = tonic::Request::new(pb::GenerateRequest {
         model: "m".into(),
         input: Some(pb::generate_request::Input::Prompt("trace me".into())),
-        params: Some(pb::SamplingParams { max_tokens: 4, ..Default::default() }),
+        params: Some(pb::SamplingParams { max_tokens, ..Default::default() }),
         progress: true,
         timeout_ms: 20_000,
     });
@@ -146,6 +148,71 @@ async fn generate(grpc: &str, traceparent: &str) -> (pb::Usage, String) {
         }
     }
     panic!("no finish");
+}
+
+/// Three engines that each crash after 20 tokens: a 50-token stream moves twice, and its
+/// request span says so once, with the final counts (the SDK keeps every value an attribute is
+/// given, so counts set along the way would show side by side in a trace viewer).
+#[tokio::test]
+async fn a_stream_that_moves_twice_says_so_once_on_its_request_span() {
+    let otlp = OtlpReceiver::start().await.unwrap();
+    let engine = format!(
+        "{} sim-engine --port {{port}} --model {{model}} --load-ms 0 --decode-ms 5 \
+         --crash-after-tokens 20",
+        sllm_integration_tests::sllm_bin().unwrap().display()
+    );
+    let backend = ["--backend", "engine", "--engine", "custom", "--engine-command", &engine];
+    let m = mesh_with(&otlp, "grpc", &[&backend[..], &["--gpus", "3"]].concat()).await;
+    let mut models =
+        pb::model_registry_client::ModelRegistryClient::connect(format!("http://{}", m.grpc))
+            .await
+            .unwrap();
+    let spec = pb::DeploymentSpec {
+        model: "m".into(),
+        backend: "custom".into(),
+        num_gpus: 1,
+        auto_scaling_config: Some(pb::AutoScalingConfig {
+            target: 1.0,
+            min_instances: 3,
+            max_instances: 3,
+            keep_alive: 60,
+            ..Default::default()
+        }),
+        backend_config: None,
+    };
+    models.deploy(pb::DeployRequest { spec: Some(spec) }).await.unwrap();
+    eventually(Duration::from_secs(30), "three ready instances", || {
+        let mut models = models.clone();
+        async move {
+            let d = models.get(pb::GetRequest { model: "m".into() }).await.ok()?.into_inner();
+            (d.instances.is_some_and(|i| i.ready == 3)).then_some(())
+        }
+    })
+    .await
+    .unwrap();
+    // Let Dispatch see all three before the request.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let trace = "5bf92f3577b34da6a3ce929d0e0e4736";
+    let (usage, _) = generate_tokens(&m.grpc, &format!("00-{trace}-00f067aa0ba902b7-01"), 50).await;
+    assert_eq!((usage.completion_tokens, usage.migrations), (50, 2), "{usage:?}");
+
+    let spans: Vec<ReceivedSpan> =
+        eventually(Duration::from_secs(10), "the moved request's spans", || async {
+            let spans: Vec<ReceivedSpan> =
+                otlp.spans().into_iter().filter(|s| s.trace_id == trace).collect();
+            (by_name(&spans, "generate on an instance").len() == 3
+                && !by_name(&spans, "sllm.v1.Dispatch/Generate").is_empty())
+            .then_some(spans)
+        })
+        .await
+        .unwrap();
+    let request = one(&spans, "sllm.v1.Dispatch/Generate");
+    for (key, value) in [("sllm.attempts", "3"), ("sllm.migrations", "2"), ("sllm.outcome", "ok")] {
+        let times = request.keys.iter().filter(|k| *k == key).count();
+        assert_eq!(times, 1, "{key} once on the request span: {:?}", request.keys);
+        assert_eq!(request.attributes.get(key).map(String::as_str), Some(value), "{key}");
+    }
 }
 
 fn by_name<'a>(spans: &'a [ReceivedSpan], name: &str) -> Vec<&'a ReceivedSpan> {
