@@ -144,6 +144,9 @@ pub fn init(service: &str, default_filter: &str) -> Guard {
             // none of them says anything a trace of sllm needs.
             .with_location(false)
             .with_threads(false)
+            // A `target` attribute on every span: `sllm` on all of the request path's, a
+            // module path on the rest, whose names already say what they are.
+            .with_target(false)
             .with_tracked_inactivity(false)
             .with_context_activation(false)
             .with_filter(EnvFilter::new(trace_filter))
