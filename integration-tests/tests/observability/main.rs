@@ -101,24 +101,36 @@ async fn mesh_with(otlp: &OtlpReceiver, protocol: &str, backend: &[&str]) -> Mes
 /// Deploys `m` (simulated, at most one instance, none until asked for) through the
 /// ModelRegistry at `grpc`.
 async fn deploy_cold(grpc: &str) {
+    deploy(grpc, "sim", 0, 1).await;
+}
+
+/// Deploys `m` on `backend` with `min`..=`max` instances through the ModelRegistry at `grpc`;
+/// returns the registry's client.
+async fn deploy(
+    grpc: &str,
+    backend: &str,
+    min: i32,
+    max: i32,
+) -> pb::model_registry_client::ModelRegistryClient<tonic::transport::Channel> {
     let mut models =
         pb::model_registry_client::ModelRegistryClient::connect(format!("http://{grpc}"))
             .await
             .unwrap();
     let spec = pb::DeploymentSpec {
         model: "m".into(),
-        backend: "sim".into(),
+        backend: backend.into(),
         num_gpus: 1,
         auto_scaling_config: Some(pb::AutoScalingConfig {
             target: 1.0,
-            min_instances: 0,
-            max_instances: 1,
+            min_instances: min,
+            max_instances: max,
             keep_alive: 60,
             ..Default::default()
         }),
         backend_config: None,
     };
     models.deploy(pb::DeployRequest { spec: Some(spec) }).await.unwrap();
+    models
 }
 
 /// A traced Generate of four tokens: its usage, and the request id the client was shown.
@@ -163,24 +175,7 @@ async fn a_stream_that_moves_twice_says_so_once_on_its_request_span() {
     );
     let backend = ["--backend", "engine", "--engine", "custom", "--engine-command", &engine];
     let m = mesh_with(&otlp, "grpc", &[&backend[..], &["--gpus", "3"]].concat()).await;
-    let mut models =
-        pb::model_registry_client::ModelRegistryClient::connect(format!("http://{}", m.grpc))
-            .await
-            .unwrap();
-    let spec = pb::DeploymentSpec {
-        model: "m".into(),
-        backend: "custom".into(),
-        num_gpus: 1,
-        auto_scaling_config: Some(pb::AutoScalingConfig {
-            target: 1.0,
-            min_instances: 3,
-            max_instances: 3,
-            keep_alive: 60,
-            ..Default::default()
-        }),
-        backend_config: None,
-    };
-    models.deploy(pb::DeployRequest { spec: Some(spec) }).await.unwrap();
+    let models = deploy(&m.grpc, "custom", 3, 3).await;
     eventually(Duration::from_secs(30), "three ready instances", || {
         let mut models = models.clone();
         async move {
