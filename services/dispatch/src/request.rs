@@ -570,11 +570,10 @@ impl Driver {
         let mut exclude = HashSet::new();
         let mut tokens_sent = 0u32;
         // What the client has received, kept while the stream may still move to another
-        // instance; and how often it moved.
+        // instance (how often it moved is `self.migrations`).
         let mut delivered = String::new();
         let mut delivered_ids = Vec::new();
         let mut prompt_ids = Vec::new();
-        let mut migrations = 0u32;
         // Tokens delivered when the stream last moved, failed continuations since, and their
         // pauses.
         let mut sent_at_move = 0u32;
@@ -632,7 +631,7 @@ impl Driver {
                 prompt_ids: &mut prompt_ids,
                 ttft: &mut ttft,
                 started: &mut started,
-                migrations,
+                migrations: self.migrations,
                 queued,
             };
             let outcome = self.attempt(&instance, &link, &mut progress, &mut span).await;
@@ -674,7 +673,7 @@ impl Driver {
                     // A continuation that failed before adding anything (its new instance was
                     // dead too, and nothing else had room yet) tries again after a pause, within
                     // the attempt budget, instead of using up the moves.
-                    let stalled = migrations > 0 && tokens_sent == sent_at_move;
+                    let stalled = self.migrations > 0 && tokens_sent == sent_at_move;
                     if sent.is_some() && stalled && self.movable() {
                         stalled_tries += 1;
                         if stalled_tries < config.max_attempts {
@@ -684,9 +683,11 @@ impl Driver {
                                 .await;
                             continue;
                         }
-                    } else if sent.is_some() && migrations < config.max_migrations && self.movable()
+                    } else if sent.is_some()
+                        && self.migrations < config.max_migrations
+                        && self.movable()
                     {
-                        migrations += 1;
+                        self.migrations += 1;
                         sent_at_move = tokens_sent;
                         stalled_tries = 0;
                         let reason = if why == MOVED_OFF { "drain" } else { "failure" };
@@ -694,7 +695,6 @@ impl Driver {
                             .migrations
                             .with_label_values(&[self.route.name.as_str(), reason])
                             .inc();
-                        self.migrations = migrations;
                         span.event("moved", &[("tokens_sent", tokens_sent)]);
                         tracing::info!(request = %self.job.id, model = %self.route.name, instance = %instance.instance_id, tokens_sent, %why, "the stream moves to another instance");
                         let ok = self
