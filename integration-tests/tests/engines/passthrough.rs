@@ -168,6 +168,100 @@ async fn an_openai_body_reaches_the_engine_intact_and_its_events_come_back() {
     assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], "length");
 }
 
+/// uvicorn, the server of vLLM and SGLang, writes a chunked body's last chunk on its own after
+/// `[DONE]`. The agent reads it before it lets the answer go, so that every request to the
+/// engine goes over one kept-alive connection instead of opening a new one. Real processes:
+/// `sllm serve all`, `sllm worker` and a Starlette app on uvicorn (in-process, the agent often
+/// finds the last chunk already read and the difference does not show).
+#[tokio::test]
+async fn streams_to_a_uvicorn_engine_keep_one_connection() {
+    let redis = RedisServer::start().unwrap();
+    let store = redis.store_with(|c| c.namespace = "sllm".into()).await.unwrap();
+    let url = redis.url();
+    let (serve, _) = Proc::sllm(
+        &["serve", "all", "--redis-url", &url, "--grpc-addr", "127.0.0.1:0"],
+        &[
+            ("SLLM_JOIN_SECRET", JOIN_SECRET),
+            ("SLLM_OPENAI_ADDR", "127.0.0.1:0"),
+            ("SLLM_METRICS_ADDR", "off"),
+        ],
+        "openai api listening on",
+    )
+    .unwrap();
+    let out = serve.output();
+    let line = |prefix: &str| {
+        out.lines().find_map(|l| l.split_once(prefix)).map(|(_, r)| r.trim().to_string()).unwrap()
+    };
+    let (grpc, openai) = (line("serving gRPC on"), line("openai api listening on"));
+    let ports_file = std::env::temp_dir().join(format!("sllm-uvicorn-{}", std::process::id()));
+    let _ = std::fs::remove_file(&ports_file);
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/uvicorn_engine.py");
+    let engine = format!(
+        "{} {} --port {{port}} --model {{model}} --ports-file {}",
+        sllm_integration_tests::python().unwrap().display(),
+        script.display(),
+        ports_file.display()
+    );
+    let registry = format!("http://{grpc}");
+    let _worker = Proc::sllm(
+        &["worker", "--backend", "engine", "--engine", "custom", "--engine-command", &engine],
+        &[
+            ("SLLM_JOIN_SECRET", JOIN_SECRET),
+            ("SLLM_REGISTRY", &registry),
+            ("SLLM_NODE_ID", "w1"),
+            ("SLLM_WORKER_ADDRESS", "10.0.0.1"),
+        ],
+        "worker(s) started",
+    )
+    .unwrap();
+    store
+        .create_deployment(&kvstore::DeploymentSpec {
+            model: "m".into(),
+            backend: "custom".into(),
+            num_gpus: 1,
+            autoscaling: kvstore::AutoScaling {
+                min_instances: 1,
+                max_instances: 1,
+                keep_alive_s: 60,
+                ..Default::default()
+            },
+            backend_config: String::new(),
+        })
+        .await
+        .unwrap();
+    let stream = || async {
+        let body = json!({"model": "m", "prompt": "x", "max_tokens": 3, "stream": true});
+        let o = tokio::process::Command::new("curl")
+            .args(["-s", "-N", "--max-time", "20", "-w", "\n%{http_code}"])
+            .args(["-H", "Content-Type: application/json", "-d", &body.to_string()])
+            .arg(format!("http://{openai}/v1/completions"))
+            .output()
+            .await
+            .unwrap();
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        let (sse, status) = out.rsplit_once('\n').unwrap();
+        (status.trim().to_string(), sse.to_string())
+    };
+    eventually(Duration::from_secs(30), "the engine answers through sllm", || async {
+        (stream().await.0 == "200").then_some(())
+    })
+    .await
+    .unwrap();
+    let before = std::fs::read_to_string(&ports_file).unwrap_or_default().lines().count();
+
+    for _ in 0..20 {
+        let (status, sse) = stream().await;
+        assert_eq!(status, "200", "{sse}");
+        assert_eq!(streamed_text(&sse), " w0 w1 w2", "{sse}");
+        assert_eq!(events(&sse).last().map(String::as_str), Some("[DONE]"), "{sse}");
+    }
+    let ports = std::fs::read_to_string(&ports_file).unwrap();
+    let _ = std::fs::remove_file(&ports_file);
+    let streamed: std::collections::HashSet<&str> = ports.lines().skip(before).collect();
+    assert_eq!(ports.lines().count() - before, 20, "{ports}");
+    assert_eq!(streamed.len(), 1, "20 streams came over {} connections", streamed.len());
+}
+
 #[tokio::test]
 async fn an_engine_refusal_is_the_clients_error_and_is_not_retried() {
     let c = cluster().await;

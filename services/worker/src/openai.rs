@@ -1602,6 +1602,11 @@ pub struct StreamLimits {
     pub idle: Duration,
 }
 
+/// How long a stream's end may take to arrive after its `[DONE]` (the end is read so that the
+/// engine's connection can be used again; past this the connection is closed instead). The
+/// client has its answer already.
+const DRAIN_AFTER_DONE: Duration = Duration::from_secs(1);
+
 /// Reads a server-sent event stream of bytes (split anywhere, UTF-8 and CRLF included) into
 /// outputs on `tx`, until `[DONE]`, an error event, a broken or ended stream, or a limit.
 /// Ok(()) also when the receiver went away (the request was cancelled).
@@ -1656,6 +1661,12 @@ where
             }
             Step::Done(done) => {
                 let _ = tx.send(done).await;
+                // An HTTP/1.1 connection goes back to the pool only once its answer is read
+                // to the end, and uvicorn (vLLM's and SGLang's server) writes a chunked
+                // body's last chunk on its own after `[DONE]`: without reading it, the next
+                // request to the engine would open a new connection.
+                let rest = async { while events.next().await.is_some() {} };
+                let _ = tokio::time::timeout(DRAIN_AFTER_DONE, rest).await;
                 return Ok(());
             }
             Step::Failed(f) => return Err(f),
