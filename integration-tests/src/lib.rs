@@ -392,6 +392,29 @@ pub struct Proc {
     pub lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
+/// `sllm serve all` on `redis_url` with every listener on a free port (metrics off), started:
+/// the process, its gRPC address and its OpenAI API address (`host:port` each).
+pub fn serve_all(redis_url: &str) -> Result<(Proc, String, String)> {
+    let (serve, _) = Proc::sllm(
+        &["serve", "all", "--redis-url", redis_url, "--grpc-addr", "127.0.0.1:0"],
+        &[
+            ("SLLM_JOIN_SECRET", JOIN_SECRET),
+            ("SLLM_OPENAI_ADDR", "127.0.0.1:0"),
+            ("SLLM_METRICS_ADDR", "off"),
+        ],
+        "openai api listening on",
+    )?;
+    let out = serve.output();
+    let line = |prefix: &str| {
+        out.lines()
+            .find_map(|l| l.split_once(prefix))
+            .map(|(_, r)| r.trim().to_string())
+            .with_context(|| format!("no {prefix:?} in {out}"))
+    };
+    let (grpc, openai) = (line("serving gRPC on")?, line("openai api listening on")?);
+    Ok((serve, grpc, openai))
+}
+
 impl Proc {
     /// Starts `sllm args…` with `env`, and waits (up to 20 s) for a stdout line containing
     /// `ready_marker`; returns the process and that line.

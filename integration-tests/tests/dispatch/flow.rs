@@ -134,19 +134,7 @@ async fn unread_answers_leave_the_control_planes_memory_flat() {
     const TOKENS: u32 = 32_768;
     let redis = sllm_integration_tests::RedisServer::start().unwrap();
     let store = redis.store_with(|c| c.namespace = "sllm".into()).await.unwrap();
-    let url = redis.url();
-    let (serve, _) = Proc::sllm(
-        &["serve", "all", "--redis-url", &url, "--grpc-addr", "127.0.0.1:0"],
-        &[
-            ("SLLM_JOIN_SECRET", JOIN_SECRET),
-            ("SLLM_OPENAI_ADDR", "127.0.0.1:0"),
-            ("SLLM_METRICS_ADDR", "off"),
-        ],
-        "openai api listening on",
-    )
-    .unwrap();
-    let out = serve.output();
-    let grpc = out.lines().find_map(|l| l.strip_prefix("sllm: serving gRPC on")).unwrap().trim();
+    let (serve, grpc, _) = sllm_integration_tests::serve_all(&redis.url()).unwrap();
     let grpc = format!("http://{grpc}");
     let _worker = Proc::sllm(
         &[

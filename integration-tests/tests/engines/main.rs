@@ -91,8 +91,8 @@ async fn engine_worker_with(
     EngineWorker { backend, _agent: agent, shutdown }
 }
 
-async fn deploy(c: &Cluster, model: &str) {
-    c.store
+async fn deploy(store: &Store, model: &str) {
+    store
         .create_deployment(&kvstore::DeploymentSpec {
             model: model.into(),
             backend: "custom".into(),
@@ -140,7 +140,7 @@ async fn curl(url: &str) -> Option<String> {
 async fn an_engine_starts_serves_streams_cancels_and_drains() {
     let c = cluster().await;
     let w = engine_worker(&c, "", Duration::from_secs(20)).await;
-    deploy(&c, "m").await;
+    deploy(&c.store, "m").await;
     let inst = instance(&c, "m", InstanceStatus::Ready).await;
     let endpoint = w.backend.endpoint(&inst.instance_id).unwrap();
     assert!(curl(&format!("{endpoint}/v1/models")).await.unwrap().contains("\"m\""));
@@ -241,7 +241,7 @@ async fn an_engine_starts_serves_streams_cancels_and_drains() {
 async fn an_engine_crashing_mid_stream_is_reported_with_its_stderr() {
     let c = cluster().await;
     let _w = engine_worker(&c, "--crash-after-tokens 5", Duration::from_secs(20)).await;
-    deploy(&c, "m").await;
+    deploy(&c.store, "m").await;
     instance(&c, "m", InstanceStatus::Ready).await;
     tokio::time::sleep(Duration::from_millis(800)).await;
     let mut client = c.dispatch.client().await.unwrap();
@@ -287,7 +287,7 @@ async fn an_engine_crashing_mid_stream_is_reported_with_its_stderr() {
 async fn an_engine_that_never_becomes_healthy_fails_with_the_reason() {
     let c = cluster().await;
     let _w = engine_worker(&c, "--never-healthy", Duration::from_secs(1)).await;
-    deploy(&c, "m").await;
+    deploy(&c.store, "m").await;
     let reason = eventually(Duration::from_secs(15), "the failure reason", || async {
         let events = c
             .store
@@ -336,7 +336,7 @@ async fn no_engine_outlives_a_killed_agent() {
     )
     .unwrap();
     // A model name no other test uses, to count only this test's engines.
-    deploy(&c, "orphan-check").await;
+    deploy(&c.store, "orphan-check").await;
     instance(&c, "orphan-check", InstanceStatus::Ready).await;
     let engines = || async {
         let o = tokio::process::Command::new("sh")

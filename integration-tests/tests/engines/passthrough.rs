@@ -13,10 +13,15 @@ use super::*;
 
 /// POSTs `body` to Dispatch's `path`; the status and the raw response body.
 async fn post(c: &Cluster, path: &str, body: &Value) -> (u16, String) {
+    post_to(c.dispatch.openai_base().trim_end_matches("/v1"), path, body).await
+}
+
+/// POSTs `body` to `path` at `base` (`http://host:port`); the status and the raw response body.
+async fn post_to(base: &str, path: &str, body: &Value) -> (u16, String) {
     let o = tokio::process::Command::new("curl")
         .args(["-s", "-N", "--max-time", "20", "-w", "\n%{http_code}"])
         .args(["-H", "Content-Type: application/json", "-d", &body.to_string()])
-        .arg(format!("{}{path}", c.dispatch.openai_base().trim_end_matches("/v1")))
+        .arg(format!("{base}{path}"))
         .output()
         .await
         .unwrap();
@@ -57,7 +62,7 @@ async fn engine_json(endpoint: &str, path: &str) -> Value {
 async fn the_simulated_engine_answers_sglangs_metadata_endpoints() {
     let c = cluster().await;
     let w = engine_worker(&c, "", Duration::from_secs(20)).await;
-    deploy(&c, "m").await;
+    deploy(&c.store, "m").await;
     let endpoint = ready_engine(&c, &w).await;
     for path in ["/model_info", "/get_model_info"] {
         let v = engine_json(&endpoint, path).await;
@@ -75,7 +80,7 @@ async fn the_simulated_engine_answers_sglangs_metadata_endpoints() {
 async fn an_openai_body_reaches_the_engine_intact_and_its_events_come_back() {
     let c = cluster().await;
     let w = engine_worker(&c, "", Duration::from_secs(20)).await;
-    deploy(&c, "m").await;
+    deploy(&c.store, "m").await;
     let endpoint = ready_engine(&c, &w).await;
 
     // Every field the client sends reaches the engine as it was sent, engine extras included.
@@ -177,22 +182,7 @@ async fn an_openai_body_reaches_the_engine_intact_and_its_events_come_back() {
 async fn streams_to_a_uvicorn_engine_keep_one_connection() {
     let redis = RedisServer::start().unwrap();
     let store = redis.store_with(|c| c.namespace = "sllm".into()).await.unwrap();
-    let url = redis.url();
-    let (serve, _) = Proc::sllm(
-        &["serve", "all", "--redis-url", &url, "--grpc-addr", "127.0.0.1:0"],
-        &[
-            ("SLLM_JOIN_SECRET", JOIN_SECRET),
-            ("SLLM_OPENAI_ADDR", "127.0.0.1:0"),
-            ("SLLM_METRICS_ADDR", "off"),
-        ],
-        "openai api listening on",
-    )
-    .unwrap();
-    let out = serve.output();
-    let line = |prefix: &str| {
-        out.lines().find_map(|l| l.split_once(prefix)).map(|(_, r)| r.trim().to_string()).unwrap()
-    };
-    let (grpc, openai) = (line("serving gRPC on"), line("openai api listening on"));
+    let (_serve, grpc, openai) = sllm_integration_tests::serve_all(&redis.url()).unwrap();
     let ports_file = std::env::temp_dir().join(format!("sllm-uvicorn-{}", std::process::id()));
     let _ = std::fs::remove_file(&ports_file);
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/uvicorn_engine.py");
@@ -214,36 +204,15 @@ async fn streams_to_a_uvicorn_engine_keep_one_connection() {
         "worker(s) started",
     )
     .unwrap();
-    store
-        .create_deployment(&kvstore::DeploymentSpec {
-            model: "m".into(),
-            backend: "custom".into(),
-            num_gpus: 1,
-            autoscaling: kvstore::AutoScaling {
-                min_instances: 1,
-                max_instances: 1,
-                keep_alive_s: 60,
-                ..Default::default()
-            },
-            backend_config: String::new(),
-        })
-        .await
-        .unwrap();
-    let stream = || async {
+    deploy(&store, "m").await;
+    let base = format!("http://{openai}");
+    let stream = || {
         let body = json!({"model": "m", "prompt": "x", "max_tokens": 3, "stream": true});
-        let o = tokio::process::Command::new("curl")
-            .args(["-s", "-N", "--max-time", "20", "-w", "\n%{http_code}"])
-            .args(["-H", "Content-Type: application/json", "-d", &body.to_string()])
-            .arg(format!("http://{openai}/v1/completions"))
-            .output()
-            .await
-            .unwrap();
-        let out = String::from_utf8_lossy(&o.stdout).into_owned();
-        let (sse, status) = out.rsplit_once('\n').unwrap();
-        (status.trim().to_string(), sse.to_string())
+        let base = base.clone();
+        async move { post_to(&base, "/v1/completions", &body).await }
     };
     eventually(Duration::from_secs(30), "the engine answers through sllm", || async {
-        (stream().await.0 == "200").then_some(())
+        (stream().await.0 == 200).then_some(())
     })
     .await
     .unwrap();
@@ -251,7 +220,7 @@ async fn streams_to_a_uvicorn_engine_keep_one_connection() {
 
     for _ in 0..20 {
         let (status, sse) = stream().await;
-        assert_eq!(status, "200", "{sse}");
+        assert_eq!(status, 200, "{sse}");
         assert_eq!(streamed_text(&sse), " w0 w1 w2", "{sse}");
         assert_eq!(events(&sse).last().map(String::as_str), Some("[DONE]"), "{sse}");
     }
@@ -266,7 +235,7 @@ async fn streams_to_a_uvicorn_engine_keep_one_connection() {
 async fn an_engine_refusal_is_the_clients_error_and_is_not_retried() {
     let c = cluster().await;
     let w = engine_worker(&c, "--max-model-len 50", Duration::from_secs(20)).await;
-    deploy(&c, "m").await;
+    deploy(&c.store, "m").await;
     let endpoint = ready_engine(&c, &w).await;
     let before: u64 = curl(&format!("{endpoint}/debug/requests")).await.unwrap().parse().unwrap();
 
@@ -311,7 +280,7 @@ async fn an_accepted_streams_head_comes_before_its_first_token() {
         ec.ready_timeout = Duration::from_secs(20);
     })
     .await;
-    deploy(&c, "m").await;
+    deploy(&c.store, "m").await;
     ready_engine(&c, &w).await;
 
     let base = c.dispatch.openai_base();
@@ -381,7 +350,7 @@ async fn until_error(c: &Cluster) -> (u32, tonic::Status) {
 async fn an_error_event_inside_a_stream_ends_it_with_an_error() {
     let c = cluster().await;
     let _w = engine_worker(&c, "--error-after-tokens 3", Duration::from_secs(20)).await;
-    deploy(&c, "m").await;
+    deploy(&c.store, "m").await;
     instance(&c, "m", InstanceStatus::Ready).await;
     let (tokens, err) = until_error(&c).await;
     assert_eq!(tokens, 3);
@@ -410,7 +379,7 @@ async fn a_stalled_engine_meets_the_idle_limit_with_a_clear_error() {
         ec.idle_timeout = Duration::from_millis(700);
     })
     .await;
-    deploy(&c, "m").await;
+    deploy(&c.store, "m").await;
     instance(&c, "m", InstanceStatus::Ready).await;
     let t0 = std::time::Instant::now();
     let (_, err) = until_error(&c).await;
@@ -427,7 +396,7 @@ async fn a_stalled_engine_meets_the_idle_limit_with_a_clear_error() {
 async fn grpc_sampling_parameters_reach_the_engine_and_logprobs_come_back() {
     let c = cluster().await;
     let w = engine_worker(&c, "", Duration::from_secs(20)).await;
-    deploy(&c, "m").await;
+    deploy(&c.store, "m").await;
     let endpoint = ready_engine(&c, &w).await;
     let mut client = c.dispatch.client().await.unwrap();
     let req = pb::GenerateRequest {
