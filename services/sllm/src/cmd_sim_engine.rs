@@ -311,38 +311,53 @@ async fn completions(
     Json(body): Json<Value>,
 ) -> Response {
     keep_headers(&e, &headers);
-    // As vLLM's: text, a list of one text, or token ids (a list, or a list of one list).
+    // As vLLM's: text or token ids, or a batch of either (a list of texts, a list of lists of
+    // ids), each answered `n` times.
     let ids = |items: &[Value]| -> Option<Vec<u32>> {
         items.iter().map(|i| i.as_u64().and_then(|i| u32::try_from(i).ok())).collect()
     };
-    let (prompt, prompt_ids) = match &body["prompt"] {
-        Value::String(p) => (p.clone(), None),
-        Value::Array(items) => match items.as_slice() {
-            [Value::String(p)] => (p.clone(), None),
-            [Value::Array(inner)] => match ids(inner) {
-                Some(ids) => (String::new(), Some(ids)),
+    let bad = || engine_error(StatusCode::BAD_REQUEST, "prompt: must be text or token ids");
+    let prompts: Vec<(String, Option<Vec<u32>>)> = match &body["prompt"] {
+        Value::String(p) => vec![(p.clone(), None)],
+        Value::Array(items) if !items.is_empty() && items.iter().all(Value::is_number) => {
+            match ids(items) {
+                Some(ids) => vec![(String::new(), Some(ids))],
                 None => return engine_error(StatusCode::BAD_REQUEST, "prompt: not token ids"),
-            },
-            items => match ids(items) {
-                Some(ids) => (String::new(), Some(ids)),
-                None => return engine_error(StatusCode::BAD_REQUEST, "prompt: not token ids"),
-            },
-        },
-        _ => {
-            return engine_error(StatusCode::BAD_REQUEST, "prompt: must be text or token ids");
-        }
-    };
-    let prompt = match &prompt_ids {
-        Some(ids) => match worker::vocab::decode(ids) {
-            Ok(text) => text,
-            Err(id) => {
-                let m = format!("Token id {id} is out of vocabulary");
-                return engine_error(StatusCode::BAD_REQUEST, &m);
             }
-        },
-        None => prompt,
+        }
+        Value::Array(items) if !items.is_empty() => {
+            let mut prompts = Vec::with_capacity(items.len());
+            for item in items {
+                prompts.push(match item {
+                    Value::String(p) => (p.clone(), None),
+                    Value::Array(inner) => match ids(inner) {
+                        Some(ids) => (String::new(), Some(ids)),
+                        None => {
+                            return engine_error(StatusCode::BAD_REQUEST, "prompt: not token ids");
+                        }
+                    },
+                    _ => return bad(),
+                });
+            }
+            prompts
+        }
+        _ => return bad(),
     };
-    serve(e, &body, worker::Input::Prompt(prompt), prompt_ids, false).await
+    let mut inputs = Vec::with_capacity(prompts.len());
+    for (prompt, prompt_ids) in prompts {
+        let prompt = match &prompt_ids {
+            Some(ids) => match worker::vocab::decode(ids) {
+                Ok(text) => text,
+                Err(id) => {
+                    let m = format!("Token id {id} is out of vocabulary");
+                    return engine_error(StatusCode::BAD_REQUEST, &m);
+                }
+            },
+            None => prompt,
+        };
+        inputs.push((worker::Input::Prompt(prompt), prompt_ids));
+    }
+    serve(e, &body, inputs, false).await
 }
 
 async fn chat(
@@ -360,7 +375,7 @@ async fn chat(
             content: m["content"].as_str().unwrap_or_default().to_string(),
         })
         .collect();
-    serve(e, &body, worker::Input::Chat(messages), None, true).await
+    serve(e, &body, vec![(worker::Input::Chat(messages), None)], true).await
 }
 
 /// An error in the shape vLLM's OpenAI server gives.
@@ -369,11 +384,103 @@ fn engine_error(status: StatusCode, message: &str) -> Response {
     (status, Json(body)).into_response()
 }
 
+/// One sequence a request asks for: a prompt's `j`th of `n` choices.
+struct Choice {
+    /// Its `index` in the answer: the prompt's place times `n`, plus `j`, as vLLM numbers them.
+    index: u64,
+    /// Its prompt's ids, said once (on its first event, or in its body).
+    prompt_ids: Option<Vec<u32>>,
+    /// Tokens of a continued final assistant message, which count as prompt.
+    prefilled: u32,
+    /// Whether it is its prompt's first choice: only those count the prompt in the usage.
+    counts_prompt: bool,
+}
+
+/// How a request's choices are set up from its body and inputs; the status and message of an
+/// engine's refusal, if the body asks for what a real engine would refuse.
+fn choices(
+    e: &Engine,
+    body: &Value,
+    inputs: Vec<(worker::Input, Option<Vec<u32>>)>,
+) -> Result<Vec<(Choice, worker::sim::SimRequest)>, (StatusCode, String)> {
+    let n = match &body["n"] {
+        Value::Null => 1,
+        v => match v.as_u64().filter(|n| *n >= 1) {
+            Some(n) => n,
+            None => return Err((StatusCode::BAD_REQUEST, "n must be at least 1".into())),
+        },
+    };
+    let mut out = Vec::new();
+    for (i, (input, ids)) in inputs.into_iter().enumerate() {
+        for j in 0..n {
+            let mut job = job(body, input.clone());
+            // Each choice samples on its own: a seeded request's choices differ, as vLLM's.
+            job.params.seed = job.params.seed.map(|s| s.wrapping_add(j));
+            // vLLM's `continue_final_message`: the last (assistant) message is continued, not
+            // answered; its text counts as prompt, as an engine counts it.
+            let mut prefilled = 0u32;
+            if let worker::Input::Chat(messages) = &mut job.input
+                && body["continue_final_message"].as_bool() == Some(true)
+                && messages.last().is_some_and(|m| m.role == "assistant")
+                && let Some(last) = messages.pop()
+            {
+                prefilled = last.content.split_whitespace().count() as u32;
+                job.continuation =
+                    Some(sllm_api::v1::Continuation { text: last.content, ..Default::default() });
+            }
+            // As vLLM: an adapter is asked for as a model of its own name.
+            let asked = body["model"].as_str().unwrap_or_default();
+            if asked != e.model
+                && let Some(path) = e.adapters.lock().ok().and_then(|a| a.get(asked).cloned())
+            {
+                job.adapter = Some(sllm_api::v1::LoraAdapter { name: asked.to_string(), path });
+            }
+            let mut req = worker::sim::SimRequest::from_job(&job)
+                .map_err(|f| (StatusCode::BAD_REQUEST, f.message))?;
+            // The prompt as token ids: as given, else the text (a chat as its template writes
+            // it, with what it continues) tokenised. With --merges the model runs on them.
+            let prompt_ids = ids.clone().unwrap_or_else(|| {
+                let continued = req.continued.as_ref().map(|(t, _)| t.as_str()).unwrap_or_default();
+                worker::vocab::encode(&format!("{}{continued}", req.prompt), e.merges)
+            });
+            req.with_ids = true;
+            if e.merges {
+                req.prompt_ids = Some(prompt_ids.clone());
+                prefilled = 0;
+            }
+            let prompt_words = match (&req.prompt_ids, &job.input) {
+                (Some(ids), _) => ids.len(),
+                (None, worker::Input::Prompt(p)) => p.split_whitespace().count(),
+                (None, worker::Input::Chat(m)) => {
+                    m.iter().map(|m| m.content.split_whitespace().count()).sum()
+                }
+            } as u64;
+            if let Some(len) = e.max_model_len
+                && prompt_words + u64::from(req.max_tokens) > len
+            {
+                let message = format!(
+                    "This model's maximum context length is {len} tokens. However, you requested {} tokens ({prompt_words} in the messages, {} in the completion).",
+                    prompt_words + u64::from(req.max_tokens),
+                    req.max_tokens
+                );
+                return Err((StatusCode::BAD_REQUEST, message));
+            }
+            let choice = Choice {
+                index: i as u64 * n + j,
+                prompt_ids: Some(prompt_ids),
+                prefilled,
+                counts_prompt: j == 0,
+            };
+            out.push((choice, req));
+        }
+    }
+    Ok(out)
+}
+
 async fn serve(
     e: Engine,
     body: &Value,
-    input: worker::Input,
-    ids: Option<Vec<u32>>,
+    inputs: Vec<(worker::Input, Option<Vec<u32>>)>,
     chat: bool,
 ) -> Response {
     if let Ok(mut last) = e.last_request.lock() {
@@ -383,59 +490,22 @@ async fn serve(
     if !e.ready.load(Ordering::Relaxed) {
         return engine_error(StatusCode::SERVICE_UNAVAILABLE, "the model is loading");
     }
-    let mut job = job(body, input);
-    // vLLM's `continue_final_message`: the last (assistant) message is continued, not
-    // answered; its text counts as prompt, as an engine counts it.
-    let mut prefilled = 0u32;
-    if let worker::Input::Chat(messages) = &mut job.input
-        && body["continue_final_message"].as_bool() == Some(true)
-        && messages.last().is_some_and(|m| m.role == "assistant")
-        && let Some(last) = messages.pop()
-    {
-        prefilled = last.content.split_whitespace().count() as u32;
-        job.continuation =
-            Some(sllm_api::v1::Continuation { text: last.content, ..Default::default() });
-    }
-    // As vLLM: an adapter is asked for as a model of its own name.
-    let asked = body["model"].as_str().unwrap_or_default();
-    if asked != e.model
-        && let Some(path) = e.adapters.lock().ok().and_then(|a| a.get(asked).cloned())
-    {
-        job.adapter = Some(sllm_api::v1::LoraAdapter { name: asked.to_string(), path });
-    }
-    let mut req = match worker::sim::SimRequest::from_job(&job) {
-        Ok(r) => r,
-        Err(f) => return engine_error(StatusCode::BAD_REQUEST, &f.message),
+    let set_up = match choices(&e, body, inputs) {
+        Ok(c) => c,
+        Err((status, message)) => return engine_error(status, &message),
     };
-    // The prompt as token ids: as given, else the text (a chat as its template writes it, with
-    // what it continues) tokenised. With --merges the model runs on them.
-    let prompt_ids = ids.unwrap_or_else(|| {
-        let continued = req.continued.as_ref().map(|(t, _)| t.as_str()).unwrap_or_default();
-        worker::vocab::encode(&format!("{}{continued}", req.prompt), e.merges)
-    });
-    req.with_ids = true;
-    if e.merges {
-        req.prompt_ids = Some(prompt_ids.clone());
-        prefilled = 0;
+    let mut all = Vec::with_capacity(set_up.len());
+    let mut outs = Vec::with_capacity(set_up.len());
+    for (k, (choice, req)) in set_up.into_iter().enumerate() {
+        let out = e.sim.generate_request("engine", req);
+        outs.push(futures::StreamExt::map(
+            tokio_stream::wrappers::ReceiverStream::new(out),
+            move |o| (k, o),
+        ));
+        all.push(choice);
     }
-    let prompt_words = match (&req.prompt_ids, &job.input) {
-        (Some(ids), _) => ids.len(),
-        (None, worker::Input::Prompt(p)) => p.split_whitespace().count(),
-        (None, worker::Input::Chat(m)) => {
-            m.iter().map(|m| m.content.split_whitespace().count()).sum()
-        }
-    } as u64;
-    if let Some(len) = e.max_model_len
-        && prompt_words + u64::from(req.max_tokens) > len
-    {
-        let message = format!(
-            "This model's maximum context length is {len} tokens. However, you requested {} tokens ({prompt_words} in the messages, {} in the completion).",
-            prompt_words + u64::from(req.max_tokens),
-            req.max_tokens
-        );
-        return engine_error(StatusCode::BAD_REQUEST, &message);
-    }
-    let mut out = e.sim.generate_request("engine", req);
+    // Every choice's outputs as they come, each tagged with its place in `all`.
+    let mut out = futures::stream::select_all(outs);
     let id =
         format!("{}-{}", if chat { "chatcmpl" } else { "cmpl" }, uuid::Uuid::new_v4().simple());
     let model = e.model.clone();
@@ -443,91 +513,97 @@ async fn serve(
     let piece = move |choice: Value| json!({ "id": id, "object": object, "created": 0, "model": model, "choices": [choice] });
     let word = |f: worker::Finish| if f == worker::Finish::Stop { "stop" } else { "length" };
     let include_usage = body["stream_options"]["include_usage"].as_bool().unwrap_or(false);
-    // vLLM's `return_token_ids`: the prompt's ids once (a completion's first choice, a chat's
-    // first chunk), each event's own.
+    // vLLM's `return_token_ids`: the prompt's ids once (a completion's choice's first event, a
+    // chat's first chunk), each event's own.
     let return_ids = body["return_token_ids"].as_bool().unwrap_or(false);
+    // The usage: each prompt counted once, every choice's tokens.
+    let mut usage = (0u32, 0u32);
+    let mut count = move |c: &Choice, prompt_tokens: u32, completion_tokens: u32| {
+        if c.counts_prompt {
+            usage.0 += prompt_tokens + c.prefilled;
+        }
+        usage.1 += completion_tokens;
+        json!({ "prompt_tokens": usage.0, "completion_tokens": usage.1, "total_tokens": usage.0 + usage.1 })
+    };
     if body["stream"].as_bool().unwrap_or(false) {
         let (tx, rx) = tokio::sync::mpsc::channel::<Value>(64);
         tokio::spawn(async move {
-            let mut prompt_ids = Some(prompt_ids);
-            let chat_prompt_ids = if chat { prompt_ids.take() } else { None };
-            // A completion's choice says its prompt's ids on the first event, null after.
-            let mut with_ids = |mut choice: Value, ids: Vec<u32>| {
+            // A completion's choice says its prompt's ids on its first event, null after.
+            let with_ids = |c: &mut Choice, mut v: Value, ids: Vec<u32>| {
                 if return_ids {
                     if !chat {
-                        choice["prompt_token_ids"] = json!(prompt_ids.take());
+                        v["prompt_token_ids"] = json!(c.prompt_ids.take());
                     }
-                    choice["token_ids"] = json!(ids);
+                    v["token_ids"] = json!(ids);
                 }
-                choice
+                v
             };
             if chat {
-                let role = json!({ "index": 0, "delta": { "role": "assistant", "content": "" }, "finish_reason": null });
-                let mut first = piece(role);
-                if return_ids {
-                    first["prompt_token_ids"] = json!(chat_prompt_ids);
+                for c in &mut all {
+                    let role = json!({ "index": c.index, "delta": { "role": "assistant", "content": "" }, "finish_reason": null });
+                    let mut first = piece(role);
+                    if return_ids {
+                        first["prompt_token_ids"] = json!(c.prompt_ids.take());
+                    }
+                    let _ = tx.send(first).await;
                 }
-                let _ = tx.send(first).await;
             }
-            let mut sent = 0u32;
-            while let Some(o) = out.recv().await {
-                if e.error_after == Some(sent) {
+            let mut sent = vec![0u32; all.len()];
+            let mut totals = Value::Null;
+            while let Some((k, o)) = futures::StreamExt::next(&mut out).await {
+                if e.error_after == Some(sent[k]) {
                     let error = json!({ "error": { "message": "simulated failure during generation", "type": "InternalServerError", "param": null, "code": 500 } });
                     let _ = tx.send(error).await;
                     return;
                 }
-                if e.stall_after == Some(sent) {
+                if e.stall_after == Some(sent[k]) {
                     // Hold the stream open and send nothing, until the client goes.
                     tx.closed().await;
                     return;
                 }
+                let c = &mut all[k];
                 let v = match o {
                     // The simulated model's own head went out already.
                     Output::Started => continue,
                     Output::Text { text, tokens, token_ids, .. } => {
-                        sent += tokens;
+                        sent[k] += tokens;
                         let n = e.produced.fetch_add(u64::from(tokens), Ordering::Relaxed)
                             + u64::from(tokens);
                         if e.crash_after.is_some_and(|c| n >= c) {
                             eprintln!("fatal: simulated engine crash after {n} tokens");
                             std::process::exit(3);
                         }
-                        if chat {
-                            piece(with_ids(
-                                json!({ "index": 0, "delta": { "content": text }, "finish_reason": null }),
-                                token_ids,
-                            ))
+                        let v = if chat {
+                            json!({ "index": c.index, "delta": { "content": text }, "finish_reason": null })
                         } else {
-                            piece(with_ids(
-                                json!({ "index": 0, "text": text, "finish_reason": null }),
-                                token_ids,
-                            ))
-                        }
+                            json!({ "index": c.index, "text": text, "finish_reason": null })
+                        };
+                        piece(with_ids(c, v, token_ids))
                     }
                     Output::Done { finish, prompt_tokens, completion_tokens } => {
-                        let prompt_tokens = prompt_tokens + prefilled;
+                        totals = count(c, prompt_tokens, completion_tokens);
                         let end = if chat {
-                            json!({ "index": 0, "delta": {}, "finish_reason": word(finish) })
+                            json!({ "index": c.index, "delta": {}, "finish_reason": word(finish) })
                         } else {
-                            json!({ "index": 0, "text": "", "finish_reason": word(finish) })
+                            json!({ "index": c.index, "text": "", "finish_reason": word(finish) })
                         };
-                        if tx.send(piece(with_ids(end, Vec::new()))).await.is_err()
-                            || !include_usage
-                        {
-                            return;
-                        }
-                        let mut u = piece(Value::Null);
-                        u["choices"] = json!([]);
-                        u["usage"] = json!({ "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens });
-                        u
+                        piece(with_ids(c, end, Vec::new()))
                     }
                     Output::Error(f) => {
-                        json!({ "error": { "message": f.message, "type": "InternalServerError", "param": null, "code": 500 } })
+                        let error = json!({ "error": { "message": f.message, "type": "InternalServerError", "param": null, "code": 500 } });
+                        let _ = tx.send(error).await;
+                        return;
                     }
                 };
                 if tx.send(v).await.is_err() {
-                    return; // client gone: dropping `out` cancels the generation
+                    return; // client gone: dropping `out` cancels the generations
                 }
+            }
+            if include_usage {
+                let mut u = piece(Value::Null);
+                u["choices"] = json!([]);
+                u["usage"] = totals;
+                let _ = tx.send(u).await;
             }
         });
         let stream = futures::StreamExt::chain(
@@ -538,35 +614,32 @@ async fn serve(
         );
         return Sse::new(stream).into_response();
     }
-    let mut text = String::new();
-    let mut ids = Vec::new();
-    while let Some(o) = out.recv().await {
+    let mut texts = vec![(String::new(), Vec::new()); all.len()];
+    let mut ends = vec![Value::Null; all.len()];
+    let mut totals = Value::Null;
+    while let Some((k, o)) = futures::StreamExt::next(&mut out).await {
         match o {
             Output::Started => {}
-            Output::Text { text: t, token_ids, .. } => {
-                text.push_str(&t);
-                ids.extend(token_ids);
+            Output::Text { text, token_ids, .. } => {
+                texts[k].0.push_str(&text);
+                texts[k].1.extend(token_ids);
             }
             Output::Done { finish, completion_tokens, prompt_tokens } => {
-                let prompt_tokens = prompt_tokens + prefilled;
+                let c = &mut all[k];
+                totals = count(c, prompt_tokens, completion_tokens);
+                let (text, ids) = std::mem::take(&mut texts[k]);
                 let mut choice = if chat {
-                    json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": word(finish)})
+                    json!({"index": c.index, "message": {"role": "assistant", "content": text}, "finish_reason": word(finish)})
                 } else {
-                    json!({"index": 0, "text": text, "finish_reason": word(finish)})
+                    json!({"index": c.index, "text": text, "finish_reason": word(finish)})
                 };
                 if return_ids {
                     choice["token_ids"] = json!(ids);
                     if !chat {
-                        choice["prompt_token_ids"] = json!(prompt_ids);
+                        choice["prompt_token_ids"] = json!(c.prompt_ids.take());
                     }
                 }
-                let mut v = piece(choice);
-                v["object"] = json!(if chat { "chat.completion" } else { "text_completion" });
-                v["usage"] = json!({ "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens });
-                if return_ids && chat {
-                    v["prompt_token_ids"] = json!(prompt_ids);
-                }
-                return Json(v).into_response();
+                ends[k] = choice;
             }
             Output::Error(f) => {
                 let status = if f.kind == worker::FailureKind::Invalid {
@@ -578,5 +651,15 @@ async fn serve(
             }
         }
     }
-    engine_error(StatusCode::INTERNAL_SERVER_ERROR, "no answer")
+    if ends.iter().any(Value::is_null) {
+        return engine_error(StatusCode::INTERNAL_SERVER_ERROR, "no answer");
+    }
+    let mut v = piece(Value::Null);
+    v["choices"] = Value::Array(ends);
+    v["object"] = json!(if chat { "chat.completion" } else { "text_completion" });
+    v["usage"] = totals;
+    if return_ids && chat {
+        v["prompt_token_ids"] = json!(all.first_mut().and_then(|c| c.prompt_ids.take()));
+    }
+    Json(v).into_response()
 }
