@@ -73,6 +73,21 @@ streamed = "".join(
 )
 check(streamed == cb.choices[0].text, "streamed completion text is the engine's")
 
+# A batch of prompts: one choice each, numbered and written as the engine answers them.
+batch = ["Once upon a time", "The sea"]
+ba = sllm.completions.create(model=model, prompt=batch, max_tokens=8, **GREEDY)
+bb = direct.completions.create(model=model, prompt=batch, max_tokens=8, **GREEDY)
+check(len(ba.choices) == 2 and [(c.index, c.text) for c in ba.choices] == [(c.index, c.text) for c in bb.choices], "a batch of prompts is answered as the engine answers it")
+check(ba.choices[0].text == cb.choices[0].text[: len(ba.choices[0].text)], "a batch's first answer is that prompt's own")
+
+# Several choices: llama.cpp's server takes n = 1 only, and says so; its 400 comes back.
+for client in (sllm, direct):
+    try:
+        client.completions.create(model=model, prompt="Hi", max_tokens=4, n=2)
+        check(False, "n = 2 is refused by llama.cpp")
+    except openai.BadRequestError as e:
+        check("'n'" in str(e), f"llama.cpp's own refusal of n = 2: {str(e)[:120]}")
+
 # Log-probabilities come back, as the engine computed them.
 la = chat(sllm, "Hi", max_tokens=4, logprobs=True, top_logprobs=2, **GREEDY)
 lb = chat(direct, "Hi", max_tokens=4, logprobs=True, top_logprobs=2, **GREEDY)

@@ -575,6 +575,128 @@ async fn an_openai_stream_whose_engine_crashes_continues_on_another_engine() {
     assert_eq!(roles, 1, "the continuation's own role chunk is not sent again: {sse}");
 }
 
+/// The choices of an OpenAI stream: each choice's text and finish reason, by its `index`.
+fn streamed_choices(sse: &str) -> std::collections::BTreeMap<u64, (String, String)> {
+    let mut out = std::collections::BTreeMap::<u64, (String, String)>::new();
+    for v in events(sse).iter().filter_map(|e| serde_json::from_str::<Value>(e).ok()) {
+        for c in v["choices"].as_array().into_iter().flatten() {
+            let Some(i) = c["index"].as_u64() else { continue };
+            let choice = out.entry(i).or_default();
+            if let Some(t) = c["text"].as_str().or(c["delta"]["content"].as_str()) {
+                choice.0.push_str(t);
+            }
+            if let Some(f) = c["finish_reason"].as_str() {
+                choice.1 = f.to_string();
+            }
+        }
+    }
+    out
+}
+
+/// Several choices (`n`) and batches of prompts, as vLLM takes them: the body reaches the
+/// engine as sent, and every choice comes back as the engine wrote it, numbered as it numbered
+/// them, streamed or not, with the engine's usage of them all. Sampled with a seed, so the
+/// choices differ from each other and the engine alone gives the same answer.
+#[tokio::test]
+async fn several_choices_and_batched_prompts_come_back_as_the_engine_answers_them() {
+    let c = cluster().await;
+    let w = engine_worker(&c, "", Duration::from_secs(20)).await;
+    deploy(&c.store, "m").await;
+    let endpoint = ready_engine(&c, &w).await;
+
+    // Two prompts of text and one of token ids, two choices each.
+    let body = json!({
+        "model": "m", "prompt": ["hello engine", "a story", [5, 6, 7]], "n": 2,
+        "max_tokens": 4, "temperature": 0.8, "seed": 7,
+    });
+    let (status, via) = post(&c, "/v1/completions", &body).await;
+    assert_eq!(status, 200, "{via}");
+    assert_eq!(engine_json(&endpoint, "/debug/last-request").await, body);
+    let (status, alone) = post_to(&endpoint, "/v1/completions", &body).await;
+    assert_eq!(status, 200, "{alone}");
+    let (via, alone): (Value, Value) =
+        (serde_json::from_str(&via).unwrap(), serde_json::from_str(&alone).unwrap());
+    assert_eq!(via["choices"], alone["choices"]);
+    assert_eq!(via["usage"], alone["usage"]);
+    let indexes: Vec<u64> =
+        via["choices"].as_array().unwrap().iter().map(|c| c["index"].as_u64().unwrap()).collect();
+    assert_eq!(indexes, [0, 1, 2, 3, 4, 5], "{via}");
+    assert_eq!(via["usage"]["completion_tokens"], 24, "{via}");
+    assert_ne!(via["choices"][0]["text"], via["choices"][1]["text"], "two samples: {via}");
+
+    // Streamed: 24 tokens where max_tokens is 4 are six choices' worth, not an overrun.
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let (status, via) = post(&c, "/v1/completions", &streamed).await;
+    assert_eq!(status, 200, "{via}");
+    let (_, alone) = post_to(&endpoint, "/v1/completions", &streamed).await;
+    assert!(!via.contains("\"error\""), "{via}");
+    let choices = streamed_choices(&via);
+    assert_eq!(choices.len(), 6, "{via}");
+    assert_eq!(choices, streamed_choices(&alone));
+    assert!(choices.values().all(|(_, finish)| finish == "length"), "{via}");
+    assert_eq!(streamed_usage(&via), streamed_usage(&alone));
+
+    // A chat of three choices: one role chunk for each, then each choice's text.
+    let chat = json!({
+        "model": "m", "messages": [{"role": "user", "content": "hi"}], "n": 3,
+        "max_tokens": 5, "temperature": 0.8, "seed": 3, "stream": true,
+    });
+    let (status, via) = post(&c, "/v1/chat/completions", &chat).await;
+    assert_eq!(status, 200, "{via}");
+    let (_, alone) = post_to(&endpoint, "/v1/chat/completions", &chat).await;
+    let choices = streamed_choices(&via);
+    assert_eq!(choices.len(), 3, "{via}");
+    assert_eq!(choices, streamed_choices(&alone));
+    let roles = events(&via)
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .filter(|v| v["choices"][0]["delta"]["role"].is_string())
+        .count();
+    assert_eq!(roles, 3, "{via}");
+
+    // Beyond 128 choices in all: refused before the engine sees it.
+    let before = engine_json(&endpoint, "/debug/requests").await;
+    let (status, err) = post(
+        &c,
+        "/v1/completions",
+        &json!({"model": "m", "prompt": ["a", "b", "c"], "n": 43, "max_tokens": 1}),
+    )
+    .await;
+    assert_eq!(status, 400, "{err}");
+    let err: Value = serde_json::from_str(&err).unwrap();
+    assert_eq!(err["error"]["param"], "prompt", "{err}");
+    assert!(err["error"]["message"].as_str().unwrap().contains("129 choices"), "{err}");
+    assert_eq!(engine_json(&endpoint, "/debug/requests").await, before);
+}
+
+/// A stream of several choices cannot move to another engine: a continuation carries one
+/// text on from where it stopped, and each choice stopped at its own point. When its engine
+/// crashes after output, it ends with an error event rather than going on wrong.
+#[tokio::test]
+async fn a_stream_of_several_choices_whose_engine_crashes_ends_with_an_error() {
+    let c = cluster().await;
+    let w = engine_worker(&c, "--crash-after-tokens 30", Duration::from_secs(20)).await;
+    deploy(&c.store, "m").await;
+    ready_engine(&c, &w).await;
+    let body = json!({
+        "model": "m", "prompt": "hello engine", "n": 2, "max_tokens": 40, "seed": 7,
+        "stream": true, "stream_options": {"include_usage": true},
+    });
+    let (status, sse) = post(&c, "/v1/completions", &body).await;
+    assert_eq!(status, 200, "{sse}");
+    let choices = streamed_choices(&sse);
+    assert_eq!(choices.len(), 2, "both choices had output: {sse}");
+    let words: usize = choices.values().map(|(t, _)| t.split_whitespace().count()).sum();
+    assert!(words > 0 && words < 80, "{sse}");
+    assert!(choices.values().all(|(_, finish)| finish.is_empty()), "none finished: {sse}");
+    let last: Value =
+        events(&sse).iter().rev().find_map(|e| serde_json::from_str::<Value>(e).ok()).unwrap();
+    assert!(last["error"]["message"].is_string(), "it ends with an error event: {sse}");
+    assert!(!sse.contains("\"migrations\""), "it did not move: {sse}");
+}
+
 /// What the official `openai` client saw of a stream (`python/migration_check.py`).
 async fn openai_client_reads(c: &Cluster, kind: &str) -> Value {
     let out = tokio::process::Command::new(sllm_integration_tests::python().unwrap())

@@ -33,7 +33,11 @@ fn named_field(e: &DispatchError) -> Option<String> {
 }
 
 fn known(field: &str) -> bool {
-    field == "body" || field == "input" || FIELDS.contains(&field) || field.starts_with("messages[")
+    field == "body"
+        || field == "input"
+        || FIELDS.contains(&field)
+        || field.starts_with("messages[")
+        || field.starts_with("prompt[")
 }
 
 const EMBEDDING_FIELDS: &[&str] = &["model", "input", "encoding_format", "dimensions", "user"];
@@ -88,6 +92,39 @@ proptest! {
         prop_assert!(dispatch::openai::check_body(true, &chat.to_string(), &c).is_ok());
     }
 
+    /// Several choices and batches of prompts (texts, token ids, lists of token ids), as
+    /// OpenAI's API and vLLM take them, are accepted up to 128 choices in all, and refused
+    /// past that by name.
+    #[test]
+    fn choices_and_batches_are_accepted_up_to_the_limit(
+        prompts in prop::collection::vec(
+            prop_oneof![
+                "[a-z ]{1,20}".prop_map(Value::String),
+                prop::collection::vec(0..50_000u32, 1..8).prop_map(|ids| json!(ids)),
+            ],
+            1..12,
+        ),
+        n in 1..40u32,
+        chat in any::<bool>(),
+    ) {
+        let c = config();
+        let body = if chat {
+            json!({ "model": "m", "messages": [{ "role": "user", "content": "hi" }], "n": n })
+        } else {
+            json!({ "model": "m", "prompt": prompts, "n": n })
+        };
+        let choices = if chat { n } else { prompts.len() as u32 * n };
+        let checked = dispatch::openai::check_body(chat, &body.to_string(), &c);
+        if choices <= 128 {
+            prop_assert!(checked.is_ok(), "{:?} from {}", checked, body);
+        } else {
+            let e = checked.unwrap_err();
+            let named = named_field(&e);
+            prop_assert_eq!(named.as_deref(), Some("prompt"), "{:?}", e);
+            prop_assert!(e.to_string().contains(&format!("{choices} choices")), "{}", e);
+        }
+    }
+
     /// Out-of-range sampling parameters are refused by name.
     #[test]
     fn out_of_range_parameters_are_named(
@@ -97,6 +134,7 @@ proptest! {
             (Just("max_tokens"), (100_000..10_000_000u32).prop_map(f64::from)),
             (Just("max_tokens"), (-1000.0..1000.0f64).prop_filter("not whole", |f| f.fract() != 0.0)),
             (Just("seed"), -1000.0..-1.0f64),
+            (Just("n"), prop_oneof![Just(0.0), 129.0..100_000.0f64, -100.0..-1.0f64]),
         ],
     ) {
         let mut body = json!({ "model": "m", "prompt": "hi" });

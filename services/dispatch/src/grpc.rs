@@ -116,6 +116,7 @@ impl dispatch_server::Dispatch for Dispatch {
             openai: None,
             adapter_name: None,
             adapter: None,
+            choices: 1,
         };
         let events = self.submit(job).await.map_err(|e| e.to_status())?;
         let stream = events.filter_map(|r| r.map(to_pb).map_err(|e| e.to_status()).transpose());

@@ -202,6 +202,10 @@ async fn model(
     }
 }
 
+/// Most choices one request may ask for (`n`, times the prompts of a batch), as OpenAI's API
+/// allows: each is a sequence the engine generates in full.
+const MAX_CHOICES: u32 = 128;
+
 /// A string or a list of strings (OpenAI accepts both for `stop` and `prompt`).
 #[derive(Deserialize)]
 #[serde(untagged)]
@@ -286,8 +290,11 @@ fn common(
         .clone()
         .filter(|m| !m.is_empty())
         .ok_or_else(|| DispatchError::invalid("model", "is required"))?;
-    if c.n.is_some_and(|n| n != 1) {
-        return Err(DispatchError::invalid("n", "only n = 1 is supported"));
+    if c.n.is_some_and(|n| !(1..=MAX_CHOICES).contains(&n)) {
+        return Err(DispatchError::invalid(
+            "n",
+            format!("must be between 1 and {MAX_CHOICES} choices"),
+        ));
     }
     let max = c.max_completion_tokens.or(c.max_tokens).unwrap_or(0);
     let max_tokens = u32::try_from(max)
@@ -331,6 +338,7 @@ fn common(
         openai: Some(openai),
         adapter_name: c.lora_adapter_name.clone(),
         adapter: None,
+        choices: c.n.unwrap_or(1),
     };
     Ok((c, job))
 }
@@ -343,30 +351,69 @@ fn parse_completion(
 ) -> Result<(CommonBody, Job), DispatchError> {
     let body = body_json(raw)?;
     let (c, mut job) = common(&body, raw, traceparent, pb::OpenAiEndpoint::Completions, answer)?;
-    let one = "exactly one prompt per request is supported";
+    let shapes = "must be a string, a list of strings, a list of token ids, or a list of lists \
+                  of token ids";
+    // A prompt of token ids: the engine reads it; its size counts four bytes a token.
+    let ids_size = |ids: &[Value]| ids.iter().all(|t| t.as_u64().is_some()).then(|| ids.len() * 4);
     let prompt = match body.get("prompt") {
         Some(Value::String(p)) => p.clone(),
-        Some(Value::Array(items)) => match items.as_slice() {
-            [Value::String(p)] => p.clone(),
-            // A prompt of token ids: the engine reads it; its size counts four bytes a token.
-            ids if !ids.is_empty() && ids.iter().all(|t| t.as_u64().is_some()) => {
-                " ".repeat(ids.len() * 4)
-            }
-            [Value::Array(ids)] if ids.iter().all(|t| t.as_u64().is_some()) => {
-                " ".repeat(ids.len() * 4)
-            }
-            [] => return Err(DispatchError::invalid("prompt", "must not be empty")),
-            _ => return Err(DispatchError::invalid("prompt", one)),
-        },
-        Some(_) => {
-            return Err(DispatchError::invalid(
-                "prompt",
-                "must be a string, a list of one string, or a list of token ids",
-            ));
+        Some(Value::Array(items)) if items.is_empty() => {
+            return Err(DispatchError::invalid("prompt", "must not be empty"));
         }
+        Some(Value::Array(items)) => match ids_size(items) {
+            Some(size) => " ".repeat(size),
+            // Several prompts (a batch, as OpenAI's API and vLLM take): the engine answers
+            // each, `n` times; their sizes add up.
+            None => {
+                let mut all = String::new();
+                for (i, item) in items.iter().enumerate() {
+                    match item {
+                        Value::String(p) => all.push_str(p),
+                        Value::Array(ids) if !ids.is_empty() => match ids_size(ids) {
+                            Some(size) => all.push_str(&" ".repeat(size)),
+                            None => {
+                                return Err(DispatchError::invalid(
+                                    &format!("prompt[{i}]"),
+                                    "is not a list of token ids",
+                                ));
+                            }
+                        },
+                        Value::Array(_) => {
+                            return Err(DispatchError::invalid(
+                                &format!("prompt[{i}]"),
+                                "must not be empty",
+                            ));
+                        }
+                        _ => {
+                            return Err(DispatchError::invalid(
+                                &format!("prompt[{i}]"),
+                                "must be a string or a list of token ids",
+                            ));
+                        }
+                    }
+                }
+                all
+            }
+        },
+        Some(_) => return Err(DispatchError::invalid("prompt", shapes)),
         None => return Err(DispatchError::invalid("prompt", "is required")),
     };
+    let prompts = match body.get("prompt") {
+        Some(Value::Array(items)) if ids_size(items).is_none() => items.len(),
+        _ => 1,
+    };
+    let choices = prompts.saturating_mul(c.n.unwrap_or(1) as usize);
+    if choices > MAX_CHOICES as usize {
+        return Err(DispatchError::invalid(
+            "prompt",
+            format!(
+                "{prompts} prompts of n = {} each ask for {choices} choices; at most {MAX_CHOICES} are answered in one request",
+                c.n.unwrap_or(1)
+            ),
+        ));
+    }
     job.input = Input::Prompt(prompt);
+    job.choices = choices as u32;
     Ok((c, job))
 }
 
@@ -653,6 +700,7 @@ pub(crate) fn parse_embeddings(
             }
         },
         adapter: None,
+        choices: 1,
     })
 }
 

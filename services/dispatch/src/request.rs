@@ -76,6 +76,9 @@ pub struct Job {
     pub adapter_name: Option<String>,
     /// The LoRA adapter the request resolved to (set by `submit`).
     pub adapter: Option<pb::LoraAdapter>,
+    /// Sequences the engine generates for it, each up to max_tokens: an OpenAI request's `n`
+    /// times its prompts (a batch); 1 otherwise.
+    pub choices: u32,
 }
 
 /// What the client receives.
@@ -965,12 +968,18 @@ impl Driver {
                         }
                     }
                     attempt_tokens = attempt_tokens.saturating_add(c.tokens);
-                    if attempt_tokens > max_tokens {
+                    let choices = self.job.choices.max(1);
+                    if attempt_tokens > max_tokens.saturating_mul(choices) {
                         link.cancel(request_id);
+                        let each = if choices > 1 {
+                            format!(" for each of {choices} choices")
+                        } else {
+                            String::new()
+                        };
                         return overran(
                             span,
                             format!(
-                                "the worker sent {attempt_tokens} tokens, more than max_tokens ({max_tokens})"
+                                "the worker sent {attempt_tokens} tokens, more than max_tokens ({max_tokens}){each}"
                             ),
                         );
                     }
@@ -1060,9 +1069,11 @@ impl Driver {
 }
 
 /// Whether a request's stream may move to another instance mid-way: moves are allowed, and
-/// the input is text an instance can continue (not a prompt of token ids). An OpenAI request
-/// that is not streamed gets the engine's body as it is, which a second engine's body cannot
-/// extend: it is retried whole instead, as before anything reached the client.
+/// the input is one text an instance can continue (not a prompt of token ids, nor several
+/// choices: `n` above 1 or a batch of prompts, whose sequences a continuation could not carry
+/// on each from its own point). An OpenAI request that is not streamed gets the engine's body
+/// as it is, which a second engine's body cannot extend: it is retried whole instead, as
+/// before anything reached the client.
 fn movable(job: &Job, config: &crate::DispatchConfig) -> bool {
     if config.max_migrations == 0 {
         return false;
@@ -1070,11 +1081,14 @@ fn movable(job: &Job, config: &crate::DispatchConfig) -> bool {
     match &job.openai {
         Some(o) => serde_json::from_str::<serde_json::Value>(&o.body).is_ok_and(|b| {
             let streamed = b.get("stream").and_then(|s| s.as_bool()).unwrap_or(false);
-            let token_ids = b
-                .get("prompt")
-                .and_then(|p| p.as_array())
-                .is_some_and(|items| items.iter().any(|t| t.is_number() || t.is_array()));
-            streamed && !token_ids
+            let one_text = match b.get("prompt") {
+                Some(serde_json::Value::Array(items)) => {
+                    matches!(items.as_slice(), [serde_json::Value::String(_)])
+                }
+                _ => true,
+            };
+            let one_choice = b.get("n").and_then(|n| n.as_u64()).is_none_or(|n| n <= 1);
+            streamed && one_text && one_choice
         }),
         None => true,
     }

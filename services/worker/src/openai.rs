@@ -102,6 +102,13 @@ const CHAT_SHAPING: &[&str] = &[
     "structural_tag",
 ];
 
+/// Whether a chat delta carries output other than content (a tool call, reasoning).
+fn is_shaped(delta: &Value) -> bool {
+    ["tool_calls", "function_call", "reasoning_content", "reasoning"]
+        .iter()
+        .any(|k| delta.get(*k).is_some_and(|x| !x.is_null()))
+}
+
 /// Fields of a chat body that a completion request has no use for: the conversation and what
 /// shaped its template (already in the templated prompt's ids), and chat's own output options.
 const CHAT_ONLY: &[&str] = &[
@@ -177,7 +184,7 @@ fn text_prompt(body: &Map<String, Value>) -> Option<&str> {
 }
 
 /// Asks the engine for the generated tokens' ids where it can give them and a moved stream
-/// could use them: vLLM (`return_token_ids`) for completions and for chats a completion can
+/// could use them (one prompt, one choice): vLLM (`return_token_ids`) for completions and for chats a completion can
 /// continue ([`chat_continues_from_ids`]), SGLang for completions, llama.cpp (one
 /// log-probability a token, which carries its id) for both. Not for answers that are not
 /// streamed (never moved), nor — on vLLM and SGLang — with stop strings or echo: their text
@@ -195,6 +202,11 @@ fn ask_for_token_ids(dialect: Dialect, call: &mut Call) {
         return;
     }
     if !chat && text_prompt(body).is_none() {
+        return;
+    }
+    // Several choices: a move could not continue each from its own point (Dispatch does not
+    // move them), and the ids read are the first choice's only.
+    if body.get("n").and_then(Value::as_u64).is_some_and(|n| n > 1) {
         return;
     }
     call.ids = match dialect {
@@ -803,11 +815,7 @@ impl Reader {
             if let Some(t) = piece {
                 text.push_str(t);
             }
-            shaped = delta.is_some_and(|d| {
-                ["tool_calls", "function_call", "reasoning_content", "reasoning"]
-                    .iter()
-                    .any(|k| d.get(*k).is_some_and(|x| !x.is_null()))
-            });
+            shaped = delta.is_some_and(is_shaped);
             content = !text.is_empty() || shaped;
             if let Some(f) = c.get("finish_reason").and_then(Value::as_str) {
                 self.finish = Some(finish_of(f));
@@ -822,11 +830,21 @@ impl Reader {
         if self.call.continued > 0 && !content && token_ids.is_empty() && is_role_chunk(&v) {
             return Step::Output(None);
         }
-        // Where ids are read, each is a token; otherwise each event with content is one.
+        // Where ids are read, each is a token; otherwise each choice with content is one
+        // (with several choices, `n` or a batch of prompts, an event may carry any of them).
         let tokens = if self.call.ids.is_some() && !self.ids.lost {
             token_ids.len() as u32
         } else {
-            u32::from(content)
+            let choices = v.get("choices").and_then(Value::as_array);
+            let others = choices.into_iter().flatten().skip(1).filter(|c| {
+                let delta = c.get("delta");
+                let piece = c
+                    .get("text")
+                    .or_else(|| delta.and_then(|d| d.get("content")))
+                    .and_then(Value::as_str);
+                piece.is_some_and(|t| !t.is_empty()) || delta.is_some_and(is_shaped)
+            });
+            u32::from(content) + others.count() as u32
         };
         self.counted += tokens;
         let mut events = Vec::new();
@@ -1022,7 +1040,15 @@ impl Reader {
                 self.finish = Some(finish_of(f));
             }
         }
-        let content = !text.is_empty() || shaped;
+        // With several choices (`n`, a batch of prompts), an event may carry any of them.
+        let with_content = parsed
+            .iter()
+            .filter(|c| {
+                let piece = c.text.as_deref().or_else(|| c.delta.as_ref()?.content.as_deref());
+                piece.is_some_and(|t| !t.is_empty())
+                    || c.delta.as_ref().is_some_and(fast::Delta::has_output)
+            })
+            .count() as u32;
         let (token_ids, prompt_token_ids, choices) = match ids {
             Some(((prompt, here), choices)) => {
                 let (token_ids, prompt) = self.take_ids(prompt, &text, shaped, || here);
@@ -1030,11 +1056,11 @@ impl Reader {
             }
             None => (Vec::new(), Vec::new(), None),
         };
-        // Where ids are read, each is a token; otherwise each event with content is one.
+        // Where ids are read, each is a token; otherwise each choice with content is one.
         let tokens = if self.call.ids.is_some() && !self.ids.lost {
             token_ids.len() as u32
         } else {
-            u32::from(content)
+            with_content
         };
         self.counted += tokens;
         if !include_usage && usage.is_some() && parsed.is_empty() {

@@ -295,6 +295,23 @@ impl SimRequest {
                         ));
                     }
                 }
+                // One sequence a request: several choices, or a batch of prompts, are beyond
+                // the simulator backend (`sllm sim-engine` answers them, as vLLM does).
+                if map.get("n").and_then(|n| n.as_u64()).is_some_and(|n| n > 1) {
+                    return Err(Failure::unsupported(
+                        "n",
+                        "the simulator backend answers one choice a request",
+                    ));
+                }
+                let batch = map.get("prompt").and_then(|p| p.as_array()).is_some_and(|items| {
+                    items.len() > 1 && items.iter().any(|i| i.is_string() || i.is_array())
+                });
+                if batch {
+                    return Err(Failure::unsupported(
+                        "prompt",
+                        "the simulator backend answers one prompt a request",
+                    ));
+                }
                 // Content parts other than text (images, audio) are beyond the simulator.
                 let messages = map.get("messages").and_then(|m| m.as_array());
                 for (i, m) in messages.into_iter().flatten().enumerate() {
@@ -878,6 +895,24 @@ mod tests {
         });
         let f = SimRequest::from_job(&j).expect_err("logit_bias");
         assert!(f.message.contains("logit_bias"), "{}", f.message);
+        // One sequence a request: several choices and batches are named, not answered once.
+        for (body, field) in [
+            (r#"{"model": "m", "prompt": "p", "n": 2}"#, "invalid n:"),
+            (r#"{"model": "m", "prompt": ["p", "q"]}"#, "invalid prompt:"),
+            (r#"{"model": "m", "prompt": [[1, 2], [3]]}"#, "invalid prompt:"),
+        ] {
+            j.openai = Some(pb::OpenAiRequest { body: body.into(), ..Default::default() });
+            let f = SimRequest::from_job(&j).expect_err(body);
+            assert!(f.message.starts_with(field), "{body}: {}", f.message);
+        }
+        for body in [
+            r#"{"model": "m", "prompt": "p", "n": 1}"#,
+            r#"{"model": "m", "prompt": ["p"]}"#,
+            r#"{"model": "m", "prompt": [1, 2, 3]}"#,
+        ] {
+            j.openai = Some(pb::OpenAiRequest { body: body.into(), ..Default::default() });
+            assert!(SimRequest::from_job(&j).is_ok(), "{body}");
+        }
         // Temperature 0 is greedy: the same text whatever the seed.
         let mut a = job("i", "p", 4, 1);
         a.params.temperature = Some(0.0);
