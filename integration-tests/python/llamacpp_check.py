@@ -7,6 +7,7 @@ Exits non-zero (with the failed check) on the first mismatch.
 import json
 import sys
 import time
+import urllib.request
 
 import openai
 
@@ -87,6 +88,50 @@ for client in (sllm, direct):
         check(False, "n = 2 is refused by llama.cpp")
     except openai.BadRequestError as e:
         check("'n'" in str(e), f"llama.cpp's own refusal of n = 2: {str(e)[:120]}")
+
+# The Responses API: the engine's answer and its typed events, with the client's model.
+def respond(client, **kw):
+    return client.responses.create(model=model, input="Tell me a story", max_output_tokens=12, temperature=0, **kw)
+
+
+ra_, rb_ = respond(sllm), respond(direct)
+check(ra_.output_text and ra_.output_text == rb_.output_text, "a response's text is the engine's")
+check((ra_.usage.input_tokens, ra_.usage.output_tokens) == (rb_.usage.input_tokens, rb_.usage.output_tokens), "a response's usage is the engine's")
+check(ra_.model == model and ra_.status == rb_.status, "a response's model and status")
+
+
+def events(client):
+    seen, text = [], ""
+    for ev in respond(client, stream=True):
+        seen.append(ev.type)
+        if ev.type == "response.output_text.delta":
+            text += ev.delta
+        if ev.type == "response.completed":
+            usage = ev.response.usage
+    return seen, text, (usage.input_tokens, usage.output_tokens)
+
+
+sa, sb = events(sllm), events(direct)
+check(sa[0] == sb[0] and sa[0][-1] == "response.completed", f"a streamed response's events are the engine's ({len(sa[0])} of them)")
+check(sa[1] == ra_.output_text, "a streamed response's text is the engine's")
+check(sa[2] == sb[2], "a streamed response's usage is the engine's")
+
+
+def named(base):
+    body = {"model": model, "input": "Tell me a story", "max_output_tokens": 12, "temperature": 0, "stream": True}
+    req = urllib.request.Request(base + "/responses", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        lines = [line.decode().rstrip("\r\n") for line in r]
+    return [line for line in lines if line.startswith("event:") or line == "data: [DONE]"]
+
+
+na, nb = named(sllm_base), named(direct_base)
+check(na == nb and "data: [DONE]" not in na, f"each event named as the engine names it, and no [DONE] ({na[-1]})")
+try:
+    sllm.responses.create(model=model, input="hello " * 3000, max_output_tokens=4)
+    check(False, "an over-long input is refused")
+except openai.BadRequestError as e:
+    check("context" in str(e).lower(), f"an over-long input gets the engine's 400: {str(e)[:120]}")
 
 # Log-probabilities come back, as the engine computed them.
 la = chat(sllm, "Hi", max_tokens=4, logprobs=True, top_logprobs=2, **GREEDY)

@@ -67,6 +67,13 @@ try:
 except openai.BadRequestError as e:
     check(e.status_code == 400 and "max_tokens" in str(e), "bad max_tokens gives 400 naming the field")
 
+# The Responses API is an engine's to serve: the simulator backend refuses it, naming it.
+try:
+    client.responses.create(model="m", input="Say hi", max_output_tokens=4)
+    check(False, "the simulator backend refuses /v1/responses")
+except openai.BadRequestError as e:
+    check(e.status_code == 400 and "/v1/responses" in str(e), "the simulator backend refuses /v1/responses, naming it")
+
 # "never" needs more GPUs than any worker has: refused at once, saying why.
 try:
     client.completions.create(model="never", prompt="x", max_tokens=1)

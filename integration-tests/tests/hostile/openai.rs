@@ -42,6 +42,18 @@ fn known(field: &str) -> bool {
 
 const EMBEDDING_FIELDS: &[&str] = &["model", "input", "encoding_format", "dimensions", "user"];
 
+const RESPONSES_FIELDS: &[&str] = &[
+    "model",
+    "input",
+    "instructions",
+    "max_output_tokens",
+    "temperature",
+    "top_p",
+    "stream",
+    "tools",
+    "previous_response_id",
+];
+
 proptest! {
     /// Any embeddings body is refused naming one of its fields (or the body), or accepted;
     /// never a panic.
@@ -57,6 +69,27 @@ proptest! {
                 "{:?} from {}", e, body
             );
         }
+    }
+
+    /// Any Responses API body is refused naming one of its fields (or the body), or accepted;
+    /// never a panic. A well-formed one is accepted.
+    #[test]
+    fn any_responses_body_is_accepted_or_refused_naming_a_field(
+        body in prop_oneof![any::<String>(), object_with(RESPONSES_FIELDS).prop_map(|v| v.to_string())],
+        text in "[a-z ]{1,40}",
+        max in 1..4096u32,
+    ) {
+        if let Err(e) = dispatch::openai::check_responses_body(&body, &config()) {
+            let field = named_field(&e);
+            prop_assert!(
+                field.as_deref().is_some_and(|f| f == "body" || RESPONSES_FIELDS.contains(&f)),
+                "{:?} from {}", e, body
+            );
+        }
+        let good = json!({ "model": "m", "input": text, "max_output_tokens": max, "stream": true });
+        prop_assert!(dispatch::openai::check_responses_body(&good.to_string(), &config()).is_ok());
+        let items = json!({ "model": "m", "input": [{ "role": "user", "content": text }] });
+        prop_assert!(dispatch::openai::check_responses_body(&items.to_string(), &config()).is_ok());
     }
 
     /// Any body — arbitrary text, or an object built from the API's fields with values of

@@ -183,6 +183,7 @@ async fn api_keys_guard_grpc_http_and_the_cli_by_scope() {
     let body = post("/register", Some(ADMIN), register).await;
     assert!(body.ends_with("200") && body.contains("\"ok\""), "{body}");
     assert!(post("/v1/embeddings", None, r#"{"model": "r", "input": "x"}"#).await.ends_with("401"));
+    assert!(post("/v1/responses", None, r#"{"model": "r", "input": "x"}"#).await.ends_with("401"));
     let (_, body, _) = run(
         "curl",
         &[

@@ -1,7 +1,9 @@
 //! The OpenAI-compatible HTTP API on its own port: `GET /v1/models`, `POST /v1/completions`,
 //! `POST /v1/chat/completions`, with and without `stream: true` (server-sent events ending in
-//! `data: [DONE]`), and errors in OpenAI's JSON shape with the matching HTTP status, so the
-//! official `openai` clients work unchanged.
+//! `data: [DONE]`), `POST /v1/responses` (OpenAI's Responses API, relayed to an engine that
+//! serves it: typed events, `event: <type>`, no `[DONE]`), `POST /v1/embeddings`, and errors in
+//! OpenAI's JSON shape with the matching HTTP status, so the official `openai` clients work
+//! unchanged.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -41,13 +43,14 @@ pub fn router(dispatch: Dispatch) -> axum::Router {
         .route("/delete", post(crate::admin::delete))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/responses", post(responses))
         .route("/v1/embeddings", post(embeddings))
         .route("/health", get(|| async { "ok" }))
         .fallback(|| async {
             error_response(&DispatchError::invalid(
                 "path",
                 "no such endpoint; see /v1/models, /v1/completions, /v1/chat/completions, \
-                 /v1/embeddings",
+                 /v1/responses, /v1/embeddings",
             ))
             .with_status(404)
         })
@@ -92,7 +95,7 @@ impl stack::Surface for Http {
 
     fn classify(method: &axum::http::Method, path: &str) -> (Needed, bool) {
         match path {
-            "/v1/completions" | "/v1/chat/completions" | "/v1/embeddings" => {
+            "/v1/completions" | "/v1/chat/completions" | "/v1/responses" | "/v1/embeddings" => {
                 (Needed::Inference, method == axum::http::Method::POST)
             }
             "/v1/models" => (Needed::Read, false),
@@ -272,19 +275,7 @@ fn common(
     endpoint: pb::OpenAiEndpoint,
     answer: &Answer,
 ) -> Result<(CommonBody, Job), DispatchError> {
-    let c = CommonBody::deserialize(body).map_err(|e| {
-        // Name the field: the first one that fails on its own.
-        let field = body.as_object().and_then(|o| {
-            o.iter().find_map(|(k, v)| {
-                let alone = Value::Object([(k.clone(), v.clone())].into_iter().collect());
-                serde_json::from_value::<CommonBody>(alone).is_err().then(|| k.clone())
-            })
-        });
-        match field {
-            Some(f) => DispatchError::invalid(&f, e.to_string()),
-            None => DispatchError::invalid("body", e.to_string()),
-        }
-    })?;
+    let c: CommonBody = read_naming(body)?;
     let model = c
         .model
         .clone()
@@ -318,6 +309,36 @@ fn common(
         pb::OpenAiEndpoint::ChatCompletions => "POST /v1/chat/completions",
         _ => "POST /v1/completions",
     };
+    let mut job = relayed_job(raw, traceparent, endpoint, entry, answer, model, params);
+    job.adapter_name = c.lora_adapter_name.clone();
+    job.choices = c.n.unwrap_or(1);
+    Ok((c, job))
+}
+
+/// Reads `T` from a body, naming the field that is wrong: the first that fails on its own.
+fn read_naming<T: serde::de::DeserializeOwned>(body: &Value) -> Result<T, DispatchError> {
+    T::deserialize(body).map_err(|e| {
+        let field = body.as_object().and_then(|o| {
+            o.iter().find_map(|(k, v)| {
+                let alone = Value::Object([(k.clone(), v.clone())].into_iter().collect());
+                serde_json::from_value::<T>(alone).is_err().then(|| k.clone())
+            })
+        });
+        DispatchError::invalid(field.as_deref().unwrap_or("body"), e.to_string())
+    })
+}
+
+/// The job for a client's OpenAI body, which the engine gets as it was sent (its input, here
+/// only for its size, is set by the caller; so are the adapter and the choices).
+fn relayed_job(
+    raw: &str,
+    traceparent: String,
+    endpoint: pb::OpenAiEndpoint,
+    entry: &'static str,
+    answer: &Answer,
+    model: String,
+    params: pb::SamplingParams,
+) -> Job {
     let openai = pb::OpenAiRequest {
         endpoint: endpoint as i32,
         body: raw.to_string(),
@@ -325,7 +346,7 @@ fn common(
         created: answer.created,
         model: model.clone(),
     };
-    let job = Job {
+    Job {
         id: answer.id.clone(),
         model,
         input: Input::Prompt(String::new()),
@@ -336,11 +357,10 @@ fn common(
         baggage: String::new(),
         entry,
         openai: Some(openai),
-        adapter_name: c.lora_adapter_name.clone(),
+        adapter_name: None,
         adapter: None,
-        choices: c.n.unwrap_or(1),
-    };
-    Ok((c, job))
+        choices: 1,
+    }
 }
 
 /// A `/v1/completions` body as a job.
@@ -455,6 +475,93 @@ fn parse_chat(
     }
     job.input = Input::Chat(chat);
     Ok((c, job))
+}
+
+/// The entry point of a Responses API request, for its span and for the names of the fields
+/// its limits refuse (`max_output_tokens`, `input`).
+pub(crate) const RESPONSES_ENTRY: &str = "POST /v1/responses";
+
+/// What Dispatch reads of a Responses API body: the model, the limits, `stream`; everything
+/// else (instructions, tools, reasoning, `previous_response_id`) is the engine's to read.
+#[derive(Deserialize)]
+struct ResponsesBody {
+    model: Option<String>,
+    max_output_tokens: Option<i64>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    #[serde(default)]
+    stream: bool,
+    input: Option<Value>,
+    /// ServerlessLLM's way to name a LoRA adapter of `model`.
+    lora_adapter_name: Option<String>,
+}
+
+/// A `/v1/responses` body as a job: an engine serves it as it is (its `input` is a text or a
+/// list of items; its size counts against the prompt limit as the JSON it is written in).
+fn parse_responses(
+    raw: &str,
+    traceparent: String,
+    answer: &Answer,
+) -> Result<(CommonBody, Job), DispatchError> {
+    let body = body_json(raw)?;
+    let r: ResponsesBody = read_naming(&body)?;
+    let model = r
+        .model
+        .clone()
+        .filter(|m| !m.is_empty())
+        .ok_or_else(|| DispatchError::invalid("model", "is required"))?;
+    let size = match &r.input {
+        Some(Value::String(t)) if !t.is_empty() => t.len(),
+        Some(Value::Array(items)) if !items.is_empty() => {
+            body.get("input").map(|i| i.to_string().len()).unwrap_or_default()
+        }
+        Some(Value::String(_) | Value::Array(_)) => {
+            return Err(DispatchError::invalid("input", "must not be empty"));
+        }
+        Some(_) => {
+            return Err(DispatchError::invalid("input", "must be a string or a list of items"));
+        }
+        None => return Err(DispatchError::invalid("input", "is required")),
+    };
+    let max = r.max_output_tokens.unwrap_or(0);
+    let max_tokens = u32::try_from(max).map_err(|_| {
+        DispatchError::invalid("max_output_tokens", format!("{max} is not a token count"))
+    })?;
+    let params = pb::SamplingParams {
+        max_tokens,
+        temperature: r.temperature,
+        top_p: r.top_p,
+        ..Default::default()
+    };
+    let responses = pb::OpenAiEndpoint::Responses;
+    let mut job =
+        relayed_job(raw, traceparent, responses, RESPONSES_ENTRY, answer, model.clone(), params);
+    job.input = Input::Prompt(" ".repeat(size));
+    job.adapter_name = r.lora_adapter_name.clone();
+    let c = CommonBody {
+        model: Some(model),
+        max_tokens: None,
+        max_completion_tokens: None,
+        temperature: r.temperature,
+        top_p: r.top_p,
+        stop: None,
+        seed: None,
+        n: None,
+        stream: r.stream,
+        stream_options: None,
+        lora_adapter_name: r.lora_adapter_name,
+    };
+    Ok((c, job))
+}
+
+/// Checks a `/v1/responses` body as the API would under `config`'s limits, without serving
+/// it: for property tests and fuzzing. A refusal names the offending field.
+pub fn check_responses_body(
+    raw: &str,
+    config: &crate::DispatchConfig,
+) -> Result<(), DispatchError> {
+    let (_, mut job) = parse_responses(raw, String::new(), &Answer::new("resp"))?;
+    crate::request::validate(&mut job, config)
 }
 
 /// Checks an OpenAI request body as the API would (`chat`: a chat completion, else a
@@ -589,6 +696,46 @@ async fn chat_completions(State(d): State<Dispatch>, headers: HeaderMap, raw: St
                     Err(e) => error_response(&e),
                 }
             }
+        }
+    }
+}
+
+/// `POST /v1/responses`: OpenAI's Responses API, for engines that serve it (vLLM, SGLang,
+/// llama.cpp's server). The engine's answer comes back as it wrote it, with the client's
+/// `model`: a JSON body, or its typed events, each named by its `type` (`event:
+/// response.output_text.delta`), ending with the engine's last event (no `[DONE]`).
+async fn responses(State(d): State<Dispatch>, headers: HeaderMap, raw: String) -> Response {
+    let answer = Answer::new("resp");
+    match accept(&d, &headers, &raw, parse_responses, &answer).await {
+        Err(r) => r,
+        Ok((c, _, events)) if c.stream => sse_named(events, responses_event).await,
+        Ok((_, _, events)) => match collect(events).await {
+            Ok(Collected::Relayed(body)) => json_body(body),
+            Ok(Collected::Text(..)) => error_response(&DispatchError::Unavailable(
+                "the backend answered with text, not a response".into(),
+            )),
+            Err(e) => error_response(&e),
+        },
+    }
+}
+
+/// A Responses API stream's events for one item: the engine's own, as they are; an error as
+/// the API's `error` event (the engine's, when it sent one).
+fn responses_event(item: Result<Event, DispatchError>) -> Vec<String> {
+    match item {
+        Ok(Event::Chunk { events, .. }) => events,
+        Ok(Event::Finished { .. } | Event::Progress(_) | Event::Started) => vec![],
+        Err(e) => {
+            if let DispatchError::Engine { body, .. } = &e
+                && serde_json::from_str::<Value>(body)
+                    .is_ok_and(|v| v.get("type").and_then(Value::as_str) == Some("error"))
+            {
+                return vec![body.clone()];
+            }
+            let error = error_json(&e);
+            let mut out = error["error"].clone();
+            out["type"] = json!("error");
+            vec![out.to_string()]
         }
     }
 }
@@ -776,7 +923,23 @@ pub(crate) async fn collect(mut events: Events) -> Result<Collected, DispatchErr
 /// event — the engine's acceptance, when its answer's head came back, as a gateway in front of
 /// it would answer — so a request that fails before that (the engine refused it, no instance
 /// came up in time) gets its error status, as from the engine itself.
-async fn sse<F>(mut events: Events, mut render: F) -> Response
+async fn sse<F>(events: Events, render: F) -> Response
+where
+    F: FnMut(Result<Event, DispatchError>) -> Vec<String> + Send + 'static,
+{
+    stream_events(events, render, false).await
+}
+
+/// [`sse`] for a stream of typed events (the Responses API's): each payload goes out named by
+/// its `type` (`event: <type>`), and the stream ends with its last event, not `[DONE]`.
+async fn sse_named<F>(events: Events, render: F) -> Response
+where
+    F: FnMut(Result<Event, DispatchError>) -> Vec<String> + Send + 'static,
+{
+    stream_events(events, render, true).await
+}
+
+async fn stream_events<F>(mut events: Events, mut render: F, named: bool) -> Response
 where
     F: FnMut(Result<Event, DispatchError>) -> Vec<String> + Send + 'static,
 {
@@ -784,25 +947,27 @@ where
         Some(Err(e)) => return error_response(&e),
         first => first,
     };
-    let frames = futures::stream::iter(first)
-        .chain(events)
-        .filter_map(move |item| {
-            let payloads = render(item);
-            let frame = (!payloads.is_empty()).then(|| {
-                let mut out = bytes::BytesMut::new();
-                for p in &payloads {
+    let frames = futures::stream::iter(first).chain(events).filter_map(move |item| {
+        let payloads = render(item);
+        let frame = (!payloads.is_empty()).then(|| {
+            let mut out = bytes::BytesMut::new();
+            for p in &payloads {
+                if named {
+                    crate::sse::push_named_event(&mut out, p);
+                } else {
                     crate::sse::push_event(&mut out, p);
                 }
-                out.freeze()
-            });
-            std::future::ready(frame)
-        })
-        .chain(futures::stream::once(async {
-            let mut out = bytes::BytesMut::new();
-            crate::sse::push_event(&mut out, crate::sse::DONE);
+            }
             out.freeze()
-        }));
-    crate::sse::response(Box::pin(frames), Duration::from_secs(15))
+        });
+        std::future::ready(frame)
+    });
+    let done = futures::stream::iter((!named).then(|| {
+        let mut out = bytes::BytesMut::new();
+        crate::sse::push_event(&mut out, crate::sse::DONE);
+        out.freeze()
+    }));
+    crate::sse::response(Box::pin(frames.chain(done)), Duration::from_secs(15))
 }
 
 /// An error inside a stream: the engine's own error event when it sent one, else OpenAI's shape.

@@ -172,8 +172,13 @@ impl Dispatch {
     /// Validates and admits a request. Errors that need no waiting (bad input, unknown model,
     /// full queue) come back here, before any output; the rest arrive on the stream.
     pub async fn submit(&self, job: Job) -> Result<Events, DispatchError> {
-        let operation =
-            if matches!(job.input, Input::Chat(_)) { "chat" } else { "text_completion" };
+        // The GenAI conventions' names: a Responses API request is a chat.
+        let operation = match job.entry {
+            "POST /v1/embeddings" | "sllm.v1.Dispatch/Embed" => "embeddings",
+            crate::openai::RESPONSES_ENTRY => "chat",
+            _ if matches!(job.input, Input::Chat(_)) => "chat",
+            _ => "text_completion",
+        };
         // Sampled out (or no exporter): no span at all, and none below it. The request path's
         // spans are recorded directly, not through `tracing`: a fifth of the cost.
         let mut span = Span::request(job.entry, Kind::Server, &job.traceparent);
@@ -455,9 +460,11 @@ pub(crate) fn validate(job: &mut Job, config: &crate::DispatchConfig) -> Result<
             c.messages.iter().map(|m| m.content.len()).sum()
         }
     };
+    // The Responses API names its prompt and its limit its own way.
+    let responses = job.entry == crate::openai::RESPONSES_ENTRY;
     if size > config.max_prompt_bytes {
         return Err(DispatchError::invalid(
-            "prompt",
+            if responses { "input" } else { "prompt" },
             format!("{size} bytes is more than the limit of {}", config.max_prompt_bytes),
         ));
     }
@@ -467,7 +474,7 @@ pub(crate) fn validate(job: &mut Job, config: &crate::DispatchConfig) -> Result<
     }
     if p.max_tokens > config.max_tokens_limit {
         return Err(DispatchError::invalid(
-            "max_tokens",
+            if responses { "max_output_tokens" } else { "max_tokens" },
             format!("{} is more than the limit of {}", p.max_tokens, config.max_tokens_limit),
         ));
     }
@@ -1079,6 +1086,8 @@ fn movable(job: &Job, config: &crate::DispatchConfig) -> bool {
         return false;
     }
     match &job.openai {
+        // A Responses API stream's typed events describe one response from its start.
+        Some(o) if o.endpoint == pb::OpenAiEndpoint::Responses as i32 => false,
         Some(o) => serde_json::from_str::<serde_json::Value>(&o.body).is_ok_and(|b| {
             let streamed = b.get("stream").and_then(|s| s.as_bool()).unwrap_or(false);
             let one_text = match b.get("prompt") {

@@ -46,6 +46,24 @@ pub(crate) fn push_event(out: &mut BytesMut, payload: &str) {
     out.put_u8(b'\n');
 }
 
+/// Appends `payload`, a JSON object, as one event named by its `type` field (`event: <type>`,
+/// as the Responses API's typed events are sent); one without a `type` goes unnamed.
+pub(crate) fn push_named_event(out: &mut BytesMut, payload: &str) {
+    #[derive(serde::Deserialize)]
+    struct Typed<'a> {
+        #[serde(borrow, rename = "type")]
+        kind: Option<std::borrow::Cow<'a, str>>,
+    }
+    let kind = serde_json::from_str::<Typed<'_>>(payload).ok().and_then(|t| t.kind);
+    // A name holds no line break (SSE could not carry it).
+    if let Some(kind) = kind.filter(|k| memchr::memchr2(b'\n', b'\r', k.as_bytes()).is_none()) {
+        out.put_slice(b"event: ");
+        out.put_slice(kind.as_bytes());
+        out.put_u8(b'\n');
+    }
+    push_event(out, payload);
+}
+
 /// A response streaming `frames` (each already framed by [`push_event`]) as `text/event-stream`,
 /// with a keep-alive comment after every `keep_alive` without a frame.
 pub(crate) fn response<S>(frames: S, keep_alive: Duration) -> Response

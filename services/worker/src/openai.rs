@@ -265,6 +265,10 @@ pub struct Relay {
     pub model: String,
     /// The client asked for a usage event (`stream_options.include_usage`).
     pub include_usage: bool,
+    /// An answer of the Responses API: typed events ended by the engine's last
+    /// (`response.completed`, `.incomplete` or `.failed`), or one body, with `model` set in its
+    /// response object; its ids and `created_at` stay the engine's.
+    pub responses: bool,
 }
 
 fn invalid(field: &str, why: impl std::fmt::Display) -> Failure {
@@ -444,43 +448,41 @@ fn relayed(
     // ServerlessLLM's adapter field is sllm's to read (it became the job's adapter); no engine
     // knows it.
     body.remove("lora_adapter_name");
-    if o.endpoint == pb::OpenAiEndpoint::Embeddings as i32 {
-        // One JSON answer, no tokens to bound.
-        return Ok(Call {
-            path: "/v1/embeddings",
-            body: Value::Object(body),
-            stream: false,
-            relay: Some(Relay {
-                id: o.response_id.clone(),
-                created: o.created,
-                model: o.model.clone(),
-                include_usage: false,
-            }),
-            logprobs: false,
-            max_tokens: job.params.max_tokens,
-            continued: 0,
-            ids: None,
-            as_chat: false,
-            dialect,
-        });
-    }
-    if !body.contains_key("max_tokens") && !body.contains_key("max_completion_tokens") {
-        body.insert("max_tokens".into(), json!(job.params.max_tokens));
-    }
+    let endpoint = pb::OpenAiEndpoint::try_from(o.endpoint).ok();
     let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
-    let mut include_usage = false;
-    if stream {
-        // The engine always reports usage (sllm counts tokens from it); the client sees the
-        // usage event only if it asked for one.
-        let options = body.entry("stream_options").or_insert_with(|| json!({}));
-        if let Some(options) = options.as_object_mut() {
-            include_usage = options.get("include_usage").and_then(Value::as_bool).unwrap_or(false);
-            options.insert("include_usage".into(), Value::Bool(true));
+    // (path, streamed, the client asked for usage, a Responses API answer)
+    let (path, stream, include_usage, responses) = match endpoint {
+        // One JSON answer, no tokens to bound.
+        Some(pb::OpenAiEndpoint::Embeddings) => ("/v1/embeddings", false, false, false),
+        // Usage always comes in the engine's last event; no ids are asked for (a Responses
+        // stream never moves).
+        Some(pb::OpenAiEndpoint::Responses) => {
+            body.entry("max_output_tokens").or_insert_with(|| json!(job.params.max_tokens));
+            ("/v1/responses", stream, true, true)
         }
-    }
-    let path = match pb::OpenAiEndpoint::try_from(o.endpoint) {
-        Ok(pb::OpenAiEndpoint::ChatCompletions) => "/v1/chat/completions",
-        _ => "/v1/completions",
+        _ => {
+            if !body.contains_key("max_tokens") && !body.contains_key("max_completion_tokens") {
+                body.insert("max_tokens".into(), json!(job.params.max_tokens));
+            }
+            let mut include_usage = false;
+            if stream {
+                // The engine always reports usage (sllm counts tokens from it); the client sees
+                // the usage event only if it asked for one.
+                let options = body.entry("stream_options").or_insert_with(|| json!({}));
+                if let Some(options) = options.as_object_mut() {
+                    include_usage =
+                        options.get("include_usage").and_then(Value::as_bool).unwrap_or(false);
+                    options.insert("include_usage".into(), Value::Bool(true));
+                }
+            }
+            let chat = endpoint == Some(pb::OpenAiEndpoint::ChatCompletions);
+            (
+                if chat { "/v1/chat/completions" } else { "/v1/completions" },
+                stream,
+                include_usage,
+                false,
+            )
+        }
     };
     Ok(Call {
         path,
@@ -491,6 +493,7 @@ fn relayed(
             created: o.created,
             model: o.model.clone(),
             include_usage,
+            responses,
         }),
         logprobs: false,
         max_tokens: job.params.max_tokens,
@@ -611,6 +614,24 @@ pub fn error_message(body: &str) -> String {
 }
 
 /// Whether an event or body is an error report rather than an answer.
+/// An event that is not JSON: the engine's fault.
+fn not_json(e: &serde_json::Error, data: &str) -> Step {
+    Step::Failed(Failure::new(
+        FailureKind::Engine,
+        format!("the engine sent an event that is not JSON ({e}): {data:.200}"),
+    ))
+}
+
+/// The engine's own error report inside a stream, passed on as it wrote it.
+fn reported(data: &str) -> Step {
+    Step::Failed(Failure {
+        kind: FailureKind::Engine,
+        message: format!("the engine reported an error: {}", error_message(data)),
+        http_status: 0,
+        body: data.to_string(),
+    })
+}
+
 fn is_error(v: &Value) -> bool {
     v.get("error").is_some_and(|e| !e.is_null())
         || v.get("object").and_then(Value::as_str) == Some("error")
@@ -648,6 +669,8 @@ pub struct Reader {
     ids: IdsRead,
     /// `id`, `model` and `created` of a relayed answer, as JSON values, written once.
     stamps: (String, String, String),
+    /// A Responses API stream's last event was read: its end is the end of the stream.
+    ended: bool,
 }
 
 /// What the reader knows of the generated tokens' ids so far.
@@ -706,7 +729,14 @@ impl Reader {
             finish: None,
             ids,
             stamps,
+            ended: false,
         }
+    }
+
+    /// The end of a stream that ends without `[DONE]` — a Responses API stream, once its last
+    /// event was read — when the engine closes it; None if it is not over.
+    pub fn finished(&self) -> Option<Output> {
+        self.ended.then(|| self.done())
     }
 
     /// Tokens passed on so far.
@@ -743,20 +773,28 @@ impl Reader {
             }
         }
         if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
-            if let Some(n) = u.get("prompt_tokens").and_then(Value::as_u64) {
-                self.prompt_tokens = n as u32;
-            }
-            if let Some(n) = u.get("completion_tokens").and_then(Value::as_u64) {
-                self.completion_tokens = Some(n as u32);
-            }
+            self.read_usage(u);
+        }
+    }
+
+    /// Takes the counts of a `usage` object: the chat and completions APIs' names, or the
+    /// Responses API's (`input_tokens`, `output_tokens`).
+    fn read_usage(&mut self, u: &Value) {
+        let count = |a: &str, b: &str| u.get(a).or_else(|| u.get(b)).and_then(Value::as_u64);
+        if let Some(n) = count("prompt_tokens", "input_tokens") {
+            self.prompt_tokens = n as u32;
+        }
+        if let Some(n) = count("completion_tokens", "output_tokens") {
+            self.completion_tokens = Some(n as u32);
         }
     }
 
     /// Sets sllm's `id`, `model` and `created` on an answer for an OpenAI client (an
-    /// embeddings list has no `id` or `created`: only its `model`).
+    /// embeddings list has no `id` or `created`, and a Responses API answer keeps its own:
+    /// only its `model`).
     fn stamp(relay: &Relay, v: &mut Value) {
         if let Some(m) = v.as_object_mut() {
-            if m.get("object").and_then(Value::as_str) != Some("list") {
+            if !matches!(m.get("object").and_then(Value::as_str), Some("list" | "response")) {
                 m.insert("id".into(), json!(relay.id));
                 m.insert("created".into(), json!(relay.created));
             }
@@ -773,31 +811,67 @@ impl Reader {
         if data.is_empty() {
             return Step::Output(None);
         }
+        if self.call.relay.as_ref().is_some_and(|r| r.responses) {
+            return self.responses_event(data);
+        }
         match self.relay_event(data) {
             Some(step) => step,
             None => self.tree_event(data),
         }
     }
 
+    /// Reads one event of a Responses API stream: passed on as the engine wrote it, with the
+    /// client's `model` in its response object where it has one. Each delta with content (of
+    /// text, reasoning, a function call's arguments) counts as a token; the last event
+    /// (`response.completed`, `.incomplete`, `.failed`) carries the usage and ends the stream.
+    fn responses_event(&mut self, data: &str) -> Step {
+        let mut v: Value = match serde_json::from_str(data) {
+            Ok(v) => v,
+            Err(e) => return not_json(&e, data),
+        };
+        let kind = v.get("type").and_then(Value::as_str).unwrap_or_default();
+        if kind == "error" || is_error(&v) {
+            return reported(data);
+        }
+        let delta = v.get("delta").and_then(Value::as_str).filter(|d| !d.is_empty());
+        let text = match (kind, delta) {
+            ("response.output_text.delta", Some(d)) => d.to_string(),
+            _ => String::new(),
+        };
+        let tokens = u32::from(kind.ends_with(".delta") && delta.is_some());
+        if matches!(kind, "response.completed" | "response.incomplete" | "response.failed") {
+            self.ended = true;
+            // Incomplete: it ran into max_output_tokens (or the context).
+            let incomplete = kind == "response.incomplete";
+            self.finish = Some(if incomplete { Finish::Length } else { Finish::Stop });
+            if let Some(u) = v.get("response").and_then(|r| r.get("usage")).cloned() {
+                self.read_usage(&u);
+            }
+        }
+        self.counted += tokens;
+        if let Some(relay) = &self.call.relay
+            && let Some(model) = v.get_mut("response").and_then(|r| r.get_mut("model"))
+        {
+            *model = json!(relay.model);
+        }
+        Step::Output(Some(Output::Text {
+            text,
+            tokens,
+            events: vec![v.to_string()],
+            logprobs: Vec::new(),
+            token_ids: Vec::new(),
+            prompt_token_ids: Vec::new(),
+        }))
+    }
+
     /// Reads an event by way of a JSON tree: any event [`Reader::relay_event`] does not.
     fn tree_event(&mut self, data: &str) -> Step {
         let mut v: Value = match serde_json::from_str(data) {
             Ok(v) => v,
-            Err(e) => {
-                return Step::Failed(Failure::new(
-                    FailureKind::Engine,
-                    format!("the engine sent an event that is not JSON ({e}): {data:.200}"),
-                ));
-            }
+            Err(e) => return not_json(&e, data),
         };
         if is_error(&v) {
-            let message = error_message(data);
-            return Step::Failed(Failure {
-                kind: FailureKind::Engine,
-                message: format!("the engine reported an error: {message}"),
-                http_status: 0,
-                body: data.to_string(),
-            });
+            return reported(data);
         }
         self.take_usage(&mut v);
         let choice = v.get("choices").and_then(|c| c.get(0));
@@ -1176,7 +1250,8 @@ impl Reader {
                 "error" if v.get() != "null" => return None,
                 "object" => match v.get() {
                     "\"error\"" => return None,
-                    "\"list\"" => list = true,
+                    // An embeddings list, or a Responses API answer (which keeps its own id).
+                    "\"list\"" | "\"response\"" => list = true,
                     _ => {}
                 },
                 "choices" => choices = Some(*v),
@@ -1612,7 +1687,11 @@ mod fast {
 
     #[derive(Deserialize)]
     pub(super) struct Usage {
+        /// The Responses API's `input_tokens`, too.
+        #[serde(alias = "input_tokens")]
         pub(super) prompt_tokens: Option<u64>,
+        /// The Responses API's `output_tokens`, too.
+        #[serde(alias = "output_tokens")]
         pub(super) completion_tokens: Option<u64>,
     }
 }
@@ -1666,6 +1745,11 @@ where
                 ));
             }
             Ok(None) => {
+                // A stream that ends with its last event, not `[DONE]` (the Responses API's).
+                if let Some(done) = reader.finished() {
+                    let _ = tx.send(done).await;
+                    return Ok(());
+                }
                 return Err(Failure::unavailable(format!(
                     "the engine ended the stream after {} tokens without finishing",
                     reader.tokens()
@@ -1814,6 +1898,36 @@ mod tests {
         assert_eq!(http_failure(429, "{}".into()).kind, FailureKind::Unavailable);
         assert_eq!(error_message(r#"{"object":"error","message":"bad","code":400}"#), "bad");
         assert_eq!(error_message(r#"{"detail":"Not Found"}"#), "Not Found");
+    }
+
+    #[test]
+    fn a_response_keeps_its_own_id_and_gets_the_clients_model() {
+        // llama.cpp's server's answer to a Responses API request (0.3.36).
+        let answer = r#"{"completed_at":1796686803,"created_at":1796686803,"id":"resp_ErzzAxsmrq49t2gZ5QDHpNy1kWyHzG1A","model":"tiny","object":"response","output":[{"content":[{"type":"output_text","annotations":[],"logprobs":[],"text":"avelpress negoti"}],"id":"msg_gs0QfEOru5W2kKD68cm54uEcfqjrcKol","role":"assistant","status":"completed","type":"message"}],"status":"completed","usage":{"input_tokens":11,"output_tokens":3,"total_tokens":14,"input_tokens_details":{"cached_tokens":0}}}"#;
+        let body = json!({"model": "m", "input": "hi", "max_output_tokens": 3});
+        let c = call(Dialect::Llamacpp, "tiny", &relayed_job(pb::OpenAiEndpoint::Responses, body))
+            .unwrap();
+        assert_eq!((c.path, c.stream), ("/v1/responses", false));
+        assert_eq!(c.body["max_output_tokens"], 3, "the client's own limit");
+        let (out, done) = Reader::new(c.clone()).body(answer).unwrap();
+        let Output::Text { events, tokens, .. } = out else { panic!("{out:?}") };
+        let v: Value = serde_json::from_str(&events[0]).unwrap();
+        let mut expected: Value = serde_json::from_str(answer).unwrap();
+        expected["model"] = json!("m:vllm");
+        assert_eq!(v, expected, "the engine's id, no `created`: only the model is sllm's");
+        assert_eq!(tokens, 3);
+        assert_eq!(
+            done,
+            Output::Done { finish: Finish::Stop, prompt_tokens: 11, completion_tokens: 3 }
+        );
+        // The same read as a tree (the way for answers the borrowed reading cannot take).
+        let mut r = Reader::new(c);
+        let (out, _) = r.tree_body(answer).unwrap();
+        let Output::Text { events, .. } = out else { panic!("{out:?}") };
+        let v: Value = serde_json::from_str(&events[0]).unwrap();
+        assert_eq!(v["id"], "resp_ErzzAxsmrq49t2gZ5QDHpNy1kWyHzG1A");
+        assert_eq!(v["model"], "m:vllm");
+        assert!(v.get("created").is_none(), "{v}");
     }
 
     #[test]

@@ -282,6 +282,13 @@ impl SimRequest {
     pub fn from_job(job: &Job) -> Result<SimRequest, Failure> {
         let p = &job.params;
         if let Some(body) = &job.openai {
+            if body.endpoint == pb::OpenAiEndpoint::Responses as i32 {
+                return Err(Failure::unsupported(
+                    "path",
+                    "the simulator backend does not serve /v1/responses (an engine backend \
+                     that serves it does: vLLM, SGLang, llama.cpp)",
+                ));
+            }
             let v: serde_json::Value = serde_json::from_str(&body.body)
                 .map_err(|e| Failure::unsupported("body", format!("not JSON: {e}")))?;
             if let Some(map) = v.as_object() {
@@ -905,6 +912,13 @@ mod tests {
             let f = SimRequest::from_job(&j).expect_err(body);
             assert!(f.message.starts_with(field), "{body}: {}", f.message);
         }
+        j.openai = Some(pb::OpenAiRequest {
+            endpoint: pb::OpenAiEndpoint::Responses as i32,
+            body: r#"{"model": "m", "input": "p"}"#.into(),
+            ..Default::default()
+        });
+        let f = SimRequest::from_job(&j).expect_err("responses");
+        assert!(f.message.starts_with("invalid path:"), "{}", f.message);
         for body in [
             r#"{"model": "m", "prompt": "p", "n": 1}"#,
             r#"{"model": "m", "prompt": ["p"]}"#,

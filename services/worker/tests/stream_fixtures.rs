@@ -109,15 +109,20 @@ struct Got {
     result: Option<Result<(), Failure>>,
 }
 
+/// Five seconds for every event: the streams here come at once.
+fn limits() -> StreamLimits {
+    StreamLimits {
+        first_event: Duration::from_secs(5),
+        first_event_limit: Duration::from_secs(5),
+        idle: Duration::from_secs(5),
+    }
+}
+
 async fn read(frames: Vec<Vec<u8>>, relay: bool, chat: bool) -> Got {
     let call = openai::call(Dialect::Vllm, "m", &job(relay, chat)).unwrap();
     let reader = Reader::new(call);
     let (tx, mut rx) = mpsc::channel(4096);
-    let limits = StreamLimits {
-        first_event: Duration::from_secs(5),
-        first_event_limit: Duration::from_secs(5),
-        idle: Duration::from_secs(5),
-    };
+    let limits = limits();
     let stream = futures::stream::iter(frames.into_iter().map(Ok::<_, std::convert::Infallible>));
     let result = openai::relay_stream(stream, reader, limits, &tx).await;
     drop(tx);
@@ -215,4 +220,100 @@ fn recorded_http_errors_are_the_clients_with_the_engines_message() {
         errors += 1;
     }
     assert!(errors >= 2, "the fixtures are there ({errors} errors)");
+}
+
+/// A Responses API stream as llama.cpp's server (0.3.36, the tiny test model) wrote it,
+/// captured with curl (`tests/responses/`): typed events, `event:` lines, no `[DONE]`. Cut into
+/// frames at every byte, it comes out as the engine's events, each one as it was but for the
+/// client's `model` in a response object, its deltas as text, and its end once the engine's
+/// last event is read and the stream closes.
+#[tokio::test]
+async fn a_responses_stream_ends_with_the_engines_last_event() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/responses/llamacpp-0.3.36.sse");
+    let raw = std::fs::read(&path).unwrap();
+    let text = String::from_utf8(raw.clone()).unwrap();
+    let data: Vec<Value> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let deltas: String = data
+        .iter()
+        .filter(|v| v["type"] == "response.output_text.delta")
+        .filter_map(|v| v["delta"].as_str())
+        .collect();
+    let usage = &data.last().unwrap()["response"]["usage"];
+    assert_eq!(data.last().unwrap()["type"], "response.completed");
+    let job = Job {
+        instance_id: "i".into(),
+        input: Input::Prompt(String::new()),
+        params: pb::SamplingParams { max_tokens: 64, ..Default::default() },
+        openai: Some(pb::OpenAiRequest {
+            endpoint: pb::OpenAiEndpoint::Responses as i32,
+            body: json!({"model": "client-name", "input": "Tell me a story", "stream": true})
+                .to_string(),
+            response_id: "resp-sllm".into(),
+            created: 7,
+            model: "client-name".into(),
+        }),
+        traceparent: String::new(),
+        adapter: None,
+        baggage: String::new(),
+        continuation: None,
+    };
+    let c = openai::call(Dialect::Llamacpp, "tiny", &job).unwrap();
+    assert_eq!(c.path, "/v1/responses");
+    assert_eq!(c.body["model"], "tiny");
+    assert_eq!(c.body["max_output_tokens"], 64, "Dispatch's limit, when the client set none");
+    assert!(c.body.get("stream_options").is_none() && c.body.get("max_tokens").is_none());
+    for cut in [1, 7, 64, raw.len()] {
+        let frames: Vec<Vec<u8>> = raw.chunks(cut).map(<[u8]>::to_vec).collect();
+        let (tx, mut rx) = mpsc::channel(4096);
+        let limits = limits();
+        let stream =
+            futures::stream::iter(frames.into_iter().map(Ok::<_, std::convert::Infallible>));
+        let result = openai::relay_stream(stream, Reader::new(c.clone()), limits, &tx).await;
+        drop(tx);
+        assert!(result.is_ok(), "cut {cut}: {result:?}");
+        let (mut got, mut events, mut tokens, mut done) = (String::new(), Vec::new(), 0, None);
+        while let Some(o) = rx.recv().await {
+            match o {
+                Output::Text { text, events: e, tokens: t, .. } => {
+                    got.push_str(&text);
+                    events.extend(e);
+                    tokens += t;
+                }
+                d @ Output::Done { .. } => done = Some(d),
+                other => panic!("cut {cut}: {other:?}"),
+            }
+        }
+        assert_eq!(got, deltas, "cut {cut}");
+        assert_eq!(tokens, 4, "cut {cut}: one a delta");
+        assert_eq!(
+            done,
+            Some(Output::Done {
+                finish: worker::Finish::Stop,
+                prompt_tokens: usage["input_tokens"].as_u64().unwrap() as u32,
+                completion_tokens: usage["output_tokens"].as_u64().unwrap() as u32,
+            }),
+            "cut {cut}"
+        );
+        let relayed: Vec<Value> = events.iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+        assert_eq!(relayed.len(), data.len(), "cut {cut}: every event");
+        for (mut engine, ours) in data.iter().cloned().zip(&relayed) {
+            if let Some(m) = engine.get_mut("response").and_then(|r| r.get_mut("model")) {
+                *m = json!("client-name");
+            }
+            assert_eq!(&engine, ours, "cut {cut}: as the engine wrote it but for its model");
+        }
+        assert_eq!(relayed.last().unwrap()["response"]["model"], "client-name");
+    }
+
+    // Without its last event, the stream did not finish.
+    let cut = text.rfind("event: response.completed").unwrap();
+    let (tx, _rx) = mpsc::channel(4096);
+    let limits = limits();
+    let stream = futures::stream::iter([Ok::<_, std::convert::Infallible>(raw[..cut].to_vec())]);
+    let err = openai::relay_stream(stream, Reader::new(c), limits, &tx).await.unwrap_err();
+    assert!(err.message.contains("without finishing"), "{err:?}");
 }

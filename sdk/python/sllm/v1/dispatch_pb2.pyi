@@ -20,6 +20,7 @@ class OpenAiEndpoint(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     OPEN_AI_ENDPOINT_COMPLETIONS: _ClassVar[OpenAiEndpoint]
     OPEN_AI_ENDPOINT_CHAT_COMPLETIONS: _ClassVar[OpenAiEndpoint]
     OPEN_AI_ENDPOINT_EMBEDDINGS: _ClassVar[OpenAiEndpoint]
+    OPEN_AI_ENDPOINT_RESPONSES: _ClassVar[OpenAiEndpoint]
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
@@ -28,6 +29,7 @@ OPEN_AI_ENDPOINT_UNSPECIFIED: OpenAiEndpoint
 OPEN_AI_ENDPOINT_COMPLETIONS: OpenAiEndpoint
 OPEN_AI_ENDPOINT_CHAT_COMPLETIONS: OpenAiEndpoint
 OPEN_AI_ENDPOINT_EMBEDDINGS: OpenAiEndpoint
+OPEN_AI_ENDPOINT_RESPONSES: OpenAiEndpoint
 
 class EmbedRequest(_message.Message):
     __slots__ = ("model", "input", "dimensions", "timeout_ms")
