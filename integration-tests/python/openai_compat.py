@@ -67,12 +67,31 @@ try:
 except openai.BadRequestError as e:
     check(e.status_code == 400 and "max_tokens" in str(e), "bad max_tokens gives 400 naming the field")
 
-# The Responses API is an engine's to serve: the simulator backend refuses it, naming it.
+# The Responses API over a backend that answers with text: Dispatch writes the response.
+greedy = {"model": "m", "instructions": "be brief", "max_output_tokens": 8, "temperature": 0}
+r = client.responses.create(input="Say hi", **greedy)
+check(r.object == "response" and r.id.startswith("resp_") and r.model == "m", "a response, with its id and model")
+check(r.output_text and r.usage.output_tokens == 8 and r.usage.total_tokens == r.usage.input_tokens + 8, "its text and usage")
+check(r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens", "stopped by max_output_tokens: incomplete, saying why")
+items = client.responses.create(input=[{"role": "user", "content": [{"type": "input_text", "text": "Say hi"}]}], **greedy)
+check(items.output_text == r.output_text, "input as messages: the same conversation, the same text")
+kinds, numbers, text = [], [], ""
+for ev in client.responses.create(input="Say hi", stream=True, **greedy):
+    kinds.append(ev.type)
+    numbers.append(ev.sequence_number)
+    if ev.type == "response.output_text.delta":
+        text += ev.delta
+    last = ev
+check(kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added", "response.content_part.added"], "a stream opens as OpenAI's does")
+check(kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done", "response.incomplete"], "and ends as OpenAI's does")
+check(numbers == list(range(len(numbers))), "every event numbered in order")
+check(text == r.output_text and last.response.output[0].content[0].text == text, "the streamed text is the answer's")
+check(last.response.usage.output_tokens == 8, "the last event carries the usage")
 try:
-    client.responses.create(model="m", input="Say hi", max_output_tokens=4)
-    check(False, "the simulator backend refuses /v1/responses")
+    client.responses.create(input="x", tools=[{"type": "web_search"}], model="m")
+    check(False, "a tool the simulator cannot run is refused")
 except openai.BadRequestError as e:
-    check(e.status_code == 400 and "/v1/responses" in str(e), "the simulator backend refuses /v1/responses, naming it")
+    check(e.status_code == 400 and "tools" in str(e), "a field the simulator cannot honour is refused, naming it")
 
 # "never" needs more GPUs than any worker has: refused at once, saying why.
 try:

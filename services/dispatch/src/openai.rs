@@ -1,7 +1,8 @@
 //! The OpenAI-compatible HTTP API on its own port: `GET /v1/models`, `POST /v1/completions`,
 //! `POST /v1/chat/completions`, with and without `stream: true` (server-sent events ending in
-//! `data: [DONE]`), `POST /v1/responses` (OpenAI's Responses API, relayed to an engine that
-//! serves it: typed events, `event: <type>`, no `[DONE]`), `POST /v1/embeddings`, and errors in
+//! `data: [DONE]`), `POST /v1/responses` (OpenAI's Responses API: relayed to an engine that
+//! serves it, or written here over a backend that answers with text; typed events,
+//! `event: <type>`, no `[DONE]`), `POST /v1/embeddings`, and errors in
 //! OpenAI's JSON shape with the matching HTTP status, so the official `openai` clients work
 //! unchanged.
 
@@ -705,38 +706,187 @@ async fn chat_completions(State(d): State<Dispatch>, headers: HeaderMap, raw: St
 /// `model`: a JSON body, or its typed events, each named by its `type` (`event:
 /// response.output_text.delta`), ending with the engine's last event (no `[DONE]`).
 async fn responses(State(d): State<Dispatch>, headers: HeaderMap, raw: String) -> Response {
-    let answer = Answer::new("resp");
+    // OpenAI's form of a response id.
+    let answer =
+        Answer { id: format!("resp_{}", uuid::Uuid::now_v7().simple()), created: now_s() as i64 };
     match accept(&d, &headers, &raw, parse_responses, &answer).await {
         Err(r) => r,
-        Ok((c, _, events)) if c.stream => sse_named(events, responses_event).await,
-        Ok((_, _, events)) => match collect(events).await {
+        Ok((c, model, events)) if c.stream => {
+            let mut written = WrittenResponse::new(answer, model);
+            sse_named(events, move |item| written.events(item)).await
+        }
+        Ok((_, model, events)) => match collect(events).await {
             Ok(Collected::Relayed(body)) => json_body(body),
-            Ok(Collected::Text(..)) => error_response(&DispatchError::Unavailable(
-                "the backend answered with text, not a response".into(),
-            )),
+            Ok(Collected::Text(text, reason, usage)) => {
+                let written = WrittenResponse::new(answer, model);
+                Json(written.response(&text, Some((reason, &usage)))).into_response()
+            }
             Err(e) => error_response(&e),
         },
     }
 }
 
-/// A Responses API stream's events for one item: the engine's own, as they are; an error as
-/// the API's `error` event (the engine's, when it sent one).
-fn responses_event(item: Result<Event, DispatchError>) -> Vec<String> {
-    match item {
-        Ok(Event::Chunk { events, .. }) => events,
-        Ok(Event::Finished { .. } | Event::Progress(_) | Event::Started) => vec![],
-        Err(e) => {
-            if let DispatchError::Engine { body, .. } = &e
-                && serde_json::from_str::<Value>(body)
-                    .is_ok_and(|v| v.get("type").and_then(Value::as_str) == Some("error"))
-            {
-                return vec![body.clone()];
-            }
-            let error = error_json(&e);
-            let mut out = error["error"].clone();
-            out["type"] = json!("error");
-            vec![out.to_string()]
+/// A Responses API answer: an engine's events, relayed as they are, or — from a backend that
+/// answers with text (the simulator) — written by Dispatch in the API's shape: one message
+/// item of one output text, the events OpenAI's API sends for it, each with its
+/// `sequence_number`, and the usage in the last.
+struct WrittenResponse {
+    answer: Answer,
+    model: String,
+    /// The message item's id.
+    item: String,
+    /// The next event's `sequence_number`.
+    seq: u64,
+    /// The text so far.
+    text: String,
+    /// The opening events (created, in progress, the item and its part) went out.
+    opened: bool,
+    /// The engine's own events came: nothing is written.
+    relayed: bool,
+}
+
+impl WrittenResponse {
+    fn new(answer: Answer, model: String) -> WrittenResponse {
+        let item = format!("msg_{}", uuid::Uuid::now_v7().simple());
+        WrittenResponse {
+            answer,
+            model,
+            item,
+            seq: 0,
+            text: String::new(),
+            opened: false,
+            relayed: false,
         }
+    }
+
+    /// The message item: in progress and empty until the text is whole.
+    fn message(&self, text: Option<&str>) -> Value {
+        let (status, content) = match text {
+            Some(t) => {
+                ("completed", json!([{ "type": "output_text", "text": t, "annotations": [] }]))
+            }
+            None => ("in_progress", json!([])),
+        };
+        json!({ "type": "message", "id": self.item, "status": status, "role": "assistant", "content": content })
+    }
+
+    /// The response object; `end`: how it ended and its usage, once it did.
+    fn response(&self, text: &str, end: Option<(pb::FinishReason, &pb::Usage)>) -> Value {
+        let (status, output, usage, incomplete) = match end {
+            None => ("in_progress", json!([]), Value::Null, Value::Null),
+            Some((reason, u)) => {
+                let usage = json!({
+                    "input_tokens": u.prompt_tokens,
+                    "output_tokens": u.completion_tokens,
+                    "total_tokens": u.prompt_tokens + u.completion_tokens,
+                });
+                let output = json!([self.message(Some(text))]);
+                match reason {
+                    pb::FinishReason::Length => {
+                        let why = json!({ "reason": "max_output_tokens" });
+                        ("incomplete", output, usage, why)
+                    }
+                    _ => ("completed", output, usage, Value::Null),
+                }
+            }
+        };
+        json!({
+            "id": self.answer.id,
+            "object": "response",
+            "created_at": self.answer.created,
+            "status": status,
+            "error": null,
+            "incomplete_details": incomplete,
+            "model": self.model,
+            "output": output,
+            "usage": usage,
+        })
+    }
+
+    /// One event: its `type`, its `sequence_number`, then `fields`.
+    fn event(&mut self, kind: &str, fields: Value) -> String {
+        let mut v = json!({ "type": kind, "sequence_number": self.seq });
+        self.seq += 1;
+        if let (Some(m), Value::Object(f)) = (v.as_object_mut(), fields) {
+            m.extend(f);
+        }
+        v.to_string()
+    }
+
+    /// The events that open a written response, once.
+    fn open(&mut self, out: &mut Vec<String>) {
+        if std::mem::replace(&mut self.opened, true) {
+            return;
+        }
+        let response = self.response("", None);
+        out.push(self.event("response.created", json!({ "response": response })));
+        out.push(self.event("response.in_progress", json!({ "response": response })));
+        let item = self.message(None);
+        out.push(
+            self.event("response.output_item.added", json!({ "output_index": 0, "item": item })),
+        );
+        let part = json!({ "type": "output_text", "text": "", "annotations": [] });
+        let added =
+            json!({ "item_id": self.item, "output_index": 0, "content_index": 0, "part": part });
+        out.push(self.event("response.content_part.added", added));
+    }
+
+    /// The stream's events for one item: an engine's own, as they are; text written as the
+    /// API's events; an error as the API's `error` event (the engine's, when it sent one).
+    fn events(&mut self, item: Result<Event, DispatchError>) -> Vec<String> {
+        let mut out = Vec::new();
+        match item {
+            Ok(Event::Chunk { events, .. }) if !events.is_empty() => {
+                self.relayed = true;
+                return events;
+            }
+            Ok(Event::Chunk { text, .. }) => {
+                self.open(&mut out);
+                self.text.push_str(&text);
+                let delta = json!({ "item_id": self.item, "output_index": 0, "content_index": 0, "delta": text });
+                out.push(self.event("response.output_text.delta", delta));
+            }
+            Ok(Event::Finished { .. }) if self.relayed => {}
+            Ok(Event::Finished { reason, usage }) => {
+                self.open(&mut out);
+                let text = std::mem::take(&mut self.text);
+                let at = json!({ "item_id": self.item, "output_index": 0, "content_index": 0 });
+                let mut done = at.clone();
+                done["text"] = json!(text);
+                out.push(self.event("response.output_text.done", done));
+                let mut part = at;
+                part["part"] = json!({ "type": "output_text", "text": text, "annotations": [] });
+                out.push(self.event("response.content_part.done", part));
+                let item = self.message(Some(&text));
+                out.push(self.event(
+                    "response.output_item.done",
+                    json!({ "output_index": 0, "item": item }),
+                ));
+                let response = self.response(&text, Some((reason, &usage)));
+                let kind = if response["status"] == "incomplete" {
+                    "response.incomplete"
+                } else {
+                    "response.completed"
+                };
+                out.push(self.event(kind, json!({ "response": response })));
+            }
+            Ok(Event::Progress(_) | Event::Started) => {}
+            Err(e) => {
+                if let DispatchError::Engine { body, .. } = &e
+                    && serde_json::from_str::<Value>(body)
+                        .is_ok_and(|v| v.get("type").and_then(Value::as_str) == Some("error"))
+                {
+                    return vec![body.clone()];
+                }
+                // OpenAI's error event: its `type` is `error`; the kind of error is its `code`.
+                let mut error = error_json(&e)["error"].clone();
+                if let Some(m) = error.as_object_mut() {
+                    m.remove("type");
+                }
+                out.push(self.event("error", error));
+            }
+        }
+        out
     }
 }
 
@@ -1108,4 +1258,72 @@ fn chat_chunk(
         Err(e) => return vec![stream_error(&e)],
     }
     out.into_iter().map(|v| v.to_string()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn written() -> WrittenResponse {
+        WrittenResponse::new(Answer { id: "resp_1".into(), created: 9 }, "m".into())
+    }
+
+    fn parsed(events: Vec<String>) -> Vec<Value> {
+        events.iter().map(|e| serde_json::from_str(e).unwrap()).collect()
+    }
+
+    /// A stream that breaks after its text began ends with OpenAI's `error` event, numbered
+    /// after the rest, its `code` saying what kind of error.
+    #[test]
+    fn a_written_response_that_fails_ends_with_an_error_event() {
+        let mut w = written();
+        let chunk = Event::Chunk {
+            text: " hi".into(),
+            tokens: 1,
+            events: Vec::new(),
+            logprobs: Vec::new(),
+            migrations: 0,
+        };
+        let opened = parsed(w.events(Ok(chunk)));
+        let kinds: Vec<&str> = opened.iter().map(|e| e["type"].as_str().unwrap()).collect();
+        assert_eq!(
+            kinds,
+            [
+                "response.created",
+                "response.in_progress",
+                "response.output_item.added",
+                "response.content_part.added",
+                "response.output_text.delta"
+            ]
+        );
+        assert_eq!(opened[0]["response"]["id"], "resp_1");
+        assert_eq!(opened[0]["response"]["status"], "in_progress");
+        assert_eq!(opened[4]["delta"], " hi");
+        let failed = parsed(w.events(Err(DispatchError::Unavailable("the worker died".into()))));
+        assert_eq!(failed.len(), 1);
+        assert_eq!(failed[0]["type"], "error");
+        assert_eq!(failed[0]["sequence_number"], 5);
+        assert!(failed[0]["message"].as_str().unwrap().contains("the worker died"), "{failed:?}");
+        assert!(failed[0]["code"].is_string(), "{failed:?}");
+    }
+
+    /// An engine's own events pass as they are, and nothing is written around them.
+    #[test]
+    fn an_engines_events_pass_as_they_are() {
+        let mut w = written();
+        let engine = r#"{"type":"response.completed","response":{"id":"resp_engine"}}"#;
+        let chunk = Event::Chunk {
+            text: String::new(),
+            tokens: 0,
+            events: vec![engine.to_string()],
+            logprobs: Vec::new(),
+            migrations: 0,
+        };
+        assert_eq!(w.events(Ok(chunk)), [engine]);
+        let usage = pb::Usage { prompt_tokens: 3, completion_tokens: 2, ..Default::default() };
+        let end = Event::Finished { reason: pb::FinishReason::Stop, usage };
+        assert!(w.events(Ok(end)).is_empty());
+    }
 }

@@ -150,6 +150,20 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_typed_payload_is_named_by_its_type() {
+        let mut out = BytesMut::new();
+        push_named_event(&mut out, r#"{"type":"response.output_text.delta","delta":"hi"}"#);
+        push_named_event(&mut out, r#"{"delta":"untyped"}"#);
+        push_named_event(&mut out, r#"{"type":"a\nb"}"#);
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"hi\"}\n\n\
+             data: {\"delta\":\"untyped\"}\n\n\
+             data: {\"type\":\"a\\nb\"}\n\n"
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_quiet_stream_gets_a_comment_and_a_busy_one_does_not() {
         let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);

@@ -275,27 +275,89 @@ const SIM_OPENAI_FIELDS: &[&str] = &[
     "lora_adapter_name",
 ];
 
+/// Fields of a Responses API body the simulator honours (`store` and `metadata` only label the
+/// response, which it does not keep).
+const SIM_RESPONSES_FIELDS: &[&str] = &[
+    "model",
+    "input",
+    "instructions",
+    "max_output_tokens",
+    "temperature",
+    "top_p",
+    "stream",
+    "user",
+    "store",
+    "metadata",
+    "lora_adapter_name",
+];
+
+/// A Responses API body's conversation: its `instructions` as a system message, then its
+/// `input` — a text (the user's message) or a list of messages whose content is a text or a
+/// list of text parts. Anything else is refused, naming where it is.
+fn responses_conversation(body: &str) -> Result<Vec<pb::ChatMessage>, Failure> {
+    let v: serde_json::Value = serde_json::from_str(body)
+        .map_err(|e| Failure::unsupported("body", format!("not JSON: {e}")))?;
+    let mut out = Vec::new();
+    if let Some(i) = v.get("instructions").and_then(|i| i.as_str()) {
+        out.push(pb::ChatMessage { role: "system".into(), content: i.into() });
+    }
+    let text = |role: &str, content: String| pb::ChatMessage { role: role.into(), content };
+    match v.get("input") {
+        Some(serde_json::Value::String(t)) => out.push(text("user", t.clone())),
+        Some(serde_json::Value::Array(items)) => {
+            for (i, item) in items.iter().enumerate() {
+                let role = item.get("role").and_then(|r| r.as_str());
+                let content = match item.get("content") {
+                    Some(serde_json::Value::String(t)) => Some(t.clone()),
+                    Some(serde_json::Value::Array(parts)) => parts
+                        .iter()
+                        .map(|p| {
+                            let kind = p.get("type").and_then(|t| t.as_str());
+                            matches!(kind, Some("input_text" | "output_text"))
+                                .then(|| p.get("text").and_then(|t| t.as_str()))
+                                .flatten()
+                        })
+                        .collect::<Option<Vec<&str>>>()
+                        .map(|texts| texts.concat()),
+                    _ => None,
+                };
+                match (role, content) {
+                    (Some(role), Some(content)) => out.push(text(role, content)),
+                    _ => {
+                        return Err(Failure::unsupported(
+                            &format!("input[{i}]"),
+                            "the simulator backend takes messages of text only",
+                        ));
+                    }
+                }
+            }
+        }
+        _ => return Err(Failure::unsupported("input", "must be a text or a list of messages")),
+    }
+    Ok(out)
+}
+
 impl SimRequest {
     /// Reads `job` as the simulator can honour it: max_tokens, stop, seed, temperature
     /// (0 gives the same text for the same prompt whatever the seed; without a seed other
     /// temperatures give new text each time). Anything else set is refused, naming the field.
     pub fn from_job(job: &Job) -> Result<SimRequest, Failure> {
         let p = &job.params;
+        // A Responses API request: its conversation, read from its body.
+        let mut conversation = None;
         if let Some(body) = &job.openai {
             if body.endpoint == pb::OpenAiEndpoint::Responses as i32 {
-                return Err(Failure::unsupported(
-                    "path",
-                    "the simulator backend does not serve /v1/responses (an engine backend \
-                     that serves it does: vLLM, SGLang, llama.cpp)",
-                ));
+                conversation = Some(responses_conversation(&body.body)?);
             }
             let v: serde_json::Value = serde_json::from_str(&body.body)
                 .map_err(|e| Failure::unsupported("body", format!("not JSON: {e}")))?;
             if let Some(map) = v.as_object() {
                 let mut keys: Vec<&String> = map.keys().collect();
                 keys.sort();
+                let known =
+                    if conversation.is_some() { SIM_RESPONSES_FIELDS } else { SIM_OPENAI_FIELDS };
                 for k in keys {
-                    if !SIM_OPENAI_FIELDS.contains(&k.as_str()) && !map[k].is_null() {
+                    if !known.contains(&k.as_str()) && !map[k].is_null() {
                         return Err(Failure::unsupported(
                             k,
                             "the simulator backend does not support it",
@@ -348,9 +410,9 @@ impl SimRequest {
         if let Some((field, _)) = unsupported.iter().find(|(_, set)| *set) {
             return Err(Failure::unsupported(field, "the simulator backend does not support it"));
         }
-        let prompt = match &job.input {
-            Input::Prompt(p) => p.clone(),
-            Input::Chat(messages) => render_chat(messages),
+        let prompt = match (&conversation, &job.input) {
+            (Some(messages), _) | (None, Input::Chat(messages)) => render_chat(messages),
+            (None, Input::Prompt(p)) => p.clone(),
         };
         let mut seed = match (p.temperature, p.seed) {
             (Some(0.0), _) => 0,
@@ -912,13 +974,35 @@ mod tests {
             let f = SimRequest::from_job(&j).expect_err(body);
             assert!(f.message.starts_with(field), "{body}: {}", f.message);
         }
-        j.openai = Some(pb::OpenAiRequest {
-            endpoint: pb::OpenAiEndpoint::Responses as i32,
-            body: r#"{"model": "m", "input": "p"}"#.into(),
-            ..Default::default()
-        });
-        let f = SimRequest::from_job(&j).expect_err("responses");
-        assert!(f.message.starts_with("invalid path:"), "{}", f.message);
+        // A Responses API request: its instructions and input as the conversation.
+        let responses = |body: &str| {
+            let mut j = j.clone();
+            j.openai = Some(pb::OpenAiRequest {
+                endpoint: pb::OpenAiEndpoint::Responses as i32,
+                body: body.into(),
+                ..Default::default()
+            });
+            SimRequest::from_job(&j)
+        };
+        let r = responses(r#"{"model": "m", "input": "hi", "instructions": "be brief"}"#);
+        assert_eq!(r.unwrap().prompt, "system: be brief\nuser: hi\nassistant:");
+        let r = responses(
+            r#"{"model": "m", "input": [{"role": "user", "content": [{"type": "input_text", "text": "hi"}]}, {"role": "assistant", "content": "yes"}]}"#,
+        );
+        assert_eq!(r.unwrap().prompt, "user: hi\nassistant: yes\nassistant:");
+        for (body, field) in [
+            (
+                r#"{"model": "m", "input": "p", "tools": [{"type": "web_search"}]}"#,
+                "invalid tools:",
+            ),
+            (
+                r#"{"model": "m", "input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}"#,
+                "invalid input[0]:",
+            ),
+        ] {
+            let f = responses(body).expect_err(body);
+            assert!(f.message.starts_with(field), "{body}: {}", f.message);
+        }
         for body in [
             r#"{"model": "m", "prompt": "p", "n": 1}"#,
             r#"{"model": "m", "prompt": ["p"]}"#,
