@@ -883,6 +883,11 @@ impl WrittenResponse {
                 if let Some(m) = error.as_object_mut() {
                     m.remove("type");
                 }
+                if self.relayed {
+                    // The engine numbered its events (or not): no number of sllm's follows.
+                    error["type"] = json!("error");
+                    return vec![error.to_string()];
+                }
                 out.push(self.event("error", error));
             }
         }
@@ -1325,5 +1330,9 @@ mod tests {
         let usage = pb::Usage { prompt_tokens: 3, completion_tokens: 2, ..Default::default() };
         let end = Event::Finished { reason: pb::FinishReason::Stop, usage };
         assert!(w.events(Ok(end)).is_empty());
+        // A break after them: an error event, without a number of sllm's among the engine's.
+        let failed = parsed(w.events(Err(DispatchError::Unavailable("gone".into()))));
+        assert_eq!(failed[0]["type"], "error");
+        assert!(failed[0].get("sequence_number").is_none(), "{failed:?}");
     }
 }
