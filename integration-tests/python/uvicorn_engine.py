@@ -6,7 +6,9 @@ keep-alive, and the chunked body's last chunk written on its own after `[DONE]`)
 
 GET /health answers 200; POST /v1/completions streams `max_tokens` tokens (or answers whole).
 The client port of each completion (one port per TCP connection) is appended to PATH, a line
-each.
+each. POST /v1/responses answers OpenAI's Responses API as vLLM frames it (`event: <type>` and
+`data: <json>`, each event numbered, no `[DONE]`), `max_output_tokens` words; an input of
+"break" ends the stream after two words without its last event, as an engine that died would.
 """
 
 import argparse
@@ -61,10 +63,43 @@ async def completions(request: Request) -> Response:
     return StreamingResponse(events(), media_type="text/event-stream")
 
 
+async def responses(request: Request) -> Response:
+    body = await request.json()
+    model, n = body.get("model", ""), int(body.get("max_output_tokens") or 16)
+    words = [f" w{i}" for i in range(n)]
+    item = {"type": "message", "id": "msg_uvicorn", "status": "completed", "role": "assistant",
+            "content": [{"type": "output_text", "text": "".join(words), "annotations": []}]}
+    response = {"id": "resp_uvicorn", "object": "response", "created_at": int(time.time()),
+                "model": model, "status": "completed", "output": [item],
+                "usage": {"input_tokens": 1, "output_tokens": n, "total_tokens": n + 1}}
+    if not body.get("stream"):
+        return JSONResponse(response)
+    cut = body.get("input") == "break"
+
+    async def events():
+        seq = 0
+
+        def event(kind: str, **fields) -> str:
+            nonlocal seq
+            seq += 1
+            data = {"type": kind, "sequence_number": seq - 1, **fields}
+            return f"event: {kind}\ndata: {json.dumps(data)}\n\n"
+
+        yield event("response.created", response={**response, "status": "in_progress", "output": [], "usage": None})
+        for i, w in enumerate(words):
+            if cut and i == 2:
+                return
+            yield event("response.output_text.delta", item_id="msg_uvicorn", output_index=0, content_index=0, delta=w)
+        yield event("response.completed", response=response)
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
 app = Starlette(
     routes=[
         Route("/health", health),
         Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/responses", responses, methods=["POST"]),
     ]
 )
 

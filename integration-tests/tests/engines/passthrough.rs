@@ -173,6 +173,95 @@ async fn an_openai_body_reaches_the_engine_intact_and_its_events_come_back() {
     assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], "length");
 }
 
+/// `sllm serve all` and an `sllm worker` whose engine is `python/uvicorn_engine.py` (a Starlette
+/// app on uvicorn, the server of vLLM and SGLang), with model "m" deployed and answering.
+struct UvicornBehindSllm {
+    _redis: RedisServer,
+    _serve: Proc,
+    _worker: Proc,
+    /// Dispatch's OpenAI API, `http://host:port`.
+    base: String,
+}
+
+impl UvicornBehindSllm {
+    /// `extra`: more arguments for the engine.
+    async fn start(extra: &str) -> UvicornBehindSllm {
+        let redis = RedisServer::start().unwrap();
+        let store = redis.store_with(|c| c.namespace = "sllm".into()).await.unwrap();
+        let (serve, grpc, openai) = sllm_integration_tests::serve_all(&redis.url()).unwrap();
+        let script =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/uvicorn_engine.py");
+        let engine = format!(
+            "{} {} --port {{port}} --model {{model}} {extra}",
+            sllm_integration_tests::python().unwrap().display(),
+            script.display(),
+        );
+        let registry = format!("http://{grpc}");
+        let (worker, _) = Proc::sllm(
+            &["worker", "--backend", "engine", "--engine", "custom", "--engine-command", &engine],
+            &[
+                ("SLLM_JOIN_SECRET", JOIN_SECRET),
+                ("SLLM_REGISTRY", &registry),
+                ("SLLM_NODE_ID", "w1"),
+                ("SLLM_WORKER_ADDRESS", "10.0.0.1"),
+            ],
+            "worker(s) started",
+        )
+        .unwrap();
+        deploy(&store, "m").await;
+        let base = format!("http://{openai}");
+        let body = json!({"model": "m", "prompt": "x", "max_tokens": 1});
+        eventually(Duration::from_secs(30), "the engine answers through sllm", || async {
+            (post_to(&base, "/v1/completions", &body).await.0 == 200).then_some(())
+        })
+        .await
+        .unwrap();
+        UvicornBehindSllm { _redis: redis, _serve: serve, _worker: worker, base }
+    }
+}
+
+/// The Responses API relayed from an engine framed as vLLM frames it, on uvicorn: its typed
+/// events come back named as it named them and end with its last event, no `[DONE]`; a
+/// stream the engine cut short ends with an `error` event; a body comes back whole, with the
+/// engine's id. Real processes.
+#[tokio::test]
+async fn a_responses_stream_comes_back_as_the_engine_wrote_it() {
+    let u = UvicornBehindSllm::start("").await;
+    let body = json!({"model": "m", "input": "hi", "max_output_tokens": 3, "stream": true});
+    let (status, sse) = post_to(&u.base, "/v1/responses", &body).await;
+    assert_eq!(status, 200, "{sse}");
+    let names: Vec<&str> = sse.lines().filter_map(|l| l.strip_prefix("event: ")).collect();
+    let delta = "response.output_text.delta";
+    assert_eq!(names, ["response.created", delta, delta, delta, "response.completed"], "{sse}");
+    let data: Vec<Value> =
+        events(&sse).iter().map(|e| serde_json::from_str(e).expect("JSON, no [DONE]")).collect();
+    let types: Vec<&str> = data.iter().map(|v| v["type"].as_str().unwrap()).collect();
+    assert_eq!(types, names, "each event named by its type");
+    let text: String = data.iter().filter_map(|v| v["delta"].as_str()).collect();
+    assert_eq!(text, " w0 w1 w2");
+    let numbers: Vec<u64> = data.iter().map(|v| v["sequence_number"].as_u64().unwrap()).collect();
+    assert_eq!(numbers, [0, 1, 2, 3, 4], "the engine's numbers, untouched");
+    let last = &data[4]["response"];
+    assert_eq!((last["model"].as_str(), &last["usage"]["output_tokens"]), (Some("m"), &json!(3)));
+
+    // Cut short by the engine: what came, then an error event, never a completion.
+    let cut = json!({"model": "m", "input": "break", "max_output_tokens": 5, "stream": true});
+    let (status, sse) = post_to(&u.base, "/v1/responses", &cut).await;
+    assert_eq!(status, 200, "{sse}");
+    let names: Vec<&str> = sse.lines().filter_map(|l| l.strip_prefix("event: ")).collect();
+    assert_eq!(names, ["response.created", delta, delta, "error"], "{sse}");
+    let error: Value = serde_json::from_str(events(&sse).last().unwrap()).unwrap();
+    assert!(error["message"].as_str().unwrap().contains("without finishing"), "{error}");
+
+    // Not streamed: the engine's body, its own id.
+    let whole = json!({"model": "m", "input": "hi", "max_output_tokens": 3});
+    let (status, answer) = post_to(&u.base, "/v1/responses", &whole).await;
+    assert_eq!(status, 200, "{answer}");
+    let answer: Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(answer["id"], "resp_uvicorn");
+    assert_eq!(answer["output"][0]["content"][0]["text"], " w0 w1 w2");
+}
+
 /// uvicorn, the server of vLLM and SGLang, writes a chunked body's last chunk on its own after
 /// `[DONE]`. The agent reads it before it lets the answer go, so that every request to the
 /// engine goes over one kept-alive connection instead of opening a new one. Real processes:
@@ -180,42 +269,14 @@ async fn an_openai_body_reaches_the_engine_intact_and_its_events_come_back() {
 /// finds the last chunk already read and the difference does not show).
 #[tokio::test]
 async fn streams_to_a_uvicorn_engine_keep_one_connection() {
-    let redis = RedisServer::start().unwrap();
-    let store = redis.store_with(|c| c.namespace = "sllm".into()).await.unwrap();
-    let (_serve, grpc, openai) = sllm_integration_tests::serve_all(&redis.url()).unwrap();
     let ports_file = std::env::temp_dir().join(format!("sllm-uvicorn-{}", std::process::id()));
     let _ = std::fs::remove_file(&ports_file);
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/uvicorn_engine.py");
-    let engine = format!(
-        "{} {} --port {{port}} --model {{model}} --ports-file {}",
-        sllm_integration_tests::python().unwrap().display(),
-        script.display(),
-        ports_file.display()
-    );
-    let registry = format!("http://{grpc}");
-    let _worker = Proc::sllm(
-        &["worker", "--backend", "engine", "--engine", "custom", "--engine-command", &engine],
-        &[
-            ("SLLM_JOIN_SECRET", JOIN_SECRET),
-            ("SLLM_REGISTRY", &registry),
-            ("SLLM_NODE_ID", "w1"),
-            ("SLLM_WORKER_ADDRESS", "10.0.0.1"),
-        ],
-        "worker(s) started",
-    )
-    .unwrap();
-    deploy(&store, "m").await;
-    let base = format!("http://{openai}");
+    let u = UvicornBehindSllm::start(&format!("--ports-file {}", ports_file.display())).await;
     let stream = || {
         let body = json!({"model": "m", "prompt": "x", "max_tokens": 3, "stream": true});
-        let base = base.clone();
+        let base = u.base.clone();
         async move { post_to(&base, "/v1/completions", &body).await }
     };
-    eventually(Duration::from_secs(30), "the engine answers through sllm", || async {
-        (stream().await.0 == 200).then_some(())
-    })
-    .await
-    .unwrap();
     let before = std::fs::read_to_string(&ports_file).unwrap_or_default().lines().count();
 
     for _ in 0..20 {
