@@ -43,12 +43,17 @@ pub fn deploy_json(s: &str) {
     }
 }
 
-/// An OpenAI completion or chat body, parsed and checked as the API does.
+/// An OpenAI completion, chat or Responses API body, parsed and checked as the API does.
 pub fn openai_body(s: &str) {
     let secret = service::JoinSecret::new("fuzz-secret-0123456789").expect("a long enough secret");
     let config = dispatch::DispatchConfig::new("fuzz", secret);
-    for chat in [false, true] {
-        match dispatch::openai::check_body(chat, s, &config) {
+    let checks = [
+        dispatch::openai::check_body(false, s, &config),
+        dispatch::openai::check_body(true, s, &config),
+        dispatch::openai::check_responses_body(s, &config),
+    ];
+    for checked in checks {
+        match checked {
             Ok(()) => {}
             Err(dispatch::DispatchError::Invalid { field, reason }) => {
                 assert!(!field.is_empty() && !reason.is_empty());
