@@ -360,6 +360,10 @@ async fn one_trace_per_request(protocol: &str) {
     assert!(by_name(&warm, "queue wait").is_empty(), "a warm request is not held");
     assert!(by_name(&warm, "load instance").is_empty());
 
+    // Each request span names its kind of operation, as GenAI's conventions do.
+    let operation = |s: &ReceivedSpan| s.attributes.get("gen_ai.operation.name").cloned();
+    assert_eq!(operation(request).as_deref(), Some("text_completion"));
+
     // Metrics: valid Prometheus text that moved with the traffic.
     let control = scrape(&m.control_metrics).await;
     assert_eq!(
@@ -384,4 +388,27 @@ async fn one_trace_per_request(protocol: &str) {
     );
     let worker = scrape(&m.worker_metrics).await;
     assert!(!worker.is_empty());
+
+    // An embeddings request's span names its operation too (after the counts above).
+    let embed_trace = "5bf92f3577b34da6a3ce929d0e0e4737";
+    let mut client =
+        pb::dispatch_client::DispatchClient::connect(format!("http://{}", m.grpc)).await.unwrap();
+    let mut req = tonic::Request::new(pb::EmbedRequest {
+        model: "m".into(),
+        input: vec!["trace me".into()],
+        dimensions: None,
+        timeout_ms: 20_000,
+    });
+    let traceparent = format!("00-{embed_trace}-00f067aa0ba902b7-01");
+    req.metadata_mut().insert("traceparent", traceparent.parse().unwrap());
+    client.embed(req).await.unwrap();
+    let embed: Vec<ReceivedSpan> =
+        eventually(Duration::from_secs(10), "the embeddings trace's spans", || async {
+            let spans: Vec<ReceivedSpan> =
+                otlp.spans().into_iter().filter(|s| s.trace_id == embed_trace).collect();
+            spans.iter().any(|s| s.name == "sllm.v1.Dispatch/Embed").then_some(spans)
+        })
+        .await
+        .unwrap();
+    assert_eq!(operation(one(&embed, "sllm.v1.Dispatch/Embed")).as_deref(), Some("embeddings"));
 }
