@@ -26,6 +26,7 @@ r = client.completions.create(model="m", prompt="Say hi", max_tokens=8, seed=7)
 check(r.choices[0].text == expected, "completion text")
 check(r.choices[0].finish_reason == "length", "completion finish_reason")
 check(r.usage.completion_tokens == 8 and r.usage.prompt_tokens == 2, "completion usage")
+check(r._request_id == r.id, "the x-request-id header is the answer's id")
 
 parts = list(client.completions.create(model="m", prompt="Say hi", max_tokens=8, seed=7, stream=True))
 check("".join(p.choices[0].text for p in parts if p.choices) == expected, "streamed completion text")
@@ -60,6 +61,7 @@ try:
     check(False, "unknown model refused")
 except openai.NotFoundError as e:
     check(e.status_code == 404 and "nope" in str(e), "unknown model gives 404 NotFoundError")
+    check((e.request_id or "").startswith("cmpl-"), f"an error carries its request id too ({e.request_id})")
 
 try:
     client.completions.create(model="m", prompt="x", max_tokens=-5)
@@ -71,6 +73,7 @@ except openai.BadRequestError as e:
 greedy = {"model": "m", "instructions": "be brief", "max_output_tokens": 8, "temperature": 0}
 r = client.responses.create(input="Say hi", **greedy)
 check(r.object == "response" and r.id.startswith("resp_") and r.model == "m", "a response, with its id and model")
+check(r._request_id == r.id, "a written response's id is its request id")
 check(r.output_text and r.usage.output_tokens == 8 and r.usage.total_tokens == r.usage.input_tokens + 8, "its text and usage")
 check(r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens", "stopped by max_output_tokens: incomplete, saying why")
 items = client.responses.create(input=[{"role": "user", "content": [{"type": "input_text", "text": "Say hi"}]}], **greedy)

@@ -632,6 +632,12 @@ async fn accept(
 
 async fn completions(State(d): State<Dispatch>, headers: HeaderMap, raw: String) -> Response {
     let answer = Answer::new("cmpl");
+    let id = answer.id.clone();
+    with_request_id(complete(d, headers, raw, answer).await, &id)
+}
+
+/// `POST /v1/completions` for `answer`.
+async fn complete(d: Dispatch, headers: HeaderMap, raw: String, answer: Answer) -> Response {
     match accept(&d, &headers, &raw, parse_completion, &answer).await {
         Err(r) => r,
         Ok((c, model, events)) => {
@@ -663,6 +669,12 @@ async fn completions(State(d): State<Dispatch>, headers: HeaderMap, raw: String)
 
 async fn chat_completions(State(d): State<Dispatch>, headers: HeaderMap, raw: String) -> Response {
     let answer = Answer::new("chatcmpl");
+    let id = answer.id.clone();
+    with_request_id(chat_complete(d, headers, raw, answer).await, &id)
+}
+
+/// `POST /v1/chat/completions` for `answer`.
+async fn chat_complete(d: Dispatch, headers: HeaderMap, raw: String, answer: Answer) -> Response {
     match accept(&d, &headers, &raw, parse_chat, &answer).await {
         Err(r) => r,
         Ok((c, model, events)) => {
@@ -709,6 +721,12 @@ async fn responses(State(d): State<Dispatch>, headers: HeaderMap, raw: String) -
     // OpenAI's form of a response id.
     let answer =
         Answer { id: format!("resp_{}", uuid::Uuid::now_v7().simple()), created: now_s() as i64 };
+    let id = answer.id.clone();
+    with_request_id(respond(d, headers, raw, answer).await, &id)
+}
+
+/// `POST /v1/responses` for `answer`.
+async fn respond(d: Dispatch, headers: HeaderMap, raw: String, answer: Answer) -> Response {
     match accept(&d, &headers, &raw, parse_responses, &answer).await {
         Err(r) => r,
         Ok((c, model, events)) if c.stream => {
@@ -1009,18 +1027,29 @@ pub(crate) fn parse_embeddings(
 /// `POST /v1/embeddings`: routed, held and limited as generation is; the engine's answer comes
 /// back as it wrote it (with sllm's `model`).
 async fn embeddings(State(d): State<Dispatch>, headers: HeaderMap, raw: String) -> Response {
+    let id = format!("embd-{}", uuid::Uuid::now_v7().simple());
     let result = async {
-        let id = format!("embd-{}", uuid::Uuid::now_v7().simple());
-        let job = parse_embeddings(&raw, traceparent(&headers), id, "POST /v1/embeddings")?;
+        let job = parse_embeddings(&raw, traceparent(&headers), id.clone(), "POST /v1/embeddings")?;
         collect(d.submit(job).await?).await
     };
-    match result.await {
+    let response = match result.await {
         Ok(Collected::Relayed(body)) => json_body(body),
         Ok(Collected::Text(..)) => error_response(&DispatchError::Unavailable(
             "the backend answered with text, not embeddings".into(),
         )),
         Err(e) => error_response(&e),
+    };
+    with_request_id(response, &id)
+}
+
+/// `response` with the request's id in its `x-request-id` header, as OpenAI's API sends it
+/// (the `openai` package's `request_id`): on an error, too, whose body has no id, so that its
+/// trace and log lines (`sllm.request_id`) can be found.
+fn with_request_id(mut response: Response, id: &str) -> Response {
+    if let Ok(v) = HeaderValue::from_str(id) {
+        response.headers_mut().insert("x-request-id", v);
     }
+    response
 }
 
 /// An engine's JSON answer, relayed as it is.
