@@ -184,9 +184,9 @@ fn text_prompt(body: &Map<String, Value>) -> Option<&str> {
 }
 
 /// Asks the engine for the generated tokens' ids where it can give them and a moved stream
-/// could use them (one prompt, one choice): vLLM (`return_token_ids`) for completions and for chats a completion can
-/// continue ([`chat_continues_from_ids`]), SGLang for completions, llama.cpp (one
-/// log-probability a token, which carries its id) for both. Not for answers that are not
+/// could use them (one prompt, one choice): vLLM (`return_token_ids`) for completions and for
+/// chats a completion can continue ([`chat_continues_from_ids`]), SGLang for completions,
+/// llama.cpp (one log-probability a token, which carries its id) for both. Not for answers that are not
 /// streamed (never moved), nor — on vLLM and SGLang — with stop strings or echo: their text
 /// then lags behind or runs ahead of their ids.
 ///
@@ -613,7 +613,6 @@ pub fn error_message(body: &str) -> String {
     found.unwrap_or_else(text)
 }
 
-/// Whether an event or body is an error report rather than an answer.
 /// An event that is not JSON: the engine's fault.
 fn not_json(e: &serde_json::Error, data: &str) -> Step {
     Step::Failed(Failure::new(
@@ -632,6 +631,7 @@ fn reported(data: &str) -> Step {
     })
 }
 
+/// Whether an event or body is an error report rather than an answer.
 fn is_error(v: &Value) -> bool {
     v.get("error").is_some_and(|e| !e.is_null())
         || v.get("object").and_then(Value::as_str) == Some("error")
@@ -849,15 +849,20 @@ impl Reader {
             }
         }
         self.counted += tokens;
-        if let Some(relay) = &self.call.relay
-            && let Some(model) = v.get_mut("response").and_then(|r| r.get_mut("model"))
+        // Written again only where its response object names another model; otherwise the
+        // engine's own text goes on.
+        let event = match (&self.call.relay, v.get_mut("response").and_then(|r| r.get_mut("model")))
         {
-            *model = json!(relay.model);
-        }
+            (Some(relay), Some(model)) if model.as_str() != Some(relay.model.as_str()) => {
+                *model = json!(relay.model);
+                v.to_string()
+            }
+            _ => data.to_string(),
+        };
         Step::Output(Some(Output::Text {
             text,
             tokens,
-            events: vec![v.to_string()],
+            events: vec![event],
             logprobs: Vec::new(),
             token_ids: Vec::new(),
             prompt_token_ids: Vec::new(),
