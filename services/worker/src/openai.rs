@@ -613,6 +613,17 @@ pub fn error_message(body: &str) -> String {
     found.unwrap_or_else(text)
 }
 
+/// A Responses API event's text and tokens: a delta with content (of text, reasoning, a
+/// function call's arguments) is one token; only an output text delta is the answer's text.
+fn delta_of(kind: &str, delta: Option<&str>) -> (String, u32) {
+    let delta = delta.filter(|d| !d.is_empty());
+    let text = match (kind, delta) {
+        ("response.output_text.delta", Some(d)) => d.to_string(),
+        _ => String::new(),
+    };
+    (text, u32::from(kind.ends_with(".delta") && delta.is_some()))
+}
+
 /// An event that is not JSON: the engine's fault.
 fn not_json(e: &serde_json::Error, data: &str) -> Step {
     Step::Failed(Failure::new(
@@ -825,40 +836,53 @@ impl Reader {
     /// text, reasoning, a function call's arguments) counts as a token; the last event
     /// (`response.completed`, `.incomplete`, `.failed`) carries the usage and ends the stream.
     fn responses_event(&mut self, data: &str) -> Step {
-        let mut v: Value = match serde_json::from_str(data) {
-            Ok(v) => v,
-            Err(e) => return not_json(&e, data),
-        };
-        let kind = v.get("type").and_then(Value::as_str).unwrap_or_default();
-        if kind == "error" || is_error(&v) {
-            return reported(data);
-        }
-        let delta = v.get("delta").and_then(Value::as_str).filter(|d| !d.is_empty());
-        let text = match (kind, delta) {
-            ("response.output_text.delta", Some(d)) => d.to_string(),
-            _ => String::new(),
-        };
-        let tokens = u32::from(kind.ends_with(".delta") && delta.is_some());
-        if matches!(kind, "response.completed" | "response.incomplete" | "response.failed") {
-            self.ended = true;
-            // Incomplete: it ran into max_output_tokens (or the context).
-            let incomplete = kind == "response.incomplete";
-            self.finish = Some(if incomplete { Finish::Length } else { Finish::Stop });
-            if let Some(u) = v.get("response").and_then(|r| r.get("usage")).cloned() {
-                self.read_usage(&u);
+        // Most events (the deltas) are read borrowed and passed on as written; those with a
+        // response object (the first and the last) or an error go by way of a tree.
+        let borrowed = serde_json::from_str::<fast::Typed<'_>>(data).ok().filter(|t| {
+            t.response.is_none()
+                && t.error.is_none()
+                && t.kind.as_deref().is_some_and(|k| k != "error")
+        });
+        let (text, tokens, event) = match borrowed {
+            Some(t) => {
+                let (text, tokens) =
+                    delta_of(t.kind.as_deref().unwrap_or_default(), t.delta.as_deref());
+                (text, tokens, data.to_string())
             }
-        }
+            None => {
+                let mut v: Value = match serde_json::from_str(data) {
+                    Ok(v) => v,
+                    Err(e) => return not_json(&e, data),
+                };
+                let kind = v.get("type").and_then(Value::as_str).unwrap_or_default();
+                if kind == "error" || is_error(&v) {
+                    return reported(data);
+                }
+                let (text, tokens) = delta_of(kind, v.get("delta").and_then(Value::as_str));
+                if matches!(kind, "response.completed" | "response.incomplete" | "response.failed")
+                {
+                    self.ended = true;
+                    // Incomplete: it ran into max_output_tokens (or the context).
+                    let incomplete = kind == "response.incomplete";
+                    self.finish = Some(if incomplete { Finish::Length } else { Finish::Stop });
+                    if let Some(u) = v.get("response").and_then(|r| r.get("usage")).cloned() {
+                        self.read_usage(&u);
+                    }
+                }
+                // Written again only where its response object names another model; otherwise
+                // the engine's own text goes on.
+                let model = v.get_mut("response").and_then(|r| r.get_mut("model"));
+                let event = match (&self.call.relay, model) {
+                    (Some(relay), Some(model)) if model.as_str() != Some(relay.model.as_str()) => {
+                        *model = json!(relay.model);
+                        v.to_string()
+                    }
+                    _ => data.to_string(),
+                };
+                (text, tokens, event)
+            }
+        };
         self.counted += tokens;
-        // Written again only where its response object names another model; otherwise the
-        // engine's own text goes on.
-        let event = match (&self.call.relay, v.get_mut("response").and_then(|r| r.get_mut("model")))
-        {
-            (Some(relay), Some(model)) if model.as_str() != Some(relay.model.as_str()) => {
-                *model = json!(relay.model);
-                v.to_string()
-            }
-            _ => data.to_string(),
-        };
         Step::Output(Some(Output::Text {
             text,
             tokens,
@@ -1688,6 +1712,20 @@ mod fast {
                 || self.reasoning_content.is_some()
                 || self.reasoning.is_some()
         }
+    }
+
+    /// What sllm reads of a Responses API event without a tree: its type and delta, and
+    /// whether it carries a response object or an error (then it is read as a tree).
+    #[derive(Deserialize)]
+    pub(super) struct Typed<'a> {
+        #[serde(borrow, rename = "type")]
+        pub(super) kind: Option<Cow<'a, str>>,
+        #[serde(borrow)]
+        pub(super) delta: Option<Cow<'a, str>>,
+        #[serde(borrow)]
+        pub(super) response: Option<&'a RawValue>,
+        #[serde(borrow)]
+        pub(super) error: Option<&'a RawValue>,
     }
 
     #[derive(Deserialize)]

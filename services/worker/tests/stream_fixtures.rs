@@ -300,6 +300,13 @@ async fn a_responses_stream_ends_with_the_engines_last_event() {
         );
         let relayed: Vec<Value> = events.iter().map(|e| serde_json::from_str(e).unwrap()).collect();
         assert_eq!(relayed.len(), data.len(), "cut {cut}: every event");
+        // An event whose model did not change is the engine's own text, byte for byte.
+        let lines: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+        for (line, ours) in lines.iter().zip(&events) {
+            if !line.contains("\"model\"") {
+                assert_eq!(line, ours, "cut {cut}");
+            }
+        }
         for (mut engine, ours) in data.iter().cloned().zip(&relayed) {
             if let Some(m) = engine.get_mut("response").and_then(|r| r.get_mut("model")) {
                 *m = json!("client-name");
