@@ -3,7 +3,7 @@ use std::time::Duration;
 use crate::*;
 
 /// The README's quick start as written: `sllm up` shows a cold start and a streamed answer,
-/// then the three examples it prints work when pasted, and Ctrl-C leaves nothing behind.
+/// then the four examples it prints work when pasted, and Ctrl-C leaves nothing behind.
 #[tokio::test]
 async fn sllm_up_runs_a_cluster_and_its_printed_examples_work() {
     let mut up = Up::readme();
@@ -25,15 +25,28 @@ async fn sllm_up_runs_a_cluster_and_its_printed_examples_work() {
         .take_while(|l| !l.trim().is_empty())
         .map(|l| l.trim().to_string())
         .collect();
-    assert_eq!(examples.len(), 3, "{out}");
+    assert_eq!(examples.len(), 4, "{out}");
     for example in &examples {
         let o = shell(example).await;
         let (stdout, stderr) = text(&o);
         assert!(o.status.success(), "{example}\n{stdout}\n{stderr}");
         let words = stdout.split_whitespace().count();
         assert!(words > 3, "{example} printed too little:\n{stdout}");
-        if example.starts_with("curl") {
+        if example.contains("/chat/completions") {
             assert!(stdout.contains("data: [DONE]"), "{stdout}");
+        }
+        if example.contains("/responses") {
+            // 16 tokens, all the limit allows: incomplete, as OpenAI's API says it.
+            assert!(stdout.contains("event: response.output_text.delta"), "{stdout}");
+            assert!(
+                stdout
+                    .trim_end()
+                    .lines()
+                    .rev()
+                    .nth(1)
+                    .is_some_and(|l| l == "event: response.incomplete"),
+                "{stdout}"
+            );
         }
     }
 

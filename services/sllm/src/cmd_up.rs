@@ -271,6 +271,9 @@ pub async fn run(args: UpArgs) -> Result<()> {
         println!(
             "  curl -N {openai}/chat/completions -H 'Content-Type: application/json' -d '{{\"model\":\"{m}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}],\"stream\":true}}'"
         );
+        println!(
+            "  curl -N {openai}/responses -H 'Content-Type: application/json' -d '{{\"model\":\"{m}\",\"input\":\"Hello\",\"max_output_tokens\":16,\"stream\":true}}'"
+        );
         println!();
         println!("Press Ctrl-C to stop.");
         let _ = std::io::stdout().flush();
