@@ -209,6 +209,18 @@ impl Output {
             prompt_token_ids: Vec::new(),
         }
     }
+
+    /// Text and one engine event to relay as it is, with no log-probabilities or ids.
+    pub fn relayed(text: impl Into<String>, tokens: u32, event: String) -> Output {
+        Output::Text {
+            text: text.into(),
+            tokens,
+            events: vec![event],
+            logprobs: Vec::new(),
+            token_ids: Vec::new(),
+            prompt_token_ids: Vec::new(),
+        }
+    }
 }
 
 /// One request as a backend sets it up: the work that runs it and the output it streams.

@@ -883,14 +883,7 @@ impl Reader {
             }
         };
         self.counted += tokens;
-        Step::Output(Some(Output::Text {
-            text,
-            tokens,
-            events: vec![event],
-            logprobs: Vec::new(),
-            token_ids: Vec::new(),
-            prompt_token_ids: Vec::new(),
-        }))
+        Step::Output(Some(Output::relayed(text, tokens, event)))
     }
 
     /// Reads an event by way of a JSON tree: any event [`Reader::relay_event`] does not.
@@ -1381,15 +1374,7 @@ impl Reader {
         let tokens = self.completion_tokens.unwrap_or(u32::from(!text.is_empty()));
         self.counted = tokens;
         let event = self.restamped(top.raw(), list, body.len(), false);
-        let out = Output::Text {
-            text,
-            tokens,
-            events: vec![event],
-            logprobs: Vec::new(),
-            token_ids: Vec::new(),
-            prompt_token_ids: Vec::new(),
-        };
-        Some((out, self.done()))
+        Some((Output::relayed(text, tokens, event), self.done()))
     }
 
     /// Reads a whole (not streamed) answer: its output, then its end.

@@ -575,14 +575,7 @@ impl SimBackend {
         drop(admitted);
         match outcome {
             Ok(()) => {
-                let text = Output::Text {
-                    token_ids: Vec::new(),
-                    prompt_token_ids: Vec::new(),
-                    text: String::new(),
-                    tokens: 0,
-                    events: vec![answer],
-                    logprobs: Vec::new(),
-                };
+                let text = Output::relayed("", 0, answer);
                 if tx.send(text).await.is_ok() {
                     let done =
                         Output::Done { finish: Finish::Stop, prompt_tokens, completion_tokens: 0 };
