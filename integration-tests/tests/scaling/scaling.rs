@@ -285,6 +285,31 @@ async fn a_model_scales_to_zero_within_a_second_of_its_keep_alive() {
 }
 
 #[tokio::test]
+async fn an_announcement_read_after_the_model_is_ready_does_not_hold_it_up() {
+    let c = Cluster::start().await;
+    let _w = c.worker("w1", fast_sim()).await;
+    let mut config = ::scaler::ScalerConfig::new("s1");
+    config.drain_grace = Duration::from_secs(2);
+    let _s = Served::scaler(c.store.clone(), config).await.unwrap();
+    c.deploy("m", 0, 2, 1.0, 2).await;
+    c.store.publish_demand("dispatch-test", "m", 1).await.unwrap();
+    c.settled("m", 1, Duration::from_secs(10)).await;
+    // A held request re-announces itself every second; its last announcement can reach the
+    // Scaler after the instance it was waiting for is ready, and after it was served.
+    c.store.publish_demand("dispatch-test", "m", 1).await.unwrap();
+    let served = std::time::Instant::now();
+
+    eventually(Duration::from_secs(10), "scaled to zero", || async {
+        c.instances("m").await.is_empty().then_some(())
+    })
+    .await
+    .unwrap();
+    let took = served.elapsed();
+    assert!(took >= Duration::from_secs(2), "stopped before keep_alive: {took:?}");
+    assert!(took < Duration::from_secs(3), "stopped {took:?} after the last request ended");
+}
+
+#[tokio::test]
 async fn an_instance_stuck_loading_is_failed_and_replaced() {
     let c = Cluster::start().await;
     // The fastest worker for the model hangs while loading it.

@@ -281,6 +281,13 @@ impl Leader {
             if state.and_then(|s| s.retry_at).is_some_and(|t| t <= now) {
                 due.insert(m.clone());
             }
+            // An announcement lapsed unconfirmed: decide on the reports now, not a tick later.
+            if state
+                .and_then(|s| s.event_demand)
+                .is_some_and(|(_, at)| now.duration_since(at) >= EVENT_DEMAND_TTL)
+            {
+                due.insert(m.clone());
+            }
         }
         self.view.demand = fresh;
         let due: Vec<String> = due.into_iter().collect();
@@ -371,9 +378,19 @@ impl Leader {
                         });
                         self.cold.demand(&e.entity, at, live);
                     }
-                    let queued = e.field("queued").and_then(|q| q.parse().ok()).unwrap_or(1);
-                    self.models.entry(e.entity.clone()).or_default().event_demand =
-                        Some((queued, Instant::now()));
+                    // An announcement stands for requests no instance can take yet. Once one is
+                    // ready, Dispatch's reports count what waits: an announcement read after it
+                    // (raised before the request got its slot) would otherwise hold the model
+                    // up for EVENT_DEMAND_TTL past its last request.
+                    let serving = self
+                        .view
+                        .instances_of(&e.entity)
+                        .any(|i| i.status == InstanceStatus::Ready);
+                    if !serving {
+                        let queued = e.field("queued").and_then(|q| q.parse().ok()).unwrap_or(1);
+                        self.models.entry(e.entity.clone()).or_default().event_demand =
+                            Some((queued, Instant::now()));
+                    }
                     trigger = "demand event";
                     if let Some(tp) = e.field("traceparent").filter(|t| !t.is_empty()) {
                         traces.insert(e.entity.clone(), tp.to_string());
@@ -634,7 +651,10 @@ impl Leader {
         let reported = self.view.demand.get(model).map(|x| x.total()).unwrap_or(0);
         let announced = match state.event_demand {
             Some((q, at)) if now.duration_since(at) < EVENT_DEMAND_TTL => q,
-            _ => 0,
+            _ => {
+                state.event_demand = None;
+                0
+            }
         };
         let demand = reported.max(announced);
         let wanted = if deleting { 0 } else { policy::wanted(demand, &d.spec.autoscaling) };
