@@ -43,7 +43,8 @@ pub fn deploy_json(s: &str) {
     }
 }
 
-/// An OpenAI completion, chat or Responses API body, parsed and checked as the API does.
+/// An OpenAI completion, chat or Responses API body, or the engines' `/tokenize` and
+/// `/detokenize` bodies, parsed and checked as the API does.
 pub fn openai_body(s: &str) {
     let secret = service::JoinSecret::new("fuzz-secret-0123456789").expect("a long enough secret");
     let config = dispatch::DispatchConfig::new("fuzz", secret);
@@ -51,6 +52,8 @@ pub fn openai_body(s: &str) {
         dispatch::openai::check_body(false, s, &config),
         dispatch::openai::check_body(true, s, &config),
         dispatch::openai::check_responses_body(s, &config),
+        dispatch::openai::check_tokenize_body(s, false, &config),
+        dispatch::openai::check_tokenize_body(s, true, &config),
     ];
     for checked in checks {
         match checked {

@@ -133,6 +133,26 @@ try:
 except openai.BadRequestError as e:
     check("context" in str(e).lower(), f"an over-long input gets the engine's 400: {str(e)[:120]}")
 
+# The engine's own /tokenize and /detokenize (llama.cpp names the text `content`), at the
+# server's root rather than under /v1.
+def post(base, path, body):
+    root = base[: -len("/v1")] if base.endswith("/v1") else base
+    req = urllib.request.Request(root + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return r.headers.get("x-request-id"), json.loads(r.read())
+
+
+text = "Hello world, tell me a story"
+tok = {"model": model, "content": text, "add_special": True, "with_pieces": True}
+(rid, ta), (_, tb) = post(sllm_base, "/tokenize", tok), post(direct_base, "/tokenize", tok)
+check(ta == tb and len(ta["tokens"]) > 1, f"/tokenize answers as the engine does ({len(ta['tokens'])} tokens)")
+check(rid is not None and rid.startswith("tokn-"), f"/tokenize says its request id ({rid})")
+counted = sllm.completions.create(model=model, prompt=text, max_tokens=1, **GREEDY).usage.prompt_tokens
+check(counted == len(ta["tokens"]), f"the count is the prompt's usage ({counted})")
+ids = [t["id"] for t in ta["tokens"]]
+(_, da), (_, db) = post(sllm_base, "/detokenize", {"model": model, "tokens": ids}), post(direct_base, "/detokenize", {"model": model, "tokens": ids})
+check(da == db and text in da["content"], f"/detokenize answers as the engine does: {json.dumps(da)[:80]}")
+
 # Log-probabilities come back, as the engine computed them.
 la = chat(sllm, "Hi", max_tokens=4, logprobs=True, top_logprobs=2, **GREEDY)
 lb = chat(direct, "Hi", max_tokens=4, logprobs=True, top_logprobs=2, **GREEDY)

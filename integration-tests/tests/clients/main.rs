@@ -9,6 +9,7 @@ mod grpcurl;
 mod quickstart;
 mod sdk;
 mod serverlessllm;
+mod tokenize;
 
 use std::path::{Path, PathBuf};
 use std::process::Output;

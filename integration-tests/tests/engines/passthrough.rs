@@ -732,6 +732,68 @@ async fn several_choices_and_batched_prompts_come_back_as_the_engine_answers_the
     assert_eq!(engine_json(&endpoint, "/debug/requests").await, before);
 }
 
+/// The engines' own `/tokenize` and `/detokenize` (vLLM's shape, from `sllm sim-engine
+/// --merges`): through sllm the body reaches the engine as sent, and the answer comes back as
+/// the engine alone gives it; what sllm cannot route is refused by name before the engine sees
+/// it, and the engine's own refusal comes back as it wrote it.
+#[tokio::test]
+async fn tokenize_and_detokenize_come_back_as_the_engine_answers_them() {
+    let c = cluster().await;
+    let w = engine_worker(&c, "--merges --max-model-len 4096", Duration::from_secs(20)).await;
+    deploy(&c.store, "m").await;
+    let endpoint = ready_engine(&c, &w).await;
+
+    let prompt = "Once upon a time the quick brown fox";
+    let body = json!({"model": "m", "prompt": prompt, "return_token_strs": true});
+    let (status, via) = post(&c, "/tokenize", &body).await;
+    assert_eq!(status, 200, "{via}");
+    assert_eq!(engine_json(&endpoint, "/debug/last-request").await, body);
+    let (status, alone) = post_to(&endpoint, "/tokenize", &body).await;
+    assert_eq!(status, 200, "{alone}");
+    assert_eq!(via, alone, "the engine's body, unchanged");
+    let tokens: Value = serde_json::from_str(&via).unwrap();
+    let ids = tokens["tokens"].as_array().unwrap().clone();
+    assert_eq!(tokens["count"], ids.len(), "{tokens}");
+    assert!(ids.len() < prompt.len(), "words are tokens, not bytes: {tokens}");
+    assert_eq!(tokens["max_model_len"], 4096, "{tokens}");
+
+    // A chat, through the engine's template.
+    let chat = json!({"model": "m", "messages": [{"role": "user", "content": "hello"}]});
+    let (status, via) = post(&c, "/tokenize", &chat).await;
+    assert_eq!(status, 200, "{via}");
+    assert_eq!(via, post_to(&endpoint, "/tokenize", &chat).await.1);
+
+    // And back.
+    let back = json!({"model": "m", "tokens": ids});
+    let (status, text) = post(&c, "/detokenize", &back).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(serde_json::from_str::<Value>(&text).unwrap()["prompt"], prompt);
+
+    // Refused before the engine sees it, naming the field.
+    let seen = engine_json(&endpoint, "/debug/last-request").await;
+    for (path, body, field) in [
+        ("/tokenize", json!({"prompt": "x"}), "model"),
+        ("/tokenize", json!({"model": "m"}), "prompt"),
+        ("/tokenize", json!({"model": "m", "prompt": 7}), "prompt"),
+        ("/detokenize", json!({"model": "m", "tokens": [1, "a"]}), "tokens[1]"),
+        ("/detokenize", json!({"model": "m"}), "tokens"),
+    ] {
+        let (status, err) = post(&c, path, &body).await;
+        assert_eq!(status, 400, "{path} {body}: {err}");
+        let err: Value = serde_json::from_str(&err).unwrap();
+        assert_eq!(err["error"]["param"], field, "{err}");
+    }
+    assert_eq!(engine_json(&endpoint, "/debug/last-request").await, seen);
+    let (status, err) = post(&c, "/tokenize", &json!({"model": "nope", "prompt": "x"})).await;
+    assert_eq!(status, 404, "{err}");
+
+    // The engine's own refusal: an id beyond its vocabulary.
+    let (status, err) =
+        post(&c, "/detokenize", &json!({"model": "m", "tokens": [4_000_000_000u64]})).await;
+    assert_eq!(status, 400, "{err}");
+    assert!(err.contains("not in the vocabulary"), "{err}");
+}
+
 /// A stream of several choices cannot move to another engine: a continuation carries one
 /// text on from where it stopped, and each choice stopped at its own point. When its engine
 /// crashes after output, it ends with an error event rather than going on wrong.

@@ -54,7 +54,37 @@ const RESPONSES_FIELDS: &[&str] = &[
     "previous_response_id",
 ];
 
+/// Fields of the engines' `/tokenize` and `/detokenize` bodies (vLLM's, SGLang's, llama.cpp's).
+const TOKENIZE_FIELDS: &[&str] =
+    &["model", "prompt", "messages", "content", "tokens", "add_special_tokens", "with_pieces"];
+
 proptest! {
+    /// Any `/tokenize` or `/detokenize` body is refused naming one of its fields (or the body),
+    /// or accepted; never a panic. A well-formed one is accepted.
+    #[test]
+    fn any_tokenize_body_is_accepted_or_refused_naming_a_field(
+        body in prop_oneof![any::<String>(), object_with(TOKENIZE_FIELDS).prop_map(|v| v.to_string())],
+        detokenize in any::<bool>(),
+        text in "[a-z ]{0,40}",
+        ids in proptest::collection::vec(0..u32::MAX, 0..20),
+    ) {
+        if let Err(e) = dispatch::openai::check_tokenize_body(&body, detokenize, &config()) {
+            let field = named_field(&e);
+            prop_assert!(
+                field.as_deref().is_some_and(|f| f == "body"
+                    || TOKENIZE_FIELDS.iter().any(|k| f == *k || f.starts_with(&format!("{k}[")))),
+                "{:?} from {}", e, body
+            );
+        }
+        for good in [json!({ "model": "m", "prompt": text }), json!({ "model": "m", "content": text })] {
+            prop_assert!(dispatch::openai::check_tokenize_body(&good.to_string(), false, &config()).is_ok());
+        }
+        let chat = json!({ "model": "m", "messages": [{ "role": "user", "content": text }] });
+        prop_assert!(dispatch::openai::check_tokenize_body(&chat.to_string(), false, &config()).is_ok());
+        let back = json!({ "model": "m", "tokens": ids });
+        prop_assert!(dispatch::openai::check_tokenize_body(&back.to_string(), true, &config()).is_ok());
+    }
+
     /// Any embeddings body is refused naming one of its fields (or the body), or accepted;
     /// never a panic.
     #[test]

@@ -2,7 +2,8 @@
 //! `POST /v1/chat/completions`, with and without `stream: true` (server-sent events ending in
 //! `data: [DONE]`), `POST /v1/responses` (OpenAI's Responses API: relayed to an engine that
 //! serves it, or written here over a backend that answers with text; typed events,
-//! `event: <type>`, no `[DONE]`), `POST /v1/embeddings`, and errors in
+//! `event: <type>`, no `[DONE]`), `POST /v1/embeddings`, the engines' own `POST /tokenize` and
+//! `POST /detokenize`, and errors in
 //! OpenAI's JSON shape with the matching HTTP status, so the official `openai` clients work
 //! unchanged.
 
@@ -46,12 +47,14 @@ pub fn router(dispatch: Dispatch) -> axum::Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/responses", post(responses))
         .route("/v1/embeddings", post(embeddings))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
         .route("/health", get(|| async { "ok" }))
         .fallback(|| async {
             error_response(&DispatchError::invalid(
                 "path",
                 "no such endpoint; see /v1/models, /v1/completions, /v1/chat/completions, \
-                 /v1/responses, /v1/embeddings",
+                 /v1/responses, /v1/embeddings, /tokenize, /detokenize",
             ))
             .with_status(404)
         })
@@ -96,9 +99,12 @@ impl stack::Surface for Http {
 
     fn classify(method: &axum::http::Method, path: &str) -> (Needed, bool) {
         match path {
-            "/v1/completions" | "/v1/chat/completions" | "/v1/responses" | "/v1/embeddings" => {
-                (Needed::Inference, method == axum::http::Method::POST)
-            }
+            "/v1/completions"
+            | "/v1/chat/completions"
+            | "/v1/responses"
+            | "/v1/embeddings"
+            | "/tokenize"
+            | "/detokenize" => (Needed::Inference, method == axum::http::Method::POST),
             "/v1/models" => (Needed::Read, false),
             p if p.starts_with("/v1/models/") => (Needed::Read, false),
             // ServerlessLLM's admin API.
@@ -592,6 +598,19 @@ pub fn check_embeddings_body(
     crate::request::validate(&mut job, config)
 }
 
+/// Checks a `/tokenize` body (or, with `detokenize`, a `/detokenize` one) as Dispatch would
+/// under `config`'s limits, without serving it: for property tests and fuzzing. A refusal
+/// names the offending field.
+pub fn check_tokenize_body(
+    raw: &str,
+    detokenize: bool,
+    config: &crate::DispatchConfig,
+) -> Result<(), DispatchError> {
+    let entry = if detokenize { DETOKENIZE_ENTRY } else { TOKENIZE_ENTRY };
+    let mut job = parse_tokenize(raw, String::new(), "check".into(), entry)?;
+    crate::request::validate(&mut job, config)
+}
+
 fn traceparent(headers: &HeaderMap) -> String {
     headers.get("traceparent").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string()
 }
@@ -962,13 +981,7 @@ pub(crate) fn parse_embeddings(
     entry: &'static str,
 ) -> Result<Job, DispatchError> {
     let body = body_json(raw)?;
-    let model = match body.get("model") {
-        Some(Value::String(m)) if !m.is_empty() => m.clone(),
-        None | Some(Value::Null) => return Err(DispatchError::invalid("model", "is required")),
-        Some(v) => {
-            return Err(DispatchError::invalid("model", format!("must be a string, got {v}")));
-        }
-    };
+    let model = model_field(&body)?;
     let size = embedding_input_size(body.get("input"))?;
     match body.get("encoding_format") {
         None | Some(Value::Null) => {}
@@ -990,56 +1003,199 @@ pub(crate) fn parse_embeddings(
             ));
         }
     }
-    let openai = pb::OpenAiRequest {
-        endpoint: pb::OpenAiEndpoint::Embeddings as i32,
-        body: raw.to_string(),
-        response_id: response_id.clone(),
-        created: now_s() as i64,
-        model: model.clone(),
+    let answer = Answer { id: response_id, created: now_s() as i64 };
+    let endpoint = pb::OpenAiEndpoint::Embeddings;
+    whole_answer_job(raw, &body, (model, size), endpoint, traceparent, &answer, entry)
+}
+
+/// A body's `model`: required, a non-empty string.
+fn model_field(body: &Value) -> Result<String, DispatchError> {
+    match body.get("model") {
+        Some(Value::String(m)) if !m.is_empty() => Ok(m.clone()),
+        None | Some(Value::Null) => Err(DispatchError::invalid("model", "is required")),
+        Some(v) => Err(DispatchError::invalid("model", format!("must be a string, got {v}"))),
+    }
+}
+
+/// The job of a request whose answer is one JSON body the engine writes whole (embeddings,
+/// tokenize, detokenize): `size` bytes of input count against the prompt limit; the engine
+/// reads `raw`, with only `model` rewritten.
+fn whole_answer_job(
+    raw: &str,
+    body: &Value,
+    (model, size): (String, usize),
+    endpoint: pb::OpenAiEndpoint,
+    traceparent: String,
+    answer: &Answer,
+    entry: &'static str,
+) -> Result<Job, DispatchError> {
+    let params = pb::SamplingParams { max_tokens: 1, ..Default::default() };
+    let mut job = relayed_job(raw, traceparent, endpoint, entry, answer, model, params);
+    // Only its size matters here (the prompt limit); the engine reads the body.
+    job.input = Input::Prompt(" ".repeat(size));
+    job.adapter_name = match body.get("lora_adapter_name") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(v) => {
+            return Err(DispatchError::invalid(
+                "lora_adapter_name",
+                format!("must be a string, got {v}"),
+            ));
+        }
     };
-    Ok(Job {
-        id: response_id,
-        model,
-        // Only its size matters here (the prompt limit); the engine reads the body.
-        input: Input::Prompt(" ".repeat(size)),
-        params: pb::SamplingParams { max_tokens: 1, ..Default::default() },
-        progress: false,
-        deadline: None,
-        traceparent,
-        baggage: String::new(),
-        entry,
-        openai: Some(openai),
-        adapter_name: match body.get("lora_adapter_name") {
-            None | Some(Value::Null) => None,
-            Some(Value::String(s)) => Some(s.clone()),
+    Ok(job)
+}
+
+pub(crate) const TOKENIZE_ENTRY: &str = "POST /tokenize";
+pub(crate) const DETOKENIZE_ENTRY: &str = "POST /detokenize";
+
+/// A `/tokenize` or `/detokenize` body as a job. The engines' own endpoints (vLLM, SGLang
+/// and llama.cpp serve both), whose bodies differ by engine, so only what routes and bounds
+/// the request is read: `model`; to tokenize, text in `prompt` (vLLM, SGLang: a text or a
+/// list of texts), `messages` (vLLM: a chat, through the engine's template) or `content`
+/// (llama.cpp); to detokenize, `tokens`, a list of token ids. Every field goes to the engine
+/// as sent.
+pub(crate) fn parse_tokenize(
+    raw: &str,
+    traceparent: String,
+    response_id: String,
+    entry: &'static str,
+) -> Result<Job, DispatchError> {
+    let body = body_json(raw)?;
+    let model = model_field(&body)?;
+    let (size, endpoint) = if entry == DETOKENIZE_ENTRY {
+        (token_list_size(body.get("tokens"))?, pb::OpenAiEndpoint::Detokenize)
+    } else {
+        (tokenize_input_size(&body)?, pb::OpenAiEndpoint::Tokenize)
+    };
+    let answer = Answer { id: response_id, created: now_s() as i64 };
+    whole_answer_job(raw, &body, (model, size), endpoint, traceparent, &answer, entry)
+}
+
+/// The size of what `/tokenize` is asked to tokenize (its texts' bytes; a chat's JSON).
+fn tokenize_input_size(body: &Value) -> Result<usize, DispatchError> {
+    let mut size = 0;
+    let mut given = false;
+    for field in ["prompt", "content"] {
+        match body.get(field) {
+            None | Some(Value::Null) => {}
+            Some(Value::String(s)) => {
+                given = true;
+                size += s.len();
+            }
+            Some(Value::Array(items)) => {
+                given = true;
+                for (i, item) in items.iter().enumerate() {
+                    size += match item {
+                        Value::String(s) => s.len(),
+                        _ => {
+                            return Err(DispatchError::invalid(
+                                &format!("{field}[{i}]"),
+                                format!("must be a text, got {item}"),
+                            ));
+                        }
+                    };
+                }
+            }
             Some(v) => {
                 return Err(DispatchError::invalid(
-                    "lora_adapter_name",
-                    format!("must be a string, got {v}"),
+                    field,
+                    format!("must be a text or a list of texts, got {v}"),
                 ));
             }
-        },
-        adapter: None,
-        choices: 1,
-    })
+        }
+    }
+    match body.get("messages") {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(items)) if !items.is_empty() => {
+            given = true;
+            for (i, m) in items.iter().enumerate() {
+                if !m.is_object() {
+                    return Err(DispatchError::invalid(
+                        &format!("messages[{i}]"),
+                        "must be an object with a role and content",
+                    ));
+                }
+                size += m.to_string().len();
+            }
+        }
+        Some(_) => {
+            return Err(DispatchError::invalid("messages", "must be a non-empty list of messages"));
+        }
+    }
+    if !given {
+        return Err(DispatchError::invalid(
+            "prompt",
+            "is required: the text to tokenize (or `messages`, a chat; or `content`, as \
+             llama.cpp's server names it)",
+        ));
+    }
+    Ok(size)
+}
+
+/// The size of `/detokenize`'s `tokens` (four bytes an id): a list of token ids.
+fn token_list_size(tokens: Option<&Value>) -> Result<usize, DispatchError> {
+    let items = match tokens {
+        None | Some(Value::Null) => return Err(DispatchError::invalid("tokens", "is required")),
+        Some(Value::Array(items)) => items,
+        Some(v) => {
+            return Err(DispatchError::invalid(
+                "tokens",
+                format!("must be a list of token ids, got {v}"),
+            ));
+        }
+    };
+    for (i, t) in items.iter().enumerate() {
+        if t.as_u64().and_then(|id| u32::try_from(id).ok()).is_none() {
+            return Err(DispatchError::invalid(
+                &format!("tokens[{i}]"),
+                format!("must be a token id (a whole number from 0), got {t}"),
+            ));
+        }
+    }
+    Ok(items.len() * 4)
 }
 
 /// `POST /v1/embeddings`: routed, held and limited as generation is; the engine's answer comes
 /// back as it wrote it (with sllm's `model`).
 async fn embeddings(State(d): State<Dispatch>, headers: HeaderMap, raw: String) -> Response {
     let id = format!("embd-{}", uuid::Uuid::now_v7().simple());
-    let result = async {
-        let job = parse_embeddings(&raw, traceparent(&headers), id.clone(), "POST /v1/embeddings")?;
-        collect(d.submit(job).await?).await
-    };
+    let job = parse_embeddings(&raw, traceparent(&headers), id.clone(), "POST /v1/embeddings");
+    whole_answer(d, job, &id, "embeddings").await
+}
+
+/// `POST /tokenize`: to the engine's own, routed and held as generation is (a model scaled to
+/// zero starts); its answer comes back as the engine wrote it.
+async fn tokenize(State(d): State<Dispatch>, headers: HeaderMap, raw: String) -> Response {
+    let id = format!("tokn-{}", uuid::Uuid::now_v7().simple());
+    let job = parse_tokenize(&raw, traceparent(&headers), id.clone(), TOKENIZE_ENTRY);
+    whole_answer(d, job, &id, "tokens").await
+}
+
+/// `POST /detokenize`: as [`tokenize`].
+async fn detokenize(State(d): State<Dispatch>, headers: HeaderMap, raw: String) -> Response {
+    let id = format!("dtok-{}", uuid::Uuid::now_v7().simple());
+    let job = parse_tokenize(&raw, traceparent(&headers), id.clone(), DETOKENIZE_ENTRY);
+    whole_answer(d, job, &id, "text").await
+}
+
+/// Submits `job` and answers with the one JSON body its engine wrote (`what` it should hold,
+/// for the error when a backend answers with generated text instead).
+async fn whole_answer(
+    d: Dispatch,
+    job: Result<Job, DispatchError>,
+    id: &str,
+    what: &str,
+) -> Response {
+    let result = async { collect(d.submit(job?).await?).await };
     let response = match result.await {
         Ok(Collected::Relayed(body)) => json_body(body),
-        Ok(Collected::Text(..)) => error_response(&DispatchError::Unavailable(
-            "the backend answered with text, not embeddings".into(),
-        )),
+        Ok(Collected::Text(..)) => error_response(&DispatchError::Unavailable(format!(
+            "the backend answered with generated text, not {what}"
+        ))),
         Err(e) => error_response(&e),
     };
-    with_request_id(response, &id)
+    with_request_id(response, id)
 }
 
 /// `response` with the request's id in its `x-request-id` header, as OpenAI's API sends it

@@ -175,6 +175,8 @@ impl Dispatch {
         // The GenAI conventions' names: a Responses API request is a chat.
         let operation = match job.entry {
             "POST /v1/embeddings" | "sllm.v1.Dispatch/Embed" => "embeddings",
+            crate::openai::TOKENIZE_ENTRY => "tokenize",
+            crate::openai::DETOKENIZE_ENTRY => "detokenize",
             crate::openai::RESPONSES_ENTRY => "chat",
             _ if matches!(job.input, Input::Chat(_)) => "chat",
             _ => "text_completion",

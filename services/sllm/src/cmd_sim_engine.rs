@@ -1,5 +1,6 @@
 //! `sllm sim-engine`: the GPU simulator served as an OpenAI-compatible HTTP engine (`/health`,
-//! `/v1/models`, `/v1/completions`, `/v1/chat/completions`, SSE, and vLLM's LoRA surface:
+//! `/v1/models`, `/v1/completions`, `/v1/chat/completions`, SSE, `/tokenize` and `/detokenize`
+//! in vLLM's shape, and vLLM's LoRA surface:
 //! `--lora-modules`, `/v1/load_lora_adapter`, `/v1/unload_lora_adapter`, an adapter served as a
 //! model of its own name), so the engine backend is tested through the same process supervision
 //! and HTTP path a vLLM server would use. Like vLLM it takes a completion's prompt as token ids
@@ -151,6 +152,18 @@ pub async fn run(a: SimEngineArgs) -> Result<()> {
         .route("/v1/models", axum::routing::get(models))
         .route("/v1/completions", axum::routing::post(completions))
         .route("/v1/chat/completions", axum::routing::post(chat))
+        .route(
+            "/tokenize",
+            axum::routing::post(|e: State<Engine>, body: String| {
+                tokenizer(e, worker::tokenize::Endpoint::Tokenize, body)
+            }),
+        )
+        .route(
+            "/detokenize",
+            axum::routing::post(|e: State<Engine>, body: String| {
+                tokenizer(e, worker::tokenize::Endpoint::Detokenize, body)
+            }),
+        )
         .route("/model_info", axum::routing::get(model_info))
         .route("/get_model_info", axum::routing::get(model_info))
         .route("/server_info", axum::routing::get(server_info))
@@ -379,6 +392,24 @@ async fn chat(
 }
 
 /// An error in the shape vLLM's OpenAI server gives.
+/// vLLM's `/tokenize` and `/detokenize`, over the simulator's vocabulary (with `--merges`, its
+/// merged pairs) and reporting `--max-model-len`.
+async fn tokenizer(
+    State(e): State<Engine>,
+    endpoint: worker::tokenize::Endpoint,
+    body: String,
+) -> Response {
+    if let Ok(mut last) = e.last_request.lock() {
+        *last = serde_json::from_str(&body).unwrap_or(Value::Null);
+    }
+    match worker::tokenize::answer(endpoint, &body, e.merges, e.max_model_len) {
+        Ok(answer) => {
+            ([(axum::http::header::CONTENT_TYPE, "application/json")], answer).into_response()
+        }
+        Err(f) => engine_error(StatusCode::BAD_REQUEST, &f.message),
+    }
+}
+
 fn engine_error(status: StatusCode, message: &str) -> Response {
     let body = json!({ "error": { "message": message, "type": "BadRequestError", "param": null, "code": status.as_u16() } });
     (status, Json(body)).into_response()

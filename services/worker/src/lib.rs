@@ -13,6 +13,7 @@ pub mod embed;
 pub mod engine;
 pub mod openai;
 pub mod sim;
+pub mod tokenize;
 pub mod vocab;
 
 pub use agent::{Agent, AgentConfig, AgentState};

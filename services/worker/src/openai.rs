@@ -265,10 +265,22 @@ pub struct Relay {
     pub model: String,
     /// The client asked for a usage event (`stream_options.include_usage`).
     pub include_usage: bool,
+    /// What the engine's answer is, and so what of it is sllm's to set.
+    pub shape: Shape,
+}
+
+/// The kinds of answer an engine relays to an OpenAI client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// Chat, completions and embeddings: events or a body that get sllm's `id`, `created` and
+    /// `model` (an embeddings list only `model`).
+    Stamped,
     /// An answer of the Responses API: typed events ended by the engine's last
     /// (`response.completed`, `.incomplete` or `.failed`), or one body, with `model` set in its
     /// response object; its ids and `created_at` stay the engine's.
-    pub responses: bool,
+    Responses,
+    /// The engine's own endpoints (`/tokenize`, `/detokenize`): one body, relayed unchanged.
+    AsWritten,
 }
 
 fn invalid(field: &str, why: impl std::fmt::Display) -> Failure {
@@ -450,15 +462,17 @@ fn relayed(
     body.remove("lora_adapter_name");
     let endpoint = pb::OpenAiEndpoint::try_from(o.endpoint).ok();
     let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
-    // (path, streamed, the client asked for usage, a Responses API answer)
-    let (path, stream, include_usage, responses) = match endpoint {
+    // (path, streamed, the client asked for usage, the answer's shape)
+    let (path, stream, include_usage, shape) = match endpoint {
         // One JSON answer, no tokens to bound.
-        Some(pb::OpenAiEndpoint::Embeddings) => ("/v1/embeddings", false, false, false),
+        Some(pb::OpenAiEndpoint::Embeddings) => ("/v1/embeddings", false, false, Shape::Stamped),
+        Some(pb::OpenAiEndpoint::Tokenize) => ("/tokenize", false, false, Shape::AsWritten),
+        Some(pb::OpenAiEndpoint::Detokenize) => ("/detokenize", false, false, Shape::AsWritten),
         // Usage always comes in the engine's last event; no ids are asked for (a Responses
         // stream never moves).
         Some(pb::OpenAiEndpoint::Responses) => {
             body.entry("max_output_tokens").or_insert_with(|| json!(job.params.max_tokens));
-            ("/v1/responses", stream, true, true)
+            ("/v1/responses", stream, true, Shape::Responses)
         }
         _ => {
             if !body.contains_key("max_tokens") && !body.contains_key("max_completion_tokens") {
@@ -480,7 +494,7 @@ fn relayed(
                 if chat { "/v1/chat/completions" } else { "/v1/completions" },
                 stream,
                 include_usage,
-                false,
+                Shape::Stamped,
             )
         }
     };
@@ -493,7 +507,7 @@ fn relayed(
             created: o.created,
             model: o.model.clone(),
             include_usage,
-            responses,
+            shape,
         }),
         logprobs: false,
         max_tokens: job.params.max_tokens,
@@ -634,12 +648,23 @@ fn not_json(e: &serde_json::Error, data: &str) -> Step {
 
 /// The engine's own error report inside a stream, passed on as it wrote it.
 fn reported(data: &str) -> Step {
-    Step::Failed(Failure {
+    Step::Failed(reported_failure(data))
+}
+
+/// The engine's own error report (an event, or a body sent with a success status), passed on
+/// as it wrote it.
+fn reported_failure(data: &str) -> Failure {
+    Failure {
         kind: FailureKind::Engine,
         message: format!("the engine reported an error: {}", error_message(data)),
         http_status: 0,
         body: data.to_string(),
-    })
+    }
+}
+
+/// A whole answer that is not JSON.
+fn body_not_json(e: serde_json::Error) -> Failure {
+    Failure::new(FailureKind::Engine, format!("the engine's answer is not JSON: {e}"))
 }
 
 /// Whether an event or body is an error report rather than an answer.
@@ -822,7 +847,7 @@ impl Reader {
         if data.is_empty() {
             return Step::Output(None);
         }
-        if self.call.relay.as_ref().is_some_and(|r| r.responses) {
+        if self.call.relay.as_ref().is_some_and(|r| r.shape == Shape::Responses) {
             return self.responses_event(data);
         }
         match self.relay_event(data) {
@@ -1379,24 +1404,30 @@ impl Reader {
 
     /// Reads a whole (not streamed) answer: its output, then its end.
     pub fn body(&mut self, body: &str) -> Result<(Output, Output), Failure> {
+        if self.call.relay.as_ref().is_some_and(|r| r.shape == Shape::AsWritten) {
+            return self.as_written(body);
+        }
         match self.relay_body(body) {
             Some(read) => Ok(read),
             None => self.tree_body(body),
         }
     }
 
+    /// Reads a whole answer that goes to the client unchanged (the engine's own endpoints):
+    /// an error the engine reported in a successful reply is still its error.
+    fn as_written(&mut self, body: &str) -> Result<(Output, Output), Failure> {
+        let v: Value = serde_json::from_str(body).map_err(body_not_json)?;
+        if is_error(&v) {
+            return Err(reported_failure(body));
+        }
+        Ok((Output::relayed(String::new(), 0, body.to_string()), self.done()))
+    }
+
     /// Reads a whole answer by way of a JSON tree: any answer [`Reader::relay_body`] does not.
     fn tree_body(&mut self, body: &str) -> Result<(Output, Output), Failure> {
-        let mut v: Value = serde_json::from_str(body).map_err(|e| {
-            Failure::new(FailureKind::Engine, format!("the engine's answer is not JSON: {e}"))
-        })?;
+        let mut v: Value = serde_json::from_str(body).map_err(body_not_json)?;
         if is_error(&v) {
-            return Err(Failure {
-                kind: FailureKind::Engine,
-                message: format!("the engine reported an error: {}", error_message(body)),
-                http_status: 0,
-                body: body.to_string(),
-            });
+            return Err(reported_failure(body));
         }
         self.take_usage(&mut v);
         let choice = v.get("choices").and_then(|c| c.get(0)).cloned().unwrap_or(Value::Null);

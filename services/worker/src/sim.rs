@@ -307,20 +307,9 @@ fn responses_conversation(body: &str) -> Result<Vec<pb::ChatMessage>, Failure> {
         Some(serde_json::Value::Array(items)) => {
             for (i, item) in items.iter().enumerate() {
                 let role = item.get("role").and_then(|r| r.as_str());
-                let content = match item.get("content") {
-                    Some(serde_json::Value::String(t)) => Some(t.clone()),
-                    Some(serde_json::Value::Array(parts)) => parts
-                        .iter()
-                        .map(|p| {
-                            let kind = p.get("type").and_then(|t| t.as_str());
-                            matches!(kind, Some("input_text" | "output_text"))
-                                .then(|| p.get("text").and_then(|t| t.as_str()))
-                                .flatten()
-                        })
-                        .collect::<Option<Vec<&str>>>()
-                        .map(|texts| texts.concat()),
-                    _ => None,
-                };
+                let content = item
+                    .get("content")
+                    .and_then(|c| text_content(c, &["input_text", "output_text"]));
                 match (role, content) {
                     (Some(role), Some(content)) => out.push(text(role, content)),
                     _ => {
@@ -436,8 +425,30 @@ impl SimRequest {
     }
 }
 
+/// A message's content as text: a text, or a list of parts that are all texts of one of the
+/// `kinds` (`{"type": kind, "text": …}`), joined; None for anything else (images, audio).
+pub fn text_content(content: &serde_json::Value, kinds: &[&str]) -> Option<String> {
+    match content {
+        serde_json::Value::String(t) => Some(t.clone()),
+        serde_json::Value::Array(parts) => parts
+            .iter()
+            .map(|p| {
+                let kind = p.get("type").and_then(|t| t.as_str());
+                kind.is_some_and(|k| kinds.contains(&k))
+                    .then(|| p.get("text").and_then(|t| t.as_str()))
+                    .flatten()
+            })
+            .collect::<Option<Vec<&str>>>()
+            .map(|texts| texts.concat()),
+        _ => None,
+    }
+}
+
+/// What the simulator's chat template ends a conversation with, for the answer to follow.
+pub const GENERATION_PROMPT: &str = "assistant:";
+
 /// A chat conversation as the simulator's prompt text (its chat template): `role: content`
-/// lines, then `assistant:`.
+/// lines, then [`GENERATION_PROMPT`].
 pub fn render_chat(messages: &[pb::ChatMessage]) -> String {
     let mut out = String::new();
     for m in messages {
@@ -446,7 +457,7 @@ pub fn render_chat(messages: &[pb::ChatMessage]) -> String {
         out.push_str(&m.content);
         out.push('\n');
     }
-    out.push_str("assistant:");
+    out.push_str(GENERATION_PROMPT);
     out
 }
 
@@ -588,11 +599,43 @@ impl SimBackend {
         }
     }
 
+    /// Answers `/tokenize` or `/detokenize` on a serving instance, at once (no GPU work).
+    async fn run_tokenizer(
+        &self,
+        job: Job,
+        endpoint: crate::tokenize::Endpoint,
+        body: &str,
+        tx: mpsc::Sender<Output>,
+    ) {
+        let answer = match crate::tokenize::answer(endpoint, body, false, None) {
+            Ok(a) => a,
+            Err(f) => {
+                let _ = tx.send(Output::Error(f)).await;
+                return;
+            }
+        };
+        let Some((_, admitted)) = self.admit(&job.instance_id, &tx).await else { return };
+        drop(admitted);
+        if tx.send(Output::relayed("", 0, answer)).await.is_ok() {
+            let done =
+                Output::Done { finish: Finish::Stop, prompt_tokens: 0, completion_tokens: 0 };
+            let _ = tx.send(done).await;
+        }
+    }
+
     async fn run_request(&self, job: Job, tx: mpsc::Sender<Output>) {
-        if let Some(body) = job.openai.clone()
-            && body.endpoint == pb::OpenAiEndpoint::Embeddings as i32
-        {
-            return self.run_embedding(job, body, tx).await;
+        if let Some(body) = job.openai.clone() {
+            let tokenizer = match pb::OpenAiEndpoint::try_from(body.endpoint) {
+                Ok(pb::OpenAiEndpoint::Embeddings) => {
+                    return self.run_embedding(job, body, tx).await;
+                }
+                Ok(pb::OpenAiEndpoint::Tokenize) => Some(crate::tokenize::Endpoint::Tokenize),
+                Ok(pb::OpenAiEndpoint::Detokenize) => Some(crate::tokenize::Endpoint::Detokenize),
+                _ => None,
+            };
+            if let Some(endpoint) = tokenizer {
+                return self.run_tokenizer(job, endpoint, &body.body, tx).await;
+            }
         }
         match SimRequest::from_job(&job) {
             Ok(req) => self.run(job.instance_id, req, tx).await,

@@ -21,6 +21,8 @@ class OpenAiEndpoint(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     OPEN_AI_ENDPOINT_CHAT_COMPLETIONS: _ClassVar[OpenAiEndpoint]
     OPEN_AI_ENDPOINT_EMBEDDINGS: _ClassVar[OpenAiEndpoint]
     OPEN_AI_ENDPOINT_RESPONSES: _ClassVar[OpenAiEndpoint]
+    OPEN_AI_ENDPOINT_TOKENIZE: _ClassVar[OpenAiEndpoint]
+    OPEN_AI_ENDPOINT_DETOKENIZE: _ClassVar[OpenAiEndpoint]
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
@@ -30,6 +32,8 @@ OPEN_AI_ENDPOINT_COMPLETIONS: OpenAiEndpoint
 OPEN_AI_ENDPOINT_CHAT_COMPLETIONS: OpenAiEndpoint
 OPEN_AI_ENDPOINT_EMBEDDINGS: OpenAiEndpoint
 OPEN_AI_ENDPOINT_RESPONSES: OpenAiEndpoint
+OPEN_AI_ENDPOINT_TOKENIZE: OpenAiEndpoint
+OPEN_AI_ENDPOINT_DETOKENIZE: OpenAiEndpoint
 
 class EmbedRequest(_message.Message):
     __slots__ = ("model", "input", "dimensions", "timeout_ms")
