@@ -310,6 +310,13 @@ pub fn validate_adapter_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The context length `config` starts its engine with (`max_model_len`, or llama.cpp's
+/// `context_length`), in tokens: a whole number, or its digits as a string; None if unset.
+pub fn max_model_len(config: &Map<String, Value>) -> Option<u64> {
+    let v = config.get("max_model_len").or_else(|| config.get("context_length"))?;
+    v.as_u64().or_else(|| v.as_str().and_then(|s| s.trim().parse().ok()))
+}
+
 /// The LoRA adapters `config` names (`lora_adapters`: {name: path}), in the config's order.
 pub fn lora_adapters(config: &Map<String, Value>) -> Result<Vec<Adapter>, KeyError> {
     let key = "lora_adapters";
@@ -477,6 +484,16 @@ mod tests {
         ] {
             assert_eq!(check("sim", config.as_object().unwrap()).unwrap_err().key, key);
         }
+    }
+
+    #[test]
+    fn the_context_length_is_read_as_a_number_or_its_digits() {
+        let of = |v: serde_json::Value| max_model_len(v.as_object().unwrap());
+        assert_eq!(of(json!({"max_model_len": 4096})), Some(4096));
+        assert_eq!(of(json!({"max_model_len": "2048"})), Some(2048));
+        assert_eq!(of(json!({"context_length": 512})), Some(512));
+        assert_eq!(of(json!({"max_model_len": -1})), None);
+        assert_eq!(of(json!({"torch_dtype": "float16"})), None);
     }
 
     #[test]

@@ -21,6 +21,16 @@ def check(cond, what):
 
 ids = [m.id for m in client.models.list().data]
 check("m" in ids and "cold" in ids, f"models.list shows the deployments ({ids})")
+short = client.models.retrieve("short")
+check(short.model_extra.get("max_model_len") == 16, f"a card says the context length its deployment sets ({short})")
+check("max_model_len" not in client.models.retrieve("m").model_extra, "and no context length where none is set")
+try:
+    client.completions.create(model="short", prompt="Say hi", max_tokens=20)
+    check(False, "a prompt and max_tokens beyond the context length are refused")
+except openai.BadRequestError as e:
+    check("maximum context length is 16 tokens" in str(e), f"beyond the context length: a 400 as vLLM words it ({str(e)[:100]})")
+r = client.completions.create(model="short", prompt="Say hi", max_tokens=14)
+check(r.usage.completion_tokens == 14, "within the context length, served")
 
 r = client.completions.create(model="m", prompt="Say hi", max_tokens=8, seed=7)
 check(r.choices[0].text == expected, "completion text")

@@ -25,7 +25,12 @@ async fn the_official_openai_client_works_unchanged() {
         })
         .await
         .unwrap();
+    // Started with a context of 16 tokens, which its card says and its engine keeps.
+    let mut short = sllm_integration_tests::sim_deployment("short", 1, 1);
+    short.backend_config = r#"{"max_model_len": 16}"#.into();
+    c.store.create_deployment(&short).await.unwrap();
     c.ready("m", 1).await;
+    c.ready("short", 1).await;
     tokio::time::sleep(Duration::from_millis(800)).await;
     let python = sllm_integration_tests::python().unwrap();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/openai_compat.py");

@@ -46,6 +46,8 @@ pub struct Listed {
     pub parent: Option<String>,
     /// For an adapter, its name.
     pub adapter: Option<String>,
+    /// The context length its engine is started with, where the deployment sets one.
+    pub max_model_len: Option<u64>,
 }
 
 /// Settings of a Dispatch replica.
@@ -412,6 +414,7 @@ impl Dispatch {
                 root: route.name.clone(),
                 parent: None,
                 adapter: None,
+                max_model_len: info.max_model_len,
             });
             for a in info.adapters {
                 out.push(Listed {
@@ -420,6 +423,7 @@ impl Dispatch {
                     root: a.path,
                     parent: Some(route.name.clone()),
                     adapter: Some(a.name),
+                    max_model_len: info.max_model_len,
                 });
             }
         }

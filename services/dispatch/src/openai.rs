@@ -173,16 +173,21 @@ async fn models(State(d): State<Dispatch>) -> Response {
     Json(json!({ "object": "list", "data": data, "models": data })).into_response()
 }
 
-/// One model card: a deployment, or an adapter with `parent` its base model and `root` its path.
+/// One model card: a deployment, or an adapter with `parent` its base model and `root` its path;
+/// with `max_model_len`, as vLLM's and SGLang's cards have it, where the deployment sets it.
 fn model_card(m: &crate::Listed) -> Value {
-    json!({
+    let mut card = json!({
         "id": m.id,
         "object": "model",
         "created": m.created,
         "owned_by": "sllm",
         "root": m.root,
         "parent": m.parent,
-    })
+    });
+    if let Some(len) = m.max_model_len {
+        card["max_model_len"] = json!(len);
+    }
+    card
 }
 
 /// `GET /v1/models/{id}`: a deployment by name, or an adapter by `base:adapter` or by its

@@ -121,18 +121,20 @@ pub(crate) struct RouteInfo {
     pub(crate) created_s: u64,
     /// Its LoRA adapters, in the deployment's order.
     pub(crate) adapters: Vec<sllm_api::backend_config::Adapter>,
+    /// The context length its engine is started with, where the deployment sets one.
+    pub(crate) max_model_len: Option<u64>,
 }
 
 impl RouteInfo {
     /// The listing of a stored deployment.
     pub(crate) fn of(d: &kvstore::DeploymentRecord) -> RouteInfo {
-        let adapters = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(
+        let config = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(
             &d.spec.backend_config,
         )
-        .ok()
-        .and_then(|config| sllm_api::backend_config::lora_adapters(&config).ok())
         .unwrap_or_default();
-        RouteInfo { created_s: d.created_ms / 1000, adapters }
+        let adapters = sllm_api::backend_config::lora_adapters(&config).unwrap_or_default();
+        let max_model_len = sllm_api::backend_config::max_model_len(&config);
+        RouteInfo { created_s: d.created_ms / 1000, adapters, max_model_len }
     }
 }
 

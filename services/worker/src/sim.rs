@@ -119,6 +119,9 @@ struct SimInstance {
     in_flight: usize,
     tokens: u64,
     cancel: CancellationToken,
+    /// The deployment's `max_model_len`: a prompt and its max_tokens above it are refused, as
+    /// vLLM refuses them.
+    max_model_len: Option<u64>,
 }
 
 struct State {
@@ -661,6 +664,19 @@ impl SimBackend {
             Some(ids) => ids.len().max(1),
             None => req.prompt.split_whitespace().count().max(1),
         } as u32;
+        let limit =
+            self.with_state(|s| s.instances.get(&instance_id).and_then(|i| i.max_model_len));
+        let asked = u64::from(prompt_tokens) + u64::from(req.max_tokens);
+        if let Some(len) = limit.filter(|len| asked > *len) {
+            let why = format!(
+                "This model's maximum context length is {len} tokens. However, you requested \
+                 {asked} tokens ({prompt_tokens} in the messages, {} in the completion). Please \
+                 reduce the length of the messages or completion.",
+                req.max_tokens
+            );
+            let _ = tx.send(Output::Error(Failure::unsupported("max_tokens", why))).await;
+            return;
+        }
         let prefill = self.config.scaled(self.config.prefill_per_token * prompt_tokens);
         let mut produced = 0u32;
         let (before, before_tokens) = req.continued.clone().unwrap_or_default();
@@ -834,6 +850,11 @@ impl Backend for SimBackend {
             return Err(BackendError::Unsupported(format!("model {} (simulated)", spec.model)));
         }
         let cancel = CancellationToken::new();
+        let max_model_len = spec.backend_config.as_ref().and_then(|c| {
+            sllm_api::json::struct_to_json(c)
+                .as_object()
+                .and_then(sllm_api::backend_config::max_model_len)
+        });
         let started = self.with_state(|s| {
             if s.instances.contains_key(&spec.instance_id) {
                 return Ok(false);
@@ -853,6 +874,7 @@ impl Backend for SimBackend {
                     in_flight: 0,
                     tokens: 0,
                     cancel: cancel.clone(),
+                    max_model_len,
                 },
             );
             Ok(true)
@@ -1115,6 +1137,40 @@ mod tests {
         let c: Vec<String> = (0..8).map(|i| token_text(8, "hello", i)).collect();
         assert_eq!(a, b);
         assert_ne!(a, c);
+    }
+
+    /// A deployment's `max_model_len` holds: a prompt and its max_tokens above it are refused
+    /// with vLLM's message, naming max_tokens; within it, the request is served.
+    #[tokio::test]
+    async fn the_context_length_of_the_deployment_is_kept() {
+        let (sim, mut events) = SimBackend::new(fast());
+        let mut s = spec("i1", "hot", &[0]);
+        s.backend_config =
+            Some(sllm_api::json::json_to_struct(&serde_json::json!({"max_model_len": 10})));
+        sim.start(s).expect("starts");
+        events.recv().await;
+        assert!(matches!(events.recv().await, Some(InstanceEvent::Ready { .. })));
+        let last = |max_tokens| {
+            let mut out = sim.generate(job("i1", "say hi there", max_tokens, 1)).spawn();
+            async move {
+                let mut last = None;
+                while let Some(o) = out.recv().await {
+                    last = Some(o);
+                }
+                last
+            }
+        };
+        match last(8).await {
+            Some(Output::Error(f)) => {
+                assert_eq!(f.kind, crate::backend::FailureKind::Invalid);
+                assert!(f.message.starts_with("invalid max_tokens:"), "{}", f.message);
+                assert!(f.message.contains("maximum context length is 10 tokens"), "{}", f.message);
+                assert!(f.message.contains("11 tokens (3 in the messages, 8 in"), "{}", f.message);
+            }
+            other => panic!("{other:?}"),
+        }
+        let served = last(7).await;
+        assert!(matches!(served, Some(Output::Done { completion_tokens: 7, .. })), "{served:?}");
     }
 
     #[tokio::test]
