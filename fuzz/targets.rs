@@ -43,7 +43,7 @@ pub fn deploy_json(s: &str) {
     }
 }
 
-/// An OpenAI completion, chat or Responses API body, or the engines' `/tokenize` and
+/// An OpenAI completion, chat, Responses API or rerank body, or the engines' `/tokenize` and
 /// `/detokenize` bodies, parsed and checked as the API does.
 pub fn openai_body(s: &str) {
     let secret = service::JoinSecret::new("fuzz-secret-0123456789").expect("a long enough secret");
@@ -54,6 +54,7 @@ pub fn openai_body(s: &str) {
         dispatch::openai::check_responses_body(s, &config),
         dispatch::openai::check_tokenize_body(s, false, &config),
         dispatch::openai::check_tokenize_body(s, true, &config),
+        dispatch::openai::check_rerank_body(s, &config),
     ];
     for checked in checks {
         match checked {

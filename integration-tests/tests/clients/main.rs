@@ -9,7 +9,7 @@ mod grpcurl;
 mod quickstart;
 mod sdk;
 mod serverlessllm;
-mod tokenize;
+mod tokens_and_ranks;
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -79,6 +79,34 @@ impl Up {
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.grpc)
     }
+}
+
+/// POSTs `body` to `path` on the OpenAI port with curl: the status, the `x-request-id` header
+/// and the body.
+pub async fn post_json(
+    up: &Up,
+    path: &str,
+    body: &serde_json::Value,
+) -> (u16, String, serde_json::Value) {
+    let base = up.openai.trim_end_matches("/v1");
+    let o = tokio::process::Command::new("curl")
+        .args(["-s", "--max-time", "60", "-D", "-", "-w", "\n%{http_code}"])
+        .args(["-H", "Content-Type: application/json", "-d", &body.to_string()])
+        .arg(format!("{base}{path}"))
+        .output()
+        .await
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let (head, rest) = out.split_once("\r\n\r\n").unwrap_or_else(|| panic!("{out}"));
+    let (answer, status) = rest.rsplit_once('\n').unwrap();
+    let id = head
+        .lines()
+        .find_map(|l| l.strip_prefix("x-request-id: "))
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let answer = serde_json::from_str(answer).unwrap_or_else(|e| panic!("{e}: {answer}"));
+    (status.trim().parse().unwrap(), id, answer)
 }
 
 pub fn root() -> PathBuf {

@@ -514,6 +514,69 @@ async fn llama_cpp_embeddings_through_sllm_match_the_server_alone() {
     direct.kill();
 }
 
+/// Rerank on a real llama-server run with `--reranking` (set in the deployment's
+/// backend_config): through sllm, at `/v1/rerank` and `/rerank`, the same ranking and scores as
+/// the server alone, with the client's model; the first call starts the engine.
+#[tokio::test]
+async fn llama_cpp_rerank_through_sllm_matches_the_server_alone() {
+    let server = llama_server();
+    let models = tempfile::tempdir().unwrap();
+    let model = tiny_model(&server, models.path());
+    let c = cluster().await;
+    let registry = Served::model_registry(c.store.clone()).await.unwrap();
+    deploy_llama(&registry, "tiny-rerank", serde_json::json!({"reranking": true})).await.unwrap();
+    let (mut direct, port) = llama_alone(
+        &server,
+        &model,
+        "--alias tiny-rerank --reranking --parallel 1 --threads 1 --ctx-size 1024",
+    );
+    let _agent = llama_worker(&c, &server, models.path(), "llama-rerank-host");
+
+    let body = serde_json::json!({
+        "model": "tiny-rerank",
+        "query": "What is a fox?",
+        "documents": ["A fox is an animal", "Paris is a city", "hello", "foxes live in dens"],
+        "top_n": 3,
+    });
+    let sllm_base = c.dispatch.openai_base();
+    let sllm_root = sllm_base.trim_end_matches("/v1");
+    let direct_root = format!("http://127.0.0.1:{port}");
+    let (status, alone) = post_to(&direct_root, "/v1/rerank", &body).await;
+    assert_eq!(status, 200, "{alone}");
+    let alone: serde_json::Value = serde_json::from_str(&alone).unwrap();
+    for path in ["/v1/rerank", "/rerank"] {
+        let (status, via) = post_to(sllm_root, path, &body).await;
+        assert_eq!(status, 200, "{path}: {via}");
+        let via: serde_json::Value = serde_json::from_str(&via).unwrap();
+        assert_eq!(via["model"], "tiny-rerank", "{via}");
+        assert_eq!(via["usage"], alone["usage"], "{via}");
+        let ranked = |v: &serde_json::Value| -> Vec<(u64, f64)> {
+            v["results"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| (r["index"].as_u64().unwrap(), r["relevance_score"].as_f64().unwrap()))
+                .collect()
+        };
+        let (a, b) = (ranked(&via), ranked(&alone));
+        assert_eq!(a.len(), 3, "top_n: {via}");
+        assert_eq!(
+            a.iter().map(|r| r.0).collect::<Vec<_>>(),
+            b.iter().map(|r| r.0).collect::<Vec<_>>()
+        );
+        assert!(a.iter().zip(&b).all(|(x, y)| (x.1 - y.1).abs() < 1e-4), "{a:?} against {b:?}");
+    }
+    // Documents as objects, which vLLM takes: llama.cpp refuses them itself, and its 400 and
+    // message come back.
+    let objects = serde_json::json!({
+        "model": "tiny-rerank", "query": "q", "documents": [{"text": "a fox"}],
+    });
+    let (status, err) = post_to(sllm_root, "/v1/rerank", &objects).await;
+    assert_eq!(status, 400, "{err}");
+    assert!(err.contains("must be a non-empty string array"), "{err}");
+    direct.kill();
+}
+
 /// LoRA on a real llama-server: a deployment's adapter (`scripts/tiny-gguf.py --lora`) is
 /// given to the engine at start, and each request picks it or not, through sllm, with the
 /// same text as the server alone with the adapter at scale 1 or 0.

@@ -127,6 +127,20 @@ fn request(model: &str, max_tokens: u32) -> pb::GenerateRequest {
     }
 }
 
+/// POSTs `body` to `path` at `base` (`http://host:port`); the status and the raw response body.
+pub(crate) async fn post_to(base: &str, path: &str, body: &serde_json::Value) -> (u16, String) {
+    let o = tokio::process::Command::new("curl")
+        .args(["-s", "-N", "--max-time", "60", "-w", "\n%{http_code}"])
+        .args(["-H", "Content-Type: application/json", "-d", &body.to_string()])
+        .arg(format!("{base}{path}"))
+        .output()
+        .await
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let (body, status) = out.rsplit_once('\n').unwrap();
+    (status.trim().parse().unwrap(), body.to_string())
+}
+
 async fn curl(url: &str) -> Option<String> {
     let o = tokio::process::Command::new("curl")
         .args(["-sf", "--max-time", "2", url])

@@ -16,20 +16,6 @@ async fn post(c: &Cluster, path: &str, body: &Value) -> (u16, String) {
     post_to(c.dispatch.openai_base().trim_end_matches("/v1"), path, body).await
 }
 
-/// POSTs `body` to `path` at `base` (`http://host:port`); the status and the raw response body.
-async fn post_to(base: &str, path: &str, body: &Value) -> (u16, String) {
-    let o = tokio::process::Command::new("curl")
-        .args(["-s", "-N", "--max-time", "20", "-w", "\n%{http_code}"])
-        .args(["-H", "Content-Type: application/json", "-d", &body.to_string()])
-        .arg(format!("{base}{path}"))
-        .output()
-        .await
-        .unwrap();
-    let out = String::from_utf8_lossy(&o.stdout).into_owned();
-    let (body, status) = out.rsplit_once('\n').unwrap();
-    (status.trim().parse().unwrap(), body.to_string())
-}
-
 /// The JSON payloads of a server-sent event stream.
 fn events(sse: &str) -> Vec<String> {
     sse.lines().filter_map(|l| l.strip_prefix("data: ")).map(str::to_string).collect()
@@ -792,6 +778,63 @@ async fn tokenize_and_detokenize_come_back_as_the_engine_answers_them() {
         post(&c, "/detokenize", &json!({"model": "m", "tokens": [4_000_000_000u64]})).await;
     assert_eq!(status, 400, "{err}");
     assert!(err.contains("not in the vocabulary"), "{err}");
+}
+
+/// Rerank (vLLM's `/v1/rerank` shape, from `sllm sim-engine`): the body reaches the engine as
+/// sent, the ranking comes back as the engine gives it alone, with its own id and the client's
+/// model; at `/rerank` too. What sllm cannot route is refused by name before the engine sees it;
+/// the engine's own refusal comes back as it wrote it.
+#[tokio::test]
+async fn a_rerank_comes_back_as_the_engine_ranks() {
+    let c = cluster().await;
+    let w = engine_worker(&c, "", Duration::from_secs(20)).await;
+    deploy(&c.store, "m").await;
+    let endpoint = ready_engine(&c, &w).await;
+
+    let body = json!({
+        "model": "m", "query": "What is a fox?", "top_n": 2,
+        "documents": ["Paris is a city", "A fox is an animal", {"text": "hello"}],
+    });
+    for path in ["/v1/rerank", "/rerank"] {
+        let (status, via) = post(&c, path, &body).await;
+        assert_eq!(status, 200, "{via}");
+        assert_eq!(engine_json(&endpoint, "/debug/last-request").await, body);
+        let (status, alone) = post_to(&endpoint, "/v1/rerank", &body).await;
+        assert_eq!(status, 200, "{alone}");
+        let (via, alone): (Value, Value) =
+            (serde_json::from_str(&via).unwrap(), serde_json::from_str(&alone).unwrap());
+        assert_eq!(via["results"], alone["results"]);
+        assert_eq!(via["usage"], alone["usage"]);
+        assert_eq!(via["model"], "m");
+        assert!(via["id"].as_str().unwrap().starts_with("rerank-"), "the engine's id: {via}");
+        assert!(via.get("created").is_none(), "nothing the engine did not write: {via}");
+        let order: Vec<u64> = via["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["index"].as_u64().unwrap())
+            .collect();
+        assert_eq!(order, [1, 0], "{via}");
+    }
+
+    let seen = engine_json(&endpoint, "/debug/last-request").await;
+    for (body, field) in [
+        (json!({"query": "q", "documents": ["a"]}), "model"),
+        (json!({"model": "m", "documents": ["a"]}), "query"),
+        (json!({"model": "m", "query": "q", "documents": []}), "documents"),
+        (json!({"model": "m", "query": "q", "documents": ["a", 3]}), "documents[1]"),
+        (json!({"model": "m", "query": "q", "documents": ["a"], "top_n": "all"}), "top_n"),
+    ] {
+        let (status, err) = post(&c, "/v1/rerank", &body).await;
+        assert_eq!(status, 400, "{body}: {err}");
+        let err: Value = serde_json::from_str(&err).unwrap();
+        assert_eq!(err["error"]["param"], field, "{err}");
+    }
+    assert_eq!(engine_json(&endpoint, "/debug/last-request").await, seen);
+    let odd = json!({"model": "m", "query": "q", "documents": ["a"], "max_chunks_per_doc": 2});
+    let (status, err) = post(&c, "/v1/rerank", &odd).await;
+    assert_eq!(status, 400, "{err}");
+    assert!(err.contains("max_chunks_per_doc"), "the engine's refusal: {err}");
 }
 
 /// A stream of several choices cannot move to another engine: a continuation carries one

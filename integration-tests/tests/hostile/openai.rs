@@ -58,7 +58,31 @@ const RESPONSES_FIELDS: &[&str] = &[
 const TOKENIZE_FIELDS: &[&str] =
     &["model", "prompt", "messages", "content", "tokens", "add_special_tokens", "with_pieces"];
 
+/// Fields of a rerank body (vLLM's, SGLang's, llama.cpp's, Cohere's).
+const RERANK_FIELDS: &[&str] = &["model", "query", "documents", "top_n", "return_documents"];
+
 proptest! {
+    /// Any rerank body is refused naming one of its fields (or the body), or accepted; never a
+    /// panic. A well-formed one is accepted.
+    #[test]
+    fn any_rerank_body_is_accepted_or_refused_naming_a_field(
+        body in prop_oneof![any::<String>(), object_with(RERANK_FIELDS).prop_map(|v| v.to_string())],
+        query in "[a-z ]{1,40}",
+        documents in proptest::collection::vec("[a-z ]{0,40}", 1..8),
+        top_n in proptest::option::of(0..10u32),
+    ) {
+        if let Err(e) = dispatch::openai::check_rerank_body(&body, &config()) {
+            let field = named_field(&e);
+            prop_assert!(
+                field.as_deref().is_some_and(|f| f == "body"
+                    || RERANK_FIELDS.iter().any(|k| f == *k || f.starts_with(&format!("{k}[")))),
+                "{:?} from {}", e, body
+            );
+        }
+        let good = json!({ "model": "m", "query": query, "documents": documents, "top_n": top_n });
+        prop_assert!(dispatch::openai::check_rerank_body(&good.to_string(), &config()).is_ok());
+    }
+
     /// Any `/tokenize` or `/detokenize` body is refused naming one of its fields (or the body),
     /// or accepted; never a panic. A well-formed one is accepted.
     #[test]

@@ -186,6 +186,9 @@ async fn api_keys_guard_grpc_http_and_the_cli_by_scope() {
     assert!(post("/v1/responses", None, r#"{"model": "r", "input": "x"}"#).await.ends_with("401"));
     assert!(post("/tokenize", None, r#"{"model": "r", "prompt": "x"}"#).await.ends_with("401"));
     assert!(post("/detokenize", None, r#"{"model": "r", "tokens": [1]}"#).await.ends_with("401"));
+    let rerank = r#"{"model": "r", "query": "q", "documents": ["a"]}"#;
+    assert!(post("/v1/rerank", None, rerank).await.ends_with("401"));
+    assert!(post("/rerank", None, rerank).await.ends_with("401"));
     let (_, body, _) = run(
         "curl",
         &[

@@ -2,8 +2,8 @@
 //! `POST /v1/chat/completions`, with and without `stream: true` (server-sent events ending in
 //! `data: [DONE]`), `POST /v1/responses` (OpenAI's Responses API: relayed to an engine that
 //! serves it, or written here over a backend that answers with text; typed events,
-//! `event: <type>`, no `[DONE]`), `POST /v1/embeddings`, the engines' own `POST /tokenize` and
-//! `POST /detokenize`, and errors in
+//! `event: <type>`, no `[DONE]`), `POST /v1/embeddings`, `POST /v1/rerank` (also `/rerank`), the
+//! engines' own `POST /tokenize` and `POST /detokenize`, and errors in
 //! OpenAI's JSON shape with the matching HTTP status, so the official `openai` clients work
 //! unchanged.
 
@@ -49,12 +49,14 @@ pub fn router(dispatch: Dispatch) -> axum::Router {
         .route("/v1/embeddings", post(embeddings))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
+        .route("/v1/rerank", post(rerank))
+        .route("/rerank", post(rerank))
         .route("/health", get(|| async { "ok" }))
         .fallback(|| async {
             error_response(&DispatchError::invalid(
                 "path",
                 "no such endpoint; see /v1/models, /v1/completions, /v1/chat/completions, \
-                 /v1/responses, /v1/embeddings, /tokenize, /detokenize",
+                 /v1/responses, /v1/embeddings, /v1/rerank, /tokenize, /detokenize",
             ))
             .with_status(404)
         })
@@ -103,6 +105,8 @@ impl stack::Surface for Http {
             | "/v1/chat/completions"
             | "/v1/responses"
             | "/v1/embeddings"
+            | "/v1/rerank"
+            | "/rerank"
             | "/tokenize"
             | "/detokenize" => (Needed::Inference, method == axum::http::Method::POST),
             "/v1/models" => (Needed::Read, false),
@@ -600,6 +604,13 @@ pub fn check_embeddings_body(
     config: &crate::DispatchConfig,
 ) -> Result<(), DispatchError> {
     let mut job = parse_embeddings(raw, String::new(), "check".into(), "POST /v1/embeddings")?;
+    crate::request::validate(&mut job, config)
+}
+
+/// Checks a `/v1/rerank` body as Dispatch would under `config`'s limits, without serving it:
+/// for property tests and fuzzing. A refusal names the offending field.
+pub fn check_rerank_body(raw: &str, config: &crate::DispatchConfig) -> Result<(), DispatchError> {
+    let mut job = parse_rerank(raw, String::new(), "check".into())?;
     crate::request::validate(&mut job, config)
 }
 
@@ -1159,6 +1170,73 @@ fn token_list_size(tokens: Option<&Value>) -> Result<usize, DispatchError> {
         }
     }
     Ok(items.len() * 4)
+}
+
+pub(crate) const RERANK_ENTRY: &str = "POST /v1/rerank";
+
+/// A rerank body (`/v1/rerank`, as vLLM, SGLang and llama.cpp serve it, and as Cohere's and
+/// Jina's APIs shape it) as a job: `model`; `query`, a text; `documents`, texts (or objects
+/// with a `text`, as vLLM and Cohere take them), whose sizes count against the prompt limit;
+/// `top_n`, if set, a whole number. Every field goes to the engine as sent.
+pub(crate) fn parse_rerank(
+    raw: &str,
+    traceparent: String,
+    response_id: String,
+) -> Result<Job, DispatchError> {
+    let body = body_json(raw)?;
+    let model = model_field(&body)?;
+    let mut size = match body.get("query") {
+        Some(Value::String(q)) if !q.is_empty() => q.len(),
+        None | Some(Value::Null) => return Err(DispatchError::invalid("query", "is required")),
+        Some(v) => {
+            return Err(DispatchError::invalid(
+                "query",
+                format!("must be a non-empty text, got {v}"),
+            ));
+        }
+    };
+    let documents = match body.get("documents") {
+        Some(Value::Array(items)) if !items.is_empty() => items,
+        None | Some(Value::Null) => {
+            return Err(DispatchError::invalid("documents", "is required"));
+        }
+        Some(_) => {
+            return Err(DispatchError::invalid("documents", "must be a non-empty list of texts"));
+        }
+    };
+    for (i, d) in documents.iter().enumerate() {
+        size += match d {
+            Value::String(t) => t.len(),
+            Value::Object(o) if o.get("text").is_some_and(Value::is_string) => d.to_string().len(),
+            _ => {
+                return Err(DispatchError::invalid(
+                    &format!("documents[{i}]"),
+                    format!("must be a text or an object with a text, got {d}"),
+                ));
+            }
+        };
+    }
+    match body.get("top_n") {
+        None | Some(Value::Null) => {}
+        Some(v) if v.as_u64().is_some() => {}
+        Some(v) => {
+            return Err(DispatchError::invalid(
+                "top_n",
+                format!("must be a whole number, got {v}"),
+            ));
+        }
+    }
+    let answer = Answer { id: response_id, created: now_s() as i64 };
+    let endpoint = pb::OpenAiEndpoint::Rerank;
+    whole_answer_job(raw, &body, (model, size), endpoint, traceparent, &answer, RERANK_ENTRY)
+}
+
+/// `POST /v1/rerank` (also `/rerank`): to the engine's `/v1/rerank`, routed and held as
+/// generation is; its answer comes back as the engine wrote it, with the client's `model`.
+async fn rerank(State(d): State<Dispatch>, headers: HeaderMap, raw: String) -> Response {
+    let id = format!("rerank-{}", uuid::Uuid::now_v7().simple());
+    let job = parse_rerank(&raw, traceparent(&headers), id.clone());
+    whole_answer(d, job, &id, "rankings").await
 }
 
 /// `POST /v1/embeddings`: routed, held and limited as generation is; the engine's answer comes

@@ -1,6 +1,6 @@
 //! `sllm sim-engine`: the GPU simulator served as an OpenAI-compatible HTTP engine (`/health`,
-//! `/v1/models`, `/v1/completions`, `/v1/chat/completions`, SSE, `/tokenize` and `/detokenize`
-//! in vLLM's shape, and vLLM's LoRA surface:
+//! `/v1/models`, `/v1/completions`, `/v1/chat/completions`, SSE, `/v1/rerank`, `/tokenize` and
+//! `/detokenize` in vLLM's shape, and vLLM's LoRA surface:
 //! `--lora-modules`, `/v1/load_lora_adapter`, `/v1/unload_lora_adapter`, an adapter served as a
 //! model of its own name), so the engine backend is tested through the same process supervision
 //! and HTTP path a vLLM server would use. Like vLLM it takes a completion's prompt as token ids
@@ -152,6 +152,8 @@ pub async fn run(a: SimEngineArgs) -> Result<()> {
         .route("/v1/models", axum::routing::get(models))
         .route("/v1/completions", axum::routing::post(completions))
         .route("/v1/chat/completions", axum::routing::post(chat))
+        .route("/v1/rerank", axum::routing::post(rerank))
+        .route("/rerank", axum::routing::post(rerank))
         .route(
             "/tokenize",
             axum::routing::post(|e: State<Engine>, body: String| {
@@ -392,6 +394,24 @@ async fn chat(
 }
 
 /// An error in the shape vLLM's OpenAI server gives.
+/// vLLM's `/v1/rerank` (and `/rerank`), the simulator's scores ([`worker::rerank`]).
+async fn rerank(State(e): State<Engine>, body: String) -> Response {
+    if let Ok(mut last) = e.last_request.lock() {
+        *last = serde_json::from_str(&body).unwrap_or(Value::Null);
+    }
+    let id = format!("rerank-{}", uuid::Uuid::now_v7().simple());
+    // As vLLM names the model in its answers: the name it serves.
+    match worker::rerank::answer(&body, &e.model, &id) {
+        Ok((answer, _)) => json_answer(answer),
+        Err(f) => engine_error(StatusCode::BAD_REQUEST, &f.message),
+    }
+}
+
+/// A JSON body, as it is.
+fn json_answer(body: String) -> Response {
+    ([(axum::http::header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
 /// vLLM's `/tokenize` and `/detokenize`, over the simulator's vocabulary (with `--merges`, its
 /// merged pairs) and reporting `--max-model-len`.
 async fn tokenizer(
@@ -403,9 +423,7 @@ async fn tokenizer(
         *last = serde_json::from_str(&body).unwrap_or(Value::Null);
     }
     match worker::tokenize::answer(endpoint, &body, e.merges, e.max_model_len) {
-        Ok(answer) => {
-            ([(axum::http::header::CONTENT_TYPE, "application/json")], answer).into_response()
-        }
+        Ok(answer) => json_answer(answer),
         Err(f) => engine_error(StatusCode::BAD_REQUEST, &f.message),
     }
 }

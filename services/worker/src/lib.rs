@@ -12,6 +12,7 @@ pub mod backend;
 pub mod embed;
 pub mod engine;
 pub mod openai;
+pub mod rerank;
 pub mod sim;
 pub mod tokenize;
 pub mod vocab;

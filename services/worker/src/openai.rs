@@ -281,6 +281,8 @@ pub enum Shape {
     Responses,
     /// The engine's own endpoints (`/tokenize`, `/detokenize`): one body, relayed unchanged.
     AsWritten,
+    /// Rerank answers: one body whose `id` stays the engine's; only `model` is sllm's.
+    ModelOnly,
 }
 
 fn invalid(field: &str, why: impl std::fmt::Display) -> Failure {
@@ -468,6 +470,7 @@ fn relayed(
         Some(pb::OpenAiEndpoint::Embeddings) => ("/v1/embeddings", false, false, Shape::Stamped),
         Some(pb::OpenAiEndpoint::Tokenize) => ("/tokenize", false, false, Shape::AsWritten),
         Some(pb::OpenAiEndpoint::Detokenize) => ("/detokenize", false, false, Shape::AsWritten),
+        Some(pb::OpenAiEndpoint::Rerank) => ("/v1/rerank", false, false, Shape::ModelOnly),
         // Usage always comes in the engine's last event; no ids are asked for (a Responses
         // stream never moves).
         Some(pb::OpenAiEndpoint::Responses) => {
@@ -826,11 +829,13 @@ impl Reader {
     }
 
     /// Sets sllm's `id`, `model` and `created` on an answer for an OpenAI client (an
-    /// embeddings list has no `id` or `created`, and a Responses API answer keeps its own:
-    /// only its `model`).
+    /// embeddings list has no `id` or `created`, and a Responses API or rerank answer keeps
+    /// its own: only its `model`).
     fn stamp(relay: &Relay, v: &mut Value) {
         if let Some(m) = v.as_object_mut() {
-            if !matches!(m.get("object").and_then(Value::as_str), Some("list" | "response")) {
+            let own_ids = relay.shape == Shape::ModelOnly
+                || matches!(m.get("object").and_then(Value::as_str), Some("list" | "response"));
+            if !own_ids {
                 m.insert("id".into(), json!(relay.id));
                 m.insert("created".into(), json!(relay.created));
             }
@@ -1291,7 +1296,8 @@ impl Reader {
     ) -> Option<(Vec<fast::Choice<'a>>, Option<fast::Usage>, bool)> {
         let mut choices = None;
         let mut usage = None;
-        let mut list = false;
+        // Whether the answer keeps its own `id` and `created`.
+        let mut list = self.call.relay.as_ref().is_some_and(|r| r.shape == Shape::ModelOnly);
         for (k, v) in &top.0 {
             match *k {
                 "error" if v.get() != "null" => return None,

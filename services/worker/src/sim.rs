@@ -573,10 +573,16 @@ impl SimBackend {
         });
     }
 
-    /// Answers an embeddings request: one prefill's time, then the vectors as one event.
-    async fn run_embedding(&self, job: Job, body: pb::OpenAiRequest, tx: mpsc::Sender<Output>) {
+    /// Answers a request of the pooling kind (embeddings, rerank) with `answered`, the body and
+    /// the prompt tokens it read: one prefill's time, then the body as one event.
+    async fn run_pooling(
+        &self,
+        job: Job,
+        answered: Result<(String, u32), Failure>,
+        tx: mpsc::Sender<Output>,
+    ) {
         let instance_id = job.instance_id.clone();
-        let (answer, prompt_tokens) = match crate::embed::answer(&body.body, &body.model) {
+        let (answer, prompt_tokens) = match answered {
             Ok(a) => a,
             Err(f) => {
                 let _ = tx.send(Output::Error(f)).await;
@@ -630,7 +636,13 @@ impl SimBackend {
         if let Some(body) = job.openai.clone() {
             let tokenizer = match pb::OpenAiEndpoint::try_from(body.endpoint) {
                 Ok(pb::OpenAiEndpoint::Embeddings) => {
-                    return self.run_embedding(job, body, tx).await;
+                    let answered = crate::embed::answer(&body.body, &body.model);
+                    return self.run_pooling(job, answered, tx).await;
+                }
+                Ok(pb::OpenAiEndpoint::Rerank) => {
+                    let answered =
+                        crate::rerank::answer(&body.body, &body.model, &body.response_id);
+                    return self.run_pooling(job, answered, tx).await;
                 }
                 Ok(pb::OpenAiEndpoint::Tokenize) => Some(crate::tokenize::Endpoint::Tokenize),
                 Ok(pb::OpenAiEndpoint::Detokenize) => Some(crate::tokenize::Endpoint::Detokenize),

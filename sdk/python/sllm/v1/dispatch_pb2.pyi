@@ -23,6 +23,7 @@ class OpenAiEndpoint(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     OPEN_AI_ENDPOINT_RESPONSES: _ClassVar[OpenAiEndpoint]
     OPEN_AI_ENDPOINT_TOKENIZE: _ClassVar[OpenAiEndpoint]
     OPEN_AI_ENDPOINT_DETOKENIZE: _ClassVar[OpenAiEndpoint]
+    OPEN_AI_ENDPOINT_RERANK: _ClassVar[OpenAiEndpoint]
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
@@ -34,6 +35,7 @@ OPEN_AI_ENDPOINT_EMBEDDINGS: OpenAiEndpoint
 OPEN_AI_ENDPOINT_RESPONSES: OpenAiEndpoint
 OPEN_AI_ENDPOINT_TOKENIZE: OpenAiEndpoint
 OPEN_AI_ENDPOINT_DETOKENIZE: OpenAiEndpoint
+OPEN_AI_ENDPOINT_RERANK: OpenAiEndpoint
 
 class EmbedRequest(_message.Message):
     __slots__ = ("model", "input", "dimensions", "timeout_ms")
