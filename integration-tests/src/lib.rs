@@ -355,6 +355,47 @@ pub fn sim_deployment(model: &str, min: u32, max: u32) -> kvstore::DeploymentSpe
     }
 }
 
+/// What [`curl_post`] got back.
+pub struct Posted {
+    pub status: u16,
+    /// The response's header lines, as curl printed them.
+    pub head: String,
+    pub body: String,
+}
+
+impl Posted {
+    /// A header's value (the first of that name), or "".
+    pub fn header(&self, name: &str) -> &str {
+        self.head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case(name).then(|| v.trim())
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// POSTs JSON `body` to `url` with curl, as a user would (unbuffered, so a stream arrives
+/// whole), within a minute.
+pub async fn curl_post(url: &str, body: &serde_json::Value) -> Posted {
+    let o = tokio::process::Command::new("curl")
+        .args(["-s", "-N", "--max-time", "60", "-D", "-", "-w", "\n%{http_code}"])
+        .args(["-H", "Content-Type: application/json", "-d", &body.to_string()])
+        .arg(url)
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("curl: {e}"));
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let (head, rest) = out.split_once("\r\n\r\n").unwrap_or(("", out.as_str()));
+    let (body, status) = rest.rsplit_once('\n').unwrap_or((rest, ""));
+    Posted {
+        status: status.trim().parse().unwrap_or(0),
+        head: head.to_string(),
+        body: body.to_string(),
+    }
+}
+
 /// Polls `f` every 10 ms until it returns Some, or fails after `within`.
 pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut f: F) -> Result<T>
 where

@@ -89,24 +89,10 @@ pub async fn post_json(
     body: &serde_json::Value,
 ) -> (u16, String, serde_json::Value) {
     let base = up.openai.trim_end_matches("/v1");
-    let o = tokio::process::Command::new("curl")
-        .args(["-s", "--max-time", "60", "-D", "-", "-w", "\n%{http_code}"])
-        .args(["-H", "Content-Type: application/json", "-d", &body.to_string()])
-        .arg(format!("{base}{path}"))
-        .output()
-        .await
-        .unwrap();
-    let out = String::from_utf8_lossy(&o.stdout).into_owned();
-    let (head, rest) = out.split_once("\r\n\r\n").unwrap_or_else(|| panic!("{out}"));
-    let (answer, status) = rest.rsplit_once('\n').unwrap();
-    let id = head
-        .lines()
-        .find_map(|l| l.strip_prefix("x-request-id: "))
-        .unwrap_or_default()
-        .trim()
-        .to_string();
-    let answer = serde_json::from_str(answer).unwrap_or_else(|e| panic!("{e}: {answer}"));
-    (status.trim().parse().unwrap(), id, answer)
+    let posted = sllm_integration_tests::curl_post(&format!("{base}{path}"), body).await;
+    let answer =
+        serde_json::from_str(&posted.body).unwrap_or_else(|e| panic!("{e}: {}", posted.body));
+    (posted.status, posted.header("x-request-id").to_string(), answer)
 }
 
 pub fn root() -> PathBuf {

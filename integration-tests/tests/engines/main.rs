@@ -129,16 +129,8 @@ fn request(model: &str, max_tokens: u32) -> pb::GenerateRequest {
 
 /// POSTs `body` to `path` at `base` (`http://host:port`); the status and the raw response body.
 pub(crate) async fn post_to(base: &str, path: &str, body: &serde_json::Value) -> (u16, String) {
-    let o = tokio::process::Command::new("curl")
-        .args(["-s", "-N", "--max-time", "60", "-w", "\n%{http_code}"])
-        .args(["-H", "Content-Type: application/json", "-d", &body.to_string()])
-        .arg(format!("{base}{path}"))
-        .output()
-        .await
-        .unwrap();
-    let out = String::from_utf8_lossy(&o.stdout).into_owned();
-    let (body, status) = out.rsplit_once('\n').unwrap();
-    (status.trim().parse().unwrap(), body.to_string())
+    let posted = sllm_integration_tests::curl_post(&format!("{base}{path}"), body).await;
+    (posted.status, posted.body)
 }
 
 async fn curl(url: &str) -> Option<String> {

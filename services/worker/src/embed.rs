@@ -92,15 +92,7 @@ fn base64(bytes: &[u8]) -> String {
 /// Answers an OpenAI embeddings `body` for `model`: the response body and the prompt tokens
 /// it counted (a token a word). A field the simulator cannot honour is refused by name.
 pub fn answer(body: &str, model: &str) -> Result<(String, u32), Failure> {
-    let v: Value = serde_json::from_str(body)
-        .map_err(|e| Failure::unsupported("body", format!("not JSON: {e}")))?;
-    let map = v.as_object().ok_or_else(|| Failure::unsupported("body", "must be a JSON object"))?;
-    let mut keys: Vec<&String> = map.keys().collect();
-    keys.sort();
-    if let Some(k) = keys.into_iter().find(|k| !FIELDS.contains(&k.as_str()) && !map[*k].is_null())
-    {
-        return Err(Failure::unsupported(k, "the simulator backend does not support it"));
-    }
+    let map = &crate::sim::honoured(body, FIELDS)?;
     let texts = texts(map.get("input").unwrap_or(&Value::Null))?;
     let dims = match map.get("dimensions") {
         None | Some(Value::Null) => SIM_DIMENSIONS,

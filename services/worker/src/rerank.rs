@@ -23,15 +23,7 @@ fn words(text: &str) -> HashSet<String> {
 /// Answers a rerank `body` for `model` with the answer's `id`: the response body and the
 /// tokens it read (a token a word, as the simulator counts prompts).
 pub fn answer(body: &str, model: &str, id: &str) -> Result<(String, u32), Failure> {
-    let v: Value = serde_json::from_str(body)
-        .map_err(|e| Failure::unsupported("body", format!("not JSON: {e}")))?;
-    let map = v.as_object().ok_or_else(|| Failure::unsupported("body", "must be a JSON object"))?;
-    let mut keys: Vec<&String> = map.keys().collect();
-    keys.sort();
-    if let Some(k) = keys.into_iter().find(|k| !FIELDS.contains(&k.as_str()) && !map[*k].is_null())
-    {
-        return Err(Failure::unsupported(k, "the simulator backend does not support it"));
-    }
+    let map = &crate::sim::honoured(body, FIELDS)?;
     let query = map
         .get("query")
         .and_then(Value::as_str)

@@ -294,6 +294,26 @@ const SIM_RESPONSES_FIELDS: &[&str] = &[
     "lora_adapter_name",
 ];
 
+/// An OpenAI body as the simulator reads it: a JSON object whose every field set (not null) is
+/// one of `fields`; any other is refused by name, since the simulator cannot honour it.
+pub fn honoured(
+    body: &str,
+    fields: &[&str],
+) -> Result<serde_json::Map<String, serde_json::Value>, Failure> {
+    let map = match serde_json::from_str(body) {
+        Ok(serde_json::Value::Object(map)) => map,
+        Ok(_) => return Err(Failure::unsupported("body", "must be a JSON object")),
+        Err(e) => return Err(Failure::unsupported("body", format!("not JSON: {e}"))),
+    };
+    let mut keys: Vec<&String> = map.keys().collect();
+    keys.sort();
+    if let Some(k) = keys.into_iter().find(|k| !fields.contains(&k.as_str()) && !map[*k].is_null())
+    {
+        return Err(Failure::unsupported(k, "the simulator backend does not support it"));
+    }
+    Ok(map)
+}
+
 /// A Responses API body's conversation: its `instructions` as a system message, then its
 /// `input` — a text (the user's message) or a list of messages whose content is a text or a
 /// list of text parts. Anything else is refused, naming where it is.
@@ -341,49 +361,36 @@ impl SimRequest {
             if body.endpoint == pb::OpenAiEndpoint::Responses as i32 {
                 conversation = Some(responses_conversation(&body.body)?);
             }
-            let v: serde_json::Value = serde_json::from_str(&body.body)
-                .map_err(|e| Failure::unsupported("body", format!("not JSON: {e}")))?;
-            if let Some(map) = v.as_object() {
-                let mut keys: Vec<&String> = map.keys().collect();
-                keys.sort();
-                let known =
-                    if conversation.is_some() { SIM_RESPONSES_FIELDS } else { SIM_OPENAI_FIELDS };
-                for k in keys {
-                    if !known.contains(&k.as_str()) && !map[k].is_null() {
+            let known =
+                if conversation.is_some() { SIM_RESPONSES_FIELDS } else { SIM_OPENAI_FIELDS };
+            let map = &honoured(&body.body, known)?;
+            // One sequence a request: several choices, or a batch of prompts, are beyond
+            // the simulator backend (`sllm sim-engine` answers them, as vLLM does).
+            if map.get("n").and_then(|n| n.as_u64()).is_some_and(|n| n > 1) {
+                return Err(Failure::unsupported(
+                    "n",
+                    "the simulator backend answers one choice a request",
+                ));
+            }
+            let batch = map.get("prompt").and_then(|p| p.as_array()).is_some_and(|items| {
+                items.len() > 1 && items.iter().any(|i| i.is_string() || i.is_array())
+            });
+            if batch {
+                return Err(Failure::unsupported(
+                    "prompt",
+                    "the simulator backend answers one prompt a request",
+                ));
+            }
+            // Content parts other than text (images, audio) are beyond the simulator.
+            let messages = map.get("messages").and_then(|m| m.as_array());
+            for (i, m) in messages.into_iter().flatten().enumerate() {
+                let parts = m.get("content").and_then(|c| c.as_array());
+                for (j, part) in parts.into_iter().flatten().enumerate() {
+                    if part.get("type").and_then(|t| t.as_str()) != Some("text") {
                         return Err(Failure::unsupported(
-                            k,
-                            "the simulator backend does not support it",
+                            &format!("messages[{i}].content[{j}].type"),
+                            "the simulator backend takes text parts only",
                         ));
-                    }
-                }
-                // One sequence a request: several choices, or a batch of prompts, are beyond
-                // the simulator backend (`sllm sim-engine` answers them, as vLLM does).
-                if map.get("n").and_then(|n| n.as_u64()).is_some_and(|n| n > 1) {
-                    return Err(Failure::unsupported(
-                        "n",
-                        "the simulator backend answers one choice a request",
-                    ));
-                }
-                let batch = map.get("prompt").and_then(|p| p.as_array()).is_some_and(|items| {
-                    items.len() > 1 && items.iter().any(|i| i.is_string() || i.is_array())
-                });
-                if batch {
-                    return Err(Failure::unsupported(
-                        "prompt",
-                        "the simulator backend answers one prompt a request",
-                    ));
-                }
-                // Content parts other than text (images, audio) are beyond the simulator.
-                let messages = map.get("messages").and_then(|m| m.as_array());
-                for (i, m) in messages.into_iter().flatten().enumerate() {
-                    let parts = m.get("content").and_then(|c| c.as_array());
-                    for (j, part) in parts.into_iter().flatten().enumerate() {
-                        if part.get("type").and_then(|t| t.as_str()) != Some("text") {
-                            return Err(Failure::unsupported(
-                                &format!("messages[{i}].content[{j}].type"),
-                                "the simulator backend takes text parts only",
-                            ));
-                        }
                     }
                 }
             }

@@ -38,19 +38,11 @@ pub fn answer(
     merges: bool,
     max_model_len: Option<u64>,
 ) -> Result<String, Failure> {
-    let v: Value = serde_json::from_str(body)
-        .map_err(|e| Failure::unsupported("body", format!("not JSON: {e}")))?;
-    let map = v.as_object().ok_or_else(|| Failure::unsupported("body", "must be a JSON object"))?;
     let fields = match endpoint {
         Endpoint::Tokenize => TOKENIZE_FIELDS,
         Endpoint::Detokenize => DETOKENIZE_FIELDS,
     };
-    let mut keys: Vec<&String> = map.keys().collect();
-    keys.sort();
-    if let Some(k) = keys.into_iter().find(|k| !fields.contains(&k.as_str()) && !map[*k].is_null())
-    {
-        return Err(Failure::unsupported(k, "the simulator backend does not support it"));
-    }
+    let map = &crate::sim::honoured(body, fields)?;
     match endpoint {
         Endpoint::Tokenize => tokenize(map, merges, max_model_len),
         Endpoint::Detokenize => detokenize(map),
