@@ -1009,19 +1009,29 @@ pub(crate) fn parse_embeddings(
             ));
         }
     }
-    match body.get("dimensions") {
-        None | Some(Value::Null) => {}
-        Some(v) if v.as_u64().is_some_and(|n| (1..=65_536).contains(&n)) => {}
-        Some(v) => {
-            return Err(DispatchError::invalid(
-                "dimensions",
-                format!("must be a whole number from 1 to 65536, got {v}"),
-            ));
-        }
-    }
+    optional_whole(&body, "dimensions", 1..=65_536)?;
     let answer = Answer { id: response_id, created: now_s() as i64 };
     let endpoint = pb::OpenAiEndpoint::Embeddings;
     whole_answer_job(raw, &body, (model, size), endpoint, traceparent, &answer, entry)
+}
+
+/// Checks `body`'s `field`, a whole number within `range` where it is set.
+fn optional_whole(
+    body: &Value,
+    field: &str,
+    range: std::ops::RangeInclusive<u64>,
+) -> Result<(), DispatchError> {
+    match body.get(field) {
+        None | Some(Value::Null) => Ok(()),
+        Some(v) if v.as_u64().is_some_and(|n| range.contains(&n)) => Ok(()),
+        Some(v) if *range.end() == u64::MAX => {
+            Err(DispatchError::invalid(field, format!("must be a whole number, got {v}")))
+        }
+        Some(v) => Err(DispatchError::invalid(
+            field,
+            format!("must be a whole number from {} to {}, got {v}", range.start(), range.end()),
+        )),
+    }
 }
 
 /// A body's `model`: required, a non-empty string.
@@ -1216,16 +1226,7 @@ pub(crate) fn parse_rerank(
             }
         };
     }
-    match body.get("top_n") {
-        None | Some(Value::Null) => {}
-        Some(v) if v.as_u64().is_some() => {}
-        Some(v) => {
-            return Err(DispatchError::invalid(
-                "top_n",
-                format!("must be a whole number, got {v}"),
-            ));
-        }
-    }
+    optional_whole(&body, "top_n", 0..=u64::MAX)?;
     let answer = Answer { id: response_id, created: now_s() as i64 };
     let endpoint = pb::OpenAiEndpoint::Rerank;
     whole_answer_job(raw, &body, (model, size), endpoint, traceparent, &answer, RERANK_ENTRY)
