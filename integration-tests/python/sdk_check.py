@@ -66,6 +66,14 @@ with sllm.Client(endpoint) as client:
     vectors = client.embed("sdk-model", ["a b", "c"], dimensions=8)
     check(len(vectors) == 2 and len(vectors[0]) == 8 and vectors[0] != vectors[1], "embed")
     check(client.embed("sdk-model", "a b", dimensions=8) == vectors[:1], "embed one text")
+    ranked = client.rerank("sdk-model", "where do foxes live", ["paris is a city", "foxes live in dens", "hi"])
+    check([i for i, _ in ranked] == [1, 0, 2] and ranked[0][1] > ranked[1][1], f"rerank, the best first ({ranked})")
+    check(len(client.rerank("sdk-model", "foxes", ["a", "foxes"], top_n=1)) == 1, "rerank top_n")
+    try:
+        client.rerank("sdk-model", "q", ["a", ""])
+        check(False, "an empty document is refused")
+    except sllm.SllmError as e:
+        check(e.code == grpc.StatusCode.INVALID_ARGUMENT and "documents[1]" in str(e), f"an empty document is named ({e})")
 
     gone = client.delete("sdk-model")
     check(gone.state == sllm.v1.common_pb2.DEPLOYMENT_STATE_DELETING, "delete")

@@ -569,6 +569,13 @@ impl pb::dispatch_server::Dispatch for Direct {
         Err(tonic::Status::unimplemented("the benchmark's direct path measures Generate only"))
     }
 
+    async fn rerank(
+        &self,
+        _: tonic::Request<pb::RerankRequest>,
+    ) -> Result<tonic::Response<pb::RerankResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("the benchmark's direct path measures Generate only"))
+    }
+
     async fn attach(
         &self,
         _r: tonic::Request<tonic::Streaming<pb::AttachUp>>,

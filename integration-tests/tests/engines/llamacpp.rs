@@ -566,6 +566,40 @@ async fn llama_cpp_rerank_through_sllm_matches_the_server_alone() {
         );
         assert!(a.iter().zip(&b).all(|(x, y)| (x.1 - y.1).abs() < 1e-4), "{a:?} against {b:?}");
     }
+    // gRPC Rerank: the same ranking.
+    let mut dispatch = c.dispatch.client().await.unwrap();
+    let r = dispatch
+        .rerank(pb::RerankRequest {
+            model: "tiny-rerank".into(),
+            query: "What is a fox?".into(),
+            documents: body["documents"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d.as_str().unwrap().to_string())
+                .collect(),
+            top_n: Some(3),
+            timeout_ms: 60_000,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let grpc: Vec<(u64, f64)> =
+        r.results.iter().map(|d| (u64::from(d.index), d.relevance_score)).collect();
+    let want: Vec<(u64, f64)> = alone["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["index"].as_u64().unwrap(), r["relevance_score"].as_f64().unwrap()))
+        .collect();
+    assert_eq!(grpc.len(), want.len());
+    assert!(
+        grpc.iter().zip(&want).all(|(a, b)| a.0 == b.0 && (a.1 - b.1).abs() < 1e-4),
+        "{grpc:?}"
+    );
+    assert_eq!(r.model, "tiny-rerank");
+    assert_eq!(u64::from(r.prompt_tokens), alone["usage"]["prompt_tokens"].as_u64().unwrap());
+
     // Documents as objects, which vLLM takes: llama.cpp refuses them itself, and its 400 and
     // message come back.
     let objects = serde_json::json!({

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator, List, Optional, Sequence, Union
+from typing import Any, AsyncIterator, Iterator, List, Optional, Sequence, Tuple, Union
 
 import grpc
 from google.protobuf import json_format, struct_pb2
@@ -372,6 +372,23 @@ class Client:
         except grpc.RpcError as e:
             raise _raise(e) from None
         return [list(e.values) for e in sorted(resp.embeddings, key=lambda e: e.index)]
+
+    def rerank(
+        self,
+        model: str,
+        query: str,
+        documents: Sequence[str],
+        *,
+        top_n: Optional[int] = None,
+        timeout: Optional[float] = None,
+    ) -> List[Tuple[int, float]]:
+        """The documents ranked against the query, the best first: (index in documents, score)."""
+        req = dispatch_pb2.RerankRequest(model=model, query=query, documents=list(documents), top_n=top_n)
+        try:
+            resp = self._dispatch.Rerank(req, timeout=timeout)
+        except grpc.RpcError as e:
+            raise _raise(e) from None
+        return [(r.index, r.relevance_score) for r in resp.results]
 
     def get(self, model: str) -> common_pb2.Deployment:
         try:

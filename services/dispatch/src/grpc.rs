@@ -131,13 +131,7 @@ impl dispatch_server::Dispatch for Dispatch {
         &self,
         request: Request<pb::EmbedRequest>,
     ) -> Result<Response<pb::EmbedResponse>, Status> {
-        let header_deadline = request.extensions().get::<Entry>().and_then(|e| e.deadline);
-        let traceparent = request
-            .metadata()
-            .get("traceparent")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_string();
+        let (header_deadline, traceparent) = entry_of(&request);
         let req = request.into_inner();
         if req.input.is_empty() {
             return Err(service::field_status("input", "must hold at least one text"));
@@ -161,21 +155,39 @@ impl dispatch_server::Dispatch for Dispatch {
             "sllm.v1.Dispatch/Embed",
         )
         .map_err(|e| e.to_status())?;
-        let field_deadline = (req.timeout_ms > 0)
-            .then(|| deadline_after(Duration::from_millis(req.timeout_ms)))
-            .flatten();
-        job.deadline = match (header_deadline, field_deadline) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        let events = self.submit(job).await.map_err(|e| e.to_status())?;
-        let answer = match crate::openai::collect(events).await.map_err(|e| e.to_status())? {
-            crate::openai::Collected::Relayed(body) => body,
-            crate::openai::Collected::Text(..) => {
-                return Err(Status::unavailable("the backend answered with text, not embeddings"));
-            }
-        };
+        job.deadline = deadline_of(header_deadline, req.timeout_ms);
+        let answer = self.whole_answer(job, "embeddings").await?;
         embed_response(&answer).map(Response::new)
+    }
+
+    async fn rerank(
+        &self,
+        request: Request<pb::RerankRequest>,
+    ) -> Result<Response<pb::RerankResponse>, Status> {
+        let (header_deadline, traceparent) = entry_of(&request);
+        let req = request.into_inner();
+        if let Some(i) = req.documents.iter().position(String::is_empty) {
+            return Err(service::field_status(&format!("documents[{i}]"), "must not be empty"));
+        }
+        let mut body = serde_json::json!({
+            "model": req.model,
+            "query": req.query,
+            "documents": req.documents,
+        });
+        if let Some(n) = req.top_n {
+            body["top_n"] = serde_json::json!(n);
+        }
+        let id = format!("rerank-{}", uuid::Uuid::now_v7().simple());
+        let mut job = crate::openai::parse_rerank(
+            &body.to_string(),
+            traceparent,
+            id,
+            crate::openai::GRPC_RERANK_ENTRY,
+        )
+        .map_err(|e| e.to_status())?;
+        job.deadline = deadline_of(header_deadline, req.timeout_ms);
+        let answer = self.whole_answer(job, "a ranking").await?;
+        rerank_response(&answer).map(Response::new)
     }
 
     async fn attach(
@@ -188,6 +200,67 @@ impl dispatch_server::Dispatch for Dispatch {
         // grants a turn of the runtime makes go down in one write.
         Ok(Response::new(Batched::new(down)))
     }
+}
+
+/// A unary request's deadline (its `grpc-timeout`, read at the edge) and trace context.
+fn entry_of<T>(request: &Request<T>) -> (Option<Instant>, String) {
+    let deadline = request.extensions().get::<Entry>().and_then(|e| e.deadline);
+    let traceparent = request
+        .metadata()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    (deadline, traceparent)
+}
+
+/// The sooner of a request's header deadline and its `timeout_ms` field (0: none).
+fn deadline_of(header: Option<Instant>, timeout_ms: u64) -> Option<Instant> {
+    let field =
+        (timeout_ms > 0).then(|| deadline_after(Duration::from_millis(timeout_ms))).flatten();
+    match (header, field) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+impl Dispatch {
+    /// Submits `job` and waits for the one JSON body its engine answers with (`what` it should
+    /// hold, for the error when a backend answers with generated text instead).
+    async fn whole_answer(&self, job: crate::request::Job, what: &str) -> Result<String, Status> {
+        let events = self.submit(job).await.map_err(|e| e.to_status())?;
+        match crate::openai::collect(events).await.map_err(|e| e.to_status())? {
+            crate::openai::Collected::Relayed(body) => Ok(body),
+            crate::openai::Collected::Text(..) => Err(Status::unavailable(format!(
+                "the backend answered with generated text, not {what}"
+            ))),
+        }
+    }
+}
+
+/// An engine's rerank answer (vLLM's, SGLang's or llama.cpp's: `results` of `index` and
+/// `relevance_score`) as a RerankResponse, in the engine's order.
+fn rerank_response(body: &str) -> Result<pb::RerankResponse, Status> {
+    let bad = |why: &str| Status::internal(format!("the engine's rerank answer {why}"));
+    let v: serde_json::Value = serde_json::from_str(body).map_err(|_| bad("is not JSON"))?;
+    let results = v
+        .get("results")
+        .and_then(serde_json::Value::as_array)
+        .ok_or_else(|| bad("has no results"))?
+        .iter()
+        .map(|r| {
+            let index = r.get("index").and_then(serde_json::Value::as_u64)?;
+            let relevance_score = r.get("relevance_score").and_then(serde_json::Value::as_f64)?;
+            Some(pb::RankedDocument { index: u32::try_from(index).ok()?, relevance_score })
+        })
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| bad("has a result without an index and a score"))?;
+    let usage = |k: &str| v.get("usage").and_then(|u| u.get(k)).and_then(serde_json::Value::as_u64);
+    Ok(pb::RerankResponse {
+        results,
+        prompt_tokens: usage("prompt_tokens").or_else(|| usage("total_tokens")).unwrap_or(0) as u32,
+        model: v.get("model").and_then(serde_json::Value::as_str).unwrap_or_default().to_string(),
+    })
 }
 
 /// An engine's OpenAI embeddings answer as an EmbedResponse.

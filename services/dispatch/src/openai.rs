@@ -610,7 +610,7 @@ pub fn check_embeddings_body(
 /// Checks a `/v1/rerank` body as Dispatch would under `config`'s limits, without serving it:
 /// for property tests and fuzzing. A refusal names the offending field.
 pub fn check_rerank_body(raw: &str, config: &crate::DispatchConfig) -> Result<(), DispatchError> {
-    let mut job = parse_rerank(raw, String::new(), "check".into())?;
+    let mut job = parse_rerank(raw, String::new(), "check".into(), RERANK_ENTRY)?;
     crate::request::validate(&mut job, config)
 }
 
@@ -1183,6 +1183,7 @@ fn token_list_size(tokens: Option<&Value>) -> Result<usize, DispatchError> {
 }
 
 pub(crate) const RERANK_ENTRY: &str = "POST /v1/rerank";
+pub(crate) const GRPC_RERANK_ENTRY: &str = "sllm.v1.Dispatch/Rerank";
 
 /// A rerank body (`/v1/rerank`, as vLLM, SGLang and llama.cpp serve it, and as Cohere's and
 /// Jina's APIs shape it) as a job: `model`; `query`, a text; `documents`, texts (or objects
@@ -1192,6 +1193,7 @@ pub(crate) fn parse_rerank(
     raw: &str,
     traceparent: String,
     response_id: String,
+    entry: &'static str,
 ) -> Result<Job, DispatchError> {
     let body = body_json(raw)?;
     let model = model_field(&body)?;
@@ -1229,14 +1231,14 @@ pub(crate) fn parse_rerank(
     optional_whole(&body, "top_n", 0..=u64::MAX)?;
     let answer = Answer { id: response_id, created: now_s() as i64 };
     let endpoint = pb::OpenAiEndpoint::Rerank;
-    whole_answer_job(raw, &body, (model, size), endpoint, traceparent, &answer, RERANK_ENTRY)
+    whole_answer_job(raw, &body, (model, size), endpoint, traceparent, &answer, entry)
 }
 
 /// `POST /v1/rerank` (also `/rerank`): to the engine's `/v1/rerank`, routed and held as
 /// generation is; its answer comes back as the engine wrote it, with the client's `model`.
 async fn rerank(State(d): State<Dispatch>, headers: HeaderMap, raw: String) -> Response {
     let id = format!("rerank-{}", uuid::Uuid::now_v7().simple());
-    let job = parse_rerank(&raw, traceparent(&headers), id.clone());
+    let job = parse_rerank(&raw, traceparent(&headers), id.clone(), RERANK_ENTRY);
     whole_answer(d, job, &id, "rankings").await
 }
 

@@ -177,7 +177,7 @@ impl Dispatch {
             "POST /v1/embeddings" | "sllm.v1.Dispatch/Embed" => "embeddings",
             crate::openai::TOKENIZE_ENTRY => "tokenize",
             crate::openai::DETOKENIZE_ENTRY => "detokenize",
-            crate::openai::RERANK_ENTRY => "rerank",
+            crate::openai::RERANK_ENTRY | crate::openai::GRPC_RERANK_ENTRY => "rerank",
             crate::openai::RESPONSES_ENTRY => "chat",
             _ if matches!(job.input, Input::Chat(_)) => "chat",
             _ => "text_completion",

@@ -243,7 +243,12 @@ impl Surface for Grpc {
         // needs is not looked up twice per request.
         (
             service::auth::Needed::Nothing,
-            path == "/sllm.v1.Dispatch/Generate" || path == "/sllm.v1.Dispatch/Embed",
+            matches!(
+                path,
+                "/sllm.v1.Dispatch/Generate"
+                    | "/sllm.v1.Dispatch/Embed"
+                    | "/sllm.v1.Dispatch/Rerank"
+            ),
         )
     }
 

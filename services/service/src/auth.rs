@@ -7,7 +7,7 @@
 //!
 //! | Call | Needs |
 //! |---|---|
-//! | `Dispatch/Generate`, `Embed`, OpenAI `POST /v1/completions`, `/v1/chat/completions`, `/v1/embeddings` | inference (or admin) |
+//! | `Dispatch/Generate`, `Embed`, `Rerank`, OpenAI `POST /v1/completions`, `/v1/chat/completions`, `/v1/responses`, `/v1/embeddings`, `/v1/rerank`, `/tokenize`, `/detokenize` | inference (or admin) |
 //! | `ModelRegistry/Get`, `ModelRegistry/List`, OpenAI `GET /v1/models`, `/v1/models/{id}` | inference (or admin) |
 //! | `ModelRegistry/Deploy`, `Update`, `Delete`; ServerlessLLM's `POST /register`, `/update`, `/delete` | admin |
 //! | `WorkerRegistry/ListWorkers`, `GetWorker` (addresses, inventory) | admin |
@@ -248,6 +248,7 @@ pub fn needed_for_grpc(path: &str) -> Needed {
     match path {
         "/sllm.v1.Dispatch/Generate"
         | "/sllm.v1.Dispatch/Embed"
+        | "/sllm.v1.Dispatch/Rerank"
         | "/sllm.v1.ModelRegistry/Get"
         | "/sllm.v1.ModelRegistry/List" => Needed::Inference,
         // Workers prove themselves with join tokens on these streams.
@@ -365,6 +366,8 @@ mod tests {
     fn the_scope_table() {
         for (path, needed) in [
             ("/sllm.v1.Dispatch/Generate", Needed::Inference),
+            ("/sllm.v1.Dispatch/Embed", Needed::Inference),
+            ("/sllm.v1.Dispatch/Rerank", Needed::Inference),
             ("/sllm.v1.ModelRegistry/Get", Needed::Inference),
             ("/sllm.v1.ModelRegistry/List", Needed::Inference),
             ("/sllm.v1.ModelRegistry/Deploy", Needed::Admin),

@@ -46,6 +46,11 @@ class DispatchStub:
                 request_serializer=sllm_dot_v1_dot_dispatch__pb2.EmbedRequest.SerializeToString,
                 response_deserializer=sllm_dot_v1_dot_dispatch__pb2.EmbedResponse.FromString,
                 _registered_method=True)
+        self.Rerank = channel.unary_unary(
+                '/sllm.v1.Dispatch/Rerank',
+                request_serializer=sllm_dot_v1_dot_dispatch__pb2.RerankRequest.SerializeToString,
+                response_deserializer=sllm_dot_v1_dot_dispatch__pb2.RerankResponse.FromString,
+                _registered_method=True)
         self.Attach = channel.stream_stream(
                 '/sllm.v1.Dispatch/Attach',
                 request_serializer=sllm_dot_v1_dot_dispatch__pb2.AttachUp.SerializeToString,
@@ -78,6 +83,16 @@ class DispatchServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Rerank(self, request, context):
+        """Rank documents by their relevance to a query with a reranking model (the
+        engine's /v1/rerank): the same routing, cold start, limits and API keys
+        as Generate. INVALID_ARGUMENT names the field (or carries the engine's
+        refusal, e.g. a model that does not rerank).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Attach(self, request_iterator, context):
         """A worker's inference stream to this Dispatch replica, multiplexed by
         request id. The first message must be `hello`.
@@ -98,6 +113,11 @@ def add_DispatchServicer_to_server(servicer, server):
                     servicer.Embed,
                     request_deserializer=sllm_dot_v1_dot_dispatch__pb2.EmbedRequest.FromString,
                     response_serializer=sllm_dot_v1_dot_dispatch__pb2.EmbedResponse.SerializeToString,
+            ),
+            'Rerank': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rerank,
+                    request_deserializer=sllm_dot_v1_dot_dispatch__pb2.RerankRequest.FromString,
+                    response_serializer=sllm_dot_v1_dot_dispatch__pb2.RerankResponse.SerializeToString,
             ),
             'Attach': grpc.stream_stream_rpc_method_handler(
                     servicer.Attach,
@@ -161,6 +181,33 @@ class Dispatch:
             '/sllm.v1.Dispatch/Embed',
             sllm_dot_v1_dot_dispatch__pb2.EmbedRequest.SerializeToString,
             sllm_dot_v1_dot_dispatch__pb2.EmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rerank(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sllm.v1.Dispatch/Rerank',
+            sllm_dot_v1_dot_dispatch__pb2.RerankRequest.SerializeToString,
+            sllm_dot_v1_dot_dispatch__pb2.RerankResponse.FromString,
             options,
             channel_credentials,
             insecure,
