@@ -81,6 +81,23 @@ bb = direct.completions.create(model=model, prompt=batch, max_tokens=8, **GREEDY
 check(len(ba.choices) == 2 and [(c.index, c.text) for c in ba.choices] == [(c.index, c.text) for c in bb.choices], "a batch of prompts is answered as the engine answers it")
 check(ba.choices[0].text == cb.choices[0].text[: len(ba.choices[0].text)], "a batch's first answer is that prompt's own")
 
+
+def streamed_batch(client):
+    texts, usage = {}, []
+    for c in client.completions.create(model=model, prompt=batch, max_tokens=8, stream=True, stream_options={"include_usage": True}, **GREEDY):
+        if c is None:
+            continue
+        for ch in c.choices or []:
+            texts[ch.index] = texts.get(ch.index, "") + ch.text
+        if c.usage:
+            usage.append((c.usage.prompt_tokens, c.usage.completion_tokens))
+    return texts, usage
+
+
+sa_, sb_ = streamed_batch(sllm), streamed_batch(direct)
+check(sa_[0] == sb_[0] and len(sa_[0]) == 2, f"a streamed batch's texts are the engine's ({len(sa_[0])} prompts)")
+check(sa_[1] == sb_[1] and len(sa_[1]) == 2, f"a streamed batch's usage is the engine's, each prompt's ({sa_[1]})")
+
 # Several choices: llama.cpp's server takes n = 1 only, and says so; its 400 comes back.
 for client in (sllm, direct):
     try:
