@@ -411,4 +411,27 @@ async fn one_trace_per_request(protocol: &str) {
         .await
         .unwrap();
     assert_eq!(operation(one(&embed, "sllm.v1.Dispatch/Embed")).as_deref(), Some("embeddings"));
+
+    // So does a rerank.
+    let rerank_trace = "6cf92f3577b34da6a3ce929d0e0e4738";
+    let mut req = tonic::Request::new(pb::RerankRequest {
+        model: "m".into(),
+        query: "trace me".into(),
+        documents: vec!["trace".into(), "me".into()],
+        top_n: None,
+        timeout_ms: 20_000,
+    });
+    let traceparent = format!("00-{rerank_trace}-00f067aa0ba902b7-01");
+    req.metadata_mut().insert("traceparent", traceparent.parse().unwrap());
+    let ranked = client.rerank(req).await.unwrap().into_inner();
+    assert_eq!(ranked.results.len(), 2);
+    let rerank: Vec<ReceivedSpan> =
+        eventually(Duration::from_secs(10), "the rerank trace's spans", || async {
+            let spans: Vec<ReceivedSpan> =
+                otlp.spans().into_iter().filter(|s| s.trace_id == rerank_trace).collect();
+            spans.iter().any(|s| s.name == "sllm.v1.Dispatch/Rerank").then_some(spans)
+        })
+        .await
+        .unwrap();
+    assert_eq!(operation(one(&rerank, "sllm.v1.Dispatch/Rerank")).as_deref(), Some("rerank"));
 }
