@@ -703,6 +703,8 @@ pub struct Reader {
     call: Call,
     prompt_tokens: u32,
     completion_tokens: Option<u32>,
+    /// Usage the engine reported for single choices, by index: (index, prompt, completion).
+    choice_usage: Vec<(u64, u32, Option<u32>)>,
     counted: u32,
     finish: Option<Finish>,
     ids: IdsRead,
@@ -764,6 +766,7 @@ impl Reader {
             call,
             prompt_tokens: 0,
             completion_tokens: None,
+            choice_usage: Vec::new(),
             counted: 0,
             finish: None,
             ids,
@@ -812,20 +815,53 @@ impl Reader {
             }
         }
         if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
-            self.read_usage(u);
+            let only = match v.get("choices").and_then(Value::as_array).map(Vec::as_slice) {
+                Some([c]) => Some(c.get("index").and_then(Value::as_u64).unwrap_or(0)),
+                _ => None,
+            };
+            self.read_usage(u, only);
         }
     }
 
-    /// Takes the counts of a `usage` object: the chat and completions APIs' names, or the
-    /// Responses API's (`input_tokens`, `output_tokens`).
-    fn read_usage(&mut self, u: &Value) {
+    /// Takes the counts of a `usage` object (the chat and completions APIs' names, or the
+    /// Responses API's `input_tokens`, `output_tokens`), reported with the one choice `only`
+    /// or for the whole answer.
+    fn read_usage(&mut self, u: &Value, only: Option<u64>) {
         let count = |a: &str, b: &str| u.get(a).or_else(|| u.get(b)).and_then(Value::as_u64);
-        if let Some(n) = count("prompt_tokens", "input_tokens") {
-            self.prompt_tokens = n as u32;
+        let prompt = count("prompt_tokens", "input_tokens");
+        self.note_usage(only, prompt, count("completion_tokens", "output_tokens"));
+    }
+
+    /// Takes usage the engine reported. With an event of one choice, `only`, it is that
+    /// choice's: llama.cpp reports each prompt's of a batch so, as vLLM reports each choice's
+    /// as it goes with `continuous_usage_stats`; the answer's is the sum over the choices. Else
+    /// it is the whole answer's (vLLM's and SGLang's last event, with no choices; a body).
+    fn note_usage(&mut self, only: Option<u64>, prompt: Option<u64>, completion: Option<u64>) {
+        let Some(index) = only else {
+            if let Some(n) = prompt {
+                self.prompt_tokens = n as u32;
+            }
+            if let Some(n) = completion {
+                self.completion_tokens = Some(n as u32);
+            }
+            return;
+        };
+        let at = match self.choice_usage.iter().position(|u| u.0 == index) {
+            Some(at) => at,
+            None => {
+                self.choice_usage.push((index, 0, None));
+                self.choice_usage.len() - 1
+            }
+        };
+        let slot = &mut self.choice_usage[at];
+        if let Some(n) = prompt {
+            slot.1 = n as u32;
         }
-        if let Some(n) = count("completion_tokens", "output_tokens") {
-            self.completion_tokens = Some(n as u32);
+        if let Some(n) = completion {
+            slot.2 = Some(n as u32);
         }
+        self.prompt_tokens = self.choice_usage.iter().map(|u| u.1).sum();
+        self.completion_tokens = self.choice_usage.iter().filter_map(|u| u.2).reduce(|a, b| a + b);
     }
 
     /// Sets sllm's `id`, `model` and `created` on an answer for an OpenAI client (an
@@ -896,7 +932,7 @@ impl Reader {
                     let incomplete = kind == "response.incomplete";
                     self.finish = Some(if incomplete { Finish::Length } else { Finish::Stop });
                     if let Some(u) = v.get("response").and_then(|r| r.get("usage")).cloned() {
-                        self.read_usage(&u);
+                        self.read_usage(&u, None);
                     }
                 }
                 // Written again only where its response object names another model; otherwise
@@ -1321,12 +1357,11 @@ impl Reader {
             None => None,
         };
         if let Some(u) = &usage {
-            if let Some(n) = u.prompt_tokens {
-                self.prompt_tokens = n as u32;
-            }
-            if let Some(n) = u.completion_tokens {
-                self.completion_tokens = Some(n as u32);
-            }
+            let only = match parsed.as_slice() {
+                [c] => Some(c.index.unwrap_or(0)),
+                _ => None,
+            };
+            self.note_usage(only, u.prompt_tokens, u.completion_tokens);
         }
         Some((parsed, usage, list))
     }
@@ -1673,6 +1708,7 @@ mod fast {
 
     #[derive(Deserialize)]
     pub(super) struct Choice<'a> {
+        pub(super) index: Option<u64>,
         #[serde(borrow)]
         pub(super) text: Option<Cow<'a, str>>,
         #[serde(borrow)]
@@ -2031,6 +2067,61 @@ mod tests {
         };
         assert_eq!(f.kind, FailureKind::Engine);
         assert!(f.message.contains("boom"));
+    }
+
+    /// A batch of prompts streamed by llama.cpp: each prompt's usage comes with its own last
+    /// event (and a `null` event between them); the answer's usage is their sum, as vLLM
+    /// reports it in one event. A usage event of no choice (vLLM's, SGLang's) is the whole.
+    #[test]
+    fn a_batchs_usage_is_the_sum_of_each_prompts() {
+        let body = json!({"model": "m", "prompt": ["Hello there", "A story about"], "stream": true,
+            "stream_options": {"include_usage": true}});
+        let job = relayed_job(pb::OpenAiEndpoint::Completions, body);
+        for dialect in [Dialect::Llamacpp, Dialect::Vllm] {
+            let mut r = Reader::new(call(dialect, "m", &job).unwrap());
+            let event = |i: u32, text: &str, finish: &str, usage: &str| {
+                format!(
+                    r#"{{"choices":[{{"text":"{text}","index":{i},"logprobs":null,"finish_reason":{finish}}}],"created":1,"model":"m","object":"text_completion","id":"chatcmpl-x"{usage}}}"#
+                )
+            };
+            for e in [
+                event(0, " school", "null", ""),
+                event(0, " claims", "null", ""),
+                event(
+                    0,
+                    "",
+                    "\"length\"",
+                    r#","usage":{"completion_tokens":2,"prompt_tokens":3,"total_tokens":5}"#,
+                ),
+                "null".to_string(),
+                event(1, " Row", "null", ""),
+                event(1, " all", "null", ""),
+                event(
+                    1,
+                    "",
+                    "\"length\"",
+                    r#","usage":{"completion_tokens":2,"prompt_tokens":4,"total_tokens":6}"#,
+                ),
+            ] {
+                assert!(!matches!(r.event(&e), Step::Failed(_)), "{e}");
+            }
+            let Step::Done(Output::Done { prompt_tokens, completion_tokens, .. }) =
+                r.event("[DONE]")
+            else {
+                panic!("the end")
+            };
+            assert_eq!((prompt_tokens, completion_tokens), (7, 4), "{dialect:?}");
+        }
+        // vLLM's: each choice's as it goes, then the whole in an event of no choice.
+        let mut r = Reader::new(call(Dialect::Vllm, "m", &job).unwrap());
+        r.event(r#"{"choices":[{"index":0,"text":"a","finish_reason":null}],"usage":{"prompt_tokens":3,"completion_tokens":1}}"#);
+        r.event(r#"{"choices":[{"index":1,"text":"b","finish_reason":null}],"usage":{"prompt_tokens":4,"completion_tokens":1}}"#);
+        r.event(r#"{"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":9}}"#);
+        let Step::Done(Output::Done { prompt_tokens, completion_tokens, .. }) = r.event("[DONE]")
+        else {
+            panic!("the end")
+        };
+        assert_eq!((prompt_tokens, completion_tokens), (7, 9));
     }
 
     /// Whole answers read without a tree give what the tree reading gives: the same text,
