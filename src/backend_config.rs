@@ -310,10 +310,12 @@ pub fn validate_adapter_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// The context length `config` starts its engine with (`max_model_len`, or llama.cpp's
-/// `context_length`), in tokens: a whole number, or its digits as a string; None if unset.
+/// The context length `config` starts its engine with, in tokens: `max_model_len`, or the
+/// engines' own names that the deploy check lets through only for the engine whose flag they
+/// are (`context_length`: SGLang's `--context-length`, llama.cpp's alias; `ctx_size`:
+/// llama.cpp's `--ctx-size`); a whole number, or its digits as a string; None if unset.
 pub fn max_model_len(config: &Map<String, Value>) -> Option<u64> {
-    let v = config.get("max_model_len").or_else(|| config.get("context_length"))?;
+    let v = ["max_model_len", "context_length", "ctx_size"].iter().find_map(|k| config.get(*k))?;
     v.as_u64().or_else(|| v.as_str().and_then(|s| s.trim().parse().ok()))
 }
 
@@ -492,6 +494,7 @@ mod tests {
         assert_eq!(of(json!({"max_model_len": 4096})), Some(4096));
         assert_eq!(of(json!({"max_model_len": "2048"})), Some(2048));
         assert_eq!(of(json!({"context_length": 512})), Some(512));
+        assert_eq!(of(json!({"ctx_size": 1024, "parallel": 1})), Some(1024));
         assert_eq!(of(json!({"max_model_len": -1})), None);
         assert_eq!(of(json!({"torch_dtype": "float16"})), None);
     }

@@ -150,6 +150,14 @@ try:
 except openai.BadRequestError as e:
     check("context" in str(e).lower(), f"an over-long input gets the engine's 400: {str(e)[:120]}")
 
+# The model card says the context the deployment starts the engine with (its ctx_size), which is
+# the one the engine itself reports.
+root_of = lambda base: base[: -len("/v1")] if base.endswith("/v1") else base
+with urllib.request.urlopen(root_of(direct_base) + "/props", timeout=60) as r:
+    n_ctx = json.loads(r.read())["default_generation_settings"]["n_ctx"]
+card = sllm.models.retrieve(model).model_extra
+check(card.get("max_model_len") == n_ctx, f"the card's max_model_len is the engine's context ({card.get('max_model_len')} and {n_ctx})")
+
 # The engine's own /tokenize and /detokenize (llama.cpp names the text `content`), at the
 # server's root rather than under /v1.
 def post(base, path, body):
