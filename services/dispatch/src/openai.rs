@@ -1010,9 +1010,8 @@ pub(crate) fn parse_embeddings(
         }
     }
     optional_whole(&body, "dimensions", 1..=65_536)?;
-    let answer = Answer { id: response_id, created: now_s() as i64 };
     let endpoint = pb::OpenAiEndpoint::Embeddings;
-    whole_answer_job(raw, &body, (model, size), endpoint, traceparent, &answer, entry)
+    whole_answer_job(raw, &body, (model, size), endpoint, traceparent, response_id, entry)
 }
 
 /// Checks `body`'s `field`, a whole number within `range` where it is set.
@@ -1044,19 +1043,20 @@ fn model_field(body: &Value) -> Result<String, DispatchError> {
 }
 
 /// The job of a request whose answer is one JSON body the engine writes whole (embeddings,
-/// tokenize, detokenize): `size` bytes of input count against the prompt limit; the engine
-/// reads `raw`, with only `model` rewritten.
+/// rerank, tokenize, detokenize): `size` bytes of input count against the prompt limit; the
+/// engine reads `raw`, with only `model` rewritten.
 fn whole_answer_job(
     raw: &str,
     body: &Value,
     (model, size): (String, usize),
     endpoint: pb::OpenAiEndpoint,
     traceparent: String,
-    answer: &Answer,
+    response_id: String,
     entry: &'static str,
 ) -> Result<Job, DispatchError> {
     let params = pb::SamplingParams { max_tokens: 1, ..Default::default() };
-    let mut job = relayed_job(raw, traceparent, endpoint, entry, answer, model, params);
+    let answer = Answer { id: response_id, created: now_s() as i64 };
+    let mut job = relayed_job(raw, traceparent, endpoint, entry, &answer, model, params);
     // Only its size matters here (the prompt limit); the engine reads the body.
     job.input = Input::Prompt(" ".repeat(size));
     job.adapter_name = match body.get("lora_adapter_name") {
@@ -1094,8 +1094,7 @@ pub(crate) fn parse_tokenize(
     } else {
         (tokenize_input_size(&body)?, pb::OpenAiEndpoint::Tokenize)
     };
-    let answer = Answer { id: response_id, created: now_s() as i64 };
-    whole_answer_job(raw, &body, (model, size), endpoint, traceparent, &answer, entry)
+    whole_answer_job(raw, &body, (model, size), endpoint, traceparent, response_id, entry)
 }
 
 /// The size of what `/tokenize` is asked to tokenize (its texts' bytes; a chat's JSON).
@@ -1229,9 +1228,8 @@ pub(crate) fn parse_rerank(
         };
     }
     optional_whole(&body, "top_n", 0..=u64::MAX)?;
-    let answer = Answer { id: response_id, created: now_s() as i64 };
     let endpoint = pb::OpenAiEndpoint::Rerank;
-    whole_answer_job(raw, &body, (model, size), endpoint, traceparent, &answer, entry)
+    whole_answer_job(raw, &body, (model, size), endpoint, traceparent, response_id, entry)
 }
 
 /// `POST /v1/rerank` (also `/rerank`): to the engine's `/v1/rerank`, routed and held as
