@@ -83,7 +83,7 @@ pub fn answer(body: &str, model: &str, id: &str) -> Result<(String, u32), Failur
     let body = json!({
         "id": id,
         "model": model,
-        "usage": { "total_tokens": tokens },
+        "usage": { "prompt_tokens": tokens, "total_tokens": tokens },
         "results": results,
     });
     Ok((body.to_string(), tokens as u32))
@@ -113,6 +113,7 @@ mod tests {
         assert_eq!(v["results"][2]["relevance_score"], 0.0);
         assert_eq!((v["id"].as_str(), v["model"].as_str()), (Some("rerank-1"), Some("m")));
         assert_eq!(v["usage"]["total_tokens"], 4 + 4 + 5 + 1);
+        assert_eq!(v["usage"]["prompt_tokens"], v["usage"]["total_tokens"]);
         let v = ranked(json!({
             "query": "fox",
             "documents": ["a", "fox", "b"],
