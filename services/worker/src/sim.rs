@@ -559,15 +559,16 @@ impl SimBackend {
             }
             inst.in_flight += 1;
             s.running_requests += 1;
-            Some(inst.cancel.clone())
+            Some((inst.cancel.clone(), inst.max_model_len))
         });
         if admitted.is_none() {
             let why = format!("instance {instance_id} is not serving");
             let _ = tx.send(Output::Error(Failure::unavailable(why))).await;
         }
-        let admitted_as =
-            || Admitted { backend: self.clone(), instance_id: instance_id.to_string() };
-        admitted.map(|cancel| (cancel, admitted_as()))
+        admitted.map(|(cancel, max_model_len)| {
+            let instance_id = instance_id.to_string();
+            (cancel, Admitted { backend: self.clone(), instance_id, max_model_len })
+        })
     }
 
     /// Ends a request [`SimBackend::admit`] took.
@@ -683,10 +684,8 @@ impl SimBackend {
             Some(ids) => ids.len().max(1),
             None => req.prompt.split_whitespace().count().max(1),
         } as u32;
-        let limit =
-            self.with_state(|s| s.instances.get(&instance_id).and_then(|i| i.max_model_len));
         let asked = u64::from(prompt_tokens) + u64::from(req.max_tokens);
-        if let Some(len) = limit.filter(|len| asked > *len) {
+        if let Some(len) = admitted.max_model_len.filter(|len| asked > *len) {
             let why = format!(
                 "This model's maximum context length is {len} tokens. However, you requested \
                  {asked} tokens ({prompt_tokens} in the messages, {} in the completion). Please \
@@ -777,6 +776,8 @@ impl SimBackend {
 struct Admitted {
     backend: SimBackend,
     instance_id: String,
+    /// Its instance's context length (the deployment's `max_model_len`).
+    max_model_len: Option<u64>,
 }
 
 impl Drop for Admitted {
